@@ -1,0 +1,65 @@
+"""Input checks shared by the oracles and the public API: `ValueError`s that say how to fix the call."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def _shape_of(x):
+    return tuple(getattr(x, "shape", ()))
+
+
+def _check_float(name, x):
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"{name} must be a floating-point array (float16, bfloat16, float32 or float64); got dtype {dtype}."
+        )
+
+
+def validate_mlstm_inputs(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None):
+    """Checks ranks, shapes and dtypes of the mLSTM inputs; returns (B, NH, S, DHQK, DHHV)."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("i", i), ("f", f)):
+        _check_float(name, x)
+    if len(_shape_of(q)) != 4:
+        raise ValueError(f"q must have rank 4, (B, NH, S, DHQK); got shape {_shape_of(q)}.")
+    batch, heads, seq_len, dhqk = _shape_of(q)
+    if _shape_of(k) != _shape_of(q):
+        raise ValueError(f"k must have the shape of q, {_shape_of(q)}; got {_shape_of(k)}.")
+    if len(_shape_of(v)) != 4 or _shape_of(v)[:3] != (batch, heads, seq_len):
+        raise ValueError(f"v must have shape (B, NH, S, DHHV) = ({batch}, {heads}, {seq_len}, DHHV); got {_shape_of(v)}.")
+    dhhv = _shape_of(v)[3]
+    if 0 in (batch, heads, seq_len, dhqk, dhhv):
+        raise ValueError(f"q and v must have no empty dimension; got q {_shape_of(q)}, v {_shape_of(v)}.")
+    for name, gate in (("i", i), ("f", f)):
+        if _shape_of(gate) != (batch, heads, seq_len):
+            raise ValueError(f"{name} must have shape (B, NH, S) = {(batch, heads, seq_len)}; got {_shape_of(gate)}.")
+    expected_states = (
+        ("c_initial", c_initial, (batch, heads, dhqk, dhhv)),
+        ("n_initial", n_initial, (batch, heads, dhqk)),
+        ("m_initial", m_initial, (batch, heads)),
+    )
+    for name, state, shape in expected_states:
+        if state is None:
+            continue
+        _check_float(name, state)
+        if _shape_of(state) != shape:
+            raise ValueError(f"{name} must have shape {shape} (from q and v); got {_shape_of(state)}.")
+    if (n_initial is not None or m_initial is not None) and c_initial is None:
+        raise ValueError("n_initial / m_initial were given without c_initial: pass c_initial too, or none of them.")
+    return batch, heads, seq_len, dhqk, dhhv
+
+
+def validate_chunk_size(chunk_size, seq_len, *, name="chunk_size", minimum=1):
+    """Checks that chunk_size is a power of 2, at least `minimum`, and divides seq_len."""
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"{name} must be a positive int; got {chunk_size!r}.")
+    if chunk_size & (chunk_size - 1):
+        raise ValueError(f"{name} must be a power of 2 (e.g. 64, 128, 256); got {chunk_size}.")
+    if chunk_size < minimum:
+        raise ValueError(f"{name} must be at least {minimum} for this backend; got {chunk_size}.")
+    if seq_len % chunk_size:
+        raise ValueError(
+            f"the sequence length S={seq_len} must be a multiple of {name}={chunk_size}: "
+            f"pad S to {-(-seq_len // chunk_size) * chunk_size} or choose a {name} that divides it."
+        )
