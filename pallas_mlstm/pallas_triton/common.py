@@ -1,0 +1,133 @@
+"""Helpers shared by the Pallas kernels: dots with explicit precision, tiling, padding, launch params."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+# Triton's dot needs every matrix side >= 16; all in-kernel arrays need power-of-2 sizes.
+MIN_TILE = 16
+
+
+def padded_dim(size: int) -> int:
+    """The head dim the kernels run at: the next power of 2, at least MIN_TILE."""
+    return max(MIN_TILE, 1 << (size - 1).bit_length())
+
+
+def pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+    """Zero-pads `axis` of x up to `size` (no copy when it already has that size)."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def tile_size(requested: int | None, dim: int, default: int, name: str) -> int:
+    """A tile size along a (padded, power-of-2) dim: min(request, dim), else min(default, dim)."""
+    size = min(default if requested is None else requested, dim)
+    if size < MIN_TILE or size & (size - 1) or dim % size:
+        raise ValueError(
+            f"{name} must be a power of 2 between {MIN_TILE} and {dim} that divides {dim}; got {requested}."
+        )
+    return size
+
+
+def compiler_params(num_warps: int | None, num_stages: int | None, default_warps: int, default_stages: int):
+    """Triton launch parameters (selects the Triton backend of Pallas explicitly)."""
+    return pl_triton.CompilerParams(
+        num_warps=default_warps if num_warps is None else num_warps,
+        num_stages=default_stages if num_stages is None else num_stages,
+    )
+
+
+def matmul_precision(dtype, allow_tf32: bool):
+    """IEEE float32 products unless TF32 is asked for; irrelevant for 16-bit operands."""
+    if jnp.dtype(dtype) == jnp.float32 and not allow_tf32:
+        return lax.Precision.HIGHEST
+    return lax.Precision.DEFAULT
+
+
+def dot(a: jax.Array, b: jax.Array, precision, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+    """a @ b (optionally transposed operands) accumulated in float32 (float64 for float64 operands)."""
+    contract = ((0 if trans_a else 1,), (1 if trans_b else 0,))
+    return lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=acc_dtype(a.dtype))
+
+
+def acc_dtype(dtype):
+    """Accumulator / gate / state dtype for operands of `dtype`."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def tile_start(index, block: int):
+    """index·block, marked as a multiple of block for the compiler when index is traced."""
+    if isinstance(index, int):
+        return index * block
+    return pl.multiple_of(index * block, block)
+
+
+def sum_over_tiles(num_tiles: int, tile_fn, init: jax.Array) -> jax.Array:
+    """init + Σ_t tile_fn(t) over the static tile count (unrolled into one call when there is one)."""
+    if num_tiles == 1:
+        return init + tile_fn(0)
+    return lax.fori_loop(0, num_tiles, lambda t, acc: acc + tile_fn(t), init)
+
+
+def dot_nt_tiled(a_ref, a_rows, b_ref, b_rows, depth: int, block: int, precision) -> jax.Array:
+    """Σ over depth tiles of a_ref[a_rows, d] @ b_ref[b_rows, d]ᵀ (b cast to a's dtype): (len(a_rows), len(b_rows))."""
+
+    def tile(t):
+        cols = pl.ds(tile_start(t, block), block)
+        a = a_ref[a_rows, cols]
+        return dot(a, b_ref[b_rows, cols].astype(a.dtype), precision, trans_b=True)
+
+    init = jnp.zeros((a_rows.size, b_rows.size), acc_dtype(a_ref.dtype))
+    return sum_over_tiles(depth // block, tile, init)
+
+
+def dot_nn_tiled(a_ref, a_rows, b_ref, depth: int, block: int, precision) -> jax.Array:
+    """Σ over depth tiles of a_ref[a_rows, d] @ b_ref[d, :] (b cast to a's dtype): (len(a_rows), b cols)."""
+
+    def tile(t):
+        inner = pl.ds(tile_start(t, block), block)
+        a = a_ref[a_rows, inner]
+        return dot(a, b_ref[inner, :].astype(a.dtype), precision)
+
+    init = jnp.zeros((a_rows.size, b_ref.shape[1]), acc_dtype(a_ref.dtype))
+    return sum_over_tiles(depth // block, tile, init)
+
+
+def row_dot_tiled(a_ref, a_rows, vec_ref, depth: int, block: int) -> jax.Array:
+    """Σ over depth tiles of a_ref[a_rows, d] · vec_ref[d] (elementwise, in the accumulator dtype)."""
+    dtype = acc_dtype(a_ref.dtype)
+
+    def tile(t):
+        inner = pl.ds(tile_start(t, block), block)
+        return jnp.sum(a_ref[a_rows, inner].astype(dtype) * vec_ref[inner].astype(dtype)[None, :], axis=1)
+
+    return sum_over_tiles(depth // block, tile, jnp.zeros((a_rows.size,), dtype))
+
+
+def states_to_kernel_layout(mat_all: jax.Array, dhqk: int, padded_sizes: tuple[int, ...]) -> jax.Array:
+    """(B, NH, (NC+1)*DHQK[, DHHV]) -> (B*NH, NC+1, DHQK_p[, DHHV_p]), zero-padded head dims."""
+    batch, heads = mat_all.shape[:2]
+    x = mat_all.reshape(batch * heads, mat_all.shape[2] // dhqk, dhqk, *mat_all.shape[3:])
+    for axis, size in enumerate(padded_sizes, start=2):
+        x = pad_axis(x, axis, size)
+    return x
+
+
+def causal_mask(q_start, q_size: int, kv_start, kv_size: int, *, keys_on_rows: bool = False) -> jax.Array:
+    """Key position <= query position, for tiles at the given in-chunk starts.
+
+    Shape (q_size, kv_size), or (kv_size, q_size) with keys_on_rows (the transposed tiles of dK / dV).
+    """
+    shape = (kv_size, q_size) if keys_on_rows else (q_size, kv_size)
+    q_axis, kv_axis = (1, 0) if keys_on_rows else (0, 1)
+    q_pos = q_start + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+    kv_pos = kv_start + lax.broadcasted_iota(jnp.int32, shape, kv_axis)
+    return kv_pos <= q_pos

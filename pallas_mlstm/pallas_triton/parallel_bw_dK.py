@@ -1,0 +1,106 @@
+"""Parallel backward kernel for dK."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_mlstm.pallas_triton import common, parallel_bw_common
+
+
+def _parallel_bw_dk_kernel(q_ref, v_ref, dh_ref, b_ref, i_ref, a_ref, m_ref, den_ref, dc_ref, m_next_ref, dk_ref,
+                           *, qk_scale: float, eps: float, block_lq: int, block_dhhv: int, precision):
+    block_lkv, dhhv = v_ref.shape
+    chunk_size = b_ref.shape[0]
+    dtype = common.acc_dtype(q_ref.dtype)
+    kv_start = pl.program_id(1) * block_lkv  # position of the key tile inside its chunk
+    kv_tile = pl.ds(0, block_lkv)
+    vec_b_kv = b_ref[pl.ds(kv_start, block_lkv)].astype(dtype)  # (bLKV,)
+    vec_i_kv = i_ref[pl.ds(kv_start, block_lkv)].astype(dtype)  # (bLKV,)
+    m_next = jnp.max(m_next_ref[...].astype(dtype))  # () from (1,)
+
+    # inter-chunk: (V dC_kᵀ) ⊙ e^{a − m_k}, (bLKV, DHHV) @ (DHHV, bDHQK)
+    dk = common.dot_nt_tiled(v_ref, kv_tile, dc_ref, pl.ds(0, dc_ref.shape[0]), dhhv, block_dhhv, precision)
+    dk = dk * jnp.exp(a_ref[...].astype(dtype) - m_next)[:, None]
+
+    def q_step(q_tile, dk):
+        q_start = common.tile_start(q_tile, block_lq)
+        q_rows = pl.ds(q_start, block_lq)
+        d_scores_t = common.dot_nt_tiled(v_ref, kv_tile, dh_ref, q_rows, dhhv, block_dhhv, precision)  # (bLKV, bLQ)
+        vec_b_q = b_ref[q_rows].astype(dtype)  # (bLQ,)
+        vec_m_q = m_ref[q_rows].astype(dtype)  # (bLQ,)
+        den_q = den_ref[q_rows].astype(dtype)  # (bLQ,)
+        log_decay = vec_b_q[None, :] - vec_b_kv[:, None] + vec_i_kv[:, None] - vec_m_q[None, :]  # (bLKV, bLQ)
+        causal = common.causal_mask(q_start, block_lq, kv_start, block_lkv, keys_on_rows=True)
+        weights = d_scores_t * jnp.exp(jnp.where(causal, log_decay, -jnp.inf)) * (qk_scale / (den_q + eps))[None, :]
+        q = q_ref[q_rows, :]  # (bLQ, bDHQK)
+        return dk + common.dot(weights.astype(q.dtype), q, precision)  # (bLKV, bLQ) @ (bLQ, bDHQK)
+
+    # query tiles below the diagonal only
+    dk = lax.fori_loop(kv_start // block_lq, chunk_size // block_lq, q_step, dk)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+
+
+def mlstm_chunkwise__parallel_bw_dK(
+    matQ: jax.Array,  # (B, NH, S, DHQK)
+    matK: jax.Array,  # (B, NH, S, DHQK)
+    matV: jax.Array,  # (B, NH, S, DHHV)
+    vecI: jax.Array,  # (B, NH, S)
+    vecB: jax.Array,  # (B, NH, NC, L)
+    vecA: jax.Array,  # (B, NH, NC, L)
+    matC_all: jax.Array,  # (B, NH, (NC+1)*DHQK, DHHV)
+    vecN_all: jax.Array,  # (B, NH, (NC+1)*DHQK)
+    scaM_all: jax.Array,  # (B, NH, NC+1)
+    vecN_out: jax.Array,  # (B, NH, S)
+    vecM_out: jax.Array,  # (B, NH, S)
+    matDeltaH: jax.Array,  # (B, NH, S, DHHV)
+    matDeltaC_states: jax.Array,  # (B, NH, (NC+1)*DHQK, DHHV)
+    qk_scale: float | None = None,
+    chunk_size: int = 64,
+    siz_b_LQ: int = 32,
+    siz_b_LKV: int = 32,
+    siz_b_DHQK: int | None = None,
+    siz_b_DHHV: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    eps: float = 0.0,
+    output_dtype=jnp.float32,
+    *,
+    allow_tf32: bool = False,
+    interpret: bool = False,
+):
+    """Gradient of k, (B, NH, S, DHQK): ((dH̄ Vᵀ) ⊙ e^{D̃−m})ᵀ Q·s + (V dC_kᵀ) ⊙ e^{a−m_k}.
+
+    Grid (DHQK/bDHQK, L/bLKV, NC·B·NH); query tiles from the diagonal down and DHHV tiles loop in-kernel.
+    """
+    del vecN_all
+    layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, matC_all, scaM_all, vecN_out,
+                                           vecM_out, matDeltaH, matDeltaC_states, chunk_size)
+    block_lq = common.tile_size(siz_b_LQ, chunk_size, 64, "siz_b_LQ")
+    block_lkv = common.tile_size(siz_b_LKV, chunk_size, 64, "siz_b_LKV")
+    block_dhqk = common.tile_size(siz_b_DHQK, layout.dhqk_p, 64, "siz_b_DHQK")
+    block_dhhv = common.tile_size(siz_b_DHHV, layout.dhhv_p, 64, "siz_b_DHHV")
+    qk_scale = layout.dhqk**-0.5 if qk_scale is None else qk_scale
+    kernel = functools.partial(_parallel_bw_dk_kernel, qk_scale=qk_scale, eps=eps, block_lq=block_lq,
+                               block_dhhv=block_dhhv, precision=common.matmul_precision(matQ.dtype, allow_tf32))
+    in_specs = [
+        layout.chunk_rows(block_dhqk, tiled_cols=True),  # q
+        layout.tile_rows(block_lkv, layout.dhhv_p, tiled_cols=False),  # v
+        layout.chunk_rows(layout.dhhv_p, tiled_cols=False),  # dh
+        layout.chunk_vec(),  # vec_b
+        layout.chunk_vec(),  # vec_i
+        layout.tile_vec(block_lkv),  # vec_a
+        layout.chunk_vec(),  # vec_m
+        layout.chunk_vec(),  # den
+        layout.state(1, block_dhqk, layout.dhhv_p, tiled_rows=True),  # dC_k
+        layout.state_m(1),  # m_k
+    ]
+    inputs = [x[name] for name in ("q", "v", "dh", "vec_b", "vec_i", "vec_a", "vec_m", "den", "dc_all", "m_all")]
+    return parallel_bw_common.launch(
+        kernel, layout, layout.dhqk_p // block_dhqk, chunk_size // block_lkv, in_specs, inputs,
+        layout.tile_rows(block_lkv, block_dhqk, tiled_cols=True), layout.dhqk_p, output_dtype, num_warps,
+        num_stages, interpret, "mlstm_chunkwise__parallel_bw_dK", layout.dhqk)

@@ -1,0 +1,104 @@
+"""Parallel backward kernel for dQ."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_mlstm.pallas_triton import common, parallel_bw_common
+
+
+def _parallel_bw_dq_kernel(k_ref, v_ref, dh_ref, b_ref, i_ref, m_ref, den_ref, c_ref, m_prev_ref, dq_ref,
+                           *, qk_scale: float, eps: float, block_lkv: int, block_dhhv: int, precision):
+    block_lq, dhhv = dh_ref.shape
+    dtype = common.acc_dtype(k_ref.dtype)
+    q_start = pl.program_id(1) * block_lq  # position of the query tile inside its chunk
+    q_tile = pl.ds(0, block_lq)
+    vec_b_q = b_ref[pl.ds(q_start, block_lq)].astype(dtype)  # (bLQ,)
+    vec_m_q = m_ref[...].astype(dtype)  # (bLQ,)
+    dh_scale = 1.0 / (den_ref[...].astype(dtype) + eps)  # (bLQ,): dH̄ = dH / (den + eps)
+    m_prev = jnp.max(m_prev_ref[...].astype(dtype))  # () from (1,)
+
+    # inter-chunk: (dH̄ ⊙ e^{b + m_{k-1} − m}) C_{k-1}ᵀ, (bLQ, DHHV) @ (DHHV, bDHQK)
+    dq = common.dot_nt_tiled(dh_ref, q_tile, c_ref, pl.ds(0, c_ref.shape[0]), dhhv, block_dhhv, precision)
+    dq = dq * (dh_scale * jnp.exp(vec_b_q + m_prev - vec_m_q))[:, None]
+
+    def kv_step(kv_tile, dq):
+        kv_start = common.tile_start(kv_tile, block_lkv)
+        kv_rows = pl.ds(kv_start, block_lkv)
+        d_scores = common.dot_nt_tiled(dh_ref, q_tile, v_ref, kv_rows, dhhv, block_dhhv, precision)  # (bLQ, bLKV)
+        vec_b_kv = b_ref[kv_rows].astype(dtype)  # (bLKV,)
+        vec_i_kv = i_ref[kv_rows].astype(dtype)  # (bLKV,)
+        log_decay = vec_b_q[:, None] - vec_b_kv[None, :] + vec_i_kv[None, :] - vec_m_q[:, None]  # (bLQ, bLKV)
+        causal = common.causal_mask(q_start, block_lq, kv_start, block_lkv)
+        weights = d_scores * jnp.exp(jnp.where(causal, log_decay, -jnp.inf)) * dh_scale[:, None]
+        k = k_ref[kv_rows, :]  # (bLKV, bDHQK)
+        return dq + common.dot(weights.astype(k.dtype), k, precision)  # (bLQ, bLKV) @ (bLKV, bDHQK)
+
+    num_kv_tiles = (q_start + block_lq + block_lkv - 1) // block_lkv  # tiles above the diagonal skipped
+    dq = lax.fori_loop(0, num_kv_tiles, kv_step, dq)
+    dq_ref[...] = (dq * qk_scale).astype(dq_ref.dtype)
+
+
+def mlstm_chunkwise__parallel_bw_dQ(
+    matQ: jax.Array,  # (B, NH, S, DHQK)
+    matK: jax.Array,  # (B, NH, S, DHQK)
+    matV: jax.Array,  # (B, NH, S, DHHV)
+    vecI: jax.Array,  # (B, NH, S)
+    vecB: jax.Array,  # (B, NH, NC, L)
+    vecA: jax.Array,  # (B, NH, NC, L)
+    matC_all: jax.Array,  # (B, NH, (NC+1)*DHQK, DHHV)
+    vecN_all: jax.Array,  # (B, NH, (NC+1)*DHQK)
+    scaM_all: jax.Array,  # (B, NH, NC+1)
+    vecN_out: jax.Array,  # (B, NH, S)
+    vecM_out: jax.Array,  # (B, NH, S)
+    matDeltaH: jax.Array,  # (B, NH, S, DHHV)
+    matDeltaC_states: jax.Array,  # (B, NH, (NC+1)*DHQK, DHHV)
+    qk_scale: float | None = None,
+    chunk_size: int = 64,
+    siz_b_LQ: int = 32,
+    siz_b_LKV: int = 32,
+    siz_b_DHQK: int | None = None,
+    siz_b_DHHV: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    eps: float = 0.0,
+    output_dtype=jnp.float32,
+    *,
+    allow_tf32: bool = False,
+    interpret: bool = False,
+):
+    """Gradient of q, (B, NH, S, DHQK): ((dH̄ Vᵀ) ⊙ e^{D̃−m}) K·s + (dH̄ ⊙ e^{b+m_{k-1}−m}) C_{k-1}ᵀ·s.
+
+    Grid (DHQK/bDHQK, L/bLQ, NC·B·NH); key tiles up to the diagonal and DHHV tiles loop in-kernel.
+    """
+    del vecN_all
+    layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, matC_all, scaM_all, vecN_out,
+                                           vecM_out, matDeltaH, matDeltaC_states, chunk_size)
+    block_lq = common.tile_size(siz_b_LQ, chunk_size, 64, "siz_b_LQ")
+    block_lkv = common.tile_size(siz_b_LKV, chunk_size, 64, "siz_b_LKV")
+    block_dhqk = common.tile_size(siz_b_DHQK, layout.dhqk_p, 64, "siz_b_DHQK")
+    block_dhhv = common.tile_size(siz_b_DHHV, layout.dhhv_p, 64, "siz_b_DHHV")
+    qk_scale = layout.dhqk**-0.5 if qk_scale is None else qk_scale
+    kernel = functools.partial(_parallel_bw_dq_kernel, qk_scale=qk_scale, eps=eps, block_lkv=block_lkv,
+                               block_dhhv=block_dhhv, precision=common.matmul_precision(matQ.dtype, allow_tf32))
+    in_specs = [
+        layout.chunk_rows(block_dhqk, tiled_cols=True),  # k
+        layout.chunk_rows(layout.dhhv_p, tiled_cols=False),  # v
+        layout.tile_rows(block_lq, layout.dhhv_p, tiled_cols=False),  # dh
+        layout.chunk_vec(),  # vec_b
+        layout.chunk_vec(),  # vec_i
+        layout.tile_vec(block_lq),  # vec_m
+        layout.tile_vec(block_lq),  # den
+        layout.state(0, block_dhqk, layout.dhhv_p, tiled_rows=True),  # C_{k-1}
+        layout.state_m(0),  # m_{k-1}
+    ]
+    inputs = [x[name] for name in ("k", "v", "dh", "vec_b", "vec_i", "vec_m", "den", "c_all", "m_all")]
+    return parallel_bw_common.launch(
+        kernel, layout, layout.dhqk_p // block_dhqk, chunk_size // block_lq, in_specs, inputs,
+        layout.tile_rows(block_lq, block_dhqk, tiled_cols=True), layout.dhqk_p, output_dtype, num_warps,
+        num_stages, interpret, "mlstm_chunkwise__parallel_bw_dQ", layout.dhqk)

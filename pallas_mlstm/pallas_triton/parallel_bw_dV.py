@@ -1,0 +1,107 @@
+"""Parallel backward kernel for dV (the seed kernel)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_mlstm.pallas_triton import common, parallel_bw_common
+
+
+def _parallel_bw_dv_kernel(q_ref, k_ref, dh_ref, b_ref, i_ref, a_ref, m_ref, den_ref, dc_ref, m_next_ref, dv_ref,
+                           *, qk_scale: float, eps: float, block_lq: int, block_dhqk: int, precision):
+    block_lkv, dhqk = k_ref.shape
+    chunk_size = b_ref.shape[0]
+    dtype = common.acc_dtype(q_ref.dtype)
+    kv_start = pl.program_id(1) * block_lkv  # position of the key tile inside its chunk
+    kv_tile = pl.ds(0, block_lkv)
+    vec_b_kv = b_ref[pl.ds(kv_start, block_lkv)].astype(dtype)  # (bLKV,)
+    vec_i_kv = i_ref[pl.ds(kv_start, block_lkv)].astype(dtype)  # (bLKV,)
+    m_next = jnp.max(m_next_ref[...].astype(dtype))  # () from (1,)
+
+    # inter-chunk: (K ⊙ e^{a − m_k}) dC_k, (bLKV, DHQK) @ (DHQK, bDHHV)
+    dv = common.dot_nn_tiled(k_ref, kv_tile, dc_ref, dhqk, block_dhqk, precision)
+    dv = dv * jnp.exp(a_ref[...].astype(dtype) - m_next)[:, None]
+
+    def q_step(q_tile, dv):
+        q_start = common.tile_start(q_tile, block_lq)
+        q_rows = pl.ds(q_start, block_lq)
+        scores_t = common.dot_nt_tiled(k_ref, kv_tile, q_ref, q_rows, dhqk, block_dhqk, precision)  # (bLKV, bLQ)
+        vec_b_q = b_ref[q_rows].astype(dtype)  # (bLQ,)
+        vec_m_q = m_ref[q_rows].astype(dtype)  # (bLQ,)
+        den_q = den_ref[q_rows].astype(dtype)  # (bLQ,)
+        log_decay = vec_b_q[None, :] - vec_b_kv[:, None] + vec_i_kv[:, None] - vec_m_q[None, :]  # (bLKV, bLQ)
+        causal = common.causal_mask(q_start, block_lq, kv_start, block_lkv, keys_on_rows=True)
+        weights = scores_t * jnp.exp(jnp.where(causal, log_decay, -jnp.inf)) * (qk_scale / (den_q + eps))[None, :]
+        dh = dh_ref[q_rows, :]  # (bLQ, bDHHV)
+        return dv + common.dot(weights.astype(dh.dtype), dh, precision)  # (bLKV, bLQ) @ (bLQ, bDHHV)
+
+    # query tiles below the diagonal only
+    dv = lax.fori_loop(kv_start // block_lq, chunk_size // block_lq, q_step, dv)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def mlstm_chunkwise__parallel_bw_dV(
+    matQ: jax.Array,  # (B, NH, S, DHQK)
+    matK: jax.Array,  # (B, NH, S, DHQK)
+    matV: jax.Array,  # (B, NH, S, DHHV)
+    vecI: jax.Array,  # (B, NH, S)
+    vecB: jax.Array,  # (B, NH, NC, L)
+    vecA: jax.Array,  # (B, NH, NC, L)
+    matC_all: jax.Array,  # (B, NH, (NC+1)*DHQK, DHHV)
+    vecN_all: jax.Array,  # (B, NH, (NC+1)*DHQK)
+    scaM_all: jax.Array,  # (B, NH, NC+1)
+    vecN_out: jax.Array,  # (B, NH, S)
+    vecM_out: jax.Array,  # (B, NH, S)
+    matDeltaH: jax.Array,  # (B, NH, S, DHHV)
+    matDeltaC_states: jax.Array,  # (B, NH, (NC+1)*DHQK, DHHV)
+    qk_scale: float | None = None,
+    chunk_size: int = 64,
+    siz_b_LQ: int = 32,
+    siz_b_LKV: int = 32,
+    siz_b_DHQK: int | None = None,
+    siz_b_DHHV: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    eps: float = 0.0,
+    output_dtype=jnp.float32,
+    *,
+    allow_tf32: bool = False,
+    interpret: bool = False,
+):
+    """Gradient of v, (B, NH, S, DHHV): ((Q Kᵀ·s) ⊙ e^{D̃−m})ᵀ dH̄ + (K ⊙ e^{a−m_k}) dC_k.
+
+    Grid (DHHV/bDHHV, L/bLKV, NC·B·NH); query tiles from the diagonal down and DHQK tiles loop
+    in-kernel. vecN_out is the forward denominator, vecM_out the running log-max.
+    """
+    del vecN_all
+    layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, matC_all, scaM_all, vecN_out,
+                                           vecM_out, matDeltaH, matDeltaC_states, chunk_size)
+    block_lq = common.tile_size(siz_b_LQ, chunk_size, 64, "siz_b_LQ")
+    block_lkv = common.tile_size(siz_b_LKV, chunk_size, 64, "siz_b_LKV")
+    block_dhqk = common.tile_size(siz_b_DHQK, layout.dhqk_p, 64, "siz_b_DHQK")
+    block_dhhv = common.tile_size(siz_b_DHHV, layout.dhhv_p, 128, "siz_b_DHHV")
+    qk_scale = layout.dhqk**-0.5 if qk_scale is None else qk_scale
+    kernel = functools.partial(_parallel_bw_dv_kernel, qk_scale=qk_scale, eps=eps, block_lq=block_lq,
+                               block_dhqk=block_dhqk, precision=common.matmul_precision(matQ.dtype, allow_tf32))
+    in_specs = [
+        layout.chunk_rows(layout.dhqk_p, tiled_cols=False),  # q
+        layout.tile_rows(block_lkv, layout.dhqk_p, tiled_cols=False),  # k
+        layout.chunk_rows(block_dhhv, tiled_cols=True),  # dh
+        layout.chunk_vec(),  # vec_b
+        layout.chunk_vec(),  # vec_i
+        layout.tile_vec(block_lkv),  # vec_a
+        layout.chunk_vec(),  # vec_m
+        layout.chunk_vec(),  # den
+        layout.state(1, layout.dhqk_p, block_dhhv, tiled_rows=False),  # dC_k
+        layout.state_m(1),  # m_k
+    ]
+    inputs = [x[name] for name in ("q", "k", "dh", "vec_b", "vec_i", "vec_a", "vec_m", "den", "dc_all", "m_all")]
+    return parallel_bw_common.launch(
+        kernel, layout, layout.dhhv_p // block_dhhv, chunk_size // block_lkv, in_specs, inputs,
+        layout.tile_rows(block_lkv, block_dhhv, tiled_cols=True), layout.dhhv_p, output_dtype, num_warps,
+        num_stages, interpret, "mlstm_chunkwise__parallel_bw_dV", layout.dhhv)

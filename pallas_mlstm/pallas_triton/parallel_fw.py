@@ -1,0 +1,146 @@
+"""Parallel forward kernel: the outputs H of every chunk from the state at its start."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_mlstm.pallas_triton import common
+from reference.chunkwise import compute_chunkwise_vecB, compute_chunkwise_vecM
+from reference.validation import validate_chunk_size
+
+
+def _parallel_fw_kernel(q_ref, k_ref, v_ref, b_ref, i_ref, m_ref, c_ref, n_ref, m_prev_ref, h_ref, den_ref, *,
+                        qk_scale: float, eps: float, block_lkv: int, block_dhqk: int, precision):
+    block_lq, dhqk = q_ref.shape
+    dtype = common.acc_dtype(q_ref.dtype)
+    q_start = pl.program_id(1) * block_lq  # position of the query tile inside its chunk
+    q_rows = pl.ds(0, block_lq)
+    vec_b_q = b_ref[pl.ds(q_start, block_lq)].astype(dtype)  # (bLQ,)
+    vec_m = m_ref[...].astype(dtype)  # (bLQ,)
+    m_prev = jnp.max(m_prev_ref[...].astype(dtype))  # () from (1,)
+
+    # inter-chunk: q̄ C_{k-1} and q̄ · n_{k-1}, with q̄ = s·q·e^{b + m_{k-1} − m}
+    q_inter_scale = qk_scale * jnp.exp(vec_b_q + m_prev - vec_m)  # (bLQ,)
+    num = common.dot_nn_tiled(q_ref, q_rows, c_ref, dhqk, block_dhqk, precision)  # (bLQ, DHQK) @ (DHQK, bDHHV)
+    num = num * q_inter_scale[:, None]
+    den = common.row_dot_tiled(q_ref, q_rows, n_ref, dhqk, block_dhqk) * q_inter_scale  # (bLQ,)
+
+    def kv_step(kv_tile, carry):
+        num, den = carry
+        kv_start = common.tile_start(kv_tile, block_lkv)
+        kv_rows = pl.ds(kv_start, block_lkv)
+        scores = common.dot_nt_tiled(q_ref, q_rows, k_ref, kv_rows, dhqk, block_dhqk, precision)  # (bLQ, bLKV)
+        vec_b_kv = b_ref[kv_rows].astype(dtype)  # (bLKV,)
+        vec_i_kv = i_ref[kv_rows].astype(dtype)  # (bLKV,)
+        log_decay = vec_b_q[:, None] - vec_b_kv[None, :] + vec_i_kv[None, :] - vec_m[:, None]  # (bLQ, bLKV)
+        causal = common.causal_mask(q_start, block_lq, kv_start, block_lkv)
+        weights = scores * qk_scale * jnp.exp(jnp.where(causal, log_decay, -jnp.inf))  # (bLQ, bLKV)
+        v = v_ref[kv_rows, :]  # (bLKV, bDHHV)
+        num = num + common.dot(weights.astype(v.dtype), v, precision)  # (bLQ, bLKV) @ (bLKV, bDHHV)
+        return num, den + jnp.sum(weights, axis=1)
+
+    num_kv_tiles = (q_start + block_lq + block_lkv - 1) // block_lkv  # tiles above the diagonal skipped
+    num, den = lax.fori_loop(0, num_kv_tiles, kv_step, (num, den))
+
+    den = jnp.maximum(jnp.abs(den), jnp.exp(-vec_m))
+    h_ref[...] = (num / (den + eps)[:, None]).astype(h_ref.dtype)
+
+    @pl.when(pl.program_id(0) == 0)
+    def _():
+        den_ref[...] = den.astype(den_ref.dtype)
+
+
+def mlstm_chunkwise__parallel_fw_Hintra(
+    matQ: jax.Array,  # (B, NH, S, DHQK)
+    matK: jax.Array,  # (B, NH, S, DHQK)
+    matV: jax.Array,  # (B, NH, S, DHHV)
+    vecI: jax.Array,  # (B, NH, S)
+    vecF: jax.Array,  # (B, NH, S)
+    matC_all: jax.Array,  # (B, NH, (NC+1)*DHQK, DHHV)
+    vecN_all: jax.Array,  # (B, NH, (NC+1)*DHQK)
+    scaM_all: jax.Array,  # (B, NH, NC+1)
+    qk_scale: float | None = None,
+    chunk_size: int = 64,
+    siz_b_LQ: int = 32,
+    siz_b_LKV: int = 32,
+    siz_b_DHQK: int | None = None,
+    siz_b_DHHV: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    eps: float = 1e-6,
+    output_dtype=jnp.float32,
+    *,
+    allow_tf32: bool = False,
+    interpret: bool = False,
+):
+    """Outputs of every chunk: (matH_out (B,NH,S,DHHV), vecN_out (B,NH,S), vecM_out (B,NH,S)).
+
+    vecN_out is the denominator max(|q̄·n + Σ S|, e^{-m}), vecM_out the running log-max m_t (computed
+    from the gates before the launch). Grid (DHHV/bDHHV, L/bLQ, NC·B·NH); key tiles loop in-kernel up
+    to the causal diagonal, DHQK in tiles of bDHQK.
+    """
+    batch, heads, seq_len, dhqk = matQ.shape
+    dhhv = matV.shape[-1]
+    validate_chunk_size(chunk_size, seq_len, minimum=common.MIN_TILE)
+    num_chunks, bnh = seq_len // chunk_size, batch * heads
+    dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
+    block_lq = common.tile_size(siz_b_LQ, chunk_size, 64, "siz_b_LQ")
+    block_lkv = common.tile_size(siz_b_LKV, chunk_size, 64, "siz_b_LKV")
+    block_dhqk = common.tile_size(siz_b_DHQK, dhqk_p, 64, "siz_b_DHQK")
+    block_dhhv = common.tile_size(siz_b_DHHV, dhhv_p, 128, "siz_b_DHHV")
+    q_tiles = chunk_size // block_lq
+    qk_scale = dhqk**-0.5 if qk_scale is None else qk_scale
+
+    vecB = compute_chunkwise_vecB(vecF, chunk_size)
+    vecM_out = compute_chunkwise_vecM(vecB, vecI, scaM_all)
+    q = common.pad_axis(matQ.reshape(bnh, seq_len, dhqk), 2, dhqk_p)
+    k = common.pad_axis(matK.reshape(bnh, seq_len, dhqk), 2, dhqk_p)
+    v = common.pad_axis(matV.reshape(bnh, seq_len, dhhv), 2, dhhv_p)
+    c_all = common.states_to_kernel_layout(matC_all, dhqk, (dhqk_p, dhhv_p))  # (BNH, NC+1, DHQK_p, DHHV_p)
+    n_all = common.states_to_kernel_layout(vecN_all, dhqk, (dhqk_p,))  # (BNH, NC+1, DHQK_p)
+    m_all = scaM_all.reshape(bnh, num_chunks + 1, 1)
+
+    # grid (iv, iq, chunk·BNH): chunk-major program index cb = b·NC + c
+    chunk = lambda cb: (cb // num_chunks, cb % num_chunks)
+    q_tile_spec = lambda width: pl.BlockSpec(
+        (None, block_lq, width), lambda iv, iq, cb: (cb // num_chunks, (cb % num_chunks) * q_tiles + iq, 0))
+    gate_spec = pl.BlockSpec((None, chunk_size), lambda iv, iq, cb: chunk(cb))
+    q_gate_spec = pl.BlockSpec((None, block_lq), lambda iv, iq, cb: (cb // num_chunks, (cb % num_chunks) * q_tiles + iq))
+    kernel = functools.partial(
+        _parallel_fw_kernel, qk_scale=qk_scale, eps=eps, block_lkv=block_lkv, block_dhqk=block_dhqk,
+        precision=common.matmul_precision(matQ.dtype, allow_tf32))
+    h, den = pl.pallas_call(
+        kernel,
+        grid=(dhhv_p // block_dhhv, q_tiles, num_chunks * bnh),
+        in_specs=[
+            q_tile_spec(dhqk_p),
+            pl.BlockSpec((None, chunk_size, dhqk_p), lambda iv, iq, cb: (*chunk(cb), 0)),
+            pl.BlockSpec((None, chunk_size, block_dhhv), lambda iv, iq, cb: (*chunk(cb), iv)),
+            gate_spec,
+            gate_spec,
+            q_gate_spec,
+            pl.BlockSpec((None, None, dhqk_p, block_dhhv), lambda iv, iq, cb: (*chunk(cb), 0, iv)),
+            pl.BlockSpec((None, None, dhqk_p), lambda iv, iq, cb: (*chunk(cb), 0)),
+            pl.BlockSpec((None, None, 1), lambda iv, iq, cb: (*chunk(cb), 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, block_lq, block_dhhv),
+                         lambda iv, iq, cb: (cb // num_chunks, (cb % num_chunks) * q_tiles + iq, iv)),
+            q_gate_spec,
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((bnh, seq_len, dhhv_p), output_dtype),
+            jax.ShapeDtypeStruct((bnh, seq_len), vecB.dtype),
+        ],
+        compiler_params=common.compiler_params(num_warps, num_stages, default_warps=4, default_stages=1),
+        interpret=interpret,
+        name="mlstm_chunkwise__parallel_fw_Hintra",
+    )(q, k, v, vecB.reshape(bnh, seq_len), vecI.reshape(bnh, seq_len), vecM_out.reshape(bnh, seq_len),
+      c_all, n_all, m_all)
+    matH_out = h[:, :, :dhhv].reshape(batch, heads, seq_len, dhhv)
+    return matH_out, den.reshape(batch, heads, seq_len), vecM_out

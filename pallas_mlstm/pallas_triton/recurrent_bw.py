@@ -1,0 +1,123 @@
+"""Recurrent backward kernel: the gradients of the C states, from the last chunk to the first."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_mlstm.pallas_triton import common
+from reference.chunkwise import compute_chunkwise_vecB, join_states
+from reference.validation import validate_chunk_size
+
+
+def _recurrent_bw_kernel(*refs, num_chunks: int, chunk_size: int, qk_scale: float, eps: float,
+                         has_last: bool, precision):
+    if has_last:
+        q_ref, dh_ref, b_ref, g_ref, m_ref, den_ref, m_all_ref, dc_last_ref, dc_all_ref = refs
+    else:
+        q_ref, dh_ref, b_ref, g_ref, m_ref, den_ref, m_all_ref, dc_all_ref = refs
+    dtype = common.acc_dtype(q_ref.dtype)
+    block_dhqk, block_dhhv = dc_all_ref.shape[1:]
+    if has_last:
+        dc = dc_last_ref[...].astype(dtype)  # (bDHQK, bDHHV)
+    else:
+        dc = jnp.zeros((block_dhqk, block_dhhv), dtype)
+    dc_all_ref[num_chunks] = dc.astype(dc_all_ref.dtype)
+
+    def chunk_step(step, dc):
+        chunk = num_chunks - 1 - step
+        rows = pl.ds(common.tile_start(chunk, chunk_size), chunk_size)
+        m_prev = m_all_ref[chunk].astype(dtype)  # ()
+        m_next = m_all_ref[chunk + 1].astype(dtype)  # ()
+        vec_b = b_ref[chunk].astype(dtype)  # (L,)
+        # q̄ / (den + eps): the denominator of dH̄ folded into the query weights
+        q_weight = qk_scale * jnp.exp(vec_b + m_prev - m_ref[chunk].astype(dtype)) / (den_ref[chunk] + eps)  # (L,)
+        q = q_ref[rows, :]  # (L, bDHQK)
+        q_bar = (q.astype(dtype) * q_weight[:, None]).astype(q.dtype)
+        dh = dh_ref[rows, :]  # (L, bDHHV)
+        decay = jnp.exp(g_ref[chunk].astype(dtype) + m_prev - m_next)
+        dc = decay * dc + common.dot(q_bar, dh.astype(q.dtype), precision, trans_a=True)  # (bDHQK, L) @ (L, bDHHV)
+        dc_all_ref[chunk] = dc.astype(dc_all_ref.dtype)
+        return dc
+
+    lax.fori_loop(0, num_chunks, chunk_step, dc)
+
+
+def mlstm_chunkwise__recurrent_bw_dC(
+    matQ: jax.Array,  # (B, NH, S, DHQK)
+    vecF: jax.Array,  # (B, NH, S)
+    scaM_inter: jax.Array,  # (B, NH, NC+1)
+    vecM_combine: jax.Array,  # (B, NH, S)
+    matDeltaH: jax.Array,  # (B, NH, S, DHHV)
+    vecN_out: jax.Array,  # (B, NH, S)
+    matDeltaC_last: jax.Array | None = None,  # (B, NH, DHQK, DHHV)
+    qk_scale: float | None = None,
+    chunk_size: int = 64,
+    save_states_every_nth_chunk: int = 1,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    eps: float = 0.0,
+    *,
+    siz_b_DHQK: int | None = None,
+    siz_b_DHHV: int | None = None,
+    allow_tf32: bool = False,
+    interpret: bool = False,
+):
+    """Gradients of the chunk-boundary C states: matDeltaC_states (B, NH, (NC+1)*DHQK, DHHV), float32.
+
+    dC_{k-1} = e^{g_k + m_{k-1} − m_k} dC_k + Σ_t q̄_tᵀ dH_t / (den_t + eps). Grid (DHQK/bDHQK,
+    DHHV/bDHHV, B·NH), each program walking the chunks backwards.
+    """
+    batch, heads, seq_len, dhqk = matQ.shape
+    dhhv = matDeltaH.shape[-1]
+    chunk_size = chunk_size * save_states_every_nth_chunk
+    validate_chunk_size(chunk_size, seq_len, minimum=common.MIN_TILE)
+    num_chunks, bnh = seq_len // chunk_size, batch * heads
+    dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
+    block_dhqk = common.tile_size(siz_b_DHQK, dhqk_p, 64, "siz_b_DHQK")
+    block_dhhv = common.tile_size(siz_b_DHHV, dhhv_p, 64, "siz_b_DHHV")
+    qk_scale = dhqk**-0.5 if qk_scale is None else qk_scale
+    vecB = compute_chunkwise_vecB(vecF, chunk_size)  # (B, NH, NC, L)
+    state_dtype = common.acc_dtype(matQ.dtype)
+
+    per_chunk = lambda x: x.reshape(bnh, num_chunks, chunk_size)
+    inputs = [
+        common.pad_axis(matQ.reshape(bnh, seq_len, dhqk), 2, dhqk_p),
+        common.pad_axis(matDeltaH.reshape(bnh, seq_len, dhhv), 2, dhhv_p),
+        per_chunk(vecB), vecB[..., -1].reshape(bnh, num_chunks), per_chunk(vecM_combine), per_chunk(vecN_out),
+        scaM_inter.reshape(bnh, num_chunks + 1),
+    ]
+    chunk_gate_spec = pl.BlockSpec((None, num_chunks, chunk_size), lambda iq, iv, b: (b, 0, 0))
+    in_specs = [
+        pl.BlockSpec((None, seq_len, block_dhqk), lambda iq, iv, b: (b, 0, iq)),
+        pl.BlockSpec((None, seq_len, block_dhhv), lambda iq, iv, b: (b, 0, iv)),
+        chunk_gate_spec,
+        pl.BlockSpec((None, num_chunks), lambda iq, iv, b: (b, 0)),
+        chunk_gate_spec,
+        chunk_gate_spec,
+        pl.BlockSpec((None, num_chunks + 1), lambda iq, iv, b: (b, 0)),
+    ]
+    has_last = matDeltaC_last is not None
+    if has_last:
+        dc_last = matDeltaC_last.reshape(bnh, dhqk, dhhv)
+        inputs.append(common.pad_axis(common.pad_axis(dc_last, 1, dhqk_p), 2, dhhv_p))
+        in_specs.append(pl.BlockSpec((None, block_dhqk, block_dhhv), lambda iq, iv, b: (b, iq, iv)))
+
+    kernel = functools.partial(
+        _recurrent_bw_kernel, num_chunks=num_chunks, chunk_size=chunk_size, qk_scale=qk_scale, eps=eps,
+        has_last=has_last, precision=common.matmul_precision(matQ.dtype, allow_tf32))
+    dc_all = pl.pallas_call(
+        kernel,
+        grid=(dhqk_p // block_dhqk, dhhv_p // block_dhhv, bnh),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, num_chunks + 1, block_dhqk, block_dhhv), lambda iq, iv, b: (b, 0, iq, iv)),
+        out_shape=jax.ShapeDtypeStruct((bnh, num_chunks + 1, dhqk_p, dhhv_p), state_dtype),
+        compiler_params=common.compiler_params(num_warps, num_stages, default_warps=4, default_stages=1),
+        interpret=interpret,
+        name="mlstm_chunkwise__recurrent_bw_dC",
+    )(*inputs)
+    return join_states(dc_all[:, :, :dhqk, :dhhv].reshape(batch, heads, num_chunks + 1, dhqk, dhhv))

@@ -1,0 +1,152 @@
+"""Recurrent forward kernel: the C, n, m states at every chunk boundary."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_mlstm.pallas_triton import common
+from reference.chunkwise import compute_chunkwise_log_gates_vecB_vecA, join_states
+from reference.validation import validate_chunk_size
+
+
+def _recurrent_fw_kernel(*refs, num_chunks: int, chunk_size: int, has_initial: bool, precision):
+    if has_initial:
+        k_ref, v_ref, a_ref, g_ref, c0_ref, n0_ref, m0_ref, c_all_ref, n_all_ref, m_all_ref = refs
+    else:
+        k_ref, v_ref, a_ref, g_ref, c_all_ref, n_all_ref, m_all_ref = refs
+    dtype = common.acc_dtype(k_ref.dtype)
+    block_dhqk, block_dhhv = c_all_ref.shape[1:]
+    writes_n = pl.program_id(1) == 0  # every DHHV tile computes n; the first one stores it
+    writes_m = jnp.logical_and(writes_n, pl.program_id(0) == 0)
+
+    if has_initial:
+        c = c0_ref[...].astype(dtype)  # (bDHQK, bDHHV)
+        n = n0_ref[...].astype(dtype)  # (bDHQK,)
+        m = jnp.max(m0_ref[...].astype(dtype))  # () from (1,)
+    else:
+        c = jnp.zeros((block_dhqk, block_dhhv), dtype)
+        n = jnp.zeros((block_dhqk,), dtype)
+        m = jnp.zeros((), dtype)
+
+    def store(index, c, n, m):
+        c_all_ref[index] = c.astype(c_all_ref.dtype)
+
+        @pl.when(writes_n)
+        def _():
+            n_all_ref[index] = n.astype(n_all_ref.dtype)
+
+        @pl.when(writes_m)
+        def _():
+            m_all_ref[index] = m.astype(m_all_ref.dtype)
+
+    store(0, c, n, m)
+
+    def chunk_step(chunk, carry):
+        c, n, m = carry
+        rows = pl.ds(common.tile_start(chunk, chunk_size), chunk_size)
+        vec_a = a_ref[chunk].astype(dtype)  # (L,)
+        sca_g = g_ref[chunk].astype(dtype)  # ()
+        m_next = jnp.maximum(sca_g + m, jnp.max(vec_a))
+        k = k_ref[rows, :]  # (L, bDHQK)
+        v = v_ref[rows, :]  # (L, bDHHV)
+        k_weighted = k.astype(dtype) * jnp.exp(vec_a - m_next)[:, None]  # (L, bDHQK)
+        decay = jnp.exp(sca_g + m - m_next)
+        # (bDHQK, L) @ (L, bDHHV)
+        c = decay * c + common.dot(k_weighted.astype(k.dtype), v, precision, trans_a=True)
+        n = decay * n + jnp.sum(k_weighted, axis=0)
+        store(chunk + 1, c, n, m_next)
+        return c, n, m_next
+
+    lax.fori_loop(0, num_chunks, chunk_step, (c, n, m))
+
+
+def mlstm_chunkwise__recurrent_fw_C(
+    matK: jax.Array,  # (B, NH, S, DHQK)
+    matV: jax.Array,  # (B, NH, S, DHHV)
+    vecF: jax.Array,  # (B, NH, S)
+    vecI: jax.Array,  # (B, NH, S)
+    matC_initial: jax.Array | None = None,  # (B, NH, DHQK, DHHV)
+    vecN_initial: jax.Array | None = None,  # (B, NH, DHQK)
+    scaMinter_initial: jax.Array | None = None,  # (B, NH)
+    chunk_size: int = 64,
+    num_stages: int | None = None,
+    num_warps: int | None = None,
+    save_states_every_nth_chunk: int = 1,
+    *,
+    siz_b_DHQK: int | None = None,
+    siz_b_DHHV: int | None = None,
+    allow_tf32: bool = False,
+    interpret: bool = False,
+):
+    """States at every chunk boundary: (matC_states, vecN_states, scaMinter_states), index 0 = initial.
+
+    Shapes (B, NH, (NC+1)*DHQK, DHHV), (B, NH, (NC+1)*DHQK), (B, NH, NC+1), float32, with
+    NC = S / (chunk_size · save_states_every_nth_chunk). Grid (DHQK/bDHQK, DHHV/bDHHV, B·NH), each
+    program walking the chunks in order.
+    """
+    batch, heads, seq_len, dhqk = matK.shape
+    dhhv = matV.shape[-1]
+    chunk_size = chunk_size * save_states_every_nth_chunk
+    validate_chunk_size(chunk_size, seq_len, minimum=common.MIN_TILE)
+    num_chunks = seq_len // chunk_size
+    bnh = batch * heads
+    dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
+    block_dhqk = common.tile_size(siz_b_DHQK, dhqk_p, 64, "siz_b_DHQK")
+    block_dhhv = common.tile_size(siz_b_DHHV, dhhv_p, 64, "siz_b_DHHV")
+    state_dtype = common.acc_dtype(matK.dtype)
+
+    vecB, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk_size)
+    k = common.pad_axis(matK.reshape(bnh, seq_len, dhqk), 2, dhqk_p)
+    v = common.pad_axis(matV.reshape(bnh, seq_len, dhhv), 2, dhhv_p)
+    inputs = [k, v, vecA.reshape(bnh, num_chunks, chunk_size), vecB[..., -1].reshape(bnh, num_chunks)]
+    in_specs = [
+        pl.BlockSpec((None, seq_len, block_dhqk), lambda iq, iv, b: (b, 0, iq)),
+        pl.BlockSpec((None, seq_len, block_dhhv), lambda iq, iv, b: (b, 0, iv)),
+        pl.BlockSpec((None, num_chunks, chunk_size), lambda iq, iv, b: (b, 0, 0)),
+        pl.BlockSpec((None, num_chunks), lambda iq, iv, b: (b, 0)),
+    ]
+    has_initial = matC_initial is not None
+    if has_initial:
+        n0 = jnp.zeros((batch, heads, dhqk), state_dtype) if vecN_initial is None else vecN_initial
+        m0 = jnp.zeros((batch, heads), state_dtype) if scaMinter_initial is None else scaMinter_initial
+        inputs += [
+            common.pad_axis(common.pad_axis(matC_initial.reshape(bnh, dhqk, dhhv), 1, dhqk_p), 2, dhhv_p),
+            common.pad_axis(n0.reshape(bnh, dhqk), 1, dhqk_p),
+            m0.reshape(bnh, 1),
+        ]
+        in_specs += [
+            pl.BlockSpec((None, block_dhqk, block_dhhv), lambda iq, iv, b: (b, iq, iv)),
+            pl.BlockSpec((None, block_dhqk), lambda iq, iv, b: (b, iq)),
+            pl.BlockSpec((None, 1), lambda iq, iv, b: (b, 0)),
+        ]
+
+    kernel = functools.partial(
+        _recurrent_fw_kernel, num_chunks=num_chunks, chunk_size=chunk_size, has_initial=has_initial,
+        precision=common.matmul_precision(matK.dtype, allow_tf32),
+    )
+    c_all, n_all, m_all = pl.pallas_call(
+        kernel,
+        grid=(dhqk_p // block_dhqk, dhhv_p // block_dhhv, bnh),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((None, num_chunks + 1, block_dhqk, block_dhhv), lambda iq, iv, b: (b, 0, iq, iv)),
+            pl.BlockSpec((None, num_chunks + 1, block_dhqk), lambda iq, iv, b: (b, 0, iq)),
+            pl.BlockSpec((None, num_chunks + 1), lambda iq, iv, b: (b, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((bnh, num_chunks + 1, dhqk_p, dhhv_p), state_dtype),
+            jax.ShapeDtypeStruct((bnh, num_chunks + 1, dhqk_p), state_dtype),
+            jax.ShapeDtypeStruct((bnh, num_chunks + 1), state_dtype),
+        ],
+        compiler_params=common.compiler_params(num_warps, num_stages, default_warps=4, default_stages=1),
+        interpret=interpret,
+        name="mlstm_chunkwise__recurrent_fw_C",
+    )(*inputs)
+    c_all = c_all[:, :, :dhqk, :dhhv].reshape(batch, heads, num_chunks + 1, dhqk, dhhv)
+    n_all = n_all[:, :, :dhqk].reshape(batch, heads, num_chunks + 1, dhqk)
+    return join_states(c_all), join_states(n_all), m_all.reshape(batch, heads, num_chunks + 1)
