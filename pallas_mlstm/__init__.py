@@ -1,0 +1,34 @@
+"""pallas_mlstm: the chunkwise (TFLA) mLSTM kernels in Pallas, lowered to Triton, with jnp oracles."""
+
+from pallas_mlstm.api import mlstm_chunkwise
+from pallas_mlstm.backend import BACKENDS, resolve_backend
+from pallas_mlstm.config import ChunkwiseConfig
+from pallas_mlstm.pallas_triton import (
+    mlstm_chunkwise__parallel_bw_dK,
+    mlstm_chunkwise__parallel_bw_dQ,
+    mlstm_chunkwise__parallel_bw_dV,
+    mlstm_chunkwise__parallel_fw_Hintra,
+    mlstm_chunkwise__recurrent_bw_dC,
+    mlstm_chunkwise__recurrent_fw_C,
+)
+from pallas_mlstm.pallas_triton.bw import mlstm_chunkwise_bw
+from pallas_mlstm.pallas_triton.fw import mlstm_chunkwise_fw
+from reference.chunkwise import compute_chunkwise_log_gates_vecB_vecA
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "ChunkwiseConfig",
+    "compute_chunkwise_log_gates_vecB_vecA",
+    "mlstm_chunkwise",
+    "mlstm_chunkwise__parallel_bw_dK",
+    "mlstm_chunkwise__parallel_bw_dQ",
+    "mlstm_chunkwise__parallel_bw_dV",
+    "mlstm_chunkwise__parallel_fw_Hintra",
+    "mlstm_chunkwise__recurrent_bw_dC",
+    "mlstm_chunkwise__recurrent_fw_C",
+    "mlstm_chunkwise_bw",
+    "mlstm_chunkwise_fw",
+    "resolve_backend",
+]

@@ -1,0 +1,82 @@
+"""Public entry point: `mlstm_chunkwise`, with input validation and backend dispatch."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_mlstm.backend import kernel_set, resolve_backend
+from pallas_mlstm.config import MIN_PALLAS_CHUNK, ChunkwiseConfig, default_chunk_size
+from reference.chunkwise import ChunkwiseStatic, run_chunkwise
+from reference.validation import validate_chunk_size, validate_mlstm_inputs
+
+_AUTOCAST_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
+
+
+def mlstm_chunkwise(
+    q: jax.Array,  # (B, NH, S, DHQK)
+    k: jax.Array,  # (B, NH, S, DHQK)
+    v: jax.Array,  # (B, NH, S, DHHV)
+    i: jax.Array,  # (B, NH, S)
+    f: jax.Array,  # (B, NH, S)
+    c_initial: jax.Array | None = None,  # (B, NH, DHQK, DHHV)
+    n_initial: jax.Array | None = None,  # (B, NH, DHQK)
+    m_initial: jax.Array | None = None,  # (B, NH)
+    *,
+    return_last_states: bool = False,
+    chunk_size: int | None = None,
+    eps: float = 1e-6,
+    autocast_kernel_dtype=None,
+    backend: str | None = None,
+    config: ChunkwiseConfig | None = None,
+    allow_tf32: bool = False,
+    recompute_states_in_bw: bool = True,
+):
+    """The mLSTM cell over a sequence, chunkwise (TFLA), differentiable through a custom VJP.
+
+    q, k, v are cast to `autocast_kernel_dtype` when given (matmul operands); gates and states stay
+    float32. `backend`: "triton" (GPU), "interpret" (Pallas interpreter, CPU), "xla" (plain jnp), or
+    None for triton on GPU and xla otherwise. `chunk_size` overrides `config.chunk_size`; both default to
+    the largest power of 2 <= 128 dividing S. Returns h (B, NH, S, DHHV) in q's dtype, or
+    `(h, (c_last, n_last, m_last))` with `return_last_states`. Gradients hold the normaliser and the
+    max state constant (exact for the head-normalised outputs of an mLSTM block; see README).
+    """
+    _, _, seq_len, _, _ = validate_mlstm_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
+    backend = resolve_backend(backend)
+    config = ChunkwiseConfig() if config is None else config
+    if not isinstance(config, ChunkwiseConfig):
+        raise ValueError(f"config must be a pallas_mlstm.ChunkwiseConfig or None; got {type(config).__name__}.")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"eps must be a non-negative float; got {eps!r}.")
+    minimum_chunk = 1 if backend == "xla" else MIN_PALLAS_CHUNK
+    chunk_size = config.chunk_size if chunk_size is None else chunk_size
+    if chunk_size is None:
+        chunk_size = default_chunk_size(seq_len, minimum_chunk)
+    validate_chunk_size(chunk_size, seq_len, minimum=minimum_chunk)
+
+    out_dtype = q.dtype
+    if autocast_kernel_dtype is not None:
+        if jnp.dtype(autocast_kernel_dtype) not in [jnp.dtype(d) for d in _AUTOCAST_DTYPES]:
+            raise ValueError(
+                f"autocast_kernel_dtype must be float16, bfloat16, float32 or None; got {autocast_kernel_dtype!r}."
+            )
+        q, k, v = (x.astype(autocast_kernel_dtype) for x in (q, k, v))
+    if v.dtype != q.dtype or k.dtype != q.dtype:
+        raise ValueError(
+            f"q, k and v must share a dtype (got {q.dtype}, {k.dtype}, {v.dtype}); cast them or pass "
+            "autocast_kernel_dtype."
+        )
+
+    static = ChunkwiseStatic(
+        kernels=kernel_set(backend, allow_tf32),
+        chunk_size=chunk_size,
+        eps=float(eps),
+        return_last_states=bool(return_last_states),
+        recompute_states_in_bw=bool(recompute_states_in_bw),
+        launch=config.launch_items(),
+    )
+    out = run_chunkwise(static, q, k, v, i, f, c_initial, n_initial, m_initial)
+    if return_last_states:
+        h, last_states = out
+        return h.astype(out_dtype), last_states
+    return out.astype(out_dtype)
