@@ -1,0 +1,13 @@
+"""absl flags read by the tests; tests/conftest.py exposes each as a pytest option of the same name."""
+
+from absl import flags
+
+BACKEND = flags.DEFINE_list(
+    "backend", ["xla", "interpret"], "Backends to test: any of triton, interpret, xla (comma-separated)."
+)
+SEED = flags.DEFINE_integer("seed", 0, "Base seed of the random inputs (each case derives its own).")
+GPU_SHAPES = flags.DEFINE_bool(
+    "gpu_shapes", True, "On a GPU, also check the benchmark shapes of ../shared/PERF.md (triton backend)."
+)
+
+FLAGS = flags.FLAGS
