@@ -1,0 +1,138 @@
+"""The implementations the bench times, each a factory of jitted forward and forward+backward callables.
+
+mLSTM implementations take (q, k, v, i, f): q, k, v bfloat16 (B, NH, S, DH*), gates float32 (B, NH, S).
+The attention peer takes (q, k, v) bfloat16 (B, S, heads, 128) with heads·128 = NH·DHHV, the model width.
+The forward+backward callable is jax.grad of sum(out.astype(float32) · weights) with respect to every input,
+for fixed random `weights` of the output's shape, passed as its first argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+import pallas_mlstm
+
+MLSTM = "mlstm"
+ATTENTION = "attention"
+ATTENTION_HEAD_DIM = 128
+PEER_CHUNK_SIZE = 128  # mlstm_kernels' default, the chunk size of ../shared/PERF.md's peer table
+WHEELS_HINT = "install the wheels under .whl as pallas_mlstm/benchmarks/README.md says"
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One timed implementation: what it computes, and how to build its forward for a chunk size."""
+
+    name: str
+    description: str
+    computes: str  # MLSTM or ATTENTION: which inputs it takes and which reference checks it
+    default_chunk_size: int | None  # the chunk it runs when none is asked for (None: the library's choice)
+    uses_chunk_size: bool
+    required_modules: tuple[str, ...]
+    needs_gpu: bool
+    make_forward: Callable[[int | None], Callable]
+
+
+@dataclasses.dataclass(frozen=True)
+class TimedCallables:
+    """The jitted callables the runner times."""
+
+    forward: Callable  # (*inputs) -> output
+    forward_backward: Callable  # (weights, *inputs) -> gradients with respect to the inputs
+
+
+def _pallas_mlstm_forward(backend: str) -> Callable[[int | None], Callable]:
+    def make(chunk_size):
+        return lambda q, k, v, i, f: pallas_mlstm.mlstm_chunkwise(
+            q, k, v, i, f, chunk_size=chunk_size, backend=backend, autocast_kernel_dtype=jnp.bfloat16
+        )
+
+    return make
+
+
+def _tfla_jax_triton_forward(chunk_size):
+    # Triton 3.6's LLVM aborts (SLPVectorizer assertion) on these kernels unless this is set before import.
+    os.environ["DISABLE_LLVM_OPT"] = "1"
+    from mlstm_kernels.jax.chunkwise.triton_xl_chunk import mlstm_chunkwise__xl_chunk
+
+    return lambda q, k, v, i, f: mlstm_chunkwise__xl_chunk(
+        q, k, v, i, f, chunk_size=chunk_size, autocast_kernel_dtype=jnp.bfloat16
+    )
+
+
+def _mlstm_kernels_native_forward(chunk_size):
+    from mlstm_kernels.jax.chunkwise.native import mlstm_chunkwise__native_autograd
+
+    return lambda q, k, v, i, f: mlstm_chunkwise__native_autograd(q, k, v, i, f, chunk_size=chunk_size)
+
+
+def _cudnn_attention_forward(chunk_size):
+    del chunk_size  # attention has no chunks
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+_MLSTM_KERNELS_MODULES = ("mlstm_kernels", "jax_triton", "triton", "einops")
+
+IMPLEMENTATIONS = {
+    impl.name: impl
+    for impl in (
+        Implementation("triton", "pallas_mlstm, Pallas lowered to Triton", MLSTM, None, True, (), True,
+                       _pallas_mlstm_forward("triton")),
+        Implementation("interpret", "pallas_mlstm, Pallas interpreter (CPU checks only)", MLSTM, None, True, (),
+                       False, _pallas_mlstm_forward("interpret")),
+        Implementation("xla", "pallas_mlstm, plain-jnp kernels through XLA", MLSTM, None, True, (), False,
+                       _pallas_mlstm_forward("xla")),
+        Implementation("mk_triton", "mlstm_kernels TFLA, jax-triton (triton_xl_chunk)", MLSTM, PEER_CHUNK_SIZE,
+                       True, _MLSTM_KERNELS_MODULES, True, _tfla_jax_triton_forward),
+        Implementation("mk_native", "mlstm_kernels chunkwise, plain XLA (native_autograd)", MLSTM,
+                       PEER_CHUNK_SIZE, True, _MLSTM_KERNELS_MODULES, False, _mlstm_kernels_native_forward),
+        Implementation("cudnn_attention", "causal attention, cuDNN, 128-dim heads at width NH*DHHV", ATTENTION,
+                       None, False, (), True, _cudnn_attention_forward),
+    )
+}
+GPU_DEFAULT_IMPLS = ("triton", "xla", "mk_triton", "mk_native", "cudnn_attention")
+CPU_DEFAULT_IMPLS = ("xla", "interpret")
+
+
+def get_implementation(name: str) -> Implementation:
+    """The implementation called `name`; ValueError for an unknown one."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {name!r}; known: {', '.join(IMPLEMENTATIONS)}.")
+    return IMPLEMENTATIONS[name]
+
+
+def unavailable_reason(name: str, platform: str) -> str | None:
+    """Why `name` cannot run here (a missing package, no GPU), or None when it can."""
+    impl = get_implementation(name)
+    missing = [module for module in impl.required_modules if importlib.util.find_spec(module) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed ({WHEELS_HINT})"
+    if impl.needs_gpu and platform != "gpu":
+        return f"needs a GPU (this machine's JAX platform is {platform})"
+    return None
+
+
+def build(name: str, chunk_size: int | None) -> TimedCallables:
+    """Jitted forward and forward+backward callables of implementation `name` at `chunk_size`."""
+    impl = get_implementation(name)
+    forward = impl.make_forward(chunk_size)
+    num_inputs = 5 if impl.computes == MLSTM else 3
+
+    def weighted_loss(weights, *inputs):
+        return jnp.sum(forward(*inputs).astype(jnp.float32) * weights.astype(jnp.float32))
+
+    gradients = jax.grad(weighted_loss, argnums=tuple(range(1, num_inputs + 1)))
+    return TimedCallables(forward=jax.jit(forward), forward_backward=jax.jit(gradients))
+
+
+def attention_heads(nh: int, dhhv: int) -> int:
+    """Heads of 128 dims at the mLSTM's model width NH·DHHV; ValueError when it is not a multiple of 128."""
+    if (nh * dhhv) % ATTENTION_HEAD_DIM:
+        raise ValueError(f"NH*DHHV = {nh * dhhv} is not a multiple of {ATTENTION_HEAD_DIM}: no attention peer.")
+    return nh * dhhv // ATTENTION_HEAD_DIM

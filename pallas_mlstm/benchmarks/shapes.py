@@ -1,0 +1,58 @@
+"""Named benchmark shapes (../shared/PERF.md): the 7B widths, small heads, a constant-token sweep, a CPU toy."""
+
+from __future__ import annotations
+
+import dataclasses
+
+SWEEP_TOKENS = 65536
+SWEEP_SEQUENCE_LENGTHS = tuple(2**n for n in range(9, 17))  # 512 ... 65536
+SWEEP_ALIAS = "sweep"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One benchmark problem: q, k (B, NH, S, DHQK), v (B, NH, S, DHHV), gates (B, NH, S)."""
+
+    name: str
+    B: int
+    NH: int
+    S: int
+    DHQK: int
+    DHHV: int
+    why: str
+
+    def dims(self) -> dict[str, int]:
+        """The five dimensions by name, as stored in the JSON records."""
+        return {"B": self.B, "NH": self.NH, "S": self.S, "DHQK": self.DHQK, "DHHV": self.DHHV}
+
+
+def _named_shapes() -> dict[str, Shape]:
+    shapes = [
+        Shape("7b", 8, 8, 8192, 256, 512, "xLSTM-7B widths, 65,536 tokens"),
+        Shape("7b-short", 32, 8, 2048, 256, 512, "same tokens, short context"),
+        Shape("small-heads", 4, 16, 4096, 128, 128, "1B-class heads"),
+        Shape("tiny", 1, 2, 256, 32, 32, "CPU smoke shape: its times mean nothing"),
+    ]
+    shapes += [
+        Shape(f"sweep-S{s}", SWEEP_TOKENS // s, 8, s, 256, 512, "runtime vs context length at 65,536 tokens")
+        for s in SWEEP_SEQUENCE_LENGTHS
+    ]
+    return {shape.name: shape for shape in shapes}
+
+
+SHAPES = _named_shapes()
+GPU_DEFAULT_SHAPES = ("7b", "7b-short", "small-heads")
+CPU_DEFAULT_SHAPES = ("tiny",)
+
+
+def resolve_shapes(names: list[str]) -> list[Shape]:
+    """The shapes named (``sweep`` stands for every sweep-S*); ValueError for an unknown name."""
+    resolved = []
+    for name in names:
+        if name == SWEEP_ALIAS:
+            resolved += [SHAPES[f"sweep-S{s}"] for s in SWEEP_SEQUENCE_LENGTHS]
+        elif name in SHAPES:
+            resolved.append(SHAPES[name])
+        else:
+            raise ValueError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}, or {SWEEP_ALIAS!r} for all sweep-S*.")
+    return list(dict.fromkeys(resolved))

@@ -1,0 +1,110 @@
+"""Each Pallas kernel against its jnp twin on identical inputs (a failing kernel is named by its test id)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import pallas_mlstm
+import reference
+from tests import flags as test_flags
+from tests.helpers import case_key, mlstm_inputs, rel_err
+
+# (B, NH, S, DHQK, DHHV, chunk, tiles): head dims 16…256 (DHQK != DHHV, some not powers of 2),
+# chunks 16…256, B·NH > 1, tile variants.
+CASES = {
+    "L16-d16x32": (1, 2, 64, 16, 32, 16, {}),
+    "L32-d32x64-smallLtiles": (2, 1, 128, 32, 64, 32, dict(siz_b_LQ=16, siz_b_LKV=16)),
+    "L64-d64x48-smallDtiles": (1, 2, 256, 64, 48, 64, dict(siz_b_DHQK=32, siz_b_DHHV=16)),
+    "L128-d256x128-mixed": (1, 2, 256, 256, 128, 128, dict(siz_b_LQ=64, siz_b_LKV=32, siz_b_DHQK=64, siz_b_DHHV=64)),
+    "L256-d128x256": (2, 1, 512, 128, 256, 256, {}),
+    "L32-d24x40-padded": (2, 2, 64, 24, 40, 32, dict(siz_b_LQ=16, siz_b_LKV=32)),
+}
+KERNELS = ("recurrent_fw_C", "parallel_fw_Hintra", "recurrent_bw_dC", "parallel_bw_dQ", "parallel_bw_dK",
+           "parallel_bw_dV")
+TOLERANCE = {jnp.float32: {"interpret": 1e-5, "triton": 1e-4}, jnp.bfloat16: {"triton": 1e-2}}
+
+
+def _pallas_backends():
+    return [b for b in test_flags.BACKEND.value if b in ("interpret", "triton")]
+
+
+def _dtypes(backend):
+    return [jnp.float32, jnp.bfloat16] if backend == "triton" else [jnp.float32]
+
+
+@functools.lru_cache(maxsize=None)
+def _case_arrays(case: str, dtype, with_initial: bool):
+    """Inputs of every kernel for one case, chained through the jnp twins (float32 states)."""
+    batch, heads, seq_len, dhqk, dhhv, chunk, _ = CASES[case]
+    key = case_key("kernels", case, with_initial)
+    q, k, v, i, f, c0, n0, m0 = mlstm_inputs(key, batch, heads, seq_len, dhqk, dhhv, jnp.float32,
+                                             with_initial=with_initial)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    states = reference.mlstm_chunkwise__recurrent_fw_C(k, v, f, i, c0, n0, m0, chunk_size=chunk)
+    _, n_out, m_out = reference.mlstm_chunkwise__parallel_fw_Hintra(q, k, v, i, f, *states, chunk_size=chunk)
+    dkeys = jax.random.split(jax.random.fold_in(key, 1), 2)
+    dh = jax.random.normal(dkeys[0], v.shape, dtype)
+    dc_last = jax.random.normal(dkeys[1], (batch, heads, dhqk, dhhv), jnp.float32) if with_initial else None
+    dc_states = reference.mlstm_chunkwise__recurrent_bw_dC(q, f, states[2], m_out, dh, n_out, dc_last,
+                                                          chunk_size=chunk)
+    vec_b, vec_a = reference.compute_chunkwise_log_gates_vecB_vecA(i, f, chunk)
+    return dict(q=q, k=k, v=v, i=i, f=f, c0=c0, n0=n0, m0=m0, states=states, n_out=n_out, m_out=m_out, dh=dh,
+                dc_last=dc_last, dc_states=dc_states, vec_b=vec_b, vec_a=vec_a)
+
+
+def _call(kernel_name, module, x, chunk, tiles, extra):
+    """Calls kernel `kernel_name` of `module` (reference or pallas_mlstm) on the case arrays."""
+    fn = getattr(module, f"mlstm_chunkwise__{kernel_name}")
+    if kernel_name == "recurrent_fw_C":
+        dh_tiles = {key: val for key, val in tiles.items() if key.startswith("siz_b_DH")}
+        return fn(x["k"], x["v"], x["f"], x["i"], x["c0"], x["n0"], x["m0"], chunk_size=chunk, **dh_tiles, **extra)
+    if kernel_name == "parallel_fw_Hintra":
+        return fn(x["q"], x["k"], x["v"], x["i"], x["f"], *x["states"], chunk_size=chunk, **tiles, **extra)
+    if kernel_name == "recurrent_bw_dC":
+        dh_tiles = {key: val for key, val in tiles.items() if key.startswith("siz_b_DH")}
+        return fn(x["q"], x["f"], x["states"][2], x["m_out"], x["dh"], x["n_out"], x["dc_last"], chunk_size=chunk,
+                  eps=1e-6, **dh_tiles, **extra)
+    return fn(x["q"], x["k"], x["v"], x["i"], x["vec_b"], x["vec_a"], *x["states"], x["n_out"], x["m_out"], x["dh"],
+              x["dc_states"], chunk_size=chunk, eps=1e-6, **tiles, **extra)
+
+
+def _kernel_params():
+    params = []
+    for backend in _pallas_backends():
+        for dtype in _dtypes(backend):
+            for case in CASES:
+                for kernel_name in KERNELS:
+                    params.append(pytest.param(backend, dtype, case, kernel_name,
+                                               id=f"{kernel_name}-{case}-{backend}-{jnp.dtype(dtype).name}"))
+    return params
+
+
+@pytest.mark.parametrize("backend,dtype,case,kernel_name", _kernel_params())
+def test_kernel_matches_twin(backend, dtype, case, kernel_name):
+    if backend == "triton" and jax.default_backend() != "gpu":
+        pytest.skip("the triton backend needs a GPU; run with --backend=triton on the GPU machine")
+    chunk, tiles = CASES[case][5], CASES[case][6]
+    for with_initial in (False, True):
+        if with_initial and kernel_name not in ("recurrent_fw_C", "recurrent_bw_dC"):
+            continue  # the other kernels see initial states only through their inputs
+        x = _case_arrays(case, dtype, with_initial)
+        expected = _call(kernel_name, reference, x, chunk, tiles, {})
+        actual = _call(kernel_name, pallas_mlstm, x, chunk, tiles, dict(interpret=backend == "interpret"))
+        expected, actual = jax.tree.leaves(expected), jax.tree.leaves(actual)
+        assert len(actual) == len(expected)
+        for index, (a, e) in enumerate(zip(actual, expected)):
+            assert a.shape == e.shape, (kernel_name, index)
+            err = rel_err(a, e)
+            assert err <= TOLERANCE[dtype][backend], f"{kernel_name} output {index}: rel err {err:.2e}"
+
+
+def test_kernel_rejects_bad_tiles():
+    x = _case_arrays("L32-d24x40-padded", jnp.float32, False)
+    with pytest.raises(ValueError, match="siz_b_LQ must be a power of 2"):
+        _call("parallel_fw_Hintra", pallas_mlstm, x, 32, dict(siz_b_LQ=24), dict(interpret=True))
+    with pytest.raises(ValueError, match="chunk_size must be at least 16"):
+        _call("parallel_fw_Hintra", pallas_mlstm, x, 8, {}, dict(interpret=True))
