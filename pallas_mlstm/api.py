@@ -7,7 +7,8 @@ import jax.numpy as jnp
 
 from pallas_mlstm.backend import kernel_set, resolve_backend
 from pallas_mlstm.config import MIN_PALLAS_CHUNK, ChunkwiseConfig, default_chunk_size
-from reference.chunkwise import ChunkwiseStatic, run_chunkwise
+from pallas_mlstm.sharding import run_partitioned
+from reference.chunkwise import ChunkwiseStatic
 from reference.validation import validate_chunk_size, validate_mlstm_inputs
 
 _AUTOCAST_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
@@ -75,7 +76,7 @@ def mlstm_chunkwise(
         recompute_states_in_bw=bool(recompute_states_in_bw),
         launch=config.launch_items(),
     )
-    out = run_chunkwise(static, q, k, v, i, f, c_initial, n_initial, m_initial)
+    out = run_partitioned(static, q, k, v, i, f, c_initial, n_initial, m_initial)
     if return_last_states:
         h, last_states = out
         return h.astype(out_dtype), last_states

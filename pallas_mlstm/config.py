@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import os
+import pathlib
 
 # Smallest chunk the Pallas kernels take (Triton's dot needs every side >= 16).
 MIN_PALLAS_CHUNK = 16
@@ -48,3 +52,42 @@ def default_chunk_size(seq_len: int, minimum: int = 1) -> int:
             f"pad S to {-(-seq_len // minimum) * minimum}, or use backend='xla'."
         )
     return chunk
+
+
+# Measured launch configs, written by `python -m pallas_mlstm tune` (benchmarks/sweep.py).
+TUNED_CONFIGS_PATH = pathlib.Path(__file__).resolve().parent / "benchmarks" / "results" / "configs.json"
+SHORT_SEQUENCE_MAX = 2048
+
+
+def shape_class(seq_len: int, dhqk: int, dhhv: int) -> str:
+    """The key tuned configs are stored under: the head dims and "short" (S <= 2048) or "long" sequences."""
+    length = "short" if seq_len <= SHORT_SEQUENCE_MAX else "long"
+    return f"dhqk{dhqk}-dhhv{dhhv}-{length}"
+
+
+@functools.lru_cache(maxsize=8)
+def _read_tuned_configs(path: str, modified_ns: int) -> dict:
+    del modified_ns  # in the cache key only, so that a rewritten file is read again
+    with open(path) as file:
+        return json.load(file)["configs"]
+
+
+def tuned_config(device_kind: str, B: int, NH: int, S: int, DHQK: int, DHHV: int, *,
+                 path: str | os.PathLike | None = None) -> ChunkwiseConfig | None:
+    """The measured best config for this card (`jax.Device.device_kind`) and shape, or None if none was measured.
+
+    Looked up by `shape_class(S, DHQK, DHHV)` (B and NH do not enter it) in `path`, by default the packaged
+    benchmarks/results/configs.json. None too when the file is missing or its chunk size does not divide S.
+    """
+    del B, NH  # not part of the shape class
+    path = TUNED_CONFIGS_PATH if path is None else pathlib.Path(path)
+    if not path.is_file():
+        return None
+    configs = _read_tuned_configs(str(path), path.stat().st_mtime_ns)
+    entry = configs.get(device_kind, {}).get(shape_class(S, DHQK, DHHV))
+    if entry is None:
+        return None
+    config = ChunkwiseConfig(**entry["config"])
+    if config.chunk_size is not None and S % config.chunk_size:
+        return None
+    return config

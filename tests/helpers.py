@@ -49,6 +49,11 @@ def to_dtype(arrays, dtype):
     return tuple(None if x is None else x.astype(dtype) for x in arrays)
 
 
+def _weights(key, like):
+    """Fixed random loss weights shaped like `like`, the same values whatever its dtype."""
+    return jax.random.normal(key, like.shape, jnp.float32).astype(like.dtype)
+
+
 def scale_blind_loss(fn, weights_key, with_last_state_loss: bool):
     """Σ w·h/‖h‖ per step (+ Σ w_c·c_last/‖c_last‖): blind to positive per-step rescaling of h and c_last."""
 
@@ -56,11 +61,11 @@ def scale_blind_loss(fn, weights_key, with_last_state_loss: bool):
         out = fn(*args)
         h, last = out if with_last_state_loss else (out, None)
         h = h.astype(jnp.promote_types(h.dtype, jnp.float32))
-        w = jax.random.normal(weights_key, h.shape, h.dtype)
+        w = _weights(weights_key, h)
         total = jnp.sum(w * h / jnp.linalg.norm(h, axis=-1, keepdims=True))
         if last is not None:
             c_last = last[0]
-            wc = jax.random.normal(jax.random.fold_in(weights_key, 1), c_last.shape, c_last.dtype)
+            wc = _weights(jax.random.fold_in(weights_key, 1), c_last)
             total += jnp.sum(wc * c_last / jnp.linalg.norm(c_last, axis=(-2, -1), keepdims=True))
         return total
 
@@ -74,11 +79,11 @@ def plain_loss(fn, weights_key, with_last_states: bool):
         out = fn(*args)
         h, last = out if with_last_states else (out, None)
         h = h.astype(jnp.promote_types(h.dtype, jnp.float32))
-        total = jnp.sum(jax.random.normal(weights_key, h.shape, h.dtype) * h)
+        total = jnp.sum(_weights(weights_key, h) * h)
         if last is not None:
             c_last, n_last, _ = last
-            total += jnp.sum(jax.random.normal(jax.random.fold_in(weights_key, 1), c_last.shape, c_last.dtype) * c_last)
-            total += jnp.sum(jax.random.normal(jax.random.fold_in(weights_key, 2), n_last.shape, n_last.dtype) * n_last)
+            total += jnp.sum(_weights(jax.random.fold_in(weights_key, 1), c_last) * c_last)
+            total += jnp.sum(_weights(jax.random.fold_in(weights_key, 2), n_last) * n_last)
         return total
 
     return loss

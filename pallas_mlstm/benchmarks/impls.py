@@ -118,17 +118,20 @@ def unavailable_reason(name: str, platform: str) -> str | None:
     return None
 
 
-def build(name: str, chunk_size: int | None) -> TimedCallables:
-    """Jitted forward and forward+backward callables of implementation `name` at `chunk_size`."""
-    impl = get_implementation(name)
-    forward = impl.make_forward(chunk_size)
-    num_inputs = 5 if impl.computes == MLSTM else 3
+def timed_callables(forward: Callable, num_inputs: int) -> TimedCallables:
+    """Jitted `forward` and jax.grad of sum(forward(*inputs).astype(float32) · weights) w.r.t. all inputs."""
 
     def weighted_loss(weights, *inputs):
         return jnp.sum(forward(*inputs).astype(jnp.float32) * weights.astype(jnp.float32))
 
     gradients = jax.grad(weighted_loss, argnums=tuple(range(1, num_inputs + 1)))
     return TimedCallables(forward=jax.jit(forward), forward_backward=jax.jit(gradients))
+
+
+def build(name: str, chunk_size: int | None) -> TimedCallables:
+    """Jitted forward and forward+backward callables of implementation `name` at `chunk_size`."""
+    impl = get_implementation(name)
+    return timed_callables(impl.make_forward(chunk_size), 5 if impl.computes == MLSTM else 3)
 
 
 def attention_heads(nh: int, dhhv: int) -> int:

@@ -54,5 +54,6 @@ def resolve_shapes(names: list[str]) -> list[Shape]:
         elif name in SHAPES:
             resolved.append(SHAPES[name])
         else:
-            raise ValueError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}, or {SWEEP_ALIAS!r} for all sweep-S*.")
+            known = ", ".join(SHAPES)
+            raise ValueError(f"unknown shape {name!r}; known: {known}, or {SWEEP_ALIAS!r} for all sweep-S*.")
     return list(dict.fromkeys(resolved))

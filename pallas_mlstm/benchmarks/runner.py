@@ -1,0 +1,334 @@
+"""`python -m pallas_mlstm bench`: check, then time, each implementation at each named shape on this card.
+
+Each (shape, implementation, chunk size) runs in a fresh worker process (`--isolate`, the default), so that
+its `peak_bytes_in_use` is its own: JAX cannot reset the peak. A worker makes one input set, runs every mode
+once (compiling it) and reads the peak, checks the forward output against the float32 reference, then times
+the median of `--calls` calls per mode, rotating between NUM_INPUT_SETS input sets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from pallas_mlstm.benchmarks import impls, plot
+from pallas_mlstm.benchmarks.shapes import CPU_DEFAULT_SHAPES, GPU_DEFAULT_SHAPES, Shape, resolve_shapes
+from reference.recurrent import mlstm_recurrent
+
+MODES = ("fw", "fwbw")
+DEFAULT_CHUNK = "default"  # --chunk_sizes token: the library's own choice (peers: their default, 128)
+TOLERANCE = 2e-2  # largest relative error of a bfloat16 forward output that still gets timed
+NUM_INPUT_SETS = 3
+CHECK_BATCH = 1  # the check compares batch element 0 (all heads; attention: a few heads, a prefix)
+CHECK_ATTENTION_HEADS = 4
+CHECK_ATTENTION_LENGTH = 4096  # causal: the first L outputs depend on the first L inputs alone
+CPU_DISCLAIMER = (
+    "NOTE: no GPU here (JAX platform cpu): this ran the Pallas interpreter / XLA on a CPU at a toy shape to "
+    "check that the bench works. These times mean nothing about the kernels' speed."
+)
+_ENVIRONMENT_AT_START = dict(os.environ)  # what the workers get: the parent changes its own
+
+SHAPES = flags.DEFINE_list(
+    "shapes", [], "Named shapes (pallas_mlstm/benchmarks/shapes.py), 'sweep' for all sweep-S*; "
+    f"default {','.join(GPU_DEFAULT_SHAPES)} on a GPU, {','.join(CPU_DEFAULT_SHAPES)} otherwise."
+)
+MODES_FLAG = flags.DEFINE_list("modes", list(MODES), "Modes to time: fw (forward), fwbw (forward + backward).")
+IMPLS = flags.DEFINE_list(
+    "impls", [], f"Implementations ({', '.join(impls.IMPLEMENTATIONS)}); default: every installed one of "
+    f"{','.join(impls.GPU_DEFAULT_IMPLS)} on a GPU, {','.join(impls.CPU_DEFAULT_IMPLS)} otherwise."
+)
+CHUNK_SIZES = flags.DEFINE_list(
+    "chunk_sizes", [DEFAULT_CHUNK], f"Chunk sizes of the mLSTM implementations; '{DEFAULT_CHUNK}' is the "
+    f"library's own choice (the peers': {impls.PEER_CHUNK_SIZE})."
+)
+JSON_PATH = flags.DEFINE_string("json", None, "Write the records to this JSON file (a list of records).")
+PLOT_PATH = flags.DEFINE_string("plot", None, "Write the runtime-vs-S plot of the sweep-S* records to this PNG.")
+CALLS = flags.DEFINE_integer("calls", 20, "Timed calls per (implementation, shape, mode); the median is kept.")
+ISOLATE = flags.DEFINE_bool(
+    "isolate", True, "Run each (shape, implementation, chunk size) in its own worker process, so that its "
+    "peak memory is its own; with --noisolate peak_bytes is recorded only for a single run."
+)
+WORKER_RECORDS = flags.DEFINE_string("worker_records", None, "Internal: a worker writes its records here.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One worker's job: an implementation at a shape and chunk size (None: its default)."""
+
+    shape: Shape
+    impl: impls.Implementation
+    chunk_size: int | None
+
+    def label(self) -> str:
+        """How progress lines name this run."""
+        chunk = f" chunk {self.chunk_size or 'default'}" if self.impl.uses_chunk_size else ""
+        return f"{self.impl.name} at {self.shape.name}{chunk}"
+
+
+def say(line: str) -> None:
+    """Prints a line at once (workers and the parent share stdout)."""
+    print(line, flush=True)
+
+
+def make_inputs(computes: str, shape: Shape, seed: int) -> tuple[jax.Array, ...]:
+    """Random inputs: q, k, v ~ N(0, 1) bf16, i ~ N(0, 1) and f ~ 3 + N(0, 1) float32 (attention: q, k, v)."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    if computes == impls.ATTENTION:
+        heads = impls.attention_heads(shape.NH, shape.DHHV)
+        size = (shape.B, shape.S, heads, impls.ATTENTION_HEAD_DIM)
+        return tuple(jax.random.normal(key, size, jnp.bfloat16) for key in keys[:3])
+    qk_size = (shape.B, shape.NH, shape.S, shape.DHQK)
+    gate_size = (shape.B, shape.NH, shape.S)
+    return (
+        jax.random.normal(keys[0], qk_size, jnp.bfloat16),
+        jax.random.normal(keys[1], qk_size, jnp.bfloat16),
+        jax.random.normal(keys[2], (shape.B, shape.NH, shape.S, shape.DHHV), jnp.bfloat16),
+        jax.random.normal(keys[3], gate_size, jnp.float32),
+        3.0 + jax.random.normal(keys[4], gate_size, jnp.float32),
+    )
+
+
+def make_weights(forward, inputs, seed: int = 1000) -> jax.Array:
+    """The fixed random bf16 weights of the forward+backward loss, of the forward output's shape."""
+    output = jax.eval_shape(forward, *inputs)
+    return jax.random.normal(jax.random.PRNGKey(seed), output.shape, jnp.bfloat16)
+
+
+def relative_error(output: jax.Array, reference: jax.Array) -> float:
+    """||output - reference|| / ||reference|| in float32."""
+    output, reference = output.astype(jnp.float32), reference.astype(jnp.float32)
+    return float(jnp.linalg.norm(output - reference) / jnp.linalg.norm(reference))
+
+
+def check_forward(computes: str, inputs, output) -> tuple[float, str]:
+    """The relative error of `output` against the float32 reference on a slice, and the reference's name."""
+    with jax.default_matmul_precision("highest"):
+        if computes == impls.ATTENTION:
+            window = (slice(0, CHECK_BATCH), slice(0, CHECK_ATTENTION_LENGTH), slice(0, CHECK_ATTENTION_HEADS))
+            q, k, v = (x[window].astype(jnp.float32) for x in inputs)
+            reference = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+            name = f"float32 XLA attention (batch 0, {q.shape[2]} heads, first {q.shape[1]} positions)"
+        else:
+            window = (slice(0, CHECK_BATCH),)
+            reference = jax.jit(mlstm_recurrent)(*(x[window].astype(jnp.float32) for x in inputs))
+            name = "float32 reference.mlstm_recurrent (batch 0)"
+        return relative_error(output[window], reference), name
+
+
+def median_ms(function, argument_sets, calls: int) -> float:
+    """Median wall time in ms of `calls` calls (each to jax.block_until_ready), rotating argument sets.
+
+    Calls once on every set first, to warm up.
+    """
+    for arguments in argument_sets:
+        jax.block_until_ready(function(*arguments))
+    times = []
+    for call in range(calls):
+        arguments = argument_sets[call % len(argument_sets)]
+        start = time.perf_counter()
+        jax.block_until_ready(function(*arguments))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def peak_bytes() -> int | None:
+    """`peak_bytes_in_use` of device 0 since the process started, or None where JAX does not report it."""
+    stats = jax.devices()[0].memory_stats()
+    return None if stats is None else stats.get("peak_bytes_in_use")
+
+
+def _bytes_of(arrays) -> int:
+    return sum(x.size * x.dtype.itemsize for x in arrays)
+
+
+def run_one(run: Run, modes: list[str], calls: int, measure_peak: bool, context: dict) -> list[dict]:
+    """Checks, then times, one run in this process; returns its records (none when the check refused it)."""
+    callables = impls.build(run.impl.name, run.chunk_size)
+    inputs = make_inputs(run.impl.computes, run.shape, seed=0)
+    weights = None
+    peaks, input_bytes = {}, {}
+    for mode in modes:  # first calls compile; fw goes first, so the fwbw peak is max(fw, fwbw)
+        if mode == "fwbw":
+            weights = make_weights(callables.forward, inputs)
+        arguments = inputs if mode == "fw" else (weights, *inputs)
+        jax.block_until_ready(function_of(callables, mode)(*arguments))
+        peaks[mode] = peak_bytes() if measure_peak else None
+        input_bytes[mode] = _bytes_of(arguments)
+
+    rel_err, reference_name = check_forward(run.impl.computes, inputs, callables.forward(*inputs))
+    if not rel_err <= TOLERANCE:
+        say(f"REFUSED {run.label()}: rel err {rel_err:.2e} > {TOLERANCE:.0e} against {reference_name}; not timed.")
+        return []
+    say(f"checked {run.label()}: rel err {rel_err:.2e} against {reference_name}")
+
+    input_sets = [inputs] + [make_inputs(run.impl.computes, run.shape, seed) for seed in range(1, NUM_INPUT_SETS)]
+    chunk_size = run.chunk_size if run.chunk_size is not None else run.impl.default_chunk_size
+    records = []
+    for mode in modes:
+        argument_sets = input_sets if mode == "fw" else [(weights, *x) for x in input_sets]
+        milliseconds = median_ms(function_of(callables, mode), argument_sets, calls)
+        records.append({
+            "impl": run.impl.name, "impl_description": run.impl.description, "shape": run.shape.name,
+            **run.shape.dims(), "chunk_size": chunk_size if run.impl.uses_chunk_size else None, "mode": mode,
+            "median_ms": milliseconds, "calls": calls, "peak_bytes": peaks[mode], "input_bytes": input_bytes[mode],
+            "rel_err": rel_err, **context,
+        })
+        peak = "" if peaks[mode] is None else f", peak {peaks[mode] / 2**30:.2f} GiB"
+        say(f"timed {run.label()} {mode}: {milliseconds:.3f} ms{peak}")
+    return records
+
+
+def function_of(callables: impls.TimedCallables, mode: str):
+    """The callable that `mode` times."""
+    return callables.forward if mode == "fw" else callables.forward_backward
+
+
+def _chunk_requests(tokens: list[str]) -> list[int | None]:
+    requests = []
+    for token in tokens:
+        if token == DEFAULT_CHUNK:
+            requests.append(None)
+        elif token.isdigit() and int(token) > 0:
+            requests.append(int(token))
+        else:
+            raise ValueError(f"--chunk_sizes takes positive integers or {DEFAULT_CHUNK!r}; got {token!r}.")
+    return list(dict.fromkeys(requests))
+
+
+def default_shapes(platform: str) -> list[str]:
+    """The shapes a bare `bench` / `tune` runs on this platform."""
+    return list(GPU_DEFAULT_SHAPES if platform == "gpu" else CPU_DEFAULT_SHAPES)
+
+
+def _plan_runs(shapes: list[Shape], impl_names: list[str], chunk_requests, platform: str) -> list[Run]:
+    runs = []
+    for name in impl_names:
+        reason = impls.unavailable_reason(name, platform)
+        if reason:
+            say(f"SKIP {name}: {reason}.")
+            continue
+        impl = impls.get_implementation(name)
+        for shape in shapes:
+            if impl.computes == impls.ATTENTION and (shape.NH * shape.DHHV) % impls.ATTENTION_HEAD_DIM:
+                say(f"SKIP {name} at {shape.name}: NH*DHHV is not a multiple of {impls.ATTENTION_HEAD_DIM}.")
+                continue
+            for chunk in chunk_requests if impl.uses_chunk_size else [None]:
+                if chunk is not None and shape.S % chunk:
+                    say(f"SKIP {name} at {shape.name} chunk {chunk}: it does not divide S={shape.S}.")
+                    continue
+                runs.append(Run(shape, impl, chunk))
+    return runs
+
+
+def _run_in_worker(run: Run, modes: list[str], calls: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as folder:
+        records_path = os.path.join(folder, "records.json")
+        command = [
+            sys.executable, "-m", "pallas_mlstm", "bench", f"--shapes={run.shape.name}", f"--impls={run.impl.name}",
+            f"--chunk_sizes={run.chunk_size or DEFAULT_CHUNK}", f"--modes={','.join(modes)}", f"--calls={calls}",
+            "--noisolate", f"--worker_records={records_path}",
+        ]
+        finished = subprocess.run(command, env=_ENVIRONMENT_AT_START, check=False)
+        if finished.returncode:
+            say(f"FAILED {run.label()}: its worker exited with code {finished.returncode} (output above).")
+            return []
+        with open(records_path) as file:
+            return json.load(file)
+
+
+def _chunk_cell(record: dict) -> str:
+    if record["chunk_size"] is not None:
+        return str(record["chunk_size"])
+    uses_chunks = impls.IMPLEMENTATIONS.get(record["impl"], None)
+    return "auto" if uses_chunks is None or uses_chunks.uses_chunk_size else "-"
+
+
+def format_table(records: list[dict]) -> str:
+    """The records as a text table; each time also as a ratio to triton's best (else the first impl's) there."""
+    if not records:
+        return "(no records)"
+    names = [record["impl"] for record in records]
+    baseline = "triton" if "triton" in names else names[0]
+    baseline_ms = {}
+    for r in records:
+        if r["impl"] == baseline:
+            cell = (r["shape"], r["mode"])
+            baseline_ms[cell] = min(r["median_ms"], baseline_ms.get(cell, float("inf")))
+    header = ("shape", "impl", "chunk", "mode", "median ms", f"/ best {baseline}", "peak GiB", "rel err")
+    rows = [header]
+    for r in records:
+        reference = baseline_ms.get((r["shape"], r["mode"]))
+        rows.append((
+            r["shape"], r["impl"], _chunk_cell(r), r["mode"],
+            f"{r['median_ms']:.3f}", "-" if reference is None else f"{r['median_ms'] / reference:.2f}",
+            "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}", f"{r['rel_err']:.1e}",
+        ))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def main_bench(argv: list[str]) -> None:
+    """The `bench` subcommand: plan, check and time the runs; print the table; write JSON and plot."""
+    if len(argv) > 1:
+        raise app.UsageError(f"bench takes flags only; got the arguments {argv[1:]}.")
+    modes = list(dict.fromkeys(MODES_FLAG.value))
+    if not modes or set(modes) - set(MODES):
+        raise ValueError(f"--modes must be a non-empty subset of {','.join(MODES)}; got {MODES_FLAG.value}.")
+    if CALLS.value < 1:
+        raise ValueError(f"--calls must be at least 1; got {CALLS.value}.")
+    chunk_requests = _chunk_requests(CHUNK_SIZES.value)
+    for name in IMPLS.value:
+        impls.get_implementation(name)
+    is_worker = WORKER_RECORDS.value is not None
+    if ISOLATE.value:  # the parent only plans and collects: it must not take the workers' GPU memory
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    platform = jax.default_backend()
+    card = jax.devices()[0].device_kind
+    shapes = resolve_shapes(SHAPES.value or default_shapes(platform))
+    impl_names = IMPLS.value or list(impls.GPU_DEFAULT_IMPLS if platform == "gpu" else impls.CPU_DEFAULT_IMPLS)
+    if not is_worker:
+        say(f"pallas_mlstm bench on {card} (JAX platform {platform}), jax {jax.__version__}")
+        if platform != "gpu":
+            say(CPU_DISCLAIMER)
+    runs = _plan_runs(shapes, impl_names, chunk_requests, platform)
+    if not ISOLATE.value and len(runs) > 1:
+        say("peak memory is not recorded: with --noisolate it would be the peak of all runs so far.")
+    context = {
+        "card": card, "platform": platform, "jax_version": jax.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m pallas_mlstm " + shlex.join(sys.argv[1:]),
+    }
+    records = []
+    for run in runs:
+        if ISOLATE.value:
+            records += [{**record, **context} for record in _run_in_worker(run, modes, CALLS.value)]
+        else:
+            records += run_one(run, modes, CALLS.value, measure_peak=len(runs) == 1, context=context)
+    if is_worker:
+        with open(WORKER_RECORDS.value, "w") as file:
+            json.dump(records, file)
+        return
+    say("")
+    say(format_table(records))
+    if JSON_PATH.value:
+        with open(JSON_PATH.value, "w") as file:
+            json.dump(records, file, indent=1)
+        say(f"wrote {len(records)} records to {JSON_PATH.value}")
+    if PLOT_PATH.value:
+        say(plot.plot_constant_token_sweep(records, PLOT_PATH.value))
+    if platform != "gpu":
+        say(CPU_DISCLAIMER)

@@ -1,0 +1,201 @@
+"""`python -m pallas_mlstm tune`: measure launch configs of the triton backend; keep the best per card and shape class.
+
+A coordinate descent in four stages, each varying a few fields of the best config so far (a pruned grid,
+not the full product):
+
+1. chunk size {64, 128, 256} with the sequence tiles (siz_b_L_parallel, siz_b_L_loop) of L_TILE_PAIRS;
+2. head tiles siz_b_DH_parallel × siz_b_DH_loop in {32, 64, 128}², up to the padded head dims;
+3. num_warps_intra {4, 8} × num_stages_intra {1, 2, 3};
+4. num_warps_inter {4, 8} × num_stages_inter {1, 2, 3}.
+
+The first candidate is ChunkwiseConfig() (the heuristics), whose forward output must pass the bench's check
+against the float32 reference; every other candidate's output and gradients must agree with the default's
+within the bench's tolerance before its time counts. The score is the median forward+backward time. The
+winner goes to `--configs_out` (by default the packaged benchmarks/results/configs.json) under the card's
+`device_kind` and `pallas_mlstm.config.shape_class`, with its time and the default's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import pathlib
+import shlex
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+import pallas_mlstm
+from pallas_mlstm.benchmarks import impls, runner
+from pallas_mlstm.benchmarks.shapes import Shape, resolve_shapes
+from pallas_mlstm.config import TUNED_CONFIGS_PATH, ChunkwiseConfig, shape_class
+from pallas_mlstm.pallas_triton.common import padded_dim
+
+CHUNK_SIZES = (64, 128, 256)
+L_TILE_PAIRS = ((32, 32), (64, 32), (64, 64), (128, 32), (128, 64), (128, 128))  # (parallel, loop)
+DH_TILES = (32, 64, 128)
+NUM_WARPS = (4, 8)
+NUM_STAGES = (1, 2, 3)
+NUM_INPUT_SETS = 2
+CONFIGS_COMMENT = (
+    "Launch configs measured by `python -m pallas_mlstm tune` (pallas_mlstm/benchmarks/sweep.py), keyed by jax "
+    "device_kind and pallas_mlstm.config.shape_class; read by pallas_mlstm.config.tuned_config."
+)
+
+TUNE_BACKEND = flags.DEFINE_enum(
+    "tune_backend", "triton", ["triton", "interpret"],
+    "Backend whose configs are timed; interpret only smoke-tests the sweep on a CPU (needs --configs_out).",
+)
+CONFIGS_OUT = flags.DEFINE_string("configs_out", str(TUNED_CONFIGS_PATH), "The configs JSON to update.")
+TIME_BUDGET_S = flags.DEFINE_integer(
+    "time_budget_s", 480, "No new candidate starts after this many seconds; the best so far is stored, marked "
+    "incomplete (the device machine stops a command at 10 minutes)."
+)
+
+
+class CandidateRejected(Exception):
+    """A candidate whose results differ from the default config's."""
+
+
+def _sequence_stage(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
+    return [
+        dataclasses.replace(best, chunk_size=chunk, siz_b_L_parallel=parallel, siz_b_L_loop=loop)
+        for chunk in CHUNK_SIZES if shape.S % chunk == 0
+        for parallel, loop in L_TILE_PAIRS if parallel <= chunk
+    ]
+
+
+def _head_stage(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
+    largest = min(padded_dim(shape.DHQK), padded_dim(shape.DHHV))
+    tiles = [tile for tile in DH_TILES if tile <= largest]
+    return [dataclasses.replace(best, siz_b_DH_parallel=p, siz_b_DH_loop=loop) for p in tiles for loop in tiles]
+
+
+def _intra_stage(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
+    del shape
+    return [dataclasses.replace(best, num_warps_intra=w, num_stages_intra=s) for w in NUM_WARPS for s in NUM_STAGES]
+
+
+def _inter_stage(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
+    del shape
+    return [dataclasses.replace(best, num_warps_inter=w, num_stages_inter=s) for w in NUM_WARPS for s in NUM_STAGES]
+
+
+STAGES = (
+    ("chunk and sequence tiles", _sequence_stage),
+    ("head tiles", _head_stage),
+    ("intra launch", _intra_stage),
+    ("inter launch", _inter_stage),
+)
+
+
+def describe(config: ChunkwiseConfig) -> str:
+    """The fields a config sets, as `name=value` pairs ("heuristics" when none is set)."""
+    values = ((field.name, getattr(config, field.name)) for field in dataclasses.fields(config))
+    return " ".join(f"{name}={value}" for name, value in values if value is not None) or "heuristics"
+
+
+def _evaluate(config, backend, input_sets, weights, expected, calls):
+    """(median fwbw ms, (h, *gradients)) of `config`; CandidateRejected if it disagrees with `expected`."""
+    forward = lambda q, k, v, i, f: pallas_mlstm.mlstm_chunkwise(  # noqa: E731
+        q, k, v, i, f, backend=backend, config=config, autocast_kernel_dtype=jnp.bfloat16
+    )
+    callables = impls.timed_callables(forward, 5)
+    results = (callables.forward(*input_sets[0]), *callables.forward_backward(weights, *input_sets[0]))
+    if expected is not None:
+        worst = max(runner.relative_error(result, ref) for result, ref in zip(results, expected))
+        if not worst <= runner.TOLERANCE:
+            raise CandidateRejected(f"h or a gradient differs from the default config's by {worst:.1e}")
+    argument_sets = [(weights, *inputs) for inputs in input_sets]
+    return runner.median_ms(callables.forward_backward, argument_sets, calls), results
+
+
+def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict | None:
+    """Searches the stages at `shape`; returns the configs-JSON entry of the winner, or None if none ran."""
+    input_sets = [runner.make_inputs(impls.MLSTM, shape, seed) for seed in range(NUM_INPUT_SETS)]
+    default = ChunkwiseConfig()
+    probe = lambda q, k, v, i, f: pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, backend=backend)  # noqa: E731
+    weights = runner.make_weights(probe, input_sets[0])
+    default_ms, expected = _evaluate(default, backend, input_sets, weights, None, calls)
+    rel_err, reference_name = runner.check_forward(impls.MLSTM, input_sets[0], expected[0])
+    if not rel_err <= runner.TOLERANCE:
+        runner.say(f"REFUSED {shape.name}: the default config's rel err {rel_err:.2e} against {reference_name}.")
+        return None
+    runner.say(f"{shape.name} default ({describe(default)}): {default_ms:.3f} ms fwbw, rel err {rel_err:.1e}")
+    timings = {default: default_ms}
+    best = default
+    complete = True
+    for stage, candidates_of in STAGES:
+        for config in candidates_of(best, shape):
+            if config in timings:
+                continue
+            if time.monotonic() > deadline:
+                complete = False
+                break
+            try:
+                timings[config], _ = _evaluate(config, backend, input_sets, weights, expected, calls)
+            except Exception as error:  # compile failures (e.g. Triton out of shared memory), rejections
+                runner.say(f"  {stage}: {describe(config)}: skipped, {type(error).__name__}: {str(error)[:200]}")
+                continue
+            runner.say(f"  {stage}: {describe(config)}: {timings[config]:.3f} ms")
+        best = min(timings, key=timings.get)
+        if not complete:
+            runner.say(f"time budget spent during stage '{stage}': keeping the best so far.")
+            break
+    runner.say(f"{shape.name} best ({describe(best)}): {timings[best]:.3f} ms fwbw vs {default_ms:.3f} ms default, "
+               f"{len(timings)} configs timed")
+    return {
+        "config": dataclasses.asdict(best), "fwbw_ms": timings[best], "default_fwbw_ms": default_ms,
+        "configs_timed": len(timings), "complete": complete, "tuned_on": {"shape": shape.name, **shape.dims()},
+        "backend": backend, "calls": calls,
+    }
+
+
+def write_tuned_entry(path: str, device_kind: str, key: str, entry: dict) -> None:
+    """Stores `entry` under configs[device_kind][key] in the JSON at `path`, keeping the other entries."""
+    file = pathlib.Path(path)
+    data = json.loads(file.read_text()) if file.is_file() else {"comment": CONFIGS_COMMENT, "configs": {}}
+    data["configs"].setdefault(device_kind, {})[key] = entry
+    file.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def main_tune(argv: list[str]) -> None:
+    """The `tune` subcommand: sweep each shape's configs on this card and store the winners."""
+    if len(argv) > 1:
+        raise app.UsageError(f"tune takes flags only; got the arguments {argv[1:]}.")
+    backend = TUNE_BACKEND.value
+    if runner.CALLS.value < 1:
+        raise ValueError(f"--calls must be at least 1; got {runner.CALLS.value}.")
+    if TIME_BUDGET_S.value < 1:
+        raise ValueError(f"--time_budget_s must be at least 1; got {TIME_BUDGET_S.value}.")
+    if backend == "interpret" and pathlib.Path(CONFIGS_OUT.value).resolve() == TUNED_CONFIGS_PATH:
+        raise ValueError("interpreter timings must not go into the packaged configs: pass --configs_out=PATH.")
+    platform = jax.default_backend()
+    if backend == "triton" and platform != "gpu":
+        raise ValueError("tune times the triton backend, which needs a GPU; to smoke-test the sweep on a CPU pass "
+                         "--tune_backend=interpret --configs_out=/tmp/configs.json --time_budget_s=60.")
+    card = jax.devices()[0].device_kind
+    shapes = resolve_shapes(runner.SHAPES.value or runner.default_shapes(platform))
+    runner.say(f"pallas_mlstm tune on {card}, backend {backend}, jax {jax.__version__}")
+    if platform != "gpu":
+        runner.say(runner.CPU_DISCLAIMER)
+    deadline = time.monotonic() + TIME_BUDGET_S.value
+    for shape in shapes:
+        if time.monotonic() > deadline:
+            runner.say(f"time budget spent: {shape.name} not tuned.")
+            continue
+        entry = tune_shape(shape, backend, runner.CALLS.value, deadline)
+        if entry is None:
+            continue
+        entry.update({
+            "jax_version": jax.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python -m pallas_mlstm " + shlex.join(sys.argv[1:]),
+        })
+        key = shape_class(shape.S, shape.DHQK, shape.DHHV)
+        write_tuned_entry(CONFIGS_OUT.value, card, key, entry)
+        runner.say(f"stored the best config of {shape.name} as {card!r} / {key!r} in {CONFIGS_OUT.value}")

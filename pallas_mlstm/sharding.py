@@ -1,0 +1,314 @@
+"""The chunkwise mLSTM on arrays sharded over a device mesh: batch, heads and sequence.
+
+Every (batch, head) pair is independent, so batch / head sharding runs the whole op per shard.
+A sharded sequence axis runs context-parallel: each shard computes its end state from a zero
+state, the shards exchange these small states (one all-gather over the sequence axes) and
+combine them, in the stabilised form, into the state each shard starts from; then each shard
+runs the chunkwise pass on its piece from that state. The recurrence is linear with scalar
+decay, so this is exact up to float rounding; the backward is the chain rule through the same
+pieces.
+
+The op is one `jax.custom_vjp` whose forward and backward are each a per-shard body, placed by
+- `custom_partitioning` (Shardy) when the mesh axes are Auto (plain `jit` + `NamedSharding`):
+  the shardings are only known when XLA partitions, which calls back into `_partition`;
+- `jax.shard_map` when the inputs' types carry Explicit mesh axes (known when tracing);
+- nothing inside a `shard_map` where all axes are Manual: the op runs on the local arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from reference.chunkwise import ChunkwiseStatic, _chunkwise_bwd, _chunkwise_fwd, acc_dtype_of, run_chunkwise
+
+# The log-max of a shard's zero start state in its first pass: every exp(·) of it underflows to 0,
+# so the shard's end state carries the max over its own tokens only (as in the unsharded pass).
+_EMPTY_LOG_MAX = -1e30
+
+_PRIMAL_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
+_PRIMAL_KINDS = (("seq", 4), ("seq", 4), ("seq", 4), ("seq", 3), ("seq", 3), ("state", 4), ("state", 3), ("state", 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Placement:
+    """The mesh axes over which dims 0 (B), 1 (NH) and 2 (S) are split, and the sequence shard count."""
+
+    batch: tuple[str, ...]
+    heads: tuple[str, ...]
+    seq: tuple[str, ...]
+    seq_shards: int
+
+    def spec(self, kind: str, rank: int) -> P:
+        """The spec of a per-sequence ("seq": B, NH, S, ...) or per-sequence-state ("state": B, NH, ...) array."""
+        entry = lambda axes: None if not axes else axes[0] if len(axes) == 1 else axes
+        lead = (entry(self.batch), entry(self.heads)) + ((entry(self.seq),) if kind == "seq" else ())
+        return P(*lead, *(None,) * (rank - len(lead)))
+
+
+def _axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _placement(static: ChunkwiseStatic, spec, axis_sizes: dict[str, int], q_shape) -> _Placement:
+    """The placement that q's sharding asks for; ValueError when the shapes do not split evenly."""
+    spec = tuple(spec) + (None,) * (3 - len(tuple(spec)))
+    batch, heads, seq = (_axes(spec[dim]) for dim in range(3))
+    shards = [math.prod(axis_sizes[a] for a in axes) for axes in (batch, heads, seq)]
+    for dim, (name, count) in enumerate(zip(("batch B", "heads NH", "sequence S"), shards)):
+        if q_shape[dim] % count:
+            raise ValueError(
+                f"q's {name} axis ({q_shape[dim]}) is split over mesh axes {spec[dim]} ({count} shards), which "
+                f"does not divide it: pad it to a multiple of {count} or shard it over fewer devices."
+            )
+    local_seq = q_shape[2] // shards[2]
+    if seq and local_seq % static.chunk_size:
+        raise ValueError(
+            f"q's sequence axis S={q_shape[2]} is split over mesh axes {spec[2]} into pieces of {local_seq}, "
+            f"which chunk_size={static.chunk_size} does not divide: pass a chunk_size that divides {local_seq}."
+        )
+    if seq and not static.recompute_states_in_bw:
+        raise ValueError(
+            f"recompute_states_in_bw=False cannot be combined with a sequence axis sharded over {spec[2]}: "
+            "pass recompute_states_in_bw=True, or shard only the batch and head axes."
+        )
+    return _Placement(batch, heads, seq, shards[2])
+
+
+# ----------------------------------------------------------------------------- per-shard bodies
+
+
+def _present(arrays) -> tuple[bool, ...]:
+    return tuple(x is not None for x in arrays)
+
+
+def _fill(present, arrays):
+    """The flat present arrays back into their slots, None where absent."""
+    arrays = iter(arrays)
+    return [next(arrays) if here else None for here in present]
+
+
+def _from_last_shard(x: jax.Array, seq: tuple[str, ...], shards: int) -> jax.Array:
+    """x of the last sequence shard, on every sequence shard."""
+    return lax.psum(jnp.where(lax.axis_index(seq) == shards - 1, x, jnp.zeros_like(x)), seq)
+
+
+def _incoming_states(static, placement: _Placement, q, k, v, i, f, c_initial, n_initial, m_initial):
+    """(C, n, m) at the start of this sequence shard, from the end states of the shards before it.
+
+    Each shard's end state from a zero start, e^{m_e} C_e, decays by e^{g_r} through every later shard r
+    before this one, as does the initial state through all of them; combined under their max log weight.
+    """
+    batch, heads, _, dhqk = q.shape
+    dtype = acc_dtype_of(q.dtype)
+    empty = (jnp.zeros((batch, heads, dhqk, v.shape[-1]), dtype), jnp.zeros((batch, heads, dhqk), dtype),
+             jnp.full((batch, heads), _EMPTY_LOG_MAX, dtype))
+    _, end_states = run_chunkwise(dataclasses.replace(static, return_last_states=True), q, k, v, i, f, *empty)
+    log_decay = jnp.sum(jax.nn.log_sigmoid(f.astype(dtype)), axis=-1)  # (B, NH)
+    c_all, n_all, m_all, g_all = (lax.all_gather(x.astype(dtype), placement.seq)
+                                  for x in (*end_states, log_decay))  # (P, B, NH, ...)
+
+    me = lax.axis_index(placement.seq)
+    shard = jnp.arange(placement.seq_shards)
+    earlier = (shard < me)[:, None, None]  # (P, 1, 1)
+    between = (shard[:, None] < shard[None, :]) & (shard[None, :] < me)  # (e, r): r lies between e and me
+    g_between = jnp.sum(jnp.where(between[:, :, None, None], g_all[None], 0.0), axis=1)  # (P, B, NH)
+    g_before = jnp.sum(jnp.where(earlier, g_all, 0.0), axis=0)  # (B, NH)
+
+    m0 = jnp.zeros((batch, heads), dtype) if m_initial is None else m_initial.astype(dtype)
+    w0 = g_before + m0
+    w = jnp.where(earlier, g_between + m_all, 0.0)
+    m_in = jnp.maximum(w0, jnp.max(jnp.where(earlier, w, -jnp.inf), axis=0))
+    scale0 = jnp.exp(w0 - m_in)
+    scale = jnp.where(earlier, jnp.exp(w - m_in), 0.0)  # (P, B, NH)
+    c_in = jnp.sum(scale[..., None, None] * c_all, axis=0)
+    n_in = jnp.sum(scale[..., None] * n_all, axis=0)
+    if c_initial is not None:
+        c_in += scale0[..., None, None] * c_initial.astype(dtype)
+    if n_initial is not None:
+        n_in += scale0[..., None] * n_initial.astype(dtype)
+    return c_in, n_in, m_in
+
+
+def _fwd_body(static, present, placement, *arrays):
+    """Per-shard forward: (h, [last states], [all states], vecN_out, vecM_out)."""
+    q, k, v, i, f, c0, n0, m0 = _fill(present, arrays)
+    if placement is not None and placement.seq:
+        c0, n0, m0 = _incoming_states(static, placement, q, k, v, i, f, c0, n0, m0)
+    out, residuals = _chunkwise_fwd(static, q, k, v, i, f, c0, n0, m0)
+    saved_states, n_out, m_out = residuals[-3:]
+    h, last_states = out if static.return_last_states else (out, ())
+    if placement is not None and placement.seq:
+        last_states = tuple(_from_last_shard(x, placement.seq, placement.seq_shards) for x in last_states)
+    return (h, *last_states, *(saved_states or ()), n_out, m_out)
+
+
+def _bwd_body(static, present, placement, *arrays):
+    """Per-shard backward: the gradients of the present primal arrays."""
+    num_primals, num_saved = sum(present), 0 if static.recompute_states_in_bw else 3
+    primals = _fill(present, arrays[:num_primals])
+    saved_states = arrays[num_primals:num_primals + num_saved] or None
+    n_out, m_out, dh, *d_last = arrays[num_primals + num_saved:]
+    if not (placement is not None and placement.seq):
+        cotangents = (dh, (*d_last, None)) if static.return_last_states else dh
+        grads = _chunkwise_bwd(static, (*primals, saved_states, n_out, m_out), cotangents)
+        return tuple(g for g in grads if g is not None)
+
+    q, k, v, i, f, c0, n0, m0 = primals
+    is_last = lax.axis_index(placement.seq) == placement.seq_shards - 1
+    d_last = tuple(jnp.where(is_last, d, jnp.zeros_like(d)) for d in d_last)  # the last states are the last shard's
+    cotangents = (dh, (*d_last, None)) if static.return_last_states else dh
+    incoming = functools.partial(_incoming_states, static, placement, q)
+    states_in, pullback = jax.vjp(incoming, k, v, i, f, c0, n0, m0)
+    dq, dk, dv, di, df, *d_states_in = _chunkwise_bwd(static, (q, k, v, i, f, *states_in, None, n_out, m_out), cotangents)
+    dk2, dv2, di2, df2, dc0, dn0, dm0 = pullback(tuple(d_states_in))
+    add = lambda a, b: (a.astype(jnp.float32) + b.astype(jnp.float32)).astype(a.dtype)
+    initial = tuple(None if d is None else lax.psum(d, placement.seq) for d in (dc0, dn0, dm0))
+    grads = (dq, add(dk, dk2), add(dv, dv2), add(di, di2), add(df, df2), *initial)
+    return tuple(g for g in grads if g is not None)
+
+
+# ----------------------------------------------------------------------------- placement of the bodies
+
+
+def _kinds(static: ChunkwiseStatic, present) -> tuple[tuple, tuple, tuple]:
+    """(kind, rank) of every input and output of the forward and backward bodies."""
+    primals = tuple(kind for kind, here in zip(_PRIMAL_KINDS, present) if here)
+    last = (("state", 4), ("state", 3), ("state", 2)) if static.return_last_states else ()
+    saved = () if static.recompute_states_in_bw else (("state", 4), ("state", 3), ("state", 3))
+    fwd_out = (("seq", 4), *last, *saved, ("seq", 3), ("seq", 3))
+    bwd_in = (*primals, *saved, ("seq", 3), ("seq", 3), ("seq", 4), *last[:2])
+    return primals, fwd_out, bwd_in
+
+
+def _sharding_rule(in_kinds, out_kinds) -> str:
+    """Shardy rule: B, NH and S are shared factors; every other dimension is its own, kept whole."""
+    counter = iter(range(10**6))
+
+    def value(kind, rank):
+        lead = ("b", "h", "s") if kind == "seq" else ("b", "h")
+        return " ".join(lead + tuple(f"r{next(counter)}" for _ in range(rank - len(lead))))
+
+    return ", ".join(value(*x) for x in in_kinds) + " -> " + ", ".join(value(*x) for x in out_kinds)
+
+
+def _placed(body, static, present, in_kinds, out_kinds):
+    """`body` as a function of global arrays: partitioned per shard by custom_partitioning or shard_map."""
+
+    def partition(mesh, arg_shapes, result_shape):
+        del result_shape
+        sharding = arg_shapes[0].sharding
+        if not isinstance(sharding, NamedSharding):
+            raise ValueError(
+                f"q must be sharded with a jax.sharding.NamedSharding over a Mesh; got {type(sharding).__name__}."
+            )
+        placement = _placement(static, sharding.spec, dict(mesh.shape), arg_shapes[0].shape)
+        shardings = lambda kinds: tuple(NamedSharding(mesh, placement.spec(*kind)) for kind in kinds)
+        return mesh, functools.partial(body, static, present, placement), shardings(out_kinds), shardings(in_kinds)
+
+    rule = _sharding_rule(in_kinds, out_kinds)
+    replicated = tuple(name for name in rule.replace(",", " ").replace("->", " ").split() if name.startswith("r"))
+    partitioned = custom_partitioning(functools.partial(body, static, present, None))
+    partitioned.def_partition(partition=partition, sharding_rule=rule, need_replication_factors=replicated)
+
+    def call(*arrays):
+        mesh, spec = _explicit_sharding(arrays[0])
+        if mesh is None:
+            return partitioned(*arrays)
+        placement = _placement(static, spec, dict(mesh.shape), arrays[0].shape)
+        in_specs = tuple(placement.spec(*kind) for kind in in_kinds)
+        arrays = tuple(jax.sharding.reshard(x, NamedSharding(mesh, s)) for x, s in zip(arrays, in_specs))
+        out_specs = tuple(placement.spec(*kind) for kind in out_kinds)
+        local = functools.partial(body, static, present, placement)
+        return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*arrays)
+
+    return _fold_vmap(call)
+
+
+def _explicit_sharding(x):
+    """(mesh, spec of dims 0-2) when x's type is sharded over Explicit mesh axes there, else (None, None)."""
+    sharding = jax.typeof(x).sharding
+    mesh = sharding.mesh
+    explicit = {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Explicit}
+    spec = tuple(sharding.spec)[:3]
+    if not any(set(_axes(entry)) & explicit for entry in spec):
+        return None, None
+    return mesh, spec
+
+
+def _fold_vmap(op):
+    """op under jax.vmap: the mapped axis is folded into the batch axis (every array leads with B)."""
+    op_vmap = jax.custom_batching.custom_vmap(op)
+
+    @op_vmap.def_vmap
+    def _rule(axis_size, in_batched, *arrays):
+        folded = [(x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))).reshape(-1, *x.shape[1 + batched:])
+                  for x, batched in zip(arrays, in_batched)]
+        out = op_vmap(*folded)
+        return tuple(y.reshape(axis_size, -1, *y.shape[1:]) for y in out), tuple(True for _ in out)
+
+    return op_vmap
+
+
+@functools.lru_cache(maxsize=None)
+def _ops(static: ChunkwiseStatic, present: tuple[bool, ...]):
+    """The placed forward and backward bodies of one (static, present-arrays) signature."""
+    primals, fwd_out, bwd_in = _kinds(static, present)
+    return (_placed(_fwd_body, static, present, primals, fwd_out),
+            _placed(_bwd_body, static, present, bwd_in, primals))
+
+
+# ----------------------------------------------------------------------------- the differentiable op
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sharded_chunkwise(static, q, k, v, i, f, c_initial, n_initial, m_initial):
+    return _sharded_fwd(static, q, k, v, i, f, c_initial, n_initial, m_initial)[0]
+
+
+def _sharded_fwd(static, *primals):
+    present = _present(primals)
+    outs = _ops(static, present)[0](*(x for x in primals if x is not None))
+    h, n_out, m_out = outs[0], outs[-2], outs[-1]
+    num_last = 3 if static.return_last_states else 0
+    out = (h, tuple(outs[1:1 + num_last])) if static.return_last_states else h
+    return out, (primals, tuple(outs[1 + num_last:-2]), n_out, m_out)
+
+
+def _sharded_bwd(static, residuals, cotangents):
+    primals, saved_states, n_out, m_out = residuals
+    present = _present(primals)
+    dh, d_last = cotangents if static.return_last_states else (cotangents, ())
+    grads = iter(_ops(static, present)[1](*(x for x in primals if x is not None), *saved_states, n_out, m_out,
+                                          dh, *d_last[:2]))  # m is held constant: its cotangent has no effect
+    return tuple(None if x is None else next(grads) for x in primals)
+
+
+_sharded_chunkwise.defvjp(_sharded_fwd, _sharded_bwd)
+
+
+def _all_axes_manual() -> bool:
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and all(kind == AxisType.Manual for kind in mesh.axis_types)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run_jit(static, q, k, v, i, f, c_initial, n_initial, m_initial):
+    return _sharded_chunkwise(static, q, k, v, i, f, c_initial, n_initial, m_initial)
+
+
+def run_partitioned(static: ChunkwiseStatic, q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None):
+    """`reference.chunkwise.run_chunkwise` for inputs that may be sharded over a mesh (B, NH and/or S); jitted."""
+    if _all_axes_manual():
+        return run_chunkwise(static, q, k, v, i, f, c_initial, n_initial, m_initial)
+    return _run_jit(static, q, k, v, i, f, c_initial, n_initial, m_initial)

@@ -1,0 +1,181 @@
+"""`pallas_mlstm.mlstm_chunkwise` end to end against the recurrent oracle, for every --backend."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_mlstm
+import reference
+from tests import flags as test_flags
+from tests.helpers import case_key, mlstm_inputs, plain_loss, rel_err, scale_blind_loss, to_dtype
+
+GRAD_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
+# (B, NH, S, DHQK, DHHV, chunk)
+SHAPES = {"S64-L16": (1, 2, 64, 16, 32, 16), "S128-L32-padded": (2, 1, 128, 24, 48, 32)}
+# (forward, gradient) tolerances against the float64 oracle, per backend and input dtype
+TOLERANCE = {
+    ("xla", jnp.float32): (1e-5, 1e-5),
+    ("interpret", jnp.float32): (1e-5, 1e-5),
+    ("triton", jnp.float32): (1e-4, 1e-4),
+    ("triton", jnp.bfloat16): (1e-2, 2e-2),
+}
+
+
+def _backend_dtype_params():
+    params = []
+    for backend in test_flags.BACKEND.value:
+        for dtype in ([jnp.float32, jnp.bfloat16] if backend == "triton" else [jnp.float32]):
+            params.append(pytest.param(backend, dtype, id=f"{backend}-{jnp.dtype(dtype).name}"))
+    return params
+
+
+def _skip_without_gpu(backend):
+    if backend == "triton" and jax.default_backend() != "gpu":
+        pytest.skip("the triton backend needs a GPU; run with --backend=triton on the GPU machine")
+
+
+def _grads(loss, inputs):
+    argnums = tuple(idx for idx, x in enumerate(inputs) if x is not None)
+    return dict(zip([GRAD_NAMES[idx] for idx in argnums], jax.grad(loss, argnums=argnums)(*inputs)))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_initial", [False, True])
+@pytest.mark.parametrize("backend,dtype", _backend_dtype_params())
+def test_forward_last_states_and_gradients_match_oracle(backend, dtype, with_initial, shape):
+    _skip_without_gpu(backend)
+    batch, heads, seq_len, dhqk, dhhv, chunk = SHAPES[shape]
+    fw_tol, grad_tol = TOLERANCE[(backend, dtype)]
+    key = case_key("api", backend, with_initial, shape)
+    with jax.enable_x64(True):
+        inputs64 = mlstm_inputs(key, batch, heads, seq_len, dhqk, dhhv, jnp.float64, with_initial=with_initial)
+        weights_key = jax.random.fold_in(key, 7)
+        oracle = lambda *a: reference.mlstm_recurrent(*a, return_last_states=True, kernel_gradient_semantics=True)
+        h_ref, last_ref = oracle(*inputs64)
+        grads_ref = _grads(plain_loss(oracle, weights_key, True), inputs64)
+    q, k, v = to_dtype(inputs64[:3], dtype)
+    inputs = (q, k, v, *to_dtype(inputs64[3:], jnp.float32))
+    fn = jax.jit(lambda *a: pallas_mlstm.mlstm_chunkwise(*a, chunk_size=chunk, backend=backend,
+                                                         return_last_states=True))
+    h, last = fn(*inputs)
+    assert h.dtype == dtype and h.shape == (batch, heads, seq_len, dhhv)
+    assert rel_err(h, h_ref) <= fw_tol
+    for part, actual, expected in zip("cnm", last, last_ref):
+        assert actual.dtype == jnp.float32
+        assert rel_err(actual, expected) <= fw_tol, part
+    grads = _grads(plain_loss(fn, weights_key, True), inputs)
+    for name, expected in grads_ref.items():
+        assert grads[name].dtype == inputs[GRAD_NAMES.index(name)].dtype
+        assert rel_err(grads[name], expected) <= grad_tol, name
+
+
+@pytest.mark.parametrize("backend,dtype", _backend_dtype_params())
+def test_gradients_exact_for_scale_blind_loss(backend, dtype):
+    """Against plain autodiff of the recurrent cell (no gradient stopped), incl. m_initial and c_last."""
+    _skip_without_gpu(backend)
+    batch, heads, seq_len, dhqk, dhhv, chunk = SHAPES["S64-L16"]
+    key = case_key("api-blind", backend)
+    with jax.enable_x64(True):
+        inputs64 = mlstm_inputs(key, batch, heads, seq_len, dhqk, dhhv, jnp.float64, with_initial=True)
+        weights_key = jax.random.fold_in(key, 7)
+        oracle = lambda *a: reference.mlstm_recurrent(*a, return_last_states=True)
+        grads_ref = _grads(scale_blind_loss(oracle, weights_key, True), inputs64)
+    inputs = (*to_dtype(inputs64[:3], dtype), *to_dtype(inputs64[3:], jnp.float32))
+    fn = lambda *a: pallas_mlstm.mlstm_chunkwise(*a, chunk_size=chunk, backend=backend, return_last_states=True)
+    grads = _grads(scale_blind_loss(fn, weights_key, True), inputs)
+    for name, expected in grads_ref.items():
+        if name != "n_initial":  # ~0 in both: n reaches h only through the normaliser
+            assert rel_err(grads[name], expected) <= TOLERANCE[(backend, dtype)][1], name
+
+
+@pytest.mark.parametrize("backend", test_flags.BACKEND.value)
+def test_jit_checkpoint_and_vmap(backend):
+    _skip_without_gpu(backend)
+    batch, heads, seq_len, dhqk, dhhv, chunk = SHAPES["S64-L16"]
+    inputs = mlstm_inputs(case_key("transforms", backend), batch, heads, seq_len, dhqk, dhhv)[:5]
+    run = lambda *a: pallas_mlstm.mlstm_chunkwise(*a, chunk_size=chunk, backend=backend)
+    loss = lambda *a: jnp.sum(run(*a) ** 2)
+    expected = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*inputs)
+    checkpointed = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2, 3, 4)))(*inputs)
+    for name, a, e in zip(GRAD_NAMES, checkpointed, expected):
+        assert rel_err(a, e) <= 1e-6, name
+    # vmap over an extra leading axis == a loop over it
+    stacked = [jnp.stack([x, x[::-1] * 0.5 + 0.1]) for x in inputs]
+    batched = jax.jit(jax.vmap(run))(*stacked)
+    for index in range(2):
+        assert rel_err(batched[index], run(*[x[index] for x in stacked])) <= 1e-6
+    batched_grads = jax.vmap(jax.grad(loss, argnums=(0, 4)))(*stacked)
+    looped = jax.grad(loss, argnums=(0, 4))(*[x[1] for x in stacked])
+    for a, e in zip(batched_grads, looped):
+        assert rel_err(a[1], e) <= 1e-6
+
+
+def test_autocast_keeps_output_dtype_and_accuracy():
+    batch, heads, seq_len, dhqk, dhhv, chunk = SHAPES["S64-L16"]
+    inputs = mlstm_inputs(case_key("autocast"), batch, heads, seq_len, dhqk, dhhv)[:5]
+    h32 = pallas_mlstm.mlstm_chunkwise(*inputs, chunk_size=chunk, backend="xla")
+    h16 = pallas_mlstm.mlstm_chunkwise(*inputs, chunk_size=chunk, backend="xla", autocast_kernel_dtype=jnp.bfloat16)
+    assert h16.dtype == jnp.float32
+    q, k, v = to_dtype(inputs[:3], jnp.bfloat16)
+    pre_cast = pallas_mlstm.mlstm_chunkwise(q, k, v, *inputs[3:], chunk_size=chunk, backend="xla")
+    np.testing.assert_array_equal(h16, pre_cast.astype(jnp.float32))
+    assert 1e-4 < rel_err(h16, h32) <= 2e-2  # really computed from bf16 operands
+
+
+def test_default_backend_and_chunk_size():
+    inputs = mlstm_inputs(case_key("defaults"), 1, 2, 96, 16, 16)[:5]
+    expected_backend = "triton" if jax.default_backend() == "gpu" else "xla"
+    assert pallas_mlstm.resolve_backend(None) == expected_backend
+    h = pallas_mlstm.mlstm_chunkwise(*inputs)  # S=96: default chunk 32
+    np.testing.assert_allclose(h, reference.mlstm_chunkwise(*inputs, chunk_size=32), rtol=2e-5, atol=2e-5)
+
+
+def _good_inputs():
+    return mlstm_inputs(case_key("bad"), 1, 2, 64, 16, 32, with_initial=True)
+
+
+BAD_CALLS = {
+    "q rank": (lambda q, k, v, i, f, c, n, m: ((q[0], k, v, i, f), {}), "q must have rank 4"),
+    "k shape": (lambda q, k, v, i, f, c, n, m: ((q, k[:, :, :32], v, i, f), {}), "k must have the shape of q"),
+    "v shape": (lambda q, k, v, i, f, c, n, m: ((q, k, v[:, :1], i, f), {}), "v must have shape"),
+    "i shape": (lambda q, k, v, i, f, c, n, m: ((q, k, v, i[..., :5], f), {}), "i must have shape"),
+    "f rank": (lambda q, k, v, i, f, c, n, m: ((q, k, v, i, f[..., None]), {}), "f must have shape"),
+    "c_initial shape": (lambda q, k, v, i, f, c, n, m: ((q, k, v, i, f, c[..., :3], n, m), {}), "c_initial must have"),
+    "m without c": (lambda q, k, v, i, f, c, n, m: ((q, k, v, i, f, None, None, m), {}), "without c_initial"),
+    "integer q": (lambda q, k, v, i, f, c, n, m: ((q.astype(jnp.int32), k, v, i, f), {}), "q must be a floating"),
+    "integer f": (lambda q, k, v, i, f, c, n, m: ((q, k, v, i, f.astype(jnp.int32)), {}), "f must be a floating"),
+    "S not a multiple": (lambda *a: (a[:5], dict(chunk_size=48)), "power of 2"),
+    "chunk too big": (lambda *a: (a[:5], dict(chunk_size=128)), "multiple of chunk_size=128"),
+    "chunk not int": (lambda *a: (a[:5], dict(chunk_size=16.0)), "chunk_size must be a positive int"),
+    "backend": (lambda *a: (a[:5], dict(backend="cuda")), "backend must be one of"),
+    "autocast": (lambda *a: (a[:5], dict(autocast_kernel_dtype=jnp.int8)), "autocast_kernel_dtype must be"),
+    "eps": (lambda *a: (a[:5], dict(eps=-1.0)), "eps must be a non-negative"),
+    "pallas chunk < 16": (lambda *a: (a[:5], dict(chunk_size=8, backend="interpret")), "at least 16"),
+    "mixed dtypes": (lambda q, k, v, i, f, c, n, m: ((q, k, v.astype(jnp.bfloat16), i, f), {}), "share a dtype"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
+def test_bad_input_raises_value_error_naming_the_argument(case):
+    make_call, message = BAD_CALLS[case]
+    args, kwargs = make_call(*_good_inputs())
+    with pytest.raises(ValueError, match=message):
+        pallas_mlstm.mlstm_chunkwise(*args, **kwargs)
+
+
+def test_reference_validates_too():
+    q, k, v, i, f, *_ = _good_inputs()
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        reference.mlstm_chunkwise(q, k, v, i, f, chunk_size=128)
+    with pytest.raises(ValueError, match="q must have rank 4"):
+        reference.mlstm_recurrent(q[0], k, v, i, f)
+
+
+def test_pallas_default_chunk_needs_s_multiple_of_16():
+    inputs = mlstm_inputs(case_key("odd-S"), 1, 1, 40, 16, 16)[:5]
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pallas_mlstm.mlstm_chunkwise(*inputs, backend="interpret")
+    assert pallas_mlstm.mlstm_chunkwise(*inputs, backend="xla").shape == (1, 1, 40, 16)  # chunk 8 on xla

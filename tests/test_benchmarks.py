@@ -1,0 +1,77 @@
+"""The bench CLI at the tiny CPU shape (records, table, disclaimer) and the tuned-config loader."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from pallas_mlstm.config import ChunkwiseConfig, shape_class, tuned_config
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECORD_FIELDS = {
+    "impl", "shape", "B", "NH", "S", "DHQK", "DHHV", "chunk_size", "mode", "median_ms", "peak_bytes", "rel_err",
+    "card", "jax_version", "date", "command",
+}
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """One `python -m pallas_mlstm bench` at the tiny shape with xla and interpret, in a fresh process."""
+    records_path = tmp_path_factory.mktemp("bench") / "records.json"
+    command = [
+        sys.executable, "-m", "pallas_mlstm", "bench", "--shapes=tiny", "--impls=xla,interpret", "--calls=2",
+        f"--json={records_path}",
+    ]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])}
+    finished = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    with open(records_path) as file:
+        return finished.stdout, json.load(file)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the bench's CPU smoke run (tiny shape, disclaimer)")
+def test_bench_records_and_disclaimer(bench_run):
+    stdout, records = bench_run
+    assert "these times mean nothing" in stdout.lower()
+    assert {(r["impl"], r["mode"]) for r in records} == {(i, m) for i in ("xla", "interpret") for m in ("fw", "fwbw")}
+    for record in records:
+        assert RECORD_FIELDS <= set(record)
+        assert (record["shape"], record["B"], record["NH"], record["S"]) == ("tiny", 1, 2, 256)
+        assert record["median_ms"] > 0 and record["rel_err"] < 2e-2
+        assert record["card"] == "cpu" and record["command"].startswith("python -m pallas_mlstm bench")
+    assert "median ms" in stdout and "interpret" in stdout  # the table
+
+
+def _write_configs(path, device_kind, key, config):
+    path.write_text(json.dumps({"configs": {device_kind: {key: {"config": config}}}}))
+
+
+def test_tuned_config_reads_entry_by_card_and_shape_class(tmp_path):
+    path = tmp_path / "configs.json"
+    stored = {"chunk_size": 256, "siz_b_L_parallel": 128, "num_warps_intra": 8}
+    _write_configs(path, "NVIDIA H200", shape_class(8192, 256, 512), stored)
+    assert tuned_config("NVIDIA H200", 8, 8, 8192, 256, 512, path=path) == ChunkwiseConfig(**stored)
+    assert tuned_config("NVIDIA H200", 1, 8, 65536, 256, 512, path=path) == ChunkwiseConfig(**stored)  # same class
+    assert tuned_config("NVIDIA H100 80GB HBM3", 8, 8, 8192, 256, 512, path=path) is None  # other card
+    assert tuned_config("NVIDIA H200", 32, 8, 2048, 256, 512, path=path) is None  # short sequences
+    assert tuned_config("NVIDIA H200", 4, 16, 4096, 128, 128, path=path) is None  # other heads
+    assert tuned_config("NVIDIA H200", 1, 8, 8320, 256, 512, path=path) is None  # chunk 256 does not divide S
+
+
+def test_tuned_config_rereads_a_rewritten_file_and_tolerates_a_missing_one(tmp_path):
+    path = tmp_path / "configs.json"
+    assert tuned_config("NVIDIA H200", 8, 8, 8192, 256, 512, path=path) is None
+    key = shape_class(8192, 256, 512)
+    _write_configs(path, "NVIDIA H200", key, {"chunk_size": 64})
+    assert tuned_config("NVIDIA H200", 8, 8, 8192, 256, 512, path=path).chunk_size == 64
+    _write_configs(path, "NVIDIA H200", key, {"chunk_size": 128})
+    os.utime(path, ns=(1, 10**18))  # a new modification time, whatever the file system's resolution
+    assert tuned_config("NVIDIA H200", 8, 8, 8192, 256, 512, path=path).chunk_size == 128
+
+
+def test_packaged_configs_load():
+    config = tuned_config("NVIDIA H200", 8, 8, 8192, 256, 512)
+    assert config is None or isinstance(config, ChunkwiseConfig)
