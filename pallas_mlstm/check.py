@@ -1,0 +1,130 @@
+"""`python -m pallas_mlstm check`: run the chunkwise mLSTM on this machine and compare it with the oracle."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+import pallas_mlstm
+import reference
+
+_BACKENDS = flags.DEFINE_list(
+    "check_backends", None, "Backends to check (default: triton,xla on a GPU, interpret,xla otherwise).")
+_SHAPE = flags.DEFINE_list("check_shape", ["2", "2", "256", "64", "128"], "B,NH,S,DHQK,DHHV of the random inputs.")
+_CHUNK = flags.DEFINE_integer("check_chunk_size", 64, "Chunk size.")
+_DTYPES = flags.DEFINE_list(
+    "check_dtypes", None, "Input dtypes of q, k, v (default: float32,bfloat16 on a GPU, float32 otherwise).")
+_SEED = flags.DEFINE_integer("check_seed", 0, "Seed of the random inputs.")
+_REPEATS = flags.DEFINE_integer("check_repeats", 5, "Timed calls per measurement (median reported).")
+
+# Relative error bounds against the float64 oracle, per input dtype: (forward, gradients).
+TOLERANCE = {"float32": (1e-4, 1e-4), "bfloat16": (1e-2, 2e-2), "float16": (1e-2, 2e-2)}
+GRAD_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
+
+
+def _inputs(shape, seed):
+    batch, heads, seq_len, dhqk, dhhv = shape
+    keys = jax.random.split(jax.random.PRNGKey(seed), 9)
+    with jax.enable_x64(True):
+        normal = lambda key, *dims: jax.random.normal(key, dims, jnp.float64)
+        return (normal(keys[0], batch, heads, seq_len, dhqk), normal(keys[1], batch, heads, seq_len, dhqk),
+                normal(keys[2], batch, heads, seq_len, dhhv), normal(keys[3], batch, heads, seq_len),
+                3.0 + normal(keys[4], batch, heads, seq_len), normal(keys[5], batch, heads, dhqk, dhhv),
+                normal(keys[6], batch, heads, dhqk), normal(keys[7], batch, heads)), keys[8]
+
+
+def _loss(fn, weights_key):
+    def loss(*args):
+        h, (c_last, n_last, _) = fn(*args)
+        h = h.astype(jnp.promote_types(h.dtype, jnp.float32))
+        weights = jax.random.normal(weights_key, h.shape, jnp.float32).astype(h.dtype)
+        return jnp.sum(weights * h) + jnp.sum(c_last) + jnp.sum(n_last)
+    return loss
+
+
+def _rel_err(actual, expected) -> float:
+    actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+    expected = np.asarray(expected, np.float64)
+    if not np.all(np.isfinite(actual)):
+        return float("inf")
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def _median_ms(fn, args, repeats) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def run_check(backends, shape, chunk_size, dtypes, seed, repeats) -> list[dict]:
+    """Errors (vs the float64 recurrent oracle, kernel gradient semantics) and times for each backend × dtype."""
+    inputs64, weights_key = _inputs(shape, seed)
+    with jax.enable_x64(True):
+        oracle = lambda *a: reference.mlstm_recurrent(*a, return_last_states=True, kernel_gradient_semantics=True)
+        h_ref, _ = jax.jit(oracle)(*inputs64)
+        grads_ref = jax.jit(jax.grad(_loss(oracle, weights_key), argnums=tuple(range(8))))(*inputs64)
+    rows = []
+    for backend in backends:
+        for dtype_name in dtypes:
+            dtype = jnp.dtype(dtype_name)
+            args = [x.astype(dtype if index < 3 else jnp.float32) for index, x in enumerate(inputs64)]
+            run = lambda *a: pallas_mlstm.mlstm_chunkwise(*a, chunk_size=chunk_size, backend=backend,
+                                                          return_last_states=True)
+            forward = jax.jit(run)
+            backward = jax.jit(jax.grad(_loss(run, weights_key), argnums=tuple(range(8))))
+            h, _ = forward(*args)
+            grads = backward(*args)
+            grad_errors = {name: _rel_err(g, e) for name, g, e in zip(GRAD_NAMES, grads, grads_ref)}
+            worst = max(grad_errors, key=grad_errors.get)
+            fw_tol, grad_tol = TOLERANCE[dtype.name]
+            fw_err = _rel_err(h, h_ref)
+            rows.append(dict(
+                backend=backend, dtype=dtype.name, fw_err=fw_err, grad_err=grad_errors[worst], worst_grad=worst,
+                fw_ms=_median_ms(forward, args, repeats), fwbw_ms=_median_ms(backward, args, repeats),
+                ok=fw_err <= fw_tol and grad_errors[worst] <= grad_tol,
+            ))
+    return rows
+
+
+def main_check(argv) -> None:
+    """Entry point of `python -m pallas_mlstm check`; exits 1 if any error is above its bound."""
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments {argv[1:]}; use --check_* flags (see --help).")
+    on_gpu = jax.default_backend() == "gpu"
+    backends = _BACKENDS.value or (["triton", "xla"] if on_gpu else ["interpret", "xla"])
+    dtypes = _DTYPES.value or (["float32", "bfloat16"] if on_gpu else ["float32"])
+    for backend in backends:
+        pallas_mlstm.resolve_backend(backend)
+    for dtype in dtypes:
+        if dtype not in TOLERANCE:
+            raise ValueError(f"--check_dtypes entries must be among {sorted(TOLERANCE)}; got {dtype!r}.")
+    if len(_SHAPE.value) != 5:
+        raise ValueError(f"--check_shape must be B,NH,S,DHQK,DHHV; got {','.join(_SHAPE.value)}.")
+    shape = tuple(int(x) for x in _SHAPE.value)
+    device = jax.devices()[0]
+    print(f"pallas_mlstm {pallas_mlstm.__version__} check on {device.device_kind} ({device.platform}), jax {jax.__version__}")
+    print(f"shape B,NH,S,DHQK,DHHV = {shape}, chunk {_CHUNK.value}; reference: float64 recurrent scan "
+          "(den and m held constant in its gradient, as in the kernels)")
+    if not on_gpu:
+        print("no GPU: interpret runs the Pallas kernels in the interpreter; its times say nothing about speed.")
+    rows = run_check(backends, shape, _CHUNK.value, dtypes, _SEED.value, _REPEATS.value)
+    header = f"{'backend':<10} {'dtype':<9} {'h rel err':>10} {'grad rel err (worst)':>24} {'fw ms':>9} {'fw+bw ms':>9}  result"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        grad = f"{row['grad_err']:.1e} ({row['worst_grad']})"
+        print(f"{row['backend']:<10} {row['dtype']:<9} {row['fw_err']:>10.1e} {grad:>24} {row['fw_ms']:>9.2f} "
+              f"{row['fwbw_ms']:>9.2f}  {'ok' if row['ok'] else 'FAIL'}")
+    bounds = ", ".join(f"{name} {fw:g}/{grad:g}" for name, (fw, grad) in TOLERANCE.items() if name in dtypes)
+    print(f"bounds (h / gradients): {bounds}")
+    if not all(row["ok"] for row in rows):
+        sys.exit(1)
