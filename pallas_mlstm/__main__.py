@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 
-from absl import app
+from absl import app, flags
 
 SUBCOMMANDS = {
     "check": ("pallas_mlstm.check", "main_check", "check the kernels against the references on this machine"),
@@ -26,7 +26,9 @@ def main() -> None:
         print("usage: python -m pallas_mlstm {check,bench,tune} [--flags]\n" + "\n".join(lines), file=sys.stderr)
         sys.exit(2)
     module_name, function_name, _ = SUBCOMMANDS[sys.argv[1]]
-    subcommand_main = getattr(importlib.import_module(module_name), function_name)
+    module = importlib.import_module(module_name)
+    flags.adopt_module_key_flags(module)  # so that --help lists the subcommand's flags
+    subcommand_main = getattr(module, function_name)
     program = f"{sys.argv[0]} {sys.argv[1]}"
     # absl's handler shows INFO records, among them JAX's probing of platforms this machine lacks (TPU).
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

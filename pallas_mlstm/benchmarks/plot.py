@@ -43,6 +43,8 @@ def plot_constant_token_sweep(records: list[dict], path: str) -> str:
             lengths, milliseconds = zip(*sorted(points))
             axis.plot(lengths, milliseconds, marker="o", label=label)
         axis.set_xscale("log", base=2)
+        lengths = sorted({r["S"] for r in sweep})
+        axis.set_xticks(lengths, [str(length) for length in lengths])
         axis.set_yscale("log")
         axis.set_xlabel(f"sequence length S (batch = {SWEEP_TOKENS} / S)")
         axis.set_ylabel("median time per call (ms)")
@@ -52,7 +54,7 @@ def plot_constant_token_sweep(records: list[dict], path: str) -> str:
     cards = sorted({r["card"] for r in sweep})
     first = sweep[0]
     figure.suptitle(
-        f"mLSTM at {SWEEP_TOKENS} tokens, NH={first['NH']}, DHQK={first['DHQK']}, DHHV={first['DHHV']}, bf16 "
+        f"{SWEEP_TOKENS} tokens per call (mLSTM NH={first['NH']}, DHQK={first['DHQK']}, DHHV={first['DHHV']}), bf16 "
         f"— {', '.join(cards)}, jax {first['jax_version']}"
     )
     figure.tight_layout()

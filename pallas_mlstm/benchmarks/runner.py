@@ -35,8 +35,8 @@ CHECK_BATCH = 1  # the check compares batch element 0 (all heads; attention: a f
 CHECK_ATTENTION_HEADS = 4
 CHECK_ATTENTION_LENGTH = 4096  # causal: the first L outputs depend on the first L inputs alone
 CPU_DISCLAIMER = (
-    "NOTE: no GPU here (JAX platform cpu): this ran the Pallas interpreter / XLA on a CPU at a toy shape to "
-    "check that the bench works. These times mean nothing about the kernels' speed."
+    "NOTE: no GPU here (JAX platform cpu): this ran the Pallas interpreter / XLA on a CPU, by default at a toy "
+    "shape, only to check that the tooling works. These times mean nothing about the kernels' speed."
 )
 _ENVIRONMENT_AT_START = dict(os.environ)  # what the workers get: the parent changes its own
 
@@ -224,7 +224,8 @@ def _plan_runs(shapes: list[Shape], impl_names: list[str], chunk_requests, platf
             if impl.computes == impls.ATTENTION and (shape.NH * shape.DHHV) % impls.ATTENTION_HEAD_DIM:
                 say(f"SKIP {name} at {shape.name}: NH*DHHV is not a multiple of {impls.ATTENTION_HEAD_DIM}.")
                 continue
-            for chunk in chunk_requests if impl.uses_chunk_size else [None]:
+            chunks = [impl.default_chunk_size if chunk is None else chunk for chunk in chunk_requests]
+            for chunk in list(dict.fromkeys(chunks)) if impl.uses_chunk_size else [None]:
                 if chunk is not None and shape.S % chunk:
                     say(f"SKIP {name} at {shape.name} chunk {chunk}: it does not divide S={shape.S}.")
                     continue
@@ -241,7 +242,7 @@ def _run_in_worker(run: Run, modes: list[str], calls: int) -> list[dict]:
             "--noisolate", f"--worker_records={records_path}",
         ]
         finished = subprocess.run(command, env=_ENVIRONMENT_AT_START, check=False)
-        if finished.returncode:
+        if finished.returncode or not os.path.exists(records_path):
             say(f"FAILED {run.label()}: its worker exited with code {finished.returncode} (output above).")
             return []
         with open(records_path) as file:
@@ -313,20 +314,20 @@ def main_bench(argv: list[str]) -> None:
         "command": "python -m pallas_mlstm " + shlex.join(sys.argv[1:]),
     }
     records = []
+    records_path = WORKER_RECORDS.value if is_worker else JSON_PATH.value
     for run in runs:
         if ISOLATE.value:
             records += [{**record, **context} for record in _run_in_worker(run, modes, CALLS.value)]
         else:
             records += run_one(run, modes, CALLS.value, measure_peak=len(runs) == 1, context=context)
+        if records_path:  # after every run, so that a run stopped midway keeps what it measured
+            with open(records_path, "w") as file:
+                json.dump(records, file, indent=1)
     if is_worker:
-        with open(WORKER_RECORDS.value, "w") as file:
-            json.dump(records, file)
         return
     say("")
     say(format_table(records))
     if JSON_PATH.value:
-        with open(JSON_PATH.value, "w") as file:
-            json.dump(records, file, indent=1)
         say(f"wrote {len(records)} records to {JSON_PATH.value}")
     if PLOT_PATH.value:
         say(plot.plot_constant_token_sweep(records, PLOT_PATH.value))
