@@ -284,6 +284,13 @@ def _parallel_bw_common(matQ, vecI, vecB, vecA, matC_all, scaM_all, vecN_out, ve
     )
 
 
+def _with_row_dots(grad, x, output_dtype, return_row_dots):
+    """grad in output_dtype, and with return_row_dots also Σ_d x·grad (B, NH, S) from the unrounded grad."""
+    if not return_row_dots:
+        return grad.astype(output_dtype)
+    return grad.astype(output_dtype), jnp.sum(x.astype(grad.dtype) * grad, axis=-1)
+
+
 _PARALLEL_BW_DOC = """
 
     Args follow `mlstm_chunkwise__parallel_bw_dV` of the upstream Triton kernels: the forward inputs, the
@@ -295,7 +302,8 @@ _PARALLEL_BW_DOC = """
 def mlstm_chunkwise__parallel_bw_dQ(
     matQ, matK, matV, vecI, vecB, vecA, matC_all, vecN_all, scaM_all, vecN_out, vecM_out, matDeltaH,
     matDeltaC_states, qk_scale=None, chunk_size=64, siz_b_LQ=32, siz_b_LKV=32, siz_b_DHQK=None,
-    siz_b_DHHV=None, num_warps=None, num_stages=None, eps=0.0, output_dtype=jnp.float32,
+    siz_b_DHHV=None, num_warps=None, num_stages=None, eps=0.0, output_dtype=jnp.float32, *,
+    return_row_dots=False,
 ):
     del vecN_all, siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, num_warps, num_stages
     g = _parallel_bw_common(matQ, vecI, vecB, vecA, matC_all, scaM_all, vecN_out, vecM_out, matDeltaH,
@@ -304,13 +312,15 @@ def mlstm_chunkwise__parallel_bw_dQ(
     d_scores = _einsum("bhcle,bhcje->bhclj", g["dh_bar"], v, matQ.dtype) * g["decay"]  # (B, NH, NC, L, L)
     dq = _einsum("bhclj,bhcjd->bhcld", d_scores, k, matQ.dtype)
     dq += _einsum("bhcle,bhcde->bhcld", g["dh_bar"] * g["q_inter"][..., None], g["c_prev"], matQ.dtype)
-    return _unchunked(dq * g["qk_scale"]).astype(output_dtype)
+    dq = _unchunked(dq * g["qk_scale"])
+    return _with_row_dots(dq, matQ, output_dtype, return_row_dots)
 
 
 def mlstm_chunkwise__parallel_bw_dK(
     matQ, matK, matV, vecI, vecB, vecA, matC_all, vecN_all, scaM_all, vecN_out, vecM_out, matDeltaH,
     matDeltaC_states, qk_scale=None, chunk_size=64, siz_b_LQ=32, siz_b_LKV=32, siz_b_DHQK=None,
-    siz_b_DHHV=None, num_warps=None, num_stages=None, eps=0.0, output_dtype=jnp.float32,
+    siz_b_DHHV=None, num_warps=None, num_stages=None, eps=0.0, output_dtype=jnp.float32, *,
+    return_row_dots=False,
 ):
     del vecN_all, siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, num_warps, num_stages
     g = _parallel_bw_common(matQ, vecI, vecB, vecA, matC_all, scaM_all, vecN_out, vecM_out, matDeltaH,
@@ -319,7 +329,7 @@ def mlstm_chunkwise__parallel_bw_dK(
     d_scores = _einsum("bhcle,bhcje->bhclj", g["dh_bar"], v, matQ.dtype) * g["decay"]  # (B, NH, NC, L, L)
     dk = _einsum("bhclj,bhcld->bhcjd", d_scores, q, matQ.dtype) * g["qk_scale"]
     dk += _einsum("bhcje,bhcde->bhcjd", v, g["dc_next"], matQ.dtype) * g["k_inter"][..., None]
-    return _unchunked(dk).astype(output_dtype)
+    return _with_row_dots(_unchunked(dk), matK, output_dtype, return_row_dots)
 
 
 def mlstm_chunkwise__parallel_bw_dV(
@@ -337,8 +347,9 @@ def mlstm_chunkwise__parallel_bw_dV(
     return _unchunked(dv).astype(output_dtype)
 
 
-mlstm_chunkwise__parallel_bw_dQ.__doc__ = "Gradient of q, (B, NH, S, DHQK)." + _PARALLEL_BW_DOC
-mlstm_chunkwise__parallel_bw_dK.__doc__ = "Gradient of k, (B, NH, S, DHQK)." + _PARALLEL_BW_DOC
+_ROW_DOTS_DOC = "With `return_row_dots`, also returns Σ_d {0}·d{0} (B, NH, S) from the unrounded gradient."
+mlstm_chunkwise__parallel_bw_dQ.__doc__ = "Gradient of q, (B, NH, S, DHQK). " + _ROW_DOTS_DOC.format("q") + _PARALLEL_BW_DOC
+mlstm_chunkwise__parallel_bw_dK.__doc__ = "Gradient of k, (B, NH, S, DHQK). " + _ROW_DOTS_DOC.format("k") + _PARALLEL_BW_DOC
 mlstm_chunkwise__parallel_bw_dV.__doc__ = "Gradient of v, (B, NH, S, DHHV)." + _PARALLEL_BW_DOC
 
 
@@ -503,10 +514,14 @@ def mlstm_chunkwise_bw(
                   num_stages=num_stages_intra, eps=eps, output_dtype=matQ.dtype)
     matDeltaV = kernels.parallel_bw_dV(*shared, siz_b_LQ=l_loop, siz_b_LKV=l_parallel,
                                        siz_b_DHQK=siz_b_DH_loop, siz_b_DHHV=siz_b_DH_parallel, **common)
-    matDeltaK = kernels.parallel_bw_dK(*shared, siz_b_LQ=l_loop, siz_b_LKV=l_parallel,
-                                       siz_b_DHQK=siz_b_DH_parallel, siz_b_DHHV=siz_b_DH_loop, **common)
-    matDeltaQ = kernels.parallel_bw_dQ(*shared, siz_b_LQ=l_parallel, siz_b_LKV=l_loop,
-                                       siz_b_DHQK=siz_b_DH_parallel, siz_b_DHHV=siz_b_DH_loop, **common)
+    # Σ_d k·dk and Σ_d q·dq come from the kernels' float32 accumulators: df̃ is a reverse cumsum of their
+    # difference over the whole sequence, which would amplify the rounding of bf16 dK / dQ.
+    matDeltaK, vecKdK = kernels.parallel_bw_dK(*shared, siz_b_LQ=l_loop, siz_b_LKV=l_parallel,
+                                               siz_b_DHQK=siz_b_DH_parallel, siz_b_DHHV=siz_b_DH_loop,
+                                               return_row_dots=True, **common)
+    matDeltaQ, vecQdQ = kernels.parallel_bw_dQ(*shared, siz_b_LQ=l_parallel, siz_b_LKV=l_loop,
+                                               siz_b_DHQK=siz_b_DH_parallel, siz_b_DHHV=siz_b_DH_loop,
+                                               return_row_dots=True, **common)
 
     dtype = vecB.dtype
     vecDeltaN_states = None
@@ -516,19 +531,18 @@ def mlstm_chunkwise_bw(
         g_after = jnp.cumsum(jnp.concatenate([scaG, jnp.zeros_like(scaG[..., :1])], -1)[..., ::-1], -1)[..., ::-1]
         decay_to_last = jnp.exp(g_after + scaM_all - scaM_all[..., -1:])  # (B, NH, NC+1)
         vecDeltaN_states = decay_to_last[..., None] * vecDeltaN_last.astype(dtype)[:, :, None, :]
-        dk_from_n = jnp.exp(vecA - scaM_all[..., 1:, None])[..., None] * vecDeltaN_states[:, :, 1:, None, :]
-        matDeltaK = (matDeltaK.astype(dtype) + _unchunked(dk_from_n)).astype(matDeltaK.dtype)
+        dk_from_n = _unchunked(jnp.exp(vecA - scaM_all[..., 1:, None])[..., None] * vecDeltaN_states[:, :, 1:, None, :])
+        vecKdK = vecKdK + jnp.sum(matK.astype(dtype) * dk_from_n, axis=-1)
+        matDeltaK = (matDeltaK.astype(dtype) + dk_from_n).astype(matDeltaK.dtype)
 
-    q, k = matQ.astype(dtype), matK.astype(dtype)
-    dq, dk = matDeltaQ.astype(dtype), matDeltaK.astype(dtype)
-    vecDeltaI = jnp.sum(k * dk, axis=-1)
+    vecDeltaI = vecKdK
     # end-state term: every forget gate lies between all earlier tokens (and the initial state) and the end
     end_term = jnp.zeros(matQ.shape[:2], dtype)
     if matDeltaC_last is not None:
         end_term += jnp.sum(matDeltaC_last.astype(dtype) * matC_all[:, :, -dhqk:, :].astype(dtype), axis=(-2, -1))
     if vecDeltaN_last is not None:
         end_term += jnp.sum(vecDeltaN_last.astype(dtype) * vecN_all[:, :, -dhqk:].astype(dtype), axis=-1)
-    per_step = jnp.sum(q * dq - k * dk, axis=-1)  # (B, NH, S)
+    per_step = vecQdQ - vecKdK  # (B, NH, S)
     vecDeltaFbar = jnp.cumsum(per_step[..., ::-1], axis=-1)[..., ::-1] + end_term[..., None]
     vecDeltaF = vecDeltaFbar * jax.nn.sigmoid(-vecF.astype(dtype))
 

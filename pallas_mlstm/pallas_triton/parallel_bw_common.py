@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_mlstm.pallas_triton import common
@@ -95,16 +96,32 @@ def prepare(matQ, matK, matV, vecI, vecB, vecA, matC_all, scaM_all, vecN_out, ve
 
 
 def launch(kernel, layout: BwLayout, grid_head_tiles: int, grid_l_tiles: int, in_specs, inputs, out_spec,
-           out_width: int, output_dtype, num_warps, num_stages, interpret: bool, name: str, out_dim: int):
-    """Runs one parallel backward kernel and returns its (B, NH, S, out_dim) output, padding removed."""
-    out = pl.pallas_call(
+           out_width: int, output_dtype, num_warps, num_stages, interpret: bool, name: str, out_dim: int,
+           row_dot_rows: int | None = None):
+    """Runs one parallel backward kernel; returns its (B, NH, S, out_dim) output, padding removed.
+
+    With `row_dot_rows`, the kernel has a second output: per head-dim tile, the float32 row sums
+    Σ_d x·dx of its tile (x = q for dQ, k for dK), summed here over the tiles to (B, NH, S).
+    """
+    grid = (grid_head_tiles, grid_l_tiles, layout.num_chunks * layout.bnh)
+    out_specs = [out_spec]
+    out_shape = [jax.ShapeDtypeStruct((layout.bnh, layout.seq_len, out_width), output_dtype)]
+    if row_dot_rows is not None:
+        tiles = layout.chunk_size // row_dot_rows
+        out_specs.append(pl.BlockSpec((None, None, row_dot_rows), lambda d, l, cb: (
+            d, cb // layout.num_chunks, (cb % layout.num_chunks) * tiles + l)))
+        out_shape.append(jax.ShapeDtypeStruct((grid_head_tiles, layout.bnh, layout.seq_len), jnp.float32))
+    outs = pl.pallas_call(
         kernel,
-        grid=(grid_head_tiles, grid_l_tiles, layout.num_chunks * layout.bnh),
+        grid=grid,
         in_specs=in_specs,
-        out_specs=out_spec,
-        out_shape=jax.ShapeDtypeStruct((layout.bnh, layout.seq_len, out_width), output_dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=common.compiler_params(num_warps, num_stages, default_warps=4, default_stages=1),
         interpret=interpret,
         name=name,
     )(*inputs)
-    return out[:, :, :out_dim].reshape(layout.batch, layout.heads, layout.seq_len, out_dim)
+    grad = outs[0][:, :, :out_dim].reshape(layout.batch, layout.heads, layout.seq_len, out_dim)
+    if row_dot_rows is None:
+        return grad
+    return grad, jnp.sum(outs[1], axis=0).reshape(layout.batch, layout.heads, layout.seq_len)

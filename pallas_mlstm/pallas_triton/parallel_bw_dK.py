@@ -12,8 +12,8 @@ from jax.experimental import pallas as pl
 from pallas_mlstm.pallas_triton import common, parallel_bw_common
 
 
-def _parallel_bw_dk_kernel(q_ref, v_ref, dh_ref, b_ref, i_ref, a_ref, m_ref, den_ref, dc_ref, m_next_ref, dk_ref,
-                           *, qk_scale: float, eps: float, block_lq: int, block_dhhv: int, precision):
+def _parallel_bw_dk_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, a_ref, m_ref, den_ref, dc_ref, m_next_ref,
+                           dk_ref, k_dk_ref, *, qk_scale: float, eps: float, block_lq: int, block_dhhv: int, precision):
     block_lkv, dhhv = v_ref.shape
     chunk_size = b_ref.shape[0]
     dtype = common.acc_dtype(q_ref.dtype)
@@ -43,6 +43,8 @@ def _parallel_bw_dk_kernel(q_ref, v_ref, dh_ref, b_ref, i_ref, a_ref, m_ref, den
     # query tiles below the diagonal only
     dk = lax.fori_loop(kv_start // block_lq, chunk_size // block_lq, q_step, dk)
     dk_ref[...] = dk.astype(dk_ref.dtype)
+    # float32 Σ_d k·dk of this DHQK tile, before dk is rounded to its output dtype (for df̃ and dĩ)
+    k_dk_ref[...] = jnp.sum(k_ref[...].astype(dtype) * dk, axis=1).astype(k_dk_ref.dtype)  # (bLKV, bDHQK) -> (bLKV,)
 
 
 def mlstm_chunkwise__parallel_bw_dK(
@@ -70,11 +72,13 @@ def mlstm_chunkwise__parallel_bw_dK(
     eps: float = 0.0,
     output_dtype=jnp.float32,
     *,
+    return_row_dots: bool = False,
     allow_tf32: bool = False,
     interpret: bool = False,
 ):
     """Gradient of k, (B, NH, S, DHQK): ((dH̄ Vᵀ) ⊙ e^{D̃−m})ᵀ Q·s + (V dC_kᵀ) ⊙ e^{a−m_k}.
 
+    With `return_row_dots`, returns (dK, Σ_d k·dk (B, NH, S) float32, summed before dK is rounded).
     Grid (DHQK/bDHQK, L/bLKV, NC·B·NH); query tiles from the diagonal down and DHHV tiles loop in-kernel.
     """
     del vecN_all
@@ -89,6 +93,7 @@ def mlstm_chunkwise__parallel_bw_dK(
                                block_dhhv=block_dhhv, precision=common.matmul_precision(matQ.dtype, allow_tf32))
     in_specs = [
         layout.chunk_rows(block_dhqk, tiled_cols=True),  # q
+        layout.tile_rows(block_lkv, block_dhqk, tiled_cols=True),  # k
         layout.tile_rows(block_lkv, layout.dhhv_p, tiled_cols=False),  # v
         layout.chunk_rows(layout.dhhv_p, tiled_cols=False),  # dh
         layout.chunk_vec(),  # vec_b
@@ -99,8 +104,9 @@ def mlstm_chunkwise__parallel_bw_dK(
         layout.state(1, block_dhqk, layout.dhhv_p, tiled_rows=True),  # dC_k
         layout.state_m(1),  # m_k
     ]
-    inputs = [x[name] for name in ("q", "v", "dh", "vec_b", "vec_i", "vec_a", "vec_m", "den", "dc_all", "m_all")]
-    return parallel_bw_common.launch(
+    inputs = [x[name] for name in ("q", "k", "v", "dh", "vec_b", "vec_i", "vec_a", "vec_m", "den", "dc_all", "m_all")]
+    dk, k_dk = parallel_bw_common.launch(
         kernel, layout, layout.dhqk_p // block_dhqk, chunk_size // block_lkv, in_specs, inputs,
         layout.tile_rows(block_lkv, block_dhqk, tiled_cols=True), layout.dhqk_p, output_dtype, num_warps,
-        num_stages, interpret, "mlstm_chunkwise__parallel_bw_dK", layout.dhqk)
+        num_stages, interpret, "mlstm_chunkwise__parallel_bw_dK", layout.dhqk, row_dot_rows=block_lkv)
+    return (dk, k_dk) if return_row_dots else dk

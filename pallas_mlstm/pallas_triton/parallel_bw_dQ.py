@@ -12,8 +12,8 @@ from jax.experimental import pallas as pl
 from pallas_mlstm.pallas_triton import common, parallel_bw_common
 
 
-def _parallel_bw_dq_kernel(k_ref, v_ref, dh_ref, b_ref, i_ref, m_ref, den_ref, c_ref, m_prev_ref, dq_ref,
-                           *, qk_scale: float, eps: float, block_lkv: int, block_dhhv: int, precision):
+def _parallel_bw_dq_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, m_ref, den_ref, c_ref, m_prev_ref, dq_ref,
+                           q_dq_ref, *, qk_scale: float, eps: float, block_lkv: int, block_dhhv: int, precision):
     block_lq, dhhv = dh_ref.shape
     dtype = common.acc_dtype(k_ref.dtype)
     q_start = pl.program_id(1) * block_lq  # position of the query tile inside its chunk
@@ -41,7 +41,10 @@ def _parallel_bw_dq_kernel(k_ref, v_ref, dh_ref, b_ref, i_ref, m_ref, den_ref, c
 
     num_kv_tiles = (q_start + block_lq + block_lkv - 1) // block_lkv  # tiles above the diagonal skipped
     dq = lax.fori_loop(0, num_kv_tiles, kv_step, dq)
-    dq_ref[...] = (dq * qk_scale).astype(dq_ref.dtype)
+    dq = dq * qk_scale
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    # float32 Σ_d q·dq of this DHQK tile, before dq is rounded to its output dtype (for df̃ and dĩ)
+    q_dq_ref[...] = jnp.sum(q_ref[...].astype(dtype) * dq, axis=1).astype(q_dq_ref.dtype)  # (bLQ, bDHQK) -> (bLQ,)
 
 
 def mlstm_chunkwise__parallel_bw_dQ(
@@ -69,11 +72,13 @@ def mlstm_chunkwise__parallel_bw_dQ(
     eps: float = 0.0,
     output_dtype=jnp.float32,
     *,
+    return_row_dots: bool = False,
     allow_tf32: bool = False,
     interpret: bool = False,
 ):
     """Gradient of q, (B, NH, S, DHQK): ((dH̄ Vᵀ) ⊙ e^{D̃−m}) K·s + (dH̄ ⊙ e^{b+m_{k-1}−m}) C_{k-1}ᵀ·s.
 
+    With `return_row_dots`, returns (dQ, Σ_d q·dq (B, NH, S) float32, summed before dQ is rounded).
     Grid (DHQK/bDHQK, L/bLQ, NC·B·NH); key tiles up to the diagonal and DHHV tiles loop in-kernel.
     """
     del vecN_all
@@ -87,6 +92,7 @@ def mlstm_chunkwise__parallel_bw_dQ(
     kernel = functools.partial(_parallel_bw_dq_kernel, qk_scale=qk_scale, eps=eps, block_lkv=block_lkv,
                                block_dhhv=block_dhhv, precision=common.matmul_precision(matQ.dtype, allow_tf32))
     in_specs = [
+        layout.tile_rows(block_lq, block_dhqk, tiled_cols=True),  # q
         layout.chunk_rows(block_dhqk, tiled_cols=True),  # k
         layout.chunk_rows(layout.dhhv_p, tiled_cols=False),  # v
         layout.tile_rows(block_lq, layout.dhhv_p, tiled_cols=False),  # dh
@@ -97,8 +103,9 @@ def mlstm_chunkwise__parallel_bw_dQ(
         layout.state(0, block_dhqk, layout.dhhv_p, tiled_rows=True),  # C_{k-1}
         layout.state_m(0),  # m_{k-1}
     ]
-    inputs = [x[name] for name in ("k", "v", "dh", "vec_b", "vec_i", "vec_m", "den", "c_all", "m_all")]
-    return parallel_bw_common.launch(
+    inputs = [x[name] for name in ("q", "k", "v", "dh", "vec_b", "vec_i", "vec_m", "den", "c_all", "m_all")]
+    dq, q_dq = parallel_bw_common.launch(
         kernel, layout, layout.dhqk_p // block_dhqk, chunk_size // block_lq, in_specs, inputs,
         layout.tile_rows(block_lq, block_dhqk, tiled_cols=True), layout.dhqk_p, output_dtype, num_warps,
-        num_stages, interpret, "mlstm_chunkwise__parallel_bw_dQ", layout.dhqk)
+        num_stages, interpret, "mlstm_chunkwise__parallel_bw_dQ", layout.dhqk, row_dot_rows=block_lq)
+    return (dq, q_dq) if return_row_dots else dq
