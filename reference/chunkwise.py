@@ -234,10 +234,15 @@ def mlstm_chunkwise__recurrent_bw_dC(
     num_stages: int | None = None,
     eps: float = 0.0,
     *,
+    matC_states: jax.Array | None = None,  # (B, NH, (NC+1)*DHQK, DHHV)
     siz_b_DHQK: int | None = None,
     siz_b_DHHV: int | None = None,
 ):
-    """Gradients of the chunk-boundary C states, last to first: matDeltaC_states (B, NH, (NC+1)*DHQK, DHHV)."""
+    """Gradients of the chunk-boundary C states, last to first: matDeltaC_states (B, NH, (NC+1)*DHQK, DHHV).
+
+    Given the forward states `matC_states`, returns (matDeltaC_states, scaCdC_states) with
+    scaCdC_states (B, NH, NC+1) = <dC_k, C_k> per boundary (the f̃ gradient's term for pairs crossing it).
+    """
     del num_warps, num_stages, siz_b_DHQK, siz_b_DHHV
     batch, heads, _, dhqk = matQ.shape
     dhhv = matDeltaH.shape[-1]
@@ -264,7 +269,10 @@ def mlstm_chunkwise__recurrent_bw_dC(
     xs = (jnp.moveaxis(contributions, 2, 0), jnp.moveaxis(decay, 2, 0))
     _, dc_all = lax.scan(chunk_step, d_last, xs, reverse=True)
     dc_all = jnp.concatenate([jnp.moveaxis(dc_all, 0, 2), d_last[:, :, None]], axis=2)  # (B, NH, NC+1, DHQK, DHHV)
-    return join_states(dc_all)
+    if matC_states is None:
+        return join_states(dc_all)
+    c_dc = jnp.sum(dc_all * split_states(matC_states, dhqk).astype(dtype), axis=(-2, -1))  # (B, NH, NC+1)
+    return join_states(dc_all), c_dc
 
 
 def _parallel_bw_common(matQ, vecI, vecB, vecA, matC_all, scaM_all, vecN_out, vecM_out, matDeltaH,
@@ -502,10 +510,10 @@ def mlstm_chunkwise_bw(
             num_stages=num_stages_intra, eps=eps,
         )
 
-    matDeltaC_states = kernels.recurrent_bw_dC(
+    matDeltaC_states, scaCdC_states = kernels.recurrent_bw_dC(
         matQ, vecF, scaM_all, vecM_out, matDeltaH, vecN_out, matDeltaC_last,
         qk_scale=qk_scale, chunk_size=inter, save_states_every_nth_chunk=intra // inter,
-        num_warps=num_warps_inter, num_stages=num_stages_inter, eps=eps,
+        num_warps=num_warps_inter, num_stages=num_stages_inter, eps=eps, matC_states=matC_all,
     )
     vecB, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, intra)
     shared = (matQ, matK, matV, vecI, vecB, vecA, matC_all, vecN_all, scaM_all, vecN_out, vecM_out,
@@ -536,14 +544,16 @@ def mlstm_chunkwise_bw(
         matDeltaK = (matDeltaK.astype(dtype) + dk_from_n).astype(matDeltaK.dtype)
 
     vecDeltaI = vecKdK
-    # end-state term: every forget gate lies between all earlier tokens (and the initial state) and the end
-    end_term = jnp.zeros(matQ.shape[:2], dtype)
-    if matDeltaC_last is not None:
-        end_term += jnp.sum(matDeltaC_last.astype(dtype) * matC_all[:, :, -dhqk:, :].astype(dtype), axis=(-2, -1))
-    if vecDeltaN_last is not None:
-        end_term += jnp.sum(vecDeltaN_last.astype(dtype) * vecN_all[:, :, -dhqk:].astype(dtype), axis=-1)
-    per_step = vecQdQ - vecKdK  # (B, NH, S)
-    vecDeltaFbar = jnp.cumsum(per_step[..., ::-1], axis=-1)[..., ::-1] + end_term[..., None]
+    # df̃_t / σ(−f̃_t) sums the (q, k) pairs whose path crosses step t: Σ_{u≥t} (q·dq − k·dk) + <dC_S, C_S>
+    # + <dN_S, n_S>. Summed to the end of t's chunk only, plus the state terms at that chunk's end boundary
+    # (= the pairs crossing it, end-state cotangents included), so errors do not accumulate over S.
+    boundary_terms = scaCdC_states[..., 1:]  # (B, NH, NC)
+    if vecDeltaN_states is not None:
+        boundary_terms = boundary_terms + jnp.sum(vecDeltaN_states[:, :, 1:] * split_states(vecN_all, dhqk)[:, :, 1:],
+                                                  axis=-1)
+    per_step = _chunked(vecQdQ - vecKdK, intra)  # (B, NH, NC, L)
+    in_chunk_suffix = jnp.cumsum(per_step[..., ::-1], axis=-1)[..., ::-1]
+    vecDeltaFbar = _unchunked(in_chunk_suffix + boundary_terms[..., None])
     vecDeltaF = vecDeltaFbar * jax.nn.sigmoid(-vecF.astype(dtype))
 
     matDeltaC_initial = None if matC_initial is None else matDeltaC_states[:, :, :dhqk, :]

@@ -67,7 +67,7 @@ def _call(kernel_name, module, x, chunk, tiles, extra):
     if kernel_name == "recurrent_bw_dC":
         dh_tiles = {key: val for key, val in tiles.items() if key.startswith("siz_b_DH")}
         return fn(x["q"], x["f"], x["states"][2], x["m_out"], x["dh"], x["n_out"], x["dc_last"], chunk_size=chunk,
-                  eps=1e-6, **dh_tiles, **extra)
+                  eps=1e-6, matC_states=x["states"][0], **dh_tiles, **extra)
     if kernel_name in ("parallel_bw_dQ", "parallel_bw_dK"):
         extra = dict(extra, return_row_dots=True)  # also Σ_d x·dx from the float32 accumulators
     return fn(x["q"], x["k"], x["v"], x["i"], x["vec_b"], x["vec_a"], *x["states"], x["n_out"], x["m_out"], x["dh"],

@@ -15,18 +15,24 @@ from reference.validation import validate_chunk_size
 
 
 def _recurrent_bw_kernel(*refs, num_chunks: int, chunk_size: int, qk_scale: float, eps: float,
-                         has_last: bool, precision):
-    if has_last:
-        q_ref, dh_ref, b_ref, g_ref, m_ref, den_ref, m_all_ref, dc_last_ref, dc_all_ref = refs
-    else:
-        q_ref, dh_ref, b_ref, g_ref, m_ref, den_ref, m_all_ref, dc_all_ref = refs
+                         has_last: bool, has_states: bool, precision):
+    q_ref, dh_ref, b_ref, g_ref, m_ref, den_ref, m_all_ref, *refs = refs
+    dc_last_ref = refs.pop(0) if has_last else None
+    c_all_ref = refs.pop(0) if has_states else None
+    dc_all_ref, *c_dc_refs = refs
     dtype = common.acc_dtype(q_ref.dtype)
     block_dhqk, block_dhhv = dc_all_ref.shape[1:]
+
+    def store(index, dc):
+        dc_all_ref[index] = dc.astype(dc_all_ref.dtype)
+        if has_states:  # <dC, C> over this program's tile: (bDHQK, bDHHV) -> ()
+            c_dc_refs[0][index] = jnp.sum(dc * c_all_ref[index].astype(dtype)).astype(c_dc_refs[0].dtype)
+
     if has_last:
         dc = dc_last_ref[...].astype(dtype)  # (bDHQK, bDHHV)
     else:
         dc = jnp.zeros((block_dhqk, block_dhhv), dtype)
-    dc_all_ref[num_chunks] = dc.astype(dc_all_ref.dtype)
+    store(num_chunks, dc)
 
     def chunk_step(step, dc):
         chunk = num_chunks - 1 - step
@@ -41,7 +47,7 @@ def _recurrent_bw_kernel(*refs, num_chunks: int, chunk_size: int, qk_scale: floa
         dh = dh_ref[rows, :]  # (L, bDHHV)
         decay = jnp.exp(g_ref[chunk].astype(dtype) + m_prev - m_next)
         dc = decay * dc + common.dot(q_bar, dh.astype(q.dtype), precision, trans_a=True)  # (bDHQK, L) @ (L, bDHHV)
-        dc_all_ref[chunk] = dc.astype(dc_all_ref.dtype)
+        store(chunk, dc)
         return dc
 
     lax.fori_loop(0, num_chunks, chunk_step, dc)
@@ -62,6 +68,7 @@ def mlstm_chunkwise__recurrent_bw_dC(
     num_stages: int | None = None,
     eps: float = 0.0,
     *,
+    matC_states: jax.Array | None = None,  # (B, NH, (NC+1)*DHQK, DHHV)
     siz_b_DHQK: int | None = None,
     siz_b_DHHV: int | None = None,
     allow_tf32: bool = False,
@@ -69,8 +76,9 @@ def mlstm_chunkwise__recurrent_bw_dC(
 ):
     """Gradients of the chunk-boundary C states: matDeltaC_states (B, NH, (NC+1)*DHQK, DHHV), float32.
 
-    dC_{k-1} = e^{g_k + m_{k-1} − m_k} dC_k + Σ_t q̄_tᵀ dH_t / (den_t + eps). Grid (DHQK/bDHQK,
-    DHHV/bDHHV, B·NH), each program walking the chunks backwards.
+    dC_{k-1} = e^{g_k + m_{k-1} − m_k} dC_k + Σ_t q̄_tᵀ dH_t / (den_t + eps). Given the forward states
+    `matC_states`, returns (matDeltaC_states, scaCdC_states (B, NH, NC+1) = <dC_k, C_k>). Grid
+    (DHQK/bDHQK, DHHV/bDHHV, B·NH), each program walking the chunks backwards.
     """
     batch, heads, seq_len, dhqk = matQ.shape
     dhhv = matDeltaH.shape[-1]
@@ -107,17 +115,32 @@ def mlstm_chunkwise__recurrent_bw_dC(
         inputs.append(common.pad_axis(common.pad_axis(dc_last, 1, dhqk_p), 2, dhhv_p))
         in_specs.append(pl.BlockSpec((None, block_dhqk, block_dhhv), lambda iq, iv, b: (b, iq, iv)))
 
+    has_states = matC_states is not None
+    state_spec = pl.BlockSpec((None, num_chunks + 1, block_dhqk, block_dhhv), lambda iq, iv, b: (b, 0, iq, iv))
+    out_specs = [state_spec]
+    out_shape = [jax.ShapeDtypeStruct((bnh, num_chunks + 1, dhqk_p, dhhv_p), state_dtype)]
+    grid = (dhqk_p // block_dhqk, dhhv_p // block_dhhv, bnh)
+    if has_states:
+        inputs.append(common.states_to_kernel_layout(matC_states, dhqk, (dhqk_p, dhhv_p)))
+        in_specs.append(state_spec)
+        # one partial <dC, C> per (DHQK tile, DHHV tile), summed below
+        out_specs.append(pl.BlockSpec((None, None, num_chunks + 1), lambda iq, iv, b: (iq * grid[1] + iv, b, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((grid[0] * grid[1], bnh, num_chunks + 1), state_dtype))
+
     kernel = functools.partial(
         _recurrent_bw_kernel, num_chunks=num_chunks, chunk_size=chunk_size, qk_scale=qk_scale, eps=eps,
-        has_last=has_last, precision=common.matmul_precision(matQ.dtype, allow_tf32))
-    dc_all = pl.pallas_call(
+        has_last=has_last, has_states=has_states, precision=common.matmul_precision(matQ.dtype, allow_tf32))
+    outs = pl.pallas_call(
         kernel,
-        grid=(dhqk_p // block_dhqk, dhhv_p // block_dhhv, bnh),
+        grid=grid,
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, num_chunks + 1, block_dhqk, block_dhhv), lambda iq, iv, b: (b, 0, iq, iv)),
-        out_shape=jax.ShapeDtypeStruct((bnh, num_chunks + 1, dhqk_p, dhhv_p), state_dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=common.compiler_params(num_warps, num_stages, default_warps=4, default_stages=1),
         interpret=interpret,
         name="mlstm_chunkwise__recurrent_bw_dC",
     )(*inputs)
-    return join_states(dc_all[:, :, :dhqk, :dhhv].reshape(batch, heads, num_chunks + 1, dhqk, dhhv))
+    dc_all = join_states(outs[0][:, :, :dhqk, :dhhv].reshape(batch, heads, num_chunks + 1, dhqk, dhhv))
+    if not has_states:
+        return dc_all
+    return dc_all, jnp.sum(outs[1], axis=0).reshape(batch, heads, num_chunks + 1)
