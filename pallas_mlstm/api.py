@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_mlstm.backend import kernel_set, resolve_backend
-from pallas_mlstm.config import MIN_PALLAS_CHUNK, ChunkwiseConfig, default_chunk_size
+from pallas_mlstm.config import MIN_PALLAS_CHUNK, ChunkwiseConfig, default_chunk_size, tuned_config
 from pallas_mlstm.sharding import run_partitioned
 from reference.chunkwise import ChunkwiseStatic
 from reference.validation import validate_chunk_size, validate_mlstm_inputs
@@ -37,13 +37,17 @@ def mlstm_chunkwise(
 
     q, k, v are cast to `autocast_kernel_dtype` when given (matmul operands); gates and states stay
     float32. `backend`: "triton" (GPU), "interpret" (Pallas interpreter, CPU), "xla" (plain jnp), or
-    None for triton on GPU and xla otherwise. `chunk_size` overrides `config.chunk_size`; both default to
-    the largest power of 2 <= 128 dividing S. Returns h (B, NH, S, DHHV) in q's dtype, or
-    `(h, (c_last, n_last, m_last))` with `return_last_states`. Gradients hold the normaliser and the
+    None for triton on GPU and xla otherwise. `config` defaults, on the triton backend, to the launch config
+    measured for this card and shape class (benchmarks/results/configs.json), else to heuristics.
+    `chunk_size` overrides `config.chunk_size`; without either, the largest power of 2 <= 128 dividing S.
+    Returns h (B, NH, S, DHHV) in q's dtype, or `(h, (c_last, n_last, m_last))` with `return_last_states`. Gradients hold the normaliser and the
     max state constant (exact for the head-normalised outputs of an mLSTM block; see README).
     """
     _, _, seq_len, _, _ = validate_mlstm_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
     backend = resolve_backend(backend)
+    if config is None and backend == "triton":
+        # launch configs measured by `python -m pallas_mlstm tune` for this card and shape class, if any
+        config = tuned_config(jax.devices()[0].device_kind, *q.shape[:3], q.shape[3], v.shape[3])
     config = ChunkwiseConfig() if config is None else config
     if not isinstance(config, ChunkwiseConfig):
         raise ValueError(f"config must be a pallas_mlstm.ChunkwiseConfig or None; got {type(config).__name__}.")

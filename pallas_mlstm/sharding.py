@@ -10,7 +10,7 @@ pieces.
 
 The op is one `jax.custom_vjp` whose forward and backward are each a per-shard body, placed by
 - `custom_partitioning` (Shardy) when the mesh axes are Auto (plain `jit` + `NamedSharding`):
-  the shardings are only known when XLA partitions, which calls back into `_partition`;
+  the shardings are only known when XLA partitions the program, which calls back into `partition`;
 - `jax.shard_map` when the inputs' types carry Explicit mesh axes (known when tracing);
 - nothing inside a `shard_map` where all axes are Manual: the op runs on the local arrays.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 
 import jax
@@ -34,7 +35,6 @@ from reference.chunkwise import ChunkwiseStatic, _chunkwise_bwd, _chunkwise_fwd,
 # so the shard's end state carries the max over its own tokens only (as in the unsharded pass).
 _EMPTY_LOG_MAX = -1e30
 
-_PRIMAL_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
 _PRIMAL_KINDS = (("seq", 4), ("seq", 4), ("seq", 4), ("seq", 3), ("seq", 3), ("state", 4), ("state", 3), ("state", 2))
 
 
@@ -83,6 +83,9 @@ def _placement(static: ChunkwiseStatic, spec, axis_sizes: dict[str, int], q_shap
             "pass recompute_states_in_bw=True, or shard only the batch and head axes."
         )
     return _Placement(batch, heads, seq, shards[2])
+
+
+_UNPLACED = _Placement((), (), (), 1)  # one device: the body as it is traced before partitioning
 
 
 # ----------------------------------------------------------------------------- per-shard bodies
@@ -143,12 +146,12 @@ def _incoming_states(static, placement: _Placement, q, k, v, i, f, c_initial, n_
 def _fwd_body(static, present, placement, *arrays):
     """Per-shard forward: (h, [last states], [all states], vecN_out, vecM_out)."""
     q, k, v, i, f, c0, n0, m0 = _fill(present, arrays)
-    if placement is not None and placement.seq:
+    if placement.seq:
         c0, n0, m0 = _incoming_states(static, placement, q, k, v, i, f, c0, n0, m0)
     out, residuals = _chunkwise_fwd(static, q, k, v, i, f, c0, n0, m0)
     saved_states, n_out, m_out = residuals[-3:]
     h, last_states = out if static.return_last_states else (out, ())
-    if placement is not None and placement.seq:
+    if placement.seq:
         last_states = tuple(_from_last_shard(x, placement.seq, placement.seq_shards) for x in last_states)
     return (h, *last_states, *(saved_states or ()), n_out, m_out)
 
@@ -159,7 +162,7 @@ def _bwd_body(static, present, placement, *arrays):
     primals = _fill(present, arrays[:num_primals])
     saved_states = arrays[num_primals:num_primals + num_saved] or None
     n_out, m_out, dh, *d_last = arrays[num_primals + num_saved:]
-    if not (placement is not None and placement.seq):
+    if not placement.seq:
         cotangents = (dh, (*d_last, None)) if static.return_last_states else dh
         grads = _chunkwise_bwd(static, (*primals, saved_states, n_out, m_out), cotangents)
         return tuple(g for g in grads if g is not None)
@@ -172,7 +175,7 @@ def _bwd_body(static, present, placement, *arrays):
     states_in, pullback = jax.vjp(incoming, k, v, i, f, c0, n0, m0)
     dq, dk, dv, di, df, *d_states_in = _chunkwise_bwd(static, (q, k, v, i, f, *states_in, None, n_out, m_out), cotangents)
     dk2, dv2, di2, df2, dc0, dn0, dm0 = pullback(tuple(d_states_in))
-    add = lambda a, b: (a.astype(jnp.float32) + b.astype(jnp.float32)).astype(a.dtype)
+    add = lambda a, b: (a.astype(acc_dtype_of(a.dtype)) + b.astype(acc_dtype_of(a.dtype))).astype(a.dtype)
     initial = tuple(None if d is None else lax.psum(d, placement.seq) for d in (dc0, dn0, dm0))
     grads = (dq, add(dk, dk2), add(dv, dv2), add(di, di2), add(df, df2), *initial)
     return tuple(g for g in grads if g is not None)
@@ -191,15 +194,19 @@ def _kinds(static: ChunkwiseStatic, present) -> tuple[tuple, tuple, tuple]:
     return primals, fwd_out, bwd_in
 
 
-def _sharding_rule(in_kinds, out_kinds) -> str:
-    """Shardy rule: B, NH and S are shared factors; every other dimension is its own, kept whole."""
-    counter = iter(range(10**6))
+def _sharding_rule(in_kinds, out_kinds) -> tuple[str, tuple[str, ...]]:
+    """Shardy rule and its need-replication factors: B, NH and S are shared factors; every other
+    dimension is a factor of its own, kept whole."""
+    counter, whole = itertools.count(), []
 
     def value(kind, rank):
         lead = ("b", "h", "s") if kind == "seq" else ("b", "h")
-        return " ".join(lead + tuple(f"r{next(counter)}" for _ in range(rank - len(lead))))
+        rest = tuple(f"r{next(counter)}" for _ in range(rank - len(lead)))
+        whole.extend(rest)
+        return " ".join(lead + rest)
 
-    return ", ".join(value(*x) for x in in_kinds) + " -> " + ", ".join(value(*x) for x in out_kinds)
+    rule = ", ".join(value(*x) for x in in_kinds) + " -> " + ", ".join(value(*x) for x in out_kinds)
+    return rule, tuple(whole)
 
 
 def _placed(body, static, present, in_kinds, out_kinds):
@@ -216,9 +223,8 @@ def _placed(body, static, present, in_kinds, out_kinds):
         shardings = lambda kinds: tuple(NamedSharding(mesh, placement.spec(*kind)) for kind in kinds)
         return mesh, functools.partial(body, static, present, placement), shardings(out_kinds), shardings(in_kinds)
 
-    rule = _sharding_rule(in_kinds, out_kinds)
-    replicated = tuple(name for name in rule.replace(",", " ").replace("->", " ").split() if name.startswith("r"))
-    partitioned = custom_partitioning(functools.partial(body, static, present, None))
+    rule, replicated = _sharding_rule(in_kinds, out_kinds)
+    partitioned = custom_partitioning(functools.partial(body, static, present, _UNPLACED))
     partitioned.def_partition(partition=partition, sharding_rule=rule, need_replication_factors=replicated)
 
     def call(*arrays):
@@ -236,26 +242,30 @@ def _placed(body, static, present, in_kinds, out_kinds):
 
 
 def _explicit_sharding(x):
-    """(mesh, spec of dims 0-2) when x's type is sharded over Explicit mesh axes there, else (None, None)."""
+    """(mesh, spec) when x's type is sharded over Explicit mesh axes, else (None, None)."""
     sharding = jax.typeof(x).sharding
     mesh = sharding.mesh
     explicit = {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Explicit}
-    spec = tuple(sharding.spec)[:3]
+    spec = tuple(sharding.spec)
     if not any(set(_axes(entry)) & explicit for entry in spec):
         return None, None
     return mesh, spec
 
 
 def _fold_vmap(op):
-    """op under jax.vmap: the mapped axis is folded into the batch axis (every array leads with B)."""
+    """op under jax.vmap: the mapped axis is folded into the batch axis as its minor part (every array
+    leads with B), so a batch sharding of B carries over to B·V unchanged."""
     op_vmap = jax.custom_batching.custom_vmap(op)
 
     @op_vmap.def_vmap
     def _rule(axis_size, in_batched, *arrays):
-        folded = [(x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))).reshape(-1, *x.shape[1 + batched:])
-                  for x, batched in zip(arrays, in_batched)]
-        out = op_vmap(*folded)
-        return tuple(y.reshape(axis_size, -1, *y.shape[1:]) for y in out), tuple(True for _ in out)
+        def fold(x, batched):  # (V, B, ...) or (B, ...) -> (B·V, ...)
+            x = jnp.moveaxis(x, 0, 1) if batched else jnp.broadcast_to(x[:, None], (x.shape[0], axis_size, *x.shape[1:]))
+            return x.reshape(-1, *x.shape[2:])
+
+        out = op_vmap(*(fold(x, batched) for x, batched in zip(arrays, in_batched)))
+        unfold = lambda y: jnp.moveaxis(y.reshape(-1, axis_size, *y.shape[1:]), 1, 0)
+        return tuple(unfold(y) for y in out), tuple(True for _ in out)
 
     return op_vmap
 
@@ -297,9 +307,13 @@ def _sharded_bwd(static, residuals, cotangents):
 _sharded_chunkwise.defvjp(_sharded_fwd, _sharded_bwd)
 
 
-def _all_axes_manual() -> bool:
-    mesh = jax.sharding.get_abstract_mesh()
-    return not mesh.empty and all(kind == AxisType.Manual for kind in mesh.axis_types)
+def _nothing_to_partition(q) -> bool:
+    """True inside a shard_map with all axes Manual, and where the context or q's mesh has one device."""
+    context = jax.sharding.get_abstract_mesh()
+    if not context.empty and (context.size == 1 or all(kind == AxisType.Manual for kind in context.axis_types)):
+        return True
+    mesh = jax.typeof(q).sharding.mesh
+    return not mesh.empty and mesh.size == 1
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -308,7 +322,11 @@ def _run_jit(static, q, k, v, i, f, c_initial, n_initial, m_initial):
 
 
 def run_partitioned(static: ChunkwiseStatic, q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None):
-    """`reference.chunkwise.run_chunkwise` for inputs that may be sharded over a mesh (B, NH and/or S); jitted."""
-    if _all_axes_manual():
+    """`reference.chunkwise.run_chunkwise` for inputs that may be sharded over a mesh (B, NH and/or S).
+
+    Runs as a jitted call (partitioned per shard by XLA) unless there is nothing to partition: inside a
+    `shard_map` whose axes are all Manual, or under a one-device mesh (e.g. deviceless lowering).
+    """
+    if _nothing_to_partition(q):
         return run_chunkwise(static, q, k, v, i, f, c_initial, n_initial, m_initial)
     return _run_jit(static, q, k, v, i, f, c_initial, n_initial, m_initial)

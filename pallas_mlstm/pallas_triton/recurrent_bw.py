@@ -26,7 +26,9 @@ def _recurrent_bw_kernel(*refs, num_chunks: int, chunk_size: int, qk_scale: floa
     def store(index, dc):
         dc_all_ref[index] = dc.astype(dc_all_ref.dtype)
         if has_states:  # <dC, C> over this program's tile: (bDHQK, bDHHV) -> ()
-            c_dc_refs[0][index] = jnp.sum(dc * c_all_ref[index].astype(dtype)).astype(c_dc_refs[0].dtype)
+            # one axis at a time: JAX's Triton lowering of a multi-axis reduce fails under an Explicit mesh
+            row_sums = jnp.sum(dc * c_all_ref[index].astype(dtype), axis=1)  # (bDHQK,)
+            c_dc_refs[0][index] = jnp.sum(row_sums).astype(c_dc_refs[0].dtype)
 
     if has_last:
         dc = dc_last_ref[...].astype(dtype)  # (bDHQK, bDHHV)

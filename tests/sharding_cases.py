@@ -1,0 +1,185 @@
+"""Sharded-vs-unsharded cases of `mlstm_chunkwise`, run in a process of its own with 4 CPU devices.
+
+tests/test_sharding.py runs `python -m tests.sharding_cases BACKEND SEED CASE...` with
+XLA_FLAGS=--xla_force_host_platform_device_count=4 and reads one JSON line per case from stdout:
+relative errors of every output and gradient against one device and against float64 (of the sharded
+and of the one-device result), the output shardings, and the all-gather results of the compiled
+program (or the error a case expects).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import pallas_mlstm
+from tests import flags as test_flags
+from tests.helpers import case_key, mlstm_inputs, rel_err
+
+warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning)
+
+B, NH, DHQK, DHHV, CHUNK = 4, 4, 16, 32, 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    mesh_shape: tuple[int, ...]
+    axis_names: tuple[str, ...]
+    lead_spec: tuple  # the spec of dims (B, NH, S)
+    seq_len: int = 128
+    explicit: bool = False  # Explicit mesh axes (sharding in the types) instead of Auto
+    checkpoint: bool = False
+    initial_states: bool = True
+    user_shard_map: bool = False  # the user's own jax.shard_map around the call
+    vmap: bool = False  # jax.vmap over a leading axis of 2
+    kwargs: tuple = ()  # extra mlstm_chunkwise arguments
+    expect_error: str | None = None  # a phrase of the error the case must raise
+
+
+CASES = {
+    "batch": Case((4,), ("b",), ("b", None, None)),
+    "heads": Case((4,), ("h",), (None, "h", None)),
+    "batch_heads": Case((2, 2), ("b", "h"), ("b", "h", None)),
+    "batch_heads_explicit": Case((2, 2), ("b", "h"), ("b", "h", None), explicit=True),
+    "batch_heads_checkpoint": Case((2, 2), ("b", "h"), ("b", "h", None), checkpoint=True),
+    "batch_heads_vmap": Case((2, 2), ("b", "h"), ("b", "h", None), vmap=True),
+    "batch_user_shard_map": Case((4,), ("b",), ("b", None, None), user_shard_map=True),
+    "seq": Case((4,), ("s",), (None, None, "s"), seq_len=512),
+    "seq_no_initial_states": Case((4,), ("s",), (None, None, "s"), seq_len=512, initial_states=False),
+    "batch_seq": Case((2, 2), ("b", "s"), ("b", None, "s")),
+    "batch_seq_explicit": Case((2, 2), ("b", "s"), ("b", None, "s"), explicit=True),
+    "seq_checkpoint": Case((4,), ("s",), (None, None, "s"), checkpoint=True),
+    "seq_chunk_too_large": Case((4,), ("s",), (None, None, "s"), seq_len=64, kwargs=(("chunk_size", 32),),
+                                expect_error="chunk_size=32 does not divide"),
+    "seq_saved_states": Case((4,), ("s",), (None, None, "s"), kwargs=(("recompute_states_in_bw", False),),
+                             expect_error="recompute_states_in_bw=False cannot be combined"),
+    "seq_saved_states_explicit": Case((4,), ("s",), (None, None, "s"), explicit=True,
+                                      kwargs=(("recompute_states_in_bw", False),),
+                                      expect_error="recompute_states_in_bw=False cannot be combined"),
+}
+
+_NAMES = ("h", "c_last", "n_last", "m_last", "dq", "dk", "dv", "di", "df", "dc_initial", "dn_initial", "dm_initial")
+
+
+def _inputs(name: str, case: Case):
+    """q, k, v, i, f (and the initial states), with an extra leading axis of 2 for `case.vmap`; loss weights."""
+    draw = lambda key: mlstm_inputs(key, B, NH, case.seq_len, DHQK, DHHV, with_initial=case.initial_states)
+    key = case_key("sharding", name)
+    if case.vmap:
+        arrays = jax.tree.map(lambda *x: jnp.stack(x), draw(key), draw(jax.random.fold_in(key, 1)))
+    else:
+        arrays = draw(key)
+    arrays = [x for x in arrays if x is not None]
+    keys = jax.random.split(jax.random.fold_in(key, 2))
+    lead = arrays[0].shape[:-4]
+    weights = (jax.random.normal(keys[0], (*lead, B, NH, case.seq_len, DHHV)),
+               jax.random.normal(keys[1], (*lead, B, NH, DHQK, DHHV)))
+    return arrays, weights
+
+
+def _loss_and_grads(case: Case, backend: str, weights, mesh=None):
+    """(h, last states) and the gradients of a loss blind to per-step rescaling of h (DESIGN.md §3).
+
+    With `mesh` and `case.user_shard_map`, the cell runs inside the user's own `jax.shard_map`.
+    """
+    kwargs = {"chunk_size": CHUNK, **dict(case.kwargs)}
+
+    def cell(*arrays):
+        return pallas_mlstm.mlstm_chunkwise(*arrays, backend=backend, return_last_states=True, **kwargs)
+
+    if case.vmap:
+        cell = jax.vmap(cell)
+    if case.user_shard_map and mesh is not None:
+        seq_spec, state_spec = P(*case.lead_spec), P(*case.lead_spec[:2])
+        in_specs = (seq_spec,) * 5 + (state_spec,) * (3 if case.initial_states else 0)
+        cell = jax.shard_map(cell, mesh=mesh, in_specs=in_specs, out_specs=(seq_spec, (state_spec,) * 3),
+                             check_vma=False)
+
+    def loss(*arrays):
+        h, (c, n, m) = cell(*arrays)
+        w_h, w_c = weights
+        value = jnp.sum(w_h * h / jnp.linalg.norm(h, axis=-1, keepdims=True)) + 0.1 * jnp.sum(w_c * c) + jnp.sum(n)
+        return value, (h, c, n, m)
+
+    if case.checkpoint:
+        loss = jax.checkpoint(loss)
+    return jax.value_and_grad(loss, argnums=tuple(range(8 if case.initial_states else 5)), has_aux=True)
+
+
+def _shard(case: Case, arrays, mesh):
+    lead = (None,) if case.vmap else ()
+
+    def put(x):
+        rank = x.ndim - len(lead)
+        spec = case.lead_spec if rank >= 3 and x.shape[len(lead) + 2] == case.seq_len else case.lead_spec[:2]
+        return jax.device_put(x, NamedSharding(mesh, P(*lead, *spec)))
+
+    return [put(x) for x in arrays]
+
+
+def _all_gathers(hlo: str) -> list[list[int]]:
+    """The result shapes of every all-gather in a compiled HLO module."""
+    shapes = []
+    for line in hlo.splitlines():
+        match = re.search(r"= \w+\[([\d,]*)\][^ ]* all-gather(?:-start)?\(", line)
+        if match:
+            shapes.append([int(d) for d in match.group(1).split(",") if d])
+    return shapes
+
+
+def run_case(name: str, backend: str) -> dict:
+    """Runs one case; returns what the test checks."""
+    case = CASES[name]
+    arrays, weights = _inputs(name, case)
+    axis_type = AxisType.Explicit if case.explicit else AxisType.Auto
+    mesh = jax.make_mesh(case.mesh_shape, case.axis_names, axis_types=(axis_type,) * len(case.axis_names))
+    sharded = _shard(case, arrays, mesh)
+    fn = _loss_and_grads(case, backend, weights, mesh)
+    result = {"case": name, "backend": backend}
+    try:
+        compiled = jax.jit(fn).lower(*sharded).compile()
+        (_, outputs), grads = compiled(*sharded)
+    except Exception as error:  # reported to the test, which checks it is the expected one
+        if case.expect_error is None:
+            raise
+        result["error"] = f"{type(error).__name__}: {error}"
+        return result
+    (_, ref_outputs), ref_grads = jax.jit(_loss_and_grads(case, backend, weights))(*arrays)
+    with jax.enable_x64(True):  # the float64 truth (xla backend, one device)
+        wide = lambda xs: [jnp.asarray(np.asarray(x, np.float64)) for x in xs]
+        (_, exact_outputs), exact_grads = jax.jit(_loss_and_grads(case, "xla", wide(weights)))(*wide(arrays))
+        exact = [np.asarray(x) for x in (*exact_outputs, *exact_grads)]
+    sharded_results, one_device = (*outputs, *grads), (*ref_outputs, *ref_grads)
+    result["errors"] = {n: rel_err(a, b) for n, a, b in zip(_NAMES, sharded_results, one_device)}
+    result["errors_f64"] = {n: rel_err(a, b) for n, a, b in zip(_NAMES, sharded_results, exact)}
+    result["one_device_errors_f64"] = {n: rel_err(a, b) for n, a, b in zip(_NAMES, one_device, exact)}
+    spec = lambda x, dims: str(tuple(x.sharding.spec)[:dims] + (None,) * (dims - len(x.sharding.spec)))
+    lead = 1 if case.vmap else 0
+    pairs = [("h", outputs[0], sharded[0], 3), ("c_last", outputs[1], sharded[0], 2),
+             *((f"d{n}", g, x, x.ndim - lead) for n, g, x in zip("qkvif", grads, sharded))]
+    result["shardings"] = {n: [spec(y, lead + dims), spec(x, lead + dims)] for n, y, x, dims in pairs}
+    result["all_gathers"] = _all_gathers(compiled.as_text())
+    result["seq_len"] = case.seq_len
+    return result
+
+
+def main(argv: list[str]) -> None:
+    if jax.device_count() != 4:
+        raise SystemExit(f"needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=4); got {jax.device_count()}")
+    backend, seed, names = argv[0], argv[1], argv[2:]
+    test_flags.FLAGS([sys.argv[0], f"--seed={seed}"])
+    for name in names:
+        print(json.dumps(run_case(name, backend)), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

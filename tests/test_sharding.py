@@ -1,0 +1,133 @@
+"""`mlstm_chunkwise` on sharded inputs: batch, heads and sequence over 4 CPU devices, vs one device.
+
+The sharded cases need 4 devices before JAX starts, so they run in a subprocess of their own
+(tests/sharding_cases.py, one per backend); the tests here read its per-case JSON. The Triton
+lowering of the per-shard program for a 2- and 4-GPU mesh runs here, deviceless.
+"""
+
+import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding, use_abstract_mesh
+from jax.sharding import PartitionSpec as P
+
+import pallas_mlstm
+from tests import flags as test_flags
+from tests.sharding_cases import CASES
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+# The interpreter is slow: a few cases that cover Auto and Explicit axes, sequence sharding, remat and shard_map.
+_INTERPRET_CASES = ("batch_heads", "seq_checkpoint", "batch_seq_explicit", "batch_user_shard_map")
+_RUNS = [("xla", name) for name in CASES] + [("interpret", name) for name in _INTERPRET_CASES]
+
+# Relative error allowed between sharded and one-device float32 results. Where float32 itself is
+# noisier than that (a gradient that is the exp of a sequence-long sum, or a reverse cumulative sum of
+# differences: the one-device result is then 1e-6 to 5e-6 from float64), the sharded result passes if
+# it is at least half as accurate as the one-device result, both measured against float64.
+_TOLERANCE = 1e-6
+
+
+@functools.lru_cache(maxsize=None)
+def _results(backend: str) -> dict:
+    """Every case of `backend`, run once in a 4-device subprocess: {case name: result}."""
+    names = [name for run_backend, name in _RUNS if run_backend == backend]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "tests.sharding_cases", backend, str(test_flags.SEED.value), *names]
+    done = subprocess.run(command, cwd=_REPO, env=env, capture_output=True, text=True, timeout=900)
+    results = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            result = json.loads(line)
+            results[result["case"]] = result
+    if done.returncode:  # every case it did not reach fails with its error (run once, not once per case)
+        results = {name: results.get(name, {"crash": done.stderr[-6000:]}) for name in names}
+    return results
+
+
+@pytest.mark.parametrize("backend,name", _RUNS, ids=[f"{b}-{n}" for b, n in _RUNS])
+def test_sharded_matches_one_device(backend, name):
+    if backend not in test_flags.BACKEND.value:
+        pytest.skip(f"backend {backend} not selected by --backend")
+    case, result = CASES[name], _results(backend)[name]
+    assert "crash" not in result, f"tests/sharding_cases.py failed:\n{result['crash']}"
+    if case.expect_error is not None:
+        assert case.expect_error in result.get("error", ""), result
+        return
+    for quantity, error in result["errors"].items():
+        exact_error, one_device_exact_error = result["errors_f64"][quantity], result["one_device_errors_f64"][quantity]
+        assert error <= _TOLERANCE or exact_error <= 2 * one_device_exact_error, (
+            f"{quantity}: relative error {error:.2e} vs one device (> {_TOLERANCE:.0e}), {exact_error:.2e} vs "
+            f"float64 (one device: {one_device_exact_error:.2e}) ({name}, {backend})")
+    for quantity, (got, expected) in result["shardings"].items():
+        assert got == expected, f"{quantity} is sharded as {got}, expected {expected} ({name}, {backend})"
+    if "s" in case.axis_names:  # only the small per-shard states are exchanged, never a sequence
+        assert all(result["seq_len"] not in shape for shape in result["all_gathers"]), result["all_gathers"]
+    else:
+        assert result["all_gathers"] == [], f"inputs are all-gathered: {result['all_gathers']}"
+
+
+def test_vmap_folds_into_batch():
+    """jax.vmap of the op (and its gradient) on one device equals the op per mapped element."""
+    keys = jax.random.split(jax.random.key(test_flags.SEED.value), 5)
+    shape = (2, 3, 2, 64)
+    q, k = jax.random.normal(keys[0], (*shape, 16)), jax.random.normal(keys[1], (*shape, 16))
+    v, i, f = jax.random.normal(keys[2], (*shape, 32)), jax.random.normal(keys[3], shape), 3 + jax.random.normal(keys[4], shape)
+    cell = lambda q, k, v, i, f: pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, backend="xla", chunk_size=16)
+    loss = lambda q, f: jnp.sum(jax.vmap(cell, in_axes=(0, None, 0, 0, 0))(q, k[0], v, i, f) ** 2)
+    grads = jax.grad(loss, argnums=(0, 1))(q, f)
+    for index in range(shape[0]):
+        one = jax.grad(lambda q, f: jnp.sum(cell(q, k[0], v[index], i[index], f) ** 2), argnums=(0, 1))(q[index], f[index])
+        for got, expected in zip(grads, one):
+            np.testing.assert_allclose(got[index], expected, rtol=1e-5, atol=1e-6)
+
+
+_GPU = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
+
+
+def _lower_for_cuda(mesh: AbstractMesh, lead_spec: tuple) -> str:
+    """StableHLO of forward + backward of the Triton backend on bf16 inputs sharded over `mesh` (no GPU needed)."""
+    batch, heads, seq_len = 4, 2, 512
+    shapes = ((batch, heads, seq_len, 64), (batch, heads, seq_len, 64), (batch, heads, seq_len, 128),
+              (batch, heads, seq_len), (batch, heads, seq_len))
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16 if len(s) == 4 else jnp.float32,
+                                 sharding=NamedSharding(mesh, P(*lead_spec))) for s in shapes]
+
+    def fwbw(*arrays):
+        loss = lambda *a: jnp.sum(pallas_mlstm.mlstm_chunkwise(*a, backend="triton", chunk_size=64).astype(jnp.float32))
+        return jax.grad(loss, argnums=tuple(range(5)))(*arrays)
+
+    with use_abstract_mesh(mesh):
+        return jax.jit(fwbw).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@functools.lru_cache(maxsize=None)
+def _single_gpu_kernel_count() -> int:
+    mesh = AbstractMesh((1,), ("b",), axis_types=(AxisType.Auto,), abstract_device=_GPU)
+    return _lower_for_cuda(mesh, (None,)).count("__gpu$xla.gpu.triton")
+
+
+@pytest.mark.parametrize("mesh_shape,axis_names,lead_spec", [
+    ((2,), ("b",), ("b",)),
+    ((2, 2), ("b", "h"), ("b", "h")),
+    ((2, 2), ("b", "s"), ("b", None, "s")),
+], ids=["2gpu-batch", "4gpu-batch-heads", "4gpu-batch-seq"])
+def test_triton_lowers_on_gpu_mesh(mesh_shape, axis_names, lead_spec):
+    """The per-shard program (the one XLA runs per GPU) lowers to Triton for a multi-GPU mesh."""
+    mesh = AbstractMesh(mesh_shape, axis_names, axis_types=(AxisType.Explicit,) * len(axis_names), abstract_device=_GPU)
+    text = _lower_for_cuda(mesh, lead_spec)
+    kernels = text.count("__gpu$xla.gpu.triton")
+    single = _single_gpu_kernel_count()
+    if "s" in axis_names:  # one more local pass per shard, forward and backward
+        assert kernels > single, (kernels, single)
+    else:
+        assert kernels == single > 0, (kernels, single)
+    assert "sdy.manual_computation" in text  # the kernels run per shard
