@@ -32,9 +32,9 @@ import pallas_mlstm
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning)
 
-# Allowed relative error, sharded vs one GPU (the same kernels, other shard sizes and summation orders).
-# In bfloat16 df is the worst: it is summed from bf16-rounded dq and dk (1e-2 seen on CPU).
-TOLERANCE = {"float32": 1e-5, "bfloat16": 5e-2}
+# Allowed relative error, sharded vs one GPU: batch / head shards run the same kernels on fewer rows; a
+# sequence split adds the state combine and runs each piece from a combined (bf16-rounded in the matmuls) state.
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
 SHAPE_7B = dict(batch=8, heads=8, seq_len=8192, dhqk=256, dhhv=512)
 
 
