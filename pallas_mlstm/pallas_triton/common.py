@@ -121,13 +121,17 @@ def states_to_kernel_layout(mat_all: jax.Array, dhqk: int, padded_sizes: tuple[i
     return x
 
 
-def causal_mask(q_start, q_size: int, kv_start, kv_size: int, *, keys_on_rows: bool = False) -> jax.Array:
-    """Key position <= query position, for tiles at the given in-chunk starts.
+def intra_chunk_decay(vec_b_q, vec_m_q, q_start, vec_b_kv, vec_i_kv, kv_start, *, keys_on_rows: bool = False):
+    """exp(D̃_tj − m_t) = exp(b_t − b_j + ĩ_j − m_t) for key j <= query t, else 0, on one pair of tiles.
 
-    Shape (q_size, kv_size), or (kv_size, q_size) with keys_on_rows (the transposed tiles of dK / dV).
+    Gates (bLQ,) / (bLKV,) of the tiles starting at in-chunk positions q_start / kv_start. Shape
+    (bLQ, bLKV), or (bLKV, bLQ) with keys_on_rows (the transposed tiles of dK / dV).
     """
-    shape = (kv_size, q_size) if keys_on_rows else (q_size, kv_size)
     q_axis, kv_axis = (1, 0) if keys_on_rows else (0, 1)
+    q_col = lambda x: jnp.expand_dims(x, kv_axis)  # query gates along the query axis
+    kv_col = lambda x: jnp.expand_dims(x, q_axis)
+    log_decay = q_col(vec_b_q) - kv_col(vec_b_kv) + kv_col(vec_i_kv) - q_col(vec_m_q)
+    shape = log_decay.shape
     q_pos = q_start + lax.broadcasted_iota(jnp.int32, shape, q_axis)
     kv_pos = kv_start + lax.broadcasted_iota(jnp.int32, shape, kv_axis)
-    return kv_pos <= q_pos
+    return jnp.exp(jnp.where(kv_pos <= q_pos, log_decay, -jnp.inf))

@@ -39,6 +39,13 @@ class BwLayout:
     def dhhv_p(self) -> int:
         return common.padded_dim(self.dhhv)
 
+    def tiles(self, siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, default_dhhv: int = 64):
+        """The (bLQ, bLKV, bDHQK, bDHHV) tile sizes: requests clamped to the dims, else defaults."""
+        return (common.tile_size(siz_b_LQ, self.chunk_size, 64, "siz_b_LQ"),
+                common.tile_size(siz_b_LKV, self.chunk_size, 64, "siz_b_LKV"),
+                common.tile_size(siz_b_DHQK, self.dhqk_p, 64, "siz_b_DHQK"),
+                common.tile_size(siz_b_DHHV, self.dhhv_p, default_dhhv, "siz_b_DHHV"))
+
     # BlockSpecs; index maps take the grid indices (head-dim tile d, L tile l, chunk-major program cb).
     def _chunk(self, cb):
         return cb // self.num_chunks, cb % self.num_chunks

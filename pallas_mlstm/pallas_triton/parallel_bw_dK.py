@@ -34,9 +34,9 @@ def _parallel_bw_dk_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, a_ref, m_r
         vec_b_q = b_ref[q_rows].astype(dtype)  # (bLQ,)
         vec_m_q = m_ref[q_rows].astype(dtype)  # (bLQ,)
         den_q = den_ref[q_rows].astype(dtype)  # (bLQ,)
-        log_decay = vec_b_q[None, :] - vec_b_kv[:, None] + vec_i_kv[:, None] - vec_m_q[None, :]  # (bLKV, bLQ)
-        causal = common.causal_mask(q_start, block_lq, kv_start, block_lkv, keys_on_rows=True)
-        weights = d_scores_t * jnp.exp(jnp.where(causal, log_decay, -jnp.inf)) * (qk_scale / (den_q + eps))[None, :]
+        decay_t = common.intra_chunk_decay(vec_b_q, vec_m_q, q_start, vec_b_kv, vec_i_kv, kv_start,
+                                           keys_on_rows=True)  # (bLKV, bLQ)
+        weights = d_scores_t * decay_t * (qk_scale / (den_q + eps))[None, :]
         q = q_ref[q_rows, :]  # (bLQ, bDHQK)
         return dk + common.dot(weights.astype(q.dtype), q, precision)  # (bLKV, bLQ) @ (bLQ, bDHQK)
 
@@ -84,10 +84,7 @@ def mlstm_chunkwise__parallel_bw_dK(
     del vecN_all
     layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, matC_all, scaM_all, vecN_out,
                                            vecM_out, matDeltaH, matDeltaC_states, chunk_size)
-    block_lq = common.tile_size(siz_b_LQ, chunk_size, 64, "siz_b_LQ")
-    block_lkv = common.tile_size(siz_b_LKV, chunk_size, 64, "siz_b_LKV")
-    block_dhqk = common.tile_size(siz_b_DHQK, layout.dhqk_p, 64, "siz_b_DHQK")
-    block_dhhv = common.tile_size(siz_b_DHHV, layout.dhhv_p, 64, "siz_b_DHHV")
+    block_lq, block_lkv, block_dhqk, block_dhhv = layout.tiles(siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV)
     qk_scale = layout.dhqk**-0.5 if qk_scale is None else qk_scale
     kernel = functools.partial(_parallel_bw_dk_kernel, qk_scale=qk_scale, eps=eps, block_lq=block_lq,
                                block_dhhv=block_dhhv, precision=common.matmul_precision(matQ.dtype, allow_tf32))

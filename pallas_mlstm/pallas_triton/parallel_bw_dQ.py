@@ -33,9 +33,8 @@ def _parallel_bw_dq_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, m_ref, den
         d_scores = common.dot_nt_tiled(dh_ref, q_tile, v_ref, kv_rows, dhhv, block_dhhv, precision)  # (bLQ, bLKV)
         vec_b_kv = b_ref[kv_rows].astype(dtype)  # (bLKV,)
         vec_i_kv = i_ref[kv_rows].astype(dtype)  # (bLKV,)
-        log_decay = vec_b_q[:, None] - vec_b_kv[None, :] + vec_i_kv[None, :] - vec_m_q[:, None]  # (bLQ, bLKV)
-        causal = common.causal_mask(q_start, block_lq, kv_start, block_lkv)
-        weights = d_scores * jnp.exp(jnp.where(causal, log_decay, -jnp.inf)) * dh_scale[:, None]
+        decay = common.intra_chunk_decay(vec_b_q, vec_m_q, q_start, vec_b_kv, vec_i_kv, kv_start)  # (bLQ, bLKV)
+        weights = d_scores * decay * dh_scale[:, None]
         k = k_ref[kv_rows, :]  # (bLKV, bDHQK)
         return dq + common.dot(weights.astype(k.dtype), k, precision)  # (bLQ, bLKV) @ (bLKV, bDHQK)
 
@@ -84,10 +83,7 @@ def mlstm_chunkwise__parallel_bw_dQ(
     del vecN_all
     layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, matC_all, scaM_all, vecN_out,
                                            vecM_out, matDeltaH, matDeltaC_states, chunk_size)
-    block_lq = common.tile_size(siz_b_LQ, chunk_size, 64, "siz_b_LQ")
-    block_lkv = common.tile_size(siz_b_LKV, chunk_size, 64, "siz_b_LKV")
-    block_dhqk = common.tile_size(siz_b_DHQK, layout.dhqk_p, 64, "siz_b_DHQK")
-    block_dhhv = common.tile_size(siz_b_DHHV, layout.dhhv_p, 64, "siz_b_DHHV")
+    block_lq, block_lkv, block_dhqk, block_dhhv = layout.tiles(siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV)
     qk_scale = layout.dhqk**-0.5 if qk_scale is None else qk_scale
     kernel = functools.partial(_parallel_bw_dq_kernel, qk_scale=qk_scale, eps=eps, block_lkv=block_lkv,
                                block_dhhv=block_dhhv, precision=common.matmul_precision(matQ.dtype, allow_tf32))

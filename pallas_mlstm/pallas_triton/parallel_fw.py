@@ -37,9 +37,8 @@ def _parallel_fw_kernel(q_ref, k_ref, v_ref, b_ref, i_ref, m_ref, c_ref, n_ref, 
         scores = common.dot_nt_tiled(q_ref, q_rows, k_ref, kv_rows, dhqk, block_dhqk, precision)  # (bLQ, bLKV)
         vec_b_kv = b_ref[kv_rows].astype(dtype)  # (bLKV,)
         vec_i_kv = i_ref[kv_rows].astype(dtype)  # (bLKV,)
-        log_decay = vec_b_q[:, None] - vec_b_kv[None, :] + vec_i_kv[None, :] - vec_m[:, None]  # (bLQ, bLKV)
-        causal = common.causal_mask(q_start, block_lq, kv_start, block_lkv)
-        weights = scores * qk_scale * jnp.exp(jnp.where(causal, log_decay, -jnp.inf))  # (bLQ, bLKV)
+        decay = common.intra_chunk_decay(vec_b_q, vec_m, q_start, vec_b_kv, vec_i_kv, kv_start)  # (bLQ, bLKV)
+        weights = scores * qk_scale * decay
         v = v_ref[kv_rows, :]  # (bLKV, bDHHV)
         num = num + common.dot(weights.astype(v.dtype), v, precision)  # (bLQ, bLKV) @ (bLKV, bDHHV)
         return num, den + jnp.sum(weights, axis=1)
