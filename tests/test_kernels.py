@@ -22,10 +22,12 @@ CASES = {
     "L128-d256x128-mixed": (1, 2, 256, 256, 128, 128, dict(siz_b_LQ=64, siz_b_LKV=32, siz_b_DHQK=64, siz_b_DHHV=64)),
     "L256-d128x256": (2, 1, 512, 128, 256, 256, {}),
     "L32-d24x40-padded": (2, 2, 64, 24, 40, 32, dict(siz_b_LQ=16, siz_b_LKV=32)),
+    "L1024-d32x16-subtiled": (1, 2, 2048, 32, 16, 1024, dict(siz_b_LQ=128, siz_b_LKV=128)),
 }
 KERNELS = ("recurrent_fw_C", "parallel_fw_Hintra", "recurrent_bw_dC", "parallel_bw_dQ", "parallel_bw_dK",
            "parallel_bw_dV")
-TOLERANCE = {jnp.float32: {"interpret": 1e-5, "triton": 1e-4}, jnp.bfloat16: {"triton": 1e-2}}
+TOLERANCE = {jnp.float32: {"interpret": 1e-5, "triton": 1e-4}, jnp.bfloat16: {"triton": 1e-2},
+             jnp.float16: {"triton": 1e-2}}
 
 
 def _pallas_backends():
@@ -33,7 +35,7 @@ def _pallas_backends():
 
 
 def _dtypes(backend):
-    return [jnp.float32, jnp.bfloat16] if backend == "triton" else [jnp.float32]
+    return [jnp.float32, jnp.bfloat16, jnp.float16] if backend == "triton" else [jnp.float32]
 
 
 @functools.lru_cache(maxsize=None)

@@ -70,11 +70,16 @@ def tile_start(index, block: int):
     return pl.multiple_of(index * block, block)
 
 
-def sum_over_tiles(num_tiles: int, tile_fn, init: jax.Array) -> jax.Array:
-    """init + Σ_t tile_fn(t) over the static tile count (unrolled into one call when there is one)."""
+def sum_over_tiles(num_tiles: int, tile_fn, init):
+    """init + Σ_t tile_fn(t) over the static tile count, for arrays or tuples of arrays (no loop for one tile)."""
+    add = lambda acc, t: jax.tree.map(jnp.add, acc, tile_fn(t))
     if num_tiles == 1:
-        return init + tile_fn(0)
-    return lax.fori_loop(0, num_tiles, lambda t, acc: acc + tile_fn(t), init)
+        return add(init, 0)
+    return lax.fori_loop(0, num_tiles, lambda t, acc: add(acc, t), init)
+
+
+# Rows of the sequence one dot of the recurrent kernels covers: larger chunks are walked in sub-tiles of this.
+RECURRENT_SUB_TILE = 128
 
 
 def dot_nt_tiled(a_ref, a_rows, b_ref, b_rows, depth: int, block: int, precision) -> jax.Array:

@@ -36,19 +36,26 @@ def _recurrent_bw_kernel(*refs, num_chunks: int, chunk_size: int, qk_scale: floa
         dc = jnp.zeros((block_dhqk, block_dhhv), dtype)
     store(num_chunks, dc)
 
+    sub_tile = min(chunk_size, common.RECURRENT_SUB_TILE)
+
     def chunk_step(step, dc):
         chunk = num_chunks - 1 - step
-        rows = pl.ds(common.tile_start(chunk, chunk_size), chunk_size)
         m_prev = m_all_ref[chunk].astype(dtype)  # ()
         m_next = m_all_ref[chunk + 1].astype(dtype)  # ()
-        vec_b = b_ref[chunk].astype(dtype)  # (L,)
-        # q̄ / (den + eps): the denominator of dH̄ folded into the query weights
-        q_weight = qk_scale * jnp.exp(vec_b + m_prev - m_ref[chunk].astype(dtype)) / (den_ref[chunk] + eps)  # (L,)
-        q = q_ref[rows, :]  # (L, bDHQK)
-        q_bar = (q.astype(dtype) * q_weight[:, None]).astype(q.dtype)
-        dh = dh_ref[rows, :]  # (L, bDHHV)
         decay = jnp.exp(g_ref[chunk].astype(dtype) + m_prev - m_next)
-        dc = decay * dc + common.dot(q_bar, dh.astype(q.dtype), precision, trans_a=True)  # (bDHQK, L) @ (L, bDHHV)
+
+        def sub_tile_update(t):
+            in_chunk = pl.ds(common.tile_start(t, sub_tile), sub_tile)
+            rows = pl.ds(common.tile_start(chunk, chunk_size) + common.tile_start(t, sub_tile), sub_tile)
+            # q̄ / (den + eps): the denominator of dH̄ folded into the query weights, (sL,)
+            log_weight = b_ref[chunk, in_chunk].astype(dtype) + m_prev - m_ref[chunk, in_chunk].astype(dtype)
+            q_weight = qk_scale * jnp.exp(log_weight) / (den_ref[chunk, in_chunk].astype(dtype) + eps)
+            q = q_ref[rows, :]  # (sL, bDHQK)
+            q_bar = (q.astype(dtype) * q_weight[:, None]).astype(q.dtype)
+            dh = dh_ref[rows, :]  # (sL, bDHHV)
+            return common.dot(q_bar, dh.astype(q.dtype), precision, trans_a=True)  # (bDHQK, sL) @ (sL, bDHHV)
+
+        dc = common.sum_over_tiles(chunk_size // sub_tile, sub_tile_update, decay * dc)
         store(chunk, dc)
         return dc
 

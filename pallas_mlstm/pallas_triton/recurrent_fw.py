@@ -46,19 +46,24 @@ def _recurrent_fw_kernel(*refs, num_chunks: int, chunk_size: int, has_initial: b
 
     store(0, c, n, m)
 
+    sub_tile = min(chunk_size, common.RECURRENT_SUB_TILE)
+
     def chunk_step(chunk, carry):
         c, n, m = carry
-        rows = pl.ds(common.tile_start(chunk, chunk_size), chunk_size)
-        vec_a = a_ref[chunk].astype(dtype)  # (L,)
         sca_g = g_ref[chunk].astype(dtype)  # ()
-        m_next = jnp.maximum(sca_g + m, jnp.max(vec_a))
-        k = k_ref[rows, :]  # (L, bDHQK)
-        v = v_ref[rows, :]  # (L, bDHHV)
-        k_weighted = k.astype(dtype) * jnp.exp(vec_a - m_next)[:, None]  # (L, bDHQK)
+        m_next = jnp.maximum(sca_g + m, jnp.max(a_ref[chunk].astype(dtype)))  # from vecA (L,)
         decay = jnp.exp(sca_g + m - m_next)
-        # (bDHQK, L) @ (L, bDHHV)
-        c = decay * c + common.dot(k_weighted.astype(k.dtype), v, precision, trans_a=True)
-        n = decay * n + jnp.sum(k_weighted, axis=0)
+
+        def sub_tile_update(t):
+            in_chunk = pl.ds(common.tile_start(t, sub_tile), sub_tile)
+            rows = pl.ds(common.tile_start(chunk, chunk_size) + common.tile_start(t, sub_tile), sub_tile)
+            k = k_ref[rows, :]  # (sL, bDHQK)
+            v = v_ref[rows, :]  # (sL, bDHHV)
+            k_weighted = k.astype(dtype) * jnp.exp(a_ref[chunk, in_chunk].astype(dtype) - m_next)[:, None]
+            # (bDHQK, sL) @ (sL, bDHHV)
+            return common.dot(k_weighted.astype(k.dtype), v, precision, trans_a=True), jnp.sum(k_weighted, axis=0)
+
+        c, n = common.sum_over_tiles(chunk_size // sub_tile, sub_tile_update, (decay * c, decay * n))
         store(chunk + 1, c, n, m_next)
         return c, n, m_next
 
