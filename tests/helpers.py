@@ -49,6 +49,13 @@ def to_dtype(arrays, dtype):
     return tuple(None if x is None else x.astype(dtype) for x in arrays)
 
 
+def kernel_and_oracle_inputs(inputs64, dtype):
+    """q, k, v in `dtype` and the rest in float32 for the kernels, and exactly those values in float64 for the
+    oracle (so that errors measure the computation, not the rounding of the inputs). Call under enable_x64."""
+    kernel_inputs = (*to_dtype(inputs64[:3], dtype), *to_dtype(inputs64[3:], jnp.float32))
+    return kernel_inputs, to_dtype(kernel_inputs, jnp.float64)
+
+
 def _weights(key, like):
     """Fixed random loss weights shaped like `like`, the same values whatever its dtype."""
     return jax.random.normal(key, like.shape, jnp.float32).astype(like.dtype)

@@ -10,7 +10,8 @@ import pytest
 import pallas_mlstm
 import reference
 from tests import flags as test_flags
-from tests.helpers import case_key, mlstm_inputs, plain_loss, rel_err, scale_blind_loss, to_dtype
+from tests.helpers import (case_key, kernel_and_oracle_inputs, mlstm_inputs, plain_loss, rel_err, scale_blind_loss,
+                           to_dtype)
 
 GRAD_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
 # (B, NH, S, DHQK, DHHV, chunk)
@@ -52,13 +53,12 @@ def test_forward_last_states_and_gradients_match_oracle(backend, dtype, with_ini
     fw_tol, grad_tol = TOLERANCE[(backend, dtype)]
     key = case_key("api", backend, with_initial, shape)
     with jax.enable_x64(True):
-        inputs64 = mlstm_inputs(key, batch, heads, seq_len, dhqk, dhhv, jnp.float64, with_initial=with_initial)
+        inputs, inputs64 = kernel_and_oracle_inputs(
+            mlstm_inputs(key, batch, heads, seq_len, dhqk, dhhv, jnp.float64, with_initial=with_initial), dtype)
         weights_key = jax.random.fold_in(key, 7)
         oracle = lambda *a: reference.mlstm_recurrent(*a, return_last_states=True, kernel_gradient_semantics=True)
         h_ref, last_ref = oracle(*inputs64)
         grads_ref = _grads(plain_loss(oracle, weights_key, True), inputs64)
-    q, k, v = to_dtype(inputs64[:3], dtype)
-    inputs = (q, k, v, *to_dtype(inputs64[3:], jnp.float32))
     fn = jax.jit(lambda *a: pallas_mlstm.mlstm_chunkwise(*a, chunk_size=chunk, backend=backend,
                                                          return_last_states=True))
     h, last = fn(*inputs)
@@ -82,13 +82,12 @@ def test_chunk_1024_with_initial_states(backend, dtype):
     key = case_key("chunk1024", backend)
     with jax.enable_x64(True):
         # forget gates ~ +6: a memory of ~400 steps, so that the initial state still matters at the end
-        inputs64 = mlstm_inputs(key, batch, heads, seq_len, dhqk, dhhv, jnp.float64, with_initial=True,
-                                fgate_shift=6.0)
+        inputs, inputs64 = kernel_and_oracle_inputs(mlstm_inputs(
+            key, batch, heads, seq_len, dhqk, dhhv, jnp.float64, with_initial=True, fgate_shift=6.0), dtype)
         weights_key = jax.random.fold_in(key, 7)
         oracle = lambda *a: reference.mlstm_recurrent(*a, return_last_states=True, kernel_gradient_semantics=True)
         h_ref, _ = oracle(*inputs64)
         grads_ref = _grads(plain_loss(oracle, weights_key, True), inputs64)
-    inputs = (*to_dtype(inputs64[:3], dtype), *to_dtype(inputs64[3:], jnp.float32))
     config = pallas_mlstm.ChunkwiseConfig(chunk_size=chunk, siz_b_L_parallel=128, siz_b_L_loop=128)
     fn = jax.jit(lambda *a: pallas_mlstm.mlstm_chunkwise(*a, backend=backend, config=config,
                                                          return_last_states=True))
@@ -105,11 +104,11 @@ def test_gradients_exact_for_scale_blind_loss(backend, dtype):
     batch, heads, seq_len, dhqk, dhhv, chunk = SHAPES["S64-L16"]
     key = case_key("api-blind", backend)
     with jax.enable_x64(True):
-        inputs64 = mlstm_inputs(key, batch, heads, seq_len, dhqk, dhhv, jnp.float64, with_initial=True)
+        inputs, inputs64 = kernel_and_oracle_inputs(
+            mlstm_inputs(key, batch, heads, seq_len, dhqk, dhhv, jnp.float64, with_initial=True), dtype)
         weights_key = jax.random.fold_in(key, 7)
         oracle = lambda *a: reference.mlstm_recurrent(*a, return_last_states=True)
         grads_ref = _grads(scale_blind_loss(oracle, weights_key, True), inputs64)
-    inputs = (*to_dtype(inputs64[:3], dtype), *to_dtype(inputs64[3:], jnp.float32))
     fn = lambda *a: pallas_mlstm.mlstm_chunkwise(*a, chunk_size=chunk, backend=backend, return_last_states=True)
     grads = _grads(scale_blind_loss(fn, weights_key, True), inputs)
     for name, expected in grads_ref.items():
