@@ -1,4 +1,9 @@
-"""Helpers shared by the Pallas kernels: dots with explicit precision, tiling, padding, launch params."""
+"""Helpers shared by the Pallas kernels: dots with explicit precision, tiling, padding, launch params.
+
+No kernel sees a partial tile: head dims are zero-padded to a power of 2 (at least 16) before the launch
+(zeros change no product; padded output columns are sliced off), and every sequence tile size is a power
+of 2 that divides the chunk, which divides S. The causal mask is the only in-tile mask.
+"""
 
 from __future__ import annotations
 
