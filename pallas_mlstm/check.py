@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ from absl import flags
 
 import pallas_mlstm
 import reference
+from pallas_mlstm.benchmarks.timing import median_ms
 
 _BACKENDS = flags.DEFINE_list(
     "check_backends", None, "Backends to check (default: triton,xla on a GPU, interpret,xla otherwise).")
@@ -55,16 +55,6 @@ def _rel_err(actual, expected) -> float:
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
-def _median_ms(fn, args, repeats) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
-
-
 def run_check(backends, shape, chunk_size, dtypes, seed, repeats) -> list[dict]:
     """Errors (vs the float64 recurrent oracle, kernel gradient semantics) and times for each backend × dtype.
 
@@ -94,7 +84,7 @@ def run_check(backends, shape, chunk_size, dtypes, seed, repeats) -> list[dict]:
             fw_err = _rel_err(h, h_ref)
             rows.append(dict(
                 backend=backend, dtype=dtype.name, fw_err=fw_err, grad_err=grad_errors[worst], worst_grad=worst,
-                fw_ms=_median_ms(forward, args, repeats), fwbw_ms=_median_ms(backward, args, repeats),
+                fw_ms=median_ms(forward, [args], repeats), fwbw_ms=median_ms(backward, [args], repeats),
                 ok=fw_err <= fw_tol and grad_errors[worst] <= grad_tol,
             ))
     return rows

@@ -10,32 +10,21 @@ per second. GPU only; bf16 inputs as in the bench.
 from __future__ import annotations
 
 import json
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 import pallas_mlstm.backend
 import reference
 from pallas_mlstm.benchmarks.shapes import resolve_shapes
+from pallas_mlstm.benchmarks.timing import median_ms
 
 _SHAPES = flags.DEFINE_list("kernel_shapes", ["7b"], "Named shapes (pallas_mlstm/benchmarks/shapes.py).")
 _CHUNK = flags.DEFINE_integer("kernel_chunk", 128, "Chunk size.")
 _CALLS = flags.DEFINE_integer("kernel_calls", 20, "Timed calls per kernel (median kept).")
 _JSON = flags.DEFINE_string("kernel_json", None, "Write the rows to this JSON file.")
 _INTERPRET = flags.DEFINE_bool("kernel_interpret", False, "Run the Pallas interpreter (CPU smoke test; times mean nothing).")
-
-
-def _median_ms(fn, args, calls):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def _nbytes(tree) -> int:
@@ -82,7 +71,7 @@ def kernel_rows(shape, chunk: int, calls: int, interpret: bool = False) -> list[
     ]
     rows = []
     for name, fn, args, flops in plan:
-        ms = _median_ms(fn, args, calls)
+        ms = median_ms(fn, [args], calls)
         out = fn(*args)
         # arguments + outputs: an upper bound on what an ideal kernel moves (some arguments go unread)
         rows.append(dict(shape=shape.name, chunk=chunk, kernel=name, ms=ms, tflop=flops / 1e12,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 import warnings
@@ -29,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import pallas_mlstm
+from pallas_mlstm.benchmarks.timing import median_ms
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning)
 
@@ -102,17 +102,6 @@ def check_correctness(devices, backend: str = "triton") -> list[dict]:
     return rows
 
 
-def _median_ms(fn, args, repeats=20) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def time_7b(devices, backend: str = "triton") -> list[dict]:
     """fw and fwbw of the 7b shape on one GPU, batch-sharded and sequence-sharded over all GPUs."""
     arrays = _inputs(**SHAPE_7B, dtype=jnp.bfloat16, initial_states=False)
@@ -127,7 +116,7 @@ def time_7b(devices, backend: str = "triton") -> list[dict]:
             setups.append((f"{count} GPUs, {layout}-sharded", _place(arrays, mesh, lead_spec)))
     rows = []
     for name, args in setups:
-        rows.append(dict(setup=name, fw_ms=_median_ms(forward, args), fwbw_ms=_median_ms(fwbw, args)))
+        rows.append(dict(setup=name, fw_ms=median_ms(forward, [args], 20), fwbw_ms=median_ms(fwbw, [args], 20)))
         print(f"timed {name}", flush=True)
     base = rows[0]
     print(f"\n7b shape {SHAPE_7B}, bf16, chunk 128, median of 20 ({devices[0].device_kind})")

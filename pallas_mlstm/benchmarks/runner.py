@@ -13,17 +13,16 @@ import datetime
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
 from pallas_mlstm.benchmarks import impls, plot
+from pallas_mlstm.benchmarks.timing import median_ms
 from pallas_mlstm.benchmarks.shapes import CPU_DEFAULT_SHAPES, GPU_DEFAULT_SHAPES, Shape, resolve_shapes
 from reference.recurrent import mlstm_recurrent
 
@@ -125,22 +124,6 @@ def check_forward(computes: str, inputs, output) -> tuple[float, str]:
             reference = jax.jit(mlstm_recurrent)(*(x[window].astype(jnp.float32) for x in inputs))
             name = "float32 reference.mlstm_recurrent (batch 0)"
         return relative_error(output[window], reference), name
-
-
-def median_ms(function, argument_sets, calls: int) -> float:
-    """Median wall time in ms of `calls` calls (each to jax.block_until_ready), rotating argument sets.
-
-    Calls once on every set first, to warm up.
-    """
-    for arguments in argument_sets:
-        jax.block_until_ready(function(*arguments))
-    times = []
-    for call in range(calls):
-        arguments = argument_sets[call % len(argument_sets)]
-        start = time.perf_counter()
-        jax.block_until_ready(function(*arguments))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def peak_bytes() -> int | None:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import pallas_mlstm
-from pallas_mlstm.benchmarks import impls, runner
+from pallas_mlstm.benchmarks import impls, runner, timing
 from pallas_mlstm.benchmarks.shapes import Shape, resolve_shapes
 from pallas_mlstm.config import TUNED_CONFIGS_PATH, ChunkwiseConfig, shape_class
 from pallas_mlstm.pallas_triton.common import padded_dim
@@ -118,7 +118,7 @@ def _evaluate(config, backend, input_sets, weights, expected, calls):
         if not worst <= runner.TOLERANCE:
             raise CandidateRejected(f"h or a gradient differs from the default config's by {worst:.1e}")
     argument_sets = [(weights, *inputs) for inputs in input_sets]
-    milliseconds = runner.median_ms(callables.forward_backward, argument_sets, calls)
+    milliseconds = timing.median_ms(callables.forward_backward, argument_sets, calls)
     return milliseconds, results, callables.forward_backward
 
 
@@ -160,8 +160,8 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
         if not complete:
             runner.say(f"time budget spent during stage '{stage}': keeping the best so far.")
             break
-    confirmed_best_ms = runner.median_ms(best_fwbw, argument_sets, calls)
-    confirmed_default_ms = runner.median_ms(default_fwbw, argument_sets, calls)
+    confirmed_best_ms = timing.median_ms(best_fwbw, argument_sets, calls)
+    confirmed_default_ms = timing.median_ms(default_fwbw, argument_sets, calls)
     if confirmed_best_ms >= confirmed_default_ms:
         best, confirmed_best_ms = default, confirmed_default_ms
     runner.say(f"{shape.name} best ({describe(best)}): {confirmed_best_ms:.3f} ms fwbw vs {confirmed_default_ms:.3f} "
