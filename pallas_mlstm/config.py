@@ -15,11 +15,13 @@ DEFAULT_MAX_CHUNK = 128
 
 @dataclasses.dataclass(frozen=True)
 class ChunkwiseConfig:
-    """Tiles and launch parameters of one `mlstm_chunkwise` call; None means "use the heuristic".
+    """Tiles and launch parameters of one `mlstm_chunkwise` call; None means "use the default".
 
     The names follow upstream's `mlstm_chunkwise_fw` / `mlstm_chunkwise_bw`: `*_parallel` tiles are
     grid axes, `*_loop` tiles are walked inside a kernel; `intra` is the parallel kernels, `inter` the
-    recurrent ones.
+    recurrent ones. A set field applies to every kernel it names; a None field lets each kernel use its
+    own default (chunk size: `default_chunk_size`; tiles, warps and stages: measured per kernel, see
+    pallas_mlstm/benchmarks/README.md).
     """
 
     chunk_size: int | None = None

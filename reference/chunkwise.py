@@ -428,8 +428,7 @@ def mlstm_chunkwise_fw(
     """Chunkwise forward: (matH_out, vecN_out, vecM_out, last_states | None, all_states | None)."""
     seq_len, dhqk = matQ.shape[2], matQ.shape[3]
     inter, intra = _chunk_sizes(seq_len, chunk_size_inter, chunk_size_intra)
-    l_parallel = min(64, intra) if siz_b_L_parallel is None else siz_b_L_parallel
-    l_loop = min(64, intra) if siz_b_L_loop is None else siz_b_L_loop
+    l_parallel, l_loop = siz_b_L_parallel, siz_b_L_loop  # None: each kernel's own default
     qk_scale = dhqk**-0.5 if qk_scale is None else qk_scale
 
     matC_all, vecN_all, scaM_all = kernels.recurrent_fw_C(
@@ -492,8 +491,7 @@ def mlstm_chunkwise_bw(
         raise ValueError("matDeltaH (the gradient of the output h, (B, NH, S, DHHV)) is required.")
     seq_len, dhqk = matQ.shape[2], matQ.shape[3]
     inter, intra = _chunk_sizes(seq_len, chunk_size_inter, chunk_size_intra)
-    l_parallel = min(64, intra) if siz_b_L_parallel is None else siz_b_L_parallel
-    l_loop = min(64, intra) if siz_b_L_loop is None else siz_b_L_loop
+    l_parallel, l_loop = siz_b_L_parallel, siz_b_L_loop  # None: each kernel's own default
     qk_scale = dhqk**-0.5 if qk_scale is None else qk_scale
 
     if matC_all is None or vecN_all is None or scaM_all is None:

@@ -7,6 +7,8 @@ not the full product):
 2. head tiles siz_b_DH_parallel × siz_b_DH_loop in {32, 64, 128}², up to the padded head dims;
 3. num_warps_intra {4, 8} × num_stages_intra {1, 2, 3};
 4. num_warps_inter {4, 8} × num_stages_inter {1, 2, 3}.
+Every field may also stay None (each kernel's own default: the kernels differ in their best tiles, a config
+field sets one value for all of them), and stage 1 starts with the chunk size alone.
 
 The first candidate is ChunkwiseConfig() (the heuristics), whose forward output must pass the bench's check
 against the float32 reference; every other candidate's output and gradients must agree with the default's
@@ -37,10 +39,11 @@ from pallas_mlstm.config import TUNED_CONFIGS_PATH, ChunkwiseConfig, shape_class
 from pallas_mlstm.pallas_triton.common import padded_dim
 
 CHUNK_SIZES = (64, 128, 256)
-L_TILE_PAIRS = ((32, 32), (64, 32), (64, 64), (128, 32), (128, 64), (128, 128))  # (parallel, loop)
-DH_TILES = (32, 64, 128)
-NUM_WARPS = (4, 8)
-NUM_STAGES = (1, 2, 3)
+# (parallel, loop); None: the kernels' own defaults
+L_TILE_PAIRS = ((None, None), (32, 32), (64, 32), (64, 64), (128, 32), (128, 64), (128, 128))
+DH_TILES = (None, 32, 64, 128)
+NUM_WARPS = (None, 4, 8)
+NUM_STAGES = (None, 1, 2, 3)
 NUM_INPUT_SETS = 2
 CONFIGS_COMMENT = (
     "Launch configs measured by `python -m pallas_mlstm tune` (pallas_mlstm/benchmarks/sweep.py), keyed by jax "
@@ -69,24 +72,26 @@ def _sequence_stage(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig
     return [
         dataclasses.replace(best, chunk_size=chunk, siz_b_L_parallel=parallel, siz_b_L_loop=loop)
         for chunk in CHUNK_SIZES if shape.S % chunk == 0
-        for parallel, loop in L_TILE_PAIRS if parallel <= chunk
+        for parallel, loop in L_TILE_PAIRS if parallel is None or parallel <= chunk
     ]
 
 
 def _head_stage(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
     largest = min(padded_dim(shape.DHQK), padded_dim(shape.DHHV))
-    tiles = [tile for tile in DH_TILES if tile <= largest]
+    tiles = [tile for tile in DH_TILES if tile is None or tile <= largest]
     return [dataclasses.replace(best, siz_b_DH_parallel=p, siz_b_DH_loop=loop) for p in tiles for loop in tiles]
 
 
 def _intra_stage(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
     del shape
-    return [dataclasses.replace(best, num_warps_intra=w, num_stages_intra=s) for w in NUM_WARPS for s in NUM_STAGES]
+    return [dataclasses.replace(best, num_warps_intra=w, num_stages_intra=s) for w in NUM_WARPS for s in NUM_STAGES
+            if (w is None) == (s is None)]
 
 
 def _inter_stage(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
     del shape
-    return [dataclasses.replace(best, num_warps_inter=w, num_stages_inter=s) for w in NUM_WARPS for s in NUM_STAGES]
+    return [dataclasses.replace(best, num_warps_inter=w, num_stages_inter=s) for w in NUM_WARPS for s in NUM_STAGES
+            if (w is None) == (s is None)]
 
 
 STAGES = (

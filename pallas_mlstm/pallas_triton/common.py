@@ -43,11 +43,21 @@ def tile_size(requested: int | None, dim: int, default: int, name: str) -> int:
 
 
 def compiler_params(num_warps: int | None, num_stages: int | None, default_warps: int, default_stages: int):
-    """Triton launch parameters (selects the Triton backend of Pallas explicitly)."""
+    """Triton launch parameters (selects the Triton backend of Pallas explicitly); None takes the default."""
     return pl_triton.CompilerParams(
         num_warps=default_warps if num_warps is None else num_warps,
         num_stages=default_stages if num_stages is None else num_stages,
     )
+
+
+# Default launch of the four parallel kernels, measured per kernel on an H200 at the 7b shape, chunk 256
+# (benchmarks/README.md): loads pipelined 2 deep, 8 warps for output tiles of at least 128 x 128 elements.
+PARALLEL_NUM_STAGES = 2
+
+
+def parallel_num_warps(out_rows: int, out_cols: int) -> int:
+    """Default warps of a parallel kernel whose program writes an (out_rows, out_cols) output tile."""
+    return 8 if out_rows * out_cols >= 128 * 128 else 4
 
 
 def matmul_precision(dtype, allow_tf32: bool):
@@ -75,16 +85,31 @@ def tile_start(index, block: int):
     return pl.multiple_of(index * block, block)
 
 
-def sum_over_tiles(num_tiles: int, tile_fn, init):
-    """init + Σ_t tile_fn(t) over the static tile count, for arrays or tuples of arrays (no loop for one tile)."""
+def sum_over_tiles(num_tiles: int, tile_fn, init, *, unroll: bool = False):
+    """init + Σ_t tile_fn(t) over the static tile count, for arrays or tuples of arrays.
+
+    A loop, or straight-line code with `unroll` (and always for one tile).
+    """
     add = lambda acc, t: jax.tree.map(jnp.add, acc, tile_fn(t))
-    if num_tiles == 1:
-        return add(init, 0)
+    if num_tiles == 1 or unroll:
+        for t in range(num_tiles):
+            init = add(init, t)
+        return init
     return lax.fori_loop(0, num_tiles, lambda t, acc: add(acc, t), init)
 
 
 # Rows of the sequence one dot of the recurrent kernels covers: larger chunks are walked in sub-tiles of this.
 RECURRENT_SUB_TILE = 128
+# Each program of a recurrent kernel walks all chunks of one state tile in order: its grid must fill the GPU.
+RECURRENT_MIN_PROGRAMS = 512
+
+
+def recurrent_dhhv_tile(requested: int | None, dhqk_tiles: int, dhhv_p: int, bnh: int) -> int:
+    """DHHV tile of a recurrent kernel: the request, else 128 where that still gives RECURRENT_MIN_PROGRAMS
+    programs (measured faster than 64 at the 7b shape on an H200), else 64."""
+    wide_programs = dhqk_tiles * max(1, dhhv_p // 128) * bnh
+    default = 128 if wide_programs >= RECURRENT_MIN_PROGRAMS else 64
+    return tile_size(requested, dhhv_p, default, "siz_b_DHHV")
 
 
 def dot_nt_tiled(a_ref, a_rows, b_ref, b_rows, depth: int, block: int, precision) -> jax.Array:

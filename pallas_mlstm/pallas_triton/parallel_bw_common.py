@@ -39,12 +39,12 @@ class BwLayout:
     def dhhv_p(self) -> int:
         return common.padded_dim(self.dhhv)
 
-    def tiles(self, siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, default_dhhv: int = 64):
-        """The (bLQ, bLKV, bDHQK, bDHHV) tile sizes: requests clamped to the dims, else defaults."""
-        return (common.tile_size(siz_b_LQ, self.chunk_size, 64, "siz_b_LQ"),
-                common.tile_size(siz_b_LKV, self.chunk_size, 64, "siz_b_LKV"),
-                common.tile_size(siz_b_DHQK, self.dhqk_p, 64, "siz_b_DHQK"),
-                common.tile_size(siz_b_DHHV, self.dhhv_p, default_dhhv, "siz_b_DHHV"))
+    def tiles(self, siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults: tuple[int, int, int, int]):
+        """The (bLQ, bLKV, bDHQK, bDHHV) tile sizes: requests (None: the kernel's `defaults`) clamped to the dims."""
+        return (common.tile_size(siz_b_LQ, self.chunk_size, defaults[0], "siz_b_LQ"),
+                common.tile_size(siz_b_LKV, self.chunk_size, defaults[1], "siz_b_LKV"),
+                common.tile_size(siz_b_DHQK, self.dhqk_p, defaults[2], "siz_b_DHQK"),
+                common.tile_size(siz_b_DHHV, self.dhhv_p, defaults[3], "siz_b_DHHV"))
 
     # BlockSpecs; index maps take the grid indices (head-dim tile d, L tile l, chunk-major program cb).
     def _chunk(self, cb):
@@ -124,7 +124,9 @@ def launch(kernel, layout: BwLayout, grid_head_tiles: int, grid_l_tiles: int, in
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=common.compiler_params(num_warps, num_stages, default_warps=4, default_stages=1),
+        compiler_params=common.compiler_params(
+            num_warps, num_stages, default_warps=common.parallel_num_warps(*out_spec.block_shape[-2:]),
+            default_stages=common.PARALLEL_NUM_STAGES),
         interpret=interpret,
         name=name,
     )(*inputs)

@@ -62,8 +62,8 @@ def mlstm_chunkwise__parallel_bw_dQ(
     matDeltaC_states: jax.Array,  # (B, NH, (NC+1)*DHQK, DHHV)
     qk_scale: float | None = None,
     chunk_size: int = 64,
-    siz_b_LQ: int = 32,
-    siz_b_LKV: int = 32,
+    siz_b_LQ: int | None = 32,
+    siz_b_LKV: int | None = 32,
     siz_b_DHQK: int | None = None,
     siz_b_DHHV: int | None = None,
     num_warps: int | None = None,
@@ -83,7 +83,7 @@ def mlstm_chunkwise__parallel_bw_dQ(
     del vecN_all
     layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, matC_all, scaM_all, vecN_out,
                                            vecM_out, matDeltaH, matDeltaC_states, chunk_size)
-    block_lq, block_lkv, block_dhqk, block_dhhv = layout.tiles(siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV)
+    block_lq, block_lkv, block_dhqk, block_dhhv = layout.tiles(siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults=(128, 64, 256, 64))
     qk_scale = layout.dhqk**-0.5 if qk_scale is None else qk_scale
     kernel = functools.partial(_parallel_bw_dq_kernel, qk_scale=qk_scale, eps=eps, block_lkv=block_lkv,
                                block_dhhv=block_dhhv, precision=common.matmul_precision(matQ.dtype, allow_tf32))

@@ -65,8 +65,8 @@ def mlstm_chunkwise__parallel_fw_Hintra(
     scaM_all: jax.Array,  # (B, NH, NC+1)
     qk_scale: float | None = None,
     chunk_size: int = 64,
-    siz_b_LQ: int = 32,
-    siz_b_LKV: int = 32,
+    siz_b_LQ: int | None = 32,
+    siz_b_LKV: int | None = 32,
     siz_b_DHQK: int | None = None,
     siz_b_DHHV: int | None = None,
     num_warps: int | None = None,
@@ -88,10 +88,10 @@ def mlstm_chunkwise__parallel_fw_Hintra(
     validate_chunk_size(chunk_size, seq_len, minimum=common.MIN_TILE)
     num_chunks, bnh = seq_len // chunk_size, batch * heads
     dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
-    block_lq = common.tile_size(siz_b_LQ, chunk_size, 64, "siz_b_LQ")
+    block_lq = common.tile_size(siz_b_LQ, chunk_size, 128, "siz_b_LQ")
     block_lkv = common.tile_size(siz_b_LKV, chunk_size, 64, "siz_b_LKV")
     block_dhqk = common.tile_size(siz_b_DHQK, dhqk_p, 64, "siz_b_DHQK")
-    block_dhhv = common.tile_size(siz_b_DHHV, dhhv_p, 128, "siz_b_DHHV")
+    block_dhhv = common.tile_size(siz_b_DHHV, dhhv_p, 256, "siz_b_DHHV")
     q_tiles = chunk_size // block_lq
     qk_scale = dhqk**-0.5 if qk_scale is None else qk_scale
 
@@ -136,7 +136,9 @@ def mlstm_chunkwise__parallel_fw_Hintra(
             jax.ShapeDtypeStruct((bnh, seq_len, dhhv_p), output_dtype),
             jax.ShapeDtypeStruct((bnh, seq_len), vecB.dtype),
         ],
-        compiler_params=common.compiler_params(num_warps, num_stages, default_warps=4, default_stages=1),
+        compiler_params=common.compiler_params(num_warps, num_stages,
+                                               default_warps=common.parallel_num_warps(block_lq, block_dhhv),
+                                               default_stages=common.PARALLEL_NUM_STAGES),
         interpret=interpret,
         name="mlstm_chunkwise__parallel_fw_Hintra",
     )(q, k, v, vecB.reshape(bnh, seq_len), vecI.reshape(bnh, seq_len), vecM_out.reshape(bnh, seq_len),

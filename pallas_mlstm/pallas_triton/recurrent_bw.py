@@ -96,7 +96,7 @@ def mlstm_chunkwise__recurrent_bw_dC(
     num_chunks, bnh = seq_len // chunk_size, batch * heads
     dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
     block_dhqk = common.tile_size(siz_b_DHQK, dhqk_p, 64, "siz_b_DHQK")
-    block_dhhv = common.tile_size(siz_b_DHHV, dhhv_p, 64, "siz_b_DHHV")
+    block_dhhv = common.recurrent_dhhv_tile(siz_b_DHHV, dhqk_p // block_dhqk, dhhv_p, bnh)
     qk_scale = dhqk**-0.5 if qk_scale is None else qk_scale
     vecB = compute_chunkwise_vecB(vecF, chunk_size)  # (B, NH, NC, L)
     state_dtype = common.acc_dtype(matQ.dtype)

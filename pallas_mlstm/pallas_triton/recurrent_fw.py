@@ -63,7 +63,7 @@ def _recurrent_fw_kernel(*refs, num_chunks: int, chunk_size: int, has_initial: b
             # (bDHQK, sL) @ (sL, bDHHV)
             return common.dot(k_weighted.astype(k.dtype), v, precision, trans_a=True), jnp.sum(k_weighted, axis=0)
 
-        c, n = common.sum_over_tiles(chunk_size // sub_tile, sub_tile_update, (decay * c, decay * n))
+        c, n = common.sum_over_tiles(chunk_size // sub_tile, sub_tile_update, (decay * c, decay * n), unroll=True)
         store(chunk + 1, c, n, m_next)
         return c, n, m_next
 
@@ -102,7 +102,7 @@ def mlstm_chunkwise__recurrent_fw_C(
     bnh = batch * heads
     dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
     block_dhqk = common.tile_size(siz_b_DHQK, dhqk_p, 64, "siz_b_DHQK")
-    block_dhhv = common.tile_size(siz_b_DHHV, dhhv_p, 64, "siz_b_DHHV")
+    block_dhhv = common.recurrent_dhhv_tile(siz_b_DHHV, dhqk_p // block_dhqk, dhhv_p, bnh)
     state_dtype = common.acc_dtype(matK.dtype)
 
     vecB, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk_size)
