@@ -38,7 +38,8 @@ def mlstm_chunkwise(
     q, k, v are cast to `autocast_kernel_dtype` when given (matmul operands); gates and states stay
     float32. `backend`: "triton" (GPU), "interpret" (Pallas interpreter, CPU), "xla" (plain jnp), or
     None for triton on GPU and xla otherwise. `config` defaults, on the triton backend, to the launch config
-    measured for this card and shape class (benchmarks/results/configs.json), else to heuristics.
+    measured for this card and shape class (benchmarks/results/configs.json), else to each kernel's own
+    default launch (measured per kernel on an H200).
     `chunk_size` overrides `config.chunk_size`; without either, the largest power of 2 <= 128 dividing S.
     Returns h (B, NH, S, DHHV) in q's dtype, or `(h, (c_last, n_last, m_last))` with `return_last_states`. Gradients hold the normaliser and the
     max state constant (exact for the head-normalised outputs of an mLSTM block; see README).

@@ -75,3 +75,37 @@ def test_tuned_config_rereads_a_rewritten_file_and_tolerates_a_missing_one(tmp_p
 def test_packaged_configs_load():
     config = tuned_config("NVIDIA H200", 8, 8, 8192, 256, 512)
     assert config is None or isinstance(config, ChunkwiseConfig)
+
+
+def _kernel_times(tmp_path, *flags):
+    """Runs `python -m pallas_mlstm.benchmarks.kernel_times` in interpret mode at the tiny shape; returns its rows."""
+    rows_path = tmp_path / "rows.json"
+    command = [sys.executable, "-m", "pallas_mlstm.benchmarks.kernel_times", "--kernel_interpret",
+               "--kernel_shapes=tiny", "--kernel_chunk=32", "--kernel_calls=1", f"--kernel_json={rows_path}", *flags]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])}
+    finished = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    with open(rows_path) as file:
+        return json.load(file)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="CPU smoke run of the per-kernel timer (interpret)")
+def test_kernel_times_rows(tmp_path):
+    rows = _kernel_times(tmp_path)
+    assert [row["kernel"] for row in rows] == [
+        "gates (vecB, vecA)", "recurrent_fw_C", "parallel_fw_Hintra", "recurrent_bw_dC", "parallel_bw_dQ",
+        "parallel_bw_dK", "parallel_bw_dV"]
+    assert all(row["ms"] > 0 and row["gbytes"] > 0 for row in rows)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="CPU smoke run of the per-kernel launch sweep (interpret)")
+def test_kernel_launch_sweep_agrees_across_launches(tmp_path):
+    from pallas_mlstm.benchmarks.kernel_times import LAUNCH_CANDIDATES
+
+    rows = _kernel_times(tmp_path, "--kernel_sweep", "--kernel_names=parallel_bw_dK,recurrent_bw_dC")
+    for name in ("parallel_bw_dK", "recurrent_bw_dC"):
+        launches = [row for row in rows if row["kernel"] == name]
+        assert [row["launch"] for row in launches] == [dict(c) for c in LAUNCH_CANDIDATES[name]]
+        assert launches[0]["launch"] == {} and launches[0]["rel_diff"] == 0.0
+        # bf16 inputs: launches differ only in summation order
+        assert all("error" not in row and row["rel_diff"] < 1e-2 for row in launches), launches

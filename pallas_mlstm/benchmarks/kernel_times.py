@@ -1,15 +1,21 @@
-"""Per-kernel time, work and traffic of the triton backend at a benchmark shape (where the time goes).
+"""Per-kernel time, work and traffic of the triton backend (where the time goes), and per-kernel launch sweeps.
 
     PYTHONPATH=. python3 -m pallas_mlstm.benchmarks.kernel_times --kernel_shapes=7b --kernel_chunk=128
+    PYTHONPATH=. python3 -m pallas_mlstm.benchmarks.kernel_times --kernel_shapes=7b --kernel_chunk=256 \
+        --kernel_sweep --kernel_names=parallel_bw_dQ,parallel_bw_dK
 
 For each of the six kernels (and the gate preprocessing): median ms, the matmul FLOPs it must do (causal
 tiles counted half), the bytes of its inputs and outputs (each moved once at least), and what those give
-per second. GPU only; bf16 inputs as in the bench.
+per second. With --kernel_sweep, each named kernel is timed alone at every launch of LAUNCH_CANDIDATES
+(the kernels' own defaults first), its first output compared with the defaults'. GPU only (bf16 inputs as in
+the bench); --kernel_interpret smoke-tests on a CPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,14 +31,54 @@ _CHUNK = flags.DEFINE_integer("kernel_chunk", 128, "Chunk size.")
 _CALLS = flags.DEFINE_integer("kernel_calls", 20, "Timed calls per kernel (median kept).")
 _JSON = flags.DEFINE_string("kernel_json", None, "Write the rows to this JSON file.")
 _INTERPRET = flags.DEFINE_bool("kernel_interpret", False, "Run the Pallas interpreter (CPU smoke test; times mean nothing).")
+_SWEEP = flags.DEFINE_bool("kernel_sweep", False, "Time each kernel at every launch of LAUNCH_CANDIDATES.")
+_NAMES = flags.DEFINE_list("kernel_names", None, "Kernels to time (default: all).")
+
+# Launches the sweep tries per kernel, each a dict of the kernel's keyword arguments ({}: its defaults).
+# Parallel kernels: output-row tile, loop tile, head-dim tiles, warps, stages around the defaults.
+_PARALLEL_VARIANTS = (
+    {}, dict(num_warps=4), dict(num_stages=1), dict(num_stages=3), dict(loop=128), dict(loop=128, num_stages=3),
+    dict(rows=64), dict(head=128), dict(head=128, depth=128), dict(depth=128),
+)
+# Recurrent kernels: state tiles, warps and stages.
+RECURRENT_CANDIDATES = ({}, *(
+    dict(siz_b_DHQK=dhqk, siz_b_DHHV=dhhv, num_warps=warps, num_stages=1)
+    for dhqk, dhhv in ((64, 64), (64, 128), (128, 64), (128, 128)) for warps in (4, 8)
+))
+
+
+def parallel_candidates(rows_arg: str, loop_arg: str, head_arg: str, depth_arg: str) -> tuple[dict, ...]:
+    """The parallel-kernel launches in terms of one kernel's argument names (rows: its output rows)."""
+    names = dict(rows=rows_arg, loop=loop_arg, head=head_arg, depth=depth_arg)
+    return tuple({names.get(key, key): value for key, value in variant.items()} for variant in _PARALLEL_VARIANTS)
+
+
+LAUNCH_CANDIDATES = {
+    "recurrent_fw_C": RECURRENT_CANDIDATES,
+    "parallel_fw_Hintra": parallel_candidates("siz_b_LQ", "siz_b_LKV", "siz_b_DHHV", "siz_b_DHQK"),
+    "recurrent_bw_dC": RECURRENT_CANDIDATES,
+    "parallel_bw_dQ": parallel_candidates("siz_b_LQ", "siz_b_LKV", "siz_b_DHQK", "siz_b_DHHV"),
+    "parallel_bw_dK": parallel_candidates("siz_b_LKV", "siz_b_LQ", "siz_b_DHQK", "siz_b_DHHV"),
+    "parallel_bw_dV": parallel_candidates("siz_b_LKV", "siz_b_LQ", "siz_b_DHHV", "siz_b_DHQK"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCase:
+    """One kernel at one shape: `make(launch)` jits it with those launch keyword arguments."""
+
+    name: str
+    make: Callable[[dict], Callable]
+    args: tuple
+    flops: float
 
 
 def _nbytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def kernel_rows(shape, chunk: int, calls: int, interpret: bool = False) -> list[dict]:
-    """Times each kernel on inputs chained through the kernels themselves."""
+def kernel_cases(shape, chunk: int, interpret: bool = False) -> list[KernelCase]:
+    """The gate preprocessing and the six kernels, on inputs chained through the kernels themselves."""
     B, NH, S, DK, DV = shape.B, shape.NH, shape.S, shape.DHQK, shape.DHHV
     keys = jax.random.split(jax.random.PRNGKey(0), 6)
     q, k = (jax.random.normal(key, (B, NH, S, DK), jnp.bfloat16) for key in keys[:2])
@@ -41,42 +87,71 @@ def kernel_rows(shape, chunk: int, calls: int, interpret: bool = False) -> list[
     f = 3.0 + jax.random.normal(keys[4], (B, NH, S), jnp.float32)
     dh = jax.random.normal(keys[5], (B, NH, S, DV), jnp.bfloat16)
     p = pallas_mlstm.backend.kernel_set("interpret" if interpret else "triton")
-    gates = jax.jit(lambda i, f: reference.compute_chunkwise_log_gates_vecB_vecA(i, f, chunk))
-    fw_c = jax.jit(lambda k, v, i, f: p.recurrent_fw_C(k, v, f, i, chunk_size=chunk))
-    fw_h = jax.jit(lambda q, k, v, i, f, c, n, m: p.parallel_fw_Hintra(
-        q, k, v, i, f, c, n, m, chunk_size=chunk, output_dtype=jnp.bfloat16))
-    states = fw_c(k, v, i, f)
-    _, n_out, m_out = fw_h(q, k, v, i, f, *states)
-    bw_c = jax.jit(lambda q, f, m_all, m_out, dh, n_out, c: p.recurrent_bw_dC(
-        q, f, m_all, m_out, dh, n_out, chunk_size=chunk, matC_states=c))
-    dc_states, _ = bw_c(q, f, states[2], m_out, dh, n_out, states[0])
-    vec_b, vec_a = gates(i, f)
+    gates = lambda launch: jax.jit(lambda i, f: reference.compute_chunkwise_log_gates_vecB_vecA(i, f, chunk))
+    fw_c = lambda launch: jax.jit(lambda k, v, i, f: p.recurrent_fw_C(k, v, f, i, chunk_size=chunk, **launch))
+    fw_h = lambda launch: jax.jit(lambda *a: p.parallel_fw_Hintra(
+        *a, chunk_size=chunk, output_dtype=jnp.bfloat16, **launch))
+    states = fw_c({})(k, v, i, f)
+    _, n_out, m_out = fw_h({})(q, k, v, i, f, *states)
+    bw_c = lambda launch: jax.jit(lambda *a: p.recurrent_bw_dC(
+        *a, chunk_size=chunk, matC_states=states[0], **launch))
+    dc_states, _ = bw_c({})(q, f, states[2], m_out, dh, n_out)
+    vec_b, vec_a = gates({})(i, f)
     bw_args = (q, k, v, i, vec_b, vec_a, *states, n_out, m_out, dh, dc_states)
-    bw = {name: jax.jit(lambda *a, fn=getattr(p, f"parallel_bw_{name}"), rows=name != "dV":
-                        fn(*a, chunk_size=chunk, output_dtype=jnp.bfloat16,
-                           **(dict(return_row_dots=True) if rows else {})))
-          for name in ("dQ", "dK", "dV")}
+
+    def parallel_bw(name):
+        rows = dict(return_row_dots=True) if name != "dV" else {}
+        fn = getattr(p, f"parallel_bw_{name}")
+        return lambda launch: jax.jit(lambda *a: fn(*a, chunk_size=chunk, output_dtype=jnp.bfloat16, **rows, **launch))
 
     tokens, half_chunk = B * NH * S, chunk / 2  # causal: on average half a chunk of keys per query
     inter = 2 * tokens * DK * DV  # one (L x DK) x (DK x DV)-sized product per chunk and token
-    intra_qk, intra_v = 2 * tokens * half_chunk * DK, 2 * tokens * half_chunk * DV
-    plan = [
-        ("gates (vecB, vecA)", gates, (i, f), 0),
-        ("recurrent_fw_C", fw_c, (k, v, i, f), inter),
-        ("parallel_fw_Hintra", fw_h, (q, k, v, i, f, *states), inter + intra_qk + intra_v),
-        ("recurrent_bw_dC", bw_c, (q, f, states[2], m_out, dh, n_out, states[0]), inter),
-        ("parallel_bw_dQ", bw["dQ"], bw_args, inter + intra_v + intra_qk),
-        ("parallel_bw_dK", bw["dK"], bw_args, inter + intra_v + intra_qk),
-        ("parallel_bw_dV", bw["dV"], bw_args, inter + intra_qk + intra_v),
+    intra = 2 * tokens * half_chunk * (DK + DV)
+    return [
+        KernelCase("gates (vecB, vecA)", gates, (i, f), 0),
+        KernelCase("recurrent_fw_C", fw_c, (k, v, i, f), inter),
+        KernelCase("parallel_fw_Hintra", fw_h, (q, k, v, i, f, *states), inter + intra),
+        KernelCase("recurrent_bw_dC", bw_c, (q, f, states[2], m_out, dh, n_out), inter),
+        *(KernelCase(f"parallel_bw_{name}", parallel_bw(name), bw_args, inter + intra) for name in ("dQ", "dK", "dV")),
     ]
+
+
+def kernel_rows(shape, chunk: int, calls: int, interpret: bool = False, names=None) -> list[dict]:
+    """Times each kernel at its default launch."""
     rows = []
-    for name, fn, args, flops in plan:
-        ms = median_ms(fn, [args], calls)
-        out = fn(*args)
+    for case in kernel_cases(shape, chunk, interpret):
+        if names and case.name not in names:
+            continue
+        fn = case.make({})
+        ms = median_ms(fn, [case.args], calls)
         # arguments + outputs: an upper bound on what an ideal kernel moves (some arguments go unread)
-        rows.append(dict(shape=shape.name, chunk=chunk, kernel=name, ms=ms, tflop=flops / 1e12,
-                         gbytes=(_nbytes(out) + _nbytes(args)) / 1e9, card=jax.devices()[0].device_kind,
-                         jax_version=jax.__version__))
+        rows.append(dict(shape=shape.name, chunk=chunk, kernel=case.name, ms=ms, tflop=case.flops / 1e12,
+                         gbytes=(_nbytes(fn(*case.args)) + _nbytes(case.args)) / 1e9,
+                         card=jax.devices()[0].device_kind, jax_version=jax.__version__))
+    return rows
+
+
+def sweep_rows(shape, chunk: int, calls: int, interpret: bool = False, names=None) -> list[dict]:
+    """Times each kernel at every launch of LAUNCH_CANDIDATES; a launch that fails to compile gets its error."""
+    rows = []
+    for case in kernel_cases(shape, chunk, interpret):
+        if case.name not in LAUNCH_CANDIDATES or (names and case.name not in names):
+            continue
+        expected = None
+        for launch in LAUNCH_CANDIDATES[case.name]:
+            row = dict(shape=shape.name, chunk=chunk, kernel=case.name, launch=launch,
+                       card=jax.devices()[0].device_kind, jax_version=jax.__version__)
+            try:
+                fn = case.make(launch)
+                out = jax.tree.leaves(fn(*case.args))[0].astype(jnp.float32)  # (B, NH, ...) first output
+                expected = out if expected is None else expected
+                row["rel_diff"] = float(jnp.linalg.norm(out - expected) / jnp.linalg.norm(expected))
+                row["ms"] = median_ms(fn, [case.args], calls)
+            except Exception as error:  # e.g. Triton out of shared memory
+                row["error"] = f"{type(error).__name__}: {str(error)[:160]}"
+            rows.append(row)
+            print(f"{case.name:<20} {json.dumps(launch):<60} "
+                  + (f"{row['ms']:8.3f} ms  diff {row['rel_diff']:.1e}" if "ms" in row else row["error"]), flush=True)
     return rows
 
 
@@ -86,12 +161,16 @@ def main(argv) -> None:
         raise ValueError("kernel_times needs a GPU (the triton backend), or --kernel_interpret for a CPU smoke test.")
     rows = []
     for shape in resolve_shapes(_SHAPES.value):
-        rows += kernel_rows(shape, _CHUNK.value, _CALLS.value, _INTERPRET.value)
-    print(f"{'shape':<12} {'kernel':<20} {'ms':>8} {'TFLOP':>7} {'TFLOP/s':>8} {'GB in+out':>10} {'GB/s':>7}")
-    for row in rows:
-        rate = row["tflop"] / row["ms"] * 1e3 if row["tflop"] else 0.0
-        print(f"{row['shape']:<12} {row['kernel']:<20} {row['ms']:>8.3f} {row['tflop']:>7.3f} {rate:>8.1f} "
-              f"{row['gbytes']:>10.2f} {row['gbytes'] / row['ms'] * 1e3:>7.0f}")
+        if _SWEEP.value:
+            rows += sweep_rows(shape, _CHUNK.value, _CALLS.value, _INTERPRET.value, _NAMES.value)
+        else:
+            rows += kernel_rows(shape, _CHUNK.value, _CALLS.value, _INTERPRET.value, _NAMES.value)
+    if not _SWEEP.value:
+        print(f"{'shape':<12} {'kernel':<20} {'ms':>8} {'TFLOP':>7} {'TFLOP/s':>8} {'GB in+out':>10} {'GB/s':>7}")
+        for row in rows:
+            rate = row["tflop"] / row["ms"] * 1e3 if row["tflop"] else 0.0
+            print(f"{row['shape']:<12} {row['kernel']:<20} {row['ms']:>8.3f} {row['tflop']:>7.3f} {rate:>8.1f} "
+                  f"{row['gbytes']:>10.2f} {row['gbytes'] / row['ms'] * 1e3:>7.0f}")
     if _JSON.value:
         with open(_JSON.value, "w") as handle:
             json.dump(rows, handle, indent=1)
