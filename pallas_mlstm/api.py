@@ -14,6 +14,19 @@ from reference.validation import validate_chunk_size, validate_mlstm_inputs
 _AUTOCAST_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
 
+def default_config(backend: str, device_kind: str, q_shape: tuple[int, ...], dhhv: int, operand_dtype) -> ChunkwiseConfig:
+    """The config used when none is given: on the triton backend with 16-bit operands, the one `tune`
+    measured for this card and shape class (benchmarks/results/configs.json) if any; otherwise all None (the
+    kernels' own defaults). Tuned configs were measured with bfloat16 operands: float32 tiles take twice the
+    shared memory, so float32 operands keep the kernel defaults, which the GPU tests run in float32."""
+    if backend == "triton" and jnp.dtype(operand_dtype).itemsize == 2:
+        batch, heads, seq_len, dhqk = q_shape
+        tuned = tuned_config(device_kind, batch, heads, seq_len, dhqk, dhhv)
+        if tuned is not None:
+            return tuned
+    return ChunkwiseConfig()
+
+
 def mlstm_chunkwise(
     q: jax.Array,  # (B, NH, S, DHQK)
     k: jax.Array,  # (B, NH, S, DHQK)
@@ -37,29 +50,15 @@ def mlstm_chunkwise(
 
     q, k, v are cast to `autocast_kernel_dtype` when given (matmul operands); gates and states stay
     float32. `backend`: "triton" (GPU), "interpret" (Pallas interpreter, CPU), "xla" (plain jnp), or
-    None for triton on GPU and xla otherwise. `config` defaults, on the triton backend, to the launch config
-    measured for this card and shape class (benchmarks/results/configs.json), else to each kernel's own
-    default launch (measured per kernel on an H200).
+    None for triton on GPU and xla otherwise. `config` defaults, on the triton backend with 16-bit kernel
+    operands, to the launch config measured for this card and shape class (benchmarks/results/configs.json),
+    else to each kernel's own default launch (measured per kernel on an H200); see `default_config`.
     `chunk_size` overrides `config.chunk_size`; without either, the largest power of 2 <= 128 dividing S.
     Returns h (B, NH, S, DHHV) in q's dtype, or `(h, (c_last, n_last, m_last))` with `return_last_states`. Gradients hold the normaliser and the
     max state constant (exact for the head-normalised outputs of an mLSTM block; see README).
     """
     _, _, seq_len, _, _ = validate_mlstm_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
     backend = resolve_backend(backend)
-    if config is None and backend == "triton":
-        # launch configs measured by `python -m pallas_mlstm tune` for this card and shape class, if any
-        config = tuned_config(jax.devices()[0].device_kind, *q.shape[:3], q.shape[3], v.shape[3])
-    config = ChunkwiseConfig() if config is None else config
-    if not isinstance(config, ChunkwiseConfig):
-        raise ValueError(f"config must be a pallas_mlstm.ChunkwiseConfig or None; got {type(config).__name__}.")
-    if not (isinstance(eps, (int, float)) and eps >= 0):
-        raise ValueError(f"eps must be a non-negative float; got {eps!r}.")
-    minimum_chunk = 1 if backend == "xla" else MIN_PALLAS_CHUNK
-    chunk_size = config.chunk_size if chunk_size is None else chunk_size
-    if chunk_size is None:
-        chunk_size = default_chunk_size(seq_len, minimum_chunk)
-    validate_chunk_size(chunk_size, seq_len, minimum=minimum_chunk)
-
     out_dtype = q.dtype
     if autocast_kernel_dtype is not None:
         if jnp.dtype(autocast_kernel_dtype) not in [jnp.dtype(d) for d in _AUTOCAST_DTYPES]:
@@ -72,6 +71,18 @@ def mlstm_chunkwise(
             f"q, k and v must share a dtype (got {q.dtype}, {k.dtype}, {v.dtype}); cast them or pass "
             "autocast_kernel_dtype."
         )
+    if config is None:
+        config = default_config(backend, jax.devices()[0].device_kind, q.shape, v.shape[3], q.dtype)
+    if not isinstance(config, ChunkwiseConfig):
+        raise ValueError(f"config must be a pallas_mlstm.ChunkwiseConfig or None; got {type(config).__name__}.")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"eps must be a non-negative float; got {eps!r}.")
+    minimum_chunk = 1 if backend == "xla" else MIN_PALLAS_CHUNK
+    chunk_size = config.chunk_size if chunk_size is None else chunk_size
+    if chunk_size is None:
+        chunk_size = default_chunk_size(seq_len, minimum_chunk)
+    validate_chunk_size(chunk_size, seq_len, minimum=minimum_chunk)
+
 
     static = ChunkwiseStatic(
         kernels=kernel_set(backend, allow_tf32),

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from pallas_mlstm.config import ChunkwiseConfig, shape_class, tuned_config
@@ -109,3 +110,16 @@ def test_kernel_launch_sweep_agrees_across_launches(tmp_path):
         assert launches[0]["launch"] == {} and launches[0]["rel_diff"] == 0.0
         # bf16 inputs: launches differ only in summation order
         assert all("error" not in row and row["rel_diff"] < 1e-2 for row in launches), launches
+
+
+def test_default_config_uses_tuned_configs_for_16_bit_triton_operands_only():
+    from pallas_mlstm.api import default_config
+
+    tuned = tuned_config("NVIDIA H200", 8, 8, 8192, 256, 512)
+    assert tuned is not None and tuned.chunk_size is not None  # the packaged H200 entry of the 7b class
+    for dtype in (jnp.bfloat16, jnp.float16):
+        assert default_config("triton", "NVIDIA H200", (8, 8, 8192, 256), 512, dtype) == tuned
+    # float32 tiles take twice the shared memory the entry was measured with: the kernels' own defaults
+    assert default_config("triton", "NVIDIA H200", (8, 8, 8192, 256), 512, jnp.float32) == ChunkwiseConfig()
+    assert default_config("xla", "NVIDIA H200", (8, 8, 8192, 256), 512, jnp.bfloat16) == ChunkwiseConfig()
+    assert default_config("triton", "cpu", (8, 8, 8192, 256), 512, jnp.bfloat16) == ChunkwiseConfig()
