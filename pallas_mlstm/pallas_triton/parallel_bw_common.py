@@ -124,7 +124,7 @@ def launch(kernel, layout: BwLayout, grid_head_tiles: int, grid_l_tiles: int, in
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=common.compiler_params(
+        compiler_params=common.compiler_params(  # out_spec's block (None, rows, cols) is one program's output tile
             num_warps, num_stages, default_warps=common.parallel_num_warps(*out_spec.block_shape[-2:]),
             default_stages=common.PARALLEL_NUM_STAGES),
         interpret=interpret,

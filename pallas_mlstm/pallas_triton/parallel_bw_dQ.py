@@ -83,7 +83,9 @@ def mlstm_chunkwise__parallel_bw_dQ(
     del vecN_all
     layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, matC_all, scaM_all, vecN_out,
                                            vecM_out, matDeltaH, matDeltaC_states, chunk_size)
-    block_lq, block_lkv, block_dhqk, block_dhhv = layout.tiles(siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults=(128, 64, 256, 64))
+    # defaults (bLQ, bLKV, bDHQK, bDHHV): 128 query rows x 256 DHQK columns out, 64-key loop tiles, DHHV depth 64
+    block_lq, block_lkv, block_dhqk, block_dhhv = layout.tiles(
+        siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults=(128, 64, 256, 64))
     qk_scale = layout.dhqk**-0.5 if qk_scale is None else qk_scale
     kernel = functools.partial(_parallel_bw_dq_kernel, qk_scale=qk_scale, eps=eps, block_lkv=block_lkv,
                                block_dhhv=block_dhhv, precision=common.matmul_precision(matQ.dtype, allow_tf32))

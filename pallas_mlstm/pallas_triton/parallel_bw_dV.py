@@ -81,7 +81,9 @@ def mlstm_chunkwise__parallel_bw_dV(
     del vecN_all
     layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, matC_all, scaM_all, vecN_out,
                                            vecM_out, matDeltaH, matDeltaC_states, chunk_size)
-    block_lq, block_lkv, block_dhqk, block_dhhv = layout.tiles(siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults=(64, 128, 64, 256))
+    # defaults (bLQ, bLKV, bDHQK, bDHHV): 128 key rows x 256 DHHV columns out, 64-query loop tiles, DHQK depth 64
+    block_lq, block_lkv, block_dhqk, block_dhhv = layout.tiles(
+        siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults=(64, 128, 64, 256))
     qk_scale = layout.dhqk**-0.5 if qk_scale is None else qk_scale
     kernel = functools.partial(_parallel_bw_dv_kernel, qk_scale=qk_scale, eps=eps, block_lq=block_lq,
                                block_dhqk=block_dhqk, precision=common.matmul_precision(matQ.dtype, allow_tf32))

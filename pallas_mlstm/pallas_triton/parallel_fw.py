@@ -88,6 +88,7 @@ def mlstm_chunkwise__parallel_fw_Hintra(
     validate_chunk_size(chunk_size, seq_len, minimum=common.MIN_TILE)
     num_chunks, bnh = seq_len // chunk_size, batch * heads
     dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
+    # defaults: 128 query rows x 256 DHHV columns out, 64-key loop tiles, DHQK depth 64 (measured per kernel)
     block_lq = common.tile_size(siz_b_LQ, chunk_size, 128, "siz_b_LQ")
     block_lkv = common.tile_size(siz_b_LKV, chunk_size, 64, "siz_b_LKV")
     block_dhqk = common.tile_size(siz_b_DHQK, dhqk_p, 64, "siz_b_DHQK")
