@@ -123,3 +123,31 @@ def test_default_config_uses_tuned_configs_for_16_bit_triton_operands_only():
     assert default_config("triton", "NVIDIA H200", (8, 8, 8192, 256), 512, jnp.float32) == ChunkwiseConfig()
     assert default_config("xla", "NVIDIA H200", (8, 8, 8192, 256), 512, jnp.bfloat16) == ChunkwiseConfig()
     assert default_config("triton", "cpu", (8, 8, 8192, 256), 512, jnp.bfloat16) == ChunkwiseConfig()
+
+
+def test_tune_stages_offer_the_kernel_defaults():
+    from pallas_mlstm.benchmarks import sweep
+    from pallas_mlstm.benchmarks.shapes import resolve_shapes
+
+    shape = resolve_shapes(["7b"])[0]
+    first = sweep._sequence_stage(ChunkwiseConfig(), shape)
+    assert first[0] == ChunkwiseConfig(chunk_size=64)  # the chunk size alone, tiles left to the kernels
+    assert all(c.siz_b_L_parallel is None or c.siz_b_L_parallel <= c.chunk_size for c in first)
+    assert ChunkwiseConfig(chunk_size=256, siz_b_L_parallel=128, siz_b_L_loop=128) in first
+    heads = sweep._head_stage(ChunkwiseConfig(chunk_size=256), shape)
+    assert ChunkwiseConfig(chunk_size=256) in heads and len(heads) == 16
+    intra = sweep._intra_stage(ChunkwiseConfig(), shape)
+    assert intra[0] == ChunkwiseConfig() and len(intra) == 7  # both None, or warps x stages set together
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="CPU smoke run of tune (interpret, tiny shape)")
+def test_tune_smoke_writes_an_entry(tmp_path):
+    configs_path = tmp_path / "configs.json"
+    command = [sys.executable, "-m", "pallas_mlstm", "tune", "--tune_backend=interpret", "--shapes=tiny",
+               f"--configs_out={configs_path}", "--time_budget_s=10", "--calls=2"]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])}
+    finished = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    entry = json.loads(configs_path.read_text())["configs"][jax.devices()[0].device_kind][shape_class(256, 32, 32)]
+    assert entry["configs_timed"] >= 2 and entry["fwbw_ms"] > 0 and entry["backend"] == "interpret"
+    ChunkwiseConfig(**entry["config"])  # the stored fields are the config's

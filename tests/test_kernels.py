@@ -112,3 +112,18 @@ def test_kernel_rejects_bad_tiles():
         _call("parallel_fw_Hintra", pallas_mlstm, x, 32, dict(siz_b_LQ=24), dict(interpret=True))
     with pytest.raises(ValueError, match="chunk_size must be at least 16"):
         _call("parallel_fw_Hintra", pallas_mlstm, x, 8, {}, dict(interpret=True))
+
+
+def test_default_launch_heuristics():
+    from pallas_mlstm.pallas_triton import common
+
+    # recurrent kernels: 128-wide DHHV tiles only while the grid keeps RECURRENT_MIN_PROGRAMS programs
+    assert common.recurrent_dhhv_tile(None, dhqk_tiles=4, dhhv_p=512, bnh=64) == 128  # 7b: 1024 programs
+    assert common.recurrent_dhhv_tile(None, dhqk_tiles=2, dhhv_p=128, bnh=64) == 64  # small heads: 128 would give 128
+    assert common.recurrent_dhhv_tile(None, dhqk_tiles=1, dhhv_p=32, bnh=4096) == 32  # clamped to the head dim
+    assert common.recurrent_dhhv_tile(256, dhqk_tiles=1, dhhv_p=512, bnh=1) == 256  # a request wins
+    with pytest.raises(ValueError, match="siz_b_DHHV must be a power of 2"):
+        common.recurrent_dhhv_tile(96, dhqk_tiles=1, dhhv_p=512, bnh=1)
+    # parallel kernels: 8 warps from 128 x 128 output elements on
+    assert common.parallel_num_warps(128, 256) == 8 and common.parallel_num_warps(64, 256) == 8
+    assert common.parallel_num_warps(64, 128) == 4 and common.parallel_num_warps(16, 32) == 4
