@@ -9,7 +9,7 @@ from pallas_mlstm.backend import kernel_set, resolve_backend
 from pallas_mlstm.config import MIN_PALLAS_CHUNK, ChunkwiseConfig, default_chunk_size, tuned_config
 from pallas_mlstm.sharding import run_partitioned
 from reference.chunkwise import ChunkwiseStatic
-from reference.validation import validate_chunk_size, validate_mlstm_inputs
+from pallas_mlstm.validation import validate_chunk_size, validate_mlstm_inputs
 
 _AUTOCAST_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 

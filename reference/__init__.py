@@ -16,7 +16,7 @@ from reference.chunkwise import (
 )
 from reference.parallel import mlstm_parallel
 from reference.recurrent import mlstm_recurrent
-from reference.validation import validate_chunk_size, validate_mlstm_inputs
+from pallas_mlstm.validation import validate_chunk_size, validate_mlstm_inputs
 
 __all__ = [
     "JNP_KERNELS",

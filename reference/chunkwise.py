@@ -1,7 +1,7 @@
 """Chunkwise mLSTM in plain jnp: a twin of every kernel, and the one orchestration both kernel sets use.
 
 Each `mlstm_chunkwise__*` function here has the signature of the Pallas kernel of the same
-name (DESIGN.md §4); the launch arguments (`siz_b_*`, `num_warps`, `num_stages`) are accepted
+name (docs/math.md §3.3); the launch arguments (`siz_b_*`, `num_warps`, `num_stages`) are accepted
 and ignored. `mlstm_chunkwise_fw` / `mlstm_chunkwise_bw` chain six kernels taken from a
 `KernelSet` (these twins by default), and `mlstm_chunkwise` wraps them in a `jax.custom_vjp`.
 
@@ -21,12 +21,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from reference.validation import validate_chunk_size, validate_mlstm_inputs
-
-
-def acc_dtype_of(dtype) -> jnp.dtype:
-    """The dtype of accumulators, gates and states for inputs of `dtype` (float32 or float64)."""
-    return jnp.promote_types(dtype, jnp.float32)
+from pallas_mlstm.gates import (
+    MIN_LOG_SCALE,
+    acc_dtype_of,
+    chunk_log_forget,
+    chunk_max_state,
+    chunked,
+    compute_chunkwise_log_gates_vecB_vecA,
+    compute_chunkwise_reset_gates,
+    compute_chunkwise_vecB,
+    compute_chunkwise_vecM,
+    unchunked,
+)
+from pallas_mlstm.states import join_states, split_states
+from pallas_mlstm.validation import validate_chunk_size, validate_mlstm_inputs
 
 
 def _einsum(subscripts: str, a: jax.Array, b: jax.Array, operand_dtype) -> jax.Array:
@@ -40,72 +48,6 @@ def _einsum(subscripts: str, a: jax.Array, b: jax.Array, operand_dtype) -> jax.A
         preferred_element_type=acc_dtype_of(operand_dtype),
         precision=lax.Precision.HIGHEST if wide else lax.Precision.DEFAULT,
     )
-
-
-def _chunked(x: jax.Array, chunk_size: int) -> jax.Array:
-    """(B, NH, S, ...) -> (B, NH, NC, L, ...)."""
-    return x.reshape(*x.shape[:2], x.shape[2] // chunk_size, chunk_size, *x.shape[3:])
-
-
-def _unchunked(x: jax.Array) -> jax.Array:
-    """(B, NH, NC, L, ...) -> (B, NH, S, ...)."""
-    return x.reshape(*x.shape[:2], x.shape[2] * x.shape[3], *x.shape[4:])
-
-
-def split_states(mat_all: jax.Array, dhqk: int) -> jax.Array:
-    """(B, NH, (NC+1)*DHQK[, DHHV]) -> (B, NH, NC+1, DHQK[, DHHV])."""
-    return mat_all.reshape(*mat_all.shape[:2], mat_all.shape[2] // dhqk, dhqk, *mat_all.shape[3:])
-
-
-def join_states(mat_states: jax.Array) -> jax.Array:
-    """(B, NH, NC+1, DHQK[, DHHV]) -> (B, NH, (NC+1)*DHQK[, DHHV])."""
-    return mat_states.reshape(*mat_states.shape[:2], -1, *mat_states.shape[4:])
-
-
-# ----------------------------------------------------------------------------- gates
-
-
-def _chunk_log_forget(vecF: jax.Array, chunk_size: int) -> jax.Array:
-    """log σ(f̃) in float32 (float64 for float64 gates), (B, NH, S) -> (B, NH, NC, L)."""
-    validate_chunk_size(chunk_size, vecF.shape[-1])
-    return _chunked(jax.nn.log_sigmoid(vecF.astype(acc_dtype_of(vecF.dtype))), chunk_size)
-
-
-def compute_chunkwise_vecB(vecF: jax.Array, chunk_size: int) -> jax.Array:
-    """vecB (B, NH, NC, L): the inclusive in-chunk cumsum of log σ(f̃)."""
-    return jnp.cumsum(_chunk_log_forget(vecF, chunk_size), axis=-1)
-
-
-def compute_chunkwise_log_gates_vecB_vecA(
-    vecI: jax.Array,  # (B, NH, S)
-    vecF: jax.Array,  # (B, NH, S)
-    chunk_size: int,
-    return_vecB_only: bool = False,
-):
-    """In-chunk log gates: vecB = inclusive cumsum of log σ(f̃), vecA = reverse exclusive cumsum + ĩ.
-
-    Both (B, NH, NC, L) in float32 (float64 for float64 gates); vecA is summed from the chunk end,
-    never formed as g - b + ĩ.
-    """
-    log_f = _chunk_log_forget(vecF, chunk_size)  # (B, NH, NC, L)
-    vecB = jnp.cumsum(log_f, axis=-1)
-    if return_vecB_only:
-        return vecB
-    # Σ_{r > j} log σ(f̃_r): a reverse cumsum shifted by one position
-    log_f_after = jnp.concatenate([log_f[..., 1:], jnp.zeros_like(log_f[..., :1])], axis=-1)
-    vecA = jnp.cumsum(log_f_after[..., ::-1], axis=-1)[..., ::-1] + _chunked(vecI.astype(log_f.dtype), chunk_size)
-    return vecB, vecA
-
-
-def compute_chunkwise_vecM(
-    vecB: jax.Array,  # (B, NH, NC, L)
-    vecI: jax.Array,  # (B, NH, S)
-    scaM_all: jax.Array,  # (B, NH, NC+1)
-) -> jax.Array:  # vecM_out (B, NH, S)
-    """The in-chunk running log-max m_t = b_t + max(m_{k-1}, max_{j≤t}(ĩ_j − b_j)) (DESIGN.md §3)."""
-    vecI = _chunked(vecI.astype(vecB.dtype), vecB.shape[-1])
-    running_max = lax.cummax(vecI - vecB, axis=vecB.ndim - 1)
-    return _unchunked(vecB + jnp.maximum(scaM_all[..., :-1, None].astype(vecB.dtype), running_max))
 
 
 # ----------------------------------------------------------------------------- kernel twins
@@ -138,7 +80,7 @@ def mlstm_chunkwise__recurrent_fw_C(
     chunk_size = chunk_size * save_states_every_nth_chunk
     dtype = acc_dtype_of(matK.dtype)
     _, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk_size)
-    scaG = jnp.sum(_chunk_log_forget(vecF, chunk_size), axis=-1)  # (B, NH, NC)
+    scaG = jnp.sum(chunk_log_forget(vecF, chunk_size), axis=-1)  # (B, NH, NC)
 
     c = jnp.zeros((batch, heads, dhqk, dhhv), dtype) if matC_initial is None else matC_initial.astype(dtype)
     n = jnp.zeros((batch, heads, dhqk), dtype) if vecN_initial is None else vecN_initial.astype(dtype)
@@ -147,7 +89,7 @@ def mlstm_chunkwise__recurrent_fw_C(
     def chunk_step(carry, xs):
         c, n, m = carry
         k, v, a, g = xs  # (B, NH, L, DHQK), (B, NH, L, DHHV), (B, NH, L), (B, NH)
-        m_next = jnp.maximum(g + m, jnp.max(a, axis=-1))
+        m_next = chunk_max_state(g, m, a)
         decay = jnp.exp(g + m - m_next)
         k_weighted = k.astype(dtype) * jnp.exp(a - m_next[..., None])[..., None]
         c_next = decay[..., None, None] * c + _einsum("bhld,bhle->bhde", k_weighted, v, matK.dtype)
@@ -155,7 +97,7 @@ def mlstm_chunkwise__recurrent_fw_C(
         return (c_next, n_next, m_next), (c_next, n_next, m_next)
 
     chunk_major = lambda x: jnp.moveaxis(x, 2, 0)
-    xs = (chunk_major(_chunked(matK, chunk_size)), chunk_major(_chunked(matV, chunk_size)),
+    xs = (chunk_major(chunked(matK, chunk_size)), chunk_major(chunked(matV, chunk_size)),
           chunk_major(vecA), chunk_major(scaG))
     _, (c_all, n_all, m_all) = lax.scan(chunk_step, (c, n, m), xs)
     c_all = jnp.concatenate([c[:, :, None], jnp.moveaxis(c_all, 0, 2)], axis=2)  # (B, NH, NC+1, DHQK, DHHV)
@@ -191,32 +133,38 @@ def mlstm_chunkwise__parallel_fw_Hintra(
     del siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, num_warps, num_stages
     dhqk = matQ.shape[-1]
     qk_scale = dhqk**-0.5 if qk_scale is None else qk_scale
-    vecB = compute_chunkwise_vecB(vecF, chunk_size)
-    vecM_out = compute_chunkwise_vecM(vecB, vecI, scaM_all)
+    vecB, vecR = compute_chunkwise_reset_gates(vecF, chunk_size)  # (B, NH, NC, L)
+    vecM_out = compute_chunkwise_vecM(vecB, vecR, vecI, scaM_all)
     dtype = vecB.dtype
-    q, k, v = (_chunked(x, chunk_size) for x in (matQ, matK, matV))  # (B, NH, NC, L, D)
-    m = _chunked(vecM_out, chunk_size)  # (B, NH, NC, L)
+    q, k, v = (chunked(x, chunk_size) for x in (matQ, matK, matV))  # (B, NH, NC, L, D)
+    m = chunked(vecM_out, chunk_size)  # (B, NH, NC, L)
     m_prev = scaM_all[..., :-1, None].astype(dtype)  # (B, NH, NC, 1)
     c_prev = split_states(matC_all, dhqk)[:, :, :-1]  # (B, NH, NC, DHQK, DHHV)
     n_prev = split_states(vecN_all, dhqk)[:, :, :-1].astype(dtype)  # (B, NH, NC, DHQK)
 
-    decay = _intra_chunk_decay(vecB, _chunked(vecI, chunk_size), m)  # (B, NH, NC, L, L)
+    decay = _intra_chunk_decay(vecB, vecR, chunked(vecI, chunk_size), m)  # (B, NH, NC, L, L)
     scores = _einsum("bhcld,bhcjd->bhclj", q, k, matQ.dtype) * qk_scale * decay
-    q_inter_scale = qk_scale * jnp.exp(vecB + m_prev - m)  # (B, NH, NC, L)
+    q_inter_scale = qk_scale * _inter_chunk_decay(vecB, vecR, m_prev, m)  # (B, NH, NC, L)
     num = _einsum("bhcld,bhcde->bhcle", q, c_prev, matQ.dtype) * q_inter_scale[..., None]
     num += _einsum("bhclj,bhcje->bhcle", scores, v, matQ.dtype)
     den = jnp.sum(q.astype(dtype) * n_prev[..., None, :], axis=-1) * q_inter_scale + jnp.sum(scores, axis=-1)
     den = jnp.maximum(jnp.abs(den), jnp.exp(-m))
     matH_out = num / (den + eps)[..., None]
-    return _unchunked(matH_out).astype(output_dtype), _unchunked(den), vecM_out
+    return unchunked(matH_out).astype(output_dtype), unchunked(den), vecM_out
 
 
-def _intra_chunk_decay(vecB, vecI_chunked, vecM_chunked):
-    """exp(D̃_tj − m_t) for j ≤ t, else 0: (B, NH, NC, L, L) from (B, NH, NC, L) gates."""
+def _intra_chunk_decay(vecB, vecR, vecI_chunked, vecM_chunked):
+    """exp(D̃_tj − m_t) for vecR_t ≤ j ≤ t, else 0: (B, NH, NC, L, L) from (B, NH, NC, L) gates."""
     chunk_size = vecB.shape[-1]
     log_d = vecB[..., :, None] - vecB[..., None, :] + vecI_chunked.astype(vecB.dtype)[..., None, :]
-    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), dtype=bool))
-    return jnp.where(causal, jnp.exp(jnp.where(causal, log_d - vecM_chunked[..., None], 0.0)), 0.0)
+    key = jnp.arange(chunk_size)
+    valid = (key[None, :] <= key[:, None]) & (key >= vecR[..., :, None])  # (B, NH, NC, L, L)
+    return jnp.where(valid, jnp.exp(jnp.where(valid, log_d - vecM_chunked[..., None], 0.0)), 0.0)
+
+
+def _inter_chunk_decay(vecB, vecR, m_prev, vecM_chunked):
+    """exp(b_t + m_{k-1} − m_t) where the chunk's start state reaches t (no reset before it), else 0."""
+    return jnp.where(vecR < 0, jnp.exp(vecB + m_prev - vecM_chunked), 0.0)
 
 
 def mlstm_chunkwise__recurrent_bw_dC(
@@ -248,14 +196,14 @@ def mlstm_chunkwise__recurrent_bw_dC(
     dhhv = matDeltaH.shape[-1]
     chunk_size = chunk_size * save_states_every_nth_chunk
     qk_scale = dhqk**-0.5 if qk_scale is None else qk_scale
-    vecB = compute_chunkwise_vecB(vecF, chunk_size)
+    vecB = compute_chunkwise_vecB(vecF, chunk_size)  # (B, NH, NC, L), −∞ from a reset on
     dtype = vecB.dtype
     m_prev = scaM_inter[..., :-1].astype(dtype)  # (B, NH, NC)
     m_next = scaM_inter[..., 1:].astype(dtype)
-    q_bar = _chunked(matQ, chunk_size).astype(dtype) * (
-        qk_scale * jnp.exp(vecB + m_prev[..., None] - _chunked(vecM_combine, chunk_size))
+    q_bar = chunked(matQ, chunk_size).astype(dtype) * (
+        qk_scale * jnp.exp(vecB + m_prev[..., None] - chunked(vecM_combine, chunk_size))
     )[..., None]  # (B, NH, NC, L, DHQK)
-    dh_bar = _chunked(matDeltaH, chunk_size) / (_chunked(vecN_out, chunk_size) + eps)[..., None]
+    dh_bar = chunked(matDeltaH, chunk_size) / (chunked(vecN_out, chunk_size) + eps)[..., None]
     contributions = _einsum("bhcld,bhcle->bhcde", q_bar, dh_bar, matQ.dtype)  # (B, NH, NC, DHQK, DHHV)
     decay = jnp.exp(vecB[..., -1] + m_prev - m_next)  # (B, NH, NC)
 
@@ -275,18 +223,19 @@ def mlstm_chunkwise__recurrent_bw_dC(
     return join_states(dc_all), c_dc
 
 
-def _parallel_bw_common(matQ, vecI, vecB, vecA, matC_all, scaM_all, vecN_out, vecM_out, matDeltaH,
+def _parallel_bw_common(matQ, vecI, vecB, vecA, vecR, matC_all, scaM_all, vecN_out, vecM_out, matDeltaH,
                         matDeltaC_states, qk_scale, chunk_size, eps):
-    """Per-chunk quantities the three parallel backward twins share."""
+    """Per-chunk quantities the three parallel backward twins share (vecR None: no hard resets)."""
     dhqk = matQ.shape[-1]
     dtype = vecB.dtype
-    m = _chunked(vecM_out, chunk_size).astype(dtype)  # (B, NH, NC, L)
+    m = chunked(vecM_out, chunk_size).astype(dtype)  # (B, NH, NC, L)
+    vecR = jnp.full(vecB.shape, -1, jnp.int32) if vecR is None else vecR
     return dict(
         qk_scale=dhqk**-0.5 if qk_scale is None else qk_scale,
-        decay=_intra_chunk_decay(vecB, _chunked(vecI, chunk_size), m),  # (B, NH, NC, L, L)
-        q_inter=jnp.exp(vecB + scaM_all[..., :-1, None].astype(dtype) - m),  # (B, NH, NC, L)
+        decay=_intra_chunk_decay(vecB, vecR, chunked(vecI, chunk_size), m),  # (B, NH, NC, L, L)
+        q_inter=_inter_chunk_decay(vecB, vecR, scaM_all[..., :-1, None].astype(dtype), m),  # (B, NH, NC, L)
         k_inter=jnp.exp(vecA - scaM_all[..., 1:, None].astype(dtype)),  # (B, NH, NC, L)
-        dh_bar=_chunked(matDeltaH, chunk_size) / (_chunked(vecN_out, chunk_size) + eps)[..., None],
+        dh_bar=chunked(matDeltaH, chunk_size) / (chunked(vecN_out, chunk_size) + eps)[..., None],
         c_prev=split_states(matC_all, dhqk)[:, :, :-1],  # (B, NH, NC, DHQK, DHHV)
         dc_next=split_states(matDeltaC_states, dhqk)[:, :, 1:],  # (B, NH, NC, DHQK, DHHV)
     )
@@ -302,57 +251,58 @@ def _with_row_dots(grad, x, output_dtype, return_row_dots):
 _PARALLEL_BW_DOC = """
 
     Args follow `mlstm_chunkwise__parallel_bw_dV` of the upstream Triton kernels: the forward inputs, the
-    chunk gates vecB / vecA (B, NH, NC, L), the forward states and outputs (vecN_out is the denominator,
+    chunk gates vecA / vecB (B, NH, NC, L), the forward states and outputs (vecN_out is the denominator,
     vecM_out the running log-max), matDeltaH (B, NH, S, DHHV) and matDeltaC_states (B, NH, (NC+1)*DHQK, DHHV).
+    With hard resets (f̃ = −∞), pass vecB and `vecR` from `compute_chunkwise_reset_gates`.
     """
 
 
 def mlstm_chunkwise__parallel_bw_dQ(
-    matQ, matK, matV, vecI, vecB, vecA, matC_all, vecN_all, scaM_all, vecN_out, vecM_out, matDeltaH,
+    matQ, matK, matV, vecI, vecA, vecB, matC_all, vecN_all, scaM_all, vecN_out, vecM_out, matDeltaH,
     matDeltaC_states, qk_scale=None, chunk_size=64, siz_b_LQ=32, siz_b_LKV=32, siz_b_DHQK=None,
     siz_b_DHHV=None, num_warps=None, num_stages=None, eps=0.0, output_dtype=jnp.float32, *,
-    return_row_dots=False,
+    return_row_dots=False, vecR=None,
 ):
     del vecN_all, siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, num_warps, num_stages
-    g = _parallel_bw_common(matQ, vecI, vecB, vecA, matC_all, scaM_all, vecN_out, vecM_out, matDeltaH,
+    g = _parallel_bw_common(matQ, vecI, vecB, vecA, vecR, matC_all, scaM_all, vecN_out, vecM_out, matDeltaH,
                             matDeltaC_states, qk_scale, chunk_size, eps)
-    k, v = _chunked(matK, chunk_size), _chunked(matV, chunk_size)
+    k, v = chunked(matK, chunk_size), chunked(matV, chunk_size)
     d_scores = _einsum("bhcle,bhcje->bhclj", g["dh_bar"], v, matQ.dtype) * g["decay"]  # (B, NH, NC, L, L)
     dq = _einsum("bhclj,bhcjd->bhcld", d_scores, k, matQ.dtype)
     dq += _einsum("bhcle,bhcde->bhcld", g["dh_bar"] * g["q_inter"][..., None], g["c_prev"], matQ.dtype)
-    dq = _unchunked(dq * g["qk_scale"])
+    dq = unchunked(dq * g["qk_scale"])
     return _with_row_dots(dq, matQ, output_dtype, return_row_dots)
 
 
 def mlstm_chunkwise__parallel_bw_dK(
-    matQ, matK, matV, vecI, vecB, vecA, matC_all, vecN_all, scaM_all, vecN_out, vecM_out, matDeltaH,
+    matQ, matK, matV, vecI, vecA, vecB, matC_all, vecN_all, scaM_all, vecN_out, vecM_out, matDeltaH,
     matDeltaC_states, qk_scale=None, chunk_size=64, siz_b_LQ=32, siz_b_LKV=32, siz_b_DHQK=None,
     siz_b_DHHV=None, num_warps=None, num_stages=None, eps=0.0, output_dtype=jnp.float32, *,
-    return_row_dots=False,
+    return_row_dots=False, vecR=None,
 ):
     del vecN_all, siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, num_warps, num_stages
-    g = _parallel_bw_common(matQ, vecI, vecB, vecA, matC_all, scaM_all, vecN_out, vecM_out, matDeltaH,
+    g = _parallel_bw_common(matQ, vecI, vecB, vecA, vecR, matC_all, scaM_all, vecN_out, vecM_out, matDeltaH,
                             matDeltaC_states, qk_scale, chunk_size, eps)
-    q, v = _chunked(matQ, chunk_size), _chunked(matV, chunk_size)
+    q, v = chunked(matQ, chunk_size), chunked(matV, chunk_size)
     d_scores = _einsum("bhcle,bhcje->bhclj", g["dh_bar"], v, matQ.dtype) * g["decay"]  # (B, NH, NC, L, L)
     dk = _einsum("bhclj,bhcld->bhcjd", d_scores, q, matQ.dtype) * g["qk_scale"]
     dk += _einsum("bhcje,bhcde->bhcjd", v, g["dc_next"], matQ.dtype) * g["k_inter"][..., None]
-    return _with_row_dots(_unchunked(dk), matK, output_dtype, return_row_dots)
+    return _with_row_dots(unchunked(dk), matK, output_dtype, return_row_dots)
 
 
 def mlstm_chunkwise__parallel_bw_dV(
-    matQ, matK, matV, vecI, vecB, vecA, matC_all, vecN_all, scaM_all, vecN_out, vecM_out, matDeltaH,
+    matQ, matK, matV, vecI, vecA, vecB, matC_all, vecN_all, scaM_all, vecN_out, vecM_out, matDeltaH,
     matDeltaC_states, qk_scale=None, chunk_size=64, siz_b_LQ=32, siz_b_LKV=32, siz_b_DHQK=None,
-    siz_b_DHHV=None, num_warps=None, num_stages=None, eps=0.0, output_dtype=jnp.float32,
+    siz_b_DHHV=None, num_warps=None, num_stages=None, eps=0.0, output_dtype=jnp.float32, *, vecR=None,
 ):
     del matV, vecN_all, siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, num_warps, num_stages
-    g = _parallel_bw_common(matQ, vecI, vecB, vecA, matC_all, scaM_all, vecN_out, vecM_out, matDeltaH,
+    g = _parallel_bw_common(matQ, vecI, vecB, vecA, vecR, matC_all, scaM_all, vecN_out, vecM_out, matDeltaH,
                             matDeltaC_states, qk_scale, chunk_size, eps)
-    q, k = _chunked(matQ, chunk_size), _chunked(matK, chunk_size)
+    q, k = chunked(matQ, chunk_size), chunked(matK, chunk_size)
     scores = _einsum("bhcld,bhcjd->bhclj", q, k, matQ.dtype) * g["qk_scale"] * g["decay"]  # (B, NH, NC, L, L)
     dv = _einsum("bhclj,bhcle->bhcje", scores, g["dh_bar"], matQ.dtype)
     dv += _einsum("bhcjd,bhcde->bhcje", k.astype(scores.dtype) * g["k_inter"][..., None], g["dc_next"], matQ.dtype)
-    return _unchunked(dv).astype(output_dtype)
+    return unchunked(dv).astype(output_dtype)
 
 
 _ROW_DOTS_DOC = "With `return_row_dots`, also returns Σ_d {0}·d{0} (B, NH, S) from the unrounded gradient."
@@ -366,7 +316,7 @@ mlstm_chunkwise__parallel_bw_dV.__doc__ = "Gradient of v, (B, NH, S, DHHV)." + _
 
 @dataclasses.dataclass(frozen=True)
 class KernelSet:
-    """The six chunkwise kernels one orchestration chains; each has its DESIGN.md §4 signature."""
+    """The six chunkwise kernels one orchestration chains; each has its upstream signature (docs/math.md §3.3)."""
 
     name: str
     recurrent_fw_C: Callable[..., Any]
@@ -483,7 +433,7 @@ def mlstm_chunkwise_bw(
 ):
     """Chunkwise backward: (dQ, dK, dV, dI, dF, dC_initial, dN_initial, dM_initial).
 
-    den and m are held constant (DESIGN.md §3). Unlike upstream, the gradient of scaM_initial is
+    den and m are held constant (docs/math.md §4). Unlike upstream, the gradient of scaM_initial is
     exact, df̃ includes the end-state terms <dC_last, C_last> + <dN_last, n_last>, and a cotangent on
     the last n state (`vecDeltaN_last`) is propagated. Missing states / outputs are recomputed.
     """
@@ -514,10 +464,11 @@ def mlstm_chunkwise_bw(
         num_warps=num_warps_inter, num_stages=num_stages_inter, eps=eps, matC_states=matC_all,
     )
     vecB, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, intra)
-    shared = (matQ, matK, matV, vecI, vecB, vecA, matC_all, vecN_all, scaM_all, vecN_out, vecM_out,
+    vecB_reset_free, vecR = compute_chunkwise_reset_gates(vecF, intra)
+    shared = (matQ, matK, matV, vecI, vecA, vecB_reset_free, matC_all, vecN_all, scaM_all, vecN_out, vecM_out,
               matDeltaH, matDeltaC_states)
     common = dict(qk_scale=qk_scale, chunk_size=intra, num_warps=num_warps_intra,
-                  num_stages=num_stages_intra, eps=eps, output_dtype=matQ.dtype)
+                  num_stages=num_stages_intra, eps=eps, output_dtype=matQ.dtype, vecR=vecR)
     matDeltaV = kernels.parallel_bw_dV(*shared, siz_b_LQ=l_loop, siz_b_LKV=l_parallel,
                                        siz_b_DHQK=siz_b_DH_loop, siz_b_DHHV=siz_b_DH_parallel, **common)
     # Σ_d k·dk and Σ_d q·dq come from the kernels' float32 accumulators: df̃ is a reverse cumsum of their
@@ -537,7 +488,7 @@ def mlstm_chunkwise_bw(
         g_after = jnp.cumsum(jnp.concatenate([scaG, jnp.zeros_like(scaG[..., :1])], -1)[..., ::-1], -1)[..., ::-1]
         decay_to_last = jnp.exp(g_after + scaM_all - scaM_all[..., -1:])  # (B, NH, NC+1)
         vecDeltaN_states = decay_to_last[..., None] * vecDeltaN_last.astype(dtype)[:, :, None, :]
-        dk_from_n = _unchunked(jnp.exp(vecA - scaM_all[..., 1:, None])[..., None] * vecDeltaN_states[:, :, 1:, None, :])
+        dk_from_n = unchunked(jnp.exp(vecA - scaM_all[..., 1:, None])[..., None] * vecDeltaN_states[:, :, 1:, None, :])
         vecKdK = vecKdK + jnp.sum(matK.astype(dtype) * dk_from_n, axis=-1)
         matDeltaK = (matDeltaK.astype(dtype) + dk_from_n).astype(matDeltaK.dtype)
 
@@ -549,10 +500,11 @@ def mlstm_chunkwise_bw(
     if vecDeltaN_states is not None:
         boundary_terms = boundary_terms + jnp.sum(vecDeltaN_states[:, :, 1:] * split_states(vecN_all, dhqk)[:, :, 1:],
                                                   axis=-1)
-    per_step = _chunked(vecQdQ - vecKdK, intra)  # (B, NH, NC, L)
+    per_step = chunked(vecQdQ - vecKdK, intra)  # (B, NH, NC, L)
     in_chunk_suffix = jnp.cumsum(per_step[..., ::-1], axis=-1)[..., ::-1]
-    vecDeltaFbar = _unchunked(in_chunk_suffix + boundary_terms[..., None])
-    vecDeltaF = vecDeltaFbar * jax.nn.sigmoid(-vecF.astype(dtype))
+    vecDeltaFbar = unchunked(in_chunk_suffix + boundary_terms[..., None])
+    # a hard reset (f̃ = −∞) cuts every path through it: its gradient is 0, whatever the rounding left
+    vecDeltaF = jnp.where(jnp.isneginf(vecF), 0.0, vecDeltaFbar * jax.nn.sigmoid(-vecF.astype(dtype)))
 
     matDeltaC_initial = None if matC_initial is None else matDeltaC_states[:, :, :dhqk, :]
     vecDeltaN_initial = None

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from reference.validation import validate_mlstm_inputs
+from pallas_mlstm.validation import validate_mlstm_inputs
 
 _HIGHEST = lax.Precision.HIGHEST
 

@@ -6,7 +6,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from reference.validation import validate_mlstm_inputs
+from pallas_mlstm.validation import validate_mlstm_inputs
+
+
+def _exp_diff(log_weight, log_max):
+    """exp(log_weight − log_max), 0 where log_weight is −∞ (a reset or a gate of −∞), with finite gradients."""
+    empty = jnp.isneginf(log_weight)
+    return jnp.where(empty, 0.0, jnp.exp(jnp.where(empty, 0.0, log_weight - log_max)))
 
 
 def mlstm_recurrent(
@@ -27,7 +33,7 @@ def mlstm_recurrent(
 
     Computes in `promote_types(q.dtype, float32)`. With `kernel_gradient_semantics=True`
     the running max m_t (t >= 1) and the denominator are wrapped in `stop_gradient`, which
-    is the gradient the chunkwise kernels compute (DESIGN.md §3) for any loss.
+    is the gradient the chunkwise kernels compute (docs/math.md §4) for any loss.
     Returns `h` (B, NH, S, DHHV), or `(h, (c_last, n_last, m_last))`.
     """
     validate_mlstm_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
@@ -54,9 +60,9 @@ def mlstm_recurrent(
     def step(carry, x):
         c, n, m = carry
         q_t, k_t, v_t, i_t, lf_t = x
-        m_new = hold(jnp.maximum(lf_t + m, i_t))  # (B, NH)
-        decay = jnp.exp(lf_t + m - m_new)[..., None]  # (B, NH, 1)
-        weight = jnp.exp(i_t - m_new)[..., None]  # (B, NH, 1)
+        m_new = hold(jnp.maximum(lf_t + m, i_t))  # (B, NH); −∞ when the state is empty (reset, nothing written)
+        decay = _exp_diff(lf_t + m, m_new)[..., None]  # (B, NH, 1)
+        weight = _exp_diff(i_t, m_new)[..., None]  # (B, NH, 1)
         c = decay[..., None] * c + (weight * k_t)[..., :, None] * v_t[..., None, :]
         n = decay * n + weight * k_t
         num = jnp.einsum("bhd,bhde->bhe", q_t, c, precision=lax.Precision.HIGHEST)

@@ -87,7 +87,7 @@ def _inputs(name: str, case: Case):
 
 
 def _loss_and_grads(case: Case, backend: str, weights, mesh=None):
-    """(h, last states) and the gradients of a loss blind to per-step rescaling of h (DESIGN.md §3).
+    """(h, last states) and the gradients of a loss blind to per-step rescaling of h (docs/math.md §4.1).
 
     With `mesh` and `case.user_shard_map`, the cell runs inside the user's own `jax.shard_map`.
     """

@@ -1,4 +1,4 @@
-"""GPU-only checks at the benchmark shapes of ../shared/PERF.md: accuracy, every output written, no races.
+"""GPU-only checks at the benchmark shapes (benchmarks/README.md): accuracy, every output written, no races.
 
 Skipped without a GPU. On the GPU machine: `pytest tests --backend=triton`.
 """

@@ -72,7 +72,7 @@ def _call(kernel_name, module, x, chunk, tiles, extra):
                   eps=1e-6, matC_states=x["states"][0], **dh_tiles, **extra)
     if kernel_name in ("parallel_bw_dQ", "parallel_bw_dK"):
         extra = dict(extra, return_row_dots=True)  # also Σ_d x·dx from the float32 accumulators
-    return fn(x["q"], x["k"], x["v"], x["i"], x["vec_b"], x["vec_a"], *x["states"], x["n_out"], x["m_out"], x["dh"],
+    return fn(x["q"], x["k"], x["v"], x["i"], x["vec_a"], x["vec_b"], *x["states"], x["n_out"], x["m_out"], x["dh"],
               x["dc_states"], chunk_size=chunk, eps=1e-6, **tiles, **extra)
 
 

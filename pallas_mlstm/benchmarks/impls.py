@@ -21,7 +21,7 @@ import pallas_mlstm
 MLSTM = "mlstm"
 ATTENTION = "attention"
 ATTENTION_HEAD_DIM = 128
-PEER_CHUNK_SIZE = 128  # mlstm_kernels' default, the chunk size of ../shared/PERF.md's peer table
+PEER_CHUNK_SIZE = 128  # mlstm_kernels' default, the peer's chunk size in benchmarks/README.md's results
 WHEELS_HINT = "install the wheels under .whl as pallas_mlstm/benchmarks/README.md says"
 
 

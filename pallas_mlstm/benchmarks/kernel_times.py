@@ -97,7 +97,7 @@ def kernel_cases(shape, chunk: int, interpret: bool = False) -> list[KernelCase]
         *a, chunk_size=chunk, matC_states=states[0], **launch))
     dc_states, _ = bw_c({})(q, f, states[2], m_out, dh, n_out)
     vec_b, vec_a = gates({})(i, f)
-    bw_args = (q, k, v, i, vec_b, vec_a, *states, n_out, m_out, dh, dc_states)
+    bw_args = (q, k, v, i, vec_a, vec_b, *states, n_out, m_out, dh, dc_states)
 
     def parallel_bw(name):
         rows = dict(return_row_dots=True) if name != "dV" else {}

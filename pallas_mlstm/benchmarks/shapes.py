@@ -1,4 +1,4 @@
-"""Named benchmark shapes (../shared/PERF.md): the 7B widths, small heads, a constant-token sweep, a CPU toy."""
+"""Named benchmark shapes (benchmarks/README.md): the 7B widths, small heads, a constant-token sweep, a CPU toy."""
 
 from __future__ import annotations
 

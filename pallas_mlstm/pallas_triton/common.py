@@ -156,11 +156,13 @@ def states_to_kernel_layout(mat_all: jax.Array, dhqk: int, padded_sizes: tuple[i
     return x
 
 
-def intra_chunk_decay(vec_b_q, vec_m_q, q_start, vec_b_kv, vec_i_kv, kv_start, *, keys_on_rows: bool = False):
-    """exp(D̃_tj − m_t) = exp(b_t − b_j + ĩ_j − m_t) for key j <= query t, else 0, on one pair of tiles.
+def intra_chunk_decay(vec_b_q, vec_m_q, vec_r_q, q_start, vec_b_kv, vec_i_kv, kv_start, *,
+                      keys_on_rows: bool = False):
+    """exp(D̃_tj − m_t) = exp(b_t − b_j + ĩ_j − m_t) for vecR_t <= key j <= query t, else 0, on one pair of tiles.
 
-    Gates (bLQ,) / (bLKV,) of the tiles starting at in-chunk positions q_start / kv_start. Shape
-    (bLQ, bLKV), or (bLKV, bLQ) with keys_on_rows (the transposed tiles of dK / dV).
+    Gates (bLQ,) / (bLKV,) of the tiles starting at in-chunk positions q_start / kv_start; vec_r_q (bLQ,)
+    is the position of each query's last hard reset in the chunk (−1: none). Shape (bLQ, bLKV), or
+    (bLKV, bLQ) with keys_on_rows (the transposed tiles of dK / dV).
     """
     q_axis, kv_axis = (1, 0) if keys_on_rows else (0, 1)
     q_col = lambda x: jnp.expand_dims(x, kv_axis)  # query gates along the query axis
@@ -169,4 +171,10 @@ def intra_chunk_decay(vec_b_q, vec_m_q, q_start, vec_b_kv, vec_i_kv, kv_start, *
     shape = log_decay.shape
     q_pos = q_start + lax.broadcasted_iota(jnp.int32, shape, q_axis)
     kv_pos = kv_start + lax.broadcasted_iota(jnp.int32, shape, kv_axis)
-    return jnp.exp(jnp.where(kv_pos <= q_pos, log_decay, -jnp.inf))
+    valid = (kv_pos <= q_pos) & (kv_pos >= q_col(vec_r_q))
+    return jnp.exp(jnp.where(valid, log_decay, -jnp.inf))
+
+
+def inter_chunk_decay(vec_b_q, vec_r_q, m_prev, vec_m_q):
+    """exp(b_t + m_{k-1} − m_t) for queries the chunk's start state reaches (no reset before them), else 0: (bLQ,)."""
+    return jnp.where(vec_r_q < 0, jnp.exp(vec_b_q + m_prev - vec_m_q), 0.0)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_mlstm.pallas_triton import common
-from reference.validation import validate_chunk_size
+from pallas_mlstm.validation import validate_chunk_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +82,12 @@ class BwLayout:
         return pl.BlockSpec((None, None, 1), lambda d, l, cb: (cb // self.num_chunks, cb % self.num_chunks + offset, 0))
 
 
-def prepare(matQ, matK, matV, vecI, vecB, vecA, matC_all, scaM_all, vecN_out, vecM_out, matDeltaH,
+def prepare(matQ, matK, matV, vecI, vecB, vecA, vecR, matC_all, scaM_all, vecN_out, vecM_out, matDeltaH,
             matDeltaC_states, chunk_size: int):
-    """Validates and converts the upstream-layout arguments to the kernels' (B·NH, …) padded layout."""
+    """Validates and converts the upstream-layout arguments to the kernels' (B·NH, …) padded layout.
+
+    vecR (B, NH, NC, L) int32 marks hard resets (compute_chunkwise_reset_gates); None: there are none.
+    """
     batch, heads, seq_len, dhqk = matQ.shape
     dhhv = matV.shape[-1]
     validate_chunk_size(chunk_size, seq_len, minimum=common.MIN_TILE)
@@ -94,7 +97,8 @@ def prepare(matQ, matK, matV, vecI, vecB, vecA, matC_all, scaM_all, vecN_out, ve
     gate = lambda x: x.reshape(bnh, seq_len)
     arrays = dict(
         q=flat(matQ, dhqk_p), k=flat(matK, dhqk_p), v=flat(matV, dhhv_p), dh=flat(matDeltaH.astype(matQ.dtype), dhhv_p),
-        vec_b=gate(vecB), vec_a=gate(vecA), vec_i=gate(vecI), vec_m=gate(vecM_out), den=gate(vecN_out),
+        vec_b=gate(vecB), vec_a=gate(vecA), vec_i=gate(vecI),
+        vec_r=jnp.full((bnh, seq_len), -1, jnp.int32) if vecR is None else gate(vecR), vec_m=gate(vecM_out), den=gate(vecN_out),
         c_all=common.states_to_kernel_layout(matC_all, dhqk, (dhqk_p, dhhv_p)),
         dc_all=common.states_to_kernel_layout(matDeltaC_states, dhqk, (dhqk_p, dhhv_p)),
         m_all=scaM_all.reshape(bnh, layout.num_chunks + 1, 1),

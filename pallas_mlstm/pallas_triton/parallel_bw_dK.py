@@ -12,7 +12,7 @@ from jax.experimental import pallas as pl
 from pallas_mlstm.pallas_triton import common, parallel_bw_common
 
 
-def _parallel_bw_dk_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, a_ref, m_ref, den_ref, dc_ref, m_next_ref,
+def _parallel_bw_dk_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, a_ref, m_ref, r_ref, den_ref, dc_ref, m_next_ref,
                            dk_ref, k_dk_ref, *, qk_scale: float, eps: float, block_lq: int, block_dhhv: int, precision):
     block_lkv, dhhv = v_ref.shape
     chunk_size = b_ref.shape[0]
@@ -33,8 +33,9 @@ def _parallel_bw_dk_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, a_ref, m_r
         d_scores_t = common.dot_nt_tiled(v_ref, kv_tile, dh_ref, q_rows, dhhv, block_dhhv, precision)  # (bLKV, bLQ)
         vec_b_q = b_ref[q_rows].astype(dtype)  # (bLQ,)
         vec_m_q = m_ref[q_rows].astype(dtype)  # (bLQ,)
+        vec_r_q = r_ref[q_rows]  # (bLQ,) int32: last hard reset in the chunk, −1 if none
         den_q = den_ref[q_rows].astype(dtype)  # (bLQ,)
-        decay_t = common.intra_chunk_decay(vec_b_q, vec_m_q, q_start, vec_b_kv, vec_i_kv, kv_start,
+        decay_t = common.intra_chunk_decay(vec_b_q, vec_m_q, vec_r_q, q_start, vec_b_kv, vec_i_kv, kv_start,
                                            keys_on_rows=True)  # (bLKV, bLQ)
         weights = d_scores_t * decay_t * (qk_scale / (den_q + eps))[None, :]
         q = q_ref[q_rows, :]  # (bLQ, bDHQK)
@@ -52,8 +53,8 @@ def mlstm_chunkwise__parallel_bw_dK(
     matK: jax.Array,  # (B, NH, S, DHQK)
     matV: jax.Array,  # (B, NH, S, DHHV)
     vecI: jax.Array,  # (B, NH, S)
-    vecB: jax.Array,  # (B, NH, NC, L)
     vecA: jax.Array,  # (B, NH, NC, L)
+    vecB: jax.Array,  # (B, NH, NC, L)
     matC_all: jax.Array,  # (B, NH, (NC+1)*DHQK, DHHV)
     vecN_all: jax.Array,  # (B, NH, (NC+1)*DHQK)
     scaM_all: jax.Array,  # (B, NH, NC+1)
@@ -72,6 +73,7 @@ def mlstm_chunkwise__parallel_bw_dK(
     eps: float = 0.0,
     output_dtype=jnp.float32,
     *,
+    vecR: jax.Array | None = None,  # (B, NH, NC, L) int32
     return_row_dots: bool = False,
     allow_tf32: bool = False,
     interpret: bool = False,
@@ -80,10 +82,11 @@ def mlstm_chunkwise__parallel_bw_dK(
 
     With `return_row_dots`, returns (dK, Σ_d k·dk (B, NH, S) float32, summed before dK is rounded).
     Grid (DHQK/bDHQK, L/bLKV, NC·B·NH); query tiles from the diagonal down and DHHV tiles loop in-kernel.
+    With hard resets (f̃ = −∞), pass vecB and `vecR` from `compute_chunkwise_reset_gates`.
     """
     del vecN_all
-    layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, matC_all, scaM_all, vecN_out,
-                                           vecM_out, matDeltaH, matDeltaC_states, chunk_size)
+    layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, vecR, matC_all, scaM_all,
+                                           vecN_out, vecM_out, matDeltaH, matDeltaC_states, chunk_size)
     # defaults (bLQ, bLKV, bDHQK, bDHHV): 128 key rows x 256 DHQK columns out, 64-query loop tiles, DHHV depth 64
     block_lq, block_lkv, block_dhqk, block_dhhv = layout.tiles(
         siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults=(64, 128, 256, 64))
@@ -99,11 +102,12 @@ def mlstm_chunkwise__parallel_bw_dK(
         layout.chunk_vec(),  # vec_i
         layout.tile_vec(block_lkv),  # vec_a
         layout.chunk_vec(),  # vec_m
+        layout.chunk_vec(),  # vec_r
         layout.chunk_vec(),  # den
         layout.state(1, block_dhqk, layout.dhhv_p, tiled_rows=True),  # dC_k
         layout.state_m(1),  # m_k
     ]
-    inputs = [x[name] for name in ("q", "k", "v", "dh", "vec_b", "vec_i", "vec_a", "vec_m", "den", "dc_all", "m_all")]
+    inputs = [x[name] for name in ("q", "k", "v", "dh", "vec_b", "vec_i", "vec_a", "vec_m", "vec_r", "den", "dc_all", "m_all")]
     dk, k_dk = parallel_bw_common.launch(
         kernel, layout, layout.dhqk_p // block_dhqk, chunk_size // block_lkv, in_specs, inputs,
         layout.tile_rows(block_lkv, block_dhqk, tiled_cols=True), layout.dhqk_p, output_dtype, num_warps,

@@ -12,7 +12,7 @@ from jax.experimental import pallas as pl
 from pallas_mlstm.pallas_triton import common, parallel_bw_common
 
 
-def _parallel_bw_dq_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, m_ref, den_ref, c_ref, m_prev_ref, dq_ref,
+def _parallel_bw_dq_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, m_ref, r_ref, den_ref, c_ref, m_prev_ref, dq_ref,
                            q_dq_ref, *, qk_scale: float, eps: float, block_lkv: int, block_dhhv: int, precision):
     block_lq, dhhv = dh_ref.shape
     dtype = common.acc_dtype(k_ref.dtype)
@@ -20,12 +20,13 @@ def _parallel_bw_dq_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, m_ref, den
     q_tile = pl.ds(0, block_lq)
     vec_b_q = b_ref[pl.ds(q_start, block_lq)].astype(dtype)  # (bLQ,)
     vec_m_q = m_ref[...].astype(dtype)  # (bLQ,)
+    vec_r_q = r_ref[...]  # (bLQ,) int32: last hard reset in the chunk, −1 if none
     dh_scale = 1.0 / (den_ref[...].astype(dtype) + eps)  # (bLQ,): dH̄ = dH / (den + eps)
     m_prev = jnp.max(m_prev_ref[...].astype(dtype))  # () from (1,)
 
     # inter-chunk: (dH̄ ⊙ e^{b + m_{k-1} − m}) C_{k-1}ᵀ, (bLQ, DHHV) @ (DHHV, bDHQK)
     dq = common.dot_nt_tiled(dh_ref, q_tile, c_ref, pl.ds(0, c_ref.shape[0]), dhhv, block_dhhv, precision)
-    dq = dq * (dh_scale * jnp.exp(vec_b_q + m_prev - vec_m_q))[:, None]
+    dq = dq * (dh_scale * common.inter_chunk_decay(vec_b_q, vec_r_q, m_prev, vec_m_q))[:, None]
 
     def kv_step(kv_tile, dq):
         kv_start = common.tile_start(kv_tile, block_lkv)
@@ -33,7 +34,8 @@ def _parallel_bw_dq_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, m_ref, den
         d_scores = common.dot_nt_tiled(dh_ref, q_tile, v_ref, kv_rows, dhhv, block_dhhv, precision)  # (bLQ, bLKV)
         vec_b_kv = b_ref[kv_rows].astype(dtype)  # (bLKV,)
         vec_i_kv = i_ref[kv_rows].astype(dtype)  # (bLKV,)
-        decay = common.intra_chunk_decay(vec_b_q, vec_m_q, q_start, vec_b_kv, vec_i_kv, kv_start)  # (bLQ, bLKV)
+        decay = common.intra_chunk_decay(vec_b_q, vec_m_q, vec_r_q, q_start, vec_b_kv, vec_i_kv,
+                                         kv_start)  # (bLQ, bLKV)
         weights = d_scores * decay * dh_scale[:, None]
         k = k_ref[kv_rows, :]  # (bLKV, bDHQK)
         return dq + common.dot(weights.astype(k.dtype), k, precision)  # (bLQ, bLKV) @ (bLKV, bDHQK)
@@ -51,8 +53,8 @@ def mlstm_chunkwise__parallel_bw_dQ(
     matK: jax.Array,  # (B, NH, S, DHQK)
     matV: jax.Array,  # (B, NH, S, DHHV)
     vecI: jax.Array,  # (B, NH, S)
-    vecB: jax.Array,  # (B, NH, NC, L)
     vecA: jax.Array,  # (B, NH, NC, L)
+    vecB: jax.Array,  # (B, NH, NC, L)
     matC_all: jax.Array,  # (B, NH, (NC+1)*DHQK, DHHV)
     vecN_all: jax.Array,  # (B, NH, (NC+1)*DHQK)
     scaM_all: jax.Array,  # (B, NH, NC+1)
@@ -71,6 +73,7 @@ def mlstm_chunkwise__parallel_bw_dQ(
     eps: float = 0.0,
     output_dtype=jnp.float32,
     *,
+    vecR: jax.Array | None = None,  # (B, NH, NC, L) int32
     return_row_dots: bool = False,
     allow_tf32: bool = False,
     interpret: bool = False,
@@ -79,10 +82,11 @@ def mlstm_chunkwise__parallel_bw_dQ(
 
     With `return_row_dots`, returns (dQ, Σ_d q·dq (B, NH, S) float32, summed before dQ is rounded).
     Grid (DHQK/bDHQK, L/bLQ, NC·B·NH); key tiles up to the diagonal and DHHV tiles loop in-kernel.
+    With hard resets (f̃ = −∞), pass vecB and `vecR` from `compute_chunkwise_reset_gates`.
     """
     del vecN_all
-    layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, matC_all, scaM_all, vecN_out,
-                                           vecM_out, matDeltaH, matDeltaC_states, chunk_size)
+    layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, vecR, matC_all, scaM_all,
+                                           vecN_out, vecM_out, matDeltaH, matDeltaC_states, chunk_size)
     # defaults (bLQ, bLKV, bDHQK, bDHHV): 128 query rows x 256 DHQK columns out, 64-key loop tiles, DHHV depth 64
     block_lq, block_lkv, block_dhqk, block_dhhv = layout.tiles(
         siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults=(128, 64, 256, 64))
@@ -97,11 +101,12 @@ def mlstm_chunkwise__parallel_bw_dQ(
         layout.chunk_vec(),  # vec_b
         layout.chunk_vec(),  # vec_i
         layout.tile_vec(block_lq),  # vec_m
+        layout.tile_vec(block_lq),  # vec_r
         layout.tile_vec(block_lq),  # den
         layout.state(0, block_dhqk, layout.dhhv_p, tiled_rows=True),  # C_{k-1}
         layout.state_m(0),  # m_{k-1}
     ]
-    inputs = [x[name] for name in ("q", "k", "v", "dh", "vec_b", "vec_i", "vec_m", "den", "c_all", "m_all")]
+    inputs = [x[name] for name in ("q", "k", "v", "dh", "vec_b", "vec_i", "vec_m", "vec_r", "den", "c_all", "m_all")]
     dq, q_dq = parallel_bw_common.launch(
         kernel, layout, layout.dhqk_p // block_dhqk, chunk_size // block_lq, in_specs, inputs,
         layout.tile_rows(block_lq, block_dhqk, tiled_cols=True), layout.dhqk_p, output_dtype, num_warps,

@@ -12,7 +12,7 @@ from jax.experimental import pallas as pl
 from pallas_mlstm.pallas_triton import common, parallel_bw_common
 
 
-def _parallel_bw_dv_kernel(q_ref, k_ref, dh_ref, b_ref, i_ref, a_ref, m_ref, den_ref, dc_ref, m_next_ref, dv_ref,
+def _parallel_bw_dv_kernel(q_ref, k_ref, dh_ref, b_ref, i_ref, a_ref, m_ref, r_ref, den_ref, dc_ref, m_next_ref, dv_ref,
                            *, qk_scale: float, eps: float, block_lq: int, block_dhqk: int, precision):
     block_lkv, dhqk = k_ref.shape
     chunk_size = b_ref.shape[0]
@@ -33,8 +33,9 @@ def _parallel_bw_dv_kernel(q_ref, k_ref, dh_ref, b_ref, i_ref, a_ref, m_ref, den
         scores_t = common.dot_nt_tiled(k_ref, kv_tile, q_ref, q_rows, dhqk, block_dhqk, precision)  # (bLKV, bLQ)
         vec_b_q = b_ref[q_rows].astype(dtype)  # (bLQ,)
         vec_m_q = m_ref[q_rows].astype(dtype)  # (bLQ,)
+        vec_r_q = r_ref[q_rows]  # (bLQ,) int32: last hard reset in the chunk, −1 if none
         den_q = den_ref[q_rows].astype(dtype)  # (bLQ,)
-        decay_t = common.intra_chunk_decay(vec_b_q, vec_m_q, q_start, vec_b_kv, vec_i_kv, kv_start,
+        decay_t = common.intra_chunk_decay(vec_b_q, vec_m_q, vec_r_q, q_start, vec_b_kv, vec_i_kv, kv_start,
                                            keys_on_rows=True)  # (bLKV, bLQ)
         weights = scores_t * decay_t * (qk_scale / (den_q + eps))[None, :]
         dh = dh_ref[q_rows, :]  # (bLQ, bDHHV)
@@ -50,8 +51,8 @@ def mlstm_chunkwise__parallel_bw_dV(
     matK: jax.Array,  # (B, NH, S, DHQK)
     matV: jax.Array,  # (B, NH, S, DHHV)
     vecI: jax.Array,  # (B, NH, S)
-    vecB: jax.Array,  # (B, NH, NC, L)
     vecA: jax.Array,  # (B, NH, NC, L)
+    vecB: jax.Array,  # (B, NH, NC, L)
     matC_all: jax.Array,  # (B, NH, (NC+1)*DHQK, DHHV)
     vecN_all: jax.Array,  # (B, NH, (NC+1)*DHQK)
     scaM_all: jax.Array,  # (B, NH, NC+1)
@@ -70,6 +71,7 @@ def mlstm_chunkwise__parallel_bw_dV(
     eps: float = 0.0,
     output_dtype=jnp.float32,
     *,
+    vecR: jax.Array | None = None,  # (B, NH, NC, L) int32
     allow_tf32: bool = False,
     interpret: bool = False,
 ):
@@ -77,10 +79,11 @@ def mlstm_chunkwise__parallel_bw_dV(
 
     Grid (DHHV/bDHHV, L/bLKV, NC·B·NH); query tiles from the diagonal down and DHQK tiles loop
     in-kernel. vecN_out is the forward denominator, vecM_out the running log-max.
+    With hard resets (f̃ = −∞), pass vecB and `vecR` from `compute_chunkwise_reset_gates`.
     """
     del vecN_all
-    layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, matC_all, scaM_all, vecN_out,
-                                           vecM_out, matDeltaH, matDeltaC_states, chunk_size)
+    layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, vecR, matC_all, scaM_all,
+                                           vecN_out, vecM_out, matDeltaH, matDeltaC_states, chunk_size)
     # defaults (bLQ, bLKV, bDHQK, bDHHV): 128 key rows x 256 DHHV columns out, 64-query loop tiles, DHQK depth 64
     block_lq, block_lkv, block_dhqk, block_dhhv = layout.tiles(
         siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults=(64, 128, 64, 256))
@@ -95,11 +98,12 @@ def mlstm_chunkwise__parallel_bw_dV(
         layout.chunk_vec(),  # vec_i
         layout.tile_vec(block_lkv),  # vec_a
         layout.chunk_vec(),  # vec_m
+        layout.chunk_vec(),  # vec_r
         layout.chunk_vec(),  # den
         layout.state(1, layout.dhqk_p, block_dhhv, tiled_rows=False),  # dC_k
         layout.state_m(1),  # m_k
     ]
-    inputs = [x[name] for name in ("q", "k", "dh", "vec_b", "vec_i", "vec_a", "vec_m", "den", "dc_all", "m_all")]
+    inputs = [x[name] for name in ("q", "k", "dh", "vec_b", "vec_i", "vec_a", "vec_m", "vec_r", "den", "dc_all", "m_all")]
     return parallel_bw_common.launch(
         kernel, layout, layout.dhhv_p // block_dhhv, chunk_size // block_lkv, in_specs, inputs,
         layout.tile_rows(block_lkv, block_dhhv, tiled_cols=True), layout.dhhv_p, output_dtype, num_warps,

@@ -10,11 +10,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_mlstm.pallas_triton import common
-from reference.chunkwise import compute_chunkwise_vecB, compute_chunkwise_vecM
-from reference.validation import validate_chunk_size
+from pallas_mlstm.gates import compute_chunkwise_reset_gates, compute_chunkwise_vecM
+from pallas_mlstm.validation import validate_chunk_size
 
 
-def _parallel_fw_kernel(q_ref, k_ref, v_ref, b_ref, i_ref, m_ref, c_ref, n_ref, m_prev_ref, h_ref, den_ref, *,
+def _parallel_fw_kernel(q_ref, k_ref, v_ref, b_ref, i_ref, m_ref, r_ref, c_ref, n_ref, m_prev_ref, h_ref, den_ref, *,
                         qk_scale: float, eps: float, block_lkv: int, block_dhqk: int, precision):
     block_lq, dhqk = q_ref.shape
     dtype = common.acc_dtype(q_ref.dtype)
@@ -22,10 +22,11 @@ def _parallel_fw_kernel(q_ref, k_ref, v_ref, b_ref, i_ref, m_ref, c_ref, n_ref, 
     q_rows = pl.ds(0, block_lq)
     vec_b_q = b_ref[pl.ds(q_start, block_lq)].astype(dtype)  # (bLQ,)
     vec_m = m_ref[...].astype(dtype)  # (bLQ,)
+    vec_r = r_ref[...]  # (bLQ,) int32: last hard reset in the chunk, −1 if none
     m_prev = jnp.max(m_prev_ref[...].astype(dtype))  # () from (1,)
 
-    # inter-chunk: q̄ C_{k-1} and q̄ · n_{k-1}, with q̄ = s·q·e^{b + m_{k-1} − m}
-    q_inter_scale = qk_scale * jnp.exp(vec_b_q + m_prev - vec_m)  # (bLQ,)
+    # inter-chunk: q̄ C_{k-1} and q̄ · n_{k-1}, with q̄ = s·q·e^{b + m_{k-1} − m} (0 after a reset)
+    q_inter_scale = qk_scale * common.inter_chunk_decay(vec_b_q, vec_r, m_prev, vec_m)  # (bLQ,)
     num = common.dot_nn_tiled(q_ref, q_rows, c_ref, dhqk, block_dhqk, precision)  # (bLQ, DHQK) @ (DHQK, bDHHV)
     num = num * q_inter_scale[:, None]
     den = common.row_dot_tiled(q_ref, q_rows, n_ref, dhqk, block_dhqk) * q_inter_scale  # (bLQ,)
@@ -37,7 +38,7 @@ def _parallel_fw_kernel(q_ref, k_ref, v_ref, b_ref, i_ref, m_ref, c_ref, n_ref, 
         scores = common.dot_nt_tiled(q_ref, q_rows, k_ref, kv_rows, dhqk, block_dhqk, precision)  # (bLQ, bLKV)
         vec_b_kv = b_ref[kv_rows].astype(dtype)  # (bLKV,)
         vec_i_kv = i_ref[kv_rows].astype(dtype)  # (bLKV,)
-        decay = common.intra_chunk_decay(vec_b_q, vec_m, q_start, vec_b_kv, vec_i_kv, kv_start)  # (bLQ, bLKV)
+        decay = common.intra_chunk_decay(vec_b_q, vec_m, vec_r, q_start, vec_b_kv, vec_i_kv, kv_start)  # (bLQ, bLKV)
         weights = scores * qk_scale * decay
         v = v_ref[kv_rows, :]  # (bLKV, bDHHV)
         num = num + common.dot(weights.astype(v.dtype), v, precision)  # (bLQ, bLKV) @ (bLKV, bDHHV)
@@ -96,8 +97,8 @@ def mlstm_chunkwise__parallel_fw_Hintra(
     q_tiles = chunk_size // block_lq
     qk_scale = dhqk**-0.5 if qk_scale is None else qk_scale
 
-    vecB = compute_chunkwise_vecB(vecF, chunk_size)
-    vecM_out = compute_chunkwise_vecM(vecB, vecI, scaM_all)
+    vecB, vecR = compute_chunkwise_reset_gates(vecF, chunk_size)  # (B, NH, NC, L): resets counted as 0, reset positions
+    vecM_out = compute_chunkwise_vecM(vecB, vecR, vecI, scaM_all)
     q = common.pad_axis(matQ.reshape(bnh, seq_len, dhqk), 2, dhqk_p)
     k = common.pad_axis(matK.reshape(bnh, seq_len, dhqk), 2, dhqk_p)
     v = common.pad_axis(matV.reshape(bnh, seq_len, dhhv), 2, dhhv_p)
@@ -124,6 +125,7 @@ def mlstm_chunkwise__parallel_fw_Hintra(
             gate_spec,
             gate_spec,
             q_gate_spec,
+            q_gate_spec,
             pl.BlockSpec((None, None, dhqk_p, block_dhhv), lambda iv, iq, cb: (*chunk(cb), 0, iv)),
             pl.BlockSpec((None, None, dhqk_p), lambda iv, iq, cb: (*chunk(cb), 0)),
             pl.BlockSpec((None, None, 1), lambda iv, iq, cb: (*chunk(cb), 0)),
@@ -143,6 +145,6 @@ def mlstm_chunkwise__parallel_fw_Hintra(
         interpret=interpret,
         name="mlstm_chunkwise__parallel_fw_Hintra",
     )(q, k, v, vecB.reshape(bnh, seq_len), vecI.reshape(bnh, seq_len), vecM_out.reshape(bnh, seq_len),
-      c_all, n_all, m_all)
+      vecR.reshape(bnh, seq_len), c_all, n_all, m_all)
     matH_out = h[:, :, :dhhv].reshape(batch, heads, seq_len, dhhv)
     return matH_out, den.reshape(batch, heads, seq_len), vecM_out

@@ -10,8 +10,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_mlstm.pallas_triton import common
-from reference.chunkwise import compute_chunkwise_vecB, join_states
-from reference.validation import validate_chunk_size
+from pallas_mlstm.gates import compute_chunkwise_vecB
+from pallas_mlstm.states import join_states
+from pallas_mlstm.validation import validate_chunk_size
 
 
 def _recurrent_bw_kernel(*refs, num_chunks: int, chunk_size: int, qk_scale: float, eps: float,

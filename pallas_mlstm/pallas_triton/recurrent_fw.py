@@ -10,8 +10,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_mlstm.pallas_triton import common
-from reference.chunkwise import compute_chunkwise_log_gates_vecB_vecA, join_states
-from reference.validation import validate_chunk_size
+from pallas_mlstm.gates import MIN_LOG_SCALE, compute_chunkwise_log_gates_vecB_vecA
+from pallas_mlstm.states import join_states
+from pallas_mlstm.validation import validate_chunk_size
 
 
 def _recurrent_fw_kernel(*refs, num_chunks: int, chunk_size: int, has_initial: bool, precision):
@@ -51,7 +52,8 @@ def _recurrent_fw_kernel(*refs, num_chunks: int, chunk_size: int, has_initial: b
     def chunk_step(chunk, carry):
         c, n, m = carry
         sca_g = g_ref[chunk].astype(dtype)  # ()
-        m_next = jnp.maximum(sca_g + m, jnp.max(a_ref[chunk].astype(dtype)))  # from vecA (L,)
+        # m_k = max(g + m_{k-1}, max a, MIN_LOG_SCALE): from vecA (L,); the floor keeps an all-empty state finite
+        m_next = jnp.maximum(jnp.maximum(sca_g + m, jnp.max(a_ref[chunk].astype(dtype))), MIN_LOG_SCALE)
         decay = jnp.exp(sca_g + m - m_next)
 
         def sub_tile_update(t):
