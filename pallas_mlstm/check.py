@@ -7,20 +7,27 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
+from absl import app, flags
 
 import pallas_mlstm
 import reference
 from pallas_mlstm.benchmarks.timing import median_ms
+from pallas_mlstm.config import MIN_PALLAS_CHUNK
+from pallas_mlstm.validation import validate_chunk_size
 
 _BACKENDS = flags.DEFINE_list(
-    "check_backends", None, "Backends to check (default: triton,xla on a GPU, interpret,xla otherwise).")
-_SHAPE = flags.DEFINE_list("check_shape", ["2", "2", "256", "64", "128"], "B,NH,S,DHQK,DHHV of the random inputs.")
-_CHUNK = flags.DEFINE_integer("check_chunk_size", 64, "Chunk size.")
+    "check_backends", None, f"Backends to check, any of {','.join(pallas_mlstm.BACKENDS)} (default: triton,xla "
+    "on a GPU, interpret,xla otherwise).")
+_SHAPE = flags.DEFINE_list(
+    "check_shape", ["2", "2", "256", "64", "128"], "B,NH,S,DHQK,DHHV of the random inputs: 5 positive integers.")
+_CHUNK = flags.DEFINE_integer(
+    "check_chunk_size", 64, f"Chunk size: a power of 2 dividing S, at least {MIN_PALLAS_CHUNK} on the Pallas "
+    "backends (triton, interpret).")
 _DTYPES = flags.DEFINE_list(
-    "check_dtypes", None, "Input dtypes of q, k, v (default: float32,bfloat16 on a GPU, float32 otherwise).")
+    "check_dtypes", None, "Input dtypes of q, k, v, any of float32,bfloat16,float16 (default: float32,bfloat16 on "
+    "a GPU, float32 otherwise).")
 _SEED = flags.DEFINE_integer("check_seed", 0, "Seed of the random inputs.")
-_REPEATS = flags.DEFINE_integer("check_repeats", 5, "Timed calls per measurement (median reported).")
+_REPEATS = flags.DEFINE_integer("check_repeats", 5, "Timed calls per measurement (median reported).", lower_bound=1)
 
 # Relative error bounds against the float64 oracle, per input dtype: (forward, gradients).
 TOLERANCE = {"float32": (1e-4, 1e-4), "bfloat16": (1e-2, 2e-2), "float16": (1e-2, 2e-2)}
@@ -90,21 +97,43 @@ def run_check(backends, shape, chunk_size, dtypes, seed, repeats) -> list[dict]:
     return rows
 
 
+def _validated_shape(entries: list[str]) -> tuple[int, ...]:
+    """--check_shape as 5 ints; UsageError unless it is 5 positive integers."""
+    if len(entries) != 5 or not all(entry.isdecimal() and int(entry) > 0 for entry in entries):
+        raise app.UsageError(f"--check_shape must be 5 comma-separated positive integers B,NH,S,DHQK,DHHV (e.g. "
+                             f"--check_shape=2,2,256,64,128); got {','.join(entries)!r}.")
+    return tuple(int(entry) for entry in entries)
+
+
+def _validated_backends(backends: list[str], on_gpu: bool, chunk_size: int, seq_len: int) -> list[str]:
+    """`backends`; UsageError for an unknown one, triton without a GPU, or a chunk size that cannot run."""
+    for backend in backends:
+        if backend not in pallas_mlstm.BACKENDS:
+            raise app.UsageError(f"--check_backends entries must be among {','.join(pallas_mlstm.BACKENDS)}; "
+                                 f"got {backend!r}.")
+        if backend == "triton" and not on_gpu:
+            raise app.UsageError("--check_backends=triton needs a GPU and JAX sees none here; use "
+                                 "--check_backends=interpret,xla.")
+        try:
+            validate_chunk_size(chunk_size, seq_len, name="--check_chunk_size",
+                                minimum=1 if backend == "xla" else MIN_PALLAS_CHUNK)
+        except ValueError as error:
+            raise app.UsageError(f"backend {backend} at --check_shape S={seq_len}: {error}") from None
+    return backends
+
+
 def main_check(argv) -> None:
     """Entry point of `python -m pallas_mlstm check`; exits 1 if any error is above its bound."""
     if len(argv) > 1:
-        raise ValueError(f"unexpected arguments {argv[1:]}; use --check_* flags (see --help).")
+        raise app.UsageError(f"check takes flags only; got the arguments {argv[1:]} (see --help).")
+    shape = _validated_shape(_SHAPE.value)
     on_gpu = jax.default_backend() == "gpu"
-    backends = _BACKENDS.value or (["triton", "xla"] if on_gpu else ["interpret", "xla"])
+    backends = _validated_backends(_BACKENDS.value or (["triton", "xla"] if on_gpu else ["interpret", "xla"]),
+                                   on_gpu, _CHUNK.value, seq_len=shape[2])
     dtypes = _DTYPES.value or (["float32", "bfloat16"] if on_gpu else ["float32"])
-    for backend in backends:
-        pallas_mlstm.resolve_backend(backend)
     for dtype in dtypes:
         if dtype not in TOLERANCE:
-            raise ValueError(f"--check_dtypes entries must be among {sorted(TOLERANCE)}; got {dtype!r}.")
-    if len(_SHAPE.value) != 5:
-        raise ValueError(f"--check_shape must be B,NH,S,DHQK,DHHV; got {','.join(_SHAPE.value)}.")
-    shape = tuple(int(x) for x in _SHAPE.value)
+            raise app.UsageError(f"--check_dtypes entries must be among {','.join(TOLERANCE)}; got {dtype!r}.")
     device = jax.devices()[0]
     print(f"pallas_mlstm {pallas_mlstm.__version__} check on {device.device_kind} ({device.platform}), jax {jax.__version__}")
     print(f"shape B,NH,S,DHQK,DHHV = {shape}, chunk {_CHUNK.value}; reference: float64 recurrent scan "

@@ -56,8 +56,9 @@ def default_chunk_size(seq_len: int, minimum: int = 1) -> int:
     return chunk
 
 
-# Measured launch configs, written by `python -m pallas_mlstm tune` (benchmarks/sweep.py).
-TUNED_CONFIGS_PATH = pathlib.Path(__file__).resolve().parent / "benchmarks" / "results" / "configs.json"
+# Measured launch configs, shipped with the package; `python -m pallas_mlstm tune` writes the user's own.
+PACKAGED_TUNED_CONFIGS_PATH = pathlib.Path(__file__).resolve().parent / "tuned_configs.json"
+TUNED_CONFIGS_ENV = "PALLAS_MLSTM_TUNED_CONFIGS"
 SHORT_SEQUENCE_MAX = 2048
 
 
@@ -67,29 +68,61 @@ def shape_class(seq_len: int, dhqk: int, dhhv: int) -> str:
     return f"dhqk{dhqk}-dhhv{dhhv}-{length}"
 
 
+def user_tuned_configs_path() -> pathlib.Path:
+    """The user's tuned configs: $PALLAS_MLSTM_TUNED_CONFIGS, else $XDG_CONFIG_HOME/pallas_mlstm/tuned_configs.json.
+
+    Without XDG_CONFIG_HOME (or with a relative one, which the XDG spec says to ignore), ~/.config stands for it.
+    """
+    if os.environ.get(TUNED_CONFIGS_ENV):
+        return pathlib.Path(os.environ[TUNED_CONFIGS_ENV]).expanduser()
+    config_home = os.environ.get("XDG_CONFIG_HOME", "")
+    if not os.path.isabs(config_home):
+        config_home = pathlib.Path.home() / ".config"
+    return pathlib.Path(config_home) / "pallas_mlstm" / "tuned_configs.json"
+
+
 @functools.lru_cache(maxsize=8)
-def _read_tuned_configs(path: str, modified_ns: int) -> dict:
+def _read_tuned_configs(path: str, modified_ns: int) -> dict[str, dict[str, ChunkwiseConfig]]:
     del modified_ns  # in the cache key only, so that a rewritten file is read again
-    with open(path) as file:
-        return json.load(file)["configs"]
+    try:
+        with open(path) as file:
+            configs = json.load(file)["configs"]
+        return {
+            device_kind: {key: ChunkwiseConfig(**entry["config"]) for key, entry in entries.items()}
+            for device_kind, entries in configs.items()
+        }
+    except (OSError, ValueError, LookupError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"cannot read the tuned configs in {path} ({type(error).__name__}: {error}); fix its JSON or delete "
+            "the file (`python -m pallas_mlstm tune` writes a new one)."
+        ) from error
+
+
+def tuned_configs_in(path: str | os.PathLike) -> dict[str, dict[str, ChunkwiseConfig]]:
+    """The configs stored at `path` by device_kind and shape class ({} if no file is there).
+
+    ValueError naming the file if it cannot be read or is not a tuned-configs JSON.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        return {}
+    return _read_tuned_configs(str(path), path.stat().st_mtime_ns)
 
 
 def tuned_config(device_kind: str, B: int, NH: int, S: int, DHQK: int, DHHV: int, *,
                  path: str | os.PathLike | None = None) -> ChunkwiseConfig | None:
     """The measured best config for this card (`jax.Device.device_kind`) and shape, or None if none was measured.
 
-    Looked up by `shape_class(S, DHQK, DHHV)` (B and NH do not enter it) in `path`, by default the packaged
-    benchmarks/results/configs.json. None too when the file is missing or its chunk size does not divide S.
+    Looked up by `shape_class(S, DHQK, DHHV)` (B and NH do not enter it) in `path` alone if given, else in the
+    packaged tuned_configs.json and then the user's file (`user_tuned_configs_path`), whose entries win. None
+    too when the config's chunk size does not divide S. ValueError if a file is there but malformed.
     """
     del B, NH  # not part of the shape class
-    path = TUNED_CONFIGS_PATH if path is None else pathlib.Path(path)
-    if not path.is_file():
-        return None
-    configs = _read_tuned_configs(str(path), path.stat().st_mtime_ns)
-    entry = configs.get(device_kind, {}).get(shape_class(S, DHQK, DHHV))
-    if entry is None:
-        return None
-    config = ChunkwiseConfig(**entry["config"])
-    if config.chunk_size is not None and S % config.chunk_size:
+    paths = [PACKAGED_TUNED_CONFIGS_PATH, user_tuned_configs_path()] if path is None else [path]
+    key = shape_class(S, DHQK, DHHV)
+    config = None
+    for config_path in paths:
+        config = tuned_configs_in(config_path).get(device_kind, {}).get(key, config)
+    if config is None or (config.chunk_size is not None and S % config.chunk_size):
         return None
     return config

@@ -23,7 +23,9 @@ from absl import app, flags
 
 from pallas_mlstm.benchmarks import impls, plot
 from pallas_mlstm.benchmarks.timing import median_ms
-from pallas_mlstm.benchmarks.shapes import CPU_DEFAULT_SHAPES, GPU_DEFAULT_SHAPES, Shape, resolve_shapes
+from pallas_mlstm.benchmarks.shapes import (
+    CPU_DEFAULT_SHAPES, GPU_DEFAULT_SHAPES, SHAPES as NAMED_SHAPES, SWEEP_ALIAS, Shape, resolve_shapes,
+)
 from reference.recurrent import mlstm_recurrent
 
 MODES = ("fw", "fwbw")
@@ -40,7 +42,7 @@ CPU_DISCLAIMER = (
 _ENVIRONMENT_AT_START = dict(os.environ)  # what the workers get: the parent changes its own
 
 SHAPES = flags.DEFINE_list(
-    "shapes", [], "Named shapes (pallas_mlstm/benchmarks/shapes.py), 'sweep' for all sweep-S*; "
+    "shapes", [], f"Named shapes, any of {','.join(NAMED_SHAPES)}, or '{SWEEP_ALIAS}' for all sweep-S*; "
     f"default {','.join(GPU_DEFAULT_SHAPES)} on a GPU, {','.join(CPU_DEFAULT_SHAPES)} otherwise."
 )
 MODES_FLAG = flags.DEFINE_list("modes", list(MODES), "Modes to time: fw (forward), fwbw (forward + backward).")
@@ -56,13 +58,16 @@ JSON_PATH = flags.DEFINE_string("json", None, "Write the records to this JSON fi
 PLOT_PATH = flags.DEFINE_string("plot", None, "Write the runtime-vs-S plot of the sweep-S* records to this PNG.")
 CALLS = flags.DEFINE_integer(
     "calls", 100, "Timed calls per (implementation, shape, mode); the median is kept (20 calls left medians of "
-    "~2 ms calls up to 15% apart between runs on an H200)."
+    "~2 ms calls up to 15% apart between runs on an H200).", lower_bound=1
 )
 ISOLATE = flags.DEFINE_bool(
     "isolate", True, "Run each (shape, implementation, chunk size) in its own worker process, so that its "
     "peak memory is its own; with --noisolate peak_bytes is recorded only for a single run."
 )
-WORKER_RECORDS = flags.DEFINE_string("worker_records", None, "Internal: a worker writes its records here.")
+WORKER_RECORDS = flags.DEFINE_string(
+    "worker_records", None, "Set by --isolate on each worker process it starts: the file the worker writes its "
+    "records to."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,8 +194,16 @@ def _chunk_requests(tokens: list[str]) -> list[int | None]:
         elif token.isdigit() and int(token) > 0:
             requests.append(int(token))
         else:
-            raise ValueError(f"--chunk_sizes takes positive integers or {DEFAULT_CHUNK!r}; got {token!r}.")
+            raise app.UsageError(f"--chunk_sizes takes positive integers or {DEFAULT_CHUNK!r}; got {token!r}.")
     return list(dict.fromkeys(requests))
+
+
+def validated_shapes(names: list[str]) -> list[Shape]:
+    """The shapes --shapes names; UsageError for an unknown name."""
+    try:
+        return resolve_shapes(names)
+    except ValueError as error:
+        raise app.UsageError(f"--shapes: {error}") from None
 
 
 def default_shapes(platform: str) -> list[str]:
@@ -274,18 +287,19 @@ def main_bench(argv: list[str]) -> None:
         raise app.UsageError(f"bench takes flags only; got the arguments {argv[1:]}.")
     modes = list(dict.fromkeys(MODES_FLAG.value))
     if not modes or set(modes) - set(MODES):
-        raise ValueError(f"--modes must be a non-empty subset of {','.join(MODES)}; got {MODES_FLAG.value}.")
-    if CALLS.value < 1:
-        raise ValueError(f"--calls must be at least 1; got {CALLS.value}.")
+        raise app.UsageError(
+            f"--modes must be a non-empty subset of {','.join(MODES)}; got {','.join(MODES_FLAG.value)!r}.")
     chunk_requests = _chunk_requests(CHUNK_SIZES.value)
+    requested_shapes = validated_shapes(SHAPES.value)
     for name in IMPLS.value:
-        impls.get_implementation(name)
+        if name not in impls.IMPLEMENTATIONS:
+            raise app.UsageError(f"--impls entries must be among {','.join(impls.IMPLEMENTATIONS)}; got {name!r}.")
     is_worker = WORKER_RECORDS.value is not None
     if ISOLATE.value:  # the parent only plans and collects: it must not take the workers' GPU memory
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     platform = jax.default_backend()
     card = jax.devices()[0].device_kind
-    shapes = resolve_shapes(SHAPES.value or default_shapes(platform))
+    shapes = requested_shapes or resolve_shapes(default_shapes(platform))
     impl_names = IMPLS.value or list(impls.GPU_DEFAULT_IMPLS if platform == "gpu" else impls.CPU_DEFAULT_IMPLS)
     if not is_worker:
         say(f"pallas_mlstm bench on {card} (JAX platform {platform}), jax {jax.__version__}")

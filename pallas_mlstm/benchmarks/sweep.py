@@ -14,8 +14,9 @@ The first candidate is ChunkwiseConfig() (the heuristics), whose forward output 
 against the float32 reference; every other candidate's output and gradients must agree with the default's
 within the bench's tolerance before its time counts. The score is the median forward+backward time. The
 winner and the default are timed once more at the end, and the winner goes, with both times, to
-`--configs_out` (by default the packaged benchmarks/results/configs.json) under the card's `device_kind`
-and `pallas_mlstm.config.shape_class`.
+`--configs_out` (by default the user's file, `pallas_mlstm.config.user_tuned_configs_path`, which
+`tuned_config` reads over the packaged configs) under the card's `device_kind` and
+`pallas_mlstm.config.shape_class`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from absl import app, flags
 import pallas_mlstm
 from pallas_mlstm.benchmarks import impls, runner, timing
 from pallas_mlstm.benchmarks.shapes import Shape, resolve_shapes
-from pallas_mlstm.config import TUNED_CONFIGS_PATH, ChunkwiseConfig, shape_class
+from pallas_mlstm.config import (
+    TUNED_CONFIGS_ENV, ChunkwiseConfig, shape_class, tuned_configs_in, user_tuned_configs_path,
+)
 from pallas_mlstm.pallas_triton.common import padded_dim
 
 CHUNK_SIZES = (64, 128, 256)
@@ -52,12 +55,17 @@ CONFIGS_COMMENT = (
 
 TUNE_BACKEND = flags.DEFINE_enum(
     "tune_backend", "triton", ["triton", "interpret"],
-    "Backend whose configs are timed; interpret only smoke-tests the sweep on a CPU (needs --configs_out).",
+    "Backend whose configs are timed: triton (needs a GPU); interpret only smoke-tests the sweep on a CPU and "
+    "needs --configs_out.",
 )
-CONFIGS_OUT = flags.DEFINE_string("configs_out", str(TUNED_CONFIGS_PATH), "The configs JSON to update.")
+CONFIGS_OUT = flags.DEFINE_string(
+    "configs_out", str(user_tuned_configs_path()), "The tuned-configs JSON to update (created if missing). The "
+    f"default, which pallas_mlstm reads over its packaged configs, is ${TUNED_CONFIGS_ENV} if set, else "
+    "$XDG_CONFIG_HOME/pallas_mlstm/tuned_configs.json, else ~/.config/pallas_mlstm/tuned_configs.json."
+)
 TIME_BUDGET_S = flags.DEFINE_integer(
     "time_budget_s", 480, "No new candidate starts after this many seconds; the best so far is stored, marked "
-    "incomplete (the device machine stops a command at 10 minutes)."
+    "incomplete.", lower_bound=1
 )
 
 flags.declare_key_flag("shapes")  # the bench's flags that tune reads too
@@ -183,6 +191,7 @@ def write_tuned_entry(path: str, device_kind: str, key: str, entry: dict) -> Non
     file = pathlib.Path(path)
     data = json.loads(file.read_text()) if file.is_file() else {"comment": CONFIGS_COMMENT, "configs": {}}
     data["configs"].setdefault(device_kind, {})[key] = entry
+    file.parent.mkdir(parents=True, exist_ok=True)
     file.write_text(json.dumps(data, indent=1) + "\n")
 
 
@@ -191,18 +200,21 @@ def main_tune(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"tune takes flags only; got the arguments {argv[1:]}.")
     backend = TUNE_BACKEND.value
-    if runner.CALLS.value < 1:
-        raise ValueError(f"--calls must be at least 1; got {runner.CALLS.value}.")
-    if TIME_BUDGET_S.value < 1:
-        raise ValueError(f"--time_budget_s must be at least 1; got {TIME_BUDGET_S.value}.")
-    if backend == "interpret" and pathlib.Path(CONFIGS_OUT.value).resolve() == TUNED_CONFIGS_PATH:
-        raise ValueError("interpreter timings must not go into the packaged configs: pass --configs_out=PATH.")
+    if backend == "interpret" and not CONFIGS_OUT.present:
+        raise app.UsageError("--tune_backend=interpret times the interpreter, whose times must not go into your tuned "
+                             "configs: pass --configs_out=PATH too (e.g. /tmp/tuned_configs.json).")
+    requested_shapes = runner.validated_shapes(runner.SHAPES.value)
     platform = jax.default_backend()
     if backend == "triton" and platform != "gpu":
-        raise ValueError("tune times the triton backend, which needs a GPU; to smoke-test the sweep on a CPU pass "
-                         "--tune_backend=interpret --configs_out=/tmp/configs.json --time_budget_s=60.")
+        raise app.UsageError("tune times the triton backend, which needs a GPU and JAX sees none here; to smoke-test "
+                             "the sweep on a CPU, pass --tune_backend=interpret --configs_out=/tmp/tuned_configs.json "
+                             "--time_budget_s=60.")
+    try:
+        tuned_configs_in(CONFIGS_OUT.value)
+    except ValueError as error:
+        raise app.UsageError(f"--configs_out: {error}") from None
     card = jax.devices()[0].device_kind
-    shapes = resolve_shapes(runner.SHAPES.value or runner.default_shapes(platform))
+    shapes = requested_shapes or resolve_shapes(runner.default_shapes(platform))
     runner.say(f"pallas_mlstm tune on {card}, backend {backend}, jax {jax.__version__}")
     if platform != "gpu":
         runner.say(runner.CPU_DISCLAIMER)

@@ -1,0 +1,141 @@
+"""`python -m pallas_mlstm`: help, one-line usage errors, and where tuned configs are written and read."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+import pallas_mlstm
+from pallas_mlstm import config
+from pallas_mlstm.config import ChunkwiseConfig, shape_class, tuned_config
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE_DIR = pathlib.Path(pallas_mlstm.__file__).resolve().parent
+PROGRAM = "python -m pallas_mlstm"
+NOT_FOR_USERS = ("../shared", "perf.md", "design.md", "session", "device machine")
+H200_7B = ("NVIDIA H200", 8, 8, 8192, 256, 512)
+
+
+def _run_cli(tmp_path, *arguments):
+    """Runs `python -m pallas_mlstm ARGUMENTS` on the CPU, with the user's tuned configs at tmp_path."""
+    environment = {
+        **os.environ, "JAX_PLATFORMS": "cpu", config.TUNED_CONFIGS_ENV: str(tmp_path / "user_tuned_configs.json"),
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run([sys.executable, "-m", "pallas_mlstm", *arguments], cwd=REPO_ROOT, env=environment,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def _assert_one_line_usage_error(result, command: str, expected: str):
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert lines[-1].startswith(f"{PROGRAM} {command}: ") and expected in lines[-1], result.stderr
+    assert sum(line.startswith(PROGRAM) for line in lines) == 1, result.stderr
+    assert result.stdout == ""
+
+
+def test_help_lists_the_subcommands(tmp_path):
+    result = _run_cli(tmp_path, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: {PROGRAM} {{check,bench,tune}}")
+
+
+@pytest.mark.parametrize("command, flag", [
+    ("check", "--check_shape"), ("bench", "--shapes"), ("tune", "--configs_out"),
+])
+def test_subcommand_help_lists_its_flags_for_users(tmp_path, command, flag):
+    result = _run_cli(tmp_path, command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: {PROGRAM} {command} [--flags]") and flag in result.stdout
+    assert not [word for word in NOT_FOR_USERS if word in result.stdout.lower()]
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    (["check", "--nonsense=1"], f"'nonsense'; see `{PROGRAM} check --help`"),
+    (["check", "--check_backends=triton"], "use --check_backends=interpret,xla"),
+    (["check", "--check_backends=cuda"], "--check_backends entries must be among triton,interpret,xla"),
+    (["check", "--check_shape=1,2"], "--check_shape must be 5 comma-separated positive integers B,NH,S,DHQK,DHHV"),
+    (["check", "--check_shape=1,2,x,64,64"], "--check_shape must be 5 comma-separated positive integers"),
+    (["check", "--check_dtypes=int8"], "--check_dtypes entries must be among float32,bfloat16,float16"),
+    (["check", "--check_chunk_size=48"], "--check_chunk_size must be a power of 2"),
+    (["tune"], "pass --tune_backend=interpret --configs_out="),
+    (["tune", "--tune_backend=interpret"], "pass --configs_out=PATH"),
+    (["bench", "--shapes=huge"], "--shapes: unknown shape 'huge'"),
+    (["bench", "--impls=torch"], "--impls entries must be among"),
+    (["bench", "--calls=0"], "flag --calls=0"),
+])
+def test_bad_request_prints_one_line_and_exits_2(tmp_path, arguments, expected):
+    _assert_one_line_usage_error(_run_cli(tmp_path, *arguments), arguments[0], expected)
+
+
+def test_tune_refuses_a_malformed_configs_out_before_tuning(tmp_path):
+    configs_out = tmp_path / "broken.json"
+    configs_out.write_text("{not json")
+    result = _run_cli(tmp_path, "tune", "--tune_backend=interpret", f"--configs_out={configs_out}")
+    _assert_one_line_usage_error(result, "tune", f"--configs_out: cannot read the tuned configs in {configs_out}")
+
+
+def test_default_tune_output_is_the_user_config_file(monkeypatch, tmp_path):
+    from pallas_mlstm.benchmarks import sweep
+
+    assert sweep.CONFIGS_OUT.default == str(config.user_tuned_configs_path())
+    assert not pathlib.Path(sweep.CONFIGS_OUT.default).resolve().is_relative_to(PACKAGE_DIR)
+    monkeypatch.delenv(config.TUNED_CONFIGS_ENV, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert config.user_tuned_configs_path() == tmp_path / "xdg" / "pallas_mlstm" / "tuned_configs.json"
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relative/config")  # the XDG spec says to ignore relative paths
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert config.user_tuned_configs_path() == tmp_path / "home" / ".config" / "pallas_mlstm" / "tuned_configs.json"
+    monkeypatch.setenv(config.TUNED_CONFIGS_ENV, str(tmp_path / "mine.json"))
+    assert config.user_tuned_configs_path() == tmp_path / "mine.json"
+
+
+def test_tune_creates_the_folder_of_its_configs_file(tmp_path):
+    from pallas_mlstm.benchmarks import sweep
+
+    configs_path = tmp_path / "new" / "pallas_mlstm" / "tuned_configs.json"
+    entry = {"config": {"chunk_size": 64}}
+    sweep.write_tuned_entry(str(configs_path), "NVIDIA H200", shape_class(8192, 256, 512), entry)
+    assert tuned_config(*H200_7B, path=configs_path) == ChunkwiseConfig(chunk_size=64)
+
+
+def _write_user_configs(path, configs_by_class):
+    path.write_text(json.dumps({"configs": {"NVIDIA H200": {
+        key: {"config": fields} for key, fields in configs_by_class.items()}}}))
+
+
+def test_user_tuned_configs_override_packaged_entries(monkeypatch, tmp_path):
+    user_file = tmp_path / "tuned_configs.json"
+    monkeypatch.setenv(config.TUNED_CONFIGS_ENV, str(user_file))
+    packaged_7b = tuned_config(*H200_7B, path=config.PACKAGED_TUNED_CONFIGS_PATH)
+    packaged_short = tuned_config("NVIDIA H200", 32, 8, 2048, 256, 512, path=config.PACKAGED_TUNED_CONFIGS_PATH)
+    assert packaged_7b is not None and packaged_short is not None
+    assert tuned_config(*H200_7B) == packaged_7b  # no user file yet
+    _write_user_configs(user_file, {shape_class(8192, 256, 512): {"chunk_size": 64}})
+    assert tuned_config(*H200_7B) == ChunkwiseConfig(chunk_size=64)
+    assert tuned_config("NVIDIA H200", 32, 8, 2048, 256, 512) == packaged_short  # other classes: packaged
+    assert tuned_config(*H200_7B, path=config.PACKAGED_TUNED_CONFIGS_PATH) == packaged_7b  # an explicit path alone
+
+
+@pytest.mark.parametrize("content", [
+    "{not json", '{"configs": []}', '{"configs": {"NVIDIA H200": {"dhqk256-dhhv512-long": {"config": {"tile": 1}}}}}',
+])
+def test_malformed_user_tuned_configs_raise_a_value_error_naming_the_file(monkeypatch, tmp_path, content):
+    user_file = tmp_path / "tuned_configs.json"
+    user_file.write_text(content)
+    monkeypatch.setenv(config.TUNED_CONFIGS_ENV, str(user_file))
+    with pytest.raises(ValueError, match="fix its JSON or delete the file") as raised:
+        tuned_config(*H200_7B)
+    assert str(user_file) in str(raised.value)
+
+
+def test_package_ships_tuned_configs_and_no_benchmark_results():
+    assert config.PACKAGED_TUNED_CONFIGS_PATH == PACKAGE_DIR / "tuned_configs.json"
+    assert config.PACKAGED_TUNED_CONFIGS_PATH.is_file()
+    package_data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert package_data == {"pallas_mlstm": ["tuned_configs.json"]}
