@@ -1,8 +1,10 @@
-"""pallas_mlstm: the chunkwise (TFLA) mLSTM kernels in Pallas, lowered to Triton, with jnp oracles."""
+"""pallas_mlstm: the chunkwise (TFLA) mLSTM kernels in Pallas, lowered to Triton, for JAX."""
 
-from pallas_mlstm.api import mlstm_chunkwise
+from pallas_mlstm.api import mlstm_chunkwise, mlstm_chunkwise_max_triton
 from pallas_mlstm.backend import BACKENDS, resolve_backend
+from pallas_mlstm.chunkwise import mlstm_chunkwise_bw, mlstm_chunkwise_fw
 from pallas_mlstm.config import ChunkwiseConfig
+from pallas_mlstm.gates import compute_chunkwise_log_gates_vecB_vecA, compute_chunkwise_reset_gates
 from pallas_mlstm.pallas_triton import (
     mlstm_chunkwise__parallel_bw_dK,
     mlstm_chunkwise__parallel_bw_dQ,
@@ -11,9 +13,6 @@ from pallas_mlstm.pallas_triton import (
     mlstm_chunkwise__recurrent_bw_dC,
     mlstm_chunkwise__recurrent_fw_C,
 )
-from pallas_mlstm.pallas_triton.bw import mlstm_chunkwise_bw
-from pallas_mlstm.pallas_triton.fw import mlstm_chunkwise_fw
-from reference.chunkwise import compute_chunkwise_log_gates_vecB_vecA
 
 __version__ = "0.1.0"
 
@@ -21,6 +20,7 @@ __all__ = [
     "BACKENDS",
     "ChunkwiseConfig",
     "compute_chunkwise_log_gates_vecB_vecA",
+    "compute_chunkwise_reset_gates",
     "mlstm_chunkwise",
     "mlstm_chunkwise__parallel_bw_dK",
     "mlstm_chunkwise__parallel_bw_dQ",
@@ -30,5 +30,6 @@ __all__ = [
     "mlstm_chunkwise__recurrent_fw_C",
     "mlstm_chunkwise_bw",
     "mlstm_chunkwise_fw",
+    "mlstm_chunkwise_max_triton",
     "resolve_backend",
 ]

@@ -1,14 +1,16 @@
-"""Public entry point: `mlstm_chunkwise`, with input validation and backend dispatch."""
+"""Public entry points: `mlstm_chunkwise` and upstream's `mlstm_chunkwise_max_triton`, with input checks."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from pallas_mlstm.backend import kernel_set, resolve_backend
-from pallas_mlstm.config import MIN_PALLAS_CHUNK, ChunkwiseConfig, default_chunk_size, tuned_config
+from pallas_mlstm.backend import resolve_backend
+from pallas_mlstm.chunkwise import HIGHER_ORDER_MESSAGE, ChunkwiseStatic
+from pallas_mlstm.config import ChunkwiseConfig, tuned_config
+from pallas_mlstm.gates import acc_dtype_of
+from pallas_mlstm.launch_defaults import MIN_PALLAS_CHUNK, default_chunk_size
 from pallas_mlstm.sharding import run_partitioned
-from reference.chunkwise import ChunkwiseStatic
 from pallas_mlstm.validation import validate_chunk_size, validate_mlstm_inputs
 
 _AUTOCAST_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
@@ -16,15 +18,27 @@ _AUTOCAST_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
 def default_config(backend: str, device_kind: str, q_shape: tuple[int, ...], dhhv: int, operand_dtype) -> ChunkwiseConfig:
     """The config used when none is given: on the triton backend with 16-bit operands, the one `tune`
-    measured for this card and shape class (benchmarks/results/configs.json) if any; otherwise all None (the
-    kernels' own defaults). Tuned configs were measured with bfloat16 operands: float32 tiles take twice the
-    shared memory, so float32 operands keep the kernel defaults, which the GPU tests run in float32."""
+    measured for this card and shape class (pallas_mlstm/tuned_configs.json, or the user's own file, see
+    `pallas_mlstm.config`) if any; otherwise all None (the kernels' own defaults). Tuned configs were
+    measured with bfloat16 operands: float32 tiles take twice the shared memory, so float32 operands keep
+    the kernel defaults, which the GPU tests run in float32."""
     if backend == "triton" and jnp.dtype(operand_dtype).itemsize == 2:
         batch, heads, seq_len, dhqk = q_shape
         tuned = tuned_config(device_kind, batch, heads, seq_len, dhqk, dhhv)
         if tuned is not None:
             return tuned
     return ChunkwiseConfig()
+
+
+def _empty_outputs(q, v, return_last_states: bool, out_dtype):
+    """The outputs of an empty batch or head axis (B·NH = 0): arrays of the right shapes and dtypes."""
+    batch, heads, seq_len, dhqk = q.shape
+    h = jnp.zeros((batch, heads, seq_len, v.shape[3]), out_dtype)
+    if not return_last_states:
+        return h
+    state_dtype = acc_dtype_of(q.dtype)
+    return h, (jnp.zeros((batch, heads, dhqk, v.shape[3]), state_dtype), jnp.zeros((batch, heads, dhqk), state_dtype),
+               jnp.zeros((batch, heads), state_dtype))
 
 
 def mlstm_chunkwise(
@@ -48,16 +62,16 @@ def mlstm_chunkwise(
 ):
     """The mLSTM cell over a sequence, chunkwise (TFLA), differentiable through a custom VJP.
 
-    q, k, v are cast to `autocast_kernel_dtype` when given (matmul operands); gates and states stay
-    float32. `backend`: "triton" (GPU), "interpret" (Pallas interpreter, CPU), "xla" (plain jnp), or
-    None for triton on GPU and xla otherwise. `config` defaults, on the triton backend with 16-bit kernel
-    operands, to the launch config measured for this card and shape class (benchmarks/results/configs.json),
-    else to each kernel's own default launch (measured per kernel on an H200); see `default_config`.
-    `chunk_size` overrides `config.chunk_size`; without either, the largest power of 2 <= 128 dividing S.
-    Returns h (B, NH, S, DHHV) in q's dtype, or `(h, (c_last, n_last, m_last))` with `return_last_states`. Gradients hold the normaliser and the
-    max state constant (exact for the head-normalised outputs of an mLSTM block; see README).
+    q, k, v are cast to `autocast_kernel_dtype` when given (matmul operands); gates i, f and the initial
+    states are cast to float32 (float64 when q is float64), whatever their dtype. `backend`: "triton" (GPU),
+    "interpret" (Pallas interpreter, CPU), "xla" (plain jnp), or None for triton on GPU and xla otherwise.
+    `config` defaults to `default_config`. `chunk_size` overrides `config.chunk_size`; without either,
+    the largest power of 2 <= 128 dividing S. Returns h (B, NH, S, DHHV) in q's dtype, or
+    `(h, (c_last, n_last, m_last))` with `return_last_states`. Gradients hold the normaliser and the max
+    state constant (exact for the head-normalised outputs of an mLSTM block; see README); first-order
+    reverse mode only (jax.grad, jax.vjp), no jax.jvp / jax.jacfwd or second derivatives.
     """
-    _, _, seq_len, _, _ = validate_mlstm_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
+    batch, heads, seq_len, _, _ = validate_mlstm_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
     backend = resolve_backend(backend)
     out_dtype = q.dtype
     if autocast_kernel_dtype is not None:
@@ -81,19 +95,54 @@ def mlstm_chunkwise(
     chunk_size = config.chunk_size if chunk_size is None else chunk_size
     if chunk_size is None:
         chunk_size = default_chunk_size(seq_len, minimum_chunk)
-    validate_chunk_size(chunk_size, seq_len, minimum=minimum_chunk)
+    chunk_size = validate_chunk_size(chunk_size, seq_len, minimum=minimum_chunk)
+    if batch * heads == 0:
+        return _empty_outputs(q, v, return_last_states, out_dtype)
 
-
+    state_dtype = acc_dtype_of(q.dtype)  # gates and states: float32, float64 for float64 operands
+    i, f, c_initial, n_initial, m_initial = (None if x is None else x.astype(state_dtype)
+                                             for x in (i, f, c_initial, n_initial, m_initial))
     static = ChunkwiseStatic(
-        kernels=kernel_set(backend, allow_tf32),
+        backend=backend,
         chunk_size=chunk_size,
         eps=float(eps),
         return_last_states=bool(return_last_states),
         recompute_states_in_bw=bool(recompute_states_in_bw),
+        allow_tf32=bool(allow_tf32),
         launch=config.launch_items(),
     )
-    out = run_partitioned(static, q, k, v, i, f, c_initial, n_initial, m_initial)
+    try:
+        out = run_partitioned(static, q, k, v, i, f, c_initial, n_initial, m_initial)
+    except TypeError as error:
+        if "forward-mode" not in str(error):
+            raise
+        raise ValueError(HIGHER_ORDER_MESSAGE.format(what="forward-mode differentiation (jax.jvp, jax.jacfwd)")) from None
     if return_last_states:
         h, last_states = out
         return h.astype(out_dtype), last_states
     return out.astype(out_dtype)
+
+
+def mlstm_chunkwise_max_triton(
+    q: jax.Array,  # (B, NH, S, DHQK)
+    k: jax.Array,  # (B, NH, S, DHQK)
+    v: jax.Array,  # (B, NH, S, DHHV)
+    i: jax.Array,  # (B, NH, S)
+    f: jax.Array,  # (B, NH, S)
+    c_initial: jax.Array | None = None,  # (B, NH, DHQK, DHHV)
+    n_initial: jax.Array | None = None,  # (B, NH, DHQK)
+    m_initial: jax.Array | None = None,  # (B, NH)
+    return_last_states: bool = False,
+    eps: float = 1e-6,
+    chunk_size: int = 64,
+    autocast_kernel_dtype=jnp.float32,
+):
+    """xlstm_jax's `max_triton_fwbw_v5xlchunksize.mlstm_chunkwise_max_triton`, same arguments, on Pallas.
+
+    Returns h (B, NH, S, DHHV), or `(h, (c_last, n_last, m_last))` with `return_last_states`, as upstream.
+    Differences: `chunk_size` is honoured (upstream's top level ignores it), so S must be a multiple of it;
+    `autocast_kernel_dtype` casts q, k, v only, the gates stay float32; h comes back in q's dtype. The
+    backend is the default one (triton on a GPU, xla otherwise); use `mlstm_chunkwise` to choose it.
+    """
+    return mlstm_chunkwise(q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states=return_last_states,
+                           chunk_size=chunk_size, eps=eps, autocast_kernel_dtype=autocast_kernel_dtype)

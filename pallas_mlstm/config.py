@@ -1,16 +1,29 @@
-"""Launch configuration: a frozen, hashable config and the heuristics that fill it in."""
+"""Launch configuration: a frozen, hashable config checked at construction, and the tuned configs measured per card.
+
+The defaults a None field falls back on (and the heuristics behind them) live in pallas_mlstm/launch_defaults.py.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
+import numbers
 import os
 import pathlib
 
-# Smallest chunk the Pallas kernels take (Triton's dot needs every side >= 16).
-MIN_PALLAS_CHUNK = 16
-DEFAULT_MAX_CHUNK = 128
+# Re-exported while pallas_mlstm/check.py still imports it from here; launch_defaults owns it.
+from pallas_mlstm.launch_defaults import MIN_PALLAS_CHUNK  # noqa: F401
+
+_TILE_FIELDS = ("siz_b_L_parallel", "siz_b_L_loop", "siz_b_DH_parallel", "siz_b_DH_loop")
+_WARP_FIELDS = ("num_warps_intra", "num_warps_inter")
+_STAGE_FIELDS = ("num_stages_intra", "num_stages_inter")
+_NUM_WARPS = (1, 2, 4, 8, 16, 32)
+_MIN_TILE = 16  # Triton's dot needs every side >= 16 (pallas_triton.common.MIN_TILE)
+
+
+def _is_power_of_2(value: int) -> bool:
+    return value >= 1 and not value & (value - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,8 +33,12 @@ class ChunkwiseConfig:
     The names follow upstream's `mlstm_chunkwise_fw` / `mlstm_chunkwise_bw`: `*_parallel` tiles are
     grid axes, `*_loop` tiles are walked inside a kernel; `intra` is the parallel kernels, `inter` the
     recurrent ones. A set field applies to every kernel it names; a None field lets each kernel use its
-    own default (chunk size: `default_chunk_size`; tiles, warps and stages: measured per kernel, see
-    pallas_mlstm/benchmarks/README.md).
+    own default (all in pallas_mlstm/launch_defaults.py: chunk size `default_chunk_size`; tiles, warps and
+    stages measured per kernel, see pallas_mlstm/benchmarks/README.md).
+
+    Checked at construction (ValueError naming the field): every field is None or an int (NumPy integers
+    are converted); chunk_size a power of 2 >= 1; the `siz_b_*` tiles powers of 2 >= 16; `num_warps_*` one
+    of 1, 2, 4, 8, 16, 32; `num_stages_*` >= 1.
     """
 
     chunk_size: int | None = None
@@ -34,6 +51,25 @@ class ChunkwiseConfig:
     num_stages_intra: int | None = None
     num_stages_inter: int | None = None
 
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                continue
+            name = f"ChunkwiseConfig.{field.name}"
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an int or None; got {value!r} ({type(value).__name__}).")
+            value = int(value)
+            object.__setattr__(self, field.name, value)  # NumPy integers -> int, so configs hash and dump alike
+            if field.name == "chunk_size" and not _is_power_of_2(value):
+                raise ValueError(f"{name} must be a power of 2 >= 1 (e.g. 64, 128); got {value}.")
+            if field.name in _TILE_FIELDS and not (value >= _MIN_TILE and _is_power_of_2(value)):
+                raise ValueError(f"{name} must be a power of 2 >= {_MIN_TILE} (e.g. 32, 64, 128); got {value}.")
+            if field.name in _WARP_FIELDS and value not in _NUM_WARPS:
+                raise ValueError(f"{name} must be one of {', '.join(map(str, _NUM_WARPS))}; got {value}.")
+            if field.name in _STAGE_FIELDS and value < 1:
+                raise ValueError(f"{name} must be an int >= 1; got {value}.")
+
     def launch_items(self) -> tuple[tuple[str, int], ...]:
         """The set launch fields as hashable (name, value) pairs for `mlstm_chunkwise_fw` / `_bw`."""
         return tuple(
@@ -41,19 +77,6 @@ class ChunkwiseConfig:
             for field in dataclasses.fields(self)
             if field.name != "chunk_size" and getattr(self, field.name) is not None
         )
-
-
-def default_chunk_size(seq_len: int, minimum: int = 1) -> int:
-    """The largest power of 2 <= 128 that divides seq_len; ValueError if it is below `minimum`."""
-    chunk = DEFAULT_MAX_CHUNK
-    while chunk > 1 and seq_len % chunk:
-        chunk //= 2
-    if chunk < minimum:
-        raise ValueError(
-            f"the sequence length S={seq_len} must be a multiple of {minimum} for the Pallas backends: "
-            f"pad S to {-(-seq_len // minimum) * minimum}, or use backend='xla'."
-        )
-    return chunk
 
 
 # Measured launch configs, shipped with the package; `python -m pallas_mlstm tune` writes the user's own.

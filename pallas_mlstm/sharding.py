@@ -29,11 +29,14 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from reference.chunkwise import ChunkwiseStatic, _chunkwise_bwd, _chunkwise_fwd, acc_dtype_of, run_chunkwise
-
-# The log-max of a shard's zero start state in its first pass: every exp(·) of it underflows to 0,
-# so the shard's end state carries the max over its own tokens only (as in the unsharded pass).
-_EMPTY_LOG_MAX = -1e30
+from pallas_mlstm.chunkwise import (
+    ChunkwiseStatic,
+    chunkwise_backward,
+    chunkwise_forward,
+    first_order_only,
+    run_chunkwise,
+)
+from pallas_mlstm.gates import MIN_LOG_SCALE, acc_dtype_of
 
 _PRIMAL_KINDS = (("seq", 4), ("seq", 4), ("seq", 4), ("seq", 3), ("seq", 3), ("state", 4), ("state", 3), ("state", 2))
 
@@ -115,7 +118,7 @@ def _incoming_states(static, placement: _Placement, q, k, v, i, f, c_initial, n_
     batch, heads, _, dhqk = q.shape
     dtype = acc_dtype_of(q.dtype)
     empty = (jnp.zeros((batch, heads, dhqk, v.shape[-1]), dtype), jnp.zeros((batch, heads, dhqk), dtype),
-             jnp.full((batch, heads), _EMPTY_LOG_MAX, dtype))
+             jnp.full((batch, heads), MIN_LOG_SCALE, dtype))  # a zero state: every exp(· − m) of it is 0
     _, end_states = run_chunkwise(dataclasses.replace(static, return_last_states=True), q, k, v, i, f, *empty)
     log_decay = jnp.sum(jax.nn.log_sigmoid(f.astype(dtype)), axis=-1)  # (B, NH)
     c_all, n_all, m_all, g_all = (lax.all_gather(x.astype(dtype), placement.seq)
@@ -131,9 +134,9 @@ def _incoming_states(static, placement: _Placement, q, k, v, i, f, c_initial, n_
     m0 = jnp.zeros((batch, heads), dtype) if m_initial is None else m_initial.astype(dtype)
     w0 = g_before + m0
     w = jnp.where(earlier, g_between + m_all, 0.0)
-    m_in = jnp.maximum(w0, jnp.max(jnp.where(earlier, w, -jnp.inf), axis=0))
+    m_in = jnp.maximum(jnp.maximum(w0, jnp.max(jnp.where(earlier, w, -jnp.inf), axis=0)), MIN_LOG_SCALE)
     scale0 = jnp.exp(w0 - m_in)
-    scale = jnp.where(earlier, jnp.exp(w - m_in), 0.0)  # (P, B, NH)
+    scale = jnp.exp(jnp.where(earlier, w - m_in, -jnp.inf))  # (P, B, NH): 0 for the shards from this one on
     c_in = jnp.sum(scale[..., None, None] * c_all, axis=0)
     n_in = jnp.sum(scale[..., None] * n_all, axis=0)
     if c_initial is not None:
@@ -148,7 +151,7 @@ def _fwd_body(static, present, placement, *arrays):
     q, k, v, i, f, c0, n0, m0 = _fill(present, arrays)
     if placement.seq:
         c0, n0, m0 = _incoming_states(static, placement, q, k, v, i, f, c0, n0, m0)
-    out, residuals = _chunkwise_fwd(static, q, k, v, i, f, c0, n0, m0)
+    out, residuals = chunkwise_forward(static, q, k, v, i, f, c0, n0, m0)
     saved_states, n_out, m_out = residuals[-3:]
     h, last_states = out if static.return_last_states else (out, ())
     if placement.seq:
@@ -164,7 +167,7 @@ def _bwd_body(static, present, placement, *arrays):
     n_out, m_out, dh, *d_last = arrays[num_primals + num_saved:]
     if not placement.seq:
         cotangents = (dh, (*d_last, None)) if static.return_last_states else dh
-        grads = _chunkwise_bwd(static, (*primals, saved_states, n_out, m_out), cotangents)
+        grads = chunkwise_backward(static, (*primals, saved_states, n_out, m_out), cotangents)
         return tuple(g for g in grads if g is not None)
 
     q, k, v, i, f, c0, n0, m0 = primals
@@ -173,7 +176,7 @@ def _bwd_body(static, present, placement, *arrays):
     cotangents = (dh, (*d_last, None)) if static.return_last_states else dh
     incoming = functools.partial(_incoming_states, static, placement, q)
     states_in, pullback = jax.vjp(incoming, k, v, i, f, c0, n0, m0)
-    dq, dk, dv, di, df, *d_states_in = _chunkwise_bwd(static, (q, k, v, i, f, *states_in, None, n_out, m_out), cotangents)
+    dq, dk, dv, di, df, *d_states_in = chunkwise_backward(static, (q, k, v, i, f, *states_in, None, n_out, m_out), cotangents)
     dk2, dv2, di2, df2, dc0, dn0, dm0 = pullback(tuple(d_states_in))
     add = lambda a, b: (a.astype(acc_dtype_of(a.dtype)) + b.astype(acc_dtype_of(a.dtype))).astype(a.dtype)
     initial = tuple(None if d is None else lax.psum(d, placement.seq) for d in (dc0, dn0, dm0))
@@ -304,7 +307,7 @@ def _sharded_bwd(static, residuals, cotangents):
     return tuple(None if x is None else next(grads) for x in primals)
 
 
-_sharded_chunkwise.defvjp(_sharded_fwd, _sharded_bwd)
+_sharded_chunkwise.defvjp(first_order_only(_sharded_fwd), first_order_only(_sharded_bwd))
 
 
 def _nothing_to_partition(q) -> bool:
@@ -322,7 +325,7 @@ def _run_jit(static, q, k, v, i, f, c_initial, n_initial, m_initial):
 
 
 def run_partitioned(static: ChunkwiseStatic, q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None):
-    """`reference.chunkwise.run_chunkwise` for inputs that may be sharded over a mesh (B, NH and/or S).
+    """`pallas_mlstm.chunkwise.run_chunkwise` for inputs that may be sharded over a mesh (B, NH and/or S).
 
     Runs as a jitted call (partitioned per shard by XLA) unless there is nothing to partition: inside a
     `shard_map` whose axes are all Manual, or under a one-device mesh (e.g. deviceless lowering).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 
 def _shape_of(x):
@@ -29,8 +30,11 @@ def validate_mlstm_inputs(q, k, v, i, f, c_initial=None, n_initial=None, m_initi
     if len(_shape_of(v)) != 4 or _shape_of(v)[:3] != (batch, heads, seq_len):
         raise ValueError(f"v must have shape (B, NH, S, DHHV) = ({batch}, {heads}, {seq_len}, DHHV); got {_shape_of(v)}.")
     dhhv = _shape_of(v)[3]
-    if 0 in (batch, heads, seq_len, dhqk, dhhv):
-        raise ValueError(f"q and v must have no empty dimension; got q {_shape_of(q)}, v {_shape_of(v)}.")
+    if 0 in (seq_len, dhqk, dhhv):  # an empty batch or head axis is fine: the outputs are empty too
+        raise ValueError(
+            f"q and v must have at least one step (S) and one element per head (DHQK, DHHV); got q {_shape_of(q)}, "
+            f"v {_shape_of(v)}."
+        )
     for name, gate in (("i", i), ("f", f)):
         if _shape_of(gate) != (batch, heads, seq_len):
             raise ValueError(f"{name} must have shape (B, NH, S) = {(batch, heads, seq_len)}; got {_shape_of(gate)}.")
@@ -50,10 +54,12 @@ def validate_mlstm_inputs(q, k, v, i, f, c_initial=None, n_initial=None, m_initi
     return batch, heads, seq_len, dhqk, dhhv
 
 
-def validate_chunk_size(chunk_size, seq_len, *, name="chunk_size", minimum=1):
-    """Checks that chunk_size is a power of 2, at least `minimum`, and divides seq_len."""
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+def validate_chunk_size(chunk_size, seq_len, *, name="chunk_size", minimum=1) -> int:
+    """Checks that chunk_size (an int, NumPy integers too) is a power of 2, at least `minimum`, and divides
+    seq_len; returns it as a Python int."""
+    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, (bool, np.bool_)) or chunk_size < 1:
         raise ValueError(f"{name} must be a positive int; got {chunk_size!r}.")
+    chunk_size = int(chunk_size)
     if chunk_size & (chunk_size - 1):
         raise ValueError(f"{name} must be a power of 2 (e.g. 64, 128, 256); got {chunk_size}.")
     if chunk_size < minimum:
@@ -63,3 +69,4 @@ def validate_chunk_size(chunk_size, seq_len, *, name="chunk_size", minimum=1):
             f"the sequence length S={seq_len} must be a multiple of {name}={chunk_size}: "
             f"pad S to {-(-seq_len // chunk_size) * chunk_size} or choose a {name} that divides it."
         )
+    return chunk_size

@@ -1,4 +1,4 @@
-"""Each Pallas kernel against its jnp twin on identical inputs (a failing kernel is named by its test id)."""
+"""Each Pallas kernel against its jnp twin (the XLA backend's kernel) on identical inputs (a failing kernel is named by its test id)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 import pallas_mlstm
-import reference
+from pallas_mlstm import xla_kernels
 from tests import flags as test_flags
 from tests.helpers import case_key, mlstm_inputs, rel_err
 
@@ -46,20 +46,20 @@ def _case_arrays(case: str, dtype, with_initial: bool):
     q, k, v, i, f, c0, n0, m0 = mlstm_inputs(key, batch, heads, seq_len, dhqk, dhhv, jnp.float32,
                                              with_initial=with_initial)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
-    states = reference.mlstm_chunkwise__recurrent_fw_C(k, v, f, i, c0, n0, m0, chunk_size=chunk)
-    _, n_out, m_out = reference.mlstm_chunkwise__parallel_fw_Hintra(q, k, v, i, f, *states, chunk_size=chunk)
+    states = xla_kernels.mlstm_chunkwise__recurrent_fw_C(k, v, f, i, c0, n0, m0, chunk_size=chunk)
+    _, n_out, m_out = xla_kernels.mlstm_chunkwise__parallel_fw_Hintra(q, k, v, i, f, *states, chunk_size=chunk)
     dkeys = jax.random.split(jax.random.fold_in(key, 1), 2)
     dh = jax.random.normal(dkeys[0], v.shape, dtype)
     dc_last = jax.random.normal(dkeys[1], (batch, heads, dhqk, dhhv), jnp.float32) if with_initial else None
-    dc_states = reference.mlstm_chunkwise__recurrent_bw_dC(q, f, states[2], m_out, dh, n_out, dc_last,
+    dc_states = xla_kernels.mlstm_chunkwise__recurrent_bw_dC(q, f, states[2], m_out, dh, n_out, dc_last,
                                                           chunk_size=chunk)
-    vec_b, vec_a = reference.compute_chunkwise_log_gates_vecB_vecA(i, f, chunk)
+    vec_b, vec_a = pallas_mlstm.compute_chunkwise_log_gates_vecB_vecA(i, f, chunk)
     return dict(q=q, k=k, v=v, i=i, f=f, c0=c0, n0=n0, m0=m0, states=states, n_out=n_out, m_out=m_out, dh=dh,
                 dc_last=dc_last, dc_states=dc_states, vec_b=vec_b, vec_a=vec_a)
 
 
 def _call(kernel_name, module, x, chunk, tiles, extra):
-    """Calls kernel `kernel_name` of `module` (reference or pallas_mlstm) on the case arrays."""
+    """Calls kernel `kernel_name` of `module` (xla_kernels or pallas_mlstm) on the case arrays."""
     fn = getattr(module, f"mlstm_chunkwise__{kernel_name}")
     if kernel_name == "recurrent_fw_C":
         dh_tiles = {key: val for key, val in tiles.items() if key.startswith("siz_b_DH")}
@@ -96,7 +96,7 @@ def test_kernel_matches_twin(backend, dtype, case, kernel_name):
         if with_initial and kernel_name not in ("recurrent_fw_C", "recurrent_bw_dC"):
             continue  # the other kernels see initial states only through their inputs
         x = _case_arrays(case, dtype, with_initial)
-        expected = _call(kernel_name, reference, x, chunk, tiles, {})
+        expected = _call(kernel_name, xla_kernels, x, chunk, tiles, {})
         actual = _call(kernel_name, pallas_mlstm, x, chunk, tiles, dict(interpret=backend == "interpret"))
         expected, actual = jax.tree.leaves(expected), jax.tree.leaves(actual)
         assert len(actual) == len(expected)
@@ -112,18 +112,3 @@ def test_kernel_rejects_bad_tiles():
         _call("parallel_fw_Hintra", pallas_mlstm, x, 32, dict(siz_b_LQ=24), dict(interpret=True))
     with pytest.raises(ValueError, match="chunk_size must be at least 16"):
         _call("parallel_fw_Hintra", pallas_mlstm, x, 8, {}, dict(interpret=True))
-
-
-def test_default_launch_heuristics():
-    from pallas_mlstm.pallas_triton import common
-
-    # recurrent kernels: 128-wide DHHV tiles only while the grid keeps RECURRENT_MIN_PROGRAMS programs
-    assert common.recurrent_dhhv_tile(None, dhqk_tiles=4, dhhv_p=512, bnh=64) == 128  # 7b: 1024 programs
-    assert common.recurrent_dhhv_tile(None, dhqk_tiles=2, dhhv_p=128, bnh=64) == 64  # small heads: 128 would give 128
-    assert common.recurrent_dhhv_tile(None, dhqk_tiles=1, dhhv_p=32, bnh=4096) == 32  # clamped to the head dim
-    assert common.recurrent_dhhv_tile(256, dhqk_tiles=1, dhhv_p=512, bnh=1) == 256  # a request wins
-    with pytest.raises(ValueError, match="siz_b_DHHV must be a power of 2"):
-        common.recurrent_dhhv_tile(96, dhqk_tiles=1, dhhv_p=512, bnh=1)
-    # parallel kernels: 8 warps from 128 x 128 output elements on
-    assert common.parallel_num_warps(128, 256) == 8 and common.parallel_num_warps(64, 256) == 8
-    assert common.parallel_num_warps(64, 128) == 4 and common.parallel_num_warps(16, 32) == 4

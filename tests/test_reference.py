@@ -1,4 +1,4 @@
-"""The oracles agree with each other: recurrent == parallel == chunkwise, and the custom backward is exact."""
+"""The oracles agree with each other and with the chunkwise form on the XLA backend; its custom backward is exact."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pallas_mlstm
 import reference
 from tests.helpers import case_key, mlstm_inputs, plain_loss, rel_err, scale_blind_loss, to_dtype
 
@@ -15,12 +16,17 @@ FORWARD_CASES = [(64, 16), (128, 32), (256, 64), (512, 128)]  # (S, chunk)
 GRAD_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
 
 
+def _xla_chunkwise(*args, **kwargs):
+    """The chunkwise form on the XLA backend (the jnp twins of the kernels, same orchestration and VJP)."""
+    return pallas_mlstm.mlstm_chunkwise(*args, backend="xla", **kwargs)
+
+
 def _run_all(inputs, chunk_size):
     kw = dict(return_last_states=True)
     return {
         "recurrent": reference.mlstm_recurrent(*inputs, **kw),
         "parallel": reference.mlstm_parallel(*inputs, **kw),
-        "chunkwise": reference.mlstm_chunkwise(*inputs, chunk_size=chunk_size, **kw),
+        "chunkwise": _xla_chunkwise(*inputs, chunk_size=chunk_size, **kw),
     }
 
 
@@ -61,12 +67,12 @@ def test_state_passing_four_pieces_equal_one_run(with_initial):
     with jax.enable_x64(True):
         q, k, v, i, f, c, n, m = mlstm_inputs(case_key("pieces", with_initial), B, NH, seq_len, DHQK, DHHV,
                                               jnp.float64, with_initial=with_initial)
-        h_full, last_full = reference.mlstm_chunkwise(q, k, v, i, f, c, n, m, chunk_size=chunk_size,
+        h_full, last_full = _xla_chunkwise(q, k, v, i, f, c, n, m, chunk_size=chunk_size,
                                                       return_last_states=True)
         pieces = []
         for piece in np.split(np.arange(seq_len), 4):
             sl = slice(int(piece[0]), int(piece[-1]) + 1)
-            h, (c, n, m) = reference.mlstm_chunkwise(q[:, :, sl], k[:, :, sl], v[:, :, sl], i[:, :, sl], f[:, :, sl],
+            h, (c, n, m) = _xla_chunkwise(q[:, :, sl], k[:, :, sl], v[:, :, sl], i[:, :, sl], f[:, :, sl],
                                                      c, n, m, chunk_size=chunk_size, return_last_states=True)
             pieces.append(h)
         assert rel_err(jnp.concatenate(pieces, axis=2), h_full) <= 1e-10
@@ -89,7 +95,7 @@ def test_custom_backward_equals_autodiff_for_scale_blind_loss(seq_len, chunk_siz
         inputs = mlstm_inputs(key, B, NH, seq_len, DHQK, DHHV, jnp.float64, with_initial=with_initial)
         weights_key = jax.random.fold_in(key, 7)
         recurrent = lambda *a: reference.mlstm_recurrent(*a, return_last_states=True)
-        chunkwise = lambda *a: reference.mlstm_chunkwise(*a, chunk_size=chunk_size, return_last_states=True)
+        chunkwise = lambda *a: _xla_chunkwise(*a, chunk_size=chunk_size, return_last_states=True)
         expected = _grads(scale_blind_loss(recurrent, weights_key, True), inputs)
         actual = _grads(scale_blind_loss(chunkwise, weights_key, True), inputs)
         for name in expected:
@@ -110,7 +116,7 @@ def test_custom_backward_equals_kernel_semantics_autodiff(with_initial):
         inputs = mlstm_inputs(key, B, NH, seq_len, DHQK, DHHV, jnp.float64, with_initial=with_initial)
         weights_key = jax.random.fold_in(key, 7)
         recurrent = lambda *a: reference.mlstm_recurrent(*a, return_last_states=True, kernel_gradient_semantics=True)
-        chunkwise = lambda *a: reference.mlstm_chunkwise(*a, chunk_size=chunk_size, return_last_states=True)
+        chunkwise = lambda *a: _xla_chunkwise(*a, chunk_size=chunk_size, return_last_states=True)
         expected = _grads(plain_loss(recurrent, weights_key, True), inputs)
         actual = _grads(plain_loss(chunkwise, weights_key, True), inputs)
         for name in expected:
@@ -141,14 +147,14 @@ def test_extreme_gates_finite_and_in_agreement(gates):
         assert float(i.max()) >= 25.0 or float(f.min()) <= -25.0
         inputs = (q, k, v, i, f)
         h_ref = reference.mlstm_recurrent(*inputs)
-        h64 = reference.mlstm_chunkwise(*inputs, chunk_size=chunk_size)
+        h64 = _xla_chunkwise(*inputs, chunk_size=chunk_size)
         assert rel_err(h64, h_ref) <= 1e-10
-        h32 = reference.mlstm_chunkwise(*to_dtype(inputs, jnp.float32), chunk_size=chunk_size)
+        h32 = _xla_chunkwise(*to_dtype(inputs, jnp.float32), chunk_size=chunk_size)
         assert bool(jnp.all(jnp.isfinite(h32)))
         assert rel_err(h32, h_ref) <= 5e-2
         weights_key = jax.random.fold_in(key, 7)
         expected = _grads(scale_blind_loss(reference.mlstm_recurrent, weights_key, False), inputs)
-        actual = _grads(scale_blind_loss(lambda *a: reference.mlstm_chunkwise(*a, chunk_size=chunk_size),
+        actual = _grads(scale_blind_loss(lambda *a: _xla_chunkwise(*a, chunk_size=chunk_size),
                                          weights_key, False), inputs)
         for name in expected:
             assert bool(jnp.all(jnp.isfinite(actual[name]))), name

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import pallas_mlstm.backend
-import reference
 from pallas_mlstm.benchmarks.shapes import resolve_shapes
 from pallas_mlstm.benchmarks.timing import median_ms
 
@@ -87,7 +86,7 @@ def kernel_cases(shape, chunk: int, interpret: bool = False) -> list[KernelCase]
     f = 3.0 + jax.random.normal(keys[4], (B, NH, S), jnp.float32)
     dh = jax.random.normal(keys[5], (B, NH, S, DV), jnp.bfloat16)
     p = pallas_mlstm.backend.kernel_set("interpret" if interpret else "triton")
-    gates = lambda launch: jax.jit(lambda i, f: reference.compute_chunkwise_log_gates_vecB_vecA(i, f, chunk))
+    gates = lambda launch: jax.jit(lambda i, f: pallas_mlstm.compute_chunkwise_log_gates_vecB_vecA(i, f, chunk))
     fw_c = lambda launch: jax.jit(lambda k, v, i, f: p.recurrent_fw_C(k, v, f, i, chunk_size=chunk, **launch))
     fw_h = lambda launch: jax.jit(lambda *a: p.parallel_fw_Hintra(
         *a, chunk_size=chunk, output_dtype=jnp.bfloat16, **launch))

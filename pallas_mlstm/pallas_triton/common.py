@@ -1,5 +1,8 @@
 """Helpers shared by the Pallas kernels: dots with explicit precision, tiling, padding, launch params.
 
+Mechanics only: the default tiles, warps and stages (and the heuristics that pick them) are in
+pallas_mlstm/launch_defaults.py.
+
 No kernel sees a partial tile: head dims are zero-padded to a power of 2 (at least 16) before the launch
 (zeros change no product; padded output columns are sliced off), and every sequence tile size is a power
 of 2 that divides the chunk, which divides S. The causal mask is the only in-tile mask.
@@ -12,6 +15,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
+
+from pallas_mlstm import launch_defaults
 
 # Triton's dot needs every matrix side >= 16; all in-kernel arrays need power-of-2 sizes.
 MIN_TILE = 16
@@ -50,14 +55,23 @@ def compiler_params(num_warps: int | None, num_stages: int | None, default_warps
     )
 
 
-# Default launch of the four parallel kernels, measured per kernel on an H200 at the 7b shape, chunk 256
-# (benchmarks/README.md): loads pipelined 2 deep, 8 warps for output tiles of at least 128 x 128 elements.
-PARALLEL_NUM_STAGES = 2
+def gpu_available() -> bool:
+    """True on a GPU, and while lowering for one without it (under an abstract mesh of cuda devices)."""
+    if jax.default_backend() == "gpu":
+        return True
+    abstract_device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return getattr(abstract_device, "platform", None) in ("cuda", "rocm")
 
 
-def parallel_num_warps(out_rows: int, out_cols: int) -> int:
-    """Default warps of a parallel kernel whose program writes an (out_rows, out_cols) output tile."""
-    return 8 if out_rows * out_cols >= 128 * 128 else 4
+def checked_interpret(interpret: bool, kernel_name: str) -> bool:
+    """`interpret`, after checking that a compiled launch (interpret=False) has a GPU to run on."""
+    if not interpret and not gpu_available():
+        raise ValueError(
+            f"{kernel_name} compiles for an NVIDIA GPU (interpret=False), and JAX's default backend here is "
+            f"{jax.default_backend()!r}: pass interpret=True to run it in the Pallas interpreter on the CPU, or "
+            "call pallas_mlstm.mlstm_chunkwise(..., backend='xla')."
+        )
+    return interpret
 
 
 def matmul_precision(dtype, allow_tf32: bool):
@@ -96,20 +110,6 @@ def sum_over_tiles(num_tiles: int, tile_fn, init, *, unroll: bool = False):
             init = add(init, t)
         return init
     return lax.fori_loop(0, num_tiles, lambda t, acc: add(acc, t), init)
-
-
-# Rows of the sequence one dot of the recurrent kernels covers: larger chunks are walked in sub-tiles of this.
-RECURRENT_SUB_TILE = 128
-# Each program of a recurrent kernel walks all chunks of one state tile in order: its grid must fill the GPU.
-RECURRENT_MIN_PROGRAMS = 512
-
-
-def recurrent_dhhv_tile(requested: int | None, dhqk_tiles: int, dhhv_p: int, bnh: int) -> int:
-    """DHHV tile of a recurrent kernel: the request, else 128 where that still gives RECURRENT_MIN_PROGRAMS
-    programs (measured faster than 64 at the 7b shape on an H200), else 64."""
-    wide_programs = dhqk_tiles * max(1, dhhv_p // 128) * bnh
-    default = 128 if wide_programs >= RECURRENT_MIN_PROGRAMS else 64
-    return tile_size(requested, dhhv_p, default, "siz_b_DHHV")
 
 
 def dot_nt_tiled(a_ref, a_rows, b_ref, b_rows, depth: int, block: int, precision) -> jax.Array:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_mlstm import launch_defaults
 from pallas_mlstm.pallas_triton import common
 from pallas_mlstm.validation import validate_chunk_size
 
@@ -39,12 +40,12 @@ class BwLayout:
     def dhhv_p(self) -> int:
         return common.padded_dim(self.dhhv)
 
-    def tiles(self, siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults: tuple[int, int, int, int]):
+    def tiles(self, siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults: launch_defaults.ParallelTiles):
         """The (bLQ, bLKV, bDHQK, bDHHV) tile sizes: requests (None: the kernel's `defaults`) clamped to the dims."""
-        return (common.tile_size(siz_b_LQ, self.chunk_size, defaults[0], "siz_b_LQ"),
-                common.tile_size(siz_b_LKV, self.chunk_size, defaults[1], "siz_b_LKV"),
-                common.tile_size(siz_b_DHQK, self.dhqk_p, defaults[2], "siz_b_DHQK"),
-                common.tile_size(siz_b_DHHV, self.dhhv_p, defaults[3], "siz_b_DHHV"))
+        return (common.tile_size(siz_b_LQ, self.chunk_size, defaults.siz_b_LQ, "siz_b_LQ"),
+                common.tile_size(siz_b_LKV, self.chunk_size, defaults.siz_b_LKV, "siz_b_LKV"),
+                common.tile_size(siz_b_DHQK, self.dhqk_p, defaults.siz_b_DHQK, "siz_b_DHQK"),
+                common.tile_size(siz_b_DHHV, self.dhhv_p, defaults.siz_b_DHHV, "siz_b_DHHV"))
 
     # BlockSpecs; index maps take the grid indices (head-dim tile d, L tile l, chunk-major program cb).
     def _chunk(self, cb):
@@ -129,9 +130,9 @@ def launch(kernel, layout: BwLayout, grid_head_tiles: int, grid_l_tiles: int, in
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=common.compiler_params(  # out_spec's block (None, rows, cols) is one program's output tile
-            num_warps, num_stages, default_warps=common.parallel_num_warps(*out_spec.block_shape[-2:]),
-            default_stages=common.PARALLEL_NUM_STAGES),
-        interpret=interpret,
+            num_warps, num_stages, default_warps=launch_defaults.parallel_num_warps(*out_spec.block_shape[-2:]),
+            default_stages=launch_defaults.PARALLEL_NUM_STAGES),
+        interpret=common.checked_interpret(interpret, name),
         name=name,
     )(*inputs)
     grad = outs[0][:, :, :out_dim].reshape(layout.batch, layout.heads, layout.seq_len, out_dim)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_mlstm import launch_defaults
 from pallas_mlstm.pallas_triton import common, parallel_bw_common
 
 
@@ -83,13 +84,17 @@ def mlstm_chunkwise__parallel_bw_dK(
     With `return_row_dots`, returns (dK, Σ_d k·dk (B, NH, S) float32, summed before dK is rounded).
     Grid (DHQK/bDHQK, L/bLKV, NC·B·NH); query tiles from the diagonal down and DHHV tiles loop in-kernel.
     With hard resets (f̃ = −∞), pass vecB and `vecR` from `compute_chunkwise_reset_gates`.
+
+    Launch defaults: siz_b_LQ / siz_b_LKV take upstream's 32 when omitted; None there and in siz_b_DHQK /
+    siz_b_DHHV takes launch_defaults.PARALLEL_BW_DK (64 / 128 / 256 / 64), each clamped to its dim.
+    num_warps None: launch_defaults.parallel_num_warps of the (bLKV, bDHQK) output tile (8 from 128 x 128
+    elements, else 4); num_stages None: launch_defaults.PARALLEL_NUM_STAGES (2).
     """
     del vecN_all
     layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, vecR, matC_all, scaM_all,
                                            vecN_out, vecM_out, matDeltaH, matDeltaC_states, chunk_size)
-    # defaults (bLQ, bLKV, bDHQK, bDHHV): 128 key rows x 256 DHQK columns out, 64-query loop tiles, DHHV depth 64
     block_lq, block_lkv, block_dhqk, block_dhhv = layout.tiles(
-        siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults=(64, 128, 256, 64))
+        siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults=launch_defaults.PARALLEL_BW_DK)
     qk_scale = layout.dhqk**-0.5 if qk_scale is None else qk_scale
     kernel = functools.partial(_parallel_bw_dk_kernel, qk_scale=qk_scale, eps=eps, block_lq=block_lq,
                                block_dhhv=block_dhhv, precision=common.matmul_precision(matQ.dtype, allow_tf32))

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_mlstm import launch_defaults
 from pallas_mlstm.pallas_triton import common, parallel_bw_common
 
 
@@ -83,13 +84,17 @@ def mlstm_chunkwise__parallel_bw_dQ(
     With `return_row_dots`, returns (dQ, Σ_d q·dq (B, NH, S) float32, summed before dQ is rounded).
     Grid (DHQK/bDHQK, L/bLQ, NC·B·NH); key tiles up to the diagonal and DHHV tiles loop in-kernel.
     With hard resets (f̃ = −∞), pass vecB and `vecR` from `compute_chunkwise_reset_gates`.
+
+    Launch defaults: siz_b_LQ / siz_b_LKV take upstream's 32 when omitted; None there and in siz_b_DHQK /
+    siz_b_DHHV takes launch_defaults.PARALLEL_BW_DQ (128 / 64 / 256 / 64), each clamped to its dim.
+    num_warps None: launch_defaults.parallel_num_warps of the (bLQ, bDHQK) output tile (8 from 128 x 128
+    elements, else 4); num_stages None: launch_defaults.PARALLEL_NUM_STAGES (2).
     """
     del vecN_all
     layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, vecR, matC_all, scaM_all,
                                            vecN_out, vecM_out, matDeltaH, matDeltaC_states, chunk_size)
-    # defaults (bLQ, bLKV, bDHQK, bDHHV): 128 query rows x 256 DHQK columns out, 64-key loop tiles, DHHV depth 64
     block_lq, block_lkv, block_dhqk, block_dhhv = layout.tiles(
-        siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults=(128, 64, 256, 64))
+        siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults=launch_defaults.PARALLEL_BW_DQ)
     qk_scale = layout.dhqk**-0.5 if qk_scale is None else qk_scale
     kernel = functools.partial(_parallel_bw_dq_kernel, qk_scale=qk_scale, eps=eps, block_lkv=block_lkv,
                                block_dhhv=block_dhhv, precision=common.matmul_precision(matQ.dtype, allow_tf32))

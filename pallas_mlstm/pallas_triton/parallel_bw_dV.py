@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_mlstm import launch_defaults
 from pallas_mlstm.pallas_triton import common, parallel_bw_common
 
 
@@ -80,13 +81,17 @@ def mlstm_chunkwise__parallel_bw_dV(
     Grid (DHHV/bDHHV, L/bLKV, NC·B·NH); query tiles from the diagonal down and DHQK tiles loop
     in-kernel. vecN_out is the forward denominator, vecM_out the running log-max.
     With hard resets (f̃ = −∞), pass vecB and `vecR` from `compute_chunkwise_reset_gates`.
+
+    Launch defaults: siz_b_LQ / siz_b_LKV take upstream's 32 when omitted; None there and in siz_b_DHQK /
+    siz_b_DHHV takes launch_defaults.PARALLEL_BW_DV (64 / 128 / 64 / 256), each clamped to its dim.
+    num_warps None: launch_defaults.parallel_num_warps of the (bLKV, bDHHV) output tile (8 from 128 x 128
+    elements, else 4); num_stages None: launch_defaults.PARALLEL_NUM_STAGES (2).
     """
     del vecN_all
     layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, vecR, matC_all, scaM_all,
                                            vecN_out, vecM_out, matDeltaH, matDeltaC_states, chunk_size)
-    # defaults (bLQ, bLKV, bDHQK, bDHHV): 128 key rows x 256 DHHV columns out, 64-query loop tiles, DHQK depth 64
     block_lq, block_lkv, block_dhqk, block_dhhv = layout.tiles(
-        siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults=(64, 128, 64, 256))
+        siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults=launch_defaults.PARALLEL_BW_DV)
     qk_scale = layout.dhqk**-0.5 if qk_scale is None else qk_scale
     kernel = functools.partial(_parallel_bw_dv_kernel, qk_scale=qk_scale, eps=eps, block_lq=block_lq,
                                block_dhqk=block_dhqk, precision=common.matmul_precision(matQ.dtype, allow_tf32))

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_mlstm import launch_defaults
 from pallas_mlstm.pallas_triton import common
 from pallas_mlstm.gates import compute_chunkwise_reset_gates, compute_chunkwise_vecM
 from pallas_mlstm.validation import validate_chunk_size
@@ -83,17 +84,22 @@ def mlstm_chunkwise__parallel_fw_Hintra(
     vecN_out is the denominator max(|q̄·n + Σ S|, e^{-m}), vecM_out the running log-max m_t (computed
     from the gates before the launch). Grid (DHHV/bDHHV, L/bLQ, NC·B·NH); key tiles loop in-kernel up
     to the causal diagonal, DHQK in tiles of bDHQK.
+
+    Launch defaults: siz_b_LQ / siz_b_LKV take upstream's 32 when omitted; None there and in siz_b_DHQK /
+    siz_b_DHHV takes launch_defaults.PARALLEL_FW_HINTRA (128 / 64 / 64 / 256), each clamped to its dim.
+    num_warps None: launch_defaults.parallel_num_warps of the (bLQ, bDHHV) output tile (8 from 128 x 128
+    elements, else 4); num_stages None: launch_defaults.PARALLEL_NUM_STAGES (2).
     """
     batch, heads, seq_len, dhqk = matQ.shape
     dhhv = matV.shape[-1]
     validate_chunk_size(chunk_size, seq_len, minimum=common.MIN_TILE)
     num_chunks, bnh = seq_len // chunk_size, batch * heads
     dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
-    # defaults: 128 query rows x 256 DHHV columns out, 64-key loop tiles, DHQK depth 64 (measured per kernel)
-    block_lq = common.tile_size(siz_b_LQ, chunk_size, 128, "siz_b_LQ")
-    block_lkv = common.tile_size(siz_b_LKV, chunk_size, 64, "siz_b_LKV")
-    block_dhqk = common.tile_size(siz_b_DHQK, dhqk_p, 64, "siz_b_DHQK")
-    block_dhhv = common.tile_size(siz_b_DHHV, dhhv_p, 256, "siz_b_DHHV")
+    defaults = launch_defaults.PARALLEL_FW_HINTRA
+    block_lq = common.tile_size(siz_b_LQ, chunk_size, defaults.siz_b_LQ, "siz_b_LQ")
+    block_lkv = common.tile_size(siz_b_LKV, chunk_size, defaults.siz_b_LKV, "siz_b_LKV")
+    block_dhqk = common.tile_size(siz_b_DHQK, dhqk_p, defaults.siz_b_DHQK, "siz_b_DHQK")
+    block_dhhv = common.tile_size(siz_b_DHHV, dhhv_p, defaults.siz_b_DHHV, "siz_b_DHHV")
     q_tiles = chunk_size // block_lq
     qk_scale = dhqk**-0.5 if qk_scale is None else qk_scale
 
@@ -140,9 +146,9 @@ def mlstm_chunkwise__parallel_fw_Hintra(
             jax.ShapeDtypeStruct((bnh, seq_len), vecB.dtype),
         ],
         compiler_params=common.compiler_params(num_warps, num_stages,
-                                               default_warps=common.parallel_num_warps(block_lq, block_dhhv),
-                                               default_stages=common.PARALLEL_NUM_STAGES),
-        interpret=interpret,
+                                               default_warps=launch_defaults.parallel_num_warps(block_lq, block_dhhv),
+                                               default_stages=launch_defaults.PARALLEL_NUM_STAGES),
+        interpret=common.checked_interpret(interpret, "mlstm_chunkwise__parallel_fw_Hintra"),
         name="mlstm_chunkwise__parallel_fw_Hintra",
     )(q, k, v, vecB.reshape(bnh, seq_len), vecI.reshape(bnh, seq_len), vecM_out.reshape(bnh, seq_len),
       vecR.reshape(bnh, seq_len), c_all, n_all, m_all)

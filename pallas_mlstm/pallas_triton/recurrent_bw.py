@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_mlstm import launch_defaults
 from pallas_mlstm.pallas_triton import common
 from pallas_mlstm.gates import compute_chunkwise_vecB
 from pallas_mlstm.states import join_states
@@ -37,7 +38,7 @@ def _recurrent_bw_kernel(*refs, num_chunks: int, chunk_size: int, qk_scale: floa
         dc = jnp.zeros((block_dhqk, block_dhhv), dtype)
     store(num_chunks, dc)
 
-    sub_tile = min(chunk_size, common.RECURRENT_SUB_TILE)
+    sub_tile = min(chunk_size, launch_defaults.RECURRENT_SUB_TILE)
 
     def chunk_step(step, dc):
         chunk = num_chunks - 1 - step
@@ -89,6 +90,10 @@ def mlstm_chunkwise__recurrent_bw_dC(
     dC_{k-1} = e^{g_k + m_{k-1} − m_k} dC_k + Σ_t q̄_tᵀ dH_t / (den_t + eps). Given the forward states
     `matC_states`, returns (matDeltaC_states, scaCdC_states (B, NH, NC+1) = <dC_k, C_k>). Grid
     (DHQK/bDHQK, DHHV/bDHHV, B·NH), each program walking the chunks backwards.
+
+    Launch defaults: siz_b_DHQK None takes launch_defaults.RECURRENT_BW_DC.siz_b_DHQK (64); siz_b_DHHV None takes
+    launch_defaults.recurrent_dhhv_tile (128 while the grid keeps RECURRENT_MIN_PROGRAMS = 512 programs, else
+    64); both clamped to their head dim. num_warps / num_stages None: launch_defaults.RECURRENT_BW_DC (4 / 1).
     """
     batch, heads, seq_len, dhqk = matQ.shape
     dhhv = matDeltaH.shape[-1]
@@ -96,8 +101,10 @@ def mlstm_chunkwise__recurrent_bw_dC(
     validate_chunk_size(chunk_size, seq_len, minimum=common.MIN_TILE)
     num_chunks, bnh = seq_len // chunk_size, batch * heads
     dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
-    block_dhqk = common.tile_size(siz_b_DHQK, dhqk_p, 64, "siz_b_DHQK")
-    block_dhhv = common.recurrent_dhhv_tile(siz_b_DHHV, dhqk_p // block_dhqk, dhhv_p, bnh)
+    defaults = launch_defaults.RECURRENT_BW_DC
+    block_dhqk = common.tile_size(siz_b_DHQK, dhqk_p, defaults.siz_b_DHQK, "siz_b_DHQK")
+    block_dhhv = common.tile_size(
+        siz_b_DHHV, dhhv_p, launch_defaults.recurrent_dhhv_tile(dhqk_p // block_dhqk, dhhv_p, bnh), "siz_b_DHHV")
     qk_scale = dhqk**-0.5 if qk_scale is None else qk_scale
     vecB = compute_chunkwise_vecB(vecF, chunk_size)  # (B, NH, NC, L)
     state_dtype = common.acc_dtype(matQ.dtype)
@@ -146,8 +153,9 @@ def mlstm_chunkwise__recurrent_bw_dC(
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=common.compiler_params(num_warps, num_stages, default_warps=4, default_stages=1),
-        interpret=interpret,
+        compiler_params=common.compiler_params(num_warps, num_stages, default_warps=defaults.num_warps,
+                                               default_stages=defaults.num_stages),
+        interpret=common.checked_interpret(interpret, "mlstm_chunkwise__recurrent_bw_dC"),
         name="mlstm_chunkwise__recurrent_bw_dC",
     )(*inputs)
     dc_all = join_states(outs[0][:, :, :dhqk, :dhhv].reshape(batch, heads, num_chunks + 1, dhqk, dhhv))

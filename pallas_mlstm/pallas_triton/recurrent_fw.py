@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_mlstm import launch_defaults
 from pallas_mlstm.pallas_triton import common
 from pallas_mlstm.gates import MIN_LOG_SCALE, compute_chunkwise_log_gates_vecB_vecA
 from pallas_mlstm.states import join_states
@@ -47,7 +48,7 @@ def _recurrent_fw_kernel(*refs, num_chunks: int, chunk_size: int, has_initial: b
 
     store(0, c, n, m)
 
-    sub_tile = min(chunk_size, common.RECURRENT_SUB_TILE)
+    sub_tile = min(chunk_size, launch_defaults.RECURRENT_SUB_TILE)
 
     def chunk_step(chunk, carry):
         c, n, m = carry
@@ -95,6 +96,10 @@ def mlstm_chunkwise__recurrent_fw_C(
     Shapes (B, NH, (NC+1)*DHQK, DHHV), (B, NH, (NC+1)*DHQK), (B, NH, NC+1), float32, with
     NC = S / (chunk_size · save_states_every_nth_chunk). Grid (DHQK/bDHQK, DHHV/bDHHV, B·NH), each
     program walking the chunks in order.
+
+    Launch defaults: siz_b_DHQK None takes launch_defaults.RECURRENT_FW_C.siz_b_DHQK (64); siz_b_DHHV None takes
+    launch_defaults.recurrent_dhhv_tile (128 while the grid keeps RECURRENT_MIN_PROGRAMS = 512 programs, else
+    64); both clamped to their head dim. num_warps / num_stages None: launch_defaults.RECURRENT_FW_C (4 / 1).
     """
     batch, heads, seq_len, dhqk = matK.shape
     dhhv = matV.shape[-1]
@@ -103,8 +108,10 @@ def mlstm_chunkwise__recurrent_fw_C(
     num_chunks = seq_len // chunk_size
     bnh = batch * heads
     dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
-    block_dhqk = common.tile_size(siz_b_DHQK, dhqk_p, 64, "siz_b_DHQK")
-    block_dhhv = common.recurrent_dhhv_tile(siz_b_DHHV, dhqk_p // block_dhqk, dhhv_p, bnh)
+    defaults = launch_defaults.RECURRENT_FW_C
+    block_dhqk = common.tile_size(siz_b_DHQK, dhqk_p, defaults.siz_b_DHQK, "siz_b_DHQK")
+    block_dhhv = common.tile_size(
+        siz_b_DHHV, dhhv_p, launch_defaults.recurrent_dhhv_tile(dhqk_p // block_dhqk, dhhv_p, bnh), "siz_b_DHHV")
     state_dtype = common.acc_dtype(matK.dtype)
 
     vecB, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk_size)
@@ -150,8 +157,9 @@ def mlstm_chunkwise__recurrent_fw_C(
             jax.ShapeDtypeStruct((bnh, num_chunks + 1, dhqk_p), state_dtype),
             jax.ShapeDtypeStruct((bnh, num_chunks + 1), state_dtype),
         ],
-        compiler_params=common.compiler_params(num_warps, num_stages, default_warps=4, default_stages=1),
-        interpret=interpret,
+        compiler_params=common.compiler_params(num_warps, num_stages, default_warps=defaults.num_warps,
+                                               default_stages=defaults.num_stages),
+        interpret=common.checked_interpret(interpret, "mlstm_chunkwise__recurrent_fw_C"),
         name="mlstm_chunkwise__recurrent_fw_C",
     )(*inputs)
     c_all = c_all[:, :, :dhqk, :dhhv].reshape(batch, heads, num_chunks + 1, dhqk, dhhv)

@@ -1,0 +1,90 @@
+"""Every default launch parameter of the Pallas path and the heuristics that pick them, in one place.
+
+The chunk size `mlstm_chunkwise` runs when none is given, and each kernel's tiles, warps and stages for
+arguments left None. The kernels' signatures keep upstream's defaults (siz_b_LQ = siz_b_LKV = 32, the rest
+None): only None reads this module. Mechanics — validating a tile and clamping it to its dim, padding,
+dots — live in pallas_triton/common.py. Pure Python (no JAX), so that configs can import it cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# --- chunk size ---------------------------------------------------------------------------------------
+
+# Smallest chunk the Pallas kernels take (Triton's dot needs every side >= 16).
+MIN_PALLAS_CHUNK = 16
+# Largest chunk `default_chunk_size` picks.
+DEFAULT_MAX_CHUNK = 128
+
+
+def default_chunk_size(seq_len: int, minimum: int = 1) -> int:
+    """The largest power of 2 <= 128 that divides seq_len; ValueError if it is below `minimum`."""
+    chunk = DEFAULT_MAX_CHUNK
+    while chunk > 1 and seq_len % chunk:
+        chunk //= 2
+    if chunk < minimum:
+        raise ValueError(
+            f"the sequence length S={seq_len} must be a multiple of {minimum} for the Pallas backends: "
+            f"pad S to {-(-seq_len // minimum) * minimum}, or use backend='xla'."
+        )
+    return chunk
+
+
+# --- parallel kernels (grid: head-dim tile x L tile x chunk·B·NH) ------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelTiles:
+    """Default tiles of one parallel kernel, in its own argument names; each is clamped to its dim at launch."""
+
+    siz_b_LQ: int
+    siz_b_LKV: int
+    siz_b_DHQK: int
+    siz_b_DHHV: int
+
+
+# Measured per kernel on an H200 at the 7b shape, chunk 256 (pallas_mlstm/benchmarks/README.md): 128 output
+# rows per program, 64-row loop tiles, head-dim grid tiles 256 wide, the other head dim walked 64 at a time.
+PARALLEL_FW_HINTRA = ParallelTiles(siz_b_LQ=128, siz_b_LKV=64, siz_b_DHQK=64, siz_b_DHHV=256)
+PARALLEL_BW_DQ = ParallelTiles(siz_b_LQ=128, siz_b_LKV=64, siz_b_DHQK=256, siz_b_DHHV=64)
+PARALLEL_BW_DK = ParallelTiles(siz_b_LQ=64, siz_b_LKV=128, siz_b_DHQK=256, siz_b_DHHV=64)
+PARALLEL_BW_DV = ParallelTiles(siz_b_LQ=64, siz_b_LKV=128, siz_b_DHQK=64, siz_b_DHHV=256)
+
+# Same measurement: loads pipelined 2 deep in all four parallel kernels.
+PARALLEL_NUM_STAGES = 2
+
+
+def parallel_num_warps(out_rows: int, out_cols: int) -> int:
+    """Default warps of a parallel kernel whose program writes an (out_rows, out_cols) output tile:
+    8 from 128 x 128 elements on, else 4 (same measurement)."""
+    return 8 if out_rows * out_cols >= 128 * 128 else 4
+
+
+# --- recurrent kernels (grid: DHQK tile x DHHV tile x B·NH, each program walking every chunk) -----------
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentLaunch:
+    """Default launch of one recurrent kernel; its DHHV tile comes from `recurrent_dhhv_tile`."""
+
+    siz_b_DHQK: int
+    num_warps: int
+    num_stages: int
+
+
+# Measured per kernel on an H200 at the 7b shape, chunk 256 (pallas_mlstm/benchmarks/README.md).
+RECURRENT_FW_C = RecurrentLaunch(siz_b_DHQK=64, num_warps=4, num_stages=1)
+RECURRENT_BW_DC = RecurrentLaunch(siz_b_DHQK=64, num_warps=4, num_stages=1)
+
+# Rows of the sequence one dot of the recurrent kernels covers: larger chunks are walked in sub-tiles of this.
+RECURRENT_SUB_TILE = 128
+# Each program of a recurrent kernel walks all chunks of one state tile in order: its grid must fill the GPU.
+RECURRENT_MIN_PROGRAMS = 512
+
+
+def recurrent_dhhv_tile(dhqk_tiles: int, dhhv_p: int, bnh: int) -> int:
+    """Default DHHV tile of a recurrent kernel (before clamping to dhhv_p): 128 where that still gives
+    RECURRENT_MIN_PROGRAMS programs (measured faster than 64 at the 7b shape on an H200), else 64."""
+    wide_programs = dhqk_tiles * max(1, dhhv_p // 128) * bnh
+    return 128 if wide_programs >= RECURRENT_MIN_PROGRAMS else 64

@@ -1,0 +1,252 @@
+"""ChunkwiseConfig's checks at construction, and the launch defaults of pallas_mlstm/launch_defaults.py:
+their values, the chunk-size rule, and how each kernel resolves an omitted or None launch argument."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_mlstm import launch_defaults
+from pallas_mlstm.config import ChunkwiseConfig
+from pallas_mlstm.launch_defaults import default_chunk_size
+from pallas_mlstm.pallas_triton import common
+from pallas_mlstm.pallas_triton.parallel_bw_dK import mlstm_chunkwise__parallel_bw_dK
+from pallas_mlstm.pallas_triton.parallel_bw_dQ import mlstm_chunkwise__parallel_bw_dQ
+from pallas_mlstm.pallas_triton.parallel_bw_dV import mlstm_chunkwise__parallel_bw_dV
+from pallas_mlstm.pallas_triton.parallel_fw import mlstm_chunkwise__parallel_fw_Hintra
+from pallas_mlstm.pallas_triton.recurrent_bw import mlstm_chunkwise__recurrent_bw_dC
+from pallas_mlstm.pallas_triton.recurrent_fw import mlstm_chunkwise__recurrent_fw_C
+
+TILE_FIELDS = ("siz_b_L_parallel", "siz_b_L_loop", "siz_b_DH_parallel", "siz_b_DH_loop")
+WARP_FIELDS = ("num_warps_intra", "num_warps_inter")
+STAGE_FIELDS = ("num_stages_intra", "num_stages_inter")
+ALL_FIELDS = ("chunk_size", *TILE_FIELDS, *WARP_FIELDS, *STAGE_FIELDS)
+
+
+# --- ChunkwiseConfig --------------------------------------------------------------------------------------
+
+
+def test_config_fields_are_the_checked_ones():
+    assert tuple(field.name for field in dataclasses.fields(ChunkwiseConfig)) == ALL_FIELDS
+
+
+def test_config_accepts_valid_fields():
+    config = ChunkwiseConfig(chunk_size=1, siz_b_L_parallel=16, siz_b_L_loop=128, siz_b_DH_parallel=256,
+                             siz_b_DH_loop=64, num_warps_intra=1, num_warps_inter=32, num_stages_intra=1,
+                             num_stages_inter=5)
+    assert config.siz_b_DH_parallel == 256 and config.num_stages_inter == 5
+    assert ChunkwiseConfig() == ChunkwiseConfig(**{name: None for name in ALL_FIELDS})
+
+
+def test_config_error_message_for_a_bad_tile():
+    with pytest.raises(ValueError) as error:
+        ChunkwiseConfig(siz_b_L_parallel=24)
+    assert str(error.value) == ("ChunkwiseConfig.siz_b_L_parallel must be a power of 2 >= 16 (e.g. 32, 64, 128); "
+                                "got 24.")
+
+
+@pytest.mark.parametrize("value", [0, -32, 3, 48, 96])
+def test_config_rejects_non_power_of_2_chunk(value):
+    with pytest.raises(ValueError, match=rf"ChunkwiseConfig\.chunk_size must be a power of 2 >= 1 .*got {value}\."):
+        ChunkwiseConfig(chunk_size=value)
+
+
+@pytest.mark.parametrize("field", TILE_FIELDS)
+@pytest.mark.parametrize("value", [0, 8, 24, 96, -64])
+def test_config_rejects_bad_tiles(field, value):
+    with pytest.raises(ValueError, match=rf"ChunkwiseConfig\.{field} must be a power of 2 >= 16 .*got {value}\."):
+        ChunkwiseConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field", WARP_FIELDS)
+@pytest.mark.parametrize("value", [0, 3, 6, 64])
+def test_config_rejects_bad_warps(field, value):
+    with pytest.raises(ValueError, match=rf"ChunkwiseConfig\.{field} must be one of 1, 2, 4, 8, 16, 32; got {value}\."):
+        ChunkwiseConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field", STAGE_FIELDS)
+@pytest.mark.parametrize("value", [0, -1])
+def test_config_rejects_bad_stages(field, value):
+    with pytest.raises(ValueError, match=rf"ChunkwiseConfig\.{field} must be an int >= 1; got {value}\."):
+        ChunkwiseConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field", ALL_FIELDS)
+@pytest.mark.parametrize("value", [True, 64.0, "64", np.float32(64), [64]], ids=repr)
+def test_config_rejects_non_ints(field, value):
+    with pytest.raises(ValueError, match=rf"ChunkwiseConfig\.{field} must be an int or None; got "):
+        ChunkwiseConfig(**{field: value})
+
+
+@pytest.mark.parametrize("np_int", [np.int32, np.int64, np.uint16])
+def test_config_accepts_numpy_ints_as_int(np_int):
+    config = ChunkwiseConfig(chunk_size=np_int(64), siz_b_L_parallel=np_int(128), num_warps_intra=np_int(8),
+                             num_stages_inter=np_int(2))
+    assert config == ChunkwiseConfig(chunk_size=64, siz_b_L_parallel=128, num_warps_intra=8, num_stages_inter=2)
+    assert hash(config) == hash(ChunkwiseConfig(chunk_size=64, siz_b_L_parallel=128, num_warps_intra=8,
+                                                num_stages_inter=2))
+    assert all(type(getattr(config, name)) is int
+               for name in ("chunk_size", "siz_b_L_parallel", "num_warps_intra", "num_stages_inter"))
+    with pytest.raises(ValueError, match=r"ChunkwiseConfig\.siz_b_L_loop must be a power of 2 >= 16"):
+        ChunkwiseConfig(siz_b_L_loop=np_int(24))
+
+
+def test_config_checks_replace_too():
+    with pytest.raises(ValueError, match=r"ChunkwiseConfig\.num_warps_inter"):
+        dataclasses.replace(ChunkwiseConfig(chunk_size=64), num_warps_inter=5)
+
+
+# --- chunk size -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq_len, minimum, expected", [
+    (96, 1, 32), (4096, 1, 128), (128, 1, 128), (256, 16, 128), (192, 16, 64), (48, 16, 16), (7, 1, 1),
+    (40, 1, 8), (1, 1, 1),
+])
+def test_default_chunk_size_rule(seq_len, minimum, expected):
+    assert default_chunk_size(seq_len, minimum) == expected
+
+
+def test_default_chunk_size_below_minimum():
+    assert launch_defaults.MIN_PALLAS_CHUNK == 16 and launch_defaults.DEFAULT_MAX_CHUNK == 128
+    with pytest.raises(ValueError, match=r"S=40 must be a multiple of 16 .*pad S to 48"):
+        default_chunk_size(40, launch_defaults.MIN_PALLAS_CHUNK)
+
+
+# --- launch defaults --------------------------------------------------------------------------------------
+
+
+def test_launch_default_values():
+    tiles = lambda d: (d.siz_b_LQ, d.siz_b_LKV, d.siz_b_DHQK, d.siz_b_DHHV)
+    assert tiles(launch_defaults.PARALLEL_FW_HINTRA) == (128, 64, 64, 256)
+    assert tiles(launch_defaults.PARALLEL_BW_DQ) == (128, 64, 256, 64)
+    assert tiles(launch_defaults.PARALLEL_BW_DK) == (64, 128, 256, 64)
+    assert tiles(launch_defaults.PARALLEL_BW_DV) == (64, 128, 64, 256)
+    assert launch_defaults.PARALLEL_NUM_STAGES == 2
+    for recurrent in (launch_defaults.RECURRENT_FW_C, launch_defaults.RECURRENT_BW_DC):
+        assert (recurrent.siz_b_DHQK, recurrent.num_warps, recurrent.num_stages) == (64, 4, 1)
+    assert launch_defaults.RECURRENT_SUB_TILE == 128 and launch_defaults.RECURRENT_MIN_PROGRAMS == 512
+
+
+def test_launch_default_heuristics():
+    # parallel kernels: 8 warps from 128 x 128 output elements on
+    assert launch_defaults.parallel_num_warps(128, 256) == 8 and launch_defaults.parallel_num_warps(64, 256) == 8
+    assert launch_defaults.parallel_num_warps(128, 128) == 8 and launch_defaults.parallel_num_warps(64, 128) == 4
+    assert launch_defaults.parallel_num_warps(16, 32) == 4
+    # recurrent kernels: 128-wide DHHV tiles only while the grid keeps RECURRENT_MIN_PROGRAMS programs
+    assert launch_defaults.recurrent_dhhv_tile(dhqk_tiles=4, dhhv_p=512, bnh=64) == 128  # 7b: 1024 programs
+    assert launch_defaults.recurrent_dhhv_tile(dhqk_tiles=2, dhhv_p=128, bnh=64) == 64  # small heads: 128 programs
+    assert launch_defaults.recurrent_dhhv_tile(dhqk_tiles=1, dhhv_p=32, bnh=4096) == 128  # clamped at launch
+    assert common.tile_size(None, 32, launch_defaults.recurrent_dhhv_tile(1, 32, 4096), "siz_b_DHHV") == 32
+    assert common.tile_size(256, 512, launch_defaults.recurrent_dhhv_tile(1, 512, 1), "siz_b_DHHV") == 256  # a request wins
+    with pytest.raises(ValueError, match="siz_b_DHHV must be a power of 2"):
+        common.tile_size(96, 512, launch_defaults.recurrent_dhhv_tile(1, 512, 1), "siz_b_DHHV")
+
+
+def _record_launches(monkeypatch):
+    """Records, per call of a kernel, the tiles it resolves (by argument name) and its (warps, stages)."""
+    launches = []
+    tile_size, compiler_params = common.tile_size, common.compiler_params
+
+    def recording_tile_size(requested, dim, default, name):
+        size = tile_size(requested, dim, default, name)
+        launches[-1][name] = size
+        return size
+
+    def recording_compiler_params(num_warps, num_stages, default_warps, default_stages):
+        launches[-1]["warps"] = default_warps if num_warps is None else num_warps
+        launches[-1]["stages"] = default_stages if num_stages is None else num_stages
+        return compiler_params(num_warps, num_stages, default_warps, default_stages)
+
+    monkeypatch.setattr(common, "tile_size", recording_tile_size)
+    monkeypatch.setattr(common, "compiler_params", recording_compiler_params)
+
+    def launch(kernel, *args, **kwargs):
+        launches.append({})
+        jax.eval_shape(lambda *a: kernel(*a, interpret=True, **kwargs), *args)
+        return launches[-1]
+
+    return launch
+
+
+def _kernel_args(batch, heads, seq_len, dhqk, dhhv, chunk):
+    """Abstract inputs of every kernel, by kernel (eval_shape only: nothing runs)."""
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    num_chunks = seq_len // chunk
+    q, k, v = f32(batch, heads, seq_len, dhqk), f32(batch, heads, seq_len, dhqk), f32(batch, heads, seq_len, dhhv)
+    gate, chunk_gate = f32(batch, heads, seq_len), f32(batch, heads, num_chunks, chunk)
+    c_all, n_all = f32(batch, heads, (num_chunks + 1) * dhqk, dhhv), f32(batch, heads, (num_chunks + 1) * dhqk)
+    m_all = f32(batch, heads, num_chunks + 1)
+    bw = (q, k, v, gate, chunk_gate, chunk_gate, c_all, n_all, m_all, gate, gate, v, c_all)
+    return dict(
+        recurrent_fw_C=(k, v, gate, gate),
+        parallel_fw_Hintra=(q, k, v, gate, gate, c_all, n_all, m_all),
+        recurrent_bw_dC=(q, gate, m_all, gate, v, gate),
+        parallel_bw_dQ=bw, parallel_bw_dK=bw, parallel_bw_dV=bw,
+    )
+
+
+KERNELS = dict(
+    recurrent_fw_C=mlstm_chunkwise__recurrent_fw_C,
+    parallel_fw_Hintra=mlstm_chunkwise__parallel_fw_Hintra,
+    recurrent_bw_dC=mlstm_chunkwise__recurrent_bw_dC,
+    parallel_bw_dQ=mlstm_chunkwise__parallel_bw_dQ,
+    parallel_bw_dK=mlstm_chunkwise__parallel_bw_dK,
+    parallel_bw_dV=mlstm_chunkwise__parallel_bw_dV,
+)
+NONE_LAUNCH = dict(siz_b_DHQK=None, siz_b_DHHV=None, num_warps=None, num_stages=None)
+NONE_L_TILES = dict(siz_b_LQ=None, siz_b_LKV=None)
+
+# What each kernel resolved to before launch_defaults existed, at a shape no default is clamped at (the 7b
+# head dims, chunk 256); the recurrent grids have 4 DHQK tiles x 4 DHHV tiles of 128 x B·NH = 32 -> 512 programs.
+EXPECTED_NONE = dict(
+    recurrent_fw_C=dict(siz_b_DHQK=64, siz_b_DHHV=128, warps=4, stages=1),
+    parallel_fw_Hintra=dict(siz_b_LQ=128, siz_b_LKV=64, siz_b_DHQK=64, siz_b_DHHV=256, warps=8, stages=2),
+    recurrent_bw_dC=dict(siz_b_DHQK=64, siz_b_DHHV=128, warps=4, stages=1),
+    parallel_bw_dQ=dict(siz_b_LQ=128, siz_b_LKV=64, siz_b_DHQK=256, siz_b_DHHV=64, warps=8, stages=2),
+    parallel_bw_dK=dict(siz_b_LQ=64, siz_b_LKV=128, siz_b_DHQK=256, siz_b_DHHV=64, warps=8, stages=2),
+    parallel_bw_dV=dict(siz_b_LQ=64, siz_b_LKV=128, siz_b_DHQK=64, siz_b_DHHV=256, warps=8, stages=2),
+)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_kernel_none_launch_resolves_to_measured_defaults(name, monkeypatch):
+    launch = _record_launches(monkeypatch)
+    args = _kernel_args(4, 8, 512, 256, 512, 256)[name]
+    none = NONE_LAUNCH if name.startswith("recurrent") else {**NONE_L_TILES, **NONE_LAUNCH}
+    assert launch(KERNELS[name], *args, chunk_size=256, **none) == EXPECTED_NONE[name]
+
+
+@pytest.mark.parametrize("name", [name for name in KERNELS if name.startswith("parallel")])
+def test_parallel_kernel_omitted_l_tiles_are_upstreams_32(name, monkeypatch):
+    launch = _record_launches(monkeypatch)
+    args = _kernel_args(4, 8, 512, 256, 512, 256)[name]
+    resolved = launch(KERNELS[name], *args, chunk_size=256)
+    assert (resolved["siz_b_LQ"], resolved["siz_b_LKV"]) == (32, 32)
+    expected = EXPECTED_NONE[name]
+    assert (resolved["siz_b_DHQK"], resolved["siz_b_DHHV"]) == (expected["siz_b_DHQK"], expected["siz_b_DHHV"])
+    # warps follow the (now smaller) output tile: 32 rows x 256 columns = 8192 elements -> 4
+    assert (resolved["warps"], resolved["stages"]) == (4, 2)
+
+
+@pytest.mark.parametrize("name", [name for name in KERNELS if name.startswith("recurrent")])
+def test_recurrent_kernel_narrow_grid_takes_64_wide_dhhv_tiles(name, monkeypatch):
+    launch = _record_launches(monkeypatch)
+    args = _kernel_args(1, 8, 512, 256, 512, 256)[name]  # 4 x 4 x 8 = 128 programs at 128-wide tiles
+    assert launch(KERNELS[name], *args, chunk_size=256)["siz_b_DHHV"] == 64
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_kernel_defaults_clamp_to_small_dims(name, monkeypatch):
+    launch = _record_launches(monkeypatch)
+    args = _kernel_args(1, 2, 64, 24, 40, 32)[name]  # head dims padded to 32 and 64, chunk 32
+    none = NONE_LAUNCH if name.startswith("recurrent") else {**NONE_L_TILES, **NONE_LAUNCH}
+    resolved = launch(KERNELS[name], *args, chunk_size=32, **none)
+    assert resolved["siz_b_DHQK"] == 32 and resolved["siz_b_DHHV"] == min(EXPECTED_NONE[name]["siz_b_DHHV"], 64)
+    if not name.startswith("recurrent"):
+        assert resolved["siz_b_LQ"] == resolved["siz_b_LKV"] == 32
