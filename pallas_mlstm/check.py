@@ -6,13 +6,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 import pallas_mlstm
-import reference
+from pallas_mlstm import accuracy
 from pallas_mlstm.benchmarks.timing import median_ms
-from pallas_mlstm.config import MIN_PALLAS_CHUNK
+from pallas_mlstm.launch_defaults import MIN_PALLAS_CHUNK
 from pallas_mlstm.validation import validate_chunk_size
 
 _BACKENDS = flags.DEFINE_list(
@@ -29,20 +28,7 @@ _DTYPES = flags.DEFINE_list(
 _SEED = flags.DEFINE_integer("check_seed", 0, "Seed of the random inputs.")
 _REPEATS = flags.DEFINE_integer("check_repeats", 5, "Timed calls per measurement (median reported).", lower_bound=1)
 
-# Relative error bounds against the float64 oracle, per input dtype: (forward, gradients).
-TOLERANCE = {"float32": (1e-4, 1e-4), "bfloat16": (1e-2, 2e-2), "float16": (1e-2, 2e-2)}
 GRAD_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
-
-
-def _inputs(shape, seed):
-    batch, heads, seq_len, dhqk, dhhv = shape
-    keys = jax.random.split(jax.random.PRNGKey(seed), 9)
-    with jax.enable_x64(True):
-        normal = lambda key, *dims: jax.random.normal(key, dims, jnp.float64)
-        return (normal(keys[0], batch, heads, seq_len, dhqk), normal(keys[1], batch, heads, seq_len, dhqk),
-                normal(keys[2], batch, heads, seq_len, dhhv), normal(keys[3], batch, heads, seq_len),
-                3.0 + normal(keys[4], batch, heads, seq_len), normal(keys[5], batch, heads, dhqk, dhhv),
-                normal(keys[6], batch, heads, dhqk), normal(keys[7], batch, heads)), keys[8]
 
 
 def _loss(fn, weights_key):
@@ -54,28 +40,23 @@ def _loss(fn, weights_key):
     return loss
 
 
-def _rel_err(actual, expected) -> float:
-    actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
-    expected = np.asarray(expected, np.float64)
-    if not np.all(np.isfinite(actual)):
-        return float("inf")
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
-
-
 def run_check(backends, shape, chunk_size, dtypes, seed, repeats) -> list[dict]:
     """Errors (vs the float64 recurrent oracle, kernel gradient semantics) and times for each backend × dtype.
 
     The oracle runs on exactly the values the kernels get (q, k, v rounded to the dtype), so the errors
     measure the computation, not the rounding of the inputs.
     """
-    inputs64, weights_key = _inputs(shape, seed)
+    reference = accuracy.load_oracles()
+    key = jax.random.PRNGKey(seed)
+    weights_key = jax.random.fold_in(key, 1)
+    with jax.enable_x64(True):
+        inputs64 = accuracy.mlstm_inputs(key, *shape, jnp.float64, with_initial=True)
     oracle = lambda *a: reference.mlstm_recurrent(*a, return_last_states=True, kernel_gradient_semantics=True)
     rows = []
     for dtype_name in dtypes:
         dtype = jnp.dtype(dtype_name)
-        args = [x.astype(dtype if index < 3 else jnp.float32) for index, x in enumerate(inputs64)]
         with jax.enable_x64(True):
-            rounded64 = [x.astype(jnp.float64) for x in args]
+            args, rounded64 = accuracy.kernel_and_oracle_inputs(inputs64, dtype)
             h_ref, _ = jax.jit(oracle)(*rounded64)
             grads_ref = jax.jit(jax.grad(_loss(oracle, weights_key), argnums=tuple(range(8))))(*rounded64)
         for backend in backends:
@@ -85,10 +66,10 @@ def run_check(backends, shape, chunk_size, dtypes, seed, repeats) -> list[dict]:
             backward = jax.jit(jax.grad(_loss(run, weights_key), argnums=tuple(range(8))))
             h, _ = forward(*args)
             grads = backward(*args)
-            grad_errors = {name: _rel_err(g, e) for name, g, e in zip(GRAD_NAMES, grads, grads_ref)}
+            grad_errors = {name: accuracy.rel_err(g, e) for name, g, e in zip(GRAD_NAMES, grads, grads_ref)}
             worst = max(grad_errors, key=grad_errors.get)
-            fw_tol, grad_tol = TOLERANCE[dtype.name]
-            fw_err = _rel_err(h, h_ref)
+            fw_tol, grad_tol = accuracy.CHECK_TOLERANCE[dtype.name]
+            fw_err = accuracy.rel_err(h, h_ref)
             rows.append(dict(
                 backend=backend, dtype=dtype.name, fw_err=fw_err, grad_err=grad_errors[worst], worst_grad=worst,
                 fw_ms=median_ms(forward, [args], repeats), fwbw_ms=median_ms(backward, [args], repeats),
@@ -132,8 +113,10 @@ def main_check(argv) -> None:
                                    on_gpu, _CHUNK.value, seq_len=shape[2])
     dtypes = _DTYPES.value or (["float32", "bfloat16"] if on_gpu else ["float32"])
     for dtype in dtypes:
-        if dtype not in TOLERANCE:
-            raise app.UsageError(f"--check_dtypes entries must be among {','.join(TOLERANCE)}; got {dtype!r}.")
+        if dtype not in accuracy.CHECK_TOLERANCE:
+            raise app.UsageError(f"--check_dtypes entries must be among {','.join(accuracy.CHECK_TOLERANCE)}; "
+                                 f"got {dtype!r}.")
+    accuracy.load_oracles()  # before any output: a missing oracle is a one-line usage error
     device = jax.devices()[0]
     print(f"pallas_mlstm {pallas_mlstm.__version__} check on {device.device_kind} ({device.platform}), jax {jax.__version__}")
     print(f"shape B,NH,S,DHQK,DHHV = {shape}, chunk {_CHUNK.value}; reference: float64 recurrent scan "
@@ -148,7 +131,8 @@ def main_check(argv) -> None:
         grad = f"{row['grad_err']:.1e} ({row['worst_grad']})"
         print(f"{row['backend']:<10} {row['dtype']:<9} {row['fw_err']:>10.1e} {grad:>24} {row['fw_ms']:>9.2f} "
               f"{row['fwbw_ms']:>9.2f}  {'ok' if row['ok'] else 'FAIL'}")
-    bounds = ", ".join(f"{name} {fw:g}/{grad:g}" for name, (fw, grad) in TOLERANCE.items() if name in dtypes)
+    bounds = ", ".join(f"{name} {fw:g}/{grad:g}" for name, (fw, grad) in accuracy.CHECK_TOLERANCE.items()
+                       if name in dtypes)
     print(f"bounds (h / gradients): {bounds}")
     if not all(row["ok"] for row in rows):
         sys.exit(1)

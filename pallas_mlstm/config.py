@@ -12,9 +12,6 @@ import numbers
 import os
 import pathlib
 
-# Re-exported while pallas_mlstm/check.py still imports it from here; launch_defaults owns it.
-from pallas_mlstm.launch_defaults import MIN_PALLAS_CHUNK  # noqa: F401
-
 _TILE_FIELDS = ("siz_b_L_parallel", "siz_b_L_loop", "siz_b_DH_parallel", "siz_b_DH_loop")
 _WARP_FIELDS = ("num_warps_intra", "num_warps_inter")
 _STAGE_FIELDS = ("num_stages_intra", "num_stages_inter")

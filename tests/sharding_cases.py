@@ -22,8 +22,9 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import pallas_mlstm
+from pallas_mlstm.accuracy import mlstm_inputs, rel_err
 from tests import flags as test_flags
-from tests.helpers import case_key, mlstm_inputs, rel_err
+from tests.helpers import case_key
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning)
 
@@ -42,6 +43,7 @@ class Case:
     user_shard_map: bool = False  # the user's own jax.shard_map around the call
     vmap: bool = False  # jax.vmap over a leading axis of 2
     kwargs: tuple = ()  # extra mlstm_chunkwise arguments
+    infinite_gates: bool = False  # hard resets (f̃ = −∞) and silent tokens (ĩ = −∞), some at shard boundaries
     expect_error: str | None = None  # a phrase of the error the case must raise
 
 
@@ -54,6 +56,7 @@ CASES = {
     "batch_heads_vmap": Case((2, 2), ("b", "h"), ("b", "h", None), vmap=True),
     "batch_user_shard_map": Case((4,), ("b",), ("b", None, None), user_shard_map=True),
     "seq": Case((4,), ("s",), (None, None, "s"), seq_len=512),
+    "seq_resets": Case((4,), ("s",), (None, None, "s"), seq_len=512, infinite_gates=True),
     "seq_no_initial_states": Case((4,), ("s",), (None, None, "s"), seq_len=512, initial_states=False),
     "batch_seq": Case((2, 2), ("b", "s"), ("b", None, "s")),
     "batch_seq_explicit": Case((2, 2), ("b", "s"), ("b", None, "s"), explicit=True),
@@ -79,6 +82,9 @@ def _inputs(name: str, case: Case):
     else:
         arrays = draw(key)
     arrays = [x for x in arrays if x is not None]
+    if case.infinite_gates:  # shards of 128 steps: resets at a shard's last and next shard's first step, too
+        arrays[4] = arrays[4].at[..., jnp.array([0, 127, 128, 300, 301])].set(-jnp.inf)
+        arrays[3] = arrays[3].at[..., jnp.array([5, 129, 400])].set(-jnp.inf)
     keys = jax.random.split(jax.random.fold_in(key, 2))
     lead = arrays[0].shape[:-4]
     weights = (jax.random.normal(keys[0], (*lead, B, NH, case.seq_len, DHHV)),

@@ -9,21 +9,13 @@ import pytest
 
 import pallas_mlstm
 import reference
+from pallas_mlstm.accuracy import ORACLE_TOLERANCE, kernel_and_oracle_inputs, mlstm_inputs, rel_err
 from tests import flags as test_flags
-from tests.helpers import (case_key, kernel_and_oracle_inputs, mlstm_inputs, plain_loss, rel_err, scale_blind_loss,
-                           to_dtype)
+from tests.helpers import case_key, plain_loss, scale_blind_loss, to_dtype
 
 GRAD_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
 # (B, NH, S, DHQK, DHHV, chunk)
 SHAPES = {"S64-L16": (1, 2, 64, 16, 32, 16), "S128-L32-padded": (2, 1, 128, 24, 48, 32)}
-# (forward, gradient) tolerances against the float64 oracle, per backend and input dtype
-TOLERANCE = {
-    ("xla", jnp.float32): (1e-5, 1e-5),
-    ("interpret", jnp.float32): (1e-5, 1e-5),
-    ("triton", jnp.float32): (1e-4, 1e-4),
-    ("triton", jnp.bfloat16): (1e-2, 2e-2),
-    ("triton", jnp.float16): (1e-2, 2e-2),
-}
 
 
 def _backend_dtype_params():
@@ -32,6 +24,11 @@ def _backend_dtype_params():
         for dtype in ([jnp.float32, jnp.bfloat16, jnp.float16] if backend == "triton" else [jnp.float32]):
             params.append(pytest.param(backend, dtype, id=f"{backend}-{jnp.dtype(dtype).name}"))
     return params
+
+
+def _tolerance(backend, dtype):
+    """(forward, gradient) bounds against the float64 oracle (pallas_mlstm.accuracy.ORACLE_TOLERANCE)."""
+    return ORACLE_TOLERANCE[backend, jnp.dtype(dtype).name]
 
 
 def _skip_without_gpu(backend):
@@ -50,7 +47,7 @@ def _grads(loss, inputs):
 def test_forward_last_states_and_gradients_match_oracle(backend, dtype, with_initial, shape):
     _skip_without_gpu(backend)
     batch, heads, seq_len, dhqk, dhhv, chunk = SHAPES[shape]
-    fw_tol, grad_tol = TOLERANCE[(backend, dtype)]
+    fw_tol, grad_tol = _tolerance(backend, dtype)
     key = case_key("api", backend, with_initial, shape)
     with jax.enable_x64(True):
         inputs, inputs64 = kernel_and_oracle_inputs(
@@ -78,7 +75,7 @@ def test_chunk_1024_with_initial_states(backend, dtype):
     """Chunks far above 128 (upstream's backward is wrong there for S >= 2 chunks): forward and gradients."""
     _skip_without_gpu(backend)
     batch, heads, seq_len, dhqk, dhhv, chunk = 1, 2, 2048, 16, 32, 1024
-    fw_tol, grad_tol = TOLERANCE[(backend, dtype)]
+    fw_tol, grad_tol = _tolerance(backend, dtype)
     key = case_key("chunk1024", backend)
     with jax.enable_x64(True):
         # forget gates ~ +6: a memory of ~400 steps, so that the initial state still matters at the end
@@ -113,7 +110,7 @@ def test_gradients_exact_for_scale_blind_loss(backend, dtype):
     grads = _grads(scale_blind_loss(fn, weights_key, True), inputs)
     for name, expected in grads_ref.items():
         if name != "n_initial":  # ~0 in both: n reaches h only through the normaliser
-            assert rel_err(grads[name], expected) <= TOLERANCE[(backend, dtype)][1], name
+            assert rel_err(grads[name], expected) <= _tolerance(backend, dtype)[1], name
 
 
 @pytest.mark.parametrize("backend", test_flags.BACKEND.value)

@@ -3,9 +3,9 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
-import tomllib
 
 import pytest
 
@@ -134,8 +134,19 @@ def test_malformed_user_tuned_configs_raise_a_value_error_naming_the_file(monkey
     assert str(user_file) in str(raised.value)
 
 
-def test_package_ships_tuned_configs_and_no_benchmark_results():
-    assert config.PACKAGED_TUNED_CONFIGS_PATH == PACKAGE_DIR / "tuned_configs.json"
-    assert config.PACKAGED_TUNED_CONFIGS_PATH.is_file()
-    package_data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert package_data == {"pallas_mlstm": ["tuned_configs.json"]}
+def test_installed_wheel_ships_tuned_configs_and_no_reference_or_benchmark_results(tmp_path):
+    """A non-editable `pip install .` into an empty target: pallas_mlstm with its tuned configs as data, no
+    top-level `reference` package, no benchmark result files."""
+    source = tmp_path / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("pallas_mlstm", "reference"):
+        shutil.copytree(REPO_ROOT / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
+    target = tmp_path / "target"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(source)],
+                   check=True, capture_output=True, timeout=600)
+    assert {path.name for path in target.iterdir() if not path.name.endswith(".dist-info")} == {"pallas_mlstm"}
+    data_files = {path.relative_to(target).as_posix() for path in (target / "pallas_mlstm").rglob("*")
+                  if path.is_file() and path.suffix not in (".py", ".pyc")}
+    assert data_files == {"pallas_mlstm/tuned_configs.json"}

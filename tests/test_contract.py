@@ -17,7 +17,8 @@ import pytest
 
 import pallas_mlstm
 from pallas_mlstm import xla_kernels
-from tests.helpers import case_key, mlstm_inputs, rel_err
+from pallas_mlstm.accuracy import mlstm_inputs, rel_err
+from tests.helpers import case_key
 
 _REQUIRED = inspect.Parameter.empty
 _PARALLEL_BW = (

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import pallas_mlstm
+from pallas_mlstm.accuracy import mlstm_inputs, rel_err
 from tests import flags as test_flags
-from tests.helpers import case_key, mlstm_inputs, rel_err
+from tests.helpers import case_key
 
 _NO_GPU = jax.default_backend() != "gpu"
 

@@ -10,8 +10,9 @@ import pytest
 
 import pallas_mlstm
 from pallas_mlstm import xla_kernels
+from pallas_mlstm.accuracy import KERNEL_TWIN_TOLERANCE, mlstm_inputs, rel_err
 from tests import flags as test_flags
-from tests.helpers import case_key, mlstm_inputs, rel_err
+from tests.helpers import case_key
 
 # (B, NH, S, DHQK, DHHV, chunk, tiles): head dims 16…256 (DHQK != DHHV, some not powers of 2),
 # chunks 16…256, B·NH > 1, tile variants.
@@ -26,8 +27,6 @@ CASES = {
 }
 KERNELS = ("recurrent_fw_C", "parallel_fw_Hintra", "recurrent_bw_dC", "parallel_bw_dQ", "parallel_bw_dK",
            "parallel_bw_dV")
-TOLERANCE = {jnp.float32: {"interpret": 1e-5, "triton": 1e-4}, jnp.bfloat16: {"triton": 1e-2},
-             jnp.float16: {"triton": 1e-2}}
 
 
 def _pallas_backends():
@@ -92,6 +91,7 @@ def test_kernel_matches_twin(backend, dtype, case, kernel_name):
     if backend == "triton" and jax.default_backend() != "gpu":
         pytest.skip("the triton backend needs a GPU; run with --backend=triton on the GPU machine")
     chunk, tiles = CASES[case][5], CASES[case][6]
+    tolerance = KERNEL_TWIN_TOLERANCE[backend, jnp.dtype(dtype).name]
     for with_initial in (False, True):
         if with_initial and kernel_name not in ("recurrent_fw_C", "recurrent_bw_dC"):
             continue  # the other kernels see initial states only through their inputs
@@ -103,7 +103,7 @@ def test_kernel_matches_twin(backend, dtype, case, kernel_name):
         for index, (a, e) in enumerate(zip(actual, expected)):
             assert a.shape == e.shape, (kernel_name, index)
             err = rel_err(a, e)
-            assert err <= TOLERANCE[dtype][backend], f"{kernel_name} output {index}: rel err {err:.2e}"
+            assert err <= tolerance, f"{kernel_name} output {index}: rel err {err:.2e}"
 
 
 def test_kernel_rejects_bad_tiles():

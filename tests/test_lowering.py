@@ -11,7 +11,8 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 import pallas_mlstm
-from tests.helpers import case_key, mlstm_inputs
+from pallas_mlstm.accuracy import mlstm_inputs
+from tests.helpers import case_key
 
 KERNEL_NAMES = (
     "mlstm_chunkwise__recurrent_fw_C",

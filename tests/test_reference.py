@@ -9,7 +9,8 @@ import pytest
 
 import pallas_mlstm
 import reference
-from tests.helpers import case_key, mlstm_inputs, plain_loss, rel_err, scale_blind_loss, to_dtype
+from pallas_mlstm.accuracy import mlstm_inputs, rel_err
+from tests.helpers import case_key, plain_loss, scale_blind_loss, to_dtype
 
 B, NH, DHQK, DHHV = 2, 2, 16, 24  # B·NH > 1, DHQK != DHHV
 FORWARD_CASES = [(64, 16), (128, 32), (256, 64), (512, 128)]  # (S, chunk)

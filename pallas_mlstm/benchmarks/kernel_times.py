@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import pallas_mlstm.backend
+from pallas_mlstm import accuracy
 from pallas_mlstm.benchmarks.shapes import resolve_shapes
 from pallas_mlstm.benchmarks.timing import median_ms
 
@@ -79,12 +80,9 @@ def _nbytes(tree) -> int:
 def kernel_cases(shape, chunk: int, interpret: bool = False) -> list[KernelCase]:
     """The gate preprocessing and the six kernels, on inputs chained through the kernels themselves."""
     B, NH, S, DK, DV = shape.B, shape.NH, shape.S, shape.DHQK, shape.DHHV
-    keys = jax.random.split(jax.random.PRNGKey(0), 6)
-    q, k = (jax.random.normal(key, (B, NH, S, DK), jnp.bfloat16) for key in keys[:2])
-    v = jax.random.normal(keys[2], (B, NH, S, DV), jnp.bfloat16)
-    i = jax.random.normal(keys[3], (B, NH, S), jnp.float32)
-    f = 3.0 + jax.random.normal(keys[4], (B, NH, S), jnp.float32)
-    dh = jax.random.normal(keys[5], (B, NH, S, DV), jnp.bfloat16)
+    key = jax.random.PRNGKey(0)
+    q, k, v, i, f, *_ = accuracy.mlstm_inputs(key, B, NH, S, DK, DV, jnp.bfloat16)
+    dh = jax.random.normal(jax.random.fold_in(key, 1), (B, NH, S, DV), jnp.bfloat16)
     p = pallas_mlstm.backend.kernel_set("interpret" if interpret else "triton")
     gates = lambda launch: jax.jit(lambda i, f: pallas_mlstm.compute_chunkwise_log_gates_vecB_vecA(i, f, chunk))
     fw_c = lambda launch: jax.jit(lambda k, v, i, f: p.recurrent_fw_C(k, v, f, i, chunk_size=chunk, **launch))
@@ -142,9 +140,9 @@ def sweep_rows(shape, chunk: int, calls: int, interpret: bool = False, names=Non
                        card=jax.devices()[0].device_kind, jax_version=jax.__version__)
             try:
                 fn = case.make(launch)
-                out = jax.tree.leaves(fn(*case.args))[0].astype(jnp.float32)  # (B, NH, ...) first output
+                out = jax.tree.leaves(fn(*case.args))[0]  # (B, NH, ...) first output
                 expected = out if expected is None else expected
-                row["rel_diff"] = float(jnp.linalg.norm(out - expected) / jnp.linalg.norm(expected))
+                row["rel_diff"] = accuracy.rel_err(out, expected)
                 row["ms"] = median_ms(fn, [case.args], calls)
             except Exception as error:  # e.g. Triton out of shared memory
                 row["error"] = f"{type(error).__name__}: {str(error)[:160]}"

@@ -21,16 +21,15 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from pallas_mlstm import accuracy
 from pallas_mlstm.benchmarks import impls, plot
 from pallas_mlstm.benchmarks.timing import median_ms
 from pallas_mlstm.benchmarks.shapes import (
     CPU_DEFAULT_SHAPES, GPU_DEFAULT_SHAPES, SHAPES as NAMED_SHAPES, SWEEP_ALIAS, Shape, resolve_shapes,
 )
-from reference.recurrent import mlstm_recurrent
 
 MODES = ("fw", "fwbw")
 DEFAULT_CHUNK = "default"  # --chunk_sizes token: the library's own choice (peers: their default, 128)
-TOLERANCE = 2e-2  # largest relative error of a bfloat16 forward output that still gets timed
 NUM_INPUT_SETS = 3
 CHECK_BATCH = 1  # the check compares batch element 0 (all heads; attention: a few heads, a prefix)
 CHECK_ATTENTION_HEADS = 4
@@ -90,33 +89,20 @@ def say(line: str) -> None:
 
 
 def make_inputs(computes: str, shape: Shape, seed: int) -> tuple[jax.Array, ...]:
-    """Random inputs: q, k, v ~ N(0, 1) bf16, i ~ N(0, 1) and f ~ 3 + N(0, 1) float32 (attention: q, k, v)."""
-    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    """Random inputs: q, k, v ~ N(0, 1) bf16, i ~ N(0, 1) and f ~ 3 + N(0, 1) float32 (accuracy.mlstm_inputs);
+    attention: q, k, v ~ N(0, 1) bf16."""
+    key = jax.random.PRNGKey(seed)
     if computes == impls.ATTENTION:
         heads = impls.attention_heads(shape.NH, shape.DHHV)
         size = (shape.B, shape.S, heads, impls.ATTENTION_HEAD_DIM)
-        return tuple(jax.random.normal(key, size, jnp.bfloat16) for key in keys[:3])
-    qk_size = (shape.B, shape.NH, shape.S, shape.DHQK)
-    gate_size = (shape.B, shape.NH, shape.S)
-    return (
-        jax.random.normal(keys[0], qk_size, jnp.bfloat16),
-        jax.random.normal(keys[1], qk_size, jnp.bfloat16),
-        jax.random.normal(keys[2], (shape.B, shape.NH, shape.S, shape.DHHV), jnp.bfloat16),
-        jax.random.normal(keys[3], gate_size, jnp.float32),
-        3.0 + jax.random.normal(keys[4], gate_size, jnp.float32),
-    )
+        return tuple(jax.random.normal(k, size, jnp.bfloat16) for k in jax.random.split(key, 3))
+    return accuracy.mlstm_inputs(key, shape.B, shape.NH, shape.S, shape.DHQK, shape.DHHV, jnp.bfloat16)[:5]
 
 
 def make_weights(forward, inputs, seed: int = 1000) -> jax.Array:
     """The fixed random bf16 weights of the forward+backward loss, of the forward output's shape."""
     output = jax.eval_shape(forward, *inputs)
     return jax.random.normal(jax.random.PRNGKey(seed), output.shape, jnp.bfloat16)
-
-
-def relative_error(output: jax.Array, reference: jax.Array) -> float:
-    """||output - reference|| / ||reference|| in float32."""
-    output, reference = output.astype(jnp.float32), reference.astype(jnp.float32)
-    return float(jnp.linalg.norm(output - reference) / jnp.linalg.norm(reference))
 
 
 def check_forward(computes: str, inputs, output) -> tuple[float, str]:
@@ -129,9 +115,10 @@ def check_forward(computes: str, inputs, output) -> tuple[float, str]:
             name = f"float32 XLA attention (batch 0, {q.shape[2]} heads, first {q.shape[1]} positions)"
         else:
             window = (slice(0, CHECK_BATCH),)
+            mlstm_recurrent = accuracy.load_oracles().mlstm_recurrent
             reference = jax.jit(mlstm_recurrent)(*(x[window].astype(jnp.float32) for x in inputs))
             name = "float32 reference.mlstm_recurrent (batch 0)"
-        return relative_error(output[window], reference), name
+        return accuracy.rel_err(output[window], reference), name
 
 
 def peak_bytes() -> int | None:
@@ -159,8 +146,9 @@ def run_one(run: Run, modes: list[str], calls: int, measure_peak: bool, context:
         input_bytes[mode] = _bytes_of(arguments)
 
     rel_err, reference_name = check_forward(run.impl.computes, inputs, callables.forward(*inputs))
-    if not rel_err <= TOLERANCE:
-        say(f"REFUSED {run.label()}: rel err {rel_err:.2e} > {TOLERANCE:.0e} against {reference_name}; not timed.")
+    if not rel_err <= accuracy.BENCH_TOLERANCE:
+        say(f"REFUSED {run.label()}: rel err {rel_err:.2e} > {accuracy.BENCH_TOLERANCE:.0e} against {reference_name}; "
+            "not timed.")
         return []
     say(f"checked {run.label()}: rel err {rel_err:.2e} against {reference_name}")
 
@@ -301,6 +289,8 @@ def main_bench(argv: list[str]) -> None:
     card = jax.devices()[0].device_kind
     shapes = requested_shapes or resolve_shapes(default_shapes(platform))
     impl_names = IMPLS.value or list(impls.GPU_DEFAULT_IMPLS if platform == "gpu" else impls.CPU_DEFAULT_IMPLS)
+    if any(impls.get_implementation(name).computes == impls.MLSTM for name in impl_names):
+        accuracy.load_oracles()  # mLSTM runs are checked against the oracle: refuse here, not in every worker
     if not is_worker:
         say(f"pallas_mlstm bench on {card} (JAX platform {platform}), jax {jax.__version__}")
         if platform != "gpu":

@@ -1,4 +1,5 @@
-"""Named benchmark shapes (benchmarks/README.md): the 7B widths, small heads, a constant-token sweep, a CPU toy."""
+"""Named benchmark shapes (benchmarks/README.md): the 7B widths, small and odd heads, the TFLA paper's shape, long
+contexts, a constant-token sweep, a CPU toy."""
 
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ def _named_shapes() -> dict[str, Shape]:
         Shape("7b", 8, 8, 8192, 256, 512, "xLSTM-7B widths, 65,536 tokens"),
         Shape("7b-short", 32, 8, 2048, 256, 512, "same tokens, short context"),
         Shape("small-heads", 4, 16, 4096, 128, 128, "1B-class heads"),
+        Shape("tfla-paper", 8, 16, 8192, 128, 256, "the TFLA paper's 7B-class benchmark shape (embedding 4096)"),
+        Shape("odd-heads", 4, 8, 4096, 96, 192, "head dims that are not powers of 2"),
+        Shape("long-256k", 1, 8, 262144, 256, 512, "long context: memory of forward + backward"),
+        Shape("long-512k", 1, 8, 524288, 256, 512, "long context: does forward + backward fit on one 80 GB H100"),
         Shape("tiny", 1, 2, 256, 32, 32, "CPU smoke shape: its times mean nothing"),
     ]
     shapes += [
@@ -41,7 +46,7 @@ def _named_shapes() -> dict[str, Shape]:
 
 
 SHAPES = _named_shapes()
-GPU_DEFAULT_SHAPES = ("7b", "7b-short", "small-heads")
+GPU_DEFAULT_SHAPES = ("7b", "7b-short", "small-heads", "tfla-paper", "odd-heads")
 CPU_DEFAULT_SHAPES = ("tiny",)
 
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import pallas_mlstm
+from pallas_mlstm import accuracy
 from pallas_mlstm.benchmarks import impls, runner, timing
 from pallas_mlstm.benchmarks.shapes import Shape, resolve_shapes
 from pallas_mlstm.config import (
@@ -127,8 +128,8 @@ def _evaluate(config, backend, input_sets, weights, expected, calls):
     callables = impls.timed_callables(forward, 5)
     results = (callables.forward(*input_sets[0]), *callables.forward_backward(weights, *input_sets[0]))
     if expected is not None:
-        worst = max(runner.relative_error(result, ref) for result, ref in zip(results, expected))
-        if not worst <= runner.TOLERANCE:
+        worst = max(accuracy.rel_err(result, ref) for result, ref in zip(results, expected))
+        if not worst <= accuracy.BENCH_TOLERANCE:
             raise CandidateRejected(f"h or a gradient differs from the default config's by {worst:.1e}")
     argument_sets = [(weights, *inputs) for inputs in input_sets]
     milliseconds = timing.median_ms(callables.forward_backward, argument_sets, calls)
@@ -148,7 +149,7 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
     argument_sets = [(weights, *inputs) for inputs in input_sets]
     default_ms, expected, default_fwbw = _evaluate(default, backend, input_sets, weights, None, calls)
     rel_err, reference_name = runner.check_forward(impls.MLSTM, input_sets[0], expected[0])
-    if not rel_err <= runner.TOLERANCE:
+    if not rel_err <= accuracy.BENCH_TOLERANCE:
         runner.say(f"REFUSED {shape.name}: the default config's rel err {rel_err:.2e} against {reference_name}.")
         return None
     runner.say(f"{shape.name} default ({describe(default)}): {default_ms:.3f} ms fwbw, rel err {rel_err:.1e}")
@@ -213,6 +214,7 @@ def main_tune(argv: list[str]) -> None:
         tuned_configs_in(CONFIGS_OUT.value)
     except ValueError as error:
         raise app.UsageError(f"--configs_out: {error}") from None
+    accuracy.load_oracles()  # the default config is checked against the oracle: refuse before any output
     card = jax.devices()[0].device_kind
     shapes = requested_shapes or resolve_shapes(runner.default_shapes(platform))
     runner.say(f"pallas_mlstm tune on {card}, backend {backend}, jax {jax.__version__}")

@@ -16,8 +16,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from pallas_mlstm import launch_defaults
-
 # Triton's dot needs every matrix side >= 16; all in-kernel arrays need power-of-2 sizes.
 MIN_TILE = 16
 

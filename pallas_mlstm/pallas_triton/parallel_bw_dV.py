@@ -1,4 +1,4 @@
-"""Parallel backward kernel for dV (the seed kernel)."""
+"""Parallel backward kernel for dV."""
 
 from __future__ import annotations
 
