@@ -102,15 +102,19 @@ def user_tuned_configs_path() -> pathlib.Path:
 
 
 @functools.lru_cache(maxsize=8)
-def _read_tuned_configs(path: str, modified_ns: int) -> dict[str, dict[str, ChunkwiseConfig]]:
+def _read_tuned_file(path: str, modified_ns: int) -> tuple[dict[str, dict[str, ChunkwiseConfig]], dict[str, dict]]:
+    """(configs by device_kind and shape class, each tuned card's properties by device_kind)."""
     del modified_ns  # in the cache key only, so that a rewritten file is read again
     try:
         with open(path) as file:
-            configs = json.load(file)["configs"]
-        return {
+            data = json.load(file)
+        configs = {
             device_kind: {key: ChunkwiseConfig(**entry["config"]) for key, entry in entries.items()}
-            for device_kind, entries in configs.items()
+            for device_kind, entries in data["configs"].items()
         }
+        cards = {kind: {"compute_capability": str(card["compute_capability"]), "core_count": int(card["core_count"])}
+                 for kind, card in data.get("cards", {}).items()}
+        return configs, cards
     except (OSError, ValueError, LookupError, TypeError, AttributeError) as error:
         raise ValueError(
             f"cannot read the tuned configs in {path} ({type(error).__name__}: {error}); fix its JSON or delete "
@@ -118,31 +122,48 @@ def _read_tuned_configs(path: str, modified_ns: int) -> dict[str, dict[str, Chun
         ) from error
 
 
+def _tuned_file(path: str | os.PathLike) -> tuple[dict[str, dict[str, ChunkwiseConfig]], dict[str, dict]]:
+    path = pathlib.Path(path)
+    if not path.exists():
+        return {}, {}
+    return _read_tuned_file(str(path), path.stat().st_mtime_ns)
+
+
 def tuned_configs_in(path: str | os.PathLike) -> dict[str, dict[str, ChunkwiseConfig]]:
     """The configs stored at `path` by device_kind and shape class ({} if no file is there).
 
     ValueError naming the file if it cannot be read or is not a tuned-configs JSON.
     """
-    path = pathlib.Path(path)
-    if not path.exists():
-        return {}
-    return _read_tuned_configs(str(path), path.stat().st_mtime_ns)
+    return _tuned_file(path)[0]
 
 
 def tuned_config(device_kind: str, B: int, NH: int, S: int, DHQK: int, DHHV: int, *,
-                 path: str | os.PathLike | None = None) -> ChunkwiseConfig | None:
+                 path: str | os.PathLike | None = None, compute_capability: str | None = None,
+                 core_count: int | None = None) -> ChunkwiseConfig | None:
     """The measured best config for this card (`jax.Device.device_kind`) and shape, or None if none was measured.
 
     Looked up by `shape_class(S, DHQK, DHHV)` (B and NH do not enter it) in `path` alone if given, else in the
-    packaged tuned_configs.json and then the user's file (`user_tuned_configs_path`), whose entries win. None
-    too when the config's chunk size does not divide S. ValueError if a file is there but malformed.
+    packaged tuned_configs.json and then the user's file (`user_tuned_configs_path`), whose entries win. A card
+    without an entry of its own, given its `compute_capability` (e.g. "9.0"), takes the entry of a tuned card
+    of the same compute capability, the one nearest in SM count (`core_count`). None too when the config's
+    chunk size does not divide S. ValueError if a file is there but malformed.
     """
     del B, NH  # not part of the shape class
     paths = [PACKAGED_TUNED_CONFIGS_PATH, user_tuned_configs_path()] if path is None else [path]
     key = shape_class(S, DHQK, DHHV)
-    config = None
+    by_card, cards = {}, {}
     for config_path in paths:
-        config = tuned_configs_in(config_path).get(device_kind, {}).get(key, config)
+        configs, file_cards = _tuned_file(config_path)
+        cards.update(file_cards)
+        for kind, entries in configs.items():
+            if key in entries:
+                by_card[kind] = entries[key]
+    config = by_card.get(device_kind)
+    if config is None and compute_capability is not None:
+        peers = [kind for kind in by_card if cards.get(kind, {}).get("compute_capability") == str(compute_capability)]
+        if peers:
+            nearest = min(peers, key=lambda kind: abs(cards[kind]["core_count"] - (core_count or 0)))
+            config = by_card[nearest]
     if config is None or (config.chunk_size is not None and S % config.chunk_size):
         return None
     return config

@@ -1,7 +1,8 @@
 """Every default launch parameter of the Pallas path and the heuristics that pick them, in one place.
 
 The chunk size `mlstm_chunkwise` runs when none is given, and each kernel's tiles, warps and stages for
-arguments left None. The kernels' signatures keep upstream's defaults (siz_b_LQ = siz_b_LKV = 32, the rest
+arguments left None. The values were measured on Hopper cards (H100, H200); the functions that take a card's
+shared memory or SM count (pallas_mlstm.device) adapt them to other cards. The kernels' signatures keep upstream's defaults (siz_b_LQ = siz_b_LKV = 32, the rest
 None): only None reads this module. Mechanics — validating a tile and clamping it to its dim, padding,
 dots — live in pallas_triton/common.py. Pure Python (no JAX), so that configs can import it cheaply.
 """
@@ -53,6 +54,28 @@ PARALLEL_BW_DV = ParallelTiles(siz_b_LQ=64, siz_b_LKV=128, siz_b_DHQK=64, siz_b_
 
 # Same measurement: loads pipelined 2 deep in all four parallel kernels.
 PARALLEL_NUM_STAGES = 2
+# Those tiles and stages need Hopper's shared memory (227 KiB per block). Cards with less (A100: 163 KiB;
+# consumer cards: 99 KiB) get head-dim tiles of at most SMALL_CARD_HEAD_TILE and unpipelined loads.
+PIPELINED_MIN_SHARED_MEMORY_KIB = 200
+SMALL_CARD_HEAD_TILE = 128
+
+
+def _hopper_class(shared_memory_kib: int | None) -> bool:
+    """True for the cards the defaults were measured on (and off a GPU: None, where launches are interpreted)."""
+    return shared_memory_kib is None or shared_memory_kib >= PIPELINED_MIN_SHARED_MEMORY_KIB
+
+
+def parallel_tiles(defaults: ParallelTiles, shared_memory_kib: int | None) -> ParallelTiles:
+    """A parallel kernel's default tiles on a card with this much shared memory per block (KiB)."""
+    if _hopper_class(shared_memory_kib):
+        return defaults
+    return dataclasses.replace(defaults, siz_b_DHQK=min(defaults.siz_b_DHQK, SMALL_CARD_HEAD_TILE),
+                               siz_b_DHHV=min(defaults.siz_b_DHHV, SMALL_CARD_HEAD_TILE))
+
+
+def parallel_num_stages(shared_memory_kib: int | None) -> int:
+    """Default pipeline depth of the parallel kernels' loads: PARALLEL_NUM_STAGES on Hopper-class cards, else 1."""
+    return PARALLEL_NUM_STAGES if _hopper_class(shared_memory_kib) else 1
 
 
 def parallel_num_warps(out_rows: int, out_cols: int) -> int:
@@ -79,12 +102,17 @@ RECURRENT_BW_DC = RecurrentLaunch(siz_b_DHQK=64, num_warps=4, num_stages=1)
 
 # Rows of the sequence one dot of the recurrent kernels covers: larger chunks are walked in sub-tiles of this.
 RECURRENT_SUB_TILE = 128
-# Each program of a recurrent kernel walks all chunks of one state tile in order: its grid must fill the GPU.
-RECURRENT_MIN_PROGRAMS = 512
+# Each program of a recurrent kernel walks all chunks of one state tile in order: its grid must fill the GPU
+# with at least this many programs per SM (measured: 128 programs on an H200's 132 SMs ran 1.5x slower than
+# 256; 512 and 1024 ran fastest).
+RECURRENT_MIN_PROGRAMS_PER_SM = 3
+# The SM count assumed off a GPU (H100 SXM and H200: 132).
+DEFAULT_CORE_COUNT = 132
 
 
-def recurrent_dhhv_tile(dhqk_tiles: int, dhhv_p: int, bnh: int) -> int:
+def recurrent_dhhv_tile(dhqk_tiles: int, dhhv_p: int, bnh: int, core_count: int | None = None) -> int:
     """Default DHHV tile of a recurrent kernel (before clamping to dhhv_p): 128 where that still gives
-    RECURRENT_MIN_PROGRAMS programs (measured faster than 64 at the 7b shape on an H200), else 64."""
+    RECURRENT_MIN_PROGRAMS_PER_SM programs per SM (measured faster than 64 at the 7b shape on an H200), else 64."""
     wide_programs = dhqk_tiles * max(1, dhhv_p // 128) * bnh
-    return 128 if wide_programs >= RECURRENT_MIN_PROGRAMS else 64
+    sms = DEFAULT_CORE_COUNT if core_count is None else core_count
+    return 128 if wide_programs >= RECURRENT_MIN_PROGRAMS_PER_SM * sms else 64

@@ -58,11 +58,13 @@ def mlstm_chunkwise__recurrent_fw_C(
     *,
     siz_b_DHQK: int | None = None,
     siz_b_DHHV: int | None = None,
+    states_dtype=None,
 ):
     """States at every chunk boundary: (matC_states, vecN_states, scaMinter_states), index 0 = initial.
 
     Shapes (B, NH, (NC+1)*DHQK, DHHV), (B, NH, (NC+1)*DHQK), (B, NH, NC+1) with NC = S / (chunk_size
     · save_states_every_nth_chunk): saving every n-th state of chunk L is the state sequence of chunk n·L.
+    A narrower `states_dtype` stores matC_states in it and adds the last C state at full precision.
     """
     del num_stages, num_warps, siz_b_DHQK, siz_b_DHHV
     batch, heads, seq_len, dhqk = matK.shape
@@ -93,7 +95,9 @@ def mlstm_chunkwise__recurrent_fw_C(
     c_all = jnp.concatenate([c[:, :, None], jnp.moveaxis(c_all, 0, 2)], axis=2)  # (B, NH, NC+1, DHQK, DHHV)
     n_all = jnp.concatenate([n[:, :, None], jnp.moveaxis(n_all, 0, 2)], axis=2)  # (B, NH, NC+1, DHQK)
     m_all = jnp.concatenate([m[:, :, None], jnp.moveaxis(m_all, 0, 2)], axis=2)  # (B, NH, NC+1)
-    return join_states(c_all), join_states(n_all), m_all
+    if states_dtype is None or jnp.dtype(states_dtype) == dtype:
+        return join_states(c_all), join_states(n_all), m_all
+    return join_states(c_all.astype(states_dtype)), join_states(n_all), m_all, c_all[:, :, -1]
 
 
 def mlstm_chunkwise__parallel_fw_Hintra(
@@ -175,11 +179,13 @@ def mlstm_chunkwise__recurrent_bw_dC(
     matC_states: jax.Array | None = None,  # (B, NH, (NC+1)*DHQK, DHHV)
     siz_b_DHQK: int | None = None,
     siz_b_DHHV: int | None = None,
+    states_dtype=None,
 ):
     """Gradients of the chunk-boundary C states, last to first: matDeltaC_states (B, NH, (NC+1)*DHQK, DHHV).
 
     Given the forward states `matC_states`, returns (matDeltaC_states, scaCdC_states) with
     scaCdC_states (B, NH, NC+1) = <dC_k, C_k> per boundary (the f̃ gradient's term for pairs crossing it).
+    A narrower `states_dtype` stores matDeltaC_states in it and adds dC_0 at full precision as a last output.
     """
     del num_warps, num_stages, siz_b_DHQK, siz_b_DHHV
     batch, heads, _, dhqk = matQ.shape
@@ -207,10 +213,13 @@ def mlstm_chunkwise__recurrent_bw_dC(
     xs = (jnp.moveaxis(contributions, 2, 0), jnp.moveaxis(decay, 2, 0))
     _, dc_all = lax.scan(chunk_step, d_last, xs, reverse=True)
     dc_all = jnp.concatenate([jnp.moveaxis(dc_all, 0, 2), d_last[:, :, None]], axis=2)  # (B, NH, NC+1, DHQK, DHHV)
-    if matC_states is None:
-        return join_states(dc_all)
-    c_dc = jnp.sum(dc_all * split_states(matC_states, dhqk).astype(dtype), axis=(-2, -1))  # (B, NH, NC+1)
-    return join_states(dc_all), c_dc
+    narrow = states_dtype is not None and jnp.dtype(states_dtype) != dtype
+    results = [join_states(dc_all.astype(states_dtype) if narrow else dc_all)]
+    if matC_states is not None:
+        results.append(jnp.sum(dc_all * split_states(matC_states, dhqk).astype(dtype), axis=(-2, -1)))  # (B, NH, NC+1)
+    if narrow:
+        results.append(dc_all[:, :, 0])
+    return results[0] if len(results) == 1 else tuple(results)
 
 
 def _parallel_bw_common(matQ, vecI, vecB, vecA, vecR, matC_all, scaM_all, vecN_out, vecM_out, matDeltaH,

@@ -4,14 +4,18 @@ their values, the chunk-size rule, and how each kernel resolves an omitted or No
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_mlstm import config as config_module
 from pallas_mlstm import launch_defaults
-from pallas_mlstm.config import ChunkwiseConfig
+from pallas_mlstm.api import default_config
+from pallas_mlstm.config import ChunkwiseConfig, tuned_config
+from pallas_mlstm.device import DeviceProperties
 from pallas_mlstm.launch_defaults import default_chunk_size
 from pallas_mlstm.pallas_triton import common
 from pallas_mlstm.pallas_triton.parallel_bw_dK import mlstm_chunkwise__parallel_bw_dK
@@ -130,7 +134,7 @@ def test_launch_default_values():
     assert launch_defaults.PARALLEL_NUM_STAGES == 2
     for recurrent in (launch_defaults.RECURRENT_FW_C, launch_defaults.RECURRENT_BW_DC):
         assert (recurrent.siz_b_DHQK, recurrent.num_warps, recurrent.num_stages) == (64, 4, 1)
-    assert launch_defaults.RECURRENT_SUB_TILE == 128 and launch_defaults.RECURRENT_MIN_PROGRAMS == 512
+    assert launch_defaults.RECURRENT_SUB_TILE == 128 and launch_defaults.RECURRENT_MIN_PROGRAMS_PER_SM == 3
 
 
 def test_launch_default_heuristics():
@@ -138,9 +142,12 @@ def test_launch_default_heuristics():
     assert launch_defaults.parallel_num_warps(128, 256) == 8 and launch_defaults.parallel_num_warps(64, 256) == 8
     assert launch_defaults.parallel_num_warps(128, 128) == 8 and launch_defaults.parallel_num_warps(64, 128) == 4
     assert launch_defaults.parallel_num_warps(16, 32) == 4
-    # recurrent kernels: 128-wide DHHV tiles only while the grid keeps RECURRENT_MIN_PROGRAMS programs
+    # recurrent kernels: 128-wide DHHV tiles only while the grid keeps 3 programs per SM (132 SMs off a GPU)
     assert launch_defaults.recurrent_dhhv_tile(dhqk_tiles=4, dhhv_p=512, bnh=64) == 128  # 7b: 1024 programs
     assert launch_defaults.recurrent_dhhv_tile(dhqk_tiles=2, dhhv_p=128, bnh=64) == 64  # small heads: 128 programs
+    assert launch_defaults.recurrent_dhhv_tile(dhqk_tiles=2, dhhv_p=256, bnh=128) == 128  # tfla-paper: 512 programs
+    assert launch_defaults.recurrent_dhhv_tile(2, 256, 128, core_count=200) == 64  # a bigger card: 512 < 600
+    assert launch_defaults.recurrent_dhhv_tile(2, 128, 64, core_count=40) == 128  # a small card: 128 >= 120
     assert launch_defaults.recurrent_dhhv_tile(dhqk_tiles=1, dhhv_p=32, bnh=4096) == 128  # clamped at launch
     assert common.tile_size(None, 32, launch_defaults.recurrent_dhhv_tile(1, 32, 4096), "siz_b_DHHV") == 32
     assert common.tile_size(256, 512, launch_defaults.recurrent_dhhv_tile(1, 512, 1), "siz_b_DHHV") == 256  # a request wins
@@ -250,3 +257,67 @@ def test_kernel_defaults_clamp_to_small_dims(name, monkeypatch):
     assert resolved["siz_b_DHQK"] == 32 and resolved["siz_b_DHHV"] == min(EXPECTED_NONE[name]["siz_b_DHHV"], 64)
     if not name.startswith("recurrent"):
         assert resolved["siz_b_LQ"] == resolved["siz_b_LKV"] == 32
+
+
+def test_launch_defaults_adapt_to_shared_memory():
+    """Hopper-class shared memory (and None, off a GPU) keeps the measured tiles and stages; less caps the head-dim
+    tiles at 128 and loads unpipelined, which fit 99 KiB."""
+    fw = launch_defaults.PARALLEL_FW_HINTRA
+    for hopper in (None, 227):
+        assert launch_defaults.parallel_tiles(fw, hopper) == fw
+        assert launch_defaults.parallel_num_stages(hopper) == 2
+    for small in (163, 99):
+        tiles = launch_defaults.parallel_tiles(launch_defaults.PARALLEL_BW_DQ, small)
+        assert (tiles.siz_b_LQ, tiles.siz_b_LKV, tiles.siz_b_DHQK, tiles.siz_b_DHHV) == (128, 64, 128, 64)
+        assert launch_defaults.parallel_num_stages(small) == 1
+
+
+def test_device_properties():
+    from pallas_mlstm.device import device_properties
+
+    assert DeviceProperties("NVIDIA H100 80GB HBM3", (9, 0), 132).shared_memory_kib == 227
+    assert DeviceProperties("NVIDIA A100-SXM4-80GB", (8, 0), 108).shared_memory_kib == 163
+    assert DeviceProperties("NVIDIA GeForce RTX 4090", (8, 9), 128).shared_memory_kib == 99
+    assert DeviceProperties("cpu").shared_memory_kib is None
+    here = device_properties()
+    assert here.device_kind == jax.devices()[0].device_kind
+    if jax.default_backend() == "gpu":
+        assert here.compute_capability is not None and here.core_count > 0, here
+    else:
+        assert here.compute_capability is None
+
+
+def test_untuned_card_borrows_a_tuned_card_of_its_compute_capability(tmp_path):
+    path = tmp_path / "tuned.json"
+    entry = lambda chunk: {"config": {"chunk_size": chunk}}
+    path.write_text(json.dumps({
+        "configs": {"Card A": {"dhqk256-dhhv512-long": entry(64)}, "Card B": {"dhqk256-dhhv512-long": entry(128)},
+                    "Card C": {"dhqk256-dhhv512-long": entry(32)}},
+        "cards": {"Card A": {"compute_capability": "9.0", "core_count": 132},
+                  "Card B": {"compute_capability": "9.0", "core_count": 114},
+                  "Card C": {"compute_capability": "8.0", "core_count": 108}},
+    }))
+    shape = (8, 8, 8192, 256, 512)
+    assert tuned_config("Card B", *shape, path=path).chunk_size == 128  # its own entry
+    assert tuned_config("Card D", *shape, path=path) is None  # no properties: exact names only
+    assert tuned_config("Card D", *shape, path=path, compute_capability="9.0", core_count=120).chunk_size == 128
+    assert tuned_config("Card D", *shape, path=path, compute_capability="9.0", core_count=130).chunk_size == 64
+    assert tuned_config("Card D", *shape, path=path, compute_capability="8.0", core_count=84).chunk_size == 32
+    assert tuned_config("Card D", *shape, path=path, compute_capability="8.9", core_count=128) is None
+
+
+def test_default_config_on_an_untuned_hopper_card(tmp_path, monkeypatch):
+    """An H100 PCIe (no entry of its own) gets the packaged entry of a tuned compute-capability-9.0 card; a
+    device_kind string alone matches exact names only."""
+    monkeypatch.setenv(config_module.TUNED_CONFIGS_ENV, str(tmp_path / "none.json"))  # no user file
+    q_shape, dhhv = (8, 8, 8192, 256), 512
+    tuned_cards = [kind for kind, entries in config_module.tuned_configs_in(config_module.PACKAGED_TUNED_CONFIGS_PATH).items()
+                   if "dhqk256-dhhv512-long" in entries]
+    assert tuned_cards, "the packaged configs hold a 7b-class entry"
+    pcie = DeviceProperties("NVIDIA H100 PCIe", (9, 0), 114)
+    borrowed = default_config("triton", pcie, q_shape, dhhv, jnp.bfloat16)
+    assert borrowed in [config_module.tuned_configs_in(config_module.PACKAGED_TUNED_CONFIGS_PATH)[kind]["dhqk256-dhhv512-long"]
+                        for kind in tuned_cards]
+    assert default_config("triton", "NVIDIA H100 PCIe", q_shape, dhhv, jnp.bfloat16) == ChunkwiseConfig()
+    assert default_config("triton", DeviceProperties("NVIDIA A100", (8, 0), 108), q_shape, dhhv,
+                          jnp.bfloat16) == ChunkwiseConfig()  # no tuned card of capability 8.0: kernel defaults

@@ -112,3 +112,55 @@ def test_kernel_rejects_bad_tiles():
         _call("parallel_fw_Hintra", pallas_mlstm, x, 32, dict(siz_b_LQ=24), dict(interpret=True))
     with pytest.raises(ValueError, match="chunk_size must be at least 16"):
         _call("parallel_fw_Hintra", pallas_mlstm, x, 8, {}, dict(interpret=True))
+
+
+def _narrow_backends():
+    return ["xla", *_pallas_backends()]
+
+
+@pytest.mark.parametrize("backend", _narrow_backends())
+def test_narrow_state_buffers(backend):
+    """states_dtype=bfloat16: the recurrent kernels store their state buffers rounded from the same float32
+    values, and return the last C state / dC_0 at full precision; the chained orchestration gives the same h
+    and q, k, v gradients bit for bit (the parallel kernels round states to bf16 for their matmuls anyway)."""
+    if backend == "triton" and jax.default_backend() != "gpu":
+        pytest.skip("the triton backend needs a GPU; run with --backend=triton on the GPU machine")
+    module = xla_kernels if backend == "xla" else pallas_mlstm
+    launch = {} if backend == "xla" else dict(interpret=backend == "interpret")
+    x = _case_arrays("L32-d24x40-padded", jnp.bfloat16, True)
+    wide = _call("recurrent_fw_C", module, x, 32, {}, launch)
+    narrow = _call("recurrent_fw_C", module, x, 32, {}, dict(launch, states_dtype=jnp.bfloat16))
+    assert len(wide) == 3 and len(narrow) == 4
+    assert narrow[0].dtype == jnp.bfloat16 and narrow[3].dtype == jnp.float32
+    assert jnp.array_equal(narrow[0], wide[0].astype(jnp.bfloat16))
+    assert jnp.array_equal(narrow[3], wide[0][:, :, -24:, :])
+    for a, b in zip(narrow[1:3], wide[1:3]):
+        assert jnp.array_equal(a, b)
+    wide_dc = _call("recurrent_bw_dC", module, x, 32, {}, launch)
+    narrow_dc = _call("recurrent_bw_dC", module, x, 32, {}, dict(launch, states_dtype=jnp.bfloat16))
+    assert len(wide_dc) == 2 and len(narrow_dc) == 3
+    assert jnp.array_equal(narrow_dc[0], wide_dc[0].astype(jnp.bfloat16))
+    assert jnp.array_equal(narrow_dc[2], wide_dc[0][:, :, :24, :])
+    assert jnp.array_equal(narrow_dc[1], wide_dc[1])
+
+    q, k, v, i, f, c0, n0, m0 = (x[name] for name in ("q", "k", "v", "i", "f", "c0", "n0", "m0"))
+    kwargs = dict(chunk_size_inter=32, chunk_size_intra=32, eps=1e-6, backend=backend)
+    runs = {}
+    for states_dtype in (None, jnp.bfloat16):
+        h, n_out, m_out, last, _ = pallas_mlstm.mlstm_chunkwise_fw(
+            q, k, v, i, f, c0, n0, m0, return_last_states=True, output_dtype=q.dtype, states_dtype=states_dtype,
+            **kwargs)
+        grads = pallas_mlstm.mlstm_chunkwise_bw(
+            q, k, v, i, f, c0, n0, m0, None, None, None, n_out, m_out, x["dh"], x["dc_last"],
+            states_dtype=states_dtype, **kwargs)
+        runs[states_dtype] = (h, last, grads)
+    (h_wide, last_wide, grads_wide), (h_narrow, last_narrow, grads_narrow) = runs[None], runs[jnp.bfloat16]
+    assert jnp.array_equal(h_narrow, h_wide)
+    for a, b in zip(last_narrow, last_wide):
+        assert a.dtype == b.dtype and jnp.array_equal(a, b)
+    for name, a, b in zip(("dq", "dk", "dv", "di", "df", "dc0", "dn0", "dm0"), grads_narrow, grads_wide):
+        assert a.dtype == b.dtype, name
+        if name != "df":  # the state buffers enter these as bf16 matmul operands only
+            assert jnp.array_equal(a, b), name
+        else:  # df̃ sums <dC_k, C_k> over each state in float32, now from rounded states
+            assert 0 < rel_err(a, b) <= 1e-2, f"{name}: rel err {rel_err(a, b):.2e}"

@@ -25,6 +25,7 @@ import pallas_mlstm.backend
 from pallas_mlstm import accuracy
 from pallas_mlstm.benchmarks.shapes import resolve_shapes
 from pallas_mlstm.benchmarks.timing import median_ms
+from pallas_mlstm.chunkwise import state_buffer_dtype
 
 _SHAPES = flags.DEFINE_list("kernel_shapes", ["7b"], "Named shapes (pallas_mlstm/benchmarks/shapes.py).")
 _CHUNK = flags.DEFINE_integer("kernel_chunk", 128, "Chunk size.")
@@ -85,14 +86,15 @@ def kernel_cases(shape, chunk: int, interpret: bool = False) -> list[KernelCase]
     dh = jax.random.normal(jax.random.fold_in(key, 1), (B, NH, S, DV), jnp.bfloat16)
     p = pallas_mlstm.backend.kernel_set("interpret" if interpret else "triton")
     gates = lambda launch: jax.jit(lambda i, f: pallas_mlstm.compute_chunkwise_log_gates_vecB_vecA(i, f, chunk))
-    fw_c = lambda launch: jax.jit(lambda k, v, i, f: p.recurrent_fw_C(k, v, f, i, chunk_size=chunk, **launch))
+    narrow = dict(states_dtype=state_buffer_dtype(q.dtype))  # the state buffers of the production path
+    fw_c = lambda launch: jax.jit(lambda k, v, i, f: p.recurrent_fw_C(k, v, f, i, chunk_size=chunk, **narrow, **launch))
     fw_h = lambda launch: jax.jit(lambda *a: p.parallel_fw_Hintra(
         *a, chunk_size=chunk, output_dtype=jnp.bfloat16, **launch))
-    states = fw_c({})(k, v, i, f)
+    states = fw_c({})(k, v, i, f)[:3]
     _, n_out, m_out = fw_h({})(q, k, v, i, f, *states)
     bw_c = lambda launch: jax.jit(lambda *a: p.recurrent_bw_dC(
-        *a, chunk_size=chunk, matC_states=states[0], **launch))
-    dc_states, _ = bw_c({})(q, f, states[2], m_out, dh, n_out)
+        *a, chunk_size=chunk, matC_states=states[0], **narrow, **launch))
+    dc_states = bw_c({})(q, f, states[2], m_out, dh, n_out)[0]
     vec_b, vec_a = gates({})(i, f)
     bw_args = (q, k, v, i, vec_a, vec_b, *states, n_out, m_out, dh, dc_states)
 

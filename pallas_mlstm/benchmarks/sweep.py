@@ -40,6 +40,7 @@ from pallas_mlstm.benchmarks.shapes import Shape, resolve_shapes
 from pallas_mlstm.config import (
     TUNED_CONFIGS_ENV, ChunkwiseConfig, shape_class, tuned_configs_in, user_tuned_configs_path,
 )
+from pallas_mlstm.device import device_properties
 from pallas_mlstm.pallas_triton.common import padded_dim
 
 CHUNK_SIZES = (64, 128, 256)
@@ -187,11 +188,22 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
     }
 
 
-def write_tuned_entry(path: str, device_kind: str, key: str, entry: dict) -> None:
-    """Stores `entry` under configs[device_kind][key] in the JSON at `path`, keeping the other entries."""
+def card_properties() -> dict | None:
+    """This card's compute capability and SM count, as `tuned_config` matches untuned cards by them; None off a GPU."""
+    properties = device_properties()
+    if properties.compute_capability is None or properties.core_count is None:
+        return None
+    return {"compute_capability": "{}.{}".format(*properties.compute_capability), "core_count": properties.core_count}
+
+
+def write_tuned_entry(path: str, device_kind: str, key: str, entry: dict, card: dict | None = None) -> None:
+    """Stores `entry` under configs[device_kind][key] in the JSON at `path`, keeping the other entries, and the
+    card's properties (`card`: compute_capability, core_count) under cards[device_kind] when known."""
     file = pathlib.Path(path)
     data = json.loads(file.read_text()) if file.is_file() else {"comment": CONFIGS_COMMENT, "configs": {}}
     data["configs"].setdefault(device_kind, {})[key] = entry
+    if card is not None:
+        data.setdefault("cards", {})[device_kind] = card
     file.parent.mkdir(parents=True, exist_ok=True)
     file.write_text(json.dumps(data, indent=1) + "\n")
 
@@ -234,5 +246,5 @@ def main_tune(argv: list[str]) -> None:
             "command": "python -m pallas_mlstm " + shlex.join(sys.argv[1:]),
         })
         key = shape_class(shape.S, shape.DHQK, shape.DHHV)
-        write_tuned_entry(CONFIGS_OUT.value, card, key, entry)
+        write_tuned_entry(CONFIGS_OUT.value, card, key, entry, card_properties())
         runner.say(f"stored the best config of {shape.name} as {card!r} / {key!r} in {CONFIGS_OUT.value}")

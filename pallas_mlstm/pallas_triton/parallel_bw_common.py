@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_mlstm import launch_defaults
+from pallas_mlstm.device import device_properties
 from pallas_mlstm.pallas_triton import common
 from pallas_mlstm.validation import validate_chunk_size
 
@@ -41,7 +42,9 @@ class BwLayout:
         return common.padded_dim(self.dhhv)
 
     def tiles(self, siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults: launch_defaults.ParallelTiles):
-        """The (bLQ, bLKV, bDHQK, bDHHV) tile sizes: requests (None: the kernel's `defaults`) clamped to the dims."""
+        """The (bLQ, bLKV, bDHQK, bDHHV) tile sizes: requests (None: the kernel's `defaults`, adapted to the
+        card's shared memory) clamped to the dims."""
+        defaults = launch_defaults.parallel_tiles(defaults, device_properties().shared_memory_kib)
         return (common.tile_size(siz_b_LQ, self.chunk_size, defaults.siz_b_LQ, "siz_b_LQ"),
                 common.tile_size(siz_b_LKV, self.chunk_size, defaults.siz_b_LKV, "siz_b_LKV"),
                 common.tile_size(siz_b_DHQK, self.dhqk_p, defaults.siz_b_DHQK, "siz_b_DHQK"),
@@ -131,7 +134,7 @@ def launch(kernel, layout: BwLayout, grid_head_tiles: int, grid_l_tiles: int, in
         out_shape=out_shape,
         compiler_params=common.compiler_params(  # out_spec's block (None, rows, cols) is one program's output tile
             num_warps, num_stages, default_warps=launch_defaults.parallel_num_warps(*out_spec.block_shape[-2:]),
-            default_stages=launch_defaults.PARALLEL_NUM_STAGES),
+            default_stages=launch_defaults.parallel_num_stages(device_properties().shared_memory_kib)),
         interpret=common.checked_interpret(interpret, name),
         name=name,
     )(*inputs)

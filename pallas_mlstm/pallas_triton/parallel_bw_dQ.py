@@ -88,7 +88,8 @@ def mlstm_chunkwise__parallel_bw_dQ(
     Launch defaults: siz_b_LQ / siz_b_LKV take upstream's 32 when omitted; None there and in siz_b_DHQK /
     siz_b_DHHV takes launch_defaults.PARALLEL_BW_DQ (128 / 64 / 256 / 64), each clamped to its dim.
     num_warps None: launch_defaults.parallel_num_warps of the (bLQ, bDHQK) output tile (8 from 128 x 128
-    elements, else 4); num_stages None: launch_defaults.PARALLEL_NUM_STAGES (2).
+    elements, else 4); num_stages None: launch_defaults.parallel_num_stages (2; 1 and head-dim tiles <= 128
+    on cards with less shared memory than Hopper's).
     """
     del vecN_all
     layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, vecR, matC_all, scaM_all,

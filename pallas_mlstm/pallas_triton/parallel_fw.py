@@ -10,6 +10,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_mlstm import launch_defaults
+from pallas_mlstm.device import device_properties
 from pallas_mlstm.pallas_triton import common
 from pallas_mlstm.gates import compute_chunkwise_reset_gates, compute_chunkwise_vecM
 from pallas_mlstm.validation import validate_chunk_size
@@ -88,14 +89,16 @@ def mlstm_chunkwise__parallel_fw_Hintra(
     Launch defaults: siz_b_LQ / siz_b_LKV take upstream's 32 when omitted; None there and in siz_b_DHQK /
     siz_b_DHHV takes launch_defaults.PARALLEL_FW_HINTRA (128 / 64 / 64 / 256), each clamped to its dim.
     num_warps None: launch_defaults.parallel_num_warps of the (bLQ, bDHHV) output tile (8 from 128 x 128
-    elements, else 4); num_stages None: launch_defaults.PARALLEL_NUM_STAGES (2).
+    elements, else 4); num_stages None: launch_defaults.parallel_num_stages (2; 1 on cards with less shared
+    memory than Hopper's, which also cap the head-dim tiles at 128: launch_defaults.parallel_tiles).
     """
     batch, heads, seq_len, dhqk = matQ.shape
     dhhv = matV.shape[-1]
     validate_chunk_size(chunk_size, seq_len, minimum=common.MIN_TILE)
     num_chunks, bnh = seq_len // chunk_size, batch * heads
     dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
-    defaults = launch_defaults.PARALLEL_FW_HINTRA
+    shared_memory_kib = device_properties().shared_memory_kib
+    defaults = launch_defaults.parallel_tiles(launch_defaults.PARALLEL_FW_HINTRA, shared_memory_kib)
     block_lq = common.tile_size(siz_b_LQ, chunk_size, defaults.siz_b_LQ, "siz_b_LQ")
     block_lkv = common.tile_size(siz_b_LKV, chunk_size, defaults.siz_b_LKV, "siz_b_LKV")
     block_dhqk = common.tile_size(siz_b_DHQK, dhqk_p, defaults.siz_b_DHQK, "siz_b_DHQK")
@@ -147,7 +150,7 @@ def mlstm_chunkwise__parallel_fw_Hintra(
         ],
         compiler_params=common.compiler_params(num_warps, num_stages,
                                                default_warps=launch_defaults.parallel_num_warps(block_lq, block_dhhv),
-                                               default_stages=launch_defaults.PARALLEL_NUM_STAGES),
+                                               default_stages=launch_defaults.parallel_num_stages(shared_memory_kib)),
         interpret=common.checked_interpret(interpret, "mlstm_chunkwise__parallel_fw_Hintra"),
         name="mlstm_chunkwise__parallel_fw_Hintra",
     )(q, k, v, vecB.reshape(bnh, seq_len), vecI.reshape(bnh, seq_len), vecM_out.reshape(bnh, seq_len),

@@ -10,6 +10,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_mlstm import launch_defaults
+from pallas_mlstm.device import device_properties
 from pallas_mlstm.pallas_triton import common
 from pallas_mlstm.gates import compute_chunkwise_vecB
 from pallas_mlstm.states import join_states
@@ -17,10 +18,11 @@ from pallas_mlstm.validation import validate_chunk_size
 
 
 def _recurrent_bw_kernel(*refs, num_chunks: int, chunk_size: int, qk_scale: float, eps: float,
-                         has_last: bool, has_states: bool, precision):
+                         has_last: bool, has_states: bool, writes_first: bool, precision):
     q_ref, dh_ref, b_ref, g_ref, m_ref, den_ref, m_all_ref, *refs = refs
     dc_last_ref = refs.pop(0) if has_last else None
     c_all_ref = refs.pop(0) if has_states else None
+    dc_first_ref = refs.pop() if writes_first else None
     dc_all_ref, *c_dc_refs = refs
     dtype = common.acc_dtype(q_ref.dtype)
     block_dhqk, block_dhhv = dc_all_ref.shape[1:]
@@ -61,7 +63,9 @@ def _recurrent_bw_kernel(*refs, num_chunks: int, chunk_size: int, qk_scale: floa
         store(chunk, dc)
         return dc
 
-    lax.fori_loop(0, num_chunks, chunk_step, dc)
+    dc = lax.fori_loop(0, num_chunks, chunk_step, dc)
+    if writes_first:  # dC_0 at full precision, when dc_all_ref holds narrower copies
+        dc_first_ref[...] = dc.astype(dc_first_ref.dtype)  # (bDHQK, bDHHV)
 
 
 def mlstm_chunkwise__recurrent_bw_dC(
@@ -82,6 +86,7 @@ def mlstm_chunkwise__recurrent_bw_dC(
     matC_states: jax.Array | None = None,  # (B, NH, (NC+1)*DHQK, DHHV)
     siz_b_DHQK: int | None = None,
     siz_b_DHHV: int | None = None,
+    states_dtype=None,
     allow_tf32: bool = False,
     interpret: bool = False,
 ):
@@ -89,11 +94,13 @@ def mlstm_chunkwise__recurrent_bw_dC(
 
     dC_{k-1} = e^{g_k + m_{k-1} − m_k} dC_k + Σ_t q̄_tᵀ dH_t / (den_t + eps). Given the forward states
     `matC_states`, returns (matDeltaC_states, scaCdC_states (B, NH, NC+1) = <dC_k, C_k>). Grid
-    (DHQK/bDHQK, DHHV/bDHHV, B·NH), each program walking the chunks backwards.
+    (DHQK/bDHQK, DHHV/bDHHV, B·NH), each program walking the chunks backwards. `states_dtype` (None:
+    float32) stores matDeltaC_states narrower, as for recurrent_fw_C; then a last output holds dC_0 (the
+    initial state's gradient) in float32, (B, NH, DHQK, DHHV).
 
     Launch defaults: siz_b_DHQK None takes launch_defaults.RECURRENT_BW_DC.siz_b_DHQK (64); siz_b_DHHV None takes
-    launch_defaults.recurrent_dhhv_tile (128 while the grid keeps RECURRENT_MIN_PROGRAMS = 512 programs, else
-    64); both clamped to their head dim. num_warps / num_stages None: launch_defaults.RECURRENT_BW_DC (4 / 1).
+    launch_defaults.recurrent_dhhv_tile (128 while the grid keeps 3 programs per SM, else 64); both
+    clamped to their head dim. num_warps / num_stages None: launch_defaults.RECURRENT_BW_DC (4 / 1).
     """
     batch, heads, seq_len, dhqk = matQ.shape
     dhhv = matDeltaH.shape[-1]
@@ -104,10 +111,13 @@ def mlstm_chunkwise__recurrent_bw_dC(
     defaults = launch_defaults.RECURRENT_BW_DC
     block_dhqk = common.tile_size(siz_b_DHQK, dhqk_p, defaults.siz_b_DHQK, "siz_b_DHQK")
     block_dhhv = common.tile_size(
-        siz_b_DHHV, dhhv_p, launch_defaults.recurrent_dhhv_tile(dhqk_p // block_dhqk, dhhv_p, bnh), "siz_b_DHHV")
+        siz_b_DHHV, dhhv_p, launch_defaults.recurrent_dhhv_tile(
+            dhqk_p // block_dhqk, dhhv_p, bnh, device_properties().core_count), "siz_b_DHHV")
     qk_scale = dhqk**-0.5 if qk_scale is None else qk_scale
     vecB = compute_chunkwise_vecB(vecF, chunk_size)  # (B, NH, NC, L)
     state_dtype = common.acc_dtype(matQ.dtype)
+    dc_dtype = state_dtype if states_dtype is None else jnp.dtype(states_dtype)
+    writes_first = dc_dtype != state_dtype
 
     per_chunk = lambda x: x.reshape(bnh, num_chunks, chunk_size)
     inputs = [
@@ -135,7 +145,7 @@ def mlstm_chunkwise__recurrent_bw_dC(
     has_states = matC_states is not None
     state_spec = pl.BlockSpec((None, num_chunks + 1, block_dhqk, block_dhhv), lambda iq, iv, b: (b, 0, iq, iv))
     out_specs = [state_spec]
-    out_shape = [jax.ShapeDtypeStruct((bnh, num_chunks + 1, dhqk_p, dhhv_p), state_dtype)]
+    out_shape = [jax.ShapeDtypeStruct((bnh, num_chunks + 1, dhqk_p, dhhv_p), dc_dtype)]
     grid = (dhqk_p // block_dhqk, dhhv_p // block_dhhv, bnh)
     if has_states:
         inputs.append(common.states_to_kernel_layout(matC_states, dhqk, (dhqk_p, dhhv_p)))
@@ -143,10 +153,14 @@ def mlstm_chunkwise__recurrent_bw_dC(
         # one partial <dC, C> per (DHQK tile, DHHV tile), summed below
         out_specs.append(pl.BlockSpec((None, None, num_chunks + 1), lambda iq, iv, b: (iq * grid[1] + iv, b, 0)))
         out_shape.append(jax.ShapeDtypeStruct((grid[0] * grid[1], bnh, num_chunks + 1), state_dtype))
+    if writes_first:
+        out_specs.append(pl.BlockSpec((None, block_dhqk, block_dhhv), lambda iq, iv, b: (b, iq, iv)))
+        out_shape.append(jax.ShapeDtypeStruct((bnh, dhqk_p, dhhv_p), state_dtype))
 
     kernel = functools.partial(
         _recurrent_bw_kernel, num_chunks=num_chunks, chunk_size=chunk_size, qk_scale=qk_scale, eps=eps,
-        has_last=has_last, has_states=has_states, precision=common.matmul_precision(matQ.dtype, allow_tf32))
+        has_last=has_last, has_states=has_states, writes_first=writes_first,
+        precision=common.matmul_precision(matQ.dtype, allow_tf32))
     outs = pl.pallas_call(
         kernel,
         grid=grid,
@@ -158,7 +172,9 @@ def mlstm_chunkwise__recurrent_bw_dC(
         interpret=common.checked_interpret(interpret, "mlstm_chunkwise__recurrent_bw_dC"),
         name="mlstm_chunkwise__recurrent_bw_dC",
     )(*inputs)
-    dc_all = join_states(outs[0][:, :, :dhqk, :dhhv].reshape(batch, heads, num_chunks + 1, dhqk, dhhv))
-    if not has_states:
-        return dc_all
-    return dc_all, jnp.sum(outs[1], axis=0).reshape(batch, heads, num_chunks + 1)
+    results = [join_states(outs[0][:, :, :dhqk, :dhhv].reshape(batch, heads, num_chunks + 1, dhqk, dhhv))]
+    if has_states:
+        results.append(jnp.sum(outs[1], axis=0).reshape(batch, heads, num_chunks + 1))
+    if writes_first:
+        results.append(outs[-1][:, :dhqk, :dhhv].reshape(batch, heads, dhqk, dhhv))
+    return results[0] if len(results) == 1 else tuple(results)

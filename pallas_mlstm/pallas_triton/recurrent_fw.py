@@ -10,17 +10,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_mlstm import launch_defaults
+from pallas_mlstm.device import device_properties
 from pallas_mlstm.pallas_triton import common
 from pallas_mlstm.gates import MIN_LOG_SCALE, compute_chunkwise_log_gates_vecB_vecA
 from pallas_mlstm.states import join_states
 from pallas_mlstm.validation import validate_chunk_size
 
 
-def _recurrent_fw_kernel(*refs, num_chunks: int, chunk_size: int, has_initial: bool, precision):
-    if has_initial:
-        k_ref, v_ref, a_ref, g_ref, c0_ref, n0_ref, m0_ref, c_all_ref, n_all_ref, m_all_ref = refs
-    else:
-        k_ref, v_ref, a_ref, g_ref, c_all_ref, n_all_ref, m_all_ref = refs
+def _recurrent_fw_kernel(*refs, num_chunks: int, chunk_size: int, has_initial: bool, writes_last: bool, precision):
+    k_ref, v_ref, a_ref, g_ref, *refs = refs
+    c0_ref, n0_ref, m0_ref = refs[:3] if has_initial else (None, None, None)
+    c_all_ref, n_all_ref, m_all_ref, *c_last_ref = refs[3:] if has_initial else refs
     dtype = common.acc_dtype(k_ref.dtype)
     block_dhqk, block_dhhv = c_all_ref.shape[1:]
     writes_n = pl.program_id(1) == 0  # every DHHV tile computes n; the first one stores it
@@ -70,7 +70,9 @@ def _recurrent_fw_kernel(*refs, num_chunks: int, chunk_size: int, has_initial: b
         store(chunk + 1, c, n, m_next)
         return c, n, m_next
 
-    lax.fori_loop(0, num_chunks, chunk_step, (c, n, m))
+    c, _, _ = lax.fori_loop(0, num_chunks, chunk_step, (c, n, m))
+    if writes_last:  # the last state at full precision, when c_all_ref holds narrower copies
+        c_last_ref[0][...] = c.astype(c_last_ref[0].dtype)  # (bDHQK, bDHHV)
 
 
 def mlstm_chunkwise__recurrent_fw_C(
@@ -88,6 +90,7 @@ def mlstm_chunkwise__recurrent_fw_C(
     *,
     siz_b_DHQK: int | None = None,
     siz_b_DHHV: int | None = None,
+    states_dtype=None,
     allow_tf32: bool = False,
     interpret: bool = False,
 ):
@@ -95,11 +98,13 @@ def mlstm_chunkwise__recurrent_fw_C(
 
     Shapes (B, NH, (NC+1)*DHQK, DHHV), (B, NH, (NC+1)*DHQK), (B, NH, NC+1), float32, with
     NC = S / (chunk_size · save_states_every_nth_chunk). Grid (DHQK/bDHQK, DHHV/bDHHV, B·NH), each
-    program walking the chunks in order.
+    program walking the chunks in order. `states_dtype` (None: float32) stores matC_states narrower, e.g.
+    bfloat16, the dtype the parallel kernels round them to for their matmuls; the states are still computed
+    in float32, and a fourth output holds the last C state in float32, (B, NH, DHQK, DHHV).
 
     Launch defaults: siz_b_DHQK None takes launch_defaults.RECURRENT_FW_C.siz_b_DHQK (64); siz_b_DHHV None takes
-    launch_defaults.recurrent_dhhv_tile (128 while the grid keeps RECURRENT_MIN_PROGRAMS = 512 programs, else
-    64); both clamped to their head dim. num_warps / num_stages None: launch_defaults.RECURRENT_FW_C (4 / 1).
+    launch_defaults.recurrent_dhhv_tile (128 while the grid keeps 3 programs per SM, else 64); both
+    clamped to their head dim. num_warps / num_stages None: launch_defaults.RECURRENT_FW_C (4 / 1).
     """
     batch, heads, seq_len, dhqk = matK.shape
     dhhv = matV.shape[-1]
@@ -111,8 +116,11 @@ def mlstm_chunkwise__recurrent_fw_C(
     defaults = launch_defaults.RECURRENT_FW_C
     block_dhqk = common.tile_size(siz_b_DHQK, dhqk_p, defaults.siz_b_DHQK, "siz_b_DHQK")
     block_dhhv = common.tile_size(
-        siz_b_DHHV, dhhv_p, launch_defaults.recurrent_dhhv_tile(dhqk_p // block_dhqk, dhhv_p, bnh), "siz_b_DHHV")
+        siz_b_DHHV, dhhv_p, launch_defaults.recurrent_dhhv_tile(
+            dhqk_p // block_dhqk, dhhv_p, bnh, device_properties().core_count), "siz_b_DHHV")
     state_dtype = common.acc_dtype(matK.dtype)
+    c_dtype = state_dtype if states_dtype is None else jnp.dtype(states_dtype)
+    writes_last = c_dtype != state_dtype
 
     vecB, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk_size)
     k = common.pad_axis(matK.reshape(bnh, seq_len, dhqk), 2, dhqk_p)
@@ -141,27 +149,36 @@ def mlstm_chunkwise__recurrent_fw_C(
 
     kernel = functools.partial(
         _recurrent_fw_kernel, num_chunks=num_chunks, chunk_size=chunk_size, has_initial=has_initial,
-        precision=common.matmul_precision(matK.dtype, allow_tf32),
+        writes_last=writes_last, precision=common.matmul_precision(matK.dtype, allow_tf32),
     )
-    c_all, n_all, m_all = pl.pallas_call(
+    out_specs = [
+        pl.BlockSpec((None, num_chunks + 1, block_dhqk, block_dhhv), lambda iq, iv, b: (b, 0, iq, iv)),
+        pl.BlockSpec((None, num_chunks + 1, block_dhqk), lambda iq, iv, b: (b, 0, iq)),
+        pl.BlockSpec((None, num_chunks + 1), lambda iq, iv, b: (b, 0)),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct((bnh, num_chunks + 1, dhqk_p, dhhv_p), c_dtype),
+        jax.ShapeDtypeStruct((bnh, num_chunks + 1, dhqk_p), state_dtype),
+        jax.ShapeDtypeStruct((bnh, num_chunks + 1), state_dtype),
+    ]
+    if writes_last:
+        out_specs.append(pl.BlockSpec((None, block_dhqk, block_dhhv), lambda iq, iv, b: (b, iq, iv)))
+        out_shape.append(jax.ShapeDtypeStruct((bnh, dhqk_p, dhhv_p), state_dtype))
+    outs = pl.pallas_call(
         kernel,
         grid=(dhqk_p // block_dhqk, dhhv_p // block_dhhv, bnh),
         in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, num_chunks + 1, block_dhqk, block_dhhv), lambda iq, iv, b: (b, 0, iq, iv)),
-            pl.BlockSpec((None, num_chunks + 1, block_dhqk), lambda iq, iv, b: (b, 0, iq)),
-            pl.BlockSpec((None, num_chunks + 1), lambda iq, iv, b: (b, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((bnh, num_chunks + 1, dhqk_p, dhhv_p), state_dtype),
-            jax.ShapeDtypeStruct((bnh, num_chunks + 1, dhqk_p), state_dtype),
-            jax.ShapeDtypeStruct((bnh, num_chunks + 1), state_dtype),
-        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=common.compiler_params(num_warps, num_stages, default_warps=defaults.num_warps,
                                                default_stages=defaults.num_stages),
         interpret=common.checked_interpret(interpret, "mlstm_chunkwise__recurrent_fw_C"),
         name="mlstm_chunkwise__recurrent_fw_C",
     )(*inputs)
+    c_all, n_all, m_all = outs[:3]
     c_all = c_all[:, :, :dhqk, :dhhv].reshape(batch, heads, num_chunks + 1, dhqk, dhhv)
     n_all = n_all[:, :, :dhqk].reshape(batch, heads, num_chunks + 1, dhqk)
-    return join_states(c_all), join_states(n_all), m_all.reshape(batch, heads, num_chunks + 1)
+    states = (join_states(c_all), join_states(n_all), m_all.reshape(batch, heads, num_chunks + 1))
+    if not writes_last:
+        return states
+    return (*states, outs[3][:, :dhqk, :dhhv].reshape(batch, heads, dhqk, dhhv))
