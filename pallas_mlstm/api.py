@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_mlstm.backend import resolve_backend
-from pallas_mlstm.chunkwise import HIGHER_ORDER_MESSAGE, ChunkwiseStatic
+from pallas_mlstm.chunkwise import HIGHER_ORDER_MESSAGE, ChunkwiseStatic, default_segment_len, largest_segment_len
 from pallas_mlstm.config import ChunkwiseConfig, tuned_config
+from pallas_mlstm.device import DeviceProperties, device_properties
 from pallas_mlstm.gates import acc_dtype_of
 from pallas_mlstm.launch_defaults import MIN_PALLAS_CHUNK, default_chunk_size
 from pallas_mlstm.sharding import run_partitioned
@@ -16,15 +18,21 @@ from pallas_mlstm.validation import validate_chunk_size, validate_mlstm_inputs
 _AUTOCAST_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
 
-def default_config(backend: str, device_kind: str, q_shape: tuple[int, ...], dhhv: int, operand_dtype) -> ChunkwiseConfig:
+def default_config(backend: str, device: str | DeviceProperties, q_shape: tuple[int, ...], dhhv: int,
+                   operand_dtype) -> ChunkwiseConfig:
     """The config used when none is given: on the triton backend with 16-bit operands, the one `tune`
-    measured for this card and shape class (pallas_mlstm/tuned_configs.json, or the user's own file, see
-    `pallas_mlstm.config`) if any; otherwise all None (the kernels' own defaults). Tuned configs were
-    measured with bfloat16 operands: float32 tiles take twice the shared memory, so float32 operands keep
-    the kernel defaults, which the GPU tests run in float32."""
+    measured for this card (a `DeviceProperties`, or a `device_kind` string: exact name only) and shape class
+    (pallas_mlstm/tuned_configs.json, or the user's own file, see `pallas_mlstm.config`), else that of a tuned
+    card of the same compute capability; otherwise all None (the kernels' own defaults, which adapt to the
+    card's SM count and shared memory). Tuned configs were measured with bfloat16 operands: float32 tiles
+    take twice the shared memory, so float32 operands keep the kernel defaults, which the GPU tests run in
+    float32."""
     if backend == "triton" and jnp.dtype(operand_dtype).itemsize == 2:
         batch, heads, seq_len, dhqk = q_shape
-        tuned = tuned_config(device_kind, batch, heads, seq_len, dhqk, dhhv)
+        properties = device if isinstance(device, DeviceProperties) else DeviceProperties(device)
+        capability = None if properties.compute_capability is None else "{}.{}".format(*properties.compute_capability)
+        tuned = tuned_config(properties.device_kind, batch, heads, seq_len, dhqk, dhhv,
+                             compute_capability=capability, core_count=properties.core_count)
         if tuned is not None:
             return tuned
     return ChunkwiseConfig()
@@ -58,7 +66,8 @@ def mlstm_chunkwise(
     backend: str | None = None,
     config: ChunkwiseConfig | None = None,
     allow_tf32: bool = False,
-    recompute_states_in_bw: bool = True,
+    recompute_states_in_bw: bool | None = None,
+    segment_len: int | None = None,
 ):
     """The mLSTM cell over a sequence, chunkwise (TFLA), differentiable through a custom VJP.
 
@@ -70,6 +79,20 @@ def mlstm_chunkwise(
     `(h, (c_last, n_last, m_last))` with `return_last_states`. Gradients hold the normaliser and the max
     state constant (exact for the head-normalised outputs of an mLSTM block; see README); first-order
     reverse mode only (jax.grad, jax.vjp), no jax.jvp / jax.jacfwd or second derivatives.
+
+    `segment_len` bounds memory on long sequences: forward and backward run over segments of that many steps
+    in turn (a multiple of the chunk size that divides S), so that the chunk states and their gradients exist
+    for one segment at a time; the result is the same up to rounding. None: `default_segment_len` (one pass up
+    to 65536 steps, else segments of at most 32768, or one pass where S has no divisor of 8192 to 32768 that
+    the chunk size divides).
+
+    `recompute_states_in_bw`: False keeps every chunk's states (in q's dtype when it is 16-bit) from the forward
+    for the backward, which then skips one recurrent pass (about 12% of forward + backward at the 7b shape on
+    an H100), at the cost of holding them in between (at chunk 128 with 256 x 512 heads, as many bytes as q, k
+    and v together); True recomputes them (upstream's default, least memory). None (the default): False where
+    the sequence axis is known to be whole (one device, shard_map, Explicit mesh axes leaving S unsharded),
+    True otherwise, since a sequence-sharded call must recompute. With segments it has no effect (only each
+    segment's initial states are kept, and the backward recomputes the rest per segment).
     """
     batch, heads, seq_len, _, _ = validate_mlstm_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
     backend = resolve_backend(backend)
@@ -86,7 +109,7 @@ def mlstm_chunkwise(
             "autocast_kernel_dtype."
         )
     if config is None:
-        config = default_config(backend, jax.devices()[0].device_kind, q.shape, v.shape[3], q.dtype)
+        config = default_config(backend, device_properties(), q.shape, v.shape[3], q.dtype)
     if not isinstance(config, ChunkwiseConfig):
         raise ValueError(f"config must be a pallas_mlstm.ChunkwiseConfig or None; got {type(config).__name__}.")
     if not (isinstance(eps, (int, float)) and eps >= 0):
@@ -96,6 +119,16 @@ def mlstm_chunkwise(
     if chunk_size is None:
         chunk_size = default_chunk_size(seq_len, minimum_chunk)
     chunk_size = validate_chunk_size(chunk_size, seq_len, minimum=minimum_chunk)
+    if segment_len is None:
+        segment_len = default_segment_len(seq_len, chunk_size)
+    elif (not isinstance(segment_len, (int, np.integer)) or isinstance(segment_len, (bool, np.bool_))
+          or segment_len < 1 or segment_len % chunk_size or seq_len % segment_len):
+        below = max(segment_len, chunk_size) if isinstance(segment_len, (int, np.integer)) else chunk_size
+        raise ValueError(
+            f"segment_len must be a positive int that is a multiple of chunk_size={chunk_size} and divides "
+            f"S={seq_len}, or None (the default); got {segment_len!r}: pass e.g. "
+            f"{largest_segment_len(seq_len, chunk_size, below)}."
+        )
     if batch * heads == 0:
         return _empty_outputs(q, v, return_last_states, out_dtype)
 
@@ -107,9 +140,10 @@ def mlstm_chunkwise(
         chunk_size=chunk_size,
         eps=float(eps),
         return_last_states=bool(return_last_states),
-        recompute_states_in_bw=bool(recompute_states_in_bw),
+        recompute_states_in_bw=None if recompute_states_in_bw is None else bool(recompute_states_in_bw),
         allow_tf32=bool(allow_tf32),
         launch=config.launch_items(),
+        segment_len=None if segment_len is None else int(segment_len),
     )
     try:
         out = run_partitioned(static, q, k, v, i, f, c_initial, n_initial, m_initial)

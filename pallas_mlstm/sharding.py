@@ -35,6 +35,7 @@ from pallas_mlstm.chunkwise import (
     chunkwise_forward,
     first_order_only,
     run_chunkwise,
+    segment_len_of,
 )
 from pallas_mlstm.gates import MIN_LOG_SCALE, acc_dtype_of
 
@@ -146,13 +147,27 @@ def _incoming_states(static, placement: _Placement, q, k, v, i, f, c_initial, n_
     return c_in, n_in, m_in
 
 
+def _unsaved_segment_starts(static, placement: _Placement, q, v):
+    """Zeros in place of the segments' initial states on a sequence shard, shaped as the unsharded forward
+    keeps them (B, NH, NSEG, ...): a shard cuts its own segments from its local length, so these do not split
+    over the shards, and each shard's backward recomputes its own instead."""
+    batch, heads, local_len, dhqk = q.shape
+    seq_len = local_len * placement.seq_shards
+    num_segments = seq_len // segment_len_of(static, seq_len)
+    dtype = acc_dtype_of(q.dtype)
+    return (jnp.zeros((batch, heads, num_segments, dhqk, v.shape[-1]), dtype),
+            jnp.zeros((batch, heads, num_segments, dhqk), dtype), jnp.zeros((batch, heads, num_segments), dtype))
+
+
 def _fwd_body(static, present, placement, *arrays):
-    """Per-shard forward: (h, [last states], [all states], vecN_out, vecM_out)."""
+    """Per-shard forward: (h, [last states], [saved states: segment starts or all states], vecN_out, vecM_out)."""
     q, k, v, i, f, c0, n0, m0 = _fill(present, arrays)
     if placement.seq:
         c0, n0, m0 = _incoming_states(static, placement, q, k, v, i, f, c0, n0, m0)
     out, residuals = chunkwise_forward(static, q, k, v, i, f, c0, n0, m0)
     saved_states, n_out, m_out = residuals[-3:]
+    if placement.seq and static.segment_len is not None:
+        saved_states = _unsaved_segment_starts(static, placement, q, v)
     h, last_states = out if static.return_last_states else (out, ())
     if placement.seq:
         last_states = tuple(_from_last_shard(x, placement.seq, placement.seq_shards) for x in last_states)
@@ -161,9 +176,9 @@ def _fwd_body(static, present, placement, *arrays):
 
 def _bwd_body(static, present, placement, *arrays):
     """Per-shard backward: the gradients of the present primal arrays."""
-    num_primals, num_saved = sum(present), 0 if static.recompute_states_in_bw else 3
+    num_primals, num_saved = sum(present), len(_saved_kinds(static))
     primals = _fill(present, arrays[:num_primals])
-    saved_states = arrays[num_primals:num_primals + num_saved] or None
+    saved_states = arrays[num_primals:num_primals + num_saved] or None  # not read on a sequence shard
     n_out, m_out, dh, *d_last = arrays[num_primals + num_saved:]
     if not placement.seq:
         cotangents = (dh, (*d_last, None)) if static.return_last_states else dh
@@ -187,11 +202,20 @@ def _bwd_body(static, present, placement, *arrays):
 # ----------------------------------------------------------------------------- placement of the bodies
 
 
+def _saved_kinds(static: ChunkwiseStatic) -> tuple:
+    """(kind, rank) of the saved states the forward passes to the backward: each segment's initial states
+    (B, NH, NSEG, ...) when `static.segment_len` is set (`run_partitioned` sets it only where S is cut into
+    segments), else every chunk's states unless they are recomputed."""
+    if static.segment_len is not None:
+        return ("state", 5), ("state", 4), ("state", 3)
+    return () if static.recompute_states_in_bw else (("state", 4), ("state", 3), ("state", 3))
+
+
 def _kinds(static: ChunkwiseStatic, present) -> tuple[tuple, tuple, tuple]:
     """(kind, rank) of every input and output of the forward and backward bodies."""
     primals = tuple(kind for kind, here in zip(_PRIMAL_KINDS, present) if here)
     last = (("state", 4), ("state", 3), ("state", 2)) if static.return_last_states else ()
-    saved = () if static.recompute_states_in_bw else (("state", 4), ("state", 3), ("state", 3))
+    saved = _saved_kinds(static)
     fwd_out = (("seq", 4), *last, *saved, ("seq", 3), ("seq", 3))
     bwd_in = (*primals, *saved, ("seq", 3), ("seq", 3), ("seq", 4), *last[:2])
     return primals, fwd_out, bwd_in
@@ -319,6 +343,18 @@ def _nothing_to_partition(q) -> bool:
     return not mesh.empty and mesh.size == 1
 
 
+def _sequence_unsharded(q) -> bool:
+    """True where q's sequence axis is known not to be split: one device, inside a shard_map with Manual axes, or
+    Explicit mesh axes that leave S whole. (Auto mesh axes are placed only when XLA partitions the program.)"""
+    if _nothing_to_partition(q):
+        return True
+    mesh, spec = _explicit_sharding(q)
+    if mesh is not None:
+        return len(spec) <= 2 or not _axes(spec[2])
+    no_mesh = jax.sharding.get_abstract_mesh().empty and jax.typeof(q).sharding.mesh.empty
+    return no_mesh and jax.device_count() == 1
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _run_jit(static, q, k, v, i, f, c_initial, n_initial, m_initial):
     return _sharded_chunkwise(static, q, k, v, i, f, c_initial, n_initial, m_initial)
@@ -329,7 +365,13 @@ def run_partitioned(static: ChunkwiseStatic, q, k, v, i, f, c_initial=None, n_in
 
     Runs as a jitted call (partitioned per shard by XLA) unless there is nothing to partition: inside a
     `shard_map` whose axes are all Manual, or under a one-device mesh (e.g. deviceless lowering).
+    `static.segment_len` becomes the one S is cut with (`segment_len_of`), None for one pass; a
+    `recompute_states_in_bw` of None becomes False (keep the chunk states for the backward) where the
+    sequence axis is known to be whole (`_sequence_unsharded`), else True.
     """
+    static = dataclasses.replace(static, segment_len=segment_len_of(static, q.shape[2]))
+    if static.recompute_states_in_bw is None:
+        static = dataclasses.replace(static, recompute_states_in_bw=not _sequence_unsharded(q))
     if _nothing_to_partition(q):
         return run_chunkwise(static, q, k, v, i, f, c_initial, n_initial, m_initial)
     return _run_jit(static, q, k, v, i, f, c_initial, n_initial, m_initial)

@@ -202,3 +202,22 @@ def test_pallas_default_chunk_needs_s_multiple_of_16():
     with pytest.raises(ValueError, match="multiple of 16"):
         pallas_mlstm.mlstm_chunkwise(*inputs, backend="interpret")
     assert pallas_mlstm.mlstm_chunkwise(*inputs, backend="xla").shape == (1, 1, 40, 16)  # chunk 8 on xla
+
+
+def test_states_kept_for_the_backward_by_default_on_one_device():
+    """recompute_states_in_bw=None (the default) keeps the chunk states on one device: the backward runs the
+    recurrent forward kernel no second time, as with False; True runs it again. Gradients agree."""
+    if jax.device_count() != 1:
+        pytest.skip("the default keeps states where the sequence axis is known to be whole: one device here")
+    q, k, v, i, f, *_ = mlstm_inputs(jax.random.PRNGKey(7), 1, 2, 64, 16, 16, jnp.float32)
+    grads, launches = {}, {}
+    for recompute in (None, False, True):
+        loss = lambda *x, recompute=recompute: jnp.sum(pallas_mlstm.mlstm_chunkwise(
+            *x, backend="interpret", chunk_size=16, recompute_states_in_bw=recompute) ** 2)
+        grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+        launches[recompute] = str(jax.make_jaxpr(grad)(q, k, v, i, f)).count("mlstm_chunkwise__recurrent_fw_C")
+        grads[recompute] = grad(q, k, v, i, f)
+    assert launches[None] == launches[False] > 0 and launches[True] == 2 * launches[False]
+    for recompute in (None, True):
+        for a, b in zip(grads[recompute], grads[False]):
+            assert rel_err(a, b) <= 1e-6
