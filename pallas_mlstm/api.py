@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_mlstm.backend import resolve_backend
-from pallas_mlstm.chunkwise import HIGHER_ORDER_MESSAGE, ChunkwiseStatic, default_segment_len, largest_segment_len
+from pallas_mlstm.chunkwise import ChunkwiseStatic
+from pallas_mlstm.op import HIGHER_ORDER_MESSAGE
+from pallas_mlstm.segments import default_segment_len, largest_segment_len
 from pallas_mlstm.config import ChunkwiseConfig, tuned_config
 from pallas_mlstm.device import DeviceProperties, device_properties
 from pallas_mlstm.gates import acc_dtype_of

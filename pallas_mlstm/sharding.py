@@ -29,14 +29,9 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pallas_mlstm.chunkwise import (
-    ChunkwiseStatic,
-    chunkwise_backward,
-    chunkwise_forward,
-    first_order_only,
-    run_chunkwise,
-    segment_len_of,
-)
+from pallas_mlstm.chunkwise import ChunkwiseStatic
+from pallas_mlstm.op import chunkwise_backward, chunkwise_forward, first_order_only, run_chunkwise
+from pallas_mlstm.segments import segment_len_of
 from pallas_mlstm.gates import MIN_LOG_SCALE, acc_dtype_of
 
 _PRIMAL_KINDS = (("seq", 4), ("seq", 4), ("seq", 4), ("seq", 3), ("seq", 3), ("state", 4), ("state", 3), ("state", 2))
@@ -361,7 +356,7 @@ def _run_jit(static, q, k, v, i, f, c_initial, n_initial, m_initial):
 
 
 def run_partitioned(static: ChunkwiseStatic, q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None):
-    """`pallas_mlstm.chunkwise.run_chunkwise` for inputs that may be sharded over a mesh (B, NH and/or S).
+    """`pallas_mlstm.op.run_chunkwise` for inputs that may be sharded over a mesh (B, NH and/or S).
 
     Runs as a jitted call (partitioned per shard by XLA) unless there is nothing to partition: inside a
     `shard_map` whose axes are all Manual, or under a one-device mesh (e.g. deviceless lowering).
