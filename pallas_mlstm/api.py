@@ -13,9 +13,10 @@ from pallas_mlstm.segments import default_segment_len, largest_segment_len
 from pallas_mlstm.config import ChunkwiseConfig, tuned_config
 from pallas_mlstm.device import DeviceProperties, device_properties
 from pallas_mlstm.gates import acc_dtype_of
-from pallas_mlstm.launch_defaults import MIN_PALLAS_CHUNK, default_chunk_size
+from pallas_mlstm.gates import pad_steps, reset_at_document_starts
+from pallas_mlstm.launch_defaults import MIN_PALLAS_CHUNK, padding_chunk_size
 from pallas_mlstm.sharding import run_partitioned
-from pallas_mlstm.validation import validate_chunk_size, validate_mlstm_inputs
+from pallas_mlstm.validation import validate_chunk_size, validate_mlstm_inputs, validate_segment_ids
 
 _AUTOCAST_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
@@ -70,6 +71,7 @@ def mlstm_chunkwise(
     allow_tf32: bool = False,
     recompute_states_in_bw: bool | None = None,
     segment_len: int | None = None,
+    segment_ids: jax.Array | None = None,  # (B, S) int
 ):
     """The mLSTM cell over a sequence, chunkwise (TFLA), differentiable through a custom VJP.
 
@@ -77,7 +79,11 @@ def mlstm_chunkwise(
     states are cast to float32 (float64 when q is float64), whatever their dtype. `backend`: "triton" (GPU),
     "interpret" (Pallas interpreter, CPU), "xla" (plain jnp), or None for triton on GPU and xla otherwise.
     `config` defaults to `default_config`. `chunk_size` overrides `config.chunk_size`; without either,
-    the largest power of 2 <= 128 dividing S. Returns h (B, NH, S, DHHV) in q's dtype, or
+    `launch_defaults.padding_chunk_size`. Any S >= 1: S is padded up to a multiple of the chunk size with
+    steps that neither write nor decay the state (ĩ = −∞, f̃ = +∞), so h, the last states and all gradients
+    are those of the S steps given. `segment_ids` (B, S), an int array, packs documents: wherever the id
+    changes the state is reset before that token (f̃ = −∞ there), so each document sees only itself; an
+    initial state reaches the first document only, and the last states are the last document's. Returns h (B, NH, S, DHHV) in q's dtype, or
     `(h, (c_last, n_last, m_last))` with `return_last_states`. Gradients hold the normaliser and the max
     state constant (exact for the head-normalised outputs of an mLSTM block; see README); first-order
     reverse mode only (jax.grad, jax.vjp), no jax.jvp / jax.jacfwd or second derivatives.
@@ -119,24 +125,31 @@ def mlstm_chunkwise(
     minimum_chunk = 1 if backend == "xla" else MIN_PALLAS_CHUNK
     chunk_size = config.chunk_size if chunk_size is None else chunk_size
     if chunk_size is None:
-        chunk_size = default_chunk_size(seq_len, minimum_chunk)
-    chunk_size = validate_chunk_size(chunk_size, seq_len, minimum=minimum_chunk)
+        chunk_size = padding_chunk_size(seq_len, minimum_chunk)
+    chunk_size = validate_chunk_size(chunk_size, None, minimum=minimum_chunk)
+    padded_len = -(-seq_len // chunk_size) * chunk_size  # S up to a multiple of the chunk size
     if segment_len is None:
-        segment_len = default_segment_len(seq_len, chunk_size)
+        segment_len = default_segment_len(padded_len, chunk_size)
     elif (not isinstance(segment_len, (int, np.integer)) or isinstance(segment_len, (bool, np.bool_))
-          or segment_len < 1 or segment_len % chunk_size or seq_len % segment_len):
+          or segment_len < 1 or segment_len % chunk_size or padded_len % segment_len):
         below = max(segment_len, chunk_size) if isinstance(segment_len, (int, np.integer)) else chunk_size
         raise ValueError(
             f"segment_len must be a positive int that is a multiple of chunk_size={chunk_size} and divides "
-            f"S={seq_len}, or None (the default); got {segment_len!r}: pass e.g. "
-            f"{largest_segment_len(seq_len, chunk_size, below)}."
+            f"S={padded_len} (the sequence length padded to a multiple of the chunk size), or None (the default); "
+            f"got {segment_len!r}: pass e.g. {largest_segment_len(padded_len, chunk_size, below)}."
         )
+    if segment_ids is not None:
+        validate_segment_ids(segment_ids, batch, seq_len)
     if batch * heads == 0:
         return _empty_outputs(q, v, return_last_states, out_dtype)
 
     state_dtype = acc_dtype_of(q.dtype)  # gates and states: float32, float64 for float64 operands
     i, f, c_initial, n_initial, m_initial = (None if x is None else x.astype(state_dtype)
                                              for x in (i, f, c_initial, n_initial, m_initial))
+    if segment_ids is not None:
+        f = reset_at_document_starts(f, segment_ids)
+    if padded_len != seq_len:
+        q, k, v, i, f = pad_steps(q, k, v, i, f, padded_len)
     static = ChunkwiseStatic(
         backend=backend,
         chunk_size=chunk_size,
@@ -153,10 +166,9 @@ def mlstm_chunkwise(
         if "forward-mode" not in str(error):
             raise
         raise ValueError(HIGHER_ORDER_MESSAGE.format(what="forward-mode differentiation (jax.jvp, jax.jacfwd)")) from None
-    if return_last_states:
-        h, last_states = out
-        return h.astype(out_dtype), last_states
-    return out.astype(out_dtype)
+    h, last_states = out if return_last_states else (out, None)
+    h = h[:, :, :seq_len].astype(out_dtype)
+    return (h, last_states) if return_last_states else h
 
 
 def mlstm_chunkwise_max_triton(
@@ -176,7 +188,7 @@ def mlstm_chunkwise_max_triton(
     """xlstm_jax's `max_triton_fwbw_v5xlchunksize.mlstm_chunkwise_max_triton`, same arguments, on Pallas.
 
     Returns h (B, NH, S, DHHV), or `(h, (c_last, n_last, m_last))` with `return_last_states`, as upstream.
-    Differences: `chunk_size` is honoured (upstream's top level ignores it), so S must be a multiple of it;
+    Differences: `chunk_size` is honoured (upstream's top level ignores it), and S need not be a multiple of it;
     `autocast_kernel_dtype` casts q, k, v only, the gates stay float32; h comes back in q's dtype. The
     backend is the default one (triton on a GPU, xla otherwise); use `mlstm_chunkwise` to choose it.
     """

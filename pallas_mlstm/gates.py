@@ -114,3 +114,17 @@ def compute_chunkwise_vecM(
 def chunk_max_state(scaG: jax.Array, m_prev: jax.Array, vecA: jax.Array) -> jax.Array:
     """m_k = max(g_k + m_{k-1}, max_j a_j), floored at MIN_LOG_SCALE: (..., ) from g, m (...) and a (..., L)."""
     return jnp.maximum(jnp.maximum(scaG + m_prev, jnp.max(vecA, axis=-1)), MIN_LOG_SCALE)
+
+
+def reset_at_document_starts(vecF: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """vecF (B, NH, S) with f̃ = −∞ (a hard reset before the token) wherever segment_ids (B, S) changes."""
+    starts = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return jnp.where(starts[:, None, :], -jnp.inf, vecF)
+
+
+def pad_steps(matQ, matK, matV, vecI, vecF, padded_len: int):
+    """The inputs padded along S to padded_len with steps that neither write (ĩ = −∞, zero q, k, v) nor decay
+    (f̃ = +∞, log σ = 0) the state: the last states and every real step's output are unchanged."""
+    extra = padded_len - matQ.shape[2]
+    pad = lambda x, value: jnp.pad(x, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 3), constant_values=value)
+    return pad(matQ, 0), pad(matK, 0), pad(matV, 0), pad(vecI, -jnp.inf), pad(vecF, jnp.inf)

@@ -20,7 +20,10 @@ DEFAULT_MAX_CHUNK = 128
 
 
 def default_chunk_size(seq_len: int, minimum: int = 1) -> int:
-    """The largest power of 2 <= 128 that divides seq_len; ValueError if it is below `minimum`."""
+    """The largest power of 2 <= 128 that divides seq_len; ValueError if it is below `minimum`.
+
+    The rule of the upstream-compatible `mlstm_chunkwise_fw` / `_bw`, which take S a multiple of the chunk.
+    `mlstm_chunkwise` pads S instead: `padding_chunk_size`."""
     chunk = DEFAULT_MAX_CHUNK
     while chunk > 1 and seq_len % chunk:
         chunk //= 2
@@ -30,6 +33,19 @@ def default_chunk_size(seq_len: int, minimum: int = 1) -> int:
             f"pad S to {-(-seq_len // minimum) * minimum}, or use backend='xla'."
         )
     return chunk
+
+
+def padding_chunk_size(seq_len: int, minimum: int = 1) -> int:
+    """`mlstm_chunkwise`'s chunk size when none is configured, for any seq_len >= 1 (S is padded up to a multiple).
+
+    cap = the next power of 2 >= seq_len, within [minimum, 128]; the largest power of 2 <= cap dividing seq_len
+    where that is at least half the cap (no padding), else cap (padding costs less than one chunk of work, and
+    keeps chunks large: S = 8208 runs 66 chunks of 128, not 513 of 16)."""
+    cap = max(minimum, min(DEFAULT_MAX_CHUNK, 1 << max(0, seq_len - 1).bit_length()))
+    divisor = cap
+    while divisor > 1 and seq_len % divisor:
+        divisor //= 2
+    return divisor if divisor >= max(minimum, cap // 2) else cap
 
 
 # --- parallel kernels (grid: head-dim tile x L tile x chunk·B·NH) ------------------------------------

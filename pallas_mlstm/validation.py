@@ -56,7 +56,7 @@ def validate_mlstm_inputs(q, k, v, i, f, c_initial=None, n_initial=None, m_initi
 
 def validate_chunk_size(chunk_size, seq_len, *, name="chunk_size", minimum=1) -> int:
     """Checks that chunk_size (an int, NumPy integers too) is a power of 2, at least `minimum`, and divides
-    seq_len; returns it as a Python int."""
+    seq_len (unless seq_len is None); returns it as a Python int."""
     if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, (bool, np.bool_)) or chunk_size < 1:
         raise ValueError(f"{name} must be a positive int; got {chunk_size!r}.")
     chunk_size = int(chunk_size)
@@ -64,9 +64,23 @@ def validate_chunk_size(chunk_size, seq_len, *, name="chunk_size", minimum=1) ->
         raise ValueError(f"{name} must be a power of 2 (e.g. 64, 128, 256); got {chunk_size}.")
     if chunk_size < minimum:
         raise ValueError(f"{name} must be at least {minimum} for this backend; got {chunk_size}.")
-    if seq_len % chunk_size:
+    if seq_len is not None and seq_len % chunk_size:
         raise ValueError(
             f"the sequence length S={seq_len} must be a multiple of {name}={chunk_size}: "
             f"pad S to {-(-seq_len // chunk_size) * chunk_size} or choose a {name} that divides it."
         )
     return chunk_size
+
+
+def validate_segment_ids(segment_ids, batch: int, seq_len: int) -> None:
+    """Checks that segment_ids is an integer array of shape (B, S)."""
+    dtype = getattr(segment_ids, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(
+            f"segment_ids must be an integer array (B, S) of document ids, e.g. int32; got dtype {dtype}."
+        )
+    if _shape_of(segment_ids) != (batch, seq_len):
+        raise ValueError(
+            f"segment_ids must have shape (B, S) = {(batch, seq_len)}, one document id per token; got "
+            f"{_shape_of(segment_ids)}."
+        )

@@ -15,7 +15,10 @@ from tests.helpers import case_key, plain_loss, scale_blind_loss, to_dtype
 
 GRAD_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
 # (B, NH, S, DHQK, DHHV, chunk)
-SHAPES = {"S64-L16": (1, 2, 64, 16, 32, 16), "S128-L32-padded": (2, 1, 128, 24, 48, 32)}
+SHAPES = {"S64-L16": (1, 2, 64, 16, 32, 16), "S128-L32-padded": (2, 1, 128, 24, 48, 32),
+          # any S: padded inside mlstm_chunkwise to a multiple of the chunk (None: the default chunk)
+          "S1": (1, 2, 1, 16, 32, 16), "S17-chunk+1": (1, 2, 17, 16, 32, 16), "S37-prime": (2, 1, 37, 16, 16, None),
+          "S131-prime-L32": (1, 1, 131, 24, 16, 32)}
 
 
 def _backend_dtype_params():
@@ -67,6 +70,11 @@ def test_forward_last_states_and_gradients_match_oracle(backend, dtype, with_ini
     grads = _grads(plain_loss(fn, weights_key, True), inputs)
     for name, expected in grads_ref.items():
         assert grads[name].dtype == inputs[GRAD_NAMES.index(name)].dtype
+        if name == "f" and not jnp.any(expected):
+            # S = 1 from a zero state: df̃ is exactly 0, a cancellation of Σ q·dq − k·dk that leaves float32
+            # rounding; bound it by the scale of dĩ, which sums the same products
+            assert jnp.max(jnp.abs(grads[name])) <= grad_tol * jnp.max(jnp.abs(grads["i"])), name
+            continue
         assert rel_err(grads[name], expected) <= grad_tol, name
 
 
@@ -151,7 +159,7 @@ def test_default_backend_and_chunk_size():
     inputs = mlstm_inputs(case_key("defaults"), 1, 2, 96, 16, 16)[:5]
     expected_backend = "triton" if jax.default_backend() == "gpu" else "xla"
     assert pallas_mlstm.resolve_backend(None) == expected_backend
-    h = pallas_mlstm.mlstm_chunkwise(*inputs)  # S=96: default chunk 32
+    h = pallas_mlstm.mlstm_chunkwise(*inputs)  # S=96: default chunk 128, S padded to 128
     np.testing.assert_allclose(h, pallas_mlstm.mlstm_chunkwise(*inputs, chunk_size=32, backend="xla"), rtol=2e-5,
                                atol=2e-5)
 
@@ -171,7 +179,13 @@ BAD_CALLS = {
     "integer q": (lambda q, k, v, i, f, c, n, m: ((q.astype(jnp.int32), k, v, i, f), {}), "q must be a floating"),
     "integer f": (lambda q, k, v, i, f, c, n, m: ((q, k, v, i, f.astype(jnp.int32)), {}), "f must be a floating"),
     "S not a multiple": (lambda *a: (a[:5], dict(chunk_size=48)), "power of 2"),
-    "chunk too big": (lambda *a: (a[:5], dict(chunk_size=128)), "multiple of chunk_size=128"),
+    "S = 0": (lambda q, k, v, i, f, c, n, m: ((q[:, :, :0], k[:, :, :0], v[:, :, :0], i[..., :0], f[..., :0]), {}),
+              "at least one step"),
+    "segment_ids dtype": (lambda q, k, v, i, f, c, n, m: ((q, k, v, i, f), dict(segment_ids=i[:, 0])),
+                          "segment_ids must be an integer array"),
+    "segment_ids shape": (lambda q, k, v, i, f, c, n, m: ((q, k, v, i, f), dict(
+        segment_ids=jnp.zeros(i.shape, jnp.int32))), r"segment_ids must have shape \(B, S\)"),
+    "segment_len": (lambda *a: (a[:5], dict(chunk_size=16, segment_len=24)), "segment_len must be a positive int"),
     "chunk not int": (lambda *a: (a[:5], dict(chunk_size=16.0)), "chunk_size must be a positive int"),
     "backend": (lambda *a: (a[:5], dict(backend="cuda")), "backend must be one of"),
     "autocast": (lambda *a: (a[:5], dict(autocast_kernel_dtype=jnp.int8)), "autocast_kernel_dtype must be"),
@@ -197,11 +211,17 @@ def test_reference_validates_too():
         reference.mlstm_recurrent(q[0], k, v, i, f)
 
 
-def test_pallas_default_chunk_needs_s_multiple_of_16():
+def test_any_sequence_length_and_chunk():
+    """S = 40 runs on every backend, with the default chunk or one longer than S, as the xla backend at chunk 8
+    (a divisor of 40, no padding) computes it; the per-kernel functions keep upstream's rule."""
     inputs = mlstm_inputs(case_key("odd-S"), 1, 1, 40, 16, 16)[:5]
-    with pytest.raises(ValueError, match="multiple of 16"):
-        pallas_mlstm.mlstm_chunkwise(*inputs, backend="interpret")
-    assert pallas_mlstm.mlstm_chunkwise(*inputs, backend="xla").shape == (1, 1, 40, 16)  # chunk 8 on xla
+    expected = pallas_mlstm.mlstm_chunkwise(*inputs, backend="xla", chunk_size=8)
+    for backend, chunk in (("interpret", None), ("interpret", 64), ("xla", None), ("xla", 16)):
+        h = pallas_mlstm.mlstm_chunkwise(*inputs, backend=backend, chunk_size=chunk)
+        assert h.shape == (1, 1, 40, 16)
+        assert rel_err(h, expected) <= 1e-5, (backend, chunk)
+    with pytest.raises(ValueError, match="multiple of chunk_size_intra=16"):
+        pallas_mlstm.mlstm_chunkwise_fw(*inputs, chunk_size_intra=16, backend="xla")
 
 
 def test_states_kept_for_the_backward_by_default_on_one_device():

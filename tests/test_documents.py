@@ -1,0 +1,113 @@
+"""Packed documents (`segment_ids`): each document equals the same document run alone, forward and gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_mlstm
+import reference
+from pallas_mlstm.accuracy import ORACLE_TOLERANCE, kernel_and_oracle_inputs, mlstm_inputs, rel_err
+from tests import flags as test_flags
+from tests.helpers import case_key
+
+B, NH, S, DHQK, DHHV, CHUNK = 2, 2, 70, 16, 32, 16
+# Where each row's documents start after the first: lengths 5, 30, 1, 34 (several per chunk of 16, one of a
+# single token, S = 70 not a multiple of the chunk) and 16, 32, 22 (starting on chunk boundaries).
+DOCUMENT_STARTS = ((5, 35, 36), (16, 48))
+
+
+def _segment_ids():
+    ids = np.zeros((B, S), np.int32)
+    for row, starts in enumerate(DOCUMENT_STARTS):
+        for start in starts:
+            ids[row, start:] += 1
+    return jnp.asarray(ids)
+
+
+def _true_last_states(last):
+    """(C·e^m, n·e^m): the last states without their stabiliser, which differs between the two runs."""
+    c, n, m = last
+    return c * jnp.exp(m)[..., None, None], n * jnp.exp(m)[..., None]
+
+
+def _documents_alone(q, k, v, i, f, c0=None, n0=None, m0=None):
+    """The float64 recurrent oracle on each document separately; the initial states reach each row's first."""
+    rows, lasts = [], []
+    for row, starts in enumerate(DOCUMENT_STARTS):
+        bounds = (0, *starts, S)
+        pick = lambda x: None if x is None else x[row:row + 1]
+        states = tuple(map(pick, (c0, n0, m0)))
+        pieces = []
+        for doc, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            piece = lambda x: x[row:row + 1, :, start:end]
+            h, last = reference.mlstm_recurrent(
+                *map(piece, (q, k, v, i, f)), *(states if doc == 0 else (None, None, None)),
+                return_last_states=True, kernel_gradient_semantics=True)
+            pieces.append(h)
+        rows.append(jnp.concatenate(pieces, axis=2))
+        lasts.append(_true_last_states(last))
+    return jnp.concatenate(rows, axis=0), tuple(jnp.concatenate(x, axis=0) for x in zip(*lasts))
+
+
+def _loss(fn, key):
+    """Σ w·h + Σ w_c·(C·e^m) + Σ w_n·(n·e^m) of fn's (h, true last states)."""
+
+    def loss(*args):
+        h, (c, n) = fn(*args)
+        weight = lambda index, x: jax.random.normal(jax.random.fold_in(key, index), x.shape, jnp.float32).astype(x.dtype)
+        h = h.astype(jnp.promote_types(h.dtype, jnp.float32))
+        return jnp.sum(weight(0, h) * h) + jnp.sum(weight(1, c) * c) + jnp.sum(weight(2, n) * n)
+
+    return loss
+
+
+def _backends():
+    return [b for b in test_flags.BACKEND.value]
+
+
+@pytest.mark.parametrize("with_initial", [False, True])
+@pytest.mark.parametrize("backend", _backends())
+def test_packed_documents_equal_documents_alone(backend, with_initial):
+    if backend == "triton" and jax.default_backend() != "gpu":
+        pytest.skip("the triton backend needs a GPU; run with --backend=triton on the GPU machine")
+    fw_tol, grad_tol = ORACLE_TOLERANCE[backend, "float32"]
+    key = case_key("documents", backend, with_initial)
+    segment_ids = _segment_ids()
+    argnums = tuple(range(8 if with_initial else 5))
+    with jax.enable_x64(True):
+        inputs, inputs64 = kernel_and_oracle_inputs(
+            mlstm_inputs(key, B, NH, S, DHQK, DHHV, jnp.float64, with_initial=with_initial), jnp.float32)
+        h_ref, last_ref = _documents_alone(*inputs64)
+        grads_ref = jax.grad(_loss(_documents_alone, key), argnums=argnums)(*inputs64[:len(argnums)])
+
+    def packed(*args):
+        h, last = pallas_mlstm.mlstm_chunkwise(*args, chunk_size=CHUNK, backend=backend, return_last_states=True,
+                                               segment_ids=segment_ids)
+        return h, _true_last_states(last)
+
+    packed_jit = jax.jit(packed)
+    h, last = packed_jit(*inputs[:len(argnums)])
+    assert rel_err(h, h_ref) <= fw_tol
+    for actual, expected in zip(last, last_ref):
+        assert rel_err(actual, expected) <= fw_tol
+    grads = jax.grad(_loss(packed_jit, key), argnums=argnums)(*inputs[:len(argnums)])
+    for name, actual, expected in zip(("q", "k", "v", "i", "f", "c0", "n0", "m0"), grads, grads_ref):
+        assert rel_err(actual, expected) <= grad_tol, name
+    starts = np.asarray(segment_ids[:, 1:] != segment_ids[:, :-1])
+    assert not np.any(np.asarray(grads[4])[:, :, 1:][np.broadcast_to(starts[:, None], grads[4][:, :, 1:].shape)])
+
+
+def test_segment_ids_under_vmap():
+    """vmap over a leading axis, segment ids mapped too: each slice as its own call."""
+    q, k, v, i, f, *_ = mlstm_inputs(case_key("documents-vmap"), B, NH, S, DHQK, DHHV, jnp.float32)
+    ids = jnp.stack([_segment_ids(), jnp.zeros((B, S), jnp.int32)])
+    stack = lambda x: jnp.stack([x, x[::-1]])
+    fn = lambda q, k, v, i, f, ids: pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, chunk_size=CHUNK, backend="xla",
+                                                                  segment_ids=ids)
+    mapped = jax.vmap(fn)(*map(stack, (q, k, v, i, f)), ids)
+    for index in range(2):
+        alone = fn(*(stack(x)[index] for x in (q, k, v, i, f)), ids[index])
+        assert rel_err(mapped[index], alone) <= 1e-6
