@@ -4,6 +4,7 @@ from pallas_mlstm.api import mlstm_chunkwise, mlstm_chunkwise_max_triton
 from pallas_mlstm.backend import BACKENDS, resolve_backend
 from pallas_mlstm.chunkwise import mlstm_chunkwise_bw, mlstm_chunkwise_fw
 from pallas_mlstm.config import ChunkwiseConfig
+from pallas_mlstm.decoding import mlstm_recurrent_step
 from pallas_mlstm.gates import compute_chunkwise_log_gates_vecB_vecA, compute_chunkwise_reset_gates
 from pallas_mlstm.pallas_triton import (
     mlstm_chunkwise__parallel_bw_dK,
@@ -31,5 +32,6 @@ __all__ = [
     "mlstm_chunkwise_bw",
     "mlstm_chunkwise_fw",
     "mlstm_chunkwise_max_triton",
+    "mlstm_recurrent_step",
     "resolve_backend",
 ]

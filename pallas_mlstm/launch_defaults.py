@@ -132,3 +132,18 @@ def recurrent_dhhv_tile(dhqk_tiles: int, dhhv_p: int, bnh: int, core_count: int 
     wide_programs = dhqk_tiles * max(1, dhhv_p // 128) * bnh
     sms = DEFAULT_CORE_COUNT if core_count is None else core_count
     return 128 if wide_programs >= RECURRENT_MIN_PROGRAMS_PER_SM * sms else 64
+
+
+# --- recurrent step kernel (decoding; grid: B·NH x DHHV tile) ------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLaunch:
+    """Default launch of the step kernel: each program updates a (DHQK, siz_b_DHHV) tile of C in float32."""
+
+    siz_b_DHHV: int
+    num_warps: int
+
+
+# Not yet measured on a GPU: 64 columns keep a 256 x 64 float32 tile at 128 registers per thread over 4 warps.
+STEP_LAUNCH = StepLaunch(siz_b_DHHV=64, num_warps=4)

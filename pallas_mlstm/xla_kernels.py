@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_mlstm.gates import (
+    MIN_LOG_SCALE,
     acc_dtype_of,
     chunk_log_forget,
     chunk_max_state,
@@ -308,3 +309,20 @@ _ROW_DOTS_DOC = "With `return_row_dots`, also returns Σ_d {0}·d{0} (B, NH, S) 
 mlstm_chunkwise__parallel_bw_dQ.__doc__ = "Gradient of q, (B, NH, S, DHQK). " + _ROW_DOTS_DOC.format("q") + _PARALLEL_BW_DOC
 mlstm_chunkwise__parallel_bw_dK.__doc__ = "Gradient of k, (B, NH, S, DHQK). " + _ROW_DOTS_DOC.format("k") + _PARALLEL_BW_DOC
 mlstm_chunkwise__parallel_bw_dV.__doc__ = "Gradient of v, (B, NH, S, DHHV)." + _PARALLEL_BW_DOC
+
+
+def mlstm_recurrent_step(q, k, v, i, f, c, n, m, *, eps: float = 1e-6):
+    """One step of the cell in jnp, the XLA backend of `pallas_mlstm.mlstm_recurrent_step`: shapes and math
+    of the step kernel (pallas_triton/recurrent_step.py), (h (B, NH, DHHV) in q's dtype, (c, n, m) float32)."""
+    dtype = c.dtype
+    q_scaled = q.astype(dtype) * q.shape[-1] ** -0.5
+    log_f = jax.nn.log_sigmoid(f.astype(dtype))  # (B, NH)
+    m_new = jnp.maximum(jnp.maximum(log_f + m, i.astype(dtype)), MIN_LOG_SCALE)
+    decay = jnp.exp(log_f + m - m_new)[..., None]  # (B, NH, 1)
+    weight = jnp.exp(i.astype(dtype) - m_new)[..., None]
+    k = k.astype(dtype)
+    c = decay[..., None] * c + (weight * k)[..., :, None] * v.astype(dtype)[..., None, :]  # (B, NH, DHQK, DHHV)
+    n = decay * n + weight * k  # (B, NH, DHQK)
+    num = jnp.einsum("bhd,bhde->bhe", q_scaled, c, precision=lax.Precision.HIGHEST)
+    den = jnp.maximum(jnp.abs(jnp.sum(q_scaled * n, axis=-1)), jnp.exp(-m_new))
+    return (num / (den + eps)[..., None]).astype(q.dtype), (c, n, m_new)

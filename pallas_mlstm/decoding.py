@@ -1,0 +1,56 @@
+"""Token-by-token decoding: `mlstm_recurrent_step`, one step of the cell from the states a prefill returned."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_mlstm import xla_kernels
+from pallas_mlstm.backend import resolve_backend
+from pallas_mlstm.pallas_triton.recurrent_step import mlstm_recurrent_step__pallas
+
+
+def _gate(name: str, x, batch: int, heads: int):
+    """A gate or m state given as (B, NH) or upstream's (B, NH, 1), as (B, NH)."""
+    shape = tuple(getattr(x, "shape", ()))
+    if shape not in ((batch, heads), (batch, heads, 1)):
+        raise ValueError(f"{name} must have shape (B, NH) = {(batch, heads)} or (B, NH, 1); got {shape}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating-point array; got dtype {x.dtype}.")
+    return x.reshape(batch, heads)
+
+
+def mlstm_recurrent_step(q, k, v, i, f, c, n, m, *, eps: float = 1e-6, backend: str | None = None):
+    """One token of the mLSTM cell: (h, (c, n, m)), the state after it.
+
+    q, k (B, NH, DHQK), v (B, NH, DHHV); gates i, f and the max state m as (B, NH) or (B, NH, 1) (m comes back
+    in the shape it was given); c (B, NH, DHQK, DHHV), n (B, NH, DHQK) float32 whatever q's dtype; h comes back
+    in q's dtype. The states are those `mlstm_chunkwise(..., return_last_states=True)` returns, so a prefill
+    followed by steps equals one call over the whole sequence. backend: "triton" / "interpret" run the Pallas
+    step kernel (C updated in place), "xla" the same math in jnp; None: triton on a GPU, xla otherwise.
+    """
+    backend = resolve_backend(backend)
+    shape = lambda x: tuple(getattr(x, "shape", ()))
+    if len(shape(q)) != 3:
+        raise ValueError(f"q must have shape (B, NH, DHQK) for one token; got {shape(q)}.")
+    batch, heads, dhqk = shape(q)
+    if shape(k) != shape(q):
+        raise ValueError(f"k must have the shape of q, {shape(q)}; got {shape(k)}.")
+    if len(shape(v)) != 3 or shape(v)[:2] != (batch, heads):
+        raise ValueError(f"v must have shape (B, NH, DHHV) = ({batch}, {heads}, DHHV); got {shape(v)}.")
+    dhhv = shape(v)[2]
+    for name, x, expected in (("c", c, (batch, heads, dhqk, dhhv)), ("n", n, (batch, heads, dhqk))):
+        if shape(x) != expected:
+            raise ValueError(f"{name} must have shape {expected} (from q and v); got {shape(x)}: pass the states "
+                             "mlstm_chunkwise(..., return_last_states=True) or the previous step returned.")
+    for name, x in (("q", q), ("k", k), ("v", v), ("c", c), ("n", n)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating-point array; got dtype {x.dtype}.")
+    m_shape = shape(m)
+    i, f, m = (_gate(name, x, batch, heads) for name, x in (("i", i), ("f", f), ("m", m)))
+    states = tuple(x.astype(jnp.float32) for x in (c, n, m))
+    if backend == "xla":
+        h, (c, n, m) = xla_kernels.mlstm_recurrent_step(q, k, v, i, f, *states, eps=eps)
+    else:
+        h, (c, n, m) = mlstm_recurrent_step__pallas(q, k, v, i, f, *states, eps=eps,
+                                                    interpret=backend == "interpret")
+    return h, (c, n, m.reshape(m_shape))

@@ -1,0 +1,103 @@
+"""Recurrent step kernel: one token of the mLSTM cell, for decoding (generation after a chunkwise prefill)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_mlstm import launch_defaults
+from pallas_mlstm.gates import MIN_LOG_SCALE
+from pallas_mlstm.pallas_triton import common
+
+
+def _step_kernel(q_ref, k_ref, v_ref, i_ref, f_ref, c_ref, n_ref, m_ref, h_ref, c_out_ref, n_out_ref, m_out_ref, *,
+                 qk_scale: float, eps: float):
+    dtype = c_ref.dtype  # float32 states
+    q = q_ref[...].astype(dtype) * qk_scale  # (DHQK,)
+    k = k_ref[...].astype(dtype)  # (DHQK,)
+    v = v_ref[...].astype(dtype)  # (bDHHV,)
+    m = jnp.max(m_ref[...])  # () from (1,)
+    log_f = jax.nn.log_sigmoid(jnp.max(f_ref[...].astype(dtype)))  # ()
+    i = jnp.max(i_ref[...].astype(dtype))  # ()
+    m_new = jnp.maximum(jnp.maximum(log_f + m, i), MIN_LOG_SCALE)  # the floor keeps an empty state finite
+    decay = jnp.exp(log_f + m - m_new)  # 0 after a reset (f̃ = −∞)
+    weight = jnp.exp(i - m_new)  # 0 for a silent token (ĩ = −∞)
+    c = decay * c_ref[...] + weight * k[:, None] * v[None, :]  # (DHQK, bDHHV)
+    n = decay * n_ref[...] + weight * k  # (DHQK,)
+    num = jnp.sum(q[:, None] * c, axis=0)  # (bDHHV,)
+    den = jnp.maximum(jnp.abs(jnp.sum(q * n)), jnp.exp(-m_new))  # ()
+    h_ref[...] = (num / (den + eps)).astype(h_ref.dtype)
+    c_out_ref[...] = c
+
+    @pl.when(pl.program_id(1) == 0)  # every DHHV tile computes n and m; the first stores them
+    def _():
+        n_out_ref[...] = n
+        m_out_ref[...] = jnp.full(m_out_ref.shape, m_new, m_out_ref.dtype)
+
+
+def mlstm_recurrent_step__pallas(
+    q: jax.Array,  # (B, NH, DHQK)
+    k: jax.Array,  # (B, NH, DHQK)
+    v: jax.Array,  # (B, NH, DHHV)
+    i: jax.Array,  # (B, NH)
+    f: jax.Array,  # (B, NH)
+    c: jax.Array,  # (B, NH, DHQK, DHHV) float32
+    n: jax.Array,  # (B, NH, DHQK) float32
+    m: jax.Array,  # (B, NH) float32
+    *,
+    eps: float = 1e-6,
+    siz_b_DHHV: int | None = None,
+    num_warps: int | None = None,
+    interpret: bool = False,
+):
+    """One step of the cell: (h (B, NH, DHHV) in q's dtype, (c, n, m) float32). Grid (B·NH, DHHV/bDHHV); the
+    C tile is updated in place (its buffer is aliased to the output). Launch defaults:
+    launch_defaults.STEP_LAUNCH."""
+    batch, heads, dhqk = q.shape
+    dhhv = v.shape[-1]
+    bnh = batch * heads
+    dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
+    defaults = launch_defaults.STEP_LAUNCH
+    block_dhhv = common.tile_size(siz_b_DHHV, dhhv_p, defaults.siz_b_DHHV, "siz_b_DHHV")
+    flat = lambda x, size: common.pad_axis(x.reshape(bnh, x.shape[-1]), 1, size)
+    c_flat = common.pad_axis(common.pad_axis(c.reshape(bnh, dhqk, dhhv), 1, dhqk_p), 2, dhhv_p)
+    head_vec = lambda width: pl.BlockSpec((None, width), lambda b, j: (b, 0))
+    scalar = pl.BlockSpec((None, 1), lambda b, j: (b, 0))
+    kernel = functools.partial(_step_kernel, qk_scale=dhqk**-0.5, eps=eps)
+    h, c_new, n_new, m_new = pl.pallas_call(
+        kernel,
+        grid=(bnh, dhhv_p // block_dhhv),
+        in_specs=[
+            head_vec(dhqk_p),  # q
+            head_vec(dhqk_p),  # k
+            pl.BlockSpec((None, block_dhhv), lambda b, j: (b, j)),  # v
+            scalar,  # i
+            scalar,  # f
+            pl.BlockSpec((None, dhqk_p, block_dhhv), lambda b, j: (b, 0, j)),  # c
+            head_vec(dhqk_p),  # n
+            scalar,  # m
+        ],
+        out_specs=[
+            pl.BlockSpec((None, block_dhhv), lambda b, j: (b, j)),  # h
+            pl.BlockSpec((None, dhqk_p, block_dhhv), lambda b, j: (b, 0, j)),  # c
+            head_vec(dhqk_p),  # n
+            scalar,  # m
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((bnh, dhhv_p), q.dtype),
+            jax.ShapeDtypeStruct(c_flat.shape, jnp.float32),
+            jax.ShapeDtypeStruct((bnh, dhqk_p), jnp.float32),
+            jax.ShapeDtypeStruct((bnh, 1), jnp.float32),
+        ],
+        input_output_aliases={5: 1},  # c in place: each program reads and writes its own tile only
+        compiler_params=common.compiler_params(num_warps, 1, default_warps=defaults.num_warps, default_stages=1),
+        interpret=common.checked_interpret(interpret, "mlstm_recurrent_step"),
+        name="mlstm_recurrent_step",
+    )(flat(q, dhqk_p), flat(k, dhqk_p), flat(v, dhhv_p), i.reshape(bnh, 1), f.reshape(bnh, 1), c_flat,
+      flat(n, dhqk_p), m.reshape(bnh, 1))
+    return (h[:, :dhhv].reshape(batch, heads, dhhv),
+            (c_new[:, :dhqk, :dhhv].reshape(batch, heads, dhqk, dhhv), n_new[:, :dhqk].reshape(batch, heads, dhqk),
+             m_new.reshape(batch, heads)))
