@@ -26,7 +26,7 @@ def mlstm_recurrent_step(q, k, v, i, f, c, n, m, *, eps: float = 1e-6, backend: 
     in the shape it was given); c (B, NH, DHQK, DHHV), n (B, NH, DHQK) float32 whatever q's dtype; h comes back
     in q's dtype. The states are those `mlstm_chunkwise(..., return_last_states=True)` returns, so a prefill
     followed by steps equals one call over the whole sequence. backend: "triton" / "interpret" run the Pallas
-    step kernel (C updated in place), "xla" the same math in jnp; None: triton on a GPU, xla otherwise.
+    step kernel, "xla" the same math in jnp; None: triton on a GPU, xla otherwise.
     """
     backend = resolve_backend(backend)
     shape = lambda x: tuple(getattr(x, "shape", ()))

@@ -53,9 +53,10 @@ def mlstm_recurrent_step__pallas(
     num_warps: int | None = None,
     interpret: bool = False,
 ):
-    """One step of the cell: (h (B, NH, DHHV) in q's dtype, (c, n, m) float32). Grid (B·NH, DHHV/bDHHV); the
-    C tile is updated in place (its buffer is aliased to the output). Launch defaults:
-    launch_defaults.STEP_LAUNCH."""
+    """One step of the cell: (h (B, NH, DHHV) in q's dtype, (c, n, m) float32). Grid (B·NH, DHHV/bDHHV), each
+    program reading and writing one (DHQK, bDHHV) tile of C. The new C is a new buffer: aliasing it to the old
+    one made XLA copy the caller's C first when that was not donated (measured 1.84x the state's read + write
+    at B = 64 on an H100, against 1.19x for upstream's kernel). Launch defaults: launch_defaults.STEP_LAUNCH."""
     batch, heads, dhqk = q.shape
     dhhv = v.shape[-1]
     bnh = batch * heads
@@ -92,7 +93,6 @@ def mlstm_recurrent_step__pallas(
             jax.ShapeDtypeStruct((bnh, dhqk_p), jnp.float32),
             jax.ShapeDtypeStruct((bnh, 1), jnp.float32),
         ],
-        input_output_aliases={5: 1},  # c in place: each program reads and writes its own tile only
         compiler_params=common.compiler_params(num_warps, 1, default_warps=defaults.num_warps, default_stages=1),
         interpret=common.checked_interpret(interpret, "mlstm_recurrent_step"),
         name="mlstm_recurrent_step",
