@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from pallas_mlstm.validation import validate_chunk_size
 
@@ -116,10 +117,29 @@ def chunk_max_state(scaG: jax.Array, m_prev: jax.Array, vecA: jax.Array) -> jax.
     return jnp.maximum(jnp.maximum(scaG + m_prev, jnp.max(vecA, axis=-1)), MIN_LOG_SCALE)
 
 
+def _explicit_sharding(x: jax.Array):
+    """x's NamedSharding where its type is sharded over Explicit mesh axes, else None."""
+    sharding = jax.typeof(x).sharding
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or AxisType.Explicit not in mesh.axis_types:
+        return None
+    return sharding
+
+
 def reset_at_document_starts(vecF: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """vecF (B, NH, S) with f̃ = −∞ (a hard reset before the token) wherever segment_ids (B, S) changes."""
+    """vecF (B, NH, S) with f̃ = −∞ (a hard reset before the token) wherever segment_ids (B, S) changes.
+
+    Comparing neighbours needs the whole sequence axis: with Explicit mesh axes the ids (B·S integers) are
+    gathered along S first, and the mask is laid out as vecF before it is applied."""
+    ids_sharding, f_sharding = _explicit_sharding(segment_ids), _explicit_sharding(vecF)
+    if ids_sharding is not None:
+        batch_axes = ids_sharding.spec[0] if len(ids_sharding.spec) else None
+        segment_ids = jax.sharding.reshard(segment_ids, NamedSharding(ids_sharding.mesh, PartitionSpec(batch_axes, None)))
     starts = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-    return jnp.where(starts[:, None, :], -jnp.inf, vecF)
+    starts = jnp.broadcast_to(starts[:, None, :], vecF.shape)  # (B, NH, S)
+    if f_sharding is not None:
+        starts = jax.sharding.reshard(starts, f_sharding)
+    return jnp.where(starts, -jnp.inf, vecF)
 
 
 def pad_steps(matQ, matK, matV, vecI, vecF, padded_len: int):
