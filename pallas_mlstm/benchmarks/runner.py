@@ -96,7 +96,10 @@ def make_inputs(computes: str, shape: Shape, seed: int) -> tuple[jax.Array, ...]
         heads = impls.attention_heads(shape.NH, shape.DHHV)
         size = (shape.B, shape.S, heads, impls.ATTENTION_HEAD_DIM)
         return tuple(jax.random.normal(k, size, jnp.bfloat16) for k in jax.random.split(key, 3))
-    return accuracy.mlstm_inputs(key, shape.B, shape.NH, shape.S, shape.DHQK, shape.DHHV, jnp.bfloat16)[:5]
+    q, k, v, i, f = accuracy.mlstm_inputs(key, shape.B, shape.NH, shape.S, shape.DHQK, shape.DHHV, jnp.bfloat16)[:5]
+    if shape.document_len is not None:  # packed documents: a hard reset before each document's first token
+        f = f.at[:, :, shape.document_len::shape.document_len].set(-jnp.inf)
+    return q, k, v, i, f
 
 
 def make_weights(forward, inputs, seed: int = 1000) -> jax.Array:
