@@ -17,8 +17,7 @@ GRAD_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
 # (B, NH, S, DHQK, DHHV, chunk)
 SHAPES = {"S64-L16": (1, 2, 64, 16, 32, 16), "S128-L32-padded": (2, 1, 128, 24, 48, 32),
           # any S: padded inside mlstm_chunkwise to a multiple of the chunk (None: the default chunk)
-          "S1": (1, 2, 1, 16, 32, 16), "S17-chunk+1": (1, 2, 17, 16, 32, 16), "S37-prime": (2, 1, 37, 16, 16, None),
-          "S131-prime-L32": (1, 1, 131, 24, 16, 32)}
+          "S1": (1, 2, 1, 16, 32, 16), "S17-chunk+1": (1, 2, 17, 16, 32, 16), "S37-prime": (2, 1, 37, 24, 16, None)}
 
 
 def _backend_dtype_params():

@@ -68,8 +68,13 @@ def _backends():
     return [b for b in test_flags.BACKEND.value]
 
 
-@pytest.mark.parametrize("with_initial", [False, True])
-@pytest.mark.parametrize("backend", _backends())
+def _cases():
+    """Both initial-state settings on xla and triton; the slow interpreter only with initial states."""
+    return [pytest.param(backend, with_initial, id=f"{backend}-{'initial' if with_initial else 'no-initial'}")
+            for backend in _backends() for with_initial in (False, True) if with_initial or backend != "interpret"]
+
+
+@pytest.mark.parametrize("backend,with_initial", _cases())
 def test_packed_documents_equal_documents_alone(backend, with_initial):
     if backend == "triton" and jax.default_backend() != "gpu":
         pytest.skip("the triton backend needs a GPU; run with --backend=triton on the GPU machine")
