@@ -230,13 +230,16 @@ def mlstm_chunkwise_bw(
     eps: float = 0.0,
     *,
     vecDeltaN_last: jax.Array | None = None,  # (B, NH, DHQK)
+    scaM_last_frame: jax.Array | None = None,  # (B, NH)
     backend: str | None = None,
     allow_tf32: bool = False,
     states_dtype=None,
 ):
     """Chunkwise backward: (dQ, dK, dV, dI, dF, dC_initial, dN_initial, dM_initial).
 
-    Upstream's arguments, plus `vecDeltaN_last` (a cotangent on the last n state), and `backend`,
+    Upstream's arguments, plus `vecDeltaN_last` (a cotangent on the last n state), `scaM_last_frame` (the m
+    that matDeltaC_last and vecDeltaN_last are stabilised by, as the gradients of C·e^{−m}, n·e^{−m}; None: the
+    last state's own, as upstream), and `backend`,
     `allow_tf32` and `states_dtype` (of the C and dC state buffers) as in `mlstm_chunkwise_fw`. den and m are held constant (docs/math.md §4). Unlike
     upstream, the gradient of scaM_initial is exact, df̃ includes the end-state terms <dC_last, C_last> +
     <dN_last, n_last>, and `vecDeltaN_last` is propagated. Missing states / outputs are recomputed.
@@ -260,6 +263,12 @@ def mlstm_chunkwise_bw(
             siz_b_LQ=siz_b_L_parallel, siz_b_LKV=siz_b_L_loop, siz_b_DHQK=siz_b_DH_loop,
             siz_b_DHHV=siz_b_DH_parallel, num_warps=num_warps_intra, num_stages=num_stages_intra, eps=eps)
 
+    if scaM_last_frame is not None:  # into the frame of the last state: e^{m_NC − frame}
+        rescale = jnp.exp(scaM_all[..., -1] - scaM_last_frame.astype(scaM_all.dtype))  # (B, NH)
+        if matDeltaC_last is not None:
+            matDeltaC_last = matDeltaC_last * rescale[..., None, None].astype(matDeltaC_last.dtype)
+        if vecDeltaN_last is not None:
+            vecDeltaN_last = vecDeltaN_last * rescale[..., None].astype(vecDeltaN_last.dtype)
     matDeltaC_first, scaCdC_states, matDeltaQ, matDeltaK, matDeltaV, vecQdQ, vecKdK = _kernel_chain_bw(
         launch, matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all, vecN_out, vecM_out, matDeltaH,
         matDeltaC_last)

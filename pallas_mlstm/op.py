@@ -54,7 +54,7 @@ def chunkwise_forward(static: ChunkwiseStatic, q, k, v, i, f, c_initial, n_initi
     return (h, last_states) if static.return_last_states else h, residuals
 
 
-def _backward(static: ChunkwiseStatic, residuals, cotangents):
+def _backward(static: ChunkwiseStatic, residuals, cotangents, last_frame=None):
     q, k, v, i, f, c_initial, n_initial, m_initial, saved_states, n_out, m_out = residuals
     dh, d_last = (cotangents if static.return_last_states else (cotangents, None))
     dc_last = dn_last = None
@@ -62,12 +62,12 @@ def _backward(static: ChunkwiseStatic, residuals, cotangents):
         dc_last, dn_last, _ = d_last  # m is held constant: its cotangent has no effect
     segment_len = segment_len_of(static, q.shape[2])
     if segment_len is not None:
-        grads = segmented_backward(static, segment_len, residuals, dh, dc_last, dn_last)
+        grads = segmented_backward(static, segment_len, residuals, dh, dc_last, dn_last, last_frame)
     else:
         c_all, n_all, m_all = (None, None, None) if saved_states is None else saved_states
         grads = mlstm_chunkwise_bw(
             q, k, v, i, f, c_initial, n_initial, m_initial, c_all, n_all, m_all, n_out, m_out, dh, dc_last,
-            vecDeltaN_last=dn_last, **fw_bw_kwargs(static, q.dtype))
+            vecDeltaN_last=dn_last, scaM_last_frame=last_frame, **fw_bw_kwargs(static, q.dtype))
     cast = lambda g, x: None if x is None else g.astype(x.dtype)
     return tuple(cast(g, x) for g, x in zip(grads, (q, k, v, i, f, c_initial, n_initial, m_initial)))
 
@@ -75,9 +75,10 @@ def _backward(static: ChunkwiseStatic, residuals, cotangents):
 _first_order_backward = first_order_only(_backward)
 
 
-def chunkwise_backward(static: ChunkwiseStatic, residuals, cotangents):
-    """The backward half: the gradients of (q, k, v, i, f, c_initial, n_initial, m_initial)."""
-    return _first_order_backward(static, residuals, cotangents)
+def chunkwise_backward(static: ChunkwiseStatic, residuals, cotangents, last_frame=None):
+    """The backward half: the gradients of (q, k, v, i, f, c_initial, n_initial, m_initial). `last_frame` (B, NH):
+    the m that the last states' cotangents are stabilised by (`mlstm_chunkwise_bw`'s scaM_last_frame)."""
+    return _first_order_backward(static, residuals, cotangents, last_frame)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

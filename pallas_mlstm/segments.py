@@ -124,7 +124,7 @@ def segment_starts(static: ChunkwiseStatic, segment_len: int, k, v, i, f, states
     return lax.fori_loop(0, num_segments, step, (states, _no_starts(states, num_segments)))[1]
 
 
-def segmented_backward(static: ChunkwiseStatic, segment_len: int, residuals, dh, dc_last, dn_last):
+def segmented_backward(static: ChunkwiseStatic, segment_len: int, residuals, dh, dc_last, dn_last, last_frame=None):
     """The gradients of (q, k, v, i, f, C, n, m initial) over the segments of `segmented_forward`, last to first.
 
     Each segment's `mlstm_chunkwise_bw` runs from its initial states (recomputing its chunk states) and takes
@@ -135,7 +135,9 @@ def segmented_backward(static: ChunkwiseStatic, segment_len: int, residuals, dh,
     does at that boundary. The cotangent of m, dm_initial = <dC0, C0> + <dn0, n0>, is dropped between segments,
     as one pass never forms one within the sequence (and as the op drops the last state's): m only splits the
     true state C·e^m, n·e^m, which is all a segment depends on, into mantissa and scale, and the backward holds
-    it constant. Only the first segment's is a gradient: m_initial's.
+    it constant. Only the first segment's is a gradient: m_initial's. `last_frame`: the m that dc_last, dn_last
+    are stabilised by (None: the last state's); a segment's d_initial is in the m of its start, which is the
+    last state's of the segment before.
     """
     q, k, v, i, f, c_initial, n_initial, m_initial, starts, n_out, m_out = residuals
     states = _states_or_zeros(q, v, c_initial, n_initial, m_initial)
@@ -145,18 +147,20 @@ def segmented_backward(static: ChunkwiseStatic, segment_len: int, residuals, dh,
     kwargs = fw_bw_kwargs(static, q.dtype)
 
     def step(count, carry):
-        (dc, dn, _), grads = carry
+        (dc, dn, _), frame, grads = carry  # frame: the m of dc and dn (last_frame, then each segment's start m)
         index = num_segments - 1 - count
         segment = lambda x: _segment(x, index, segment_len)
         start = tuple(lax.dynamic_index_in_dim(x, index, axis=2, keepdims=False) for x in starts)
         dq, dk, dv, di, df, *d_start = mlstm_chunkwise_bw(
             *map(segment, (q, k, v, i, f)), *start, None, None, None, segment(n_out), segment(m_out), segment(dh),
-            dc, vecDeltaN_last=None if dn_last is None else dn, **kwargs)
+            dc, vecDeltaN_last=None if dn_last is None else dn,
+            scaM_last_frame=None if last_frame is None else frame, **kwargs)
         grads = tuple(_put_segment(buffer, g, index, segment_len) for buffer, g in zip(grads, (dq, dk, dv, di, df)))
-        return tuple(d.astype(x.dtype) for d, x in zip(d_start, states)), grads
+        return tuple(d.astype(x.dtype) for d, x in zip(d_start, states)), start[2], grads
 
     d_last = tuple(jnp.zeros_like(x) if d is None else d.astype(x.dtype)
                    for x, d in zip(states, (dc_last, dn_last, None)))  # dC, dN, dm of the last states
+    frame = states[2] if last_frame is None else last_frame.astype(states[2].dtype)  # read only with last_frame
     grads = tuple(jnp.zeros(x.shape, x.dtype) for x in (q, k, v, i, f))
-    d_initial, grads = lax.fori_loop(0, num_segments, step, (d_last, grads))
+    d_initial, _, grads = lax.fori_loop(0, num_segments, step, (d_last, frame, grads))
     return (*grads, *d_initial)

@@ -1,12 +1,10 @@
 """The chunkwise mLSTM on arrays sharded over a device mesh: batch, heads and sequence.
 
 Every (batch, head) pair is independent, so batch / head sharding runs the whole op per shard.
-A sharded sequence axis runs context-parallel: each shard computes its end state from a zero
-state, the shards exchange these small states (one all-gather over the sequence axes) and
-combine them, in the stabilised form, into the state each shard starts from; then each shard
-runs the chunkwise pass on its piece from that state. The recurrence is linear with scalar
-decay, so this is exact up to float rounding; the backward is the chain rule through the same
-pieces.
+A sharded sequence axis runs context-parallel (pallas_mlstm.context_parallel): each shard gets the
+state it starts from out of one weighted matmul per shard and one exchange of states, then runs the
+chunkwise forward on its steps; the backward gets each shard's end-state gradient the same way in
+reverse, and runs the chunkwise backward of its steps. Only states move between devices.
 
 The op is one `jax.custom_vjp` whose forward and backward are each a per-shard body, placed by
 - `custom_partitioning` (Shardy) when the mesh axes are Auto (plain `jit` + `NamedSharding`):
@@ -29,10 +27,11 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pallas_mlstm import context_parallel
 from pallas_mlstm.chunkwise import ChunkwiseStatic
 from pallas_mlstm.op import chunkwise_backward, chunkwise_forward, first_order_only, run_chunkwise
 from pallas_mlstm.segments import segment_len_of
-from pallas_mlstm.gates import MIN_LOG_SCALE, acc_dtype_of
+from pallas_mlstm.gates import acc_dtype_of
 
 _PRIMAL_KINDS = (("seq", 4), ("seq", 4), ("seq", 4), ("seq", 3), ("seq", 3), ("state", 4), ("state", 3), ("state", 2))
 
@@ -105,43 +104,6 @@ def _from_last_shard(x: jax.Array, seq: tuple[str, ...], shards: int) -> jax.Arr
     return lax.psum(jnp.where(lax.axis_index(seq) == shards - 1, x, jnp.zeros_like(x)), seq)
 
 
-def _incoming_states(static, placement: _Placement, q, k, v, i, f, c_initial, n_initial, m_initial):
-    """(C, n, m) at the start of this sequence shard, from the end states of the shards before it.
-
-    Each shard's end state from a zero start, e^{m_e} C_e, decays by e^{g_r} through every later shard r
-    before this one, as does the initial state through all of them; combined under their max log weight.
-    """
-    batch, heads, _, dhqk = q.shape
-    dtype = acc_dtype_of(q.dtype)
-    empty = (jnp.zeros((batch, heads, dhqk, v.shape[-1]), dtype), jnp.zeros((batch, heads, dhqk), dtype),
-             jnp.full((batch, heads), MIN_LOG_SCALE, dtype))  # a zero state: every exp(· − m) of it is 0
-    _, end_states = run_chunkwise(dataclasses.replace(static, return_last_states=True), q, k, v, i, f, *empty)
-    log_decay = jnp.sum(jax.nn.log_sigmoid(f.astype(dtype)), axis=-1)  # (B, NH)
-    c_all, n_all, m_all, g_all = (lax.all_gather(x.astype(dtype), placement.seq)
-                                  for x in (*end_states, log_decay))  # (P, B, NH, ...)
-
-    me = lax.axis_index(placement.seq)
-    shard = jnp.arange(placement.seq_shards)
-    earlier = (shard < me)[:, None, None]  # (P, 1, 1)
-    between = (shard[:, None] < shard[None, :]) & (shard[None, :] < me)  # (e, r): r lies between e and me
-    g_between = jnp.sum(jnp.where(between[:, :, None, None], g_all[None], 0.0), axis=1)  # (P, B, NH)
-    g_before = jnp.sum(jnp.where(earlier, g_all, 0.0), axis=0)  # (B, NH)
-
-    m0 = jnp.zeros((batch, heads), dtype) if m_initial is None else m_initial.astype(dtype)
-    w0 = g_before + m0
-    w = jnp.where(earlier, g_between + m_all, 0.0)
-    m_in = jnp.maximum(jnp.maximum(w0, jnp.max(jnp.where(earlier, w, -jnp.inf), axis=0)), MIN_LOG_SCALE)
-    scale0 = jnp.exp(w0 - m_in)
-    scale = jnp.exp(jnp.where(earlier, w - m_in, -jnp.inf))  # (P, B, NH): 0 for the shards from this one on
-    c_in = jnp.sum(scale[..., None, None] * c_all, axis=0)
-    n_in = jnp.sum(scale[..., None] * n_all, axis=0)
-    if c_initial is not None:
-        c_in += scale0[..., None, None] * c_initial.astype(dtype)
-    if n_initial is not None:
-        n_in += scale0[..., None] * n_initial.astype(dtype)
-    return c_in, n_in, m_in
-
-
 def _unsaved_segment_starts(static, placement: _Placement, q, v):
     """Zeros in place of the segments' initial states on a sequence shard, shaped as the unsharded forward
     keeps them (B, NH, NSEG, ...): a shard cuts its own segments from its local length, so these do not split
@@ -155,10 +117,12 @@ def _unsaved_segment_starts(static, placement: _Placement, q, v):
 
 
 def _fwd_body(static, present, placement, *arrays):
-    """Per-shard forward: (h, [last states], [saved states: segment starts or all states], vecN_out, vecM_out)."""
+    """Per-shard forward: (h, [last states], [saved states: segment starts or all states], vecN_out, vecM_out).
+    A sequence shard first gets the state it starts from (pallas_mlstm.context_parallel)."""
     q, k, v, i, f, c0, n0, m0 = _fill(present, arrays)
     if placement.seq:
-        c0, n0, m0 = _incoming_states(static, placement, q, k, v, i, f, c0, n0, m0)
+        end_state = context_parallel.shard_end_state(k, v, i, f)
+        c0, n0, m0 = context_parallel.incoming_states(placement.seq, placement.seq_shards, end_state, (c0, n0, m0))
     out, residuals = chunkwise_forward(static, q, k, v, i, f, c0, n0, m0)
     saved_states, n_out, m_out = residuals[-3:]
     if placement.seq and static.segment_len is not None:
@@ -170,28 +134,38 @@ def _fwd_body(static, present, placement, *arrays):
 
 
 def _bwd_body(static, present, placement, *arrays):
-    """Per-shard backward: the gradients of the present primal arrays."""
+    """Per-shard backward: the gradients of the present primal arrays. A sequence shard recomputes the state it
+    starts from and gets the gradient of the state it ends with (pallas_mlstm.context_parallel), then runs the
+    chunkwise backward of its steps; the initial states' gradients are the first shard's."""
     num_primals, num_saved = sum(present), len(_saved_kinds(static))
     primals = _fill(present, arrays[:num_primals])
     saved_states = arrays[num_primals:num_primals + num_saved] or None  # not read on a sequence shard
-    n_out, m_out, dh, *d_last = arrays[num_primals + num_saved:]
+    n_out, m_out, dh, *last = arrays[num_primals + num_saved:]  # last: dC, dN of the last states, and their m
     if not placement.seq:
-        cotangents = (dh, (*d_last, None)) if static.return_last_states else dh
+        cotangents = (dh, (*last[:2], None)) if static.return_last_states else dh
         grads = chunkwise_backward(static, (*primals, saved_states, n_out, m_out), cotangents)
         return tuple(g for g in grads if g is not None)
 
     q, k, v, i, f, c0, n0, m0 = primals
-    is_last = lax.axis_index(placement.seq) == placement.seq_shards - 1
-    d_last = tuple(jnp.where(is_last, d, jnp.zeros_like(d)) for d in d_last)  # the last states are the last shard's
-    cotangents = (dh, (*d_last, None)) if static.return_last_states else dh
-    incoming = functools.partial(_incoming_states, static, placement, q)
-    states_in, pullback = jax.vjp(incoming, k, v, i, f, c0, n0, m0)
-    dq, dk, dv, di, df, *d_states_in = chunkwise_backward(static, (q, k, v, i, f, *states_in, None, n_out, m_out), cotangents)
-    dk2, dv2, di2, df2, dc0, dn0, dm0 = pullback(tuple(d_states_in))
-    add = lambda a, b: (a.astype(acc_dtype_of(a.dtype)) + b.astype(acc_dtype_of(a.dtype))).astype(a.dtype)
-    initial = tuple(None if d is None else lax.psum(d, placement.seq) for d in (dc0, dn0, dm0))
-    grads = (dq, add(dk, dk2), add(dv, dv2), add(di, di2), add(df, df2), *initial)
-    return tuple(g for g in grads if g is not None)
+    me = lax.axis_index(placement.seq)
+    end_state = context_parallel.shard_end_state(k, v, i, f)
+    states_in = context_parallel.incoming_states(placement.seq, placement.seq_shards, end_state, (c0, n0, m0))
+    dc_last, dn_last, m_last = last if static.return_last_states else (None, None, None)
+    # the frame of this shard's end-state gradient: its last step's m (the last shard's: the op's last m)
+    frame = m_out[..., -1].astype(end_state[2].dtype)
+    if m_last is not None:
+        frame = jnp.where(me == placement.seq_shards - 1, m_last.astype(frame.dtype), frame)
+    start_gradient = context_parallel.shard_start_state_gradient(q, f, n_out, m_out, dh, q.shape[-1] ** -0.5,
+                                                                 static.eps)
+    d_end = context_parallel.outgoing_state_gradients(
+        placement.seq, placement.seq_shards, start_gradient, end_state[3], frame,
+        (dc_last, dn_last, frame if m_last is None else m_last))
+    dq, dk, dv, di, df, *d_initial = chunkwise_backward(
+        dataclasses.replace(static, return_last_states=True), (q, k, v, i, f, *states_in, None, n_out, m_out),
+        (dh, (*d_end, None)), frame)
+    first = lambda d, x: lax.psum(jnp.where(me == 0, d, jnp.zeros_like(d)), placement.seq).astype(x.dtype)
+    initial = tuple(None if x is None else first(d, x) for d, x in zip(d_initial, (c0, n0, m0)))
+    return tuple(g for g in (dq, dk, dv, di, df, *initial) if g is not None)
 
 
 # ----------------------------------------------------------------------------- placement of the bodies
@@ -212,7 +186,7 @@ def _kinds(static: ChunkwiseStatic, present) -> tuple[tuple, tuple, tuple]:
     last = (("state", 4), ("state", 3), ("state", 2)) if static.return_last_states else ()
     saved = _saved_kinds(static)
     fwd_out = (("seq", 4), *last, *saved, ("seq", 3), ("seq", 3))
-    bwd_in = (*primals, *saved, ("seq", 3), ("seq", 3), ("seq", 4), *last[:2])
+    bwd_in = (*primals, *saved, ("seq", 3), ("seq", 3), ("seq", 4), *last)  # last: dC, dN of the last states, m
     return primals, fwd_out, bwd_in
 
 
@@ -314,15 +288,17 @@ def _sharded_fwd(static, *primals):
     h, n_out, m_out = outs[0], outs[-2], outs[-1]
     num_last = 3 if static.return_last_states else 0
     out = (h, tuple(outs[1:1 + num_last])) if static.return_last_states else h
-    return out, (primals, tuple(outs[1 + num_last:-2]), n_out, m_out)
+    last_m = outs[num_last] if static.return_last_states else None  # the frame of the last states' cotangents
+    return out, (primals, tuple(outs[1 + num_last:-2]), n_out, m_out, last_m)
 
 
 def _sharded_bwd(static, residuals, cotangents):
-    primals, saved_states, n_out, m_out = residuals
+    primals, saved_states, n_out, m_out, last_m = residuals
     present = _present(primals)
     dh, d_last = cotangents if static.return_last_states else (cotangents, ())
+    last = (*d_last[:2], last_m) if static.return_last_states else ()  # m is held constant: its cotangent is unused
     grads = iter(_ops(static, present)[1](*(x for x in primals if x is not None), *saved_states, n_out, m_out,
-                                          dh, *d_last[:2]))  # m is held constant: its cotangent has no effect
+                                          dh, *last))
     return tuple(None if x is None else next(grads) for x in primals)
 
 
