@@ -97,9 +97,9 @@ def mlstm_chunkwise(
     `recompute_states_in_bw`: False keeps every chunk's states (in q's dtype when it is 16-bit) from the forward
     for the backward, which then skips one recurrent pass (about 12% of forward + backward at the 7b shape on
     an H100), at the cost of holding them in between (at chunk 128 with 256 x 512 heads, as many bytes as q, k
-    and v together); True recomputes them (upstream's default, least memory). None (the default): False where
-    the sequence axis is known to be whole (one device, shard_map, Explicit mesh axes leaving S unsharded),
-    True otherwise, since a sequence-sharded call must recompute. With segments it has no effect (only each
+    and v together); True recomputes them (upstream's default, least memory). None (the default): False wherever
+    the inputs' sharding is known when tracing (one device, shard_map, Explicit mesh axes), True on Auto mesh
+    axes, where a sequence shard's states cannot be kept (nor False be passed with S sharded). With segments it has no effect (only each
     segment's initial states are kept, and the backward recomputes the rest per segment).
     """
     batch, heads, seq_len, _, _ = validate_mlstm_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)

@@ -46,9 +46,10 @@ class _Placement:
     seq_shards: int
 
     def spec(self, kind: str, rank: int) -> P:
-        """The spec of a per-sequence ("seq": B, NH, S, ...) or per-sequence-state ("state": B, NH, ...) array."""
+        """The spec of a per-sequence ("seq": B, NH, S, ...), per-sequence-state ("state": B, NH, ...) or chunk-state
+        ("chunk_states": B, NH, (NC+1)·DHQK, ..., each sequence shard's own) array."""
         entry = lambda axes: None if not axes else axes[0] if len(axes) == 1 else axes
-        lead = (entry(self.batch), entry(self.heads)) + ((entry(self.seq),) if kind == "seq" else ())
+        lead = (entry(self.batch), entry(self.heads)) + ((entry(self.seq),) if kind != "state" else ())
         return P(*lead, *(None,) * (rank - len(lead)))
 
 
@@ -58,8 +59,10 @@ def _axes(entry) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _placement(static: ChunkwiseStatic, spec, axis_sizes: dict[str, int], q_shape) -> _Placement:
-    """The placement that q's sharding asks for; ValueError when the shapes do not split evenly."""
+def _placement(static: ChunkwiseStatic, spec, axis_sizes: dict[str, int], q_shape, explicit: bool) -> _Placement:
+    """The placement that q's sharding asks for; ValueError when the shapes do not split evenly, or when chunk
+    states are to be kept on a sequence shard of Auto mesh axes (`explicit` False): their global shape would
+    depend on the shard count, which is unknown when the program is traced."""
     spec = tuple(spec) + (None,) * (3 - len(tuple(spec)))
     batch, heads, seq = (_axes(spec[dim]) for dim in range(3))
     shards = [math.prod(axis_sizes[a] for a in axes) for axes in (batch, heads, seq)]
@@ -75,10 +78,11 @@ def _placement(static: ChunkwiseStatic, spec, axis_sizes: dict[str, int], q_shap
             f"q's sequence axis S={q_shape[2]} is split over mesh axes {spec[2]} into pieces of {local_seq}, "
             f"which chunk_size={static.chunk_size} does not divide: pass a chunk_size that divides {local_seq}."
         )
-    if seq and not static.recompute_states_in_bw:
+    if seq and not explicit and not static.recompute_states_in_bw and static.segment_len is None:
         raise ValueError(
-            f"recompute_states_in_bw=False cannot be combined with a sequence axis sharded over {spec[2]}: "
-            "pass recompute_states_in_bw=True, or shard only the batch and head axes."
+            f"recompute_states_in_bw=False cannot be combined with a sequence axis sharded over Auto mesh axes "
+            f"{spec[2]}: pass recompute_states_in_bw=True, or make the mesh axes Explicit "
+            "(jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Explicit, ...)))."
         )
     return _Placement(batch, heads, seq, shards[2])
 
@@ -139,7 +143,7 @@ def _bwd_body(static, present, placement, *arrays):
     chunkwise backward of its steps; the initial states' gradients are the first shard's."""
     num_primals, num_saved = sum(present), len(_saved_kinds(static))
     primals = _fill(present, arrays[:num_primals])
-    saved_states = arrays[num_primals:num_primals + num_saved] or None  # not read on a sequence shard
+    saved_states = arrays[num_primals:num_primals + num_saved] or None
     n_out, m_out, dh, *last = arrays[num_primals + num_saved:]  # last: dC, dN of the last states, and their m
     if not placement.seq:
         cotangents = (dh, (*last[:2], None)) if static.return_last_states else dh
@@ -149,7 +153,11 @@ def _bwd_body(static, present, placement, *arrays):
     q, k, v, i, f, c0, n0, m0 = primals
     me = lax.axis_index(placement.seq)
     end_state = context_parallel.shard_end_state(k, v, i, f)
-    states_in = context_parallel.incoming_states(placement.seq, placement.seq_shards, end_state, (c0, n0, m0))
+    if static.segment_len is None and saved_states is not None:  # this shard's chunk states, from its start state
+        states_in = (c0, n0, m0)  # read only for the initial states' gradients, which are the first shard's
+    else:
+        saved_states = None  # segment starts are recomputed per shard (`_unsaved_segment_starts`)
+        states_in = context_parallel.incoming_states(placement.seq, placement.seq_shards, end_state, (c0, n0, m0))
     dc_last, dn_last, m_last = last if static.return_last_states else (None, None, None)
     # the frame of this shard's end-state gradient: its last step's m (the last shard's: the op's last m)
     frame = m_out[..., -1].astype(end_state[2].dtype)
@@ -161,7 +169,7 @@ def _bwd_body(static, present, placement, *arrays):
         placement.seq, placement.seq_shards, start_gradient, end_state[3], frame,
         (dc_last, dn_last, frame if m_last is None else m_last))
     dq, dk, dv, di, df, *d_initial = chunkwise_backward(
-        dataclasses.replace(static, return_last_states=True), (q, k, v, i, f, *states_in, None, n_out, m_out),
+        dataclasses.replace(static, return_last_states=True), (q, k, v, i, f, *states_in, saved_states, n_out, m_out),
         (dh, (*d_end, None)), frame)
     first = lambda d, x: lax.psum(jnp.where(me == 0, d, jnp.zeros_like(d)), placement.seq).astype(x.dtype)
     initial = tuple(None if x is None else first(d, x) for d, x in zip(d_initial, (c0, n0, m0)))
@@ -174,10 +182,10 @@ def _bwd_body(static, present, placement, *arrays):
 def _saved_kinds(static: ChunkwiseStatic) -> tuple:
     """(kind, rank) of the saved states the forward passes to the backward: each segment's initial states
     (B, NH, NSEG, ...) when `static.segment_len` is set (`run_partitioned` sets it only where S is cut into
-    segments), else every chunk's states unless they are recomputed."""
+    segments), else every chunk's states unless they are recomputed (on a sequence shard: its own chunks')."""
     if static.segment_len is not None:
         return ("state", 5), ("state", 4), ("state", 3)
-    return () if static.recompute_states_in_bw else (("state", 4), ("state", 3), ("state", 3))
+    return () if static.recompute_states_in_bw else (("chunk_states", 4), ("chunk_states", 3), ("chunk_states", 3))
 
 
 def _kinds(static: ChunkwiseStatic, present) -> tuple[tuple, tuple, tuple]:
@@ -192,7 +200,7 @@ def _kinds(static: ChunkwiseStatic, present) -> tuple[tuple, tuple, tuple]:
 
 def _sharding_rule(in_kinds, out_kinds) -> tuple[str, tuple[str, ...]]:
     """Shardy rule and its need-replication factors: B, NH and S are shared factors; every other
-    dimension is a factor of its own, kept whole."""
+    dimension is a factor of its own, kept whole (chunk states are kept only where S is whole)."""
     counter, whole = itertools.count(), []
 
     def value(kind, rank):
@@ -215,7 +223,7 @@ def _placed(body, static, present, in_kinds, out_kinds):
             raise ValueError(
                 f"q must be sharded with a jax.sharding.NamedSharding over a Mesh; got {type(sharding).__name__}."
             )
-        placement = _placement(static, sharding.spec, dict(mesh.shape), arg_shapes[0].shape)
+        placement = _placement(static, sharding.spec, dict(mesh.shape), arg_shapes[0].shape, explicit=False)
         shardings = lambda kinds: tuple(NamedSharding(mesh, placement.spec(*kind)) for kind in kinds)
         return mesh, functools.partial(body, static, present, placement), shardings(out_kinds), shardings(in_kinds)
 
@@ -227,7 +235,7 @@ def _placed(body, static, present, in_kinds, out_kinds):
         mesh, spec = _explicit_sharding(arrays[0])
         if mesh is None:
             return partitioned(*arrays)
-        placement = _placement(static, spec, dict(mesh.shape), arrays[0].shape)
+        placement = _placement(static, spec, dict(mesh.shape), arrays[0].shape, explicit=True)
         in_specs = tuple(placement.spec(*kind) for kind in in_kinds)
         arrays = tuple(jax.sharding.reshard(x, NamedSharding(mesh, s)) for x, s in zip(arrays, in_specs))
         out_specs = tuple(placement.spec(*kind) for kind in out_kinds)
@@ -314,14 +322,13 @@ def _nothing_to_partition(q) -> bool:
     return not mesh.empty and mesh.size == 1
 
 
-def _sequence_unsharded(q) -> bool:
-    """True where q's sequence axis is known not to be split: one device, inside a shard_map with Manual axes, or
-    Explicit mesh axes that leave S whole. (Auto mesh axes are placed only when XLA partitions the program.)"""
-    if _nothing_to_partition(q):
+def _states_can_be_kept(q) -> bool:
+    """True where the chunk states can pass from the forward to the backward: wherever q's sharding is known when
+    tracing (one device, inside a shard_map with Manual axes, Explicit mesh axes), and on Auto mesh axes only
+    while the sequence axis is known to be whole (no mesh and one device). Auto mesh axes are placed only when
+    XLA partitions the program, and a sequence shard's states have a global shape that depends on the count."""
+    if _nothing_to_partition(q) or _explicit_sharding(q)[0] is not None:
         return True
-    mesh, spec = _explicit_sharding(q)
-    if mesh is not None:
-        return len(spec) <= 2 or not _axes(spec[2])
     no_mesh = jax.sharding.get_abstract_mesh().empty and jax.typeof(q).sharding.mesh.empty
     return no_mesh and jax.device_count() == 1
 
@@ -337,12 +344,12 @@ def run_partitioned(static: ChunkwiseStatic, q, k, v, i, f, c_initial=None, n_in
     Runs as a jitted call (partitioned per shard by XLA) unless there is nothing to partition: inside a
     `shard_map` whose axes are all Manual, or under a one-device mesh (e.g. deviceless lowering).
     `static.segment_len` becomes the one S is cut with (`segment_len_of`), None for one pass; a
-    `recompute_states_in_bw` of None becomes False (keep the chunk states for the backward) where the
-    sequence axis is known to be whole (`_sequence_unsharded`), else True.
+    `recompute_states_in_bw` of None becomes False (keep the chunk states for the backward) where they can be
+    kept (`_states_can_be_kept`), else True.
     """
     static = dataclasses.replace(static, segment_len=segment_len_of(static, q.shape[2]))
     if static.recompute_states_in_bw is None:
-        static = dataclasses.replace(static, recompute_states_in_bw=not _sequence_unsharded(q))
+        static = dataclasses.replace(static, recompute_states_in_bw=not _states_can_be_kept(q))
     if _nothing_to_partition(q):
         return run_chunkwise(static, q, k, v, i, f, c_initial, n_initial, m_initial)
     return _run_jit(static, q, k, v, i, f, c_initial, n_initial, m_initial)

@@ -3,8 +3,8 @@
 tests/test_sharding.py runs `python -m tests.sharding_cases BACKEND SEED CASE...` with
 XLA_FLAGS=--xla_force_host_platform_device_count=4 and reads one JSON line per case from stdout:
 relative errors of every output and gradient against one device and against float64 (of the sharded
-and of the one-device result), the output shardings, and the all-gather results of the compiled
-program (or the error a case expects).
+and of the one-device result), the output shardings, and the collectives of the compiled program (or
+the error a case expects).
 """
 
 from __future__ import annotations
@@ -65,9 +65,9 @@ CASES = {
                                 expect_error="chunk_size=32 does not divide"),
     "seq_saved_states": Case((4,), ("s",), (None, None, "s"), kwargs=(("recompute_states_in_bw", False),),
                              expect_error="recompute_states_in_bw=False cannot be combined"),
-    "seq_saved_states_explicit": Case((4,), ("s",), (None, None, "s"), explicit=True,
-                                      kwargs=(("recompute_states_in_bw", False),),
-                                      expect_error="recompute_states_in_bw=False cannot be combined"),
+    "seq_saved_states_explicit": Case((4,), ("s",), (None, None, "s"), seq_len=512, explicit=True,
+                                      kwargs=(("recompute_states_in_bw", False),)),
+    "seq_explicit": Case((4,), ("s",), (None, None, "s"), seq_len=512, explicit=True, infinite_gates=True),
 }
 
 _NAMES = ("h", "c_last", "n_last", "m_last", "dq", "dk", "dv", "di", "df", "dc_initial", "dn_initial", "dm_initial")
@@ -132,14 +132,18 @@ def _shard(case: Case, arrays, mesh):
     return [put(x) for x in arrays]
 
 
-def _all_gathers(hlo: str) -> list[list[int]]:
-    """The result shapes of every all-gather in a compiled HLO module."""
-    shapes = []
+_COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "all-to-all", "reduce-scatter")
+
+
+def _collectives(hlo: str) -> list[tuple[str, list[int]]]:
+    """(op, result shape) of every collective in a compiled HLO module (each operand of a tuple-shaped one)."""
+    found = []
     for line in hlo.splitlines():
-        match = re.search(r"= \w+\[([\d,]*)\][^ ]* all-gather(?:-start)?\(", line)
+        match = re.search(r"= (\(?[^=]*?\)?) (" + "|".join(_COLLECTIVES) + r")(?:-start)?\(", line)
         if match:
-            shapes.append([int(d) for d in match.group(1).split(",") if d])
-    return shapes
+            for dims in re.findall(r"\w+\[([\d,]*)\]", match.group(1)):
+                found.append((match.group(2), [int(d) for d in dims.split(",") if d]))
+    return found
 
 
 def run_case(name: str, backend: str) -> dict:
@@ -173,8 +177,7 @@ def run_case(name: str, backend: str) -> dict:
     pairs = [("h", outputs[0], sharded[0], 3), ("c_last", outputs[1], sharded[0], 2),
              *((f"d{n}", g, x, x.ndim - lead) for n, g, x in zip("qkvif", grads, sharded))]
     result["shardings"] = {n: [spec(y, lead + dims), spec(x, lead + dims)] for n, y, x, dims in pairs}
-    result["all_gathers"] = _all_gathers(compiled.as_text())
-    result["seq_len"] = case.seq_len
+    result["collectives"] = _collectives(compiled.as_text())
     return result
 
 
