@@ -32,13 +32,15 @@ from pallas_mlstm.gates import MIN_LOG_SCALE, acc_dtype_of
 
 
 def _weighted_outer_sum(a, weights, b):
-    """Σ_t weights_t a_tᵀ b_t over the steps: (B, NH, L, D1), (B, NH, L), (B, NH, L, D2) -> (B, NH, D1, D2) in the
-    accumulator dtype, the weighted operand rounded to a's dtype first (as the kernels round theirs)."""
+    """(Σ_t w_t a_tᵀ b_t, Σ_t w_t a_t) over the steps: (B, NH, L, D1), (B, NH, L), (B, NH, L, D2) -> (B, NH, D1, D2),
+    (B, NH, D1) in the accumulator dtype, the weighted operand rounded to a's dtype first (as the kernels round
+    theirs)."""
     dtype = acc_dtype_of(a.dtype)
     weighted = (a.astype(dtype) * weights[..., None]).astype(a.dtype)  # (B, NH, L, D1)
     wide = jnp.dtype(a.dtype).itemsize >= 4
-    return jnp.einsum("bhld,bhle->bhde", weighted, b.astype(a.dtype), preferred_element_type=dtype,
-                      precision=lax.Precision.HIGHEST if wide else lax.Precision.DEFAULT)
+    outer = jnp.einsum("bhld,bhle->bhde", weighted, b.astype(a.dtype), preferred_element_type=dtype,
+                       precision=lax.Precision.HIGHEST if wide else lax.Precision.DEFAULT)
+    return outer, jnp.sum(weighted.astype(dtype), axis=2)
 
 
 def _log_forget(vecF):
@@ -54,8 +56,7 @@ def shard_end_state(matK, matV, vecI, vecF):
     log_weight = jnp.cumsum(log_f_after[..., ::-1], axis=-1)[..., ::-1] + vecI.astype(log_f.dtype)  # (B, NH, L)
     scaM = jnp.maximum(jnp.max(log_weight, axis=-1), MIN_LOG_SCALE)  # (B, NH)
     weights = jnp.exp(log_weight - scaM[..., None])  # (B, NH, L), <= 1
-    matC = _weighted_outer_sum(matK, weights, matV)  # (B, NH, DHQK, DHHV)
-    vecN = jnp.einsum("bhld,bhl->bhd", matK.astype(log_f.dtype), weights)  # (B, NH, DHQK)
+    matC, vecN = _weighted_outer_sum(matK, weights, matV)  # (B, NH, DHQK, DHHV), (B, NH, DHQK)
     return matC, vecN, scaM, jnp.sum(log_f, axis=-1)
 
 
@@ -68,7 +69,7 @@ def shard_start_state_gradient(matQ, vecF, vecN_out, vecM_out, matDeltaH, qk_sca
     log_weight = reach - vecM_out.astype(dtype) - jnp.log(vecN_out.astype(dtype) + eps)  # (B, NH, L)
     scaNu = jnp.maximum(jnp.max(log_weight, axis=-1), MIN_LOG_SCALE)  # (B, NH)
     weights = qk_scale * jnp.exp(log_weight - scaNu[..., None])  # (B, NH, L)
-    return _weighted_outer_sum(matQ, weights, matDeltaH), scaNu
+    return _weighted_outer_sum(matQ, weights, matDeltaH)[0], scaNu
 
 
 def _shard_position(seq_axes, num_shards: int):

@@ -287,6 +287,8 @@ def _ops(static: ChunkwiseStatic, present: tuple[bool, ...]):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sharded_chunkwise(static, q, k, v, i, f, c_initial, n_initial, m_initial):
+    # not differentiated: no states to keep for a backward
+    static = dataclasses.replace(static, recompute_states_in_bw=True)
     return _sharded_fwd(static, q, k, v, i, f, c_initial, n_initial, m_initial)[0]
 
 
