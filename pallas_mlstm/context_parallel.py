@@ -40,7 +40,9 @@ def _weighted_outer_sum(a, weights, b):
     wide = jnp.dtype(a.dtype).itemsize >= 4
     outer = jnp.einsum("bhld,bhle->bhde", weighted, b.astype(a.dtype), preferred_element_type=dtype,
                        precision=lax.Precision.HIGHEST if wide else lax.Precision.DEFAULT)
-    return outer, jnp.sum(weighted.astype(dtype), axis=2)
+    ones = jnp.ones(weighted.shape[:3], weighted.dtype)  # Σ_t as a matrix-vector product: faster than a reduce over t
+    return outer, jnp.einsum("bhld,bhl->bhd", weighted, ones, preferred_element_type=dtype,
+                             precision=lax.Precision.HIGHEST if wide else lax.Precision.DEFAULT)
 
 
 def _log_forget(vecF):
@@ -72,60 +74,84 @@ def shard_start_state_gradient(matQ, vecF, vecN_out, vecM_out, matDeltaH, qk_sca
     return _weighted_outer_sum(matQ, weights, matDeltaH)[0], scaNu
 
 
-def _shard_position(seq_axes, num_shards: int):
-    """(this shard's index along the sequence, all indices (P,))."""
-    return lax.axis_index(seq_axes), jnp.arange(num_shards)
+def _ordered_scan(seq_axes, num_shards: int, element, combine, identity, *, from_later: bool):
+    """For this shard: combine(...) of the elements of the shards before it, in order (those after it, nearest
+    first, with `from_later`); `identity` where there are none. A shift to the next shard, then the Hillis-Steele
+    rounds: ceil(log2(P − 1)) more, each passing one state to the shard d further on (lax.ppermute), so that
+    each device sends and receives one state per round and nothing else."""
+    me = lax.axis_index(seq_axes)
+    direction = -1 if from_later else 1
+
+    def shift(tree, distance: int):
+        pairs = [(j, j + direction * distance) for j in range(num_shards) if 0 <= j + direction * distance < num_shards]
+        return jax.tree.map(lambda x: lax.ppermute(x, seq_axes, pairs), tree)
+
+    def where(condition, a, b):
+        return jax.tree.map(lambda x, y: jnp.where(condition, x, y), a, b)
+
+    received = lambda distance: me - distance >= 0 if not from_later else me + distance <= num_shards - 1
+    scan = where(received(1), shift(element, 1), identity)
+    distance = 1
+    while distance < num_shards - 1:
+        other = shift(scan, distance)  # covers the shards `distance` further away
+        scan = where(received(distance), combine(scan, other) if from_later else combine(other, scan), scan)
+        distance *= 2
+    return scan
+
+
+def _then(earlier, later):
+    """The end state of two stretches of steps in turn, each given as (C, n, m, g): its end state from a zero state,
+    stabilised by m, and its total log decay g."""
+    c_a, n_a, m_a, g_a = earlier
+    c_b, n_b, m_b, g_b = later
+    m = jnp.maximum(m_a + g_b, m_b)  # (B, NH)
+    scale_a, scale_b = jnp.exp(m_a + g_b - m), jnp.exp(m_b - m)
+    return (scale_a[..., None, None] * c_a + scale_b[..., None, None] * c_b,
+            scale_a[..., None] * n_a + scale_b[..., None] * n_b, m, g_a + g_b)
 
 
 def incoming_states(seq_axes, num_shards: int, end_states, initial_states):
     """(C, n, m) at the start of this sequence shard, in the states' dtype.
 
     end_states: this shard's `shard_end_state` (C, n, m, g); initial_states: the op's (C, n, m) initial states,
-    None where not given. Each earlier shard e contributes e^{m_e + Σ_{e<r<me} g_r} C_e and the initial state
-    e^{m_0 + Σ_{r<me} g_r} C_0, all scaled by the largest of these log weights, which becomes m.
+    None where not given. The shards before this one, in turn, from the initial state (from a zero state with
+    m = 0 where none is given, as the kernels start).
     """
     matC, vecN, scaM, scaG = end_states
-    dtype = matC.dtype
-    c_all, n_all, m_all, g_all = (lax.all_gather(x, seq_axes) for x in (matC, vecN, scaM, scaG))  # (P, B, NH, ...)
-    me, shard = _shard_position(seq_axes, num_shards)
-    earlier = (shard < me)[:, None, None]  # (P, 1, 1)
-    between = (shard[:, None] < shard[None, :]) & (shard[None, :] < me)  # (e, r): r lies between e and me
-    g_between = jnp.sum(jnp.where(between[:, :, None, None], g_all[None], 0.0), axis=1)  # (P, B, NH)
-    g_before = jnp.sum(jnp.where(earlier, g_all, 0.0), axis=0)  # (B, NH)
-
+    identity = (jnp.zeros_like(matC), jnp.zeros_like(vecN), jnp.full_like(scaM, MIN_LOG_SCALE), jnp.zeros_like(scaG))
+    before = _ordered_scan(seq_axes, num_shards, end_states, _then, identity, from_later=False)
     c_initial, n_initial, m_initial = initial_states
-    m0 = jnp.zeros_like(scaM) if m_initial is None else m_initial.astype(dtype)
-    w0 = g_before + m0
-    w = jnp.where(earlier, g_between + m_all, -jnp.inf)  # (P, B, NH): −∞ for the shards from this one on
-    m_in = jnp.maximum(jnp.maximum(w0, jnp.max(w, axis=0)), MIN_LOG_SCALE)
-    scale0, scale = jnp.exp(w0 - m_in), jnp.exp(w - m_in)
-    c_in = jnp.sum(scale[..., None, None] * c_all, axis=0)
-    n_in = jnp.sum(scale[..., None] * n_all, axis=0)
-    if c_initial is not None:
-        c_in += scale0[..., None, None] * c_initial.astype(dtype)
-    if n_initial is not None:
-        n_in += scale0[..., None] * n_initial.astype(dtype)
-    return c_in, n_in, m_in
+    initial = (identity[0] if c_initial is None else c_initial.astype(matC.dtype),
+               identity[1] if n_initial is None else n_initial.astype(vecN.dtype),
+               jnp.zeros_like(scaM) if m_initial is None else m_initial.astype(scaM.dtype), jnp.zeros_like(scaG))
+    c_in, n_in, m_in, _ = _then(initial, before)
+    return c_in, n_in, jnp.maximum(m_in, MIN_LOG_SCALE)
+
+
+def _before(nearer, farther):
+    """The start-state gradient of two stretches of steps in turn, each given as (dC, ν, g): its start-state gradient
+    from a zero end gradient, stabilised by ν (the true gradient is dC·e^ν), and its total log decay g."""
+    d_a, nu_a, g_a = nearer
+    d_b, nu_b, g_b = farther
+    nu = jnp.maximum(nu_a, g_a + nu_b)  # (B, NH)
+    return (jnp.exp(nu_a - nu)[..., None, None] * d_a + jnp.exp(g_a + nu_b - nu)[..., None, None] * d_b, nu,
+            g_a + g_b)
 
 
 def outgoing_state_gradients(seq_axes, num_shards: int, start_gradient, scaG, frame, last_cotangents):
     """(dC, dN) of this shard's end state, in the frame e^{frame} (B, NH): the true gradient is dC·e^{−frame}.
 
     start_gradient: this shard's `shard_start_state_gradient` (dC, ν); scaG its total log decay; last_cotangents:
-    (dC_last, dN_last, m_last) of the op's last states (dC_last, dN_last None where absent). Each later shard r
-    contributes e^{ν_r + Σ_{me<j<r} g_j} dC_r; the last states' cotangent arrives decayed by every later shard.
+    (dC_last, dN_last, m_last) of the op's last states (dC_last, dN_last None where absent). The shards after this
+    one, nearest first, then the last states' cotangent decayed through all of them.
     """
     d_start, scaNu = start_gradient
-    d_all, nu_all, g_all = (lax.all_gather(x, seq_axes) for x in (d_start, scaNu, scaG))  # (P, B, NH, ...)
-    me, shard = _shard_position(seq_axes, num_shards)
-    later = (shard > me)[:, None, None]  # (P, 1, 1)
-    between = (shard[None, :] > me) & (shard[None, :] < shard[:, None])  # (r, j): j lies between me and r
-    g_between = jnp.sum(jnp.where(between[:, :, None, None], g_all[None], 0.0), axis=1)  # (P, B, NH)
-    scale = jnp.exp(jnp.where(later, frame + nu_all + g_between, -jnp.inf))  # (P, B, NH)
-    d_end = jnp.sum(scale[..., None, None] * d_all, axis=0)  # (B, NH, DHQK, DHHV)
-
+    identity = (jnp.zeros_like(d_start), jnp.full_like(scaNu, MIN_LOG_SCALE), jnp.zeros_like(scaG))
+    d_after, nu_after, g_after = _ordered_scan(seq_axes, num_shards, (d_start, scaNu, scaG), _before, identity,
+                                               from_later=True)
+    d_end = jnp.exp(frame + nu_after)[..., None, None] * d_after  # (B, NH, DHQK, DHHV)
     dc_last, dn_last, m_last = last_cotangents
-    last_scale = jnp.exp(frame + jnp.sum(jnp.where(later, g_all, 0.0), axis=0) - m_last)  # (B, NH)
+    last_scale = jnp.exp(frame + g_after - m_last)  # (B, NH)
     if dc_last is not None:
         d_end += last_scale[..., None, None] * dc_last.astype(d_end.dtype)
     dn_end = None if dn_last is None else last_scale[..., None] * dn_last.astype(d_end.dtype)

@@ -59,6 +59,7 @@ CASES = {
     "seq_resets": Case((4,), ("s",), (None, None, "s"), seq_len=512, infinite_gates=True),
     "seq_no_initial_states": Case((4,), ("s",), (None, None, "s"), seq_len=512, initial_states=False),
     "batch_seq": Case((2, 2), ("b", "s"), ("b", None, "s")),
+    "seq_two_axes": Case((2, 2), ("s", "t"), (None, None, ("s", "t")), seq_len=512),
     "batch_seq_explicit": Case((2, 2), ("b", "s"), ("b", None, "s"), explicit=True),
     "seq_checkpoint": Case((4,), ("s",), (None, None, "s"), checkpoint=True),
     "seq_chunk_too_large": Case((4,), ("s",), (None, None, "s"), seq_len=64, kwargs=(("chunk_size", 32),),
