@@ -44,12 +44,17 @@ class _Placement:
     heads: tuple[str, ...]
     seq: tuple[str, ...]
     seq_shards: int
+    # placed by shard_map (Explicit axes) with S in segments of static.segment_len on every shard, too: each
+    # sequence shard keeps its own segment starts for the backward
+    keeps_segment_starts: bool
 
     def spec(self, kind: str, rank: int) -> P:
-        """The spec of a per-sequence ("seq": B, NH, S, ...), per-sequence-state ("state": B, NH, ...) or chunk-state
-        ("chunk_states": B, NH, (NC+1)·DHQK, ..., each sequence shard's own) array."""
+        """The spec of a per-sequence ("seq": B, NH, S, ...) or per-sequence-state ("state": B, NH, ...) array, or of
+        states each sequence shard keeps of its own: "chunk_states" (B, NH, (NC+1)·DHQK, ...) and "segment_starts"
+        (B, NH, NSEG, ...; whole unless `keeps_segment_starts`: else a shard recomputes its own)."""
         entry = lambda axes: None if not axes else axes[0] if len(axes) == 1 else axes
-        lead = (entry(self.batch), entry(self.heads)) + ((entry(self.seq),) if kind != "state" else ())
+        per_shard = kind in ("seq", "chunk_states") or (kind == "segment_starts" and self.keeps_segment_starts)
+        lead = (entry(self.batch), entry(self.heads)) + ((entry(self.seq),) if per_shard else ())
         return P(*lead, *(None,) * (rank - len(lead)))
 
 
@@ -84,10 +89,12 @@ def _placement(static: ChunkwiseStatic, spec, axis_sizes: dict[str, int], q_shap
             f"{spec[2]}: pass recompute_states_in_bw=True, or make the mesh axes Explicit "
             "(jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Explicit, ...)))."
         )
-    return _Placement(batch, heads, seq, shards[2])
+    keeps_segment_starts = (explicit and bool(seq) and static.segment_len is not None
+                            and segment_len_of(static, local_seq) == static.segment_len)
+    return _Placement(batch, heads, seq, shards[2], keeps_segment_starts)
 
 
-_UNPLACED = _Placement((), (), (), 1)  # one device: the body as it is traced before partitioning
+_UNPLACED = _Placement((), (), (), 1, False)  # one device: the body as it is traced before partitioning
 
 
 # ----------------------------------------------------------------------------- per-shard bodies
@@ -129,7 +136,7 @@ def _fwd_body(static, present, placement, *arrays):
         c0, n0, m0 = context_parallel.incoming_states(placement.seq, placement.seq_shards, end_state, (c0, n0, m0))
     out, residuals = chunkwise_forward(static, q, k, v, i, f, c0, n0, m0)
     saved_states, n_out, m_out = residuals[-3:]
-    if placement.seq and static.segment_len is not None:
+    if placement.seq and static.segment_len is not None and not placement.keeps_segment_starts:
         saved_states = _unsaved_segment_starts(static, placement, q, v)
     h, last_states = out if static.return_last_states else (out, ())
     if placement.seq:
@@ -153,10 +160,11 @@ def _bwd_body(static, present, placement, *arrays):
     q, k, v, i, f, c0, n0, m0 = primals
     me = lax.axis_index(placement.seq)
     end_state = context_parallel.shard_end_state(k, v, i, f)
-    if static.segment_len is None and saved_states is not None:  # this shard's chunk states, from its start state
+    if saved_states is not None and (static.segment_len is None or placement.keeps_segment_starts):
+        # this shard's own chunk states or segment starts, from its start state
         states_in = (c0, n0, m0)  # read only for the initial states' gradients, which are the first shard's
     else:
-        saved_states = None  # segment starts are recomputed per shard (`_unsaved_segment_starts`)
+        saved_states = None  # recomputed from the start state (Auto axes: `_unsaved_segment_starts`)
         states_in = context_parallel.incoming_states(placement.seq, placement.seq_shards, end_state, (c0, n0, m0))
     dc_last, dn_last, m_last = last if static.return_last_states else (None, None, None)
     # the frame of this shard's end-state gradient: its last step's m (the last shard's: the op's last m)
@@ -184,7 +192,7 @@ def _saved_kinds(static: ChunkwiseStatic) -> tuple:
     (B, NH, NSEG, ...) when `static.segment_len` is set (`run_partitioned` sets it only where S is cut into
     segments), else every chunk's states unless they are recomputed (on a sequence shard: its own chunks')."""
     if static.segment_len is not None:
-        return ("state", 5), ("state", 4), ("state", 3)
+        return ("segment_starts", 5), ("segment_starts", 4), ("segment_starts", 3)
     return () if static.recompute_states_in_bw else (("chunk_states", 4), ("chunk_states", 3), ("chunk_states", 3))
 
 

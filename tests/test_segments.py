@@ -159,6 +159,11 @@ _SHARDED_CASES = {
                                 kwargs=(("segment_len", 256),)),
     "seq_segments_resets": dict(mesh_shape=(4,), axis_names=("s",), lead_spec=(None, None, "s"), seq_len=512,
                                 infinite_gates=True, kwargs=(("segment_len", 64),)),
+    # Explicit axes: each shard keeps its own segment starts where it cuts segments of segment_len, else recomputes
+    "seq_segments_explicit": dict(mesh_shape=(4,), axis_names=("s",), lead_spec=(None, None, "s"), seq_len=512,
+                                  explicit=True, kwargs=(("segment_len", 64),)),
+    "seq_segments_cut_explicit": dict(mesh_shape=(4,), axis_names=("s",), lead_spec=(None, None, "s"), seq_len=384,
+                                      explicit=True, kwargs=(("segment_len", 64),)),
     "batch_heads_segments": dict(mesh_shape=(2, 2), axis_names=("b", "h"), lead_spec=("b", "h", None),
                                  kwargs=(("segment_len", 32), ("recompute_states_in_bw", False))),
 }
@@ -173,7 +178,8 @@ sharding_cases.main(["xla", "{seed}", *cases])
 
 def test_sharded_segments_match_one_device():
     """Segments inside batch / head shards (the segments' initial states pass from forward to backward) and
-    inside sequence shards (each shard cuts its own segments and recomputes their initial states)."""
+    inside sequence shards (each shard cuts its own segments; it keeps their initial states on Explicit axes
+    where its segments are segment_len long, else recomputes them)."""
     if "xla" not in test_flags.BACKEND.value:
         pytest.skip("backend xla not selected by --backend")
     repo = pathlib.Path(__file__).resolve().parents[1]
