@@ -1,14 +1,15 @@
 """Context parallelism: the state a sequence shard starts from, and the state gradient it ends with, from one
-weighted matmul per shard and one exchange of states; no pass over the sequence is repeated.
+weighted matmul per shard and an exchange of states; no pass over the sequence is repeated.
 
 The recurrence is linear with a scalar decay per step. From a zero state, a shard's end state is one weighted
 matmul over its steps (`shard_end_state`):
 
     C_end = Σ_t e^{ĩ_t + Σ_{u>t} log σ(f̃_u)} k_t v_tᵀ,    n_end = Σ_t (the same weight) k_t.
 
-The shards exchange these (one all-gather of B·NH·DHQK·DHHV per shard, never a sequence), and shard s adds up
-the end states of the shards before it, each decayed through the shards in between, and the initial state
-(`incoming_states`): the state it starts from. Each shard then runs the chunkwise forward on its own steps.
+A scan over the shards in order (`lax.ppermute` rounds, each moving one B·NH·DHQK·DHHV state per device, never
+a sequence) gives shard s the end states of the shards before it, composed in turn, each decayed through the
+shards after it, and with the initial state in front (`incoming_states`): the state it starts from. Each shard
+then runs the chunkwise forward on its own steps.
 
 The backward runs the same way in reverse. From a zero gradient at its end, the gradient of a shard's start
 state is one weighted matmul too (`shard_start_state_gradient`), with the forward's stabiliser m_t and
@@ -16,8 +17,8 @@ denominator den_t held constant, as the one-device backward holds them:
 
     dC_start = Σ_t s e^{Σ_{u<=t} log σ(f̃_u) − m_t} q_t dH_tᵀ / (den_t + eps).
 
-The shards exchange these; shard s adds up those of the shards after it, decayed, and the cotangent of the
-last states (`outgoing_state_gradients`): the gradient of its end state, with which it runs the chunkwise
+The scan in the other direction composes those of the shards after it, nearest first, and the cotangent of the
+last states behind them (`outgoing_state_gradients`): the gradient of its end state, with which it runs the chunkwise
 backward from its start state. Every exchanged state carries its log scale, and every sum is scaled by its
 largest term, as the kernels' max state m does.
 """
