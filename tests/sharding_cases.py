@@ -59,15 +59,14 @@ CASES = {
     "seq_resets": Case((4,), ("s",), (None, None, "s"), seq_len=512, infinite_gates=True),
     "seq_no_initial_states": Case((4,), ("s",), (None, None, "s"), seq_len=512, initial_states=False),
     "batch_seq": Case((2, 2), ("b", "s"), ("b", None, "s")),
-    "seq_two_axes": Case((2, 2), ("s", "t"), (None, None, ("s", "t")), seq_len=512),
+    "seq_two_axes": Case((2, 2), ("s", "t"), (None, None, ("s", "t")), seq_len=256),
     "batch_seq_explicit": Case((2, 2), ("b", "s"), ("b", None, "s"), explicit=True),
     "seq_checkpoint": Case((4,), ("s",), (None, None, "s"), checkpoint=True),
     "seq_chunk_too_large": Case((4,), ("s",), (None, None, "s"), seq_len=64, kwargs=(("chunk_size", 32),),
                                 expect_error="chunk_size=32 does not divide"),
     "seq_saved_states": Case((4,), ("s",), (None, None, "s"), kwargs=(("recompute_states_in_bw", False),),
                              expect_error="recompute_states_in_bw=False cannot be combined"),
-    "seq_saved_states_explicit": Case((4,), ("s",), (None, None, "s"), seq_len=512, explicit=True,
-                                      kwargs=(("recompute_states_in_bw", False),)),
+    # Explicit axes: each shard keeps its own chunk states for the backward (recompute_states_in_bw None)
     "seq_explicit": Case((4,), ("s",), (None, None, "s"), seq_len=512, explicit=True, infinite_gates=True),
 }
 

@@ -43,9 +43,17 @@ def _grads(loss, inputs):
     return dict(zip([GRAD_NAMES[idx] for idx in argnums], jax.grad(loss, argnums=argnums)(*inputs)))
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+# S is padded before any backend runs: the slow interpreter takes one odd length (S37), xla and triton all of them
+_INTERPRETER_SKIPS = ("S1", "S17-chunk+1")
+
+
+def _oracle_params():
+    return [pytest.param(*param.values, shape, id=f"{param.id}-{shape}") for param in _backend_dtype_params()
+            for shape in SHAPES if not (param.values[0] == "interpret" and shape in _INTERPRETER_SKIPS)]
+
+
 @pytest.mark.parametrize("with_initial", [False, True])
-@pytest.mark.parametrize("backend,dtype", _backend_dtype_params())
+@pytest.mark.parametrize("backend,dtype,shape", _oracle_params())
 def test_forward_last_states_and_gradients_match_oracle(backend, dtype, with_initial, shape):
     _skip_without_gpu(backend)
     batch, heads, seq_len, dhqk, dhhv, chunk = SHAPES[shape]

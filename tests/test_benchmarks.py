@@ -145,7 +145,7 @@ def test_tune_stages_offer_the_kernel_defaults():
 def test_tune_smoke_writes_an_entry(tmp_path):
     configs_path = tmp_path / "configs.json"
     command = [sys.executable, "-m", "pallas_mlstm", "tune", "--tune_backend=interpret", "--shapes=tiny",
-               f"--configs_out={configs_path}", "--time_budget_s=30", "--calls=2"]
+               f"--configs_out={configs_path}", "--time_budget_s=10", "--calls=2"]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])}
     finished = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stdout + finished.stderr
