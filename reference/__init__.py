@@ -1,7 +1,7 @@
 """The oracles of pallas_mlstm, in plain jnp: the step-by-step recurrent cell and the quadratic parallel form, and
 the same two of the sigmoid-input-gate cell (mLSTMsig).
 
-Both follow an algorithm other than the chunkwise kernels'. They live in the source tree only (not in the
+Each follows an algorithm other than the chunkwise kernels'. They live in the source tree only (not in the
 installed wheel): the tests and `python -m pallas_mlstm check` compare the library against them.
 """
 
