@@ -23,9 +23,9 @@ def _inputs(name, with_initial, infinite_gates=False):
     return q, k, v, i, f, c0, n0
 
 
-@pytest.mark.parametrize("infinite_gates", [False, True], ids=["finite", "resets"])
-@pytest.mark.parametrize("with_initial", [False, True], ids=["no-initial", "initial"])
-@pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "no-normalize"])
+@pytest.mark.parametrize("normalize,with_initial,infinite_gates", [
+    (True, True, True), (True, False, False), (False, True, False), (False, False, True)],
+    ids=["normalize-initial-resets", "normalize", "initial", "resets"])
 def test_recurrent_and_parallel_agree(normalize, with_initial, infinite_gates):
     """h, the last states and (without normalization, exact for any loss) every gradient, in float64."""
     with jax.enable_x64(True):
