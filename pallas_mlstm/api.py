@@ -16,7 +16,8 @@ from pallas_mlstm.gates import acc_dtype_of
 from pallas_mlstm.gates import pad_steps, reset_at_document_starts
 from pallas_mlstm.launch_defaults import MIN_PALLAS_CHUNK, padding_chunk_size
 from pallas_mlstm.sharding import run_partitioned
-from pallas_mlstm.validation import validate_chunk_size, validate_mlstm_inputs, validate_segment_ids
+from pallas_mlstm.validation import (validate_chunk_size, validate_gate_options, validate_mlstm_inputs,
+                                     validate_segment_ids)
 
 _AUTOCAST_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
@@ -41,15 +42,16 @@ def default_config(backend: str, device: str | DeviceProperties, q_shape: tuple[
     return ChunkwiseConfig()
 
 
-def _empty_outputs(q, v, return_last_states: bool, out_dtype):
+def _empty_outputs(q, v, return_last_states: bool, out_dtype, num_states: int):
     """The outputs of an empty batch or head axis (B·NH = 0): arrays of the right shapes and dtypes."""
     batch, heads, seq_len, dhqk = q.shape
     h = jnp.zeros((batch, heads, seq_len, v.shape[3]), out_dtype)
     if not return_last_states:
         return h
     state_dtype = acc_dtype_of(q.dtype)
-    return h, (jnp.zeros((batch, heads, dhqk, v.shape[3]), state_dtype), jnp.zeros((batch, heads, dhqk), state_dtype),
-               jnp.zeros((batch, heads), state_dtype))
+    states = (jnp.zeros((batch, heads, dhqk, v.shape[3]), state_dtype), jnp.zeros((batch, heads, dhqk), state_dtype),
+              jnp.zeros((batch, heads), state_dtype))
+    return h, states[:num_states]
 
 
 def mlstm_chunkwise(
@@ -72,6 +74,8 @@ def mlstm_chunkwise(
     recompute_states_in_bw: bool | None = None,
     segment_len: int | None = None,
     segment_ids: jax.Array | None = None,  # (B, S) int
+    input_gate: str = "exponential",
+    normalize: bool = True,
 ):
     """The mLSTM cell over a sequence, chunkwise (TFLA), differentiable through a custom VJP.
 
@@ -88,6 +92,12 @@ def mlstm_chunkwise(
     state constant (exact for the head-normalised outputs of an mLSTM block; see README); first-order
     reverse mode only (jax.grad, jax.vjp), no jax.jvp / jax.jacfwd or second derivatives.
 
+    `input_gate` picks the cell: "exponential" (mLSTMexp, the xLSTM default: input gate e^ĩ, states (C, n, m)
+    with the max state m) or "sigmoid" (mLSTMsig of the TFLA paper: input gate σ(ĩ), states (C, n), bounded, no
+    max state). With the sigmoid gate, m_initial is an error and `return_last_states` gives `(c_last, n_last)`;
+    `normalize=False` (sigmoid only) returns h = (s q)ᵀC without the denominator max(|(s q)ᵀn|, 1) + eps, and
+    its gradients are then exact for any loss.
+
     `segment_len` bounds memory on long sequences: forward and backward run over segments of that many steps
     in turn (a multiple of the chunk size that divides S), so that the chunk states and their gradients exist
     for one segment at a time; the result is the same up to rounding. None: `default_segment_len` (one pass up
@@ -103,6 +113,11 @@ def mlstm_chunkwise(
     segment's initial states are kept, and the backward recomputes the rest per segment).
     """
     batch, heads, seq_len, _, _ = validate_mlstm_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
+    validate_gate_options(input_gate, normalize)
+    if input_gate == "sigmoid" and m_initial is not None:
+        raise ValueError("m_initial is not a state of the sigmoid input gate: its states are (C, n), bounded and "
+                         "unstabilised; drop m_initial (fold e^m into c_initial and n_initial if it came from "
+                         "an exponential-gate run).")
     backend = resolve_backend(backend)
     out_dtype = q.dtype
     if autocast_kernel_dtype is not None:
@@ -141,7 +156,7 @@ def mlstm_chunkwise(
     if segment_ids is not None:
         validate_segment_ids(segment_ids, batch, seq_len)
     if batch * heads == 0:
-        return _empty_outputs(q, v, return_last_states, out_dtype)
+        return _empty_outputs(q, v, return_last_states, out_dtype, 3 if input_gate == "exponential" else 2)
 
     state_dtype = acc_dtype_of(q.dtype)  # gates and states: float32, float64 for float64 operands
     i, f, c_initial, n_initial, m_initial = (None if x is None else x.astype(state_dtype)
@@ -159,6 +174,8 @@ def mlstm_chunkwise(
         allow_tf32=bool(allow_tf32),
         launch=config.launch_items(),
         segment_len=None if segment_len is None else int(segment_len),
+        input_gate=input_gate,
+        normalize=bool(normalize),
     )
     try:
         out = run_partitioned(static, q, k, v, i, f, c_initial, n_initial, m_initial)
@@ -167,6 +184,8 @@ def mlstm_chunkwise(
             raise
         raise ValueError(HIGHER_ORDER_MESSAGE.format(what="forward-mode differentiation (jax.jvp, jax.jacfwd)")) from None
     h, last_states = out if return_last_states else (out, None)
+    if return_last_states and input_gate == "sigmoid":
+        last_states = last_states[:2]  # (c, n): the kernels' m stayed 0
     h = h[:, :, :seq_len].astype(out_dtype)
     return (h, last_states) if return_last_states else h
 

@@ -19,11 +19,12 @@ from pallas_mlstm.gates import (
     chunked,
     compute_chunkwise_log_gates_vecB_vecA,
     compute_chunkwise_reset_gates,
+    input_gate_gradient,
     unchunked,
 )
 from pallas_mlstm.launch_defaults import MIN_PALLAS_CHUNK, default_chunk_size
 from pallas_mlstm.states import split_states
-from pallas_mlstm.validation import validate_chunk_size
+from pallas_mlstm.validation import validate_chunk_size, validate_gate_options
 
 
 def _chunk_sizes(seq_len: int, chunk_size_inter, chunk_size_intra, backend: str) -> tuple[int, int]:
@@ -36,6 +37,11 @@ def _chunk_sizes(seq_len: int, chunk_size_inter, chunk_size_intra, backend: str)
     if intra % inter:
         raise ValueError(f"chunk_size_intra={intra} must be a multiple of chunk_size_inter={inter}.")
     return inter, intra
+
+
+def denominator_eps(eps: float, normalize: bool) -> float:
+    """The eps added to the denominator: none with normalize=False, where h = q̄·C has no denominator."""
+    return eps if normalize else 0.0
 
 
 def mlstm_chunkwise_fw(
@@ -66,15 +72,20 @@ def mlstm_chunkwise_fw(
     backend: str | None = None,
     allow_tf32: bool = False,
     states_dtype=None,
+    input_gate: str = "exponential",
+    normalize: bool = True,
 ):
     """Chunkwise forward: (matH_out, vecN_out, vecM_out, last_states | None, all_states | None).
 
     Upstream's arguments, plus `backend` ("triton", "interpret", "xla", or None: triton on a GPU, xla
     otherwise), `allow_tf32` and `states_dtype` (None: float32; bfloat16 stores the C states of
-    all_states in the dtype the kernels' matmuls round them to, last_states stay float32).
+    all_states in the dtype the kernels' matmuls round them to, last_states stay float32), and the cell:
+    `input_gate` "exponential" (mLSTMexp, upstream's) or "sigmoid" (mLSTMsig: σ(ĩ) as input gate, m not tracked,
+    every m state is the initial one), with `normalize` (sigmoid only: False returns h = q̄·C, eps unused).
     chunk_size_intra defaults to the largest power of 2 <= 128 dividing S, chunk_size_inter to
     chunk_size_intra; launch fields left None take each kernel's measured default.
     """
+    validate_gate_options(input_gate, normalize)
     backend = resolve_backend(backend)
     kernels = kernel_set(backend, allow_tf32)
     seq_len, dhqk = matQ.shape[2], matQ.shape[3]
@@ -84,13 +95,13 @@ def mlstm_chunkwise_fw(
     matC_all, vecN_all, scaM_all, *matC_last = kernels.recurrent_fw_C(
         matK, matV, vecF, vecI, matC_initial, vecN_initial, scaM_initial,
         chunk_size=inter, num_stages=num_stages_inter, num_warps=num_warps_inter,
-        save_states_every_nth_chunk=intra // inter, states_dtype=states_dtype,
+        save_states_every_nth_chunk=intra // inter, states_dtype=states_dtype, input_gate=input_gate,
     )
     matH_out, vecN_out, vecM_out = kernels.parallel_fw_Hintra(
         matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all,
         qk_scale=qk_scale, chunk_size=intra, siz_b_LQ=siz_b_L_parallel, siz_b_LKV=siz_b_L_loop,
         siz_b_DHQK=siz_b_DH_loop, siz_b_DHHV=siz_b_DH_parallel, num_warps=num_warps_intra,
-        num_stages=num_stages_intra, eps=eps, output_dtype=output_dtype,
+        num_stages=num_stages_intra, eps=eps, output_dtype=output_dtype, input_gate=input_gate, normalize=normalize,
     )
     last_states = None
     if return_last_states:
@@ -118,6 +129,7 @@ class _BwLaunch:
     num_stages_intra: int | None
     num_stages_inter: int | None
     states_dtype: Any
+    input_gate: str
 
 
 def _kernel_chain_bw(launch: _BwLaunch, matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all, vecN_out,
@@ -133,12 +145,13 @@ def _kernel_chain_bw(launch: _BwLaunch, matQ, matK, matV, vecI, vecF, matC_all, 
     )
     dhqk = matQ.shape[-1]
     matDeltaC_first = matDeltaC_first[0] if matDeltaC_first else matDeltaC_states[:, :, :dhqk, :]
-    _, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, launch.intra)
+    _, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, launch.intra, input_gate=launch.input_gate)
     vecB, vecR = compute_chunkwise_reset_gates(vecF, launch.intra)  # finite across hard resets, and where they are
     shared = (matQ, matK, matV, vecI, vecA, vecB, matC_all, vecN_all, scaM_all, vecN_out, vecM_out,
               matDeltaH, matDeltaC_states)
     common = dict(qk_scale=launch.qk_scale, chunk_size=launch.intra, num_warps=launch.num_warps_intra,
-                  num_stages=launch.num_stages_intra, eps=launch.eps, output_dtype=matQ.dtype, vecR=vecR)
+                  num_stages=launch.num_stages_intra, eps=launch.eps, output_dtype=matQ.dtype, vecR=vecR,
+                  input_gate=launch.input_gate)
     l_parallel, l_loop = launch.siz_b_L_parallel, launch.siz_b_L_loop
     dh_parallel, dh_loop = launch.siz_b_DH_parallel, launch.siz_b_DH_loop
     matDeltaV = kernels.parallel_bw_dV(*shared, siz_b_LQ=l_loop, siz_b_LKV=l_parallel, siz_b_DHQK=dh_loop,
@@ -154,10 +167,10 @@ def _kernel_chain_bw(launch: _BwLaunch, matQ, matK, matV, vecI, vecF, matC_all, 
     return matDeltaC_first, scaCdC_states, matDeltaQ, matDeltaK, matDeltaV, vecQdQ, vecKdK
 
 
-def _last_n_cotangent(vecI, vecF, matK, scaM_all, vecDeltaN_last, intra: int):
+def _last_n_cotangent(vecI, vecF, matK, scaM_all, vecDeltaN_last, intra: int, input_gate: str):
     """The n states feed only the last n state: dN_k = e^{Σ_{r>k} g_r + m_k − m_NC} dN_last for every boundary k,
     (B, NH, NC+1, DHQK), and the part of dK it adds, (B, NH, S, DHQK) float32."""
-    vecB, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, intra)
+    vecB, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, intra, input_gate=input_gate)
     dtype = vecB.dtype
     scaG = vecB[..., -1]  # (B, NH, NC), −∞ for a chunk with a hard reset
     g_after = jnp.cumsum(jnp.concatenate([scaG, jnp.zeros_like(scaG[..., :1])], -1)[..., ::-1], -1)[..., ::-1]
@@ -234,34 +247,40 @@ def mlstm_chunkwise_bw(
     backend: str | None = None,
     allow_tf32: bool = False,
     states_dtype=None,
+    input_gate: str = "exponential",
+    normalize: bool = True,
 ):
     """Chunkwise backward: (dQ, dK, dV, dI, dF, dC_initial, dN_initial, dM_initial).
 
     Upstream's arguments, plus `vecDeltaN_last` (a cotangent on the last n state), `scaM_last_frame` (the m
     that matDeltaC_last and vecDeltaN_last are stabilised by, as the gradients of C·e^{−m}, n·e^{−m}; None: the
     last state's own, as upstream), and `backend`,
-    `allow_tf32` and `states_dtype` (of the C and dC state buffers) as in `mlstm_chunkwise_fw`. den and m are held constant (docs/math.md §4). Unlike
+    `allow_tf32`, `states_dtype` (of the C and dC state buffers), `input_gate` and `normalize` as in
+    `mlstm_chunkwise_fw` (with the sigmoid gate dI is the gradient of the pre-activation ĩ). den and m are held constant (docs/math.md §4). Unlike
     upstream, the gradient of scaM_initial is exact, df̃ includes the end-state terms <dC_last, C_last> +
     <dN_last, n_last>, and `vecDeltaN_last` is propagated. Missing states / outputs are recomputed.
     """
     if matDeltaH is None:
         raise ValueError("matDeltaH (the gradient of the output h, (B, NH, S, DHHV)) is required.")
+    validate_gate_options(input_gate, normalize)
     backend = resolve_backend(backend)
     seq_len, dhqk = matQ.shape[2], matQ.shape[3]
     inter, intra = _chunk_sizes(seq_len, chunk_size_inter, chunk_size_intra, backend)
     launch = _BwLaunch(kernel_set(backend, allow_tf32), inter, intra, dhqk**-0.5 if qk_scale is None else qk_scale,
-                       eps, siz_b_L_parallel, siz_b_L_loop, siz_b_DH_parallel, siz_b_DH_loop, num_warps_intra,
-                       num_warps_inter, num_stages_intra, num_stages_inter, states_dtype)
+                       denominator_eps(eps, normalize), siz_b_L_parallel, siz_b_L_loop, siz_b_DH_parallel,
+                       siz_b_DH_loop, num_warps_intra, num_warps_inter, num_stages_intra, num_stages_inter,
+                       states_dtype, input_gate)
     if matC_all is None or vecN_all is None or scaM_all is None:
         matC_all, vecN_all, scaM_all, *_ = launch.kernels.recurrent_fw_C(
             matK, matV, vecF, vecI, matC_initial, vecN_initial, scaM_initial, chunk_size=inter,
             num_stages=num_stages_inter, num_warps=num_warps_inter, save_states_every_nth_chunk=intra // inter,
-            states_dtype=states_dtype)
+            states_dtype=states_dtype, input_gate=input_gate)
     if vecN_out is None or vecM_out is None:
         _, vecN_out, vecM_out = launch.kernels.parallel_fw_Hintra(
             matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all, qk_scale=launch.qk_scale, chunk_size=intra,
             siz_b_LQ=siz_b_L_parallel, siz_b_LKV=siz_b_L_loop, siz_b_DHQK=siz_b_DH_loop,
-            siz_b_DHHV=siz_b_DH_parallel, num_warps=num_warps_intra, num_stages=num_stages_intra, eps=eps)
+            siz_b_DHHV=siz_b_DH_parallel, num_warps=num_warps_intra, num_stages=num_stages_intra, eps=eps,
+            input_gate=input_gate, normalize=normalize)
 
     if scaM_last_frame is not None:  # into the frame of the last state: e^{m_NC − frame}
         rescale = jnp.exp(scaM_all[..., -1] - scaM_last_frame.astype(scaM_all.dtype))  # (B, NH)
@@ -274,10 +293,10 @@ def mlstm_chunkwise_bw(
         matDeltaC_last)
     vecDeltaN_states = None
     if vecDeltaN_last is not None:
-        vecDeltaN_states, dk_from_n = _last_n_cotangent(vecI, vecF, matK, scaM_all, vecDeltaN_last, intra)
+        vecDeltaN_states, dk_from_n = _last_n_cotangent(vecI, vecF, matK, scaM_all, vecDeltaN_last, intra, input_gate)
         vecKdK = vecKdK + jnp.sum(matK.astype(dk_from_n.dtype) * dk_from_n, axis=-1)
         matDeltaK = (matDeltaK.astype(dk_from_n.dtype) + dk_from_n).astype(matDeltaK.dtype)
-    vecDeltaI = vecKdK
+    vecDeltaI = input_gate_gradient(vecKdK, vecI, input_gate)  # vecKdK: the gradient of the log input gate
     vecDeltaF = _forget_gate_gradient(vecF, vecQdQ, vecKdK, scaCdC_states, vecDeltaN_states, vecN_all, dhqk, intra)
     initial_grads = _initial_state_gradients(matDeltaC_first, vecDeltaN_states, matC_initial, vecN_initial,
                                              scaM_initial, vecDeltaI.dtype)
@@ -299,6 +318,8 @@ class ChunkwiseStatic:
     allow_tf32: bool = False
     launch: tuple[tuple[str, Any], ...] = ()  # launch fields of mlstm_chunkwise_fw / _bw (ChunkwiseConfig)
     segment_len: int | None = None  # steps per segment (pallas_mlstm.segments); None: one pass
+    input_gate: str = "exponential"  # or "sigmoid" (mLSTMsig)
+    normalize: bool = True  # False (sigmoid only): h = q̄·C
 
 
 def state_buffer_dtype(input_dtype):
@@ -312,4 +333,4 @@ def fw_bw_kwargs(static: ChunkwiseStatic, input_dtype):
     """The keyword arguments of `mlstm_chunkwise_fw` / `_bw` for one call on inputs of `input_dtype`."""
     return dict(chunk_size_inter=static.chunk_size, chunk_size_intra=static.chunk_size, eps=static.eps,
                 backend=static.backend, allow_tf32=static.allow_tf32, states_dtype=state_buffer_dtype(input_dtype),
-                **dict(static.launch))
+                input_gate=static.input_gate, normalize=static.normalize, **dict(static.launch))

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_mlstm.gates import MIN_LOG_SCALE, acc_dtype_of
+from pallas_mlstm.gates import MIN_LOG_SCALE, acc_dtype_of, log_input_gate, tracks_max_state
 
 
 def _weighted_outer_sum(a, weights, b):
@@ -50,13 +50,15 @@ def _log_forget(vecF):
     return jax.nn.log_sigmoid(vecF.astype(acc_dtype_of(vecF.dtype)))  # (B, NH, L), −∞ at hard resets
 
 
-def shard_end_state(matK, matV, vecI, vecF):
+def shard_end_state(matK, matV, vecI, vecF, input_gate: str):
     """The end state of a shard's steps from a zero state: (C (B, NH, DHQK, DHHV), n (B, NH, DHQK), m (B, NH)),
-    stabilised as the kernels' states are (the true state is C·e^m), and the shard's total log decay g (B, NH)."""
+    stabilised as the kernels' states are (the true state is C·e^m), and the shard's total log decay g (B, NH).
+    With the sigmoid input gate, ĩ above is log σ(ĩ) (`log_input_gate`)."""
     log_f = _log_forget(vecF)
     # Σ_{u>t} log σ(f̃_u), summed from the end (never a difference of cumulative sums: −∞ at resets)
     log_f_after = jnp.concatenate([log_f[..., 1:], jnp.zeros_like(log_f[..., :1])], axis=-1)
-    log_weight = jnp.cumsum(log_f_after[..., ::-1], axis=-1)[..., ::-1] + vecI.astype(log_f.dtype)  # (B, NH, L)
+    log_i = log_input_gate(vecI, input_gate).astype(log_f.dtype)
+    log_weight = jnp.cumsum(log_f_after[..., ::-1], axis=-1)[..., ::-1] + log_i  # (B, NH, L)
     scaM = jnp.maximum(jnp.max(log_weight, axis=-1), MIN_LOG_SCALE)  # (B, NH)
     weights = jnp.exp(log_weight - scaM[..., None])  # (B, NH, L), <= 1
     matC, vecN = _weighted_outer_sum(matK, weights, matV)  # (B, NH, DHQK, DHHV), (B, NH, DHQK)
@@ -111,12 +113,13 @@ def _then(earlier, later):
             scale_a[..., None] * n_a + scale_b[..., None] * n_b, m, g_a + g_b)
 
 
-def incoming_states(seq_axes, num_shards: int, end_states, initial_states):
+def incoming_states(seq_axes, num_shards: int, end_states, initial_states, input_gate: str):
     """(C, n, m) at the start of this sequence shard, in the states' dtype.
 
     end_states: this shard's `shard_end_state` (C, n, m, g); initial_states: the op's (C, n, m) initial states,
     None where not given. The shards before this one, in turn, from the initial state (from a zero state with
-    m = 0 where none is given, as the kernels start).
+    m = 0 where none is given, as the kernels start). Where the kernels track no max state (the sigmoid gate:
+    their m stays at the initial one), the state comes in its true scale, m = 0: bounded, as every weight <= 1.
     """
     matC, vecN, scaM, scaG = end_states
     identity = (jnp.zeros_like(matC), jnp.zeros_like(vecN), jnp.full_like(scaM, MIN_LOG_SCALE), jnp.zeros_like(scaG))
@@ -126,6 +129,9 @@ def incoming_states(seq_axes, num_shards: int, end_states, initial_states):
                identity[1] if n_initial is None else n_initial.astype(vecN.dtype),
                jnp.zeros_like(scaM) if m_initial is None else m_initial.astype(scaM.dtype), jnp.zeros_like(scaG))
     c_in, n_in, m_in, _ = _then(initial, before)
+    if not tracks_max_state(input_gate):
+        scale = jnp.exp(m_in)  # (B, NH)
+        return scale[..., None, None] * c_in, scale[..., None] * n_in, jnp.zeros_like(m_in)
     return c_in, n_in, jnp.maximum(m_in, MIN_LOG_SCALE)
 
 

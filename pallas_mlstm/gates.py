@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from pallas_mlstm.validation import validate_chunk_size
+from pallas_mlstm.validation import validate_chunk_size, validate_gate_options
 
 # Floor of the max state m. m only falls to it when every term of a state is e^{−∞} (a reset followed by
 # tokens that write nothing): the state is then exactly zero, and a finite m keeps exp(x − m) free of −∞ + ∞.
@@ -23,6 +23,27 @@ MIN_LOG_SCALE = -1e30
 def acc_dtype_of(dtype) -> jnp.dtype:
     """The dtype of accumulators, gates and states for inputs of `dtype` (float32 or float64)."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def log_input_gate(vecI: jax.Array, input_gate: str = "exponential") -> jax.Array:
+    """The log of the input gate, the ĩ every kernel uses, in float32 (float64 for float64 gates): ĩ itself for
+    the exponential gate (mLSTMexp), log σ(ĩ) for the sigmoid gate (mLSTMsig); −∞ where ĩ = −∞ either way."""
+    validate_gate_options(input_gate)
+    vecI = vecI.astype(acc_dtype_of(vecI.dtype))
+    return vecI if input_gate == "exponential" else jax.nn.log_sigmoid(vecI)
+
+
+def input_gate_gradient(vecDeltaLogI: jax.Array, vecI: jax.Array, input_gate: str) -> jax.Array:
+    """The gradient of the pre-activation ĩ from that of `log_input_gate`: × σ(−ĩ) for the sigmoid gate."""
+    if input_gate == "exponential":
+        return vecDeltaLogI
+    return vecDeltaLogI * jax.nn.sigmoid(-vecI.astype(vecDeltaLogI.dtype))
+
+
+def tracks_max_state(input_gate: str) -> bool:
+    """Whether the kernels track the max state m. The sigmoid gate's log weights are all <= 0, so its states
+    are bounded and need no stabiliser: m stays at its initial value (0 when none is given) in every kernel."""
+    return input_gate == "exponential"
 
 
 def chunked(x: jax.Array, chunk_size: int) -> jax.Array:
@@ -50,9 +71,12 @@ def compute_chunkwise_log_gates_vecB_vecA(
     vecF: jax.Array,  # (B, NH, S)
     chunk_size: int,
     return_vecB_only: bool = False,
+    *,
+    input_gate: str = "exponential",
 ):
     """In-chunk log gates: vecB = inclusive cumsum of log σ(f̃), vecA = reverse exclusive cumsum + ĩ.
 
+    ĩ is `log_input_gate(vecI, input_gate)`: vecI itself for the exponential gate, log σ(vecI) for the sigmoid one.
     Both (B, NH, NC, L) in float32 (float64 for float64 gates); vecA is summed from the chunk end, never
     formed as g − b + ĩ. From a hard reset on, vecB is −∞ (the chunk's start state no longer reaches
     those tokens); vecA is −∞ for tokens before the chunk's last reset. With `return_vecB_only`, vecB alone.
@@ -64,7 +88,7 @@ def compute_chunkwise_log_gates_vecB_vecA(
     log_f = chunk_log_forget(vecF, chunk_size)
     # Σ_{r > j} log σ(f̃_r): a reverse cumsum shifted by one position
     log_f_after = jnp.concatenate([log_f[..., 1:], jnp.zeros_like(log_f[..., :1])], axis=-1)
-    vecA = jnp.cumsum(log_f_after[..., ::-1], axis=-1)[..., ::-1] + chunked(vecI.astype(log_f.dtype), chunk_size)
+    vecA = jnp.cumsum(log_f_after[..., ::-1], axis=-1)[..., ::-1] + chunked(log_input_gate(vecI, input_gate).astype(log_f.dtype), chunk_size)
     return vecB, vecA
 
 
@@ -100,12 +124,17 @@ def compute_chunkwise_vecM(
     vecR: jax.Array,  # (B, NH, NC, L) int32
     vecI: jax.Array,  # (B, NH, S)
     scaM_all: jax.Array,  # (B, NH, NC+1)
+    *,
+    input_gate: str = "exponential",
 ) -> jax.Array:  # vecM_out (B, NH, S)
     """The in-chunk running log-max m_t = max(b_t + m_{k-1}, max_{vecR_t <= j <= t} (b_t − b_j + ĩ_j)).
 
-    The first term only where the chunk's start state reaches t (vecR_t = −1); floored at MIN_LOG_SCALE.
+    The first term only where the chunk's start state reaches t (vecR_t = −1); floored at MIN_LOG_SCALE. With
+    the sigmoid gate m is not tracked (`tracks_max_state`): m_t is the chunk's start m.
     """
-    vecI = chunked(vecI.astype(vecB.dtype), vecB.shape[-1])
+    if not tracks_max_state(input_gate):
+        return unchunked(jnp.broadcast_to(scaM_all[..., :-1, None].astype(vecB.dtype), vecB.shape))
+    vecI = chunked(log_input_gate(vecI, input_gate).astype(vecB.dtype), vecB.shape[-1])
     position = lax.broadcasted_iota(jnp.int32, vecR.shape, vecR.ndim - 1)
     running_max = _segment_max(vecI - vecB, vecR == position)  # max over the keys since the last reset
     m_prev = jnp.where(vecR < 0, scaM_all[..., :-1, None].astype(vecB.dtype), -jnp.inf)

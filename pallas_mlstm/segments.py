@@ -117,7 +117,8 @@ def segment_starts(static: ChunkwiseStatic, segment_len: int, k, v, i, f, states
         states, starts = carry
         c_all, n_all, m_all = kernels.recurrent_fw_C(
             *(_segment(x, index, segment_len) for x in (k, v, f, i)), *states, chunk_size=static.chunk_size,
-            num_stages=launch.get("num_stages_inter"), num_warps=launch.get("num_warps_inter"))
+            num_stages=launch.get("num_stages_inter"), num_warps=launch.get("num_warps_inter"),
+            input_gate=static.input_gate)
         last_states = (c_all[:, :, -dhqk:, :], n_all[:, :, -dhqk:], m_all[:, :, -1])
         return tuple(x.astype(s.dtype) for x, s in zip(last_states, states)), _put_start(starts, states, index)
 

@@ -28,7 +28,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallas_mlstm import context_parallel
-from pallas_mlstm.chunkwise import ChunkwiseStatic
+from pallas_mlstm.chunkwise import ChunkwiseStatic, denominator_eps
 from pallas_mlstm.op import chunkwise_backward, chunkwise_forward, first_order_only, run_chunkwise
 from pallas_mlstm.segments import segment_len_of
 from pallas_mlstm.gates import acc_dtype_of
@@ -132,8 +132,9 @@ def _fwd_body(static, present, placement, *arrays):
     A sequence shard first gets the state it starts from (pallas_mlstm.context_parallel)."""
     q, k, v, i, f, c0, n0, m0 = _fill(present, arrays)
     if placement.seq:
-        end_state = context_parallel.shard_end_state(k, v, i, f)
-        c0, n0, m0 = context_parallel.incoming_states(placement.seq, placement.seq_shards, end_state, (c0, n0, m0))
+        end_state = context_parallel.shard_end_state(k, v, i, f, static.input_gate)
+        c0, n0, m0 = context_parallel.incoming_states(placement.seq, placement.seq_shards, end_state, (c0, n0, m0),
+                                                      static.input_gate)
     out, residuals = chunkwise_forward(static, q, k, v, i, f, c0, n0, m0)
     saved_states, n_out, m_out = residuals[-3:]
     if placement.seq and static.segment_len is not None and not placement.keeps_segment_starts:
@@ -159,20 +160,21 @@ def _bwd_body(static, present, placement, *arrays):
 
     q, k, v, i, f, c0, n0, m0 = primals
     me = lax.axis_index(placement.seq)
-    end_state = context_parallel.shard_end_state(k, v, i, f)
+    end_state = context_parallel.shard_end_state(k, v, i, f, static.input_gate)
     if saved_states is not None and (static.segment_len is None or placement.keeps_segment_starts):
         # this shard's own chunk states or segment starts, from its start state
         states_in = (c0, n0, m0)  # read only for the initial states' gradients, which are the first shard's
     else:
         saved_states = None  # recomputed from the start state (Auto axes: `_unsaved_segment_starts`)
-        states_in = context_parallel.incoming_states(placement.seq, placement.seq_shards, end_state, (c0, n0, m0))
+        states_in = context_parallel.incoming_states(placement.seq, placement.seq_shards, end_state, (c0, n0, m0),
+                                                     static.input_gate)
     dc_last, dn_last, m_last = last if static.return_last_states else (None, None, None)
     # the frame of this shard's end-state gradient: its last step's m (the last shard's: the op's last m)
     frame = m_out[..., -1].astype(end_state[2].dtype)
     if m_last is not None:
         frame = jnp.where(me == placement.seq_shards - 1, m_last.astype(frame.dtype), frame)
     start_gradient = context_parallel.shard_start_state_gradient(q, f, n_out, m_out, dh, q.shape[-1] ** -0.5,
-                                                                 static.eps)
+                                                                 denominator_eps(static.eps, static.normalize))
     d_end = context_parallel.outgoing_state_gradients(
         placement.seq, placement.seq_shards, start_gradient, end_state[3], frame,
         (dc_last, dn_last, frame if m_last is None else m_last))

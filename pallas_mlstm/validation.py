@@ -54,6 +54,23 @@ def validate_mlstm_inputs(q, k, v, i, f, c_initial=None, n_initial=None, m_initi
     return batch, heads, seq_len, dhqk, dhhv
 
 
+INPUT_GATES = ("exponential", "sigmoid")
+
+
+def validate_gate_options(input_gate, normalize=True) -> None:
+    """Checks the input-gate variant ("exponential": mLSTMexp, "sigmoid": mLSTMsig) and `normalize`, a bool
+    that only the sigmoid gate may turn off (the exponential gate's states are unbounded without the normaliser)."""
+    if input_gate not in INPUT_GATES:
+        raise ValueError(f"input_gate must be one of {INPUT_GATES}; got {input_gate!r}.")
+    if not isinstance(normalize, (bool, np.bool_)):
+        raise ValueError(f"normalize must be a bool; got {normalize!r}.")
+    if not normalize and input_gate == "exponential":
+        raise ValueError(
+            "normalize=False needs input_gate='sigmoid': with the exponential input gate the states grow without "
+            "bound and h is only defined normalised; drop normalize, or pass input_gate='sigmoid'."
+        )
+
+
 def validate_chunk_size(chunk_size, seq_len, *, name="chunk_size", minimum=1) -> int:
     """Checks that chunk_size (an int, NumPy integers too) is a power of 2, at least `minimum`, and divides
     seq_len (unless seq_len is None); returns it as a Python int."""

@@ -26,8 +26,11 @@ from pallas_mlstm.gates import (
     compute_chunkwise_reset_gates,
     compute_chunkwise_vecB,
     compute_chunkwise_vecM,
+    log_input_gate,
+    tracks_max_state,
     unchunked,
 )
+from pallas_mlstm.validation import validate_gate_options
 from pallas_mlstm.states import join_states, split_states
 
 
@@ -60,19 +63,22 @@ def mlstm_chunkwise__recurrent_fw_C(
     siz_b_DHQK: int | None = None,
     siz_b_DHHV: int | None = None,
     states_dtype=None,
+    input_gate: str = "exponential",
 ):
     """States at every chunk boundary: (matC_states, vecN_states, scaMinter_states), index 0 = initial.
 
     Shapes (B, NH, (NC+1)*DHQK, DHHV), (B, NH, (NC+1)*DHQK), (B, NH, NC+1) with NC = S / (chunk_size
     · save_states_every_nth_chunk): saving every n-th state of chunk L is the state sequence of chunk n·L.
     A narrower `states_dtype` stores matC_states in it and adds the last C state at full precision.
+    `input_gate` "sigmoid": σ(ĩ) as input gate, m not tracked (stays at its initial value).
     """
     del num_stages, num_warps, siz_b_DHQK, siz_b_DHHV
     batch, heads, seq_len, dhqk = matK.shape
     dhhv = matV.shape[-1]
     chunk_size = chunk_size * save_states_every_nth_chunk
     dtype = acc_dtype_of(matK.dtype)
-    _, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk_size)
+    _, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk_size, input_gate=input_gate)
+    tracks_max = tracks_max_state(input_gate)
     scaG = jnp.sum(chunk_log_forget(vecF, chunk_size), axis=-1)  # (B, NH, NC)
 
     c = jnp.zeros((batch, heads, dhqk, dhhv), dtype) if matC_initial is None else matC_initial.astype(dtype)
@@ -82,7 +88,7 @@ def mlstm_chunkwise__recurrent_fw_C(
     def chunk_step(carry, xs):
         c, n, m = carry
         k, v, a, g = xs  # (B, NH, L, DHQK), (B, NH, L, DHHV), (B, NH, L), (B, NH)
-        m_next = chunk_max_state(g, m, a)
+        m_next = chunk_max_state(g, m, a) if tracks_max else m
         decay = jnp.exp(g + m - m_next)
         k_weighted = k.astype(dtype) * jnp.exp(a - m_next[..., None])[..., None]
         c_next = decay[..., None, None] * c + _einsum("bhld,bhle->bhde", k_weighted, v, matK.dtype)
@@ -120,16 +126,21 @@ def mlstm_chunkwise__parallel_fw_Hintra(
     num_stages: int | None = None,
     eps: float = 1e-6,
     output_dtype=jnp.float32,
+    *,
+    input_gate: str = "exponential",
+    normalize: bool = True,
 ):
     """Outputs of every chunk from its start state: (matH_out (B,NH,S,DHHV), vecN_out (B,NH,S), vecM_out (B,NH,S)).
 
-    vecN_out is the denominator max(|q̄·n + Σ S|, e^{-m}) and vecM_out the running log-max m_t.
+    vecN_out is the denominator max(|q̄·n + Σ S|, e^{-m}) and vecM_out the running log-max m_t. `input_gate`
+    "sigmoid": σ(ĩ) as input gate, m not tracked; there `normalize=False` gives h = q̄·C, vecN_out = e^{−m}.
     """
     del siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, num_warps, num_stages
+    validate_gate_options(input_gate, normalize)
     dhqk = matQ.shape[-1]
     qk_scale = dhqk**-0.5 if qk_scale is None else qk_scale
     vecB, vecR = compute_chunkwise_reset_gates(vecF, chunk_size)  # (B, NH, NC, L)
-    vecM_out = compute_chunkwise_vecM(vecB, vecR, vecI, scaM_all)
+    vecM_out = compute_chunkwise_vecM(vecB, vecR, vecI, scaM_all, input_gate=input_gate)
     dtype = vecB.dtype
     q, k, v = (chunked(x, chunk_size) for x in (matQ, matK, matV))  # (B, NH, NC, L, D)
     m = chunked(vecM_out, chunk_size)  # (B, NH, NC, L)
@@ -137,14 +148,18 @@ def mlstm_chunkwise__parallel_fw_Hintra(
     c_prev = split_states(matC_all, dhqk)[:, :, :-1]  # (B, NH, NC, DHQK, DHHV)
     n_prev = split_states(vecN_all, dhqk)[:, :, :-1].astype(dtype)  # (B, NH, NC, DHQK)
 
-    decay = _intra_chunk_decay(vecB, vecR, chunked(vecI, chunk_size), m)  # (B, NH, NC, L, L)
+    decay = _intra_chunk_decay(vecB, vecR, chunked(log_input_gate(vecI, input_gate), chunk_size), m)  # (B, NH, NC, L, L)
     scores = _einsum("bhcld,bhcjd->bhclj", q, k, matQ.dtype) * qk_scale * decay
     q_inter_scale = qk_scale * _inter_chunk_decay(vecB, vecR, m_prev, m)  # (B, NH, NC, L)
     num = _einsum("bhcld,bhcde->bhcle", q, c_prev, matQ.dtype) * q_inter_scale[..., None]
     num += _einsum("bhclj,bhcje->bhcle", scores, v, matQ.dtype)
     den = jnp.sum(q.astype(dtype) * n_prev[..., None, :], axis=-1) * q_inter_scale + jnp.sum(scores, axis=-1)
-    den = jnp.maximum(jnp.abs(den), jnp.exp(-m))
-    matH_out = num / (den + eps)[..., None]
+    if normalize:
+        den = jnp.maximum(jnp.abs(den), jnp.exp(-m))
+        matH_out = num / (den + eps)[..., None]
+    else:  # h = q̄ C: e^{−m} only undoes the states' scale
+        den = jnp.exp(-m)
+        matH_out = num / den[..., None]
     return unchunked(matH_out).astype(output_dtype), unchunked(den), vecM_out
 
 
@@ -224,7 +239,7 @@ def mlstm_chunkwise__recurrent_bw_dC(
 
 
 def _parallel_bw_common(matQ, vecI, vecB, vecA, vecR, matC_all, scaM_all, vecN_out, vecM_out, matDeltaH,
-                        matDeltaC_states, qk_scale, chunk_size, eps):
+                        matDeltaC_states, qk_scale, chunk_size, eps, input_gate):
     """Per-chunk quantities the three parallel backward twins share (vecR None: no hard resets)."""
     dhqk = matQ.shape[-1]
     dtype = vecB.dtype
@@ -232,7 +247,7 @@ def _parallel_bw_common(matQ, vecI, vecB, vecA, vecR, matC_all, scaM_all, vecN_o
     vecR = jnp.full(vecB.shape, -1, jnp.int32) if vecR is None else vecR
     return dict(
         qk_scale=dhqk**-0.5 if qk_scale is None else qk_scale,
-        decay=_intra_chunk_decay(vecB, vecR, chunked(vecI, chunk_size), m),  # (B, NH, NC, L, L)
+        decay=_intra_chunk_decay(vecB, vecR, chunked(log_input_gate(vecI, input_gate), chunk_size), m),  # (B, NH, NC, L, L)
         q_inter=_inter_chunk_decay(vecB, vecR, scaM_all[..., :-1, None].astype(dtype), m),  # (B, NH, NC, L)
         k_inter=jnp.exp(vecA - scaM_all[..., 1:, None].astype(dtype)),  # (B, NH, NC, L)
         dh_bar=chunked(matDeltaH, chunk_size) / (chunked(vecN_out, chunk_size) + eps)[..., None],
@@ -253,7 +268,8 @@ _PARALLEL_BW_DOC = """
     Args follow `mlstm_chunkwise__parallel_bw_dV` of the upstream Triton kernels: the forward inputs, the
     chunk gates vecA / vecB (B, NH, NC, L), the forward states and outputs (vecN_out is the denominator,
     vecM_out the running log-max), matDeltaH (B, NH, S, DHHV) and matDeltaC_states (B, NH, (NC+1)*DHQK, DHHV).
-    With hard resets (f̃ = −∞), pass vecB and `vecR` from `compute_chunkwise_reset_gates`.
+    With hard resets (f̃ = −∞), pass vecB and `vecR` from `compute_chunkwise_reset_gates`. `input_gate`
+    "sigmoid" reads vecI as log σ(ĩ); vecA must come from `compute_chunkwise_log_gates_vecB_vecA` with the same.
     """
 
 
@@ -261,11 +277,11 @@ def mlstm_chunkwise__parallel_bw_dQ(
     matQ, matK, matV, vecI, vecA, vecB, matC_all, vecN_all, scaM_all, vecN_out, vecM_out, matDeltaH,
     matDeltaC_states, qk_scale=None, chunk_size=64, siz_b_LQ=32, siz_b_LKV=32, siz_b_DHQK=None,
     siz_b_DHHV=None, num_warps=None, num_stages=None, eps=0.0, output_dtype=jnp.float32, *,
-    return_row_dots=False, vecR=None,
+    return_row_dots=False, vecR=None, input_gate="exponential",
 ):
     del vecN_all, siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, num_warps, num_stages
     g = _parallel_bw_common(matQ, vecI, vecB, vecA, vecR, matC_all, scaM_all, vecN_out, vecM_out, matDeltaH,
-                            matDeltaC_states, qk_scale, chunk_size, eps)
+                            matDeltaC_states, qk_scale, chunk_size, eps, input_gate)
     k, v = chunked(matK, chunk_size), chunked(matV, chunk_size)
     d_scores = _einsum("bhcle,bhcje->bhclj", g["dh_bar"], v, matQ.dtype) * g["decay"]  # (B, NH, NC, L, L)
     dq = _einsum("bhclj,bhcjd->bhcld", d_scores, k, matQ.dtype)
@@ -278,11 +294,11 @@ def mlstm_chunkwise__parallel_bw_dK(
     matQ, matK, matV, vecI, vecA, vecB, matC_all, vecN_all, scaM_all, vecN_out, vecM_out, matDeltaH,
     matDeltaC_states, qk_scale=None, chunk_size=64, siz_b_LQ=32, siz_b_LKV=32, siz_b_DHQK=None,
     siz_b_DHHV=None, num_warps=None, num_stages=None, eps=0.0, output_dtype=jnp.float32, *,
-    return_row_dots=False, vecR=None,
+    return_row_dots=False, vecR=None, input_gate="exponential",
 ):
     del vecN_all, siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, num_warps, num_stages
     g = _parallel_bw_common(matQ, vecI, vecB, vecA, vecR, matC_all, scaM_all, vecN_out, vecM_out, matDeltaH,
-                            matDeltaC_states, qk_scale, chunk_size, eps)
+                            matDeltaC_states, qk_scale, chunk_size, eps, input_gate)
     q, v = chunked(matQ, chunk_size), chunked(matV, chunk_size)
     d_scores = _einsum("bhcle,bhcje->bhclj", g["dh_bar"], v, matQ.dtype) * g["decay"]  # (B, NH, NC, L, L)
     dk = _einsum("bhclj,bhcld->bhcjd", d_scores, q, matQ.dtype) * g["qk_scale"]
@@ -294,10 +310,11 @@ def mlstm_chunkwise__parallel_bw_dV(
     matQ, matK, matV, vecI, vecA, vecB, matC_all, vecN_all, scaM_all, vecN_out, vecM_out, matDeltaH,
     matDeltaC_states, qk_scale=None, chunk_size=64, siz_b_LQ=32, siz_b_LKV=32, siz_b_DHQK=None,
     siz_b_DHHV=None, num_warps=None, num_stages=None, eps=0.0, output_dtype=jnp.float32, *, vecR=None,
+    input_gate="exponential",
 ):
     del matV, vecN_all, siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, num_warps, num_stages
     g = _parallel_bw_common(matQ, vecI, vecB, vecA, vecR, matC_all, scaM_all, vecN_out, vecM_out, matDeltaH,
-                            matDeltaC_states, qk_scale, chunk_size, eps)
+                            matDeltaC_states, qk_scale, chunk_size, eps, input_gate)
     q, k = chunked(matQ, chunk_size), chunked(matK, chunk_size)
     scores = _einsum("bhcld,bhcjd->bhclj", q, k, matQ.dtype) * g["qk_scale"] * g["decay"]  # (B, NH, NC, L, L)
     dv = _einsum("bhclj,bhcle->bhcje", scores, g["dh_bar"], matQ.dtype)

@@ -46,6 +46,10 @@ class Case:
     infinite_gates: bool = False  # hard resets (f̃ = −∞) and silent tokens (ĩ = −∞), some at shard boundaries
     expect_error: str | None = None  # a phrase of the error the case must raise
 
+    @property
+    def sigmoid(self) -> bool:  # mLSTMsig: no m_initial, last states (c, n)
+        return dict(self.kwargs).get("input_gate") == "sigmoid"
+
 
 CASES = {
     "batch": Case((4,), ("b",), ("b", None, None)),
@@ -66,6 +70,11 @@ CASES = {
                              expect_error="recompute_states_in_bw=False cannot be combined"),
     # Explicit axes: each shard keeps its own chunk states for the backward (recompute_states_in_bw None)
     "seq_explicit": Case((4,), ("s",), (None, None, "s"), seq_len=512, explicit=True, infinite_gates=True),
+    # mLSTMsig: context parallelism brings each shard's start state to its true scale (the kernels track no m)
+    "seq_sigmoid": Case((4,), ("s",), (None, None, "s"), seq_len=512, infinite_gates=True,
+                        kwargs=(("input_gate", "sigmoid"),)),
+    "batch_seq_sigmoid_unnormalized_explicit": Case((2, 2), ("b", "s"), ("b", None, "s"), explicit=True,
+                                                    kwargs=(("input_gate", "sigmoid"), ("normalize", False))),
 }
 
 _NAMES = ("h", "c_last", "n_last", "m_last", "dq", "dk", "dv", "di", "df", "dc_initial", "dn_initial", "dm_initial")
@@ -79,7 +88,7 @@ def _inputs(name: str, case: Case):
         arrays = jax.tree.map(lambda *x: jnp.stack(x), draw(key), draw(jax.random.fold_in(key, 1)))
     else:
         arrays = draw(key)
-    arrays = [x for x in arrays if x is not None]
+    arrays = [x for x in arrays if x is not None][:7 if case.sigmoid else None]
     if case.infinite_gates:  # shards of 128 steps: resets at a shard's last and next shard's first step, too
         arrays[4] = arrays[4].at[..., jnp.array([0, 127, 128, 300, 301])].set(-jnp.inf)
         arrays[3] = arrays[3].at[..., jnp.array([5, 129, 400])].set(-jnp.inf)
@@ -109,14 +118,15 @@ def _loss_and_grads(case: Case, backend: str, weights, mesh=None):
                              check_vma=False)
 
     def loss(*arrays):
-        h, (c, n, m) = cell(*arrays)
+        h, (c, n, *m) = cell(*arrays)  # m: none with the sigmoid gate
         w_h, w_c = weights
         value = jnp.sum(w_h * h / jnp.linalg.norm(h, axis=-1, keepdims=True)) + 0.1 * jnp.sum(w_c * c) + jnp.sum(n)
-        return value, (h, c, n, m)
+        return value, (h, c, n, *m)
 
     if case.checkpoint:
         loss = jax.checkpoint(loss)
-    return jax.value_and_grad(loss, argnums=tuple(range(8 if case.initial_states else 5)), has_aux=True)
+    num_inputs = (7 if case.sigmoid else 8) if case.initial_states else 5
+    return jax.value_and_grad(loss, argnums=tuple(range(num_inputs)), has_aux=True)
 
 
 def _shard(case: Case, arrays, mesh):
@@ -167,9 +177,10 @@ def run_case(name: str, backend: str) -> dict:
         (_, exact_outputs), exact_grads = jax.jit(_loss_and_grads(case, "xla", wide(weights)))(*wide(arrays))
         exact = [np.asarray(x) for x in (*exact_outputs, *exact_grads)]
     sharded_results, one_device = (*outputs, *grads), (*ref_outputs, *ref_grads)
-    result["errors"] = {n: rel_err(a, b) for n, a, b in zip(_NAMES, sharded_results, one_device)}
-    result["errors_f64"] = {n: rel_err(a, b) for n, a, b in zip(_NAMES, sharded_results, exact)}
-    result["one_device_errors_f64"] = {n: rel_err(a, b) for n, a, b in zip(_NAMES, one_device, exact)}
+    names = [n for n in _NAMES if not (case.sigmoid and n in ("m_last", "dm_initial"))]
+    result["errors"] = {n: rel_err(a, b) for n, a, b in zip(names, sharded_results, one_device)}
+    result["errors_f64"] = {n: rel_err(a, b) for n, a, b in zip(names, sharded_results, exact)}
+    result["one_device_errors_f64"] = {n: rel_err(a, b) for n, a, b in zip(names, one_device, exact)}
     spec = lambda x, dims: str(tuple(x.sharding.spec)[:dims] + (None,) * (dims - len(x.sharding.spec)))
     lead = 1 if case.vmap else 0
     pairs = [("h", outputs[0], sharded[0], 3), ("c_last", outputs[1], sharded[0], 2),

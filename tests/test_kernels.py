@@ -37,22 +37,31 @@ def _dtypes(backend):
     return [jnp.float32, jnp.bfloat16, jnp.float16] if backend == "triton" else [jnp.float32]
 
 
+def _gate_kwargs(kernel_name: str, input_gate: str, normalize: bool) -> dict:
+    """The cell options of one kernel: recurrent_bw_dC reads no input gate, only parallel_fw_Hintra normalises."""
+    if kernel_name == "recurrent_bw_dC" or input_gate == "exponential":
+        return {}
+    return dict(input_gate=input_gate, **({"normalize": normalize} if kernel_name == "parallel_fw_Hintra" else {}))
+
+
 @functools.lru_cache(maxsize=None)
-def _case_arrays(case: str, dtype, with_initial: bool):
+def _case_arrays(case: str, dtype, with_initial: bool, input_gate: str = "exponential", normalize: bool = True):
     """Inputs of every kernel for one case, chained through the jnp twins (float32 states)."""
     batch, heads, seq_len, dhqk, dhhv, chunk, _ = CASES[case]
     key = case_key("kernels", case, with_initial)
     q, k, v, i, f, c0, n0, m0 = mlstm_inputs(key, batch, heads, seq_len, dhqk, dhhv, jnp.float32,
                                              with_initial=with_initial)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
-    states = xla_kernels.mlstm_chunkwise__recurrent_fw_C(k, v, f, i, c0, n0, m0, chunk_size=chunk)
-    _, n_out, m_out = xla_kernels.mlstm_chunkwise__parallel_fw_Hintra(q, k, v, i, f, *states, chunk_size=chunk)
+    states = xla_kernels.mlstm_chunkwise__recurrent_fw_C(k, v, f, i, c0, n0, m0, chunk_size=chunk,
+                                                         **_gate_kwargs("recurrent_fw_C", input_gate, normalize))
+    _, n_out, m_out = xla_kernels.mlstm_chunkwise__parallel_fw_Hintra(
+        q, k, v, i, f, *states, chunk_size=chunk, **_gate_kwargs("parallel_fw_Hintra", input_gate, normalize))
     dkeys = jax.random.split(jax.random.fold_in(key, 1), 2)
     dh = jax.random.normal(dkeys[0], v.shape, dtype)
     dc_last = jax.random.normal(dkeys[1], (batch, heads, dhqk, dhhv), jnp.float32) if with_initial else None
     dc_states = xla_kernels.mlstm_chunkwise__recurrent_bw_dC(q, f, states[2], m_out, dh, n_out, dc_last,
                                                           chunk_size=chunk)
-    vec_b, vec_a = pallas_mlstm.compute_chunkwise_log_gates_vecB_vecA(i, f, chunk)
+    vec_b, vec_a = pallas_mlstm.compute_chunkwise_log_gates_vecB_vecA(i, f, chunk, input_gate=input_gate)
     return dict(q=q, k=k, v=v, i=i, f=f, c0=c0, n0=n0, m0=m0, states=states, n_out=n_out, m_out=m_out, dh=dh,
                 dc_last=dc_last, dc_states=dc_states, vec_b=vec_b, vec_a=vec_a)
 
@@ -104,6 +113,33 @@ def test_kernel_matches_twin(backend, dtype, case, kernel_name):
             assert a.shape == e.shape, (kernel_name, index)
             err = rel_err(a, e)
             assert err <= tolerance, f"{kernel_name} output {index}: rel err {err:.2e}"
+
+
+# mLSTMsig (input_gate="sigmoid"): every kernel against its twin on two cases, with and without the normaliser
+_SIGMOID_CASES = ("L16-d16x32", "L32-d24x40-padded")
+
+
+def _sigmoid_params():
+    return [pytest.param(backend, case, kernel_name, normalize,
+                         id=f"{kernel_name}-{case}-{backend}-{'normalized' if normalize else 'unnormalized'}")
+            for backend in _pallas_backends() for case in _SIGMOID_CASES for kernel_name in KERNELS
+            for normalize in (True, False) if normalize or kernel_name != "recurrent_fw_C"]
+
+
+@pytest.mark.parametrize("backend,case,kernel_name,normalize", _sigmoid_params())
+def test_sigmoid_kernel_matches_twin(backend, case, kernel_name, normalize):
+    if backend == "triton" and jax.default_backend() != "gpu":
+        pytest.skip("the triton backend needs a GPU; run with --backend=triton on the GPU machine")
+    chunk, tiles = CASES[case][5], CASES[case][6]
+    x = _case_arrays(case, jnp.float32, True, "sigmoid", normalize)
+    gate = _gate_kwargs(kernel_name, "sigmoid", normalize)
+    expected = jax.tree.leaves(_call(kernel_name, xla_kernels, x, chunk, tiles, gate))
+    actual = jax.tree.leaves(_call(kernel_name, pallas_mlstm, x, chunk, tiles,
+                                   dict(gate, interpret=backend == "interpret")))
+    assert len(actual) == len(expected)
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        err = rel_err(a, e)
+        assert err <= KERNEL_TWIN_TOLERANCE[backend, "float32"], f"{kernel_name} output {index}: rel err {err:.2e}"
 
 
 def test_kernel_rejects_bad_tiles():

@@ -10,6 +10,7 @@ from jax.experimental import pallas as pl
 
 from pallas_mlstm import launch_defaults
 from pallas_mlstm.device import device_properties
+from pallas_mlstm.gates import log_input_gate
 from pallas_mlstm.pallas_triton import common
 from pallas_mlstm.validation import validate_chunk_size
 
@@ -87,10 +88,11 @@ class BwLayout:
 
 
 def prepare(matQ, matK, matV, vecI, vecB, vecA, vecR, matC_all, scaM_all, vecN_out, vecM_out, matDeltaH,
-            matDeltaC_states, chunk_size: int):
+            matDeltaC_states, chunk_size: int, input_gate: str):
     """Validates and converts the upstream-layout arguments to the kernels' (B·NH, …) padded layout.
 
-    vecR (B, NH, NC, L) int32 marks hard resets (compute_chunkwise_reset_gates); None: there are none.
+    vecR (B, NH, NC, L) int32 marks hard resets (compute_chunkwise_reset_gates); None: there are none. The
+    kernels read the log input gate (`log_input_gate` of vecI for `input_gate`).
     """
     batch, heads, seq_len, dhqk = matQ.shape
     dhhv = matV.shape[-1]
@@ -101,7 +103,7 @@ def prepare(matQ, matK, matV, vecI, vecB, vecA, vecR, matC_all, scaM_all, vecN_o
     gate = lambda x: x.reshape(bnh, seq_len)
     arrays = dict(
         q=flat(matQ, dhqk_p), k=flat(matK, dhqk_p), v=flat(matV, dhhv_p), dh=flat(matDeltaH.astype(matQ.dtype), dhhv_p),
-        vec_b=gate(vecB), vec_a=gate(vecA), vec_i=gate(vecI),
+        vec_b=gate(vecB), vec_a=gate(vecA), vec_i=gate(log_input_gate(vecI, input_gate)),
         vec_r=jnp.full((bnh, seq_len), -1, jnp.int32) if vecR is None else gate(vecR), vec_m=gate(vecM_out), den=gate(vecN_out),
         c_all=common.states_to_kernel_layout(matC_all, dhqk, (dhqk_p, dhhv_p)),
         dc_all=common.states_to_kernel_layout(matDeltaC_states, dhqk, (dhqk_p, dhhv_p)),

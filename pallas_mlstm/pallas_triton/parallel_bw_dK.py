@@ -75,6 +75,7 @@ def mlstm_chunkwise__parallel_bw_dK(
     output_dtype=jnp.float32,
     *,
     vecR: jax.Array | None = None,  # (B, NH, NC, L) int32
+    input_gate: str = "exponential",
     return_row_dots: bool = False,
     allow_tf32: bool = False,
     interpret: bool = False,
@@ -84,6 +85,8 @@ def mlstm_chunkwise__parallel_bw_dK(
     With `return_row_dots`, returns (dK, Σ_d k·dk (B, NH, S) float32, summed before dK is rounded).
     Grid (DHQK/bDHQK, L/bLKV, NC·B·NH); query tiles from the diagonal down and DHHV tiles loop in-kernel.
     With hard resets (f̃ = −∞), pass vecB and `vecR` from `compute_chunkwise_reset_gates`.
+    `input_gate` ("exponential" or "sigmoid") reads vecI as `gates.log_input_gate` does; vecA must come from
+    `compute_chunkwise_log_gates_vecB_vecA` with the same input_gate.
 
     Launch defaults: siz_b_LQ / siz_b_LKV take upstream's 32 when omitted; None there and in siz_b_DHQK /
     siz_b_DHHV takes launch_defaults.PARALLEL_BW_DK (64 / 128 / 256 / 64), each clamped to its dim.
@@ -93,7 +96,8 @@ def mlstm_chunkwise__parallel_bw_dK(
     """
     del vecN_all
     layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, vecR, matC_all, scaM_all,
-                                           vecN_out, vecM_out, matDeltaH, matDeltaC_states, chunk_size)
+                                           vecN_out, vecM_out, matDeltaH, matDeltaC_states, chunk_size,
+                                           input_gate)
     block_lq, block_lkv, block_dhqk, block_dhhv = layout.tiles(
         siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults=launch_defaults.PARALLEL_BW_DK)
     qk_scale = layout.dhqk**-0.5 if qk_scale is None else qk_scale

@@ -73,6 +73,7 @@ def mlstm_chunkwise__parallel_bw_dV(
     output_dtype=jnp.float32,
     *,
     vecR: jax.Array | None = None,  # (B, NH, NC, L) int32
+    input_gate: str = "exponential",
     allow_tf32: bool = False,
     interpret: bool = False,
 ):
@@ -81,6 +82,8 @@ def mlstm_chunkwise__parallel_bw_dV(
     Grid (DHHV/bDHHV, L/bLKV, NC·B·NH); query tiles from the diagonal down and DHQK tiles loop
     in-kernel. vecN_out is the forward denominator, vecM_out the running log-max.
     With hard resets (f̃ = −∞), pass vecB and `vecR` from `compute_chunkwise_reset_gates`.
+    `input_gate` ("exponential" or "sigmoid") reads vecI as `gates.log_input_gate` does; vecA must come from
+    `compute_chunkwise_log_gates_vecB_vecA` with the same input_gate.
 
     Launch defaults: siz_b_LQ / siz_b_LKV take upstream's 32 when omitted; None there and in siz_b_DHQK /
     siz_b_DHHV takes launch_defaults.PARALLEL_BW_DV (64 / 128 / 64 / 256), each clamped to its dim.
@@ -90,7 +93,8 @@ def mlstm_chunkwise__parallel_bw_dV(
     """
     del vecN_all
     layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, vecR, matC_all, scaM_all,
-                                           vecN_out, vecM_out, matDeltaH, matDeltaC_states, chunk_size)
+                                           vecN_out, vecM_out, matDeltaH, matDeltaC_states, chunk_size,
+                                           input_gate)
     block_lq, block_lkv, block_dhqk, block_dhhv = layout.tiles(
         siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults=launch_defaults.PARALLEL_BW_DV)
     qk_scale = layout.dhqk**-0.5 if qk_scale is None else qk_scale

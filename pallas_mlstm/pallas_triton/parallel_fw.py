@@ -12,12 +12,12 @@ from jax.experimental import pallas as pl
 from pallas_mlstm import launch_defaults
 from pallas_mlstm.device import device_properties
 from pallas_mlstm.pallas_triton import common
-from pallas_mlstm.gates import compute_chunkwise_reset_gates, compute_chunkwise_vecM
-from pallas_mlstm.validation import validate_chunk_size
+from pallas_mlstm.gates import compute_chunkwise_reset_gates, compute_chunkwise_vecM, log_input_gate
+from pallas_mlstm.validation import validate_chunk_size, validate_gate_options
 
 
 def _parallel_fw_kernel(q_ref, k_ref, v_ref, b_ref, i_ref, m_ref, r_ref, c_ref, n_ref, m_prev_ref, h_ref, den_ref, *,
-                        qk_scale: float, eps: float, block_lkv: int, block_dhqk: int, precision):
+                        qk_scale: float, eps: float, normalize: bool, block_lkv: int, block_dhqk: int, precision):
     block_lq, dhqk = q_ref.shape
     dtype = common.acc_dtype(q_ref.dtype)
     q_start = pl.program_id(1) * block_lq  # position of the query tile inside its chunk
@@ -31,7 +31,9 @@ def _parallel_fw_kernel(q_ref, k_ref, v_ref, b_ref, i_ref, m_ref, r_ref, c_ref, 
     q_inter_scale = qk_scale * common.inter_chunk_decay(vec_b_q, vec_r, m_prev, vec_m)  # (bLQ,)
     num = common.dot_nn_tiled(q_ref, q_rows, c_ref, dhqk, block_dhqk, precision)  # (bLQ, DHQK) @ (DHQK, bDHHV)
     num = num * q_inter_scale[:, None]
-    den = common.row_dot_tiled(q_ref, q_rows, n_ref, dhqk, block_dhqk) * q_inter_scale  # (bLQ,)
+    den = jnp.zeros((block_lq,), dtype)  # (bLQ,): the normaliser q̄ · n, accumulated only with `normalize`
+    if normalize:
+        den = common.row_dot_tiled(q_ref, q_rows, n_ref, dhqk, block_dhqk) * q_inter_scale  # (bLQ,)
 
     def kv_step(kv_tile, carry):
         num, den = carry
@@ -44,13 +46,17 @@ def _parallel_fw_kernel(q_ref, k_ref, v_ref, b_ref, i_ref, m_ref, r_ref, c_ref, 
         weights = scores * qk_scale * decay
         v = v_ref[kv_rows, :]  # (bLKV, bDHHV)
         num = num + common.dot(weights.astype(v.dtype), v, precision)  # (bLQ, bLKV) @ (bLKV, bDHHV)
-        return num, den + jnp.sum(weights, axis=1)
+        return num, (den + jnp.sum(weights, axis=1)) if normalize else den
 
     num_kv_tiles = (q_start + block_lq + block_lkv - 1) // block_lkv  # tiles above the diagonal skipped
     num, den = lax.fori_loop(0, num_kv_tiles, kv_step, (num, den))
 
-    den = jnp.maximum(jnp.abs(den), jnp.exp(-vec_m))
-    h_ref[...] = (num / (den + eps)[:, None]).astype(h_ref.dtype)
+    if normalize:
+        den = jnp.maximum(jnp.abs(den), jnp.exp(-vec_m))
+        h_ref[...] = (num / (den + eps)[:, None]).astype(h_ref.dtype)
+    else:  # h = q̄ C: e^{−m} only undoes the states' scale
+        den = jnp.exp(-vec_m)
+        h_ref[...] = (num / den[:, None]).astype(h_ref.dtype)
 
     @pl.when(pl.program_id(0) == 0)
     def _():
@@ -77,13 +83,17 @@ def mlstm_chunkwise__parallel_fw_Hintra(
     eps: float = 1e-6,
     output_dtype=jnp.float32,
     *,
+    input_gate: str = "exponential",
+    normalize: bool = True,
     allow_tf32: bool = False,
     interpret: bool = False,
 ):
     """Outputs of every chunk: (matH_out (B,NH,S,DHHV), vecN_out (B,NH,S), vecM_out (B,NH,S)).
 
     vecN_out is the denominator max(|q̄·n + Σ S|, e^{-m}), vecM_out the running log-max m_t (computed
-    from the gates before the launch). Grid (DHHV/bDHHV, L/bLQ, NC·B·NH); key tiles loop in-kernel up
+    from the gates before the launch). `input_gate` "sigmoid" runs mLSTMsig (σ(ĩ) as input gate, m not tracked:
+    see `mlstm_chunkwise__recurrent_fw_C`); there `normalize=False` returns h = q̄·C unnormalised, with
+    vecN_out = e^{−m} (eps unused: pass eps=0 to the backward kernels). Grid (DHHV/bDHHV, L/bLQ, NC·B·NH); key tiles loop in-kernel up
     to the causal diagonal, DHQK in tiles of bDHQK.
 
     Launch defaults: siz_b_LQ / siz_b_LKV take upstream's 32 when omitted; None there and in siz_b_DHQK /
@@ -107,7 +117,8 @@ def mlstm_chunkwise__parallel_fw_Hintra(
     qk_scale = dhqk**-0.5 if qk_scale is None else qk_scale
 
     vecB, vecR = compute_chunkwise_reset_gates(vecF, chunk_size)  # (B, NH, NC, L): resets counted as 0, reset positions
-    vecM_out = compute_chunkwise_vecM(vecB, vecR, vecI, scaM_all)
+    validate_gate_options(input_gate, normalize)
+    vecM_out = compute_chunkwise_vecM(vecB, vecR, vecI, scaM_all, input_gate=input_gate)
     q = common.pad_axis(matQ.reshape(bnh, seq_len, dhqk), 2, dhqk_p)
     k = common.pad_axis(matK.reshape(bnh, seq_len, dhqk), 2, dhqk_p)
     v = common.pad_axis(matV.reshape(bnh, seq_len, dhhv), 2, dhhv_p)
@@ -122,7 +133,7 @@ def mlstm_chunkwise__parallel_fw_Hintra(
     gate_spec = pl.BlockSpec((None, chunk_size), lambda iv, iq, cb: chunk(cb))
     q_gate_spec = pl.BlockSpec((None, block_lq), lambda iv, iq, cb: (cb // num_chunks, (cb % num_chunks) * q_tiles + iq))
     kernel = functools.partial(
-        _parallel_fw_kernel, qk_scale=qk_scale, eps=eps, block_lkv=block_lkv, block_dhqk=block_dhqk,
+        _parallel_fw_kernel, qk_scale=qk_scale, eps=eps, normalize=bool(normalize), block_lkv=block_lkv, block_dhqk=block_dhqk,
         precision=common.matmul_precision(matQ.dtype, allow_tf32))
     h, den = pl.pallas_call(
         kernel,
@@ -153,7 +164,7 @@ def mlstm_chunkwise__parallel_fw_Hintra(
                                                default_stages=launch_defaults.parallel_num_stages(shared_memory_kib)),
         interpret=common.checked_interpret(interpret, "mlstm_chunkwise__parallel_fw_Hintra"),
         name="mlstm_chunkwise__parallel_fw_Hintra",
-    )(q, k, v, vecB.reshape(bnh, seq_len), vecI.reshape(bnh, seq_len), vecM_out.reshape(bnh, seq_len),
+    )(q, k, v, vecB.reshape(bnh, seq_len), log_input_gate(vecI, input_gate).reshape(bnh, seq_len), vecM_out.reshape(bnh, seq_len),
       vecR.reshape(bnh, seq_len), c_all, n_all, m_all)
     matH_out = h[:, :, :dhhv].reshape(batch, heads, seq_len, dhhv)
     return matH_out, den.reshape(batch, heads, seq_len), vecM_out

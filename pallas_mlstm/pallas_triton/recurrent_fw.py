@@ -12,12 +12,13 @@ from jax.experimental import pallas as pl
 from pallas_mlstm import launch_defaults
 from pallas_mlstm.device import device_properties
 from pallas_mlstm.pallas_triton import common
-from pallas_mlstm.gates import MIN_LOG_SCALE, compute_chunkwise_log_gates_vecB_vecA
+from pallas_mlstm.gates import MIN_LOG_SCALE, compute_chunkwise_log_gates_vecB_vecA, tracks_max_state
 from pallas_mlstm.states import join_states
 from pallas_mlstm.validation import validate_chunk_size
 
 
-def _recurrent_fw_kernel(*refs, num_chunks: int, chunk_size: int, has_initial: bool, writes_last: bool, precision):
+def _recurrent_fw_kernel(*refs, num_chunks: int, chunk_size: int, has_initial: bool, writes_last: bool,
+                          tracks_max: bool, precision):
     k_ref, v_ref, a_ref, g_ref, *refs = refs
     c0_ref, n0_ref, m0_ref = refs[:3] if has_initial else (None, None, None)
     c_all_ref, n_all_ref, m_all_ref, *c_last_ref = refs[3:] if has_initial else refs
@@ -53,8 +54,10 @@ def _recurrent_fw_kernel(*refs, num_chunks: int, chunk_size: int, has_initial: b
     def chunk_step(chunk, carry):
         c, n, m = carry
         sca_g = g_ref[chunk].astype(dtype)  # ()
-        # m_k = max(g + m_{k-1}, max a, MIN_LOG_SCALE): from vecA (L,); the floor keeps an all-empty state finite
-        m_next = jnp.maximum(jnp.maximum(sca_g + m, jnp.max(a_ref[chunk].astype(dtype))), MIN_LOG_SCALE)
+        if tracks_max:  # m_k = max(g + m_{k-1}, max a, MIN_LOG_SCALE): from vecA (L,); the floor keeps an empty state finite
+            m_next = jnp.maximum(jnp.maximum(sca_g + m, jnp.max(a_ref[chunk].astype(dtype))), MIN_LOG_SCALE)
+        else:  # the sigmoid gate: m stays at its initial value
+            m_next = m
         decay = jnp.exp(sca_g + m - m_next)
 
         def sub_tile_update(t):
@@ -91,6 +94,7 @@ def mlstm_chunkwise__recurrent_fw_C(
     siz_b_DHQK: int | None = None,
     siz_b_DHHV: int | None = None,
     states_dtype=None,
+    input_gate: str = "exponential",
     allow_tf32: bool = False,
     interpret: bool = False,
 ):
@@ -100,7 +104,9 @@ def mlstm_chunkwise__recurrent_fw_C(
     NC = S / (chunk_size · save_states_every_nth_chunk). Grid (DHQK/bDHQK, DHHV/bDHHV, B·NH), each
     program walking the chunks in order. `states_dtype` (None: float32) stores matC_states narrower, e.g.
     bfloat16, the dtype the parallel kernels round them to for their matmuls; the states are still computed
-    in float32, and a fourth output holds the last C state in float32, (B, NH, DHQK, DHHV).
+    in float32, and a fourth output holds the last C state in float32, (B, NH, DHQK, DHHV). `input_gate`
+    "sigmoid" runs mLSTMsig: the input gate is σ(ĩ) (`gates.log_input_gate`), and m is not tracked: every
+    scaMinter state is the initial one (0 when not given; `gates.tracks_max_state`).
 
     Launch defaults: siz_b_DHQK None takes launch_defaults.RECURRENT_FW_C.siz_b_DHQK (64); siz_b_DHHV None takes
     launch_defaults.recurrent_dhhv_tile (128 while the grid keeps 3 programs per SM, else 64); both
@@ -122,7 +128,7 @@ def mlstm_chunkwise__recurrent_fw_C(
     c_dtype = state_dtype if states_dtype is None else jnp.dtype(states_dtype)
     writes_last = c_dtype != state_dtype
 
-    vecB, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk_size)
+    vecB, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk_size, input_gate=input_gate)
     k = common.pad_axis(matK.reshape(bnh, seq_len, dhqk), 2, dhqk_p)
     v = common.pad_axis(matV.reshape(bnh, seq_len, dhhv), 2, dhhv_p)
     inputs = [k, v, vecA.reshape(bnh, num_chunks, chunk_size), vecB[..., -1].reshape(bnh, num_chunks)]
@@ -149,7 +155,7 @@ def mlstm_chunkwise__recurrent_fw_C(
 
     kernel = functools.partial(
         _recurrent_fw_kernel, num_chunks=num_chunks, chunk_size=chunk_size, has_initial=has_initial,
-        writes_last=writes_last, precision=common.matmul_precision(matK.dtype, allow_tf32),
+        writes_last=writes_last, tracks_max=tracks_max_state(input_gate), precision=common.matmul_precision(matK.dtype, allow_tf32),
     )
     out_specs = [
         pl.BlockSpec((None, num_chunks + 1, block_dhqk, block_dhhv), lambda iq, iv, b: (b, 0, iq, iv)),
