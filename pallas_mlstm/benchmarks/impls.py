@@ -1,6 +1,7 @@
 """The implementations the bench times, each a factory of jitted forward and forward+backward callables.
 
-mLSTM implementations take (q, k, v, i, f): q, k, v bfloat16 (B, NH, S, DH*), gates float32 (B, NH, S).
+mLSTM implementations take (q, k, v, i, f): q, k, v bfloat16 (B, NH, S, DH*), gates float32 (B, NH, S); those of
+the mLSTMsig cell (sigmoid input gate, normalised) take the same inputs.
 The attention peer takes (q, k, v) bfloat16 (B, S, heads, 128) with heads·128 = NH·DHHV, the model width.
 The forward+backward callable is jax.grad of sum(out.astype(float32) · weights) with respect to every input,
 for fixed random `weights` of the output's shape, passed as its first argument.
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import pallas_mlstm
 
 MLSTM = "mlstm"
+MLSTM_SIGMOID = "mlstm_sigmoid"
 ATTENTION = "attention"
 ATTENTION_HEAD_DIM = 128
 PEER_CHUNK_SIZE = 128  # mlstm_kernels' default, the peer's chunk size in benchmarks/README.md's results
@@ -47,10 +49,11 @@ class TimedCallables:
     forward_backward: Callable  # (weights, *inputs) -> gradients with respect to the inputs
 
 
-def _pallas_mlstm_forward(backend: str) -> Callable[[int | None], Callable]:
+def _pallas_mlstm_forward(backend: str, input_gate: str = "exponential") -> Callable[[int | None], Callable]:
     def make(chunk_size):
         return lambda q, k, v, i, f: pallas_mlstm.mlstm_chunkwise(
-            q, k, v, i, f, chunk_size=chunk_size, backend=backend, autocast_kernel_dtype=jnp.bfloat16
+            q, k, v, i, f, chunk_size=chunk_size, backend=backend, autocast_kernel_dtype=jnp.bfloat16,
+            input_gate=input_gate,
         )
 
     return make
@@ -63,6 +66,15 @@ def _tfla_jax_triton_forward(chunk_size):
 
     return lambda q, k, v, i, f: mlstm_chunkwise__xl_chunk(
         q, k, v, i, f, chunk_size=chunk_size, autocast_kernel_dtype=jnp.bfloat16
+    )
+
+
+def _tfla_siging_jax_triton_forward(chunk_size):
+    os.environ["DISABLE_LLVM_OPT"] = "1"  # as for _tfla_jax_triton_forward
+    from mlstm_kernels.jax.chunkwise.triton_xl_chunk_siging import mlstm_siging_chunkwise__xl_chunk
+
+    return lambda q, k, v, i, f: mlstm_siging_chunkwise__xl_chunk(
+        q, k, v, i, f, chunk_size=chunk_size, normalize=True, autocast_kernel_dtype=jnp.bfloat16
     )
 
 
@@ -92,6 +104,13 @@ IMPLEMENTATIONS = {
                        True, _MLSTM_KERNELS_MODULES, True, _tfla_jax_triton_forward),
         Implementation("mk_native", "mlstm_kernels chunkwise, plain XLA (native_autograd)", MLSTM,
                        PEER_CHUNK_SIZE, True, _MLSTM_KERNELS_MODULES, False, _mlstm_kernels_native_forward),
+        Implementation("triton_sig", "pallas_mlstm mLSTMsig (input_gate='sigmoid'), Pallas lowered to Triton",
+                       MLSTM_SIGMOID, None, True, (), True, _pallas_mlstm_forward("triton", "sigmoid")),
+        Implementation("xla_sig", "pallas_mlstm mLSTMsig, plain-jnp kernels through XLA", MLSTM_SIGMOID, None, True,
+                       (), False, _pallas_mlstm_forward("xla", "sigmoid")),
+        Implementation("mk_triton_sig", "mlstm_kernels TFLA mLSTMsig, jax-triton (triton_xl_chunk_siging)",
+                       MLSTM_SIGMOID, PEER_CHUNK_SIZE, True, _MLSTM_KERNELS_MODULES, True,
+                       _tfla_siging_jax_triton_forward),
         Implementation("cudnn_attention", "causal attention, cuDNN, 128-dim heads at width NH*DHHV", ATTENTION,
                        None, False, (), True, _cudnn_attention_forward),
     )
@@ -131,7 +150,7 @@ def timed_callables(forward: Callable, num_inputs: int) -> TimedCallables:
 def build(name: str, chunk_size: int | None) -> TimedCallables:
     """Jitted forward and forward+backward callables of implementation `name` at `chunk_size`."""
     impl = get_implementation(name)
-    return timed_callables(impl.make_forward(chunk_size), 5 if impl.computes == MLSTM else 3)
+    return timed_callables(impl.make_forward(chunk_size), 3 if impl.computes == ATTENTION else 5)
 
 
 def attention_heads(nh: int, dhhv: int) -> int:

@@ -118,9 +118,9 @@ def check_forward(computes: str, inputs, output) -> tuple[float, str]:
             name = f"float32 XLA attention (batch 0, {q.shape[2]} heads, first {q.shape[1]} positions)"
         else:
             window = (slice(0, CHECK_BATCH),)
-            mlstm_recurrent = accuracy.load_oracles().mlstm_recurrent
-            reference = jax.jit(mlstm_recurrent)(*(x[window].astype(jnp.float32) for x in inputs))
-            name = "float32 reference.mlstm_recurrent (batch 0)"
+            oracle = "mlstm_sigmoid_recurrent" if computes == impls.MLSTM_SIGMOID else "mlstm_recurrent"
+            reference = jax.jit(getattr(accuracy.load_oracles(), oracle))(*(x[window].astype(jnp.float32) for x in inputs))
+            name = f"float32 reference.{oracle} (batch 0)"
         return accuracy.rel_err(output[window], reference), name
 
 
@@ -292,7 +292,7 @@ def main_bench(argv: list[str]) -> None:
     card = jax.devices()[0].device_kind
     shapes = requested_shapes or resolve_shapes(default_shapes(platform))
     impl_names = IMPLS.value or list(impls.GPU_DEFAULT_IMPLS if platform == "gpu" else impls.CPU_DEFAULT_IMPLS)
-    if any(impls.get_implementation(name).computes == impls.MLSTM for name in impl_names):
+    if any(impls.get_implementation(name).computes != impls.ATTENTION for name in impl_names):
         accuracy.load_oracles()  # mLSTM runs are checked against the oracle: refuse here, not in every worker
     if not is_worker:
         say(f"pallas_mlstm bench on {card} (JAX platform {platform}), jax {jax.__version__}")
