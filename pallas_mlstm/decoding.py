@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from pallas_mlstm import xla_kernels
 from pallas_mlstm.backend import resolve_backend
 from pallas_mlstm.pallas_triton.recurrent_step import mlstm_recurrent_step__pallas
+from pallas_mlstm.validation import validate_gate_options
 
 
 def _gate(name: str, x, batch: int, heads: int):
@@ -19,15 +20,23 @@ def _gate(name: str, x, batch: int, heads: int):
     return x.reshape(batch, heads)
 
 
-def mlstm_recurrent_step(q, k, v, i, f, c, n, m, *, eps: float = 1e-6, backend: str | None = None):
-    """One token of the mLSTM cell: (h, (c, n, m)), the state after it.
+def mlstm_recurrent_step(q, k, v, i, f, c, n, m=None, *, eps: float = 1e-6, backend: str | None = None,
+                         input_gate: str = "exponential", normalize: bool = True):
+    """One token of the mLSTM cell: (h, (c, n, m)), the state after it; (h, (c, n)) with input_gate="sigmoid".
 
     q, k (B, NH, DHQK), v (B, NH, DHHV); gates i, f and the max state m as (B, NH) or (B, NH, 1) (m comes back
     in the shape it was given); c (B, NH, DHQK, DHHV), n (B, NH, DHQK) float32 whatever q's dtype; h comes back
     in q's dtype. The states are those `mlstm_chunkwise(..., return_last_states=True)` returns, so a prefill
     followed by steps equals one call over the whole sequence. backend: "triton" / "interpret" run the Pallas
-    step kernel, "xla" the same math in jnp; None: triton on a GPU, xla otherwise.
+    step kernel, "xla" the same math in jnp; None: triton on a GPU, xla otherwise. `input_gate` and `normalize`
+    pick the cell as in `mlstm_chunkwise`: the sigmoid gate's states are (c, n), and m must not be given.
     """
+    validate_gate_options(input_gate, normalize)
+    if input_gate == "exponential" and m is None:
+        raise ValueError("m (the max state, (B, NH) or (B, NH, 1)) is required with the exponential input gate: "
+                         "pass the m that mlstm_chunkwise(..., return_last_states=True) or the previous step returned.")
+    if input_gate == "sigmoid" and m is not None:
+        raise ValueError("m is not a state of the sigmoid input gate: its states are (c, n); drop m.")
     backend = resolve_backend(backend)
     shape = lambda x: tuple(getattr(x, "shape", ()))
     if len(shape(q)) != 3:
@@ -45,12 +54,16 @@ def mlstm_recurrent_step(q, k, v, i, f, c, n, m, *, eps: float = 1e-6, backend: 
     for name, x in (("q", q), ("k", k), ("v", v), ("c", c), ("n", n)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be a floating-point array; got dtype {x.dtype}.")
+    if m is None:  # the sigmoid gate: its kernels keep m at 0
+        m = jnp.zeros((batch, heads), jnp.float32)
     m_shape = shape(m)
     i, f, m = (_gate(name, x, batch, heads) for name, x in (("i", i), ("f", f), ("m", m)))
     states = tuple(x.astype(jnp.float32) for x in (c, n, m))
+    cell = dict(eps=eps, input_gate=input_gate, normalize=normalize)
     if backend == "xla":
-        h, (c, n, m) = xla_kernels.mlstm_recurrent_step(q, k, v, i, f, *states, eps=eps)
+        h, (c, n, m) = xla_kernels.mlstm_recurrent_step(q, k, v, i, f, *states, **cell)
     else:
-        h, (c, n, m) = mlstm_recurrent_step__pallas(q, k, v, i, f, *states, eps=eps,
-                                                    interpret=backend == "interpret")
+        h, (c, n, m) = mlstm_recurrent_step__pallas(q, k, v, i, f, *states, interpret=backend == "interpret", **cell)
+    if input_gate == "sigmoid":
+        return h, (c, n)
     return h, (c, n, m.reshape(m_shape))

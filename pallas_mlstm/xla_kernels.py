@@ -328,18 +328,23 @@ mlstm_chunkwise__parallel_bw_dK.__doc__ = "Gradient of k, (B, NH, S, DHQK). " + 
 mlstm_chunkwise__parallel_bw_dV.__doc__ = "Gradient of v, (B, NH, S, DHHV)." + _PARALLEL_BW_DOC
 
 
-def mlstm_recurrent_step(q, k, v, i, f, c, n, m, *, eps: float = 1e-6):
+def mlstm_recurrent_step(q, k, v, i, f, c, n, m, *, eps: float = 1e-6, input_gate: str = "exponential",
+                         normalize: bool = True):
     """One step of the cell in jnp, the XLA backend of `pallas_mlstm.mlstm_recurrent_step`: shapes and math
     of the step kernel (pallas_triton/recurrent_step.py), (h (B, NH, DHHV) in q's dtype, (c, n, m) float32)."""
     dtype = c.dtype
     q_scaled = q.astype(dtype) * q.shape[-1] ** -0.5
     log_f = jax.nn.log_sigmoid(f.astype(dtype))  # (B, NH)
-    m_new = jnp.maximum(jnp.maximum(log_f + m, i.astype(dtype)), MIN_LOG_SCALE)
+    log_i = log_input_gate(i, input_gate).astype(dtype)  # (B, NH)
+    m_new = jnp.maximum(jnp.maximum(log_f + m, log_i), MIN_LOG_SCALE) if tracks_max_state(input_gate) else m
     decay = jnp.exp(log_f + m - m_new)[..., None]  # (B, NH, 1)
-    weight = jnp.exp(i.astype(dtype) - m_new)[..., None]
+    weight = jnp.exp(log_i - m_new)[..., None]
     k = k.astype(dtype)
     c = decay[..., None] * c + (weight * k)[..., :, None] * v.astype(dtype)[..., None, :]  # (B, NH, DHQK, DHHV)
     n = decay * n + weight * k  # (B, NH, DHQK)
     num = jnp.einsum("bhd,bhde->bhe", q_scaled, c, precision=lax.Precision.HIGHEST)
-    den = jnp.maximum(jnp.abs(jnp.sum(q_scaled * n, axis=-1)), jnp.exp(-m_new))
-    return (num / (den + eps)[..., None]).astype(q.dtype), (c, n, m_new)
+    if normalize:
+        den = jnp.maximum(jnp.abs(jnp.sum(q_scaled * n, axis=-1)), jnp.exp(-m_new)) + eps
+    else:  # h = q C: e^{−m} only undoes the states' scale
+        den = jnp.exp(-m_new)
+    return (num / den[..., None]).astype(q.dtype), (c, n, m_new)

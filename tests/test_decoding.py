@@ -97,3 +97,38 @@ def test_bad_step_inputs_raise_value_error(case):
     args = make(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], c0, n0, m0)
     with pytest.raises(ValueError, match=message):
         pallas_mlstm.mlstm_recurrent_step(*args, backend="xla")
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("backend", _backends())
+def test_sigmoid_prefill_then_steps_equals_one_call(backend, normalize):
+    """mLSTMsig: a chunkwise prefill of 37 tokens and 9 steps equal one call (float32, 1e-5); the states are (c, n)
+    and the oracle's; m is refused with the sigmoid gate and required with the exponential one."""
+    _skip_without_gpu(backend)
+    prompt_len, steps = 37, 9
+    q, k, v, i, f, *_ = mlstm_inputs(case_key("decoding-sigmoid", backend, normalize), B, NH, prompt_len + steps, DHQK,
+                                     DHHV, jnp.float32)
+    cell = dict(input_gate="sigmoid", normalize=normalize, backend=backend)
+    whole = pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, chunk_size=16, **cell)
+    _, states = pallas_mlstm.mlstm_chunkwise(*(x[:, :, :prompt_len] for x in (q, k, v, i, f)), chunk_size=16,
+                                             return_last_states=True, **cell)
+
+    @jax.jit
+    def generate(states, tokens):
+        def step(states, token):
+            h, states = pallas_mlstm.mlstm_recurrent_step(*token, *states, **cell)
+            return states, h
+        return jax.lax.scan(step, states, tokens)
+
+    tokens = tuple(jnp.moveaxis(x[:, :, prompt_len:], 2, 0) for x in (q, k, v, i, f))  # (steps, B, NH, ...)
+    last_states, h_steps = generate(states, tokens)
+    assert rel_err(jnp.moveaxis(h_steps, 0, 2), whole[:, :, prompt_len:]) <= 1e-5
+    _, last_ref = reference.mlstm_sigmoid_recurrent(q, k, v, i, f, normalize=normalize, return_last_states=True)
+    assert len(last_states) == 2
+    for actual, expected in zip(last_states, last_ref):
+        assert rel_err(actual, expected) <= 1e-5
+    token = tuple(x[0] for x in tokens)
+    with pytest.raises(ValueError, match="m is not a state of the sigmoid input gate"):
+        pallas_mlstm.mlstm_recurrent_step(*token, *last_states, jnp.zeros((B, NH)), **cell)
+    with pytest.raises(ValueError, match="m .* is required with the exponential input gate"):
+        pallas_mlstm.mlstm_recurrent_step(*token, *last_states, backend=backend)

@@ -9,27 +9,33 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_mlstm import launch_defaults
-from pallas_mlstm.gates import MIN_LOG_SCALE
+from pallas_mlstm.gates import MIN_LOG_SCALE, log_input_gate, tracks_max_state
 from pallas_mlstm.pallas_triton import common
 
 
 def _step_kernel(q_ref, k_ref, v_ref, i_ref, f_ref, c_ref, n_ref, m_ref, h_ref, c_out_ref, n_out_ref, m_out_ref, *,
-                 qk_scale: float, eps: float):
+                 qk_scale: float, eps: float, tracks_max: bool, normalize: bool):
     dtype = c_ref.dtype  # float32 states
     q = q_ref[...].astype(dtype) * qk_scale  # (DHQK,)
     k = k_ref[...].astype(dtype)  # (DHQK,)
     v = v_ref[...].astype(dtype)  # (bDHHV,)
     m = jnp.max(m_ref[...])  # () from (1,)
     log_f = jax.nn.log_sigmoid(jnp.max(f_ref[...].astype(dtype)))  # ()
-    i = jnp.max(i_ref[...].astype(dtype))  # ()
-    m_new = jnp.maximum(jnp.maximum(log_f + m, i), MIN_LOG_SCALE)  # the floor keeps an empty state finite
+    i = jnp.max(i_ref[...].astype(dtype))  # () the log input gate
+    if tracks_max:  # the floor keeps an empty state finite
+        m_new = jnp.maximum(jnp.maximum(log_f + m, i), MIN_LOG_SCALE)
+    else:  # the sigmoid gate: m stays
+        m_new = m
     decay = jnp.exp(log_f + m - m_new)  # 0 after a reset (f̃ = −∞)
     weight = jnp.exp(i - m_new)  # 0 for a silent token (ĩ = −∞)
     c = decay * c_ref[...] + weight * k[:, None] * v[None, :]  # (DHQK, bDHHV)
     n = decay * n_ref[...] + weight * k  # (DHQK,)
     num = jnp.sum(q[:, None] * c, axis=0)  # (bDHHV,)
-    den = jnp.maximum(jnp.abs(jnp.sum(q * n)), jnp.exp(-m_new))  # ()
-    h_ref[...] = (num / (den + eps)).astype(h_ref.dtype)
+    if normalize:
+        den = jnp.maximum(jnp.abs(jnp.sum(q * n)), jnp.exp(-m_new)) + eps  # ()
+    else:  # h = q C: e^{−m} only undoes the states' scale
+        den = jnp.exp(-m_new)
+    h_ref[...] = (num / den).astype(h_ref.dtype)
     c_out_ref[...] = c
 
     @pl.when(pl.program_id(1) == 0)  # every DHHV tile computes n and m; the first stores them
@@ -49,6 +55,8 @@ def mlstm_recurrent_step__pallas(
     m: jax.Array,  # (B, NH) float32
     *,
     eps: float = 1e-6,
+    input_gate: str = "exponential",
+    normalize: bool = True,
     siz_b_DHHV: int | None = None,
     num_warps: int | None = None,
     interpret: bool = False,
@@ -56,7 +64,8 @@ def mlstm_recurrent_step__pallas(
     """One step of the cell: (h (B, NH, DHHV) in q's dtype, (c, n, m) float32). Grid (B·NH, DHHV/bDHHV), each
     program reading and writing one (DHQK, bDHHV) tile of C. The new C is a new buffer: aliasing it to the old
     one made XLA copy the caller's C first when that was not donated (measured 1.84x the state's read + write
-    at B = 64 on an H100, against 1.19x for upstream's kernel). Launch defaults: launch_defaults.STEP_LAUNCH."""
+    at B = 64 on an H100, against 1.19x for upstream's kernel). `input_gate` / `normalize` as in the chunkwise
+    kernels (the sigmoid gate keeps m as it is). Launch defaults: launch_defaults.STEP_LAUNCH."""
     batch, heads, dhqk = q.shape
     dhhv = v.shape[-1]
     bnh = batch * heads
@@ -67,7 +76,8 @@ def mlstm_recurrent_step__pallas(
     c_flat = common.pad_axis(common.pad_axis(c.reshape(bnh, dhqk, dhhv), 1, dhqk_p), 2, dhhv_p)
     head_vec = lambda width: pl.BlockSpec((None, width), lambda b, j: (b, 0))
     scalar = pl.BlockSpec((None, 1), lambda b, j: (b, 0))
-    kernel = functools.partial(_step_kernel, qk_scale=dhqk**-0.5, eps=eps)
+    kernel = functools.partial(_step_kernel, qk_scale=dhqk**-0.5, eps=eps, tracks_max=tracks_max_state(input_gate),
+                               normalize=bool(normalize))
     h, c_new, n_new, m_new = pl.pallas_call(
         kernel,
         grid=(bnh, dhhv_p // block_dhhv),
@@ -96,7 +106,7 @@ def mlstm_recurrent_step__pallas(
         compiler_params=common.compiler_params(num_warps, 1, default_warps=defaults.num_warps, default_stages=1),
         interpret=common.checked_interpret(interpret, "mlstm_recurrent_step"),
         name="mlstm_recurrent_step",
-    )(flat(q, dhqk_p), flat(k, dhqk_p), flat(v, dhhv_p), i.reshape(bnh, 1), f.reshape(bnh, 1), c_flat,
+    )(flat(q, dhqk_p), flat(k, dhqk_p), flat(v, dhhv_p), log_input_gate(i, input_gate).reshape(bnh, 1), f.reshape(bnh, 1), c_flat,
       flat(n, dhqk_p), m.reshape(bnh, 1))
     return (h[:, :dhhv].reshape(batch, heads, dhhv),
             (c_new[:, :dhqk, :dhhv].reshape(batch, heads, dhqk, dhhv), n_new[:, :dhqk].reshape(batch, heads, dhqk),
