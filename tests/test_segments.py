@@ -152,13 +152,12 @@ def test_default_segment_len():
 # Sharded: cases of tests/sharding_cases.py with segment_len, run in a process of their own with 4 CPU devices.
 _SHARDED_CASES = {
     # sequence shards of 96 steps, which segment_len=64 does not divide: each runs segments of 48
+    # (with hard resets and silent tokens, some on shard and segment edges)
     "seq_segments_cut": dict(mesh_shape=(4,), axis_names=("s",), lead_spec=(None, None, "s"), seq_len=384,
-                             kwargs=(("segment_len", 64),)),
+                             infinite_gates=True, kwargs=(("segment_len", 64),)),
     # segments longer than a shard: one pass per shard
     "seq_segments_longer": dict(mesh_shape=(4,), axis_names=("s",), lead_spec=(None, None, "s"), seq_len=512,
                                 kwargs=(("segment_len", 256),)),
-    "seq_segments_resets": dict(mesh_shape=(4,), axis_names=("s",), lead_spec=(None, None, "s"), seq_len=512,
-                                infinite_gates=True, kwargs=(("segment_len", 64),)),
     # Explicit axes: each shard keeps its own segment starts where it cuts segments of segment_len, else recomputes
     "seq_segments_explicit": dict(mesh_shape=(4,), axis_names=("s",), lead_spec=(None, None, "s"), seq_len=512,
                                   explicit=True, kwargs=(("segment_len", 64),)),
