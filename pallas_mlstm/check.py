@@ -12,7 +12,7 @@ import pallas_mlstm
 from pallas_mlstm import accuracy
 from pallas_mlstm.benchmarks.timing import median_ms
 from pallas_mlstm.launch_defaults import MIN_PALLAS_CHUNK
-from pallas_mlstm.validation import validate_chunk_size
+from pallas_mlstm.validation import INPUT_GATES, validate_chunk_size
 
 _BACKENDS = flags.DEFINE_list(
     "check_backends", None, f"Backends to check, any of {','.join(pallas_mlstm.BACKENDS)} (default: triton,xla "
@@ -26,6 +26,9 @@ _DTYPES = flags.DEFINE_list(
     "check_dtypes", None, "Input dtypes of q, k, v, any of float32,bfloat16,float16 (default: float32,bfloat16 on "
     "a GPU, float32 otherwise).")
 _SEED = flags.DEFINE_integer("check_seed", 0, "Seed of the random inputs.")
+_INPUT_GATE = flags.DEFINE_string(
+    "check_input_gate", "exponential", "The cell: exponential (mLSTMexp, the default) or sigmoid (mLSTMsig, "
+    "normalised), checked against its own float64 oracle.")
 _REPEATS = flags.DEFINE_integer("check_repeats", 5, "Timed calls per measurement (median reported).", lower_bound=1)
 
 GRAD_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
@@ -33,15 +36,16 @@ GRAD_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
 
 def _loss(fn, weights_key):
     def loss(*args):
-        h, (c_last, n_last, _) = fn(*args)
+        h, (c_last, n_last, *_) = fn(*args)  # no m with the sigmoid gate
         h = h.astype(jnp.promote_types(h.dtype, jnp.float32))
         weights = jax.random.normal(weights_key, h.shape, jnp.float32).astype(h.dtype)
         return jnp.sum(weights * h) + jnp.sum(c_last) + jnp.sum(n_last)
     return loss
 
 
-def run_check(backends, shape, chunk_size, dtypes, seed, repeats) -> list[dict]:
-    """Errors (vs the float64 recurrent oracle, kernel gradient semantics) and times for each backend × dtype.
+def run_check(backends, shape, chunk_size, dtypes, seed, repeats, input_gate="exponential") -> list[dict]:
+    """Errors (vs the float64 recurrent oracle of `input_gate`'s cell, kernel gradient semantics) and times for each
+    backend × dtype.
 
     The oracle runs on exactly the values the kernels get (q, k, v rounded to the dtype), so the errors
     measure the computation, not the rounding of the inputs.
@@ -51,22 +55,29 @@ def run_check(backends, shape, chunk_size, dtypes, seed, repeats) -> list[dict]:
     weights_key = jax.random.fold_in(key, 1)
     with jax.enable_x64(True):
         inputs64 = accuracy.mlstm_inputs(key, *shape, jnp.float64, with_initial=True)
-    oracle = lambda *a: reference.mlstm_recurrent(*a, return_last_states=True, kernel_gradient_semantics=True)
+    if input_gate == "sigmoid":  # states (c, n): no m_initial
+        inputs64 = (*inputs64[:7], None)
+        oracle = lambda *a: reference.mlstm_sigmoid_recurrent(*a[:7], return_last_states=True,
+                                                              kernel_gradient_semantics=True)
+    else:
+        oracle = lambda *a: reference.mlstm_recurrent(*a, return_last_states=True, kernel_gradient_semantics=True)
+    argnums = tuple(index for index, x in enumerate(inputs64) if x is not None)
     rows = []
     for dtype_name in dtypes:
         dtype = jnp.dtype(dtype_name)
         with jax.enable_x64(True):
             args, rounded64 = accuracy.kernel_and_oracle_inputs(inputs64, dtype)
             h_ref, _ = jax.jit(oracle)(*rounded64)
-            grads_ref = jax.jit(jax.grad(_loss(oracle, weights_key), argnums=tuple(range(8))))(*rounded64)
+            grads_ref = jax.jit(jax.grad(_loss(oracle, weights_key), argnums=argnums))(*rounded64)
         for backend in backends:
             run = lambda *a: pallas_mlstm.mlstm_chunkwise(*a, chunk_size=chunk_size, backend=backend,
-                                                          return_last_states=True)
+                                                          return_last_states=True, input_gate=input_gate)
             forward = jax.jit(run)
-            backward = jax.jit(jax.grad(_loss(run, weights_key), argnums=tuple(range(8))))
+            backward = jax.jit(jax.grad(_loss(run, weights_key), argnums=argnums))
             h, _ = forward(*args)
             grads = backward(*args)
-            grad_errors = {name: accuracy.rel_err(g, e) for name, g, e in zip(GRAD_NAMES, grads, grads_ref)}
+            names = [GRAD_NAMES[index] for index in argnums]
+            grad_errors = {name: accuracy.rel_err(g, e) for name, g, e in zip(names, grads, grads_ref)}
             worst = max(grad_errors, key=grad_errors.get)
             fw_tol, grad_tol = accuracy.CHECK_TOLERANCE[dtype.name]
             fw_err = accuracy.rel_err(h, h_ref)
@@ -116,14 +127,16 @@ def main_check(argv) -> None:
         if dtype not in accuracy.CHECK_TOLERANCE:
             raise app.UsageError(f"--check_dtypes entries must be among {','.join(accuracy.CHECK_TOLERANCE)}; "
                                  f"got {dtype!r}.")
+    if _INPUT_GATE.value not in INPUT_GATES:
+        raise app.UsageError(f"--check_input_gate must be one of {','.join(INPUT_GATES)}; got {_INPUT_GATE.value!r}.")
     accuracy.load_oracles()  # before any output: a missing oracle is a one-line usage error
     device = jax.devices()[0]
     print(f"pallas_mlstm {pallas_mlstm.__version__} check on {device.device_kind} ({device.platform}), jax {jax.__version__}")
-    print(f"shape B,NH,S,DHQK,DHHV = {shape}, chunk {_CHUNK.value}; reference: float64 recurrent scan "
-          "(den and m held constant in its gradient, as in the kernels)")
+    print(f"shape B,NH,S,DHQK,DHHV = {shape}, chunk {_CHUNK.value}, {_INPUT_GATE.value} input gate; reference: "
+          "float64 recurrent scan (den and m held constant in its gradient, as in the kernels)")
     if not on_gpu:
         print("no GPU: interpret runs the Pallas kernels in the interpreter; its times say nothing about speed.")
-    rows = run_check(backends, shape, _CHUNK.value, dtypes, _SEED.value, _REPEATS.value)
+    rows = run_check(backends, shape, _CHUNK.value, dtypes, _SEED.value, _REPEATS.value, _INPUT_GATE.value)
     header = f"{'backend':<10} {'dtype':<9} {'h rel err':>10} {'grad rel err (worst)':>24} {'fw ms':>9} {'fw+bw ms':>9}  result"
     print(header)
     print("-" * len(header))

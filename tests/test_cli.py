@@ -62,6 +62,7 @@ def test_subcommand_help_lists_its_flags_for_users(tmp_path, command, flag):
     (["check", "--check_shape=1,2"], "--check_shape must be 5 comma-separated positive integers B,NH,S,DHQK,DHHV"),
     (["check", "--check_shape=1,2,x,64,64"], "--check_shape must be 5 comma-separated positive integers"),
     (["check", "--check_dtypes=int8"], "--check_dtypes entries must be among float32,bfloat16,float16"),
+    (["check", "--check_input_gate=sigmod"], "--check_input_gate must be one of exponential,sigmoid"),
     (["check", "--check_chunk_size=48"], "--check_chunk_size must be a power of 2"),
     (["tune"], "pass --tune_backend=interpret --configs_out="),
     (["tune", "--tune_backend=interpret"], "pass --configs_out=PATH"),
