@@ -1,11 +1,9 @@
 """pallas_mlstm: the chunkwise (TFLA) mLSTM kernels in Pallas, lowered to Triton, for JAX."""
 
-from pallas_mlstm.api import mlstm_chunkwise, mlstm_chunkwise_max_triton
-from pallas_mlstm.backend import BACKENDS, resolve_backend
-from pallas_mlstm.chunkwise import mlstm_chunkwise_bw, mlstm_chunkwise_fw
+from pallas_mlstm.api import mlstm_chunkwise
 from pallas_mlstm.config import ChunkwiseConfig
 from pallas_mlstm.decoding import mlstm_recurrent_step
-from pallas_mlstm.gates import compute_chunkwise_log_gates_vecB_vecA, compute_chunkwise_reset_gates
+from pallas_mlstm.gates import compute_chunkwise_reset_gates
 from pallas_mlstm.pallas_triton import (
     mlstm_chunkwise__parallel_bw_dK,
     mlstm_chunkwise__parallel_bw_dQ,
@@ -14,14 +12,24 @@ from pallas_mlstm.pallas_triton import (
     mlstm_chunkwise__recurrent_bw_dC,
     mlstm_chunkwise__recurrent_fw_C,
 )
+from pallas_mlstm.pallas_triton.launch import TritonLaunch
+from pallas_mlstm.registry import BACKENDS, get_backend, resolve_backend
+from pallas_mlstm.upstream import (
+    compute_chunkwise_log_gates_vecB_vecA,
+    mlstm_chunkwise_bw,
+    mlstm_chunkwise_fw,
+    mlstm_chunkwise_max_triton,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "ChunkwiseConfig",
+    "TritonLaunch",
     "compute_chunkwise_log_gates_vecB_vecA",
     "compute_chunkwise_reset_gates",
+    "get_backend",
     "mlstm_chunkwise",
     "mlstm_chunkwise__parallel_bw_dK",
     "mlstm_chunkwise__parallel_bw_dQ",

@@ -1,56 +1,35 @@
-"""Backend names, and the six kernels each backend runs (`KernelSet`)."""
+"""What a backend is: `Backend`, the object each backend package registers (pallas_mlstm.registry lists them)."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
-import jax
-
-from pallas_mlstm import pallas_triton, xla_kernels
-from pallas_mlstm.pallas_triton.common import gpu_available
-
-BACKENDS = ("triton", "interpret", "xla")
-KERNEL_NAMES = ("recurrent_fw_C", "parallel_fw_Hintra", "recurrent_bw_dC", "parallel_bw_dQ", "parallel_bw_dK",
-                "parallel_bw_dV")
+from pallas_mlstm.kernel_call import KernelSet
 
 
 @dataclasses.dataclass(frozen=True)
-class KernelSet:
-    """The six chunkwise kernels one orchestration chains; each has its upstream signature (docs/math.md §3.3)."""
+class Backend:
+    """One way to run the kernels: its name, its launchers, its launch-config type, and where it can run.
+
+    `resolve_launch(kernel, flat, override)` turns upstream's flat launch fields (a dict) and a per-kernel
+    override (a dict of the launch type's fields, or None) into the validated launch config of `kernel`
+    (ValueError naming the field); None for a backend without launch parameters (then `launch_type` is None
+    too). `available()` says whether it can run here; `unavailable` is the error text when it cannot.
+    `priority`: `backend=None` takes the available backend of lowest priority; None: never picked by itself.
+    `min_chunk`: the smallest chunk its kernels take."""
 
     name: str
-    recurrent_fw_C: Callable[..., Any]
-    parallel_fw_Hintra: Callable[..., Any]
-    recurrent_bw_dC: Callable[..., Any]
-    parallel_bw_dQ: Callable[..., Any]
-    parallel_bw_dK: Callable[..., Any]
-    parallel_bw_dV: Callable[..., Any]
+    kernels: KernelSet
+    available: Callable[[], bool]
+    unavailable: str = ""
+    priority: int | None = None
+    min_chunk: int = 1
+    launch_type: type | None = None
+    resolve_launch: Callable[[str, dict, dict | None], Any] | None = None
+    interpret: bool = False
 
-
-def resolve_backend(backend: str | None) -> str:
-    """`backend`, or the default: "triton" when JAX's default device is a GPU, "xla" otherwise."""
-    if backend is None:
-        return "triton" if jax.default_backend() == "gpu" else "xla"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None (automatic); got {backend!r}.")
-    if backend == "triton" and not gpu_available():
-        raise ValueError(
-            f"backend='triton' needs an NVIDIA GPU, and JAX's default backend here is {jax.default_backend()!r}: "
-            "use backend='xla' (plain XLA, any device) or backend='interpret' (the Pallas kernels on the CPU, slow)."
-        )
-    return backend
-
-
-@functools.lru_cache(maxsize=None)
-def kernel_set(backend: str | None, allow_tf32: bool = False) -> KernelSet:
-    """The six kernels of `backend` ("triton", "interpret", "xla" or None); cached, so jit sees one object."""
-    backend = resolve_backend(backend)
-    module = xla_kernels if backend == "xla" else pallas_triton
-    bind = lambda kernel: kernel  # the jnp kernels take no launch-only arguments
-    if backend != "xla":
-        bind = lambda kernel: functools.partial(kernel, interpret=backend == "interpret", allow_tf32=allow_tf32)
-    kernels = {name: bind(getattr(module, f"mlstm_chunkwise__{name}")) for name in KERNEL_NAMES}
-    return KernelSet(name=backend, **kernels)
+    def launch(self, kernel: str, flat: dict, override: dict | None) -> Any:
+        """`kernel`'s launch config on this backend (None where it has none)."""
+        return None if self.resolve_launch is None else self.resolve_launch(kernel, flat, override)

@@ -11,8 +11,8 @@ from absl import app, flags
 import pallas_mlstm
 from pallas_mlstm import accuracy
 from pallas_mlstm.benchmarks.timing import median_ms
-from pallas_mlstm.launch_defaults import MIN_PALLAS_CHUNK
-from pallas_mlstm.validation import INPUT_GATES, validate_chunk_size
+from pallas_mlstm.plan import INPUT_GATES, validate_chunk_size
+from pallas_mlstm.registry import get_backend
 
 _BACKENDS = flags.DEFINE_list(
     "check_backends", None, f"Backends to check, any of {','.join(pallas_mlstm.BACKENDS)} (default: triton,xla "
@@ -20,8 +20,8 @@ _BACKENDS = flags.DEFINE_list(
 _SHAPE = flags.DEFINE_list(
     "check_shape", ["2", "2", "256", "64", "128"], "B,NH,S,DHQK,DHHV of the random inputs: 5 positive integers.")
 _CHUNK = flags.DEFINE_integer(
-    "check_chunk_size", 64, f"Chunk size: a power of 2 dividing S, at least {MIN_PALLAS_CHUNK} on the Pallas "
-    "backends (triton, interpret).")
+    "check_chunk_size", 64, "Chunk size: a power of 2 dividing S, at least the backend's smallest chunk (16 on the "
+    "Pallas backends triton and interpret).")
 _DTYPES = flags.DEFINE_list(
     "check_dtypes", None, "Input dtypes of q, k, v, any of float32,bfloat16,float16 (default: float32,bfloat16 on "
     "a GPU, float32 otherwise).")
@@ -107,8 +107,7 @@ def _validated_backends(backends: list[str], on_gpu: bool, chunk_size: int, seq_
             raise app.UsageError("--check_backends=triton needs a GPU and JAX sees none here; use "
                                  "--check_backends=interpret,xla.")
         try:
-            validate_chunk_size(chunk_size, seq_len, name="--check_chunk_size",
-                                minimum=1 if backend == "xla" else MIN_PALLAS_CHUNK)
+            validate_chunk_size(chunk_size, seq_len, name="--check_chunk_size", minimum=get_backend(backend).min_chunk)
         except ValueError as error:
             raise app.UsageError(f"backend {backend} at --check_shape S={seq_len}: {error}") from None
     return backends

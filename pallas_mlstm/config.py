@@ -1,6 +1,7 @@
 """Launch configuration: a frozen, hashable config checked at construction, and the tuned configs measured per card.
 
-The defaults a None field falls back on (and the heuristics behind them) live in pallas_mlstm/launch_defaults.py.
+The defaults a None field falls back on live with the backend that launches the kernels (Triton:
+pallas_mlstm/pallas_triton/launch_defaults.py); the chunk size's in pallas_mlstm/plan.py.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ _WARP_FIELDS = ("num_warps_intra", "num_warps_inter")
 _STAGE_FIELDS = ("num_stages_intra", "num_stages_inter")
 _NUM_WARPS = (1, 2, 4, 8, 16, 32)
 _MIN_TILE = 16  # Triton's dot needs every side >= 16 (pallas_triton.common.MIN_TILE)
+# The kernels a per-kernel launch entry may name (pallas_mlstm.kernel_call.CHUNKWISE_KERNELS).
+_KERNELS = ("recurrent_fw_C", "parallel_fw_Hintra", "recurrent_bw_dC", "parallel_bw_dQ", "parallel_bw_dK",
+            "parallel_bw_dV")
 
 
 def _is_power_of_2(value: int) -> bool:
@@ -27,15 +31,20 @@ def _is_power_of_2(value: int) -> bool:
 class ChunkwiseConfig:
     """Tiles and launch parameters of one `mlstm_chunkwise` call; None means "use the default".
 
-    The names follow upstream's `mlstm_chunkwise_fw` / `mlstm_chunkwise_bw`: `*_parallel` tiles are
-    grid axes, `*_loop` tiles are walked inside a kernel; `intra` is the parallel kernels, `inter` the
-    recurrent ones. A set field applies to every kernel it names; a None field lets each kernel use its
-    own default (all in pallas_mlstm/launch_defaults.py: chunk size `default_chunk_size`; tiles, warps and
-    stages measured per kernel, see pallas_mlstm/benchmarks/README.md).
+    `chunk_size` is shared by all kernels. Launch fields come two ways, and a kernel's own entry wins:
+    - `kernels`: per kernel, a mapping {kernel name: launch fields}, e.g.
+      `{"parallel_fw_Hintra": {"siz_b_LQ": 128, "num_warps": 8}}` (a dict, or the backend's launch config such
+      as `pallas_mlstm.TritonLaunch`); the fields are the kernel's own arguments, checked by the backend when
+      a call is planned. `python -m pallas_mlstm tune` writes this form.
+    - the flat fields, named as upstream's `mlstm_chunkwise_fw` / `mlstm_chunkwise_bw` name them: `*_parallel`
+      tiles are grid axes, `*_loop` tiles are walked inside a kernel; `intra` is the parallel kernels, `inter`
+      the recurrent ones. A set field applies to every kernel it names.
+    A None field lets each kernel use its own measured default (Triton: pallas_mlstm/pallas_triton/
+    launch_defaults.py); the chunk size's default is `pallas_mlstm.plan.padding_chunk_size`.
 
-    Checked at construction (ValueError naming the field): every field is None or an int (NumPy integers
+    Checked at construction (ValueError naming the field): every flat field is None or an int (NumPy integers
     are converted); chunk_size a power of 2 >= 1; the `siz_b_*` tiles powers of 2 >= 16; `num_warps_*` one
-    of 1, 2, 4, 8, 16, 32; `num_stages_*` >= 1.
+    of 1, 2, 4, 8, 16, 32; `num_stages_*` >= 1; `kernels` names known kernels.
     """
 
     chunk_size: int | None = None
@@ -47,11 +56,13 @@ class ChunkwiseConfig:
     num_warps_inter: int | None = None
     num_stages_intra: int | None = None
     num_stages_inter: int | None = None
+    kernels: tuple[tuple[str, tuple[tuple[str, int | None], ...]], ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "kernels", _kernel_entries(self.kernels))
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if value is None:
+            if value is None or field.name == "kernels":
                 continue
             name = f"ChunkwiseConfig.{field.name}"
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -72,8 +83,34 @@ class ChunkwiseConfig:
         return tuple(
             (field.name, getattr(self, field.name))
             for field in dataclasses.fields(self)
-            if field.name != "chunk_size" and getattr(self, field.name) is not None
+            if field.name not in ("chunk_size", "kernels") and getattr(self, field.name) is not None
         )
+
+    def kernel_launches(self) -> dict[str, dict]:
+        """The per-kernel launch fields: {kernel name: {field: value}}."""
+        return {kernel: dict(fields) for kernel, fields in self.kernels}
+
+    def to_json(self) -> dict:
+        """This config as the JSON object tuned_configs.json stores (per-kernel entries as a mapping)."""
+        data = dataclasses.asdict(self)
+        data["kernels"] = self.kernel_launches()
+        return data
+
+
+def _kernel_entries(kernels) -> tuple:
+    """`ChunkwiseConfig.kernels` as a hashable, sorted tuple of (kernel, ((field, value), ...))."""
+    items = kernels.items() if isinstance(kernels, dict) else kernels
+    entries = []
+    for kernel, fields in items:
+        if kernel not in _KERNELS:
+            raise ValueError(f"ChunkwiseConfig.kernels names an unknown kernel {kernel!r}: use one of {_KERNELS}.")
+        if dataclasses.is_dataclass(fields):
+            fields = dataclasses.asdict(fields)
+        fields = dict(fields)
+        if not all(isinstance(name, str) for name in fields):
+            raise ValueError(f"ChunkwiseConfig.kernels[{kernel!r}] must map launch field names to values.")
+        entries.append((kernel, tuple(sorted((name, value) for name, value in fields.items() if value is not None))))
+    return tuple(sorted(entries))
 
 
 # Measured launch configs, shipped with the package; `python -m pallas_mlstm tune` writes the user's own.

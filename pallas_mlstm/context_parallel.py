@@ -29,14 +29,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_mlstm.gates import MIN_LOG_SCALE, acc_dtype_of, log_input_gate, tracks_max_state
+from pallas_mlstm.gates import MIN_LOG_SCALE, log_input_gate, tracks_max_state
+from pallas_mlstm.states import acc_dtype
 
 
 def _weighted_outer_sum(a, weights, b):
     """(Σ_t w_t a_tᵀ b_t, Σ_t w_t a_t) over the steps: (B, NH, L, D1), (B, NH, L), (B, NH, L, D2) -> (B, NH, D1, D2),
     (B, NH, D1) in the accumulator dtype, the weighted operand rounded to a's dtype first (as the kernels round
     theirs)."""
-    dtype = acc_dtype_of(a.dtype)
+    dtype = acc_dtype(a.dtype)
     weighted = (a.astype(dtype) * weights[..., None]).astype(a.dtype)  # (B, NH, L, D1)
     wide = jnp.dtype(a.dtype).itemsize >= 4
     outer = jnp.einsum("bhld,bhle->bhde", weighted, b.astype(a.dtype), preferred_element_type=dtype,
@@ -47,7 +48,7 @@ def _weighted_outer_sum(a, weights, b):
 
 
 def _log_forget(vecF):
-    return jax.nn.log_sigmoid(vecF.astype(acc_dtype_of(vecF.dtype)))  # (B, NH, L), −∞ at hard resets
+    return jax.nn.log_sigmoid(vecF.astype(acc_dtype(vecF.dtype)))  # (B, NH, L), −∞ at hard resets
 
 
 def shard_end_state(matK, matV, vecI, vecF, input_gate: str):
@@ -68,7 +69,7 @@ def shard_end_state(matK, matV, vecI, vecF, input_gate: str):
 def shard_start_state_gradient(matQ, vecF, vecN_out, vecM_out, matDeltaH, qk_scale: float, eps: float):
     """The gradient of a shard's start state C from its own outputs' cotangent dH alone: (dC (B, NH, DHQK, DHHV),
     its log scale ν (B, NH): the true gradient is dC·e^ν). vecN_out / vecM_out: the forward's den and m (B, NH, L)."""
-    dtype = acc_dtype_of(matQ.dtype)
+    dtype = acc_dtype(matQ.dtype)
     reach = jnp.cumsum(_log_forget(vecF), axis=-1)  # Σ_{u<=t} log σ(f̃_u), (B, NH, L)
     # log of the true-scale weight s e^{reach − m} / (den + eps): den carries e^{−m}, so this stays O(reach)
     log_weight = reach - vecM_out.astype(dtype) - jnp.log(vecN_out.astype(dtype) + eps)  # (B, NH, L)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_mlstm import xla_kernels
-from pallas_mlstm.backend import resolve_backend
-from pallas_mlstm.pallas_triton.recurrent_step import mlstm_recurrent_step__pallas
-from pallas_mlstm.validation import validate_gate_options
+from pallas_mlstm.kernel_call import KernelCall
+from pallas_mlstm.plan import make_cell
+from pallas_mlstm.registry import get_backend
+from pallas_mlstm.validation import validate_operand_dtypes
 
 
 def _gate(name: str, x, batch: int, heads: int):
@@ -31,13 +31,13 @@ def mlstm_recurrent_step(q, k, v, i, f, c, n, m=None, *, eps: float = 1e-6, back
     step kernel, "xla" the same math in jnp; None: triton on a GPU, xla otherwise. `input_gate` and `normalize`
     pick the cell as in `mlstm_chunkwise`: the sigmoid gate's states are (c, n), and m must not be given.
     """
-    validate_gate_options(input_gate, normalize)
+    cell = make_cell(input_gate, normalize, eps)
     if input_gate == "exponential" and m is None:
         raise ValueError("m (the max state, (B, NH) or (B, NH, 1)) is required with the exponential input gate: "
                          "pass the m that mlstm_chunkwise(..., return_last_states=True) or the previous step returned.")
     if input_gate == "sigmoid" and m is not None:
         raise ValueError("m is not a state of the sigmoid input gate: its states are (c, n); drop m.")
-    backend = resolve_backend(backend)
+    chosen = get_backend(backend)
     shape = lambda x: tuple(getattr(x, "shape", ()))
     if len(shape(q)) != 3:
         raise ValueError(f"q must have shape (B, NH, DHQK) for one token; got {shape(q)}.")
@@ -54,16 +54,15 @@ def mlstm_recurrent_step(q, k, v, i, f, c, n, m=None, *, eps: float = 1e-6, back
     for name, x in (("q", q), ("k", k), ("v", v), ("c", c), ("n", n)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be a floating-point array; got dtype {x.dtype}.")
+    validate_operand_dtypes(q, k, v)
     if m is None:  # the sigmoid gate: its kernels keep m at 0
         m = jnp.zeros((batch, heads), jnp.float32)
     m_shape = shape(m)
     i, f, m = (_gate(name, x, batch, heads) for name, x in (("i", i), ("f", f), ("m", m)))
     states = tuple(x.astype(jnp.float32) for x in (c, n, m))
-    cell = dict(eps=eps, input_gate=input_gate, normalize=normalize)
-    if backend == "xla":
-        h, (c, n, m) = xla_kernels.mlstm_recurrent_step(q, k, v, i, f, *states, **cell)
-    else:
-        h, (c, n, m) = mlstm_recurrent_step__pallas(q, k, v, i, f, *states, interpret=backend == "interpret", **cell)
+    call = KernelCall(chunk_size=1, eps=cell.eps, input_gate=cell.input_gate, normalize=cell.normalize,
+                      interpret=chosen.interpret)  # one step: a chunk of 1
+    h, (c, n, m) = chosen.kernels.recurrent_step(call, q, k, v, i, f, *states)
     if input_gate == "sigmoid":
         return h, (c, n)
     return h, (c, n, m.reshape(m_shape))

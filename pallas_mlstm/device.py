@@ -44,7 +44,7 @@ def _capability(device) -> tuple[int, int] | None:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _properties_of(device) -> DeviceProperties:
     core_count = getattr(device, "core_count", None)
     return DeviceProperties(device.device_kind, _capability(device),

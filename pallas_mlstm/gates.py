@@ -11,25 +11,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from pallas_mlstm.validation import validate_chunk_size, validate_gate_options
+from pallas_mlstm.states import acc_dtype
 
 # Floor of the max state m. m only falls to it when every term of a state is e^{−∞} (a reset followed by
 # tokens that write nothing): the state is then exactly zero, and a finite m keeps exp(x − m) free of −∞ + ∞.
 MIN_LOG_SCALE = -1e30
 
 
-def acc_dtype_of(dtype) -> jnp.dtype:
-    """The dtype of accumulators, gates and states for inputs of `dtype` (float32 or float64)."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def log_input_gate(vecI: jax.Array, input_gate: str = "exponential") -> jax.Array:
     """The log of the input gate, the ĩ every kernel uses, in float32 (float64 for float64 gates): ĩ itself for
     the exponential gate (mLSTMexp), log σ(ĩ) for the sigmoid gate (mLSTMsig); −∞ where ĩ = −∞ either way."""
-    validate_gate_options(input_gate)
-    vecI = vecI.astype(acc_dtype_of(vecI.dtype))
+    vecI = vecI.astype(acc_dtype(vecI.dtype))
     return vecI if input_gate == "exponential" else jax.nn.log_sigmoid(vecI)
 
 
@@ -58,7 +51,7 @@ def unchunked(x: jax.Array) -> jax.Array:
 
 def chunk_log_forget(vecF: jax.Array, chunk_size: int) -> jax.Array:
     """log σ(f̃) in float32 (float64 for float64 gates), (B, NH, S) -> (B, NH, NC, L); −∞ at hard resets."""
-    return chunked(jax.nn.log_sigmoid(vecF.astype(acc_dtype_of(vecF.dtype))), chunk_size)
+    return chunked(jax.nn.log_sigmoid(vecF.astype(acc_dtype(vecF.dtype))), chunk_size)
 
 
 def compute_chunkwise_vecB(vecF: jax.Array, chunk_size: int) -> jax.Array:
@@ -66,30 +59,26 @@ def compute_chunkwise_vecB(vecF: jax.Array, chunk_size: int) -> jax.Array:
     return jnp.cumsum(chunk_log_forget(vecF, chunk_size), axis=-1)
 
 
-def compute_chunkwise_log_gates_vecB_vecA(
-    vecI: jax.Array,  # (B, NH, S)
-    vecF: jax.Array,  # (B, NH, S)
-    chunk_size: int,
-    return_vecB_only: bool = False,
-    *,
-    input_gate: str = "exponential",
-):
-    """In-chunk log gates: vecB = inclusive cumsum of log σ(f̃), vecA = reverse exclusive cumsum + ĩ.
+def chunkwise_log_gates(vecI: jax.Array, vecF: jax.Array, chunk_size: int, input_gate: str = "exponential"):
+    """In-chunk log gates (vecB, vecA), (B, NH, NC, L) in float32 (float64 for float64 gates): vecB = inclusive
+    cumsum of log σ(f̃), vecA = reverse exclusive cumsum + ĩ, with ĩ = `log_input_gate(vecI, input_gate)`.
 
-    ĩ is `log_input_gate(vecI, input_gate)`: vecI itself for the exponential gate, log σ(vecI) for the sigmoid one.
-    Both (B, NH, NC, L) in float32 (float64 for float64 gates); vecA is summed from the chunk end, never
-    formed as g − b + ĩ. From a hard reset on, vecB is −∞ (the chunk's start state no longer reaches
-    those tokens); vecA is −∞ for tokens before the chunk's last reset. With `return_vecB_only`, vecB alone.
+    vecA is summed from the chunk end, never formed as g − b + ĩ. From a hard reset on, vecB is −∞ (the chunk's
+    start state no longer reaches those tokens); vecA is −∞ for tokens before the chunk's last reset.
     """
-    validate_chunk_size(chunk_size, vecF.shape[-1])
     vecB = compute_chunkwise_vecB(vecF, chunk_size)  # (B, NH, NC, L)
-    if return_vecB_only:
-        return vecB
     log_f = chunk_log_forget(vecF, chunk_size)
     # Σ_{r > j} log σ(f̃_r): a reverse cumsum shifted by one position
     log_f_after = jnp.concatenate([log_f[..., 1:], jnp.zeros_like(log_f[..., :1])], axis=-1)
-    vecA = jnp.cumsum(log_f_after[..., ::-1], axis=-1)[..., ::-1] + chunked(log_input_gate(vecI, input_gate).astype(log_f.dtype), chunk_size)
+    log_i = chunked(log_input_gate(vecI, input_gate).astype(log_f.dtype), chunk_size)
+    vecA = jnp.cumsum(log_f_after[..., ::-1], axis=-1)[..., ::-1] + log_i
     return vecB, vecA
+
+
+def compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk_size, return_vecB_only=False, *, input_gate="exponential"):
+    """Transitional alias of `chunkwise_log_gates` for the kernels; the public helper is pallas_mlstm.upstream's."""
+    vecB, vecA = chunkwise_log_gates(vecI, vecF, chunk_size, input_gate)
+    return vecB if return_vecB_only else (vecB, vecA)
 
 
 def compute_chunkwise_reset_gates(vecF: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
@@ -144,36 +133,3 @@ def compute_chunkwise_vecM(
 def chunk_max_state(scaG: jax.Array, m_prev: jax.Array, vecA: jax.Array) -> jax.Array:
     """m_k = max(g_k + m_{k-1}, max_j a_j), floored at MIN_LOG_SCALE: (..., ) from g, m (...) and a (..., L)."""
     return jnp.maximum(jnp.maximum(scaG + m_prev, jnp.max(vecA, axis=-1)), MIN_LOG_SCALE)
-
-
-def _explicit_sharding(x: jax.Array):
-    """x's NamedSharding where its type is sharded over Explicit mesh axes, else None."""
-    sharding = jax.typeof(x).sharding
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or AxisType.Explicit not in mesh.axis_types:
-        return None
-    return sharding
-
-
-def reset_at_document_starts(vecF: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """vecF (B, NH, S) with f̃ = −∞ (a hard reset before the token) wherever segment_ids (B, S) changes.
-
-    Comparing neighbours needs the whole sequence axis: with Explicit mesh axes the ids (B·S integers) are
-    gathered along S first, and the mask is laid out as vecF before it is applied."""
-    ids_sharding, f_sharding = _explicit_sharding(segment_ids), _explicit_sharding(vecF)
-    if ids_sharding is not None:
-        batch_axes = ids_sharding.spec[0] if len(ids_sharding.spec) else None
-        segment_ids = jax.sharding.reshard(segment_ids, NamedSharding(ids_sharding.mesh, PartitionSpec(batch_axes, None)))
-    starts = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-    starts = jnp.broadcast_to(starts[:, None, :], vecF.shape)  # (B, NH, S)
-    if f_sharding is not None:
-        starts = jax.sharding.reshard(starts, f_sharding)
-    return jnp.where(starts, -jnp.inf, vecF)
-
-
-def pad_steps(matQ, matK, matV, vecI, vecF, padded_len: int):
-    """The inputs padded along S to padded_len with steps that neither write (ĩ = −∞, zero q, k, v) nor decay
-    (f̃ = +∞, log σ = 0) the state: the last states and every real step's output are unchanged."""
-    extra = padded_len - matQ.shape[2]
-    pad = lambda x, value: jnp.pad(x, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 3), constant_values=value)
-    return pad(matQ, 0), pad(matK, 0), pad(matV, 0), pad(vecI, -jnp.inf), pad(vecF, jnp.inf)

@@ -28,10 +28,12 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallas_mlstm import context_parallel
-from pallas_mlstm.chunkwise import ChunkwiseStatic, denominator_eps
-from pallas_mlstm.op import chunkwise_backward, chunkwise_forward, first_order_only, run_chunkwise
+from pallas_mlstm.chunkwise import Inputs
+from pallas_mlstm.inputs import explicit_sharding
+from pallas_mlstm.op import Residuals, chunkwise_backward, chunkwise_forward, first_order_only, run_chunkwise
+from pallas_mlstm.plan import Plan
 from pallas_mlstm.segments import segment_len_of
-from pallas_mlstm.gates import acc_dtype_of
+from pallas_mlstm.states import States, acc_dtype
 
 _PRIMAL_KINDS = (("seq", 4), ("seq", 4), ("seq", 4), ("seq", 3), ("seq", 3), ("state", 4), ("state", 3), ("state", 2))
 
@@ -44,7 +46,7 @@ class _Placement:
     heads: tuple[str, ...]
     seq: tuple[str, ...]
     seq_shards: int
-    # placed by shard_map (Explicit axes) with S in segments of static.segment_len on every shard, too: each
+    # placed by shard_map (Explicit axes) with S in segments of the plan's segment_len on every shard, too: each
     # sequence shard keeps its own segment starts for the backward
     keeps_segment_starts: bool
 
@@ -64,7 +66,7 @@ def _axes(entry) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _placement(static: ChunkwiseStatic, spec, axis_sizes: dict[str, int], q_shape, explicit: bool) -> _Placement:
+def _placement(plan: Plan, spec, axis_sizes: dict[str, int], q_shape, explicit: bool) -> _Placement:
     """The placement that q's sharding asks for; ValueError when the shapes do not split evenly, or when chunk
     states are to be kept on a sequence shard of Auto mesh axes (`explicit` False): their global shape would
     depend on the shard count, which is unknown when the program is traced."""
@@ -78,19 +80,20 @@ def _placement(static: ChunkwiseStatic, spec, axis_sizes: dict[str, int], q_shap
                 f"does not divide it: pad it to a multiple of {count} or shard it over fewer devices."
             )
     local_seq = q_shape[2] // shards[2]
-    if seq and local_seq % static.chunk_size:
+    chunking = plan.chunking
+    if seq and local_seq % chunking.chunk_size:
         raise ValueError(
             f"q's sequence axis S={q_shape[2]} is split over mesh axes {spec[2]} into pieces of {local_seq}, "
-            f"which chunk_size={static.chunk_size} does not divide: pass a chunk_size that divides {local_seq}."
+            f"which chunk_size={chunking.chunk_size} does not divide: pass a chunk_size that divides {local_seq}."
         )
-    if seq and not explicit and not static.recompute_states_in_bw and static.segment_len is None:
+    if seq and not explicit and not chunking.recompute_states_in_bw and chunking.segment_len is None:
         raise ValueError(
             f"recompute_states_in_bw=False cannot be combined with a sequence axis sharded over Auto mesh axes "
             f"{spec[2]}: pass recompute_states_in_bw=True, or make the mesh axes Explicit "
             "(jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Explicit, ...)))."
         )
-    keeps_segment_starts = (explicit and bool(seq) and static.segment_len is not None
-                            and segment_len_of(static, local_seq) == static.segment_len)
+    keeps_segment_starts = (explicit and bool(seq) and chunking.segment_len is not None
+                            and segment_len_of(plan, local_seq) == chunking.segment_len)
     return _Placement(batch, heads, seq, shards[2], keeps_segment_starts)
 
 
@@ -115,94 +118,99 @@ def _from_last_shard(x: jax.Array, seq: tuple[str, ...], shards: int) -> jax.Arr
     return lax.psum(jnp.where(lax.axis_index(seq) == shards - 1, x, jnp.zeros_like(x)), seq)
 
 
-def _unsaved_segment_starts(static, placement: _Placement, q, v):
+def _unsaved_segment_starts(plan: Plan, placement: _Placement, q, v) -> States:
     """Zeros in place of the segments' initial states on a sequence shard, shaped as the unsharded forward
     keeps them (B, NH, NSEG, ...): a shard cuts its own segments from its local length, so these do not split
     over the shards, and each shard's backward recomputes its own instead."""
     batch, heads, local_len, dhqk = q.shape
     seq_len = local_len * placement.seq_shards
-    num_segments = seq_len // segment_len_of(static, seq_len)
-    dtype = acc_dtype_of(q.dtype)
-    return (jnp.zeros((batch, heads, num_segments, dhqk, v.shape[-1]), dtype),
-            jnp.zeros((batch, heads, num_segments, dhqk), dtype), jnp.zeros((batch, heads, num_segments), dtype))
+    num_segments = seq_len // segment_len_of(plan, seq_len)
+    return States.zeros(batch, heads, dhqk, v.shape[-1], acc_dtype(q.dtype), (num_segments,))
 
 
-def _fwd_body(static, present, placement, *arrays):
+def _fwd_body(plan: Plan, present, placement, *arrays):
     """Per-shard forward: (h, [last states], [saved states: segment starts or all states], vecN_out, vecM_out).
     A sequence shard first gets the state it starts from (pallas_mlstm.context_parallel)."""
     q, k, v, i, f, c0, n0, m0 = _fill(present, arrays)
+    gate = plan.cell.input_gate
     if placement.seq:
-        end_state = context_parallel.shard_end_state(k, v, i, f, static.input_gate)
+        end_state = context_parallel.shard_end_state(k, v, i, f, gate)
         c0, n0, m0 = context_parallel.incoming_states(placement.seq, placement.seq_shards, end_state, (c0, n0, m0),
-                                                      static.input_gate)
-    out, residuals = chunkwise_forward(static, q, k, v, i, f, c0, n0, m0)
-    saved_states, n_out, m_out = residuals[-3:]
-    if placement.seq and static.segment_len is not None and not placement.keeps_segment_starts:
-        saved_states = _unsaved_segment_starts(static, placement, q, v)
-    h, last_states = out if static.return_last_states else (out, ())
+                                                      gate)
+    out, residuals = chunkwise_forward(plan, Inputs(q, k, v, i, f), States(c0, n0, m0))
+    saved_states, n_out, m_out = residuals.saved_states, residuals.n_out, residuals.m_out
+    if placement.seq and plan.chunking.segment_len is not None and not placement.keeps_segment_starts:
+        saved_states = _unsaved_segment_starts(plan, placement, q, v)
+    h, last_states = out if plan.return_last_states else (out, ())
     if placement.seq:
         last_states = tuple(_from_last_shard(x, placement.seq, placement.seq_shards) for x in last_states)
     return (h, *last_states, *(saved_states or ()), n_out, m_out)
 
 
-def _bwd_body(static, present, placement, *arrays):
+def _bwd_body(plan: Plan, present, placement, *arrays):
     """Per-shard backward: the gradients of the present primal arrays. A sequence shard recomputes the state it
     starts from and gets the gradient of the state it ends with (pallas_mlstm.context_parallel), then runs the
     chunkwise backward of its steps; the initial states' gradients are the first shard's."""
-    num_primals, num_saved = sum(present), len(_saved_kinds(static))
+    num_primals, num_saved = sum(present), len(_saved_kinds(plan))
     primals = _fill(present, arrays[:num_primals])
     saved_states = arrays[num_primals:num_primals + num_saved] or None
     n_out, m_out, dh, *last = arrays[num_primals + num_saved:]  # last: dC, dN of the last states, and their m
     if not placement.seq:
-        cotangents = (dh, (*last[:2], None)) if static.return_last_states else dh
-        grads = chunkwise_backward(static, (*primals, saved_states, n_out, m_out), cotangents)
-        return tuple(g for g in grads if g is not None)
+        cotangents = (dh, States(*last[:2])) if plan.return_last_states else dh
+        residuals = Residuals(Inputs(*primals[:5]), States(*primals[5:]), saved_states, n_out, m_out)
+        return _present_gradients(chunkwise_backward(plan, residuals, cotangents))
 
     q, k, v, i, f, c0, n0, m0 = primals
     me = lax.axis_index(placement.seq)
-    end_state = context_parallel.shard_end_state(k, v, i, f, static.input_gate)
-    if saved_states is not None and (static.segment_len is None or placement.keeps_segment_starts):
+    end_state = context_parallel.shard_end_state(k, v, i, f, plan.cell.input_gate)
+    if saved_states is not None and (plan.chunking.segment_len is None or placement.keeps_segment_starts):
         # this shard's own chunk states or segment starts, from its start state
         states_in = (c0, n0, m0)  # read only for the initial states' gradients, which are the first shard's
     else:
         saved_states = None  # recomputed from the start state (Auto axes: `_unsaved_segment_starts`)
         states_in = context_parallel.incoming_states(placement.seq, placement.seq_shards, end_state, (c0, n0, m0),
-                                                     static.input_gate)
-    dc_last, dn_last, m_last = last if static.return_last_states else (None, None, None)
+                                                     plan.cell.input_gate)
+    dc_last, dn_last, m_last = last if plan.return_last_states else (None, None, None)
     # the frame of this shard's end-state gradient: its last step's m (the last shard's: the op's last m)
     frame = m_out[..., -1].astype(end_state[2].dtype)
     if m_last is not None:
         frame = jnp.where(me == placement.seq_shards - 1, m_last.astype(frame.dtype), frame)
     start_gradient = context_parallel.shard_start_state_gradient(q, f, n_out, m_out, dh, q.shape[-1] ** -0.5,
-                                                                 denominator_eps(static.eps, static.normalize))
+                                                                 plan.cell.denominator_eps)
     d_end = context_parallel.outgoing_state_gradients(
         placement.seq, placement.seq_shards, start_gradient, end_state[3], frame,
         (dc_last, dn_last, frame if m_last is None else m_last))
-    dq, dk, dv, di, df, *d_initial = chunkwise_backward(
-        dataclasses.replace(static, return_last_states=True), (q, k, v, i, f, *states_in, saved_states, n_out, m_out),
-        (dh, (*d_end, None)), frame)
+    residuals = Residuals(Inputs(q, k, v, i, f), States(*states_in), saved_states, n_out, m_out)
+    d_inputs, d_initial = chunkwise_backward(dataclasses.replace(plan, return_last_states=True), residuals,
+                                             (dh, States(*d_end)), frame)
     first = lambda d, x: lax.psum(jnp.where(me == 0, d, jnp.zeros_like(d)), placement.seq).astype(x.dtype)
-    initial = tuple(None if x is None else first(d, x) for d, x in zip(d_initial, (c0, n0, m0)))
-    return tuple(g for g in (dq, dk, dv, di, df, *initial) if g is not None)
+    initial = States(*(None if x is None else first(d, x) for d, x in zip(d_initial, (c0, n0, m0))))
+    return _present_gradients((d_inputs, initial))
+
+
+def _present_gradients(gradients) -> tuple:
+    """(d_inputs, d_initial) as the flat tuple of the present primals' gradients."""
+    d_inputs, d_initial = gradients
+    return tuple(g for g in (*d_inputs, *d_initial) if g is not None)
 
 
 # ----------------------------------------------------------------------------- placement of the bodies
 
 
-def _saved_kinds(static: ChunkwiseStatic) -> tuple:
+def _saved_kinds(plan: Plan) -> tuple:
     """(kind, rank) of the saved states the forward passes to the backward: each segment's initial states
-    (B, NH, NSEG, ...) when `static.segment_len` is set (`run_partitioned` sets it only where S is cut into
+    (B, NH, NSEG, ...) when the plan's segment_len is set (`run_partitioned` sets it only where S is cut into
     segments), else every chunk's states unless they are recomputed (on a sequence shard: its own chunks')."""
-    if static.segment_len is not None:
+    if plan.chunking.segment_len is not None:
         return ("segment_starts", 5), ("segment_starts", 4), ("segment_starts", 3)
-    return () if static.recompute_states_in_bw else (("chunk_states", 4), ("chunk_states", 3), ("chunk_states", 3))
+    return () if plan.chunking.recompute_states_in_bw else (("chunk_states", 4), ("chunk_states", 3), ("chunk_states", 3))
 
 
-def _kinds(static: ChunkwiseStatic, present) -> tuple[tuple, tuple, tuple]:
+def _kinds(plan: Plan, present) -> tuple[tuple, tuple, tuple]:
     """(kind, rank) of every input and output of the forward and backward bodies."""
     primals = tuple(kind for kind, here in zip(_PRIMAL_KINDS, present) if here)
-    last = (("state", 4), ("state", 3), ("state", 2)) if static.return_last_states else ()
-    saved = _saved_kinds(static)
+    last = (("state", 4), ("state", 3), ("state", 2)) if plan.return_last_states else ()
+    saved = _saved_kinds(plan)
     fwd_out = (("seq", 4), *last, *saved, ("seq", 3), ("seq", 3))
     bwd_in = (*primals, *saved, ("seq", 3), ("seq", 3), ("seq", 4), *last)  # last: dC, dN of the last states, m
     return primals, fwd_out, bwd_in
@@ -223,7 +231,7 @@ def _sharding_rule(in_kinds, out_kinds) -> tuple[str, tuple[str, ...]]:
     return rule, tuple(whole)
 
 
-def _placed(body, static, present, in_kinds, out_kinds):
+def _placed(body, plan: Plan, present, in_kinds, out_kinds):
     """`body` as a function of global arrays: partitioned per shard by custom_partitioning or shard_map."""
 
     def partition(mesh, arg_shapes, result_shape):
@@ -233,37 +241,27 @@ def _placed(body, static, present, in_kinds, out_kinds):
             raise ValueError(
                 f"q must be sharded with a jax.sharding.NamedSharding over a Mesh; got {type(sharding).__name__}."
             )
-        placement = _placement(static, sharding.spec, dict(mesh.shape), arg_shapes[0].shape, explicit=False)
+        placement = _placement(plan, sharding.spec, dict(mesh.shape), arg_shapes[0].shape, explicit=False)
         shardings = lambda kinds: tuple(NamedSharding(mesh, placement.spec(*kind)) for kind in kinds)
-        return mesh, functools.partial(body, static, present, placement), shardings(out_kinds), shardings(in_kinds)
+        return mesh, functools.partial(body, plan, present, placement), shardings(out_kinds), shardings(in_kinds)
 
     rule, replicated = _sharding_rule(in_kinds, out_kinds)
-    partitioned = custom_partitioning(functools.partial(body, static, present, _UNPLACED))
+    partitioned = custom_partitioning(functools.partial(body, plan, present, _UNPLACED))
     partitioned.def_partition(partition=partition, sharding_rule=rule, need_replication_factors=replicated)
 
     def call(*arrays):
-        mesh, spec = _explicit_sharding(arrays[0])
-        if mesh is None:
+        sharding = explicit_sharding(arrays[0])
+        if sharding is None:
             return partitioned(*arrays)
-        placement = _placement(static, spec, dict(mesh.shape), arrays[0].shape, explicit=True)
+        mesh = sharding.mesh
+        placement = _placement(plan, tuple(sharding.spec), dict(mesh.shape), arrays[0].shape, explicit=True)
         in_specs = tuple(placement.spec(*kind) for kind in in_kinds)
         arrays = tuple(jax.sharding.reshard(x, NamedSharding(mesh, s)) for x, s in zip(arrays, in_specs))
         out_specs = tuple(placement.spec(*kind) for kind in out_kinds)
-        local = functools.partial(body, static, present, placement)
+        local = functools.partial(body, plan, present, placement)
         return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*arrays)
 
     return _fold_vmap(call)
-
-
-def _explicit_sharding(x):
-    """(mesh, spec) when x's type is sharded over Explicit mesh axes, else (None, None)."""
-    sharding = jax.typeof(x).sharding
-    mesh = sharding.mesh
-    explicit = {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Explicit}
-    spec = tuple(sharding.spec)
-    if not any(set(_axes(entry)) & explicit for entry in spec):
-        return None, None
-    return mesh, spec
 
 
 def _fold_vmap(op):
@@ -284,40 +282,40 @@ def _fold_vmap(op):
     return op_vmap
 
 
-@functools.lru_cache(maxsize=None)
-def _ops(static: ChunkwiseStatic, present: tuple[bool, ...]):
-    """The placed forward and backward bodies of one (static, present-arrays) signature."""
-    primals, fwd_out, bwd_in = _kinds(static, present)
-    return (_placed(_fwd_body, static, present, primals, fwd_out),
-            _placed(_bwd_body, static, present, bwd_in, primals))
+@functools.cache
+def _ops(plan: Plan, present: tuple[bool, ...]):
+    """The placed forward and backward bodies of one (plan, present-arrays) signature."""
+    primals, fwd_out, bwd_in = _kinds(plan, present)
+    return (_placed(_fwd_body, plan, present, primals, fwd_out),
+            _placed(_bwd_body, plan, present, bwd_in, primals))
 
 
 # ----------------------------------------------------------------------------- the differentiable op
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sharded_chunkwise(static, q, k, v, i, f, c_initial, n_initial, m_initial):
+def _sharded_chunkwise(plan, q, k, v, i, f, c_initial, n_initial, m_initial):
     # not differentiated: no states to keep for a backward
-    static = dataclasses.replace(static, recompute_states_in_bw=True)
-    return _sharded_fwd(static, q, k, v, i, f, c_initial, n_initial, m_initial)[0]
+    plan = plan.replace_chunking(recompute_states_in_bw=True)
+    return _sharded_fwd(plan, q, k, v, i, f, c_initial, n_initial, m_initial)[0]
 
 
-def _sharded_fwd(static, *primals):
+def _sharded_fwd(plan: Plan, *primals):
     present = _present(primals)
-    outs = _ops(static, present)[0](*(x for x in primals if x is not None))
+    outs = _ops(plan, present)[0](*(x for x in primals if x is not None))
     h, n_out, m_out = outs[0], outs[-2], outs[-1]
-    num_last = 3 if static.return_last_states else 0
-    out = (h, tuple(outs[1:1 + num_last])) if static.return_last_states else h
-    last_m = outs[num_last] if static.return_last_states else None  # the frame of the last states' cotangents
+    num_last = 3 if plan.return_last_states else 0
+    out = (h, States(*outs[1:1 + num_last])) if plan.return_last_states else h
+    last_m = outs[num_last] if plan.return_last_states else None  # the frame of the last states' cotangents
     return out, (primals, tuple(outs[1 + num_last:-2]), n_out, m_out, last_m)
 
 
-def _sharded_bwd(static, residuals, cotangents):
+def _sharded_bwd(plan: Plan, residuals, cotangents):
     primals, saved_states, n_out, m_out, last_m = residuals
     present = _present(primals)
-    dh, d_last = cotangents if static.return_last_states else (cotangents, ())
-    last = (*d_last[:2], last_m) if static.return_last_states else ()  # m is held constant: its cotangent is unused
-    grads = iter(_ops(static, present)[1](*(x for x in primals if x is not None), *saved_states, n_out, m_out,
+    dh, d_last = cotangents if plan.return_last_states else (cotangents, ())
+    last = (*d_last[:2], last_m) if plan.return_last_states else ()  # m is held constant: its cotangent is unused
+    grads = iter(_ops(plan, present)[1](*(x for x in primals if x is not None), *saved_states, n_out, m_out,
                                           dh, *last))
     return tuple(None if x is None else next(grads) for x in primals)
 
@@ -339,29 +337,30 @@ def _states_can_be_kept(q) -> bool:
     tracing (one device, inside a shard_map with Manual axes, Explicit mesh axes), and on Auto mesh axes only
     while the sequence axis is known to be whole (no mesh and one device). Auto mesh axes are placed only when
     XLA partitions the program, and a sequence shard's states have a global shape that depends on the count."""
-    if _nothing_to_partition(q) or _explicit_sharding(q)[0] is not None:
+    if _nothing_to_partition(q) or explicit_sharding(q) is not None:
         return True
     no_mesh = jax.sharding.get_abstract_mesh().empty and jax.typeof(q).sharding.mesh.empty
     return no_mesh and jax.device_count() == 1
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _run_jit(static, q, k, v, i, f, c_initial, n_initial, m_initial):
-    return _sharded_chunkwise(static, q, k, v, i, f, c_initial, n_initial, m_initial)
+def _run_jit(plan: Plan, q, k, v, i, f, c_initial, n_initial, m_initial):
+    return _sharded_chunkwise(plan, q, k, v, i, f, c_initial, n_initial, m_initial)
 
 
-def run_partitioned(static: ChunkwiseStatic, q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None):
+def run_partitioned(plan: Plan, inputs: Inputs, initial: States):
     """`pallas_mlstm.op.run_chunkwise` for inputs that may be sharded over a mesh (B, NH and/or S).
 
     Runs as a jitted call (partitioned per shard by XLA) unless there is nothing to partition: inside a
     `shard_map` whose axes are all Manual, or under a one-device mesh (e.g. deviceless lowering).
-    `static.segment_len` becomes the one S is cut with (`segment_len_of`), None for one pass; a
+    The plan's segment_len becomes the one S is cut with (`segment_len_of`), None for one pass; a
     `recompute_states_in_bw` of None becomes False (keep the chunk states for the backward) where they can be
     kept (`_states_can_be_kept`), else True.
     """
-    static = dataclasses.replace(static, segment_len=segment_len_of(static, q.shape[2]))
-    if static.recompute_states_in_bw is None:
-        static = dataclasses.replace(static, recompute_states_in_bw=not _states_can_be_kept(q))
+    q = inputs.q
+    plan = plan.replace_chunking(segment_len=segment_len_of(plan, q.shape[2]))
+    if plan.chunking.recompute_states_in_bw is None:
+        plan = plan.replace_chunking(recompute_states_in_bw=not _states_can_be_kept(q))
     if _nothing_to_partition(q):
-        return run_chunkwise(static, q, k, v, i, f, c_initial, n_initial, m_initial)
-    return _run_jit(static, q, k, v, i, f, c_initial, n_initial, m_initial)
+        return run_chunkwise(plan, inputs, initial)
+    return _run_jit(plan, *inputs, *initial)

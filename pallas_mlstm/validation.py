@@ -1,9 +1,10 @@
-"""Input checks shared by the oracles and the public API: `ValueError`s that say how to fix the call."""
+"""Array input checks shared by the oracles and the public API: `ValueError`s that say how to fix the call.
+
+The rules for the non-array options live in pallas_mlstm/plan.py."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
 
 def _shape_of(x):
@@ -12,7 +13,10 @@ def _shape_of(x):
 
 def _check_float(name, x):
     dtype = getattr(x, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    if dtype is None:
+        raise ValueError(f"{name} must be an array (a jax.Array or numpy.ndarray of floats); got a "
+                         f"{type(x).__name__}: pass jnp.asarray({name}).")
+    if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(
             f"{name} must be a floating-point array (float16, bfloat16, float32 or float64); got dtype {dtype}."
         )
@@ -54,41 +58,6 @@ def validate_mlstm_inputs(q, k, v, i, f, c_initial=None, n_initial=None, m_initi
     return batch, heads, seq_len, dhqk, dhhv
 
 
-INPUT_GATES = ("exponential", "sigmoid")
-
-
-def validate_gate_options(input_gate, normalize=True) -> None:
-    """Checks the input-gate variant ("exponential": mLSTMexp, "sigmoid": mLSTMsig) and `normalize`, a bool
-    that only the sigmoid gate may turn off (the exponential gate's states are unbounded without the normaliser)."""
-    if input_gate not in INPUT_GATES:
-        raise ValueError(f"input_gate must be one of {INPUT_GATES}; got {input_gate!r}.")
-    if not isinstance(normalize, (bool, np.bool_)):
-        raise ValueError(f"normalize must be a bool; got {normalize!r}.")
-    if not normalize and input_gate == "exponential":
-        raise ValueError(
-            "normalize=False needs input_gate='sigmoid': with the exponential input gate the states grow without "
-            "bound and h is only defined normalised; drop normalize, or pass input_gate='sigmoid'."
-        )
-
-
-def validate_chunk_size(chunk_size, seq_len, *, name="chunk_size", minimum=1) -> int:
-    """Checks that chunk_size (an int, NumPy integers too) is a power of 2, at least `minimum`, and divides
-    seq_len (unless seq_len is None); returns it as a Python int."""
-    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, (bool, np.bool_)) or chunk_size < 1:
-        raise ValueError(f"{name} must be a positive int; got {chunk_size!r}.")
-    chunk_size = int(chunk_size)
-    if chunk_size & (chunk_size - 1):
-        raise ValueError(f"{name} must be a power of 2 (e.g. 64, 128, 256); got {chunk_size}.")
-    if chunk_size < minimum:
-        raise ValueError(f"{name} must be at least {minimum} for this backend; got {chunk_size}.")
-    if seq_len is not None and seq_len % chunk_size:
-        raise ValueError(
-            f"the sequence length S={seq_len} must be a multiple of {name}={chunk_size}: "
-            f"pad S to {-(-seq_len // chunk_size) * chunk_size} or choose a {name} that divides it."
-        )
-    return chunk_size
-
-
 def validate_segment_ids(segment_ids, batch: int, seq_len: int) -> None:
     """Checks that segment_ids is an integer array of shape (B, S)."""
     dtype = getattr(segment_ids, "dtype", None)
@@ -100,4 +69,13 @@ def validate_segment_ids(segment_ids, batch: int, seq_len: int) -> None:
         raise ValueError(
             f"segment_ids must have shape (B, S) = {(batch, seq_len)}, one document id per token; got "
             f"{_shape_of(segment_ids)}."
+        )
+
+
+def validate_operand_dtypes(q, k, v) -> None:
+    """Checks that q, k and v (the matmul operands) share a dtype."""
+    if v.dtype != q.dtype or k.dtype != q.dtype:
+        raise ValueError(
+            f"q, k and v must share a dtype (got {q.dtype}, {k.dtype}, {v.dtype}); cast them to one "
+            "(mlstm_chunkwise also takes autocast_kernel_dtype)."
         )

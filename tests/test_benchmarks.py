@@ -114,16 +114,17 @@ def test_kernel_launch_sweep_agrees_across_launches(tmp_path):
 
 
 def test_default_config_uses_tuned_configs_for_16_bit_triton_operands_only():
-    from pallas_mlstm.api import default_config
+    from pallas_mlstm.plan import resolve_config
+    from pallas_mlstm.registry import registered
 
     tuned = tuned_config("NVIDIA H200", 8, 8, 8192, 256, 512)
     assert tuned is not None and tuned.chunk_size is not None  # the packaged H200 entry of the 7b class
     for dtype in (jnp.bfloat16, jnp.float16):
-        assert default_config("triton", "NVIDIA H200", (8, 8, 8192, 256), 512, dtype) == tuned
+        assert resolve_config(registered("triton"), None, (8, 8, 8192, 256, 512), dtype, "NVIDIA H200") == tuned
     # float32 tiles take twice the shared memory the entry was measured with: the kernels' own defaults
-    assert default_config("triton", "NVIDIA H200", (8, 8, 8192, 256), 512, jnp.float32) == ChunkwiseConfig()
-    assert default_config("xla", "NVIDIA H200", (8, 8, 8192, 256), 512, jnp.bfloat16) == ChunkwiseConfig()
-    assert default_config("triton", "cpu", (8, 8, 8192, 256), 512, jnp.bfloat16) == ChunkwiseConfig()
+    assert resolve_config(registered("triton"), None, (8, 8, 8192, 256, 512), jnp.float32, "NVIDIA H200") == ChunkwiseConfig()
+    assert resolve_config(registered("xla"), None, (8, 8, 8192, 256, 512), jnp.bfloat16, "NVIDIA H200") == ChunkwiseConfig()
+    assert resolve_config(registered("triton"), None, (8, 8, 8192, 256, 512), jnp.bfloat16, "cpu") == ChunkwiseConfig()
 
 
 def test_tune_stages_offer_the_kernel_defaults():

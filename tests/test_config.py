@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 
 from pallas_mlstm import config as config_module
-from pallas_mlstm import launch_defaults
-from pallas_mlstm.api import default_config
+from pallas_mlstm import plan
 from pallas_mlstm.config import ChunkwiseConfig, tuned_config
 from pallas_mlstm.device import DeviceProperties
-from pallas_mlstm.launch_defaults import default_chunk_size
-from pallas_mlstm.pallas_triton import common
+from pallas_mlstm.pallas_triton import common, launch_defaults
 from pallas_mlstm.pallas_triton.parallel_bw_dK import mlstm_chunkwise__parallel_bw_dK
 from pallas_mlstm.pallas_triton.parallel_bw_dQ import mlstm_chunkwise__parallel_bw_dQ
 from pallas_mlstm.pallas_triton.parallel_bw_dV import mlstm_chunkwise__parallel_bw_dV
 from pallas_mlstm.pallas_triton.parallel_fw import mlstm_chunkwise__parallel_fw_Hintra
 from pallas_mlstm.pallas_triton.recurrent_bw import mlstm_chunkwise__recurrent_bw_dC
 from pallas_mlstm.pallas_triton.recurrent_fw import mlstm_chunkwise__recurrent_fw_C
+from pallas_mlstm.plan import default_chunk_size, resolve_config
+from pallas_mlstm.registry import registered
 
 TILE_FIELDS = ("siz_b_L_parallel", "siz_b_L_loop", "siz_b_DH_parallel", "siz_b_DH_loop")
 WARP_FIELDS = ("num_warps_intra", "num_warps_inter")
@@ -117,9 +117,9 @@ def test_default_chunk_size_rule(seq_len, minimum, expected):
 
 
 def test_default_chunk_size_below_minimum():
-    assert launch_defaults.MIN_PALLAS_CHUNK == 16 and launch_defaults.DEFAULT_MAX_CHUNK == 128
+    assert registered("triton").min_chunk == 16 and plan.DEFAULT_MAX_CHUNK == 128
     with pytest.raises(ValueError, match=r"S=40 must be a multiple of 16 .*pad S to 48"):
-        default_chunk_size(40, launch_defaults.MIN_PALLAS_CHUNK)
+        default_chunk_size(40, registered("triton").min_chunk)
 
 
 # --- launch defaults --------------------------------------------------------------------------------------
@@ -315,9 +315,9 @@ def test_default_config_on_an_untuned_hopper_card(tmp_path, monkeypatch):
                    if "dhqk256-dhhv512-long" in entries]
     assert tuned_cards, "the packaged configs hold a 7b-class entry"
     pcie = DeviceProperties("NVIDIA H100 PCIe", (9, 0), 114)
-    borrowed = default_config("triton", pcie, q_shape, dhhv, jnp.bfloat16)
+    borrowed = resolve_config(registered("triton"), None, (*q_shape, dhhv), jnp.bfloat16, pcie)
     assert borrowed in [config_module.tuned_configs_in(config_module.PACKAGED_TUNED_CONFIGS_PATH)[kind]["dhqk256-dhhv512-long"]
                         for kind in tuned_cards]
-    assert default_config("triton", "NVIDIA H100 PCIe", q_shape, dhhv, jnp.bfloat16) == ChunkwiseConfig()
-    assert default_config("triton", DeviceProperties("NVIDIA A100", (8, 0), 108), q_shape, dhhv,
-                          jnp.bfloat16) == ChunkwiseConfig()  # no tuned card of capability 8.0: kernel defaults
+    assert resolve_config(registered("triton"), None, (*q_shape, dhhv), jnp.bfloat16, "NVIDIA H100 PCIe") == ChunkwiseConfig()
+    assert resolve_config(registered("triton"), None, (*q_shape, dhhv), jnp.bfloat16,
+                          DeviceProperties("NVIDIA A100", (8, 0), 108)) == ChunkwiseConfig()  # no tuned card of capability 8.0: kernel defaults

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import pallas_mlstm
-from pallas_mlstm.benchmarks.shapes import GPU_DEFAULT_SHAPES, SHAPES
 from pallas_mlstm.accuracy import GPU_SHAPES_TOLERANCE, mlstm_inputs, rel_err
+from pallas_mlstm.benchmarks.shapes import GPU_DEFAULT_SHAPES, SHAPES
 from tests import flags as test_flags
 from tests.helpers import case_key
 

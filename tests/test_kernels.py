@@ -44,7 +44,7 @@ def _gate_kwargs(kernel_name: str, input_gate: str, normalize: bool) -> dict:
     return dict(input_gate=input_gate, **({"normalize": normalize} if kernel_name == "parallel_fw_Hintra" else {}))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _case_arrays(case: str, dtype, with_initial: bool, input_gate: str = "exponential", normalize: bool = True):
     """Inputs of every kernel for one case, chained through the jnp twins (float32 states)."""
     batch, heads, seq_len, dhqk, dhhv, chunk, _ = CASES[case]

@@ -16,7 +16,7 @@ import pytest
 
 import pallas_mlstm
 from pallas_mlstm.accuracy import mlstm_inputs, rel_err
-from pallas_mlstm.segments import SEGMENT_MAX_LEN, default_segment_len
+from pallas_mlstm.plan import SEGMENT_MAX_LEN, default_segment_len
 from tests import flags as test_flags
 from tests.helpers import case_key, plain_loss
 

@@ -36,7 +36,7 @@ _RUNS = [("xla", name) for name in CASES] + [("interpret", name) for name in _IN
 # as accurate as the one-device result, both measured against float64.
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _results(backend: str) -> dict:
     """Every case of `backend`, run once in a 4-device subprocess: {case name: result}."""
     names = [name for run_backend, name in _RUNS if run_backend == backend]
@@ -122,7 +122,7 @@ def _lower_for_cuda(mesh: AbstractMesh, lead_spec: tuple) -> str:
         return jax.jit(fwbw).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _single_gpu_kernel_count() -> int:
     mesh = AbstractMesh((1,), ("b",), axis_types=(AxisType.Auto,), abstract_device=_GPU)
     return _lower_for_cuda(mesh, (None,)).count("__gpu$xla.gpu.triton")

@@ -14,18 +14,21 @@ the bench); --kernel_interpret smoke-tests on a CPU.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-from typing import Callable
+import types
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-import pallas_mlstm.backend
-from pallas_mlstm import accuracy
+import pallas_mlstm
+from pallas_mlstm import accuracy, pallas_triton
 from pallas_mlstm.benchmarks.shapes import resolve_shapes
 from pallas_mlstm.benchmarks.timing import median_ms
-from pallas_mlstm.chunkwise import state_buffer_dtype
+from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS
+from pallas_mlstm.states import state_buffer_dtype
 
 _SHAPES = flags.DEFINE_list("kernel_shapes", ["7b"], "Named shapes (pallas_mlstm/benchmarks/shapes.py).")
 _CHUNK = flags.DEFINE_integer("kernel_chunk", 128, "Chunk size.")
@@ -84,7 +87,8 @@ def kernel_cases(shape, chunk: int, interpret: bool = False) -> list[KernelCase]
     key = jax.random.PRNGKey(0)
     q, k, v, i, f, *_ = accuracy.mlstm_inputs(key, B, NH, S, DK, DV, jnp.bfloat16)
     dh = jax.random.normal(jax.random.fold_in(key, 1), (B, NH, S, DV), jnp.bfloat16)
-    p = pallas_mlstm.backend.kernel_set("interpret" if interpret else "triton")
+    p = types.SimpleNamespace(**{name: functools.partial(getattr(pallas_triton, f"mlstm_chunkwise__{name}"),
+                                                         interpret=interpret) for name in CHUNKWISE_KERNELS})
     gates = lambda launch: jax.jit(lambda i, f: pallas_mlstm.compute_chunkwise_log_gates_vecB_vecA(i, f, chunk))
     narrow = dict(states_dtype=state_buffer_dtype(q.dtype))  # the state buffers of the production path
     fw_c = lambda launch: jax.jit(lambda k, v, i, f: p.recurrent_fw_C(k, v, f, i, chunk_size=chunk, **narrow, **launch))

@@ -23,10 +23,17 @@ from absl import app, flags
 
 from pallas_mlstm import accuracy
 from pallas_mlstm.benchmarks import impls, plot
-from pallas_mlstm.benchmarks.timing import median_ms
 from pallas_mlstm.benchmarks.shapes import (
-    CPU_DEFAULT_SHAPES, GPU_DEFAULT_SHAPES, SHAPES as NAMED_SHAPES, SWEEP_ALIAS, Shape, resolve_shapes,
+    CPU_DEFAULT_SHAPES,
+    GPU_DEFAULT_SHAPES,
+    SWEEP_ALIAS,
+    Shape,
+    resolve_shapes,
 )
+from pallas_mlstm.benchmarks.shapes import (
+    SHAPES as NAMED_SHAPES,
+)
+from pallas_mlstm.benchmarks.timing import median_ms
 
 MODES = ("fw", "fwbw")
 DEFAULT_CHUNK = "default"  # --chunk_sizes token: the library's own choice (peers: their default, 128)
@@ -303,7 +310,7 @@ def main_bench(argv: list[str]) -> None:
         say("peak memory is not recorded: with --noisolate it would be the peak of all runs so far.")
     context = {
         "card": card, "platform": platform, "jax_version": jax.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python -m pallas_mlstm " + shlex.join(sys.argv[1:]),
     }
     records = []

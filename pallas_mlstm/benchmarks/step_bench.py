@@ -66,7 +66,7 @@ def main(argv) -> None:
         reference_h = None
         common = dict(B=batch, NH=NH, DHQK=DHQK, DHHV=DHHV, card=jax.devices()[0].device_kind,
                       jax_version=jax.__version__, calls=_CALLS.value,
-                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                       command="python -m pallas_mlstm.benchmarks.step_bench " + " ".join(sys.argv[1:]))
         bound = jax.jit(lambda c: c + 1.0)
         bound_ms = median_ms(bound, [(args[5],)], _CALLS.value)

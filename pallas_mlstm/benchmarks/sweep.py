@@ -1,14 +1,15 @@
 """`python -m pallas_mlstm tune`: measure launch configs of the triton backend; keep the best per card and shape class.
 
-A coordinate descent in four stages, each varying a few fields of the best config so far (a pruned grid,
-not the full product):
+A coordinate descent in stages, each varying a few fields of the best config so far (a pruned grid, not the
+full product). The first four set the shared knobs, upstream's flat launch fields, for all kernels at once:
 
 1. chunk size {64, 128, 256} with the sequence tiles (siz_b_L_parallel, siz_b_L_loop) of L_TILE_PAIRS;
 2. head tiles siz_b_DH_parallel × siz_b_DH_loop in {32, 64, 128}², up to the padded head dims;
 3. num_warps_intra {4, 8} × num_stages_intra {1, 2, 3};
 4. num_warps_inter {4, 8} × num_stages_inter {1, 2, 3}.
-Every field may also stay None (each kernel's own default: the kernels differ in their best tiles, a config
-field sets one value for all of them), and stage 1 starts with the chunk size alone.
+Every field may also stay None (each kernel's own default), and stage 1 starts with the chunk size alone.
+Then one stage per kernel tries that kernel's own launches (`kernel_times.LAUNCH_CANDIDATES`) in the config's
+per-kernel entries (`ChunkwiseConfig.kernels`), since the kernels differ in their best tiles.
 
 The first candidate is ChunkwiseConfig() (the heuristics), whose forward output must pass the bench's check
 against the float32 reference; every other candidate's output and gradients must agree with the default's
@@ -35,10 +36,14 @@ from absl import app, flags
 
 import pallas_mlstm
 from pallas_mlstm import accuracy
-from pallas_mlstm.benchmarks import impls, runner, timing
+from pallas_mlstm.benchmarks import impls, kernel_times, runner, timing
 from pallas_mlstm.benchmarks.shapes import Shape, resolve_shapes
 from pallas_mlstm.config import (
-    TUNED_CONFIGS_ENV, ChunkwiseConfig, shape_class, tuned_configs_in, user_tuned_configs_path,
+    TUNED_CONFIGS_ENV,
+    ChunkwiseConfig,
+    shape_class,
+    tuned_configs_in,
+    user_tuned_configs_path,
 )
 from pallas_mlstm.device import device_properties
 from pallas_mlstm.pallas_triton.common import padded_dim
@@ -104,18 +109,35 @@ def _inter_stage(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
             if (w is None) == (s is None)]
 
 
+def _kernel_stage(kernel: str):
+    """The stage that tries `kernel`'s own launches (kernel_times.LAUNCH_CANDIDATES) over the best so far."""
+
+    def candidates(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
+        del shape
+        launches = best.kernel_launches()
+        return [dataclasses.replace(best, kernels={**launches, kernel: {**launches.get(kernel, {}), **launch}})
+                for launch in kernel_times.LAUNCH_CANDIDATES[kernel] if launch]
+
+    return candidates
+
+
+# The shared knobs first (chunk size, then every kernel's tiles, warps and stages at once, as upstream's flat
+# launch fields name them), then each kernel's own launch in turn.
 STAGES = (
     ("chunk and sequence tiles", _sequence_stage),
     ("head tiles", _head_stage),
     ("intra launch", _intra_stage),
     ("inter launch", _inter_stage),
+    *((f"{kernel} launch", _kernel_stage(kernel)) for kernel in kernel_times.LAUNCH_CANDIDATES),
 )
 
 
 def describe(config: ChunkwiseConfig) -> str:
     """The fields a config sets, as `name=value` pairs ("heuristics" when none is set)."""
-    values = ((field.name, getattr(config, field.name)) for field in dataclasses.fields(config))
-    return " ".join(f"{name}={value}" for name, value in values if value is not None) or "heuristics"
+    values = [(field.name, getattr(config, field.name)) for field in dataclasses.fields(config)
+              if field.name != "kernels" and getattr(config, field.name) is not None]
+    values += [(kernel, dict(fields)) for kernel, fields in config.kernels]
+    return " ".join(f"{name}={value}" for name, value in values) or "heuristics"
 
 
 def _evaluate(config, backend, input_sets, weights, expected, calls):
@@ -182,7 +204,7 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
     runner.say(f"{shape.name} best ({describe(best)}): {confirmed_best_ms:.3f} ms fwbw vs {confirmed_default_ms:.3f} "
                f"ms default (timed again after the search of {len(timings)} configs)")
     return {
-        "config": dataclasses.asdict(best), "fwbw_ms": confirmed_best_ms, "default_fwbw_ms": confirmed_default_ms,
+        "config": best.to_json(), "fwbw_ms": confirmed_best_ms, "default_fwbw_ms": confirmed_default_ms,
         "configs_timed": len(timings), "complete": complete, "tuned_on": {"shape": shape.name, **shape.dims()},
         "backend": backend, "calls": calls,
     }
@@ -242,7 +264,7 @@ def main_tune(argv: list[str]) -> None:
             continue
         entry.update({
             "jax_version": jax.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": "python -m pallas_mlstm " + shlex.join(sys.argv[1:]),
         })
         key = shape_class(shape.S, shape.DHQK, shape.DHHV)

@@ -1,7 +1,7 @@
 """Helpers shared by the Pallas kernels: dots with explicit precision, tiling, padding, launch params.
 
 Mechanics only: the default tiles, warps and stages (and the heuristics that pick them) are in
-pallas_mlstm/launch_defaults.py.
+pallas_triton/launch_defaults.py, the launch config a caller passes (`TritonLaunch`) in pallas_triton/launch.py.
 
 No kernel sees a partial tile: head dims are zero-padded to a power of 2 (at least 16) before the launch
 (zeros change no product; padded output columns are sliced off), and every sequence tile size is a power
@@ -16,8 +16,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-# Triton's dot needs every matrix side >= 16; all in-kernel arrays need power-of-2 sizes.
-MIN_TILE = 16
+from pallas_mlstm import states
+from pallas_mlstm.pallas_triton.launch import MIN_TILE, TritonLaunch  # MIN_TILE: Triton's dot needs sides >= 16
 
 
 def padded_dim(size: int) -> int:
@@ -43,6 +43,11 @@ def tile_size(requested: int | None, dim: int, default: int, name: str) -> int:
             f"{name} must be a power of 2 between {MIN_TILE} and {dim} that divides {dim}; got {requested}."
         )
     return size
+
+
+def triton_launch(call) -> TritonLaunch:
+    """The `TritonLaunch` of a `KernelCall`: its `launch`, or all measured defaults where that is None."""
+    return TritonLaunch() if call.launch is None else call.launch
 
 
 def compiler_params(num_warps: int | None, num_stages: int | None, default_warps: int, default_stages: int):
@@ -82,12 +87,8 @@ def matmul_precision(dtype, allow_tf32: bool):
 def dot(a: jax.Array, b: jax.Array, precision, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
     """a @ b (optionally transposed operands) accumulated in float32 (float64 for float64 operands)."""
     contract = ((0 if trans_a else 1,), (1 if trans_b else 0,))
-    return lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=acc_dtype(a.dtype))
-
-
-def acc_dtype(dtype):
-    """Accumulator / gate / state dtype for operands of `dtype`."""
-    return jnp.promote_types(dtype, jnp.float32)
+    return lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                           preferred_element_type=states.acc_dtype(a.dtype))
 
 
 def tile_start(index, block: int):
@@ -118,7 +119,7 @@ def dot_nt_tiled(a_ref, a_rows, b_ref, b_rows, depth: int, block: int, precision
         a = a_ref[a_rows, cols]
         return dot(a, b_ref[b_rows, cols].astype(a.dtype), precision, trans_b=True)
 
-    init = jnp.zeros((a_rows.size, b_rows.size), acc_dtype(a_ref.dtype))
+    init = jnp.zeros((a_rows.size, b_rows.size), states.acc_dtype(a_ref.dtype))
     return sum_over_tiles(depth // block, tile, init)
 
 
@@ -130,13 +131,13 @@ def dot_nn_tiled(a_ref, a_rows, b_ref, depth: int, block: int, precision) -> jax
         a = a_ref[a_rows, inner]
         return dot(a, b_ref[inner, :].astype(a.dtype), precision)
 
-    init = jnp.zeros((a_rows.size, b_ref.shape[1]), acc_dtype(a_ref.dtype))
+    init = jnp.zeros((a_rows.size, b_ref.shape[1]), states.acc_dtype(a_ref.dtype))
     return sum_over_tiles(depth // block, tile, init)
 
 
 def row_dot_tiled(a_ref, a_rows, vec_ref, depth: int, block: int) -> jax.Array:
     """Σ over depth tiles of a_ref[a_rows, d] · vec_ref[d] (elementwise, in the accumulator dtype)."""
-    dtype = acc_dtype(a_ref.dtype)
+    dtype = states.acc_dtype(a_ref.dtype)
 
     def tile(t):
         inner = pl.ds(tile_start(t, block), block)

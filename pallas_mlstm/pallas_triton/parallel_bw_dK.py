@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_mlstm import launch_defaults
-from pallas_mlstm.pallas_triton import common, parallel_bw_common
+from pallas_mlstm.kernel_call import KernelCall
+from pallas_mlstm.pallas_triton import common, launch_defaults, parallel_bw_common
+from pallas_mlstm.states import acc_dtype
 
 
 def _parallel_bw_dk_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, a_ref, m_ref, r_ref, den_ref, dc_ref, m_next_ref,
                            dk_ref, k_dk_ref, *, qk_scale: float, eps: float, block_lq: int, block_dhhv: int, precision):
     block_lkv, dhhv = v_ref.shape
     chunk_size = b_ref.shape[0]
-    dtype = common.acc_dtype(q_ref.dtype)
+    dtype = acc_dtype(q_ref.dtype)
     kv_start = pl.program_id(1) * block_lkv  # position of the key tile inside its chunk
     kv_tile = pl.ds(0, block_lkv)
     vec_b_kv = b_ref[pl.ds(kv_start, block_lkv)].astype(dtype)  # (bLKV,)
@@ -47,6 +46,28 @@ def _parallel_bw_dk_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, a_ref, m_r
     dk_ref[...] = dk.astype(dk_ref.dtype)
     # float32 Σ_d k·dk of this DHQK tile, before dk is rounded to its output dtype (for df̃ and dĩ)
     k_dk_ref[...] = jnp.sum(k_ref[...].astype(dtype) * dk, axis=1).astype(k_dk_ref.dtype)  # (bLKV, bDHQK) -> (bLKV,)
+
+
+DK = parallel_bw_common.BwKernel(
+    name="mlstm_chunkwise__parallel_bw_dK", body=_parallel_bw_dk_kernel, defaults=launch_defaults.PARALLEL_BW_DK,
+    grid=("DHQK", "LKV"),  # output tile (bLKV key rows, bDHQK); walks query tiles and DHHV
+    reads=(("q", "chunk"), ("k", "tile"), ("v", "tile"), ("dh", "chunk"), ("vec_b", "chunk"), ("vec_i", "chunk"),
+           ("vec_a", "tile"), ("vec_m", "chunk"), ("vec_r", "chunk"), ("den", "chunk"), ("dc_all", "end"),
+           ("m_all", "end")),
+    row_dots=True,
+)
+
+
+def parallel_bw_dK(call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH,
+                   matDeltaC_states):
+    """The launcher of `mlstm_chunkwise__parallel_bw_dK`: (dK (B, NH, S, DHQK), Σ_d k·dk (B, NH, S) float32,
+    summed before dK is rounded).
+    chunk_gates = (vecA, vecB, vecR or None), chunk_states = (matC_all, vecN_all, scaM_all); trusts
+    `call` (chunk_size, qk_scale, eps, output_dtype, input_gate, launch: siz_b_LQ / siz_b_LKV / siz_b_DHQK /
+    siz_b_DHHV / num_warps / num_stages, allow_tf32, interpret)."""
+    arrays = parallel_bw_common.BwArrays(matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out,
+                                         matDeltaH, matDeltaC_states)
+    return parallel_bw_common.launch(DK, call, arrays)
 
 
 def mlstm_chunkwise__parallel_bw_dK(
@@ -82,6 +103,7 @@ def mlstm_chunkwise__parallel_bw_dK(
 ):
     """Gradient of k, (B, NH, S, DHQK): ((dH̄ Vᵀ) ⊙ e^{D̃−m})ᵀ Q·s + (V dC_kᵀ) ⊙ e^{a−m_k}.
 
+    The upstream-signature adapter over `parallel_bw_dK`: checks its arguments, then launches.
     With `return_row_dots`, returns (dK, Σ_d k·dk (B, NH, S) float32, summed before dK is rounded).
     Grid (DHQK/bDHQK, L/bLKV, NC·B·NH); query tiles from the diagonal down and DHHV tiles loop in-kernel.
     With hard resets (f̃ = −∞), pass vecB and `vecR` from `compute_chunkwise_reset_gates`.
@@ -94,32 +116,12 @@ def mlstm_chunkwise__parallel_bw_dK(
     elements, else 4); num_stages None: launch_defaults.parallel_num_stages (2; 1 and head-dim tiles <= 128
     on cards with less shared memory than Hopper's).
     """
-    del vecN_all
-    layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, vecR, matC_all, scaM_all,
-                                           vecN_out, vecM_out, matDeltaH, matDeltaC_states, chunk_size,
-                                           input_gate)
-    block_lq, block_lkv, block_dhqk, block_dhhv = layout.tiles(
-        siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults=launch_defaults.PARALLEL_BW_DK)
-    qk_scale = layout.dhqk**-0.5 if qk_scale is None else qk_scale
-    kernel = functools.partial(_parallel_bw_dk_kernel, qk_scale=qk_scale, eps=eps, block_lq=block_lq,
-                               block_dhhv=block_dhhv, precision=common.matmul_precision(matQ.dtype, allow_tf32))
-    in_specs = [
-        layout.chunk_rows(block_dhqk, tiled_cols=True),  # q
-        layout.tile_rows(block_lkv, block_dhqk, tiled_cols=True),  # k
-        layout.tile_rows(block_lkv, layout.dhhv_p, tiled_cols=False),  # v
-        layout.chunk_rows(layout.dhhv_p, tiled_cols=False),  # dh
-        layout.chunk_vec(),  # vec_b
-        layout.chunk_vec(),  # vec_i
-        layout.tile_vec(block_lkv),  # vec_a
-        layout.chunk_vec(),  # vec_m
-        layout.chunk_vec(),  # vec_r
-        layout.chunk_vec(),  # den
-        layout.state(1, block_dhqk, layout.dhhv_p, tiled_rows=True),  # dC_k
-        layout.state_m(1),  # m_k
-    ]
-    inputs = [x[name] for name in ("q", "k", "v", "dh", "vec_b", "vec_i", "vec_a", "vec_m", "vec_r", "den", "dc_all", "m_all")]
-    dk, k_dk = parallel_bw_common.launch(
-        kernel, layout, layout.dhqk_p // block_dhqk, chunk_size // block_lkv, in_specs, inputs,
-        layout.tile_rows(block_lkv, block_dhqk, tiled_cols=True), layout.dhqk_p, output_dtype, num_warps,
-        num_stages, interpret, "mlstm_chunkwise__parallel_bw_dK", layout.dhqk, row_dot_rows=block_lkv)
+    launch = dict(siz_b_LQ=siz_b_LQ, siz_b_LKV=siz_b_LKV, siz_b_DHQK=siz_b_DHQK, siz_b_DHHV=siz_b_DHHV,
+                  num_warps=num_warps, num_stages=num_stages)
+    call = parallel_bw_common.checked_call(
+        DK, matQ.shape[2], launch, chunk_size=chunk_size, qk_scale=qk_scale, eps=eps, output_dtype=output_dtype,
+        input_gate=input_gate, allow_tf32=allow_tf32, interpret=interpret)
+    dk, k_dk = parallel_bw_dK(
+        call, matQ, matK, matV, vecI, (vecA, vecB, vecR), (matC_all, vecN_all, scaM_all), vecN_out, vecM_out,
+        matDeltaH, matDeltaC_states)
     return (dk, k_dk) if return_row_dots else dk

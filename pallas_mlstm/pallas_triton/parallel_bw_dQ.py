@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_mlstm import launch_defaults
-from pallas_mlstm.pallas_triton import common, parallel_bw_common
+from pallas_mlstm.kernel_call import KernelCall
+from pallas_mlstm.pallas_triton import common, launch_defaults, parallel_bw_common
+from pallas_mlstm.states import acc_dtype
 
 
 def _parallel_bw_dq_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, m_ref, r_ref, den_ref, c_ref, m_prev_ref, dq_ref,
                            q_dq_ref, *, qk_scale: float, eps: float, block_lkv: int, block_dhhv: int, precision):
     block_lq, dhhv = dh_ref.shape
-    dtype = common.acc_dtype(k_ref.dtype)
+    dtype = acc_dtype(k_ref.dtype)
     q_start = pl.program_id(1) * block_lq  # position of the query tile inside its chunk
     q_tile = pl.ds(0, block_lq)
     vec_b_q = b_ref[pl.ds(q_start, block_lq)].astype(dtype)  # (bLQ,)
@@ -47,6 +46,27 @@ def _parallel_bw_dq_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, m_ref, r_r
     dq_ref[...] = dq.astype(dq_ref.dtype)
     # float32 Σ_d q·dq of this DHQK tile, before dq is rounded to its output dtype (for df̃ and dĩ)
     q_dq_ref[...] = jnp.sum(q_ref[...].astype(dtype) * dq, axis=1).astype(q_dq_ref.dtype)  # (bLQ, bDHQK) -> (bLQ,)
+
+
+DQ = parallel_bw_common.BwKernel(
+    name="mlstm_chunkwise__parallel_bw_dQ", body=_parallel_bw_dq_kernel, defaults=launch_defaults.PARALLEL_BW_DQ,
+    grid=("DHQK", "LQ"),  # output tile (bLQ query rows, bDHQK); walks key tiles and DHHV
+    reads=(("q", "tile"), ("k", "chunk"), ("v", "chunk"), ("dh", "tile"), ("vec_b", "chunk"), ("vec_i", "chunk"),
+           ("vec_m", "tile"), ("vec_r", "tile"), ("den", "tile"), ("c_all", "start"), ("m_all", "start")),
+    row_dots=True,
+)
+
+
+def parallel_bw_dQ(call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH,
+                   matDeltaC_states):
+    """The launcher of `mlstm_chunkwise__parallel_bw_dQ`: (dQ (B, NH, S, DHQK), Σ_d q·dq (B, NH, S) float32,
+    summed before dQ is rounded).
+    chunk_gates = (vecA, vecB, vecR or None), chunk_states = (matC_all, vecN_all, scaM_all); trusts
+    `call` (chunk_size, qk_scale, eps, output_dtype, input_gate, launch: siz_b_LQ / siz_b_LKV / siz_b_DHQK /
+    siz_b_DHHV / num_warps / num_stages, allow_tf32, interpret)."""
+    arrays = parallel_bw_common.BwArrays(matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out,
+                                         matDeltaH, matDeltaC_states)
+    return parallel_bw_common.launch(DQ, call, arrays)
 
 
 def mlstm_chunkwise__parallel_bw_dQ(
@@ -82,6 +102,7 @@ def mlstm_chunkwise__parallel_bw_dQ(
 ):
     """Gradient of q, (B, NH, S, DHQK): ((dH̄ Vᵀ) ⊙ e^{D̃−m}) K·s + (dH̄ ⊙ e^{b+m_{k-1}−m}) C_{k-1}ᵀ·s.
 
+    The upstream-signature adapter over `parallel_bw_dQ`: checks its arguments, then launches.
     With `return_row_dots`, returns (dQ, Σ_d q·dq (B, NH, S) float32, summed before dQ is rounded).
     Grid (DHQK/bDHQK, L/bLQ, NC·B·NH); key tiles up to the diagonal and DHHV tiles loop in-kernel.
     With hard resets (f̃ = −∞), pass vecB and `vecR` from `compute_chunkwise_reset_gates`.
@@ -94,31 +115,12 @@ def mlstm_chunkwise__parallel_bw_dQ(
     elements, else 4); num_stages None: launch_defaults.parallel_num_stages (2; 1 and head-dim tiles <= 128
     on cards with less shared memory than Hopper's).
     """
-    del vecN_all
-    layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, vecR, matC_all, scaM_all,
-                                           vecN_out, vecM_out, matDeltaH, matDeltaC_states, chunk_size,
-                                           input_gate)
-    block_lq, block_lkv, block_dhqk, block_dhhv = layout.tiles(
-        siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults=launch_defaults.PARALLEL_BW_DQ)
-    qk_scale = layout.dhqk**-0.5 if qk_scale is None else qk_scale
-    kernel = functools.partial(_parallel_bw_dq_kernel, qk_scale=qk_scale, eps=eps, block_lkv=block_lkv,
-                               block_dhhv=block_dhhv, precision=common.matmul_precision(matQ.dtype, allow_tf32))
-    in_specs = [
-        layout.tile_rows(block_lq, block_dhqk, tiled_cols=True),  # q
-        layout.chunk_rows(block_dhqk, tiled_cols=True),  # k
-        layout.chunk_rows(layout.dhhv_p, tiled_cols=False),  # v
-        layout.tile_rows(block_lq, layout.dhhv_p, tiled_cols=False),  # dh
-        layout.chunk_vec(),  # vec_b
-        layout.chunk_vec(),  # vec_i
-        layout.tile_vec(block_lq),  # vec_m
-        layout.tile_vec(block_lq),  # vec_r
-        layout.tile_vec(block_lq),  # den
-        layout.state(0, block_dhqk, layout.dhhv_p, tiled_rows=True),  # C_{k-1}
-        layout.state_m(0),  # m_{k-1}
-    ]
-    inputs = [x[name] for name in ("q", "k", "v", "dh", "vec_b", "vec_i", "vec_m", "vec_r", "den", "c_all", "m_all")]
-    dq, q_dq = parallel_bw_common.launch(
-        kernel, layout, layout.dhqk_p // block_dhqk, chunk_size // block_lq, in_specs, inputs,
-        layout.tile_rows(block_lq, block_dhqk, tiled_cols=True), layout.dhqk_p, output_dtype, num_warps,
-        num_stages, interpret, "mlstm_chunkwise__parallel_bw_dQ", layout.dhqk, row_dot_rows=block_lq)
+    launch = dict(siz_b_LQ=siz_b_LQ, siz_b_LKV=siz_b_LKV, siz_b_DHQK=siz_b_DHQK, siz_b_DHHV=siz_b_DHHV,
+                  num_warps=num_warps, num_stages=num_stages)
+    call = parallel_bw_common.checked_call(
+        DQ, matQ.shape[2], launch, chunk_size=chunk_size, qk_scale=qk_scale, eps=eps, output_dtype=output_dtype,
+        input_gate=input_gate, allow_tf32=allow_tf32, interpret=interpret)
+    dq, q_dq = parallel_bw_dQ(
+        call, matQ, matK, matV, vecI, (vecA, vecB, vecR), (matC_all, vecN_all, scaM_all), vecN_out, vecM_out,
+        matDeltaH, matDeltaC_states)
     return (dq, q_dq) if return_row_dots else dq

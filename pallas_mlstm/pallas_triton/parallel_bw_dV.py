@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_mlstm import launch_defaults
-from pallas_mlstm.pallas_triton import common, parallel_bw_common
+from pallas_mlstm.kernel_call import KernelCall
+from pallas_mlstm.pallas_triton import common, launch_defaults, parallel_bw_common
+from pallas_mlstm.states import acc_dtype
 
 
 def _parallel_bw_dv_kernel(q_ref, k_ref, dh_ref, b_ref, i_ref, a_ref, m_ref, r_ref, den_ref, dc_ref, m_next_ref, dv_ref,
                            *, qk_scale: float, eps: float, block_lq: int, block_dhqk: int, precision):
     block_lkv, dhqk = k_ref.shape
     chunk_size = b_ref.shape[0]
-    dtype = common.acc_dtype(q_ref.dtype)
+    dtype = acc_dtype(q_ref.dtype)
     kv_start = pl.program_id(1) * block_lkv  # position of the key tile inside its chunk
     kv_tile = pl.ds(0, block_lkv)
     vec_b_kv = b_ref[pl.ds(kv_start, block_lkv)].astype(dtype)  # (bLKV,)
@@ -45,6 +44,26 @@ def _parallel_bw_dv_kernel(q_ref, k_ref, dh_ref, b_ref, i_ref, a_ref, m_ref, r_r
     # query tiles below the diagonal only
     dv = lax.fori_loop(kv_start // block_lq, chunk_size // block_lq, q_step, dv)
     dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+DV = parallel_bw_common.BwKernel(
+    name="mlstm_chunkwise__parallel_bw_dV", body=_parallel_bw_dv_kernel, defaults=launch_defaults.PARALLEL_BW_DV,
+    grid=("DHHV", "LKV"),  # output tile (bLKV key rows, bDHHV); walks query tiles and DHQK
+    reads=(("q", "chunk"), ("k", "tile"), ("dh", "chunk"), ("vec_b", "chunk"), ("vec_i", "chunk"), ("vec_a", "tile"),
+           ("vec_m", "chunk"), ("vec_r", "chunk"), ("den", "chunk"), ("dc_all", "end"), ("m_all", "end")),
+    row_dots=False,
+)
+
+
+def parallel_bw_dV(call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH,
+                   matDeltaC_states):
+    """The launcher of `mlstm_chunkwise__parallel_bw_dV`: dV (B, NH, S, DHHV).
+    chunk_gates = (vecA, vecB, vecR or None), chunk_states = (matC_all, vecN_all, scaM_all); trusts
+    `call` (chunk_size, qk_scale, eps, output_dtype, input_gate, launch: siz_b_LQ / siz_b_LKV / siz_b_DHQK /
+    siz_b_DHHV / num_warps / num_stages, allow_tf32, interpret)."""
+    arrays = parallel_bw_common.BwArrays(matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out,
+                                         matDeltaH, matDeltaC_states)
+    return parallel_bw_common.launch(DV, call, arrays)
 
 
 def mlstm_chunkwise__parallel_bw_dV(
@@ -79,6 +98,7 @@ def mlstm_chunkwise__parallel_bw_dV(
 ):
     """Gradient of v, (B, NH, S, DHHV): ((Q Kᵀ·s) ⊙ e^{D̃−m})ᵀ dH̄ + (K ⊙ e^{a−m_k}) dC_k.
 
+    The upstream-signature adapter over `parallel_bw_dV`: checks its arguments, then launches.
     Grid (DHHV/bDHHV, L/bLKV, NC·B·NH); query tiles from the diagonal down and DHQK tiles loop
     in-kernel. vecN_out is the forward denominator, vecM_out the running log-max.
     With hard resets (f̃ = −∞), pass vecB and `vecR` from `compute_chunkwise_reset_gates`.
@@ -91,30 +111,11 @@ def mlstm_chunkwise__parallel_bw_dV(
     elements, else 4); num_stages None: launch_defaults.parallel_num_stages (2; 1 and head-dim tiles <= 128
     on cards with less shared memory than Hopper's).
     """
-    del vecN_all
-    layout, x = parallel_bw_common.prepare(matQ, matK, matV, vecI, vecB, vecA, vecR, matC_all, scaM_all,
-                                           vecN_out, vecM_out, matDeltaH, matDeltaC_states, chunk_size,
-                                           input_gate)
-    block_lq, block_lkv, block_dhqk, block_dhhv = layout.tiles(
-        siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, defaults=launch_defaults.PARALLEL_BW_DV)
-    qk_scale = layout.dhqk**-0.5 if qk_scale is None else qk_scale
-    kernel = functools.partial(_parallel_bw_dv_kernel, qk_scale=qk_scale, eps=eps, block_lq=block_lq,
-                               block_dhqk=block_dhqk, precision=common.matmul_precision(matQ.dtype, allow_tf32))
-    in_specs = [
-        layout.chunk_rows(layout.dhqk_p, tiled_cols=False),  # q
-        layout.tile_rows(block_lkv, layout.dhqk_p, tiled_cols=False),  # k
-        layout.chunk_rows(block_dhhv, tiled_cols=True),  # dh
-        layout.chunk_vec(),  # vec_b
-        layout.chunk_vec(),  # vec_i
-        layout.tile_vec(block_lkv),  # vec_a
-        layout.chunk_vec(),  # vec_m
-        layout.chunk_vec(),  # vec_r
-        layout.chunk_vec(),  # den
-        layout.state(1, layout.dhqk_p, block_dhhv, tiled_rows=False),  # dC_k
-        layout.state_m(1),  # m_k
-    ]
-    inputs = [x[name] for name in ("q", "k", "dh", "vec_b", "vec_i", "vec_a", "vec_m", "vec_r", "den", "dc_all", "m_all")]
-    return parallel_bw_common.launch(
-        kernel, layout, layout.dhhv_p // block_dhhv, chunk_size // block_lkv, in_specs, inputs,
-        layout.tile_rows(block_lkv, block_dhhv, tiled_cols=True), layout.dhhv_p, output_dtype, num_warps,
-        num_stages, interpret, "mlstm_chunkwise__parallel_bw_dV", layout.dhhv)
+    launch = dict(siz_b_LQ=siz_b_LQ, siz_b_LKV=siz_b_LKV, siz_b_DHQK=siz_b_DHQK, siz_b_DHHV=siz_b_DHHV,
+                  num_warps=num_warps, num_stages=num_stages)
+    call = parallel_bw_common.checked_call(
+        DV, matQ.shape[2], launch, chunk_size=chunk_size, qk_scale=qk_scale, eps=eps, output_dtype=output_dtype,
+        input_gate=input_gate, allow_tf32=allow_tf32, interpret=interpret)
+    return parallel_bw_dV(
+        call, matQ, matK, matV, vecI, (vecA, vecB, vecR), (matC_all, vecN_all, scaM_all), vecN_out, vecM_out,
+        matDeltaH, matDeltaC_states)

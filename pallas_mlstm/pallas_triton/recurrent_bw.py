@@ -9,12 +9,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_mlstm import launch_defaults
+from pallas_mlstm import plan  # plan.validate_*, looked up at call time: plan may import this package
 from pallas_mlstm.device import device_properties
-from pallas_mlstm.pallas_triton import common
 from pallas_mlstm.gates import compute_chunkwise_vecB
-from pallas_mlstm.states import join_states
-from pallas_mlstm.validation import validate_chunk_size
+from pallas_mlstm.kernel_call import KernelCall
+from pallas_mlstm.pallas_triton import common, launch_defaults
+from pallas_mlstm.pallas_triton.launch import TritonLaunch
+from pallas_mlstm.states import acc_dtype, join_states
+
+NAME = "mlstm_chunkwise__recurrent_bw_dC"  # the pallas_call's name, as upstream's kernel function
 
 
 def _recurrent_bw_kernel(*refs, num_chunks: int, chunk_size: int, qk_scale: float, eps: float,
@@ -24,7 +27,7 @@ def _recurrent_bw_kernel(*refs, num_chunks: int, chunk_size: int, qk_scale: floa
     c_all_ref = refs.pop(0) if has_states else None
     dc_first_ref = refs.pop() if writes_first else None
     dc_all_ref, *c_dc_refs = refs
-    dtype = common.acc_dtype(q_ref.dtype)
+    dtype = acc_dtype(q_ref.dtype)
     block_dhqk, block_dhhv = dc_all_ref.shape[1:]
 
     def store(index, dc):
@@ -68,55 +71,24 @@ def _recurrent_bw_kernel(*refs, num_chunks: int, chunk_size: int, qk_scale: floa
         dc_first_ref[...] = dc.astype(dc_first_ref.dtype)  # (bDHQK, bDHHV)
 
 
-def mlstm_chunkwise__recurrent_bw_dC(
-    matQ: jax.Array,  # (B, NH, S, DHQK)
-    vecF: jax.Array,  # (B, NH, S)
-    scaM_inter: jax.Array,  # (B, NH, NC+1)
-    vecM_combine: jax.Array,  # (B, NH, S)
-    matDeltaH: jax.Array,  # (B, NH, S, DHHV)
-    vecN_out: jax.Array,  # (B, NH, S)
-    matDeltaC_last: jax.Array | None = None,  # (B, NH, DHQK, DHHV)
-    qk_scale: float | None = None,
-    chunk_size: int = 64,
-    save_states_every_nth_chunk: int = 1,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    eps: float = 0.0,
-    *,
-    matC_states: jax.Array | None = None,  # (B, NH, (NC+1)*DHQK, DHHV)
-    siz_b_DHQK: int | None = None,
-    siz_b_DHHV: int | None = None,
-    states_dtype=None,
-    allow_tf32: bool = False,
-    interpret: bool = False,
-):
-    """Gradients of the chunk-boundary C states: matDeltaC_states (B, NH, (NC+1)*DHQK, DHHV), float32.
-
-    dC_{k-1} = e^{g_k + m_{k-1} − m_k} dC_k + Σ_t q̄_tᵀ dH_t / (den_t + eps). Given the forward states
-    `matC_states`, returns (matDeltaC_states, scaCdC_states (B, NH, NC+1) = <dC_k, C_k>). Grid
-    (DHQK/bDHQK, DHHV/bDHHV, B·NH), each program walking the chunks backwards. `states_dtype` (None:
-    float32) stores matDeltaC_states narrower, as for recurrent_fw_C; then a last output holds dC_0 (the
-    initial state's gradient) in float32, (B, NH, DHQK, DHHV).
-
-    Launch defaults: siz_b_DHQK None takes launch_defaults.RECURRENT_BW_DC.siz_b_DHQK (64); siz_b_DHHV None takes
-    launch_defaults.recurrent_dhhv_tile (128 while the grid keeps 3 programs per SM, else 64); both
-    clamped to their head dim. num_warps / num_stages None: launch_defaults.RECURRENT_BW_DC (4 / 1).
-    """
+def recurrent_bw_dC(call: KernelCall, matQ, vecF, scaM_inter, vecM_combine, matDeltaH, vecN_out, matDeltaC_last,
+                    matC_states):
+    """The launcher of `mlstm_chunkwise__recurrent_bw_dC` (same arrays and outputs); trusts `call` (chunk_size,
+    save_states_every_nth_chunk, qk_scale, eps, states_dtype, launch: siz_b_DHQK / siz_b_DHHV / num_warps /
+    num_stages, allow_tf32, interpret)."""
     batch, heads, seq_len, dhqk = matQ.shape
     dhhv = matDeltaH.shape[-1]
-    chunk_size = chunk_size * save_states_every_nth_chunk
-    validate_chunk_size(chunk_size, seq_len, minimum=common.MIN_TILE)
+    chunk_size = call.chunk_size * call.save_states_every_nth_chunk
     num_chunks, bnh = seq_len // chunk_size, batch * heads
     dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
-    defaults = launch_defaults.RECURRENT_BW_DC
-    block_dhqk = common.tile_size(siz_b_DHQK, dhqk_p, defaults.siz_b_DHQK, "siz_b_DHQK")
+    launch, defaults = common.triton_launch(call), launch_defaults.RECURRENT_BW_DC
+    block_dhqk = common.tile_size(launch.siz_b_DHQK, dhqk_p, defaults.siz_b_DHQK, "siz_b_DHQK")
     block_dhhv = common.tile_size(
-        siz_b_DHHV, dhhv_p, launch_defaults.recurrent_dhhv_tile(
+        launch.siz_b_DHHV, dhhv_p, launch_defaults.recurrent_dhhv_tile(
             dhqk_p // block_dhqk, dhhv_p, bnh, device_properties().core_count), "siz_b_DHHV")
-    qk_scale = dhqk**-0.5 if qk_scale is None else qk_scale
     vecB = compute_chunkwise_vecB(vecF, chunk_size)  # (B, NH, NC, L)
-    state_dtype = common.acc_dtype(matQ.dtype)
-    dc_dtype = state_dtype if states_dtype is None else jnp.dtype(states_dtype)
+    state_dtype = acc_dtype(matQ.dtype)
+    dc_dtype = state_dtype if call.states_dtype is None else jnp.dtype(call.states_dtype)
     writes_first = dc_dtype != state_dtype
 
     per_chunk = lambda x: x.reshape(bnh, num_chunks, chunk_size)
@@ -158,19 +130,19 @@ def mlstm_chunkwise__recurrent_bw_dC(
         out_shape.append(jax.ShapeDtypeStruct((bnh, dhqk_p, dhhv_p), state_dtype))
 
     kernel = functools.partial(
-        _recurrent_bw_kernel, num_chunks=num_chunks, chunk_size=chunk_size, qk_scale=qk_scale, eps=eps,
-        has_last=has_last, has_states=has_states, writes_first=writes_first,
-        precision=common.matmul_precision(matQ.dtype, allow_tf32))
+        _recurrent_bw_kernel, num_chunks=num_chunks, chunk_size=chunk_size, qk_scale=call.scale_for(dhqk),
+        eps=call.eps, has_last=has_last, has_states=has_states, writes_first=writes_first,
+        precision=common.matmul_precision(matQ.dtype, call.allow_tf32))
     outs = pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=common.compiler_params(num_warps, num_stages, default_warps=defaults.num_warps,
-                                               default_stages=defaults.num_stages),
-        interpret=common.checked_interpret(interpret, "mlstm_chunkwise__recurrent_bw_dC"),
-        name="mlstm_chunkwise__recurrent_bw_dC",
+        compiler_params=common.compiler_params(launch.num_warps, launch.num_stages,
+                                               default_warps=defaults.num_warps, default_stages=defaults.num_stages),
+        interpret=call.interpret,
+        name=NAME,
     )(*inputs)
     results = [join_states(outs[0][:, :, :dhqk, :dhhv].reshape(batch, heads, num_chunks + 1, dhqk, dhhv))]
     if has_states:
@@ -178,3 +150,48 @@ def mlstm_chunkwise__recurrent_bw_dC(
     if writes_first:
         results.append(outs[-1][:, :dhqk, :dhhv].reshape(batch, heads, dhqk, dhhv))
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def mlstm_chunkwise__recurrent_bw_dC(
+    matQ: jax.Array,  # (B, NH, S, DHQK)
+    vecF: jax.Array,  # (B, NH, S)
+    scaM_inter: jax.Array,  # (B, NH, NC+1)
+    vecM_combine: jax.Array,  # (B, NH, S)
+    matDeltaH: jax.Array,  # (B, NH, S, DHHV)
+    vecN_out: jax.Array,  # (B, NH, S)
+    matDeltaC_last: jax.Array | None = None,  # (B, NH, DHQK, DHHV)
+    qk_scale: float | None = None,
+    chunk_size: int = 64,
+    save_states_every_nth_chunk: int = 1,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    eps: float = 0.0,
+    *,
+    matC_states: jax.Array | None = None,  # (B, NH, (NC+1)*DHQK, DHHV)
+    siz_b_DHQK: int | None = None,
+    siz_b_DHHV: int | None = None,
+    states_dtype=None,
+    allow_tf32: bool = False,
+    interpret: bool = False,
+):
+    """Gradients of the chunk-boundary C states: matDeltaC_states (B, NH, (NC+1)*DHQK, DHHV), float32.
+
+    The upstream-signature adapter over `recurrent_bw_dC`: checks its arguments, then launches.
+    dC_{k-1} = e^{g_k + m_{k-1} − m_k} dC_k + Σ_t q̄_tᵀ dH_t / (den_t + eps). Given the forward states
+    `matC_states`, returns (matDeltaC_states, scaCdC_states (B, NH, NC+1) = <dC_k, C_k>). Grid
+    (DHQK/bDHQK, DHHV/bDHHV, B·NH), each program walking the chunks backwards. `states_dtype` (None:
+    float32) stores matDeltaC_states narrower, as for recurrent_fw_C; then a last output holds dC_0 (the
+    initial state's gradient) in float32, (B, NH, DHQK, DHHV).
+
+    Launch defaults: siz_b_DHQK None takes launch_defaults.RECURRENT_BW_DC.siz_b_DHQK (64); siz_b_DHHV None takes
+    launch_defaults.recurrent_dhhv_tile (128 while the grid keeps 3 programs per SM, else 64); both
+    clamped to their head dim. num_warps / num_stages None: launch_defaults.RECURRENT_BW_DC (4 / 1).
+    """
+    plan.validate_chunk_size(chunk_size * save_states_every_nth_chunk, matQ.shape[2], minimum=common.MIN_TILE)
+    call = KernelCall(
+        chunk_size=chunk_size, save_states_every_nth_chunk=save_states_every_nth_chunk, qk_scale=qk_scale, eps=eps,
+        states_dtype=None if states_dtype is None else jnp.dtype(states_dtype).name,
+        launch=TritonLaunch(siz_b_DHQK=siz_b_DHQK, siz_b_DHHV=siz_b_DHHV, num_warps=num_warps, num_stages=num_stages),
+        allow_tf32=allow_tf32, interpret=common.checked_interpret(interpret, NAME))
+    return recurrent_bw_dC(call, matQ, vecF, scaM_inter, vecM_combine, matDeltaH, vecN_out, matDeltaC_last,
+                           matC_states)

@@ -9,12 +9,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_mlstm import launch_defaults
+from pallas_mlstm import plan  # plan.validate_*, looked up at call time: plan may import this package
 from pallas_mlstm.device import device_properties
-from pallas_mlstm.pallas_triton import common
 from pallas_mlstm.gates import MIN_LOG_SCALE, compute_chunkwise_log_gates_vecB_vecA, tracks_max_state
-from pallas_mlstm.states import join_states
-from pallas_mlstm.validation import validate_chunk_size
+from pallas_mlstm.kernel_call import KernelCall
+from pallas_mlstm.pallas_triton import common, launch_defaults
+from pallas_mlstm.pallas_triton.launch import TritonLaunch
+from pallas_mlstm.states import acc_dtype, join_states
+
+NAME = "mlstm_chunkwise__recurrent_fw_C"  # the pallas_call's name, as upstream's kernel function
 
 
 def _recurrent_fw_kernel(*refs, num_chunks: int, chunk_size: int, has_initial: bool, writes_last: bool,
@@ -22,7 +25,7 @@ def _recurrent_fw_kernel(*refs, num_chunks: int, chunk_size: int, has_initial: b
     k_ref, v_ref, a_ref, g_ref, *refs = refs
     c0_ref, n0_ref, m0_ref = refs[:3] if has_initial else (None, None, None)
     c_all_ref, n_all_ref, m_all_ref, *c_last_ref = refs[3:] if has_initial else refs
-    dtype = common.acc_dtype(k_ref.dtype)
+    dtype = acc_dtype(k_ref.dtype)
     block_dhqk, block_dhhv = c_all_ref.shape[1:]
     writes_n = pl.program_id(1) == 0  # every DHHV tile computes n; the first one stores it
     writes_m = jnp.logical_and(writes_n, pl.program_id(0) == 0)
@@ -54,7 +57,8 @@ def _recurrent_fw_kernel(*refs, num_chunks: int, chunk_size: int, has_initial: b
     def chunk_step(chunk, carry):
         c, n, m = carry
         sca_g = g_ref[chunk].astype(dtype)  # ()
-        if tracks_max:  # m_k = max(g + m_{k-1}, max a, MIN_LOG_SCALE): from vecA (L,); the floor keeps an empty state finite
+        # m_k = max(g + m_{k-1}, max a, MIN_LOG_SCALE): from vecA (L,); the floor keeps an empty state finite
+        if tracks_max:
             m_next = jnp.maximum(jnp.maximum(sca_g + m, jnp.max(a_ref[chunk].astype(dtype))), MIN_LOG_SCALE)
         else:  # the sigmoid gate: m stays at its initial value
             m_next = m
@@ -78,57 +82,26 @@ def _recurrent_fw_kernel(*refs, num_chunks: int, chunk_size: int, has_initial: b
         c_last_ref[0][...] = c.astype(c_last_ref[0].dtype)  # (bDHQK, bDHHV)
 
 
-def mlstm_chunkwise__recurrent_fw_C(
-    matK: jax.Array,  # (B, NH, S, DHQK)
-    matV: jax.Array,  # (B, NH, S, DHHV)
-    vecF: jax.Array,  # (B, NH, S)
-    vecI: jax.Array,  # (B, NH, S)
-    matC_initial: jax.Array | None = None,  # (B, NH, DHQK, DHHV)
-    vecN_initial: jax.Array | None = None,  # (B, NH, DHQK)
-    scaMinter_initial: jax.Array | None = None,  # (B, NH)
-    chunk_size: int = 64,
-    num_stages: int | None = None,
-    num_warps: int | None = None,
-    save_states_every_nth_chunk: int = 1,
-    *,
-    siz_b_DHQK: int | None = None,
-    siz_b_DHHV: int | None = None,
-    states_dtype=None,
-    input_gate: str = "exponential",
-    allow_tf32: bool = False,
-    interpret: bool = False,
-):
-    """States at every chunk boundary: (matC_states, vecN_states, scaMinter_states), index 0 = initial.
-
-    Shapes (B, NH, (NC+1)*DHQK, DHHV), (B, NH, (NC+1)*DHQK), (B, NH, NC+1), float32, with
-    NC = S / (chunk_size · save_states_every_nth_chunk). Grid (DHQK/bDHQK, DHHV/bDHHV, B·NH), each
-    program walking the chunks in order. `states_dtype` (None: float32) stores matC_states narrower, e.g.
-    bfloat16, the dtype the parallel kernels round them to for their matmuls; the states are still computed
-    in float32, and a fourth output holds the last C state in float32, (B, NH, DHQK, DHHV). `input_gate`
-    "sigmoid" runs mLSTMsig: the input gate is σ(ĩ) (`gates.log_input_gate`), and m is not tracked: every
-    scaMinter state is the initial one (0 when not given; `gates.tracks_max_state`).
-
-    Launch defaults: siz_b_DHQK None takes launch_defaults.RECURRENT_FW_C.siz_b_DHQK (64); siz_b_DHHV None takes
-    launch_defaults.recurrent_dhhv_tile (128 while the grid keeps 3 programs per SM, else 64); both
-    clamped to their head dim. num_warps / num_stages None: launch_defaults.RECURRENT_FW_C (4 / 1).
-    """
+def recurrent_fw_C(call: KernelCall, matK, matV, vecF, vecI, matC_initial, vecN_initial, scaMinter_initial):
+    """The launcher of `mlstm_chunkwise__recurrent_fw_C` (same arrays and outputs); trusts `call` (chunk_size,
+    save_states_every_nth_chunk, states_dtype, input_gate, launch: siz_b_DHQK / siz_b_DHHV / num_warps /
+    num_stages, allow_tf32, interpret)."""
     batch, heads, seq_len, dhqk = matK.shape
     dhhv = matV.shape[-1]
-    chunk_size = chunk_size * save_states_every_nth_chunk
-    validate_chunk_size(chunk_size, seq_len, minimum=common.MIN_TILE)
+    chunk_size = call.chunk_size * call.save_states_every_nth_chunk
     num_chunks = seq_len // chunk_size
     bnh = batch * heads
     dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
-    defaults = launch_defaults.RECURRENT_FW_C
-    block_dhqk = common.tile_size(siz_b_DHQK, dhqk_p, defaults.siz_b_DHQK, "siz_b_DHQK")
+    launch, defaults = common.triton_launch(call), launch_defaults.RECURRENT_FW_C
+    block_dhqk = common.tile_size(launch.siz_b_DHQK, dhqk_p, defaults.siz_b_DHQK, "siz_b_DHQK")
     block_dhhv = common.tile_size(
-        siz_b_DHHV, dhhv_p, launch_defaults.recurrent_dhhv_tile(
+        launch.siz_b_DHHV, dhhv_p, launch_defaults.recurrent_dhhv_tile(
             dhqk_p // block_dhqk, dhhv_p, bnh, device_properties().core_count), "siz_b_DHHV")
-    state_dtype = common.acc_dtype(matK.dtype)
-    c_dtype = state_dtype if states_dtype is None else jnp.dtype(states_dtype)
+    state_dtype = acc_dtype(matK.dtype)
+    c_dtype = state_dtype if call.states_dtype is None else jnp.dtype(call.states_dtype)
     writes_last = c_dtype != state_dtype
 
-    vecB, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk_size, input_gate=input_gate)
+    vecB, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk_size, input_gate=call.input_gate)
     k = common.pad_axis(matK.reshape(bnh, seq_len, dhqk), 2, dhqk_p)
     v = common.pad_axis(matV.reshape(bnh, seq_len, dhhv), 2, dhhv_p)
     inputs = [k, v, vecA.reshape(bnh, num_chunks, chunk_size), vecB[..., -1].reshape(bnh, num_chunks)]
@@ -155,7 +128,8 @@ def mlstm_chunkwise__recurrent_fw_C(
 
     kernel = functools.partial(
         _recurrent_fw_kernel, num_chunks=num_chunks, chunk_size=chunk_size, has_initial=has_initial,
-        writes_last=writes_last, tracks_max=tracks_max_state(input_gate), precision=common.matmul_precision(matK.dtype, allow_tf32),
+        writes_last=writes_last, tracks_max=tracks_max_state(call.input_gate),
+        precision=common.matmul_precision(matK.dtype, call.allow_tf32),
     )
     out_specs = [
         pl.BlockSpec((None, num_chunks + 1, block_dhqk, block_dhhv), lambda iq, iv, b: (b, 0, iq, iv)),
@@ -176,10 +150,10 @@ def mlstm_chunkwise__recurrent_fw_C(
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=common.compiler_params(num_warps, num_stages, default_warps=defaults.num_warps,
-                                               default_stages=defaults.num_stages),
-        interpret=common.checked_interpret(interpret, "mlstm_chunkwise__recurrent_fw_C"),
-        name="mlstm_chunkwise__recurrent_fw_C",
+        compiler_params=common.compiler_params(launch.num_warps, launch.num_stages,
+                                               default_warps=defaults.num_warps, default_stages=defaults.num_stages),
+        interpret=call.interpret,
+        name=NAME,
     )(*inputs)
     c_all, n_all, m_all = outs[:3]
     c_all = c_all[:, :, :dhqk, :dhhv].reshape(batch, heads, num_chunks + 1, dhqk, dhhv)
@@ -188,3 +162,48 @@ def mlstm_chunkwise__recurrent_fw_C(
     if not writes_last:
         return states
     return (*states, outs[3][:, :dhqk, :dhhv].reshape(batch, heads, dhqk, dhhv))
+
+
+def mlstm_chunkwise__recurrent_fw_C(
+    matK: jax.Array,  # (B, NH, S, DHQK)
+    matV: jax.Array,  # (B, NH, S, DHHV)
+    vecF: jax.Array,  # (B, NH, S)
+    vecI: jax.Array,  # (B, NH, S)
+    matC_initial: jax.Array | None = None,  # (B, NH, DHQK, DHHV)
+    vecN_initial: jax.Array | None = None,  # (B, NH, DHQK)
+    scaMinter_initial: jax.Array | None = None,  # (B, NH)
+    chunk_size: int = 64,
+    num_stages: int | None = None,
+    num_warps: int | None = None,
+    save_states_every_nth_chunk: int = 1,
+    *,
+    siz_b_DHQK: int | None = None,
+    siz_b_DHHV: int | None = None,
+    states_dtype=None,
+    input_gate: str = "exponential",
+    allow_tf32: bool = False,
+    interpret: bool = False,
+):
+    """States at every chunk boundary: (matC_states, vecN_states, scaMinter_states), index 0 = initial.
+
+    The upstream-signature adapter over `recurrent_fw_C`: checks its arguments, then launches.
+    Shapes (B, NH, (NC+1)*DHQK, DHHV), (B, NH, (NC+1)*DHQK), (B, NH, NC+1), float32, with
+    NC = S / (chunk_size · save_states_every_nth_chunk). Grid (DHQK/bDHQK, DHHV/bDHHV, B·NH), each
+    program walking the chunks in order. `states_dtype` (None: float32) stores matC_states narrower, e.g.
+    bfloat16, the dtype the parallel kernels round them to for their matmuls; the states are still computed
+    in float32, and a fourth output holds the last C state in float32, (B, NH, DHQK, DHHV). `input_gate`
+    "sigmoid" runs mLSTMsig: the input gate is σ(ĩ) (`gates.log_input_gate`), and m is not tracked: every
+    scaMinter state is the initial one (0 when not given; `gates.tracks_max_state`).
+
+    Launch defaults: siz_b_DHQK None takes launch_defaults.RECURRENT_FW_C.siz_b_DHQK (64); siz_b_DHHV None takes
+    launch_defaults.recurrent_dhhv_tile (128 while the grid keeps 3 programs per SM, else 64); both
+    clamped to their head dim. num_warps / num_stages None: launch_defaults.RECURRENT_FW_C (4 / 1).
+    """
+    plan.validate_chunk_size(chunk_size * save_states_every_nth_chunk, matK.shape[2], minimum=common.MIN_TILE)
+    plan.validate_gate_options(input_gate)
+    call = KernelCall(
+        chunk_size=chunk_size, save_states_every_nth_chunk=save_states_every_nth_chunk,
+        states_dtype=None if states_dtype is None else jnp.dtype(states_dtype).name, input_gate=input_gate,
+        launch=TritonLaunch(siz_b_DHQK=siz_b_DHQK, siz_b_DHHV=siz_b_DHHV, num_warps=num_warps, num_stages=num_stages),
+        allow_tf32=allow_tf32, interpret=common.checked_interpret(interpret, NAME))
+    return recurrent_fw_C(call, matK, matV, vecF, vecI, matC_initial, vecN_initial, scaMinter_initial)

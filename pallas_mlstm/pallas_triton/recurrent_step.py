@@ -8,9 +8,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_mlstm import launch_defaults
+from pallas_mlstm import plan  # plan.validate_*, looked up at call time: plan may import this package
 from pallas_mlstm.gates import MIN_LOG_SCALE, log_input_gate, tracks_max_state
-from pallas_mlstm.pallas_triton import common
+from pallas_mlstm.kernel_call import KernelCall
+from pallas_mlstm.pallas_triton import common, launch_defaults
+from pallas_mlstm.pallas_triton.launch import TritonLaunch
+
+NAME = "mlstm_recurrent_step"  # the pallas_call's name
 
 
 def _step_kernel(q_ref, k_ref, v_ref, i_ref, f_ref, c_ref, n_ref, m_ref, h_ref, c_out_ref, n_out_ref, m_out_ref, *,
@@ -44,40 +48,21 @@ def _step_kernel(q_ref, k_ref, v_ref, i_ref, f_ref, c_ref, n_ref, m_ref, h_ref, 
         m_out_ref[...] = jnp.full(m_out_ref.shape, m_new, m_out_ref.dtype)
 
 
-def mlstm_recurrent_step__pallas(
-    q: jax.Array,  # (B, NH, DHQK)
-    k: jax.Array,  # (B, NH, DHQK)
-    v: jax.Array,  # (B, NH, DHHV)
-    i: jax.Array,  # (B, NH)
-    f: jax.Array,  # (B, NH)
-    c: jax.Array,  # (B, NH, DHQK, DHHV) float32
-    n: jax.Array,  # (B, NH, DHQK) float32
-    m: jax.Array,  # (B, NH) float32
-    *,
-    eps: float = 1e-6,
-    input_gate: str = "exponential",
-    normalize: bool = True,
-    siz_b_DHHV: int | None = None,
-    num_warps: int | None = None,
-    interpret: bool = False,
-):
-    """One step of the cell: (h (B, NH, DHHV) in q's dtype, (c, n, m) float32). Grid (B·NH, DHHV/bDHHV), each
-    program reading and writing one (DHQK, bDHHV) tile of C. The new C is a new buffer: aliasing it to the old
-    one made XLA copy the caller's C first when that was not donated (measured 1.84x the state's read + write
-    at B = 64 on an H100, against 1.19x for upstream's kernel). `input_gate` / `normalize` as in the chunkwise
-    kernels (the sigmoid gate keeps m as it is). Launch defaults: launch_defaults.STEP_LAUNCH."""
+def recurrent_step(call: KernelCall, q, k, v, i, f, c, n, m):
+    """The launcher of `mlstm_recurrent_step__pallas` (same arrays and outputs); trusts `call` (qk_scale: None is
+    DHQK^-1/2, eps, input_gate, normalize, launch: siz_b_DHHV / num_warps, interpret; chunk_size is unused)."""
     batch, heads, dhqk = q.shape
     dhhv = v.shape[-1]
     bnh = batch * heads
     dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
-    defaults = launch_defaults.STEP_LAUNCH
-    block_dhhv = common.tile_size(siz_b_DHHV, dhhv_p, defaults.siz_b_DHHV, "siz_b_DHHV")
+    launch, defaults = common.triton_launch(call), launch_defaults.STEP_LAUNCH
+    block_dhhv = common.tile_size(launch.siz_b_DHHV, dhhv_p, defaults.siz_b_DHHV, "siz_b_DHHV")
     flat = lambda x, size: common.pad_axis(x.reshape(bnh, x.shape[-1]), 1, size)
     c_flat = common.pad_axis(common.pad_axis(c.reshape(bnh, dhqk, dhhv), 1, dhqk_p), 2, dhhv_p)
     head_vec = lambda width: pl.BlockSpec((None, width), lambda b, j: (b, 0))
     scalar = pl.BlockSpec((None, 1), lambda b, j: (b, 0))
-    kernel = functools.partial(_step_kernel, qk_scale=dhqk**-0.5, eps=eps, tracks_max=tracks_max_state(input_gate),
-                               normalize=bool(normalize))
+    kernel = functools.partial(_step_kernel, qk_scale=call.scale_for(dhqk), eps=call.eps,
+                               tracks_max=tracks_max_state(call.input_gate), normalize=bool(call.normalize))
     h, c_new, n_new, m_new = pl.pallas_call(
         kernel,
         grid=(bnh, dhhv_p // block_dhhv),
@@ -103,11 +88,45 @@ def mlstm_recurrent_step__pallas(
             jax.ShapeDtypeStruct((bnh, dhqk_p), jnp.float32),
             jax.ShapeDtypeStruct((bnh, 1), jnp.float32),
         ],
-        compiler_params=common.compiler_params(num_warps, 1, default_warps=defaults.num_warps, default_stages=1),
-        interpret=common.checked_interpret(interpret, "mlstm_recurrent_step"),
-        name="mlstm_recurrent_step",
-    )(flat(q, dhqk_p), flat(k, dhqk_p), flat(v, dhhv_p), log_input_gate(i, input_gate).reshape(bnh, 1), f.reshape(bnh, 1), c_flat,
-      flat(n, dhqk_p), m.reshape(bnh, 1))
+        compiler_params=common.compiler_params(launch.num_warps, 1, default_warps=defaults.num_warps,
+                                               default_stages=1),
+        interpret=call.interpret,
+        name=NAME,
+    )(flat(q, dhqk_p), flat(k, dhqk_p), flat(v, dhhv_p), log_input_gate(i, call.input_gate).reshape(bnh, 1),
+      f.reshape(bnh, 1), c_flat, flat(n, dhqk_p), m.reshape(bnh, 1))
     return (h[:, :dhhv].reshape(batch, heads, dhhv),
             (c_new[:, :dhqk, :dhhv].reshape(batch, heads, dhqk, dhhv), n_new[:, :dhqk].reshape(batch, heads, dhqk),
              m_new.reshape(batch, heads)))
+
+
+def mlstm_recurrent_step__pallas(
+    q: jax.Array,  # (B, NH, DHQK)
+    k: jax.Array,  # (B, NH, DHQK)
+    v: jax.Array,  # (B, NH, DHHV)
+    i: jax.Array,  # (B, NH)
+    f: jax.Array,  # (B, NH)
+    c: jax.Array,  # (B, NH, DHQK, DHHV) float32
+    n: jax.Array,  # (B, NH, DHQK) float32
+    m: jax.Array,  # (B, NH) float32
+    *,
+    eps: float = 1e-6,
+    input_gate: str = "exponential",
+    normalize: bool = True,
+    siz_b_DHHV: int | None = None,
+    num_warps: int | None = None,
+    interpret: bool = False,
+):
+    """One step of the cell: (h (B, NH, DHHV) in q's dtype, (c, n, m) float32); the adapter over
+    `recurrent_step` (checks input_gate, then launches). Grid (B·NH, DHHV/bDHHV), each program reading and
+    writing one (DHQK, bDHHV) tile of C. The new C is a new buffer: aliasing it to the old one made XLA copy the
+    caller's C first when that was not donated (measured 1.84x the state's read + write at B = 64 on an H100,
+    against 1.19x for upstream's kernel). `input_gate` / `normalize` as in the chunkwise kernels (the sigmoid
+    gate keeps m as it is). Launch defaults: launch_defaults.STEP_LAUNCH (siz_b_DHHV 64 clamped to DHHV, 4 warps;
+    always 1 stage)."""
+    plan.validate_gate_options(input_gate)
+    call = KernelCall(
+        chunk_size=1,  # a placeholder: the step kernel reads no chunk size
+        eps=eps, input_gate=input_gate, normalize=bool(normalize),
+        launch=TritonLaunch(siz_b_DHHV=siz_b_DHHV, num_warps=num_warps),
+        interpret=common.checked_interpret(interpret, NAME))
+    return recurrent_step(call, q, k, v, i, f, c, n, m)

@@ -1,52 +1,16 @@
-"""Every default launch parameter of the Pallas path and the heuristics that pick them, in one place.
+"""Every default launch parameter of the Triton kernels and the heuristics that pick them, in one place.
 
-The chunk size `mlstm_chunkwise` runs when none is given, and each kernel's tiles, warps and stages for
-arguments left None. The values were measured on Hopper cards (H100, H200); the functions that take a card's
-shared memory or SM count (pallas_mlstm.device) adapt them to other cards. The kernels' signatures keep upstream's defaults (siz_b_LQ = siz_b_LKV = 32, the rest
-None): only None reads this module. Mechanics — validating a tile and clamping it to its dim, padding,
-dots — live in pallas_triton/common.py. Pure Python (no JAX), so that configs can import it cheaply.
+Each kernel's tiles, warps and stages for launch fields left None (the chunk size's default is
+pallas_mlstm.plan's). The values were measured on Hopper cards (H100, H200); the functions that take a card's
+shared memory or SM count (pallas_mlstm.device) adapt them to other cards. The kernels' signatures keep
+upstream's defaults (siz_b_LQ = siz_b_LKV = 32, the rest None), and a `TritonLaunch` (pallas_triton/launch.py)
+leaves fields None: only None reads this module. Mechanics — clamping a tile to its dim, padding, dots — live in
+pallas_triton/common.py. Pure Python (no JAX), so that configs can import it cheaply.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-# --- chunk size ---------------------------------------------------------------------------------------
-
-# Smallest chunk the Pallas kernels take (Triton's dot needs every side >= 16).
-MIN_PALLAS_CHUNK = 16
-# Largest chunk `default_chunk_size` picks.
-DEFAULT_MAX_CHUNK = 128
-
-
-def default_chunk_size(seq_len: int, minimum: int = 1) -> int:
-    """The largest power of 2 <= 128 that divides seq_len; ValueError if it is below `minimum`.
-
-    The rule of the upstream-compatible `mlstm_chunkwise_fw` / `_bw`, which take S a multiple of the chunk.
-    `mlstm_chunkwise` pads S instead: `padding_chunk_size`."""
-    chunk = DEFAULT_MAX_CHUNK
-    while chunk > 1 and seq_len % chunk:
-        chunk //= 2
-    if chunk < minimum:
-        raise ValueError(
-            f"the sequence length S={seq_len} must be a multiple of {minimum} for the Pallas backends: "
-            f"pad S to {-(-seq_len // minimum) * minimum}, or use backend='xla'."
-        )
-    return chunk
-
-
-def padding_chunk_size(seq_len: int, minimum: int = 1) -> int:
-    """`mlstm_chunkwise`'s chunk size when none is configured, for any seq_len >= 1 (S is padded up to a multiple).
-
-    cap = the next power of 2 >= seq_len, within [minimum, 128]; the largest power of 2 <= cap dividing seq_len
-    where that is at least half the cap (no padding), else cap (padding costs less than one chunk of work, and
-    keeps chunks large: S = 8208 runs 66 chunks of 128, not 513 of 16)."""
-    cap = max(minimum, min(DEFAULT_MAX_CHUNK, 1 << max(0, seq_len - 1).bit_length()))
-    divisor = cap
-    while divisor > 1 and seq_len % divisor:
-        divisor //= 2
-    return divisor if divisor >= max(minimum, cap // 2) else cap
-
 
 # --- parallel kernels (grid: head-dim tile x L tile x chunk·B·NH) ------------------------------------
 

@@ -1,0 +1,67 @@
+"""The registered backends, by priority: `BACKENDS` lists their names, `get_backend` resolves one.
+
+A backend is a package holding its launchers (a `KernelSet`) and, if it has any, its launch-config type;
+registering it is one `Backend(...)` entry in `_REGISTERED` below (BUILD.md, "Adding a backend").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from pallas_mlstm import pallas_triton, xla_kernels
+from pallas_mlstm.backend import Backend
+from pallas_mlstm.pallas_triton.common import gpu_available
+from pallas_mlstm.pallas_triton.launch import MIN_TILE, TritonLaunch, from_upstream
+
+
+def _triton_launch(kernel: str, flat: dict, override: dict | None) -> TritonLaunch:
+    """A Triton kernel's launch: upstream's flat fields, then the kernel's own entry over them."""
+    if override is None:
+        return from_upstream(kernel, flat)
+    names = {field.name for field in dataclasses.fields(TritonLaunch)}
+    unknown = sorted(set(override) - names)
+    if unknown or (kernel.startswith("recurrent") and {"siz_b_LQ", "siz_b_LKV"} & set(override)):
+        allowed = sorted(names - ({"siz_b_LQ", "siz_b_LKV"} if kernel.startswith("recurrent") else set()))
+        raise ValueError(f"config.kernels[{kernel!r}] sets {sorted(set(override) - set(allowed))}, which the "
+                         f"triton backend's {kernel} does not take: use {', '.join(allowed)}.")
+    return from_upstream(kernel, flat).merged(TritonLaunch(**override))
+
+
+_TRITON = Backend(
+    name="triton", kernels=pallas_triton.KERNELS, available=gpu_available, priority=0, min_chunk=MIN_TILE,
+    launch_type=TritonLaunch, resolve_launch=_triton_launch,
+    unavailable="backend='triton' needs an NVIDIA GPU, and JAX's default backend here is {platform!r}: use "
+                "backend='xla' (plain XLA, any device) or backend='interpret' (the Pallas kernels on the CPU, slow).")
+_REGISTERED = (
+    _TRITON,
+    dataclasses.replace(_TRITON, name="interpret", available=lambda: True, priority=None, interpret=True),
+    Backend(name="xla", kernels=xla_kernels.KERNELS, available=lambda: True, priority=1),
+)
+_BY_NAME = {backend.name: backend for backend in _REGISTERED}
+BACKENDS = tuple(_BY_NAME)
+
+
+def registered(name: str) -> Backend:
+    """The registered backend called `name`, whether or not it can run here."""
+    if name not in _BY_NAME:
+        raise ValueError(f"backend must be one of {BACKENDS} or None (automatic); got {name!r}.")
+    return _BY_NAME[name]
+
+
+def get_backend(name: str | None) -> Backend:
+    """The backend called `name`, checked to run here; None: the available one of lowest priority (triton on an
+    NVIDIA GPU, else xla)."""
+    if name is None:
+        ranked = sorted((b for b in _REGISTERED if b.priority is not None), key=lambda b: b.priority)
+        return next(b for b in ranked if b.available())
+    backend = registered(name)
+    if not backend.available():
+        raise ValueError(backend.unavailable.format(platform=jax.default_backend()))
+    return backend
+
+
+def resolve_backend(name: str | None) -> str:
+    """The name of the backend `name` resolves to (see `get_backend`)."""
+    return get_backend(name).name

@@ -1,0 +1,200 @@
+"""Upstream's signatures over the plan-based core: a façade, so that users of xlstm_jax's
+`max_triton_fwbw_v5xlchunksize` switch by changing an import.
+
+`mlstm_chunkwise_fw` / `_bw`, `mlstm_chunkwise_max_triton` and the gate helper keep upstream's names,
+argument positions and defaults (tests/test_contract.py pins them); each turns its arguments into a `Plan`
+once (pallas_mlstm.plan) and runs the core (pallas_mlstm.chunkwise). The six kernels are the backends' own
+upstream-signature functions (pallas_mlstm.pallas_triton, re-exported by pallas_mlstm).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_mlstm.api import mlstm_chunkwise
+from pallas_mlstm.chunkwise import ChunkStates, ForwardOutputs, Inputs, backward, forward
+from pallas_mlstm.gates import chunkwise_log_gates
+from pallas_mlstm.plan import (
+    Cell,
+    Plan,
+    launches_for,
+    make_cell,
+    make_upstream_chunking,
+    validate_bool,
+    validate_chunk_size,
+    validate_gate_options,
+)
+from pallas_mlstm.registry import get_backend
+from pallas_mlstm.states import States
+
+
+def _upstream_plan(shape, cell: Cell, chunk_sizes, launch: dict, backend, qk_scale, allow_tf32, states_dtype) -> Plan:
+    """The plan of one `mlstm_chunkwise_fw` / `_bw` call on q of `shape`: chunk_sizes = (inter, intra), `launch`
+    upstream's flat launch fields."""
+    chosen = get_backend(backend)
+    return Plan(chosen, cell, make_upstream_chunking(chosen, shape[2], *chunk_sizes),
+                launches_for(chosen, {name: value for name, value in launch.items() if value is not None}, {}),
+                states_dtype=None if states_dtype is None else jnp.dtype(states_dtype).name,
+                qk_scale=qk_scale, allow_tf32=validate_bool("allow_tf32", allow_tf32))
+
+
+def mlstm_chunkwise_fw(
+    matQ: jax.Array,  # (B, NH, S, DHQK)
+    matK: jax.Array,  # (B, NH, S, DHQK)
+    matV: jax.Array,  # (B, NH, S, DHHV)
+    vecI: jax.Array,  # (B, NH, S)
+    vecF: jax.Array,  # (B, NH, S)
+    matC_initial: jax.Array | None = None,  # (B, NH, DHQK, DHHV)
+    vecN_initial: jax.Array | None = None,  # (B, NH, DHQK)
+    scaM_initial: jax.Array | None = None,  # (B, NH)
+    qk_scale: float | None = None,
+    return_last_states: bool = False,
+    return_all_states: bool = False,
+    chunk_size_inter: int | None = None,
+    chunk_size_intra: int | None = None,
+    siz_b_L_parallel: int | None = None,
+    siz_b_L_loop: int | None = None,
+    siz_b_DH_parallel: int | None = None,
+    siz_b_DH_loop: int | None = None,
+    num_warps_intra: int | None = None,
+    num_warps_inter: int | None = None,
+    num_stages_intra: int | None = None,
+    num_stages_inter: int | None = None,
+    output_dtype=jnp.float32,
+    eps: float = 0.0,
+    *,
+    backend: str | None = None,
+    allow_tf32: bool = False,
+    states_dtype=None,
+    input_gate: str = "exponential",
+    normalize: bool = True,
+):
+    """Chunkwise forward: (matH_out, vecN_out, vecM_out, last_states | None, all_states | None).
+
+    Upstream's arguments, plus `backend` ("triton", "interpret", "xla", or None: triton on a GPU, xla
+    otherwise), `allow_tf32` and `states_dtype` (None: float32; bfloat16 stores the C states of
+    all_states in the dtype the kernels' matmuls round them to, last_states stay float32), and the cell:
+    `input_gate` "exponential" (mLSTMexp, upstream's) or "sigmoid" (mLSTMsig: σ(ĩ) as input gate, m not tracked,
+    every m state is the initial one), with `normalize` (sigmoid only: False returns h = q̄·C, eps unused).
+    chunk_size_intra defaults to the largest power of 2 <= 128 dividing S, chunk_size_inter to
+    chunk_size_intra; launch fields left None take each kernel's measured default.
+    """
+    launch = dict(siz_b_L_parallel=siz_b_L_parallel, siz_b_L_loop=siz_b_L_loop, siz_b_DH_parallel=siz_b_DH_parallel,
+                  siz_b_DH_loop=siz_b_DH_loop, num_warps_intra=num_warps_intra, num_warps_inter=num_warps_inter,
+                  num_stages_intra=num_stages_intra, num_stages_inter=num_stages_inter)
+    plan = _upstream_plan(matQ.shape, make_cell(input_gate, normalize, eps), (chunk_size_inter, chunk_size_intra),
+                          launch, backend, qk_scale, allow_tf32, states_dtype)
+    h, saved, last = forward(plan, Inputs(matQ, matK, matV, vecI, vecF),
+                             States(matC_initial, vecN_initial, scaM_initial), output_dtype)
+    last_states = tuple(last) if return_last_states else None
+    all_states = tuple(saved.chunk_states) if return_all_states else None
+    return h, saved.n_out, saved.m_out, last_states, all_states
+
+
+def mlstm_chunkwise_bw(
+    matQ: jax.Array,  # (B, NH, S, DHQK)
+    matK: jax.Array,  # (B, NH, S, DHQK)
+    matV: jax.Array,  # (B, NH, S, DHHV)
+    vecI: jax.Array,  # (B, NH, S)
+    vecF: jax.Array,  # (B, NH, S)
+    matC_initial: jax.Array | None = None,  # (B, NH, DHQK, DHHV)
+    vecN_initial: jax.Array | None = None,  # (B, NH, DHQK)
+    scaM_initial: jax.Array | None = None,  # (B, NH)
+    matC_all: jax.Array | None = None,  # (B, NH, (NC+1)*DHQK, DHHV)
+    vecN_all: jax.Array | None = None,  # (B, NH, (NC+1)*DHQK)
+    scaM_all: jax.Array | None = None,  # (B, NH, NC+1)
+    vecN_out: jax.Array | None = None,  # (B, NH, S)
+    vecM_out: jax.Array | None = None,  # (B, NH, S)
+    matDeltaH: jax.Array | None = None,  # (B, NH, S, DHHV)
+    matDeltaC_last: jax.Array | None = None,  # (B, NH, DHQK, DHHV)
+    qk_scale: float | None = None,
+    chunk_size_inter: int | None = None,
+    chunk_size_intra: int | None = None,
+    siz_b_L_parallel: int | None = None,
+    siz_b_L_loop: int | None = None,
+    siz_b_DH_parallel: int | None = None,
+    siz_b_DH_loop: int | None = None,
+    num_warps_intra: int | None = None,
+    num_warps_inter: int | None = None,
+    num_stages_intra: int | None = None,
+    num_stages_inter: int | None = None,
+    eps: float = 0.0,
+    *,
+    vecDeltaN_last: jax.Array | None = None,  # (B, NH, DHQK)
+    scaM_last_frame: jax.Array | None = None,  # (B, NH)
+    backend: str | None = None,
+    allow_tf32: bool = False,
+    states_dtype=None,
+    input_gate: str = "exponential",
+    normalize: bool = True,
+):
+    """Chunkwise backward: (dQ, dK, dV, dI, dF, dC_initial, dN_initial, dM_initial).
+
+    Upstream's arguments, plus `vecDeltaN_last` (a cotangent on the last n state), `scaM_last_frame` (the m
+    that matDeltaC_last and vecDeltaN_last are stabilised by, as the gradients of C·e^{−m}, n·e^{−m}; None: the
+    last state's own, as upstream), and `backend`, `allow_tf32`, `states_dtype` (of the C and dC state
+    buffers), `input_gate` and `normalize` as in `mlstm_chunkwise_fw` (with the sigmoid gate dI is the gradient
+    of the pre-activation ĩ). den and m are held constant (docs/math.md §4). Unlike upstream, the gradient of
+    scaM_initial is exact, df̃ includes the end-state terms <dC_last, C_last> + <dN_last, n_last>, and
+    `vecDeltaN_last` is propagated. Missing states / outputs are recomputed.
+    """
+    if matDeltaH is None:
+        raise ValueError("matDeltaH (the gradient of the output h, (B, NH, S, DHHV)) is required.")
+    launch = dict(siz_b_L_parallel=siz_b_L_parallel, siz_b_L_loop=siz_b_L_loop, siz_b_DH_parallel=siz_b_DH_parallel,
+                  siz_b_DH_loop=siz_b_DH_loop, num_warps_intra=num_warps_intra, num_warps_inter=num_warps_inter,
+                  num_stages_intra=num_stages_intra, num_stages_inter=num_stages_inter)
+    plan = _upstream_plan(matQ.shape, make_cell(input_gate, normalize, eps), (chunk_size_inter, chunk_size_intra),
+                          launch, backend, qk_scale, allow_tf32, states_dtype)
+    given = None if matC_all is None or vecN_all is None or scaM_all is None else ChunkStates(matC_all, vecN_all,
+                                                                                             scaM_all)
+    d_inputs, d_initial = backward(
+        plan, Inputs(matQ, matK, matV, vecI, vecF), States(matC_initial, vecN_initial, scaM_initial),
+        ForwardOutputs(given, vecN_out, vecM_out), matDeltaH, States(matDeltaC_last, vecDeltaN_last), scaM_last_frame)
+    return (*d_inputs, *d_initial)
+
+
+def compute_chunkwise_log_gates_vecB_vecA(
+    vecI: jax.Array,  # (B, NH, S)
+    vecF: jax.Array,  # (B, NH, S)
+    chunk_size: int,
+    return_vecB_only: bool = False,
+    *,
+    input_gate: str = "exponential",
+):
+    """In-chunk log gates: vecB = inclusive cumsum of log σ(f̃), vecA = reverse exclusive cumsum + ĩ.
+
+    ĩ is `log_input_gate(vecI, input_gate)`: vecI itself for the exponential gate, log σ(vecI) for the sigmoid one.
+    Both (B, NH, NC, L) in float32 (float64 for float64 gates); vecA is summed from the chunk end, never
+    formed as g − b + ĩ. From a hard reset on, vecB is −∞ (the chunk's start state no longer reaches
+    those tokens); vecA is −∞ for tokens before the chunk's last reset. With `return_vecB_only`, vecB alone.
+    """
+    chunk_size = validate_chunk_size(chunk_size, vecF.shape[-1])
+    validate_gate_options(input_gate)
+    vecB, vecA = chunkwise_log_gates(vecI, vecF, chunk_size, input_gate)
+    return vecB if return_vecB_only else (vecB, vecA)
+
+
+def mlstm_chunkwise_max_triton(
+    q: jax.Array,  # (B, NH, S, DHQK)
+    k: jax.Array,  # (B, NH, S, DHQK)
+    v: jax.Array,  # (B, NH, S, DHHV)
+    i: jax.Array,  # (B, NH, S)
+    f: jax.Array,  # (B, NH, S)
+    c_initial: jax.Array | None = None,  # (B, NH, DHQK, DHHV)
+    n_initial: jax.Array | None = None,  # (B, NH, DHQK)
+    m_initial: jax.Array | None = None,  # (B, NH)
+    return_last_states: bool = False,
+    eps: float = 1e-6,
+    chunk_size: int = 64,
+    autocast_kernel_dtype=jnp.float32,
+):
+    """xlstm_jax's `max_triton_fwbw_v5xlchunksize.mlstm_chunkwise_max_triton`, same arguments, on Pallas.
+
+    Returns h (B, NH, S, DHHV), or `(h, (c_last, n_last, m_last))` with `return_last_states`, as upstream.
+    Differences: `chunk_size` is honoured (upstream's top level ignores it), and S need not be a multiple of it;
+    `autocast_kernel_dtype` casts q, k, v only, the gates stay float32; h comes back in q's dtype. The
+    backend is the default one (triton on a GPU, xla otherwise); use `mlstm_chunkwise` to choose it.
+    """
+    return mlstm_chunkwise(q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states=return_last_states,
+                           chunk_size=chunk_size, eps=eps, autocast_kernel_dtype=autocast_kernel_dtype)
