@@ -91,9 +91,10 @@ class ChunkwiseConfig:
         return {kernel: dict(fields) for kernel, fields in self.kernels}
 
     def to_json(self) -> dict:
-        """This config as the JSON object tuned_configs.json stores (per-kernel entries as a mapping)."""
-        data = dataclasses.asdict(self)
-        data["kernels"] = self.kernel_launches()
+        """This config as the JSON object tuned_configs.json stores: its set fields, per-kernel entries as a mapping."""
+        data = {name: value for name, value in dataclasses.asdict(self).items() if value is not None and value != ()}
+        if self.kernels:
+            data["kernels"] = self.kernel_launches()
         return data
 
 

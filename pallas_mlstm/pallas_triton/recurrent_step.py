@@ -8,11 +8,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_mlstm import plan  # plan.validate_*, looked up at call time: plan may import this package
 from pallas_mlstm.gates import MIN_LOG_SCALE, log_input_gate, tracks_max_state
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.pallas_triton import common, launch_defaults
-from pallas_mlstm.pallas_triton.launch import TritonLaunch
 
 NAME = "mlstm_recurrent_step"  # the pallas_call's name
 
@@ -49,8 +47,15 @@ def _step_kernel(q_ref, k_ref, v_ref, i_ref, f_ref, c_ref, n_ref, m_ref, h_ref, 
 
 
 def recurrent_step(call: KernelCall, q, k, v, i, f, c, n, m):
-    """The launcher of `mlstm_recurrent_step__pallas` (same arrays and outputs); trusts `call` (qk_scale: None is
-    DHQK^-1/2, eps, input_gate, normalize, launch: siz_b_DHHV / num_warps, interpret; chunk_size is unused)."""
+    """One step of the cell (the Triton backend's launcher behind `pallas_mlstm.mlstm_recurrent_step`): q, k
+    (B, NH, DHQK), v (B, NH, DHHV), i, f, m (B, NH), c (B, NH, DHQK, DHHV), n (B, NH, DHQK) float32 -> (h (B, NH,
+    DHHV) in q's dtype, (c, n, m) float32). Trusts `call`: qk_scale (None: DHQK^-1/2), eps, input_gate, normalize
+    (the sigmoid gate keeps m as it is), launch (siz_b_DHHV, num_warps; defaults launch_defaults.STEP_LAUNCH:
+    64 clamped to DHHV, 4 warps; always 1 stage), interpret; chunk_size is unused.
+
+    Grid (B·NH, DHHV/bDHHV), each program reading and writing one (DHQK, bDHHV) tile of C. The new C is a new
+    buffer: aliasing it to the old one made XLA copy the caller's C first when that was not donated (measured
+    1.84x the state's read + write at B = 64 on an H100, against 1.19x for upstream's kernel)."""
     batch, heads, dhqk = q.shape
     dhhv = v.shape[-1]
     bnh = batch * heads
@@ -97,36 +102,3 @@ def recurrent_step(call: KernelCall, q, k, v, i, f, c, n, m):
     return (h[:, :dhhv].reshape(batch, heads, dhhv),
             (c_new[:, :dhqk, :dhhv].reshape(batch, heads, dhqk, dhhv), n_new[:, :dhqk].reshape(batch, heads, dhqk),
              m_new.reshape(batch, heads)))
-
-
-def mlstm_recurrent_step__pallas(
-    q: jax.Array,  # (B, NH, DHQK)
-    k: jax.Array,  # (B, NH, DHQK)
-    v: jax.Array,  # (B, NH, DHHV)
-    i: jax.Array,  # (B, NH)
-    f: jax.Array,  # (B, NH)
-    c: jax.Array,  # (B, NH, DHQK, DHHV) float32
-    n: jax.Array,  # (B, NH, DHQK) float32
-    m: jax.Array,  # (B, NH) float32
-    *,
-    eps: float = 1e-6,
-    input_gate: str = "exponential",
-    normalize: bool = True,
-    siz_b_DHHV: int | None = None,
-    num_warps: int | None = None,
-    interpret: bool = False,
-):
-    """One step of the cell: (h (B, NH, DHHV) in q's dtype, (c, n, m) float32); the adapter over
-    `recurrent_step` (checks input_gate, then launches). Grid (B·NH, DHHV/bDHHV), each program reading and
-    writing one (DHQK, bDHHV) tile of C. The new C is a new buffer: aliasing it to the old one made XLA copy the
-    caller's C first when that was not donated (measured 1.84x the state's read + write at B = 64 on an H100,
-    against 1.19x for upstream's kernel). `input_gate` / `normalize` as in the chunkwise kernels (the sigmoid
-    gate keeps m as it is). Launch defaults: launch_defaults.STEP_LAUNCH (siz_b_DHHV 64 clamped to DHHV, 4 warps;
-    always 1 stage)."""
-    plan.validate_gate_options(input_gate)
-    call = KernelCall(
-        chunk_size=1,  # a placeholder: the step kernel reads no chunk size
-        eps=eps, input_gate=input_gate, normalize=bool(normalize),
-        launch=TritonLaunch(siz_b_DHHV=siz_b_DHHV, num_warps=num_warps),
-        interpret=common.checked_interpret(interpret, NAME))
-    return recurrent_step(call, q, k, v, i, f, c, n, m)
