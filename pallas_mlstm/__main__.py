@@ -26,15 +26,21 @@ SUBCOMMANDS = {
 def usage() -> str:
     """The top-level usage: the subcommands and how to get their flags."""
     lines = [f"  {name}: {help_text}" for name, (_, _, help_text) in SUBCOMMANDS.items()]
-    return "\n".join([f"usage: {PROGRAM} {{{','.join(SUBCOMMANDS)}}} [--flags]", *lines,
-                      f"`{PROGRAM} COMMAND --help` lists the flags of COMMAND."])
+    return "\n".join(
+        [
+            f"usage: {PROGRAM} {{{','.join(SUBCOMMANDS)}}} [--flags]",
+            *lines,
+            f"`{PROGRAM} COMMAND --help` lists the flags of COMMAND.",
+        ]
+    )
 
 
 def subcommand_usage(name: str, module) -> str:
     """The usage of one subcommand: what it does and its flags."""
     _, _, help_text = SUBCOMMANDS[name]
     return f"usage: {PROGRAM} {name} [--flags]\n\n{help_text[0].upper()}{help_text[1:]}.\n\nflags:\n" + (
-        flags.FLAGS.module_help(module))
+        flags.FLAGS.module_help(module)
+    )
 
 
 def exit_with_usage_error(name: str, message) -> NoReturn:

@@ -117,15 +117,32 @@ def _error_terms(xp, actual, expected):
     """(actual finite, expected finite, ‖actual − expected‖, ‖expected‖, actual non-zero) in float64, with
     `xp` NumPy or jax.numpy."""
     actual, expected = actual.astype(xp.float64), expected.astype(xp.float64)
-    return (xp.all(xp.isfinite(actual)), xp.all(xp.isfinite(expected)), xp.linalg.norm(actual - expected),
-            xp.linalg.norm(expected), xp.any(actual != 0))
+    return (
+        xp.all(xp.isfinite(actual)),
+        xp.all(xp.isfinite(expected)),
+        xp.linalg.norm(actual - expected),
+        xp.linalg.norm(expected),
+        xp.any(actual != 0),
+    )
 
 
 _device_error_terms = jax.jit(functools.partial(_error_terms, jnp))  # call under enable_x64 (float64)
 
 
-def mlstm_inputs(key, batch, heads, seq_len, dhqk, dhhv, dtype=jnp.float32, *, with_initial=False,
-                 igate_shift=0.0, fgate_shift=3.0, gate_scale=1.0):
+def mlstm_inputs(
+    key,
+    batch,
+    heads,
+    seq_len,
+    dhqk,
+    dhhv,
+    dtype=jnp.float32,
+    *,
+    with_initial=False,
+    igate_shift=0.0,
+    fgate_shift=3.0,
+    gate_scale=1.0,
+):
     """Random (q, k, v, i, f, c_initial, n_initial, m_initial); the states are None unless `with_initial`.
 
     q, k, v ~ N(0, 1) in `dtype`, shapes (B, NH, S, DHQK) and (B, NH, S, DHHV); the gates and the states in
@@ -173,6 +190,8 @@ def load_oracles():
             raise
         raise app.UsageError(ORACLES_MISSING) from None
     if not hasattr(reference, "mlstm_recurrent"):
-        raise app.UsageError(f"the importable `reference` ({getattr(reference, '__file__', None)}) is not this "
-                             f"project's; {ORACLES_MISSING}")
+        raise app.UsageError(
+            f"the importable `reference` ({getattr(reference, '__file__', None)}) is not this "
+            f"project's; {ORACLES_MISSING}"
+        )
     return reference

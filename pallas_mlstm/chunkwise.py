@@ -54,7 +54,8 @@ class ForwardOutputs(NamedTuple):
 def chunk_states(plan: Plan, inputs: Inputs, initial: States) -> tuple[ChunkStates, jax.Array]:
     """The recurrent kernel's states at every chunk boundary and the last C state at full precision."""
     c_all, n_all, m_all, *c_last = plan.backend.kernels.recurrent_fw_C(
-        plan.call("recurrent_fw_C"), inputs.k, inputs.v, inputs.f, inputs.i, *initial)
+        plan.call("recurrent_fw_C"), inputs.k, inputs.v, inputs.f, inputs.i, *initial
+    )
     dhqk = inputs.k.shape[-1]
     return ChunkStates(c_all, n_all, m_all), (c_last[0] if c_last else c_all[:, :, -dhqk:, :])
 
@@ -69,15 +70,24 @@ def forward(plan: Plan, inputs: Inputs, initial: States, output_dtype) -> tuple[
     """h (B, NH, S, DHHV) in output_dtype, what the backward reads, and the last states."""
     states, c_last = chunk_states(plan, inputs, initial)
     h, n_out, m_out = plan.backend.kernels.parallel_fw_Hintra(
-        plan.call("parallel_fw_Hintra", output_dtype=output_dtype), *inputs, *states)
+        plan.call("parallel_fw_Hintra", output_dtype=output_dtype), *inputs, *states
+    )
     return h, ForwardOutputs(states, n_out, m_out), last_states(states, c_last)
 
 
 def _state_gradients(plan: Plan, inputs: Inputs, saved: ForwardOutputs, dh, dc_last):
     """The recurrent backward kernel: dC at every chunk boundary, <dC_k, C_k>, and dC_0 at full precision."""
     dc_states, cdc_states, *dc_first = plan.backend.kernels.recurrent_bw_dC(
-        plan.call("recurrent_bw_dC"), inputs.q, inputs.f, saved.chunk_states.m_all, saved.m_out, dh, saved.n_out,
-        dc_last, saved.chunk_states.c_all)
+        plan.call("recurrent_bw_dC"),
+        inputs.q,
+        inputs.f,
+        saved.chunk_states.m_all,
+        saved.m_out,
+        dh,
+        saved.n_out,
+        dc_last,
+        saved.chunk_states.c_all,
+    )
     dhqk = inputs.q.shape[-1]
     return dc_states, cdc_states, (dc_first[0] if dc_first else dc_states[:, :, :dhqk, :])
 
@@ -87,8 +97,18 @@ def _input_gradients(plan: Plan, inputs: Inputs, saved: ForwardOutputs, dh, dc_s
     chunk = plan.chunking.chunk_size
     _, vecA = chunkwise_log_gates(inputs.i, inputs.f, chunk, plan.cell.input_gate)
     vecB, vecR = compute_chunkwise_reset_gates(inputs.f, chunk)  # finite across hard resets, and where they are
-    arrays = (inputs.q, inputs.k, inputs.v, inputs.i, (vecA, vecB, vecR), saved.chunk_states, saved.n_out,
-              saved.m_out, dh, dc_states)
+    arrays = (
+        inputs.q,
+        inputs.k,
+        inputs.v,
+        inputs.i,
+        (vecA, vecB, vecR),
+        saved.chunk_states,
+        saved.n_out,
+        saved.m_out,
+        dh,
+        dc_states,
+    )
     kernels, dtype = plan.backend.kernels, inputs.q.dtype
     dv = kernels.parallel_bw_dV(plan.call("parallel_bw_dV", output_dtype=dtype), *arrays)
     # Σ_d k·dk and Σ_d q·dq come from the kernels' float32 accumulators: dĩ and df̃ are built from them, and
@@ -156,8 +176,9 @@ def recomputed(plan: Plan, inputs: Inputs, initial: States, saved: ForwardOutput
     return ForwardOutputs(states, n_out, m_out)
 
 
-def backward(plan: Plan, inputs: Inputs, initial: States, saved: ForwardOutputs, dh, d_last: States,
-             last_frame=None) -> tuple[Inputs, States]:
+def backward(
+    plan: Plan, inputs: Inputs, initial: States, saved: ForwardOutputs, dh, d_last: States, last_frame=None
+) -> tuple[Inputs, States]:
     """The gradients of the inputs and of the initial states (None where no initial state was given).
 
     `d_last`: cotangents (dC, dN) of the last states (either None), stabilised by `last_frame` (B, NH), the m

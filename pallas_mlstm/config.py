@@ -19,8 +19,14 @@ _STAGE_FIELDS = ("num_stages_intra", "num_stages_inter")
 _NUM_WARPS = (1, 2, 4, 8, 16, 32)
 _MIN_TILE = 16  # Triton's dot needs every side >= 16 (pallas_triton.common.MIN_TILE)
 # The kernels a per-kernel launch entry may name (pallas_mlstm.kernel_call.CHUNKWISE_KERNELS).
-_KERNELS = ("recurrent_fw_C", "parallel_fw_Hintra", "recurrent_bw_dC", "parallel_bw_dQ", "parallel_bw_dK",
-            "parallel_bw_dV")
+_KERNELS = (
+    "recurrent_fw_C",
+    "parallel_fw_Hintra",
+    "recurrent_bw_dC",
+    "parallel_bw_dQ",
+    "parallel_bw_dK",
+    "parallel_bw_dV",
+)
 
 
 def _is_power_of_2(value: int) -> bool:
@@ -150,8 +156,10 @@ def _read_tuned_file(path: str, modified_ns: int) -> tuple[dict[str, dict[str, C
             device_kind: {key: ChunkwiseConfig(**entry["config"]) for key, entry in entries.items()}
             for device_kind, entries in data["configs"].items()
         }
-        cards = {kind: {"compute_capability": str(card["compute_capability"]), "core_count": int(card["core_count"])}
-                 for kind, card in data.get("cards", {}).items()}
+        cards = {
+            kind: {"compute_capability": str(card["compute_capability"]), "core_count": int(card["core_count"])}
+            for kind, card in data.get("cards", {}).items()
+        }
         return configs, cards
     except (OSError, ValueError, LookupError, TypeError, AttributeError) as error:
         raise ValueError(
@@ -175,9 +183,18 @@ def tuned_configs_in(path: str | os.PathLike) -> dict[str, dict[str, ChunkwiseCo
     return _tuned_file(path)[0]
 
 
-def tuned_config(device_kind: str, B: int, NH: int, S: int, DHQK: int, DHHV: int, *,
-                 path: str | os.PathLike | None = None, compute_capability: str | None = None,
-                 core_count: int | None = None) -> ChunkwiseConfig | None:
+def tuned_config(
+    device_kind: str,
+    B: int,
+    NH: int,
+    S: int,
+    DHQK: int,
+    DHHV: int,
+    *,
+    path: str | os.PathLike | None = None,
+    compute_capability: str | None = None,
+    core_count: int | None = None,
+) -> ChunkwiseConfig | None:
     """The measured best config for this card (`jax.Device.device_kind`) and shape, or None if none was measured.
 
     Looked up by `shape_class(S, DHQK, DHHV)` (B and NH do not enter it) in `path` alone if given, else in the

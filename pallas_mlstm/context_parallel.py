@@ -40,11 +40,21 @@ def _weighted_outer_sum(a, weights, b):
     dtype = acc_dtype(a.dtype)
     weighted = (a.astype(dtype) * weights[..., None]).astype(a.dtype)  # (B, NH, L, D1)
     wide = jnp.dtype(a.dtype).itemsize >= 4
-    outer = jnp.einsum("bhld,bhle->bhde", weighted, b.astype(a.dtype), preferred_element_type=dtype,
-                       precision=lax.Precision.HIGHEST if wide else lax.Precision.DEFAULT)
+    outer = jnp.einsum(
+        "bhld,bhle->bhde",
+        weighted,
+        b.astype(a.dtype),
+        preferred_element_type=dtype,
+        precision=lax.Precision.HIGHEST if wide else lax.Precision.DEFAULT,
+    )
     ones = jnp.ones(weighted.shape[:3], weighted.dtype)  # Σ_t as a matrix-vector product: faster than a reduce over t
-    return outer, jnp.einsum("bhld,bhl->bhd", weighted, ones, preferred_element_type=dtype,
-                             precision=lax.Precision.HIGHEST if wide else lax.Precision.DEFAULT)
+    return outer, jnp.einsum(
+        "bhld,bhl->bhd",
+        weighted,
+        ones,
+        preferred_element_type=dtype,
+        precision=lax.Precision.HIGHEST if wide else lax.Precision.DEFAULT,
+    )
 
 
 def _log_forget(vecF):
@@ -110,8 +120,12 @@ def _then(earlier, later):
     c_b, n_b, m_b, g_b = later
     m = jnp.maximum(m_a + g_b, m_b)  # (B, NH)
     scale_a, scale_b = jnp.exp(m_a + g_b - m), jnp.exp(m_b - m)
-    return (scale_a[..., None, None] * c_a + scale_b[..., None, None] * c_b,
-            scale_a[..., None] * n_a + scale_b[..., None] * n_b, m, g_a + g_b)
+    return (
+        scale_a[..., None, None] * c_a + scale_b[..., None, None] * c_b,
+        scale_a[..., None] * n_a + scale_b[..., None] * n_b,
+        m,
+        g_a + g_b,
+    )
 
 
 def incoming_states(seq_axes, num_shards: int, end_states, initial_states, input_gate: str):
@@ -126,9 +140,12 @@ def incoming_states(seq_axes, num_shards: int, end_states, initial_states, input
     identity = (jnp.zeros_like(matC), jnp.zeros_like(vecN), jnp.full_like(scaM, MIN_LOG_SCALE), jnp.zeros_like(scaG))
     before = _ordered_scan(seq_axes, num_shards, end_states, _then, identity, from_later=False)
     c_initial, n_initial, m_initial = initial_states
-    initial = (identity[0] if c_initial is None else c_initial.astype(matC.dtype),
-               identity[1] if n_initial is None else n_initial.astype(vecN.dtype),
-               jnp.zeros_like(scaM) if m_initial is None else m_initial.astype(scaM.dtype), jnp.zeros_like(scaG))
+    initial = (
+        identity[0] if c_initial is None else c_initial.astype(matC.dtype),
+        identity[1] if n_initial is None else n_initial.astype(vecN.dtype),
+        jnp.zeros_like(scaM) if m_initial is None else m_initial.astype(scaM.dtype),
+        jnp.zeros_like(scaG),
+    )
     c_in, n_in, m_in, _ = _then(initial, before)
     if not tracks_max_state(input_gate):
         scale = jnp.exp(m_in)  # (B, NH)
@@ -142,8 +159,7 @@ def _before(nearer, farther):
     d_a, nu_a, g_a = nearer
     d_b, nu_b, g_b = farther
     nu = jnp.maximum(nu_a, g_a + nu_b)  # (B, NH)
-    return (jnp.exp(nu_a - nu)[..., None, None] * d_a + jnp.exp(g_a + nu_b - nu)[..., None, None] * d_b, nu,
-            g_a + g_b)
+    return (jnp.exp(nu_a - nu)[..., None, None] * d_a + jnp.exp(g_a + nu_b - nu)[..., None, None] * d_b, nu, g_a + g_b)
 
 
 def outgoing_state_gradients(seq_axes, num_shards: int, start_gradient, scaG, frame, last_cotangents):
@@ -155,8 +171,9 @@ def outgoing_state_gradients(seq_axes, num_shards: int, start_gradient, scaG, fr
     """
     d_start, scaNu = start_gradient
     identity = (jnp.zeros_like(d_start), jnp.full_like(scaNu, MIN_LOG_SCALE), jnp.zeros_like(scaG))
-    d_after, nu_after, g_after = _ordered_scan(seq_axes, num_shards, (d_start, scaNu, scaG), _before, identity,
-                                               from_later=True)
+    d_after, nu_after, g_after = _ordered_scan(
+        seq_axes, num_shards, (d_start, scaNu, scaG), _before, identity, from_later=True
+    )
     d_end = jnp.exp(frame + nu_after)[..., None, None] * d_after  # (B, NH, DHQK, DHHV)
     dc_last, dn_last, m_last = last_cotangents
     last_scale = jnp.exp(frame + g_after - m_last)  # (B, NH)

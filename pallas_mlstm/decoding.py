@@ -20,8 +20,21 @@ def _gate(name: str, x, batch: int, heads: int):
     return x.reshape(batch, heads)
 
 
-def mlstm_recurrent_step(q, k, v, i, f, c, n, m=None, *, eps: float = 1e-6, backend: str | None = None,
-                         input_gate: str = "exponential", normalize: bool = True):
+def mlstm_recurrent_step(
+    q,
+    k,
+    v,
+    i,
+    f,
+    c,
+    n,
+    m=None,
+    *,
+    eps: float = 1e-6,
+    backend: str | None = None,
+    input_gate: str = "exponential",
+    normalize: bool = True,
+):
     """One token of the mLSTM cell: (h, (c, n, m)), the state after it; (h, (c, n)) with input_gate="sigmoid".
 
     q, k (B, NH, DHQK), v (B, NH, DHHV); gates i, f and the max state m as (B, NH) or (B, NH, 1) (m comes back
@@ -33,8 +46,10 @@ def mlstm_recurrent_step(q, k, v, i, f, c, n, m=None, *, eps: float = 1e-6, back
     """
     cell = make_cell(input_gate, normalize, eps)
     if input_gate == "exponential" and m is None:
-        raise ValueError("m (the max state, (B, NH) or (B, NH, 1)) is required with the exponential input gate: "
-                         "pass the m that mlstm_chunkwise(..., return_last_states=True) or the previous step returned.")
+        raise ValueError(
+            "m (the max state, (B, NH) or (B, NH, 1)) is required with the exponential input gate: "
+            "pass the m that mlstm_chunkwise(..., return_last_states=True) or the previous step returned."
+        )
     if input_gate == "sigmoid" and m is not None:
         raise ValueError("m is not a state of the sigmoid input gate: its states are (c, n); drop m.")
     chosen = get_backend(backend)
@@ -49,8 +64,10 @@ def mlstm_recurrent_step(q, k, v, i, f, c, n, m=None, *, eps: float = 1e-6, back
     dhhv = shape(v)[2]
     for name, x, expected in (("c", c, (batch, heads, dhqk, dhhv)), ("n", n, (batch, heads, dhqk))):
         if shape(x) != expected:
-            raise ValueError(f"{name} must have shape {expected} (from q and v); got {shape(x)}: pass the states "
-                             "mlstm_chunkwise(..., return_last_states=True) or the previous step returned.")
+            raise ValueError(
+                f"{name} must have shape {expected} (from q and v); got {shape(x)}: pass the states "
+                "mlstm_chunkwise(..., return_last_states=True) or the previous step returned."
+            )
     for name, x in (("q", q), ("k", k), ("v", v), ("c", c), ("n", n)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be a floating-point array; got dtype {x.dtype}.")
@@ -60,8 +77,9 @@ def mlstm_recurrent_step(q, k, v, i, f, c, n, m=None, *, eps: float = 1e-6, back
     m_shape = shape(m)
     i, f, m = (_gate(name, x, batch, heads) for name, x in (("i", i), ("f", f), ("m", m)))
     states = tuple(x.astype(jnp.float32) for x in (c, n, m))
-    call = KernelCall(chunk_size=1, eps=cell.eps, input_gate=cell.input_gate, normalize=cell.normalize,
-                      interpret=chosen.interpret)  # one step: a chunk of 1
+    call = KernelCall(
+        chunk_size=1, eps=cell.eps, input_gate=cell.input_gate, normalize=cell.normalize, interpret=chosen.interpret
+    )  # one step: a chunk of 1
     h, (c, n, m) = chosen.kernels.recurrent_step(call, q, k, v, i, f, *states)
     if input_gate == "sigmoid":
         return h, (c, n)

@@ -47,8 +47,11 @@ def _capability(device) -> tuple[int, int] | None:
 @functools.cache
 def _properties_of(device) -> DeviceProperties:
     core_count = getattr(device, "core_count", None)
-    return DeviceProperties(device.device_kind, _capability(device),
-                            int(core_count) if isinstance(core_count, int) and core_count > 0 else None)
+    return DeviceProperties(
+        device.device_kind,
+        _capability(device),
+        int(core_count) if isinstance(core_count, int) and core_count > 0 else None,
+    )
 
 
 def device_properties(device=None) -> DeviceProperties:

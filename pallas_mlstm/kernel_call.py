@@ -9,8 +9,14 @@ from typing import Any
 import jax.numpy as jnp
 
 # The chunkwise kernels, in the order one forward + backward runs them.
-CHUNKWISE_KERNELS = ("recurrent_fw_C", "parallel_fw_Hintra", "recurrent_bw_dC", "parallel_bw_dQ", "parallel_bw_dK",
-                     "parallel_bw_dV")
+CHUNKWISE_KERNELS = (
+    "recurrent_fw_C",
+    "parallel_fw_Hintra",
+    "recurrent_bw_dC",
+    "parallel_bw_dQ",
+    "parallel_bw_dK",
+    "parallel_bw_dV",
+)
 
 
 @dataclasses.dataclass(frozen=True)

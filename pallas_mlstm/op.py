@@ -65,7 +65,7 @@ def chunkwise_forward(plan: Plan, inputs: Inputs, initial: States):
 
 
 def _backward(plan: Plan, residuals: Residuals, cotangents, last_frame=None):
-    dh, d_last = (cotangents if plan.return_last_states else (cotangents, None))
+    dh, d_last = cotangents if plan.return_last_states else (cotangents, None)
     d_last = States(None, None) if d_last is None else States(d_last.c, d_last.n)  # m is held constant
     segment_len = segment_len_of(plan, residuals.inputs.q.shape[2])
     if segment_len is not None:

@@ -59,16 +59,24 @@ def validate_eps(eps, name: str = "eps") -> float:
     if isinstance(eps, jax.core.Tracer):
         raise ValueError(f"{name} must be a concrete number, not a traced value: pass a Python float.")
     value = np.asarray(eps) if hasattr(eps, "dtype") or isinstance(eps, numbers.Number) else None
-    if (value is None or value.shape != () or value.dtype.kind not in "fiu" or isinstance(eps, (bool, np.bool_))
-            or not math.isfinite(float(value)) or float(value) < 0):
+    if (
+        value is None
+        or value.shape != ()
+        or value.dtype.kind not in "fiu"
+        or isinstance(eps, (bool, np.bool_))
+        or not math.isfinite(float(value))
+        or float(value) < 0
+    ):
         raise ValueError(f"{name} must be a non-negative finite float (e.g. 1e-6); got {eps!r}.")
     return float(value)
 
 
 def _static_int(name: str, value) -> int:
     if isinstance(value, jax.core.Tracer):
-        raise ValueError(f"{name} must be a static Python int (it sets the kernels' tiles), not a traced value: "
-                         "pass it as a constant, or mark it static (jax.jit(..., static_argnames=...)).")
+        raise ValueError(
+            f"{name} must be a static Python int (it sets the kernels' tiles), not a traced value: "
+            "pass it as a constant, or mark it static (jax.jit(..., static_argnames=...))."
+        )
     if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 1:
         raise ValueError(f"{name} must be a positive int; got {value!r}.")
     return int(value)
@@ -156,8 +164,13 @@ def validate_segment_len(segment_len, chunk_size: int, padded_len: int) -> int |
     """`segment_len` checked against the chunk size and the padded S; None: `default_segment_len`."""
     if segment_len is None:
         return default_segment_len(padded_len, chunk_size)
-    if (not isinstance(segment_len, (int, np.integer)) or isinstance(segment_len, (bool, np.bool_))
-            or segment_len < 1 or segment_len % chunk_size or padded_len % segment_len):
+    if (
+        not isinstance(segment_len, (int, np.integer))
+        or isinstance(segment_len, (bool, np.bool_))
+        or segment_len < 1
+        or segment_len % chunk_size
+        or padded_len % segment_len
+    ):
         below = max(segment_len, chunk_size) if isinstance(segment_len, (int, np.integer)) else chunk_size
         raise ValueError(
             f"segment_len must be a positive int that is a multiple of chunk_size={chunk_size} and divides "
@@ -223,10 +236,16 @@ class Plan:
         recurrent = kernel.startswith("recurrent")
         fields = dict(
             chunk_size=chunking.inter_chunk_size if recurrent else chunking.chunk_size,
-            qk_scale=self.qk_scale, eps=self.cell.denominator_eps if kernel != "parallel_fw_Hintra" else self.cell.eps,
-            input_gate=self.cell.input_gate, normalize=self.cell.normalize, states_dtype=self.states_dtype,
+            qk_scale=self.qk_scale,
+            eps=self.cell.denominator_eps if kernel != "parallel_fw_Hintra" else self.cell.eps,
+            input_gate=self.cell.input_gate,
+            normalize=self.cell.normalize,
+            states_dtype=self.states_dtype,
             save_states_every_nth_chunk=chunking.chunk_size // chunking.inter_chunk_size,
-            launch=dict(self.launches).get(kernel), allow_tf32=self.allow_tf32, interpret=self.backend.interpret)
+            launch=dict(self.launches).get(kernel),
+            allow_tf32=self.allow_tf32,
+            interpret=self.backend.interpret,
+        )
         return KernelCall(**{**fields, **overrides})
 
     def replace_chunking(self, **changes) -> Plan:
@@ -241,16 +260,15 @@ def launches_for(backend: Backend, flat: dict, per_kernel: dict) -> tuple[tuple[
     return tuple((kernel, backend.launch(kernel, flat, per_kernel.get(kernel))) for kernel in CHUNKWISE_KERNELS)
 
 
-
-
 def make_cell(input_gate, normalize, eps) -> Cell:
     """The validated cell options."""
     validate_gate_options(input_gate, normalize)
     return Cell(input_gate, bool(normalize), validate_eps(eps))
 
 
-def resolve_config(backend: Backend, config, shape: tuple[int, ...], operand_dtype,
-                   device: str | DeviceProperties | None = None) -> ChunkwiseConfig:
+def resolve_config(
+    backend: Backend, config, shape: tuple[int, ...], operand_dtype, device: str | DeviceProperties | None = None
+) -> ChunkwiseConfig:
     """`config`, checked, or the default: on the triton backend with 16-bit operands, the one `tune` measured
     for this card and shape class (pallas_mlstm/tuned_configs.json, or the user's own file, see
     `pallas_mlstm.config`), else that of a tuned card of the same compute capability; otherwise ChunkwiseConfig()
@@ -273,12 +291,21 @@ def resolve_config(backend: Backend, config, shape: tuple[int, ...], operand_dty
 def tuned_config_for(properties: DeviceProperties, batch, heads, seq_len, dhqk, dhhv) -> ChunkwiseConfig | None:
     """The tuned config of the card `properties` describes for this shape, or None."""
     capability = None if properties.compute_capability is None else "{}.{}".format(*properties.compute_capability)
-    return tuned_config(properties.device_kind, batch, heads, seq_len, dhqk, dhhv, compute_capability=capability,
-                        core_count=properties.core_count)
+    return tuned_config(
+        properties.device_kind,
+        batch,
+        heads,
+        seq_len,
+        dhqk,
+        dhhv,
+        compute_capability=capability,
+        core_count=properties.core_count,
+    )
 
 
-def make_chunking(backend: Backend, config: ChunkwiseConfig, chunk_size, seq_len: int, segment_len,
-                  recompute_states_in_bw) -> tuple[Chunking, int]:
+def make_chunking(
+    backend: Backend, config: ChunkwiseConfig, chunk_size, seq_len: int, segment_len, recompute_states_in_bw
+) -> tuple[Chunking, int]:
     """`mlstm_chunkwise`'s chunking and the length S is padded to: `chunk_size`, else the config's, else
     `padding_chunk_size`; clamped to S rounded up to a power of 2 (a longer chunk would only pad)."""
     chunk_size = config.chunk_size if chunk_size is None else chunk_size
@@ -287,8 +314,12 @@ def make_chunking(backend: Backend, config: ChunkwiseConfig, chunk_size, seq_len
     chunk_size = validate_chunk_size(chunk_size, None, minimum=backend.min_chunk)
     chunk_size = min(chunk_size, max(backend.min_chunk, 1 << (seq_len - 1).bit_length()))
     padded_len = -(-seq_len // chunk_size) * chunk_size  # S up to a multiple of the chunk size
-    chunking = Chunking(chunk_size, chunk_size, validate_segment_len(segment_len, chunk_size, padded_len),
-                        validate_bool("recompute_states_in_bw", recompute_states_in_bw, allow_none=True))
+    chunking = Chunking(
+        chunk_size,
+        chunk_size,
+        validate_segment_len(segment_len, chunk_size, padded_len),
+        validate_bool("recompute_states_in_bw", recompute_states_in_bw, allow_none=True),
+    )
     return chunking, padded_len
 
 

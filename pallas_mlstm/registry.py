@@ -24,16 +24,24 @@ def _triton_launch(kernel: str, flat: dict, override: dict | None) -> TritonLaun
     unknown = sorted(set(override) - names)
     if unknown or (kernel.startswith("recurrent") and {"siz_b_LQ", "siz_b_LKV"} & set(override)):
         allowed = sorted(names - ({"siz_b_LQ", "siz_b_LKV"} if kernel.startswith("recurrent") else set()))
-        raise ValueError(f"config.kernels[{kernel!r}] sets {sorted(set(override) - set(allowed))}, which the "
-                         f"triton backend's {kernel} does not take: use {', '.join(allowed)}.")
+        raise ValueError(
+            f"config.kernels[{kernel!r}] sets {sorted(set(override) - set(allowed))}, which the "
+            f"triton backend's {kernel} does not take: use {', '.join(allowed)}."
+        )
     return from_upstream(kernel, flat).merged(TritonLaunch(**override))
 
 
 _TRITON = Backend(
-    name="triton", kernels=pallas_triton.KERNELS, available=gpu_available, priority=0, min_chunk=MIN_TILE,
-    launch_type=TritonLaunch, resolve_launch=_triton_launch,
+    name="triton",
+    kernels=pallas_triton.KERNELS,
+    available=gpu_available,
+    priority=0,
+    min_chunk=MIN_TILE,
+    launch_type=TritonLaunch,
+    resolve_launch=_triton_launch,
     unavailable="backend='triton' needs an NVIDIA GPU, and JAX's default backend here is {platform!r}: use "
-                "backend='xla' (plain XLA, any device) or backend='interpret' (the Pallas kernels on the CPU, slow).")
+    "backend='xla' (plain XLA, any device) or backend='interpret' (the Pallas kernels on the CPU, slow).",
+)
 _REGISTERED = (
     _TRITON,
     dataclasses.replace(_TRITON, name="interpret", available=lambda: True, priority=None, interpret=True),

@@ -52,15 +52,19 @@ def segmented_forward(plan: Plan, segment_len: int, inputs: Inputs, initial: Sta
     batch, heads, seq_len, _ = inputs.q.shape
     states = initial.or_zeros(_zero_states(inputs))
     dtype = states.c.dtype
-    outputs = (jnp.zeros((batch, heads, seq_len, inputs.v.shape[-1]), inputs.q.dtype),  # h
-               jnp.zeros((batch, heads, seq_len), dtype), jnp.zeros((batch, heads, seq_len), dtype))  # n_out, m_out
+    outputs = (
+        jnp.zeros((batch, heads, seq_len, inputs.v.shape[-1]), inputs.q.dtype),  # h
+        jnp.zeros((batch, heads, seq_len), dtype),
+        jnp.zeros((batch, heads, seq_len), dtype),
+    )  # n_out, m_out
 
     def step(index, carry):
         states, starts, outputs = carry
         segment = Inputs(*(_segment(x, index, segment_len) for x in inputs))
         h, saved, last = forward(plan, segment, states, inputs.q.dtype)
-        outputs = tuple(_put_segment(buffer, x, index, segment_len)
-                        for buffer, x in zip(outputs, (h, saved.n_out, saved.m_out)))
+        outputs = tuple(
+            _put_segment(buffer, x, index, segment_len) for buffer, x in zip(outputs, (h, saved.n_out, saved.m_out))
+        )
         return States(*(x.astype(dtype) for x in last)), _put_start(starts, states, index), outputs
 
     num_segments = seq_len // segment_len
@@ -111,14 +115,21 @@ def segmented_backward(plan: Plan, segment_len: int, residuals, dh, d_last: Stat
         segment = lambda x: _segment(x, index, segment_len)
         start = States(*(lax.dynamic_index_in_dim(x, index, axis=2, keepdims=False) for x in starts))
         saved = ForwardOutputs(None, segment(n_out), segment(m_out))
-        d_inputs, d_start = backward(plan, Inputs(*map(segment, inputs)), start, saved, segment(dh),
-                                     States(dc, None if d_last.n is None else dn),
-                                     None if last_frame is None else frame)
+        d_inputs, d_start = backward(
+            plan,
+            Inputs(*map(segment, inputs)),
+            start,
+            saved,
+            segment(dh),
+            States(dc, None if d_last.n is None else dn),
+            None if last_frame is None else frame,
+        )
         grads = tuple(_put_segment(buffer, g, index, segment_len) for buffer, g in zip(grads, d_inputs))
         return States(*(d.astype(x.dtype) for d, x in zip(d_start, states))), start.m, grads
 
-    d_end = States(*(jnp.zeros_like(x) if d is None else d.astype(x.dtype)
-                     for x, d in zip(states, (d_last.c, d_last.n, None))))  # dC, dN, dm of the last states
+    d_end = States(
+        *(jnp.zeros_like(x) if d is None else d.astype(x.dtype) for x, d in zip(states, (d_last.c, d_last.n, None)))
+    )  # dC, dN, dm of the last states
     frame = states.m if last_frame is None else last_frame.astype(states.m.dtype)  # read only with last_frame
     grads = tuple(jnp.zeros(x.shape, x.dtype) for x in inputs)
     d_initial, _, grads = lax.fori_loop(0, num_segments, step, (d_end, frame, grads))

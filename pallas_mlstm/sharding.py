@@ -92,8 +92,12 @@ def _placement(plan: Plan, spec, axis_sizes: dict[str, int], q_shape, explicit: 
             f"{spec[2]}: pass recompute_states_in_bw=True, or make the mesh axes Explicit "
             "(jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Explicit, ...)))."
         )
-    keeps_segment_starts = (explicit and bool(seq) and chunking.segment_len is not None
-                            and segment_len_of(plan, local_seq) == chunking.segment_len)
+    keeps_segment_starts = (
+        explicit
+        and bool(seq)
+        and chunking.segment_len is not None
+        and segment_len_of(plan, local_seq) == chunking.segment_len
+    )
     return _Placement(batch, heads, seq, shards[2], keeps_segment_starts)
 
 
@@ -135,8 +139,9 @@ def _fwd_body(plan: Plan, present, placement, *arrays):
     gate = plan.cell.input_gate
     if placement.seq:
         end_state = context_parallel.shard_end_state(k, v, i, f, gate)
-        c0, n0, m0 = context_parallel.incoming_states(placement.seq, placement.seq_shards, end_state, (c0, n0, m0),
-                                                      gate)
+        c0, n0, m0 = context_parallel.incoming_states(
+            placement.seq, placement.seq_shards, end_state, (c0, n0, m0), gate
+        )
     out, residuals = chunkwise_forward(plan, Inputs(q, k, v, i, f), States(c0, n0, m0))
     saved_states, n_out, m_out = residuals.saved_states, residuals.n_out, residuals.m_out
     if placement.seq and plan.chunking.segment_len is not None and not placement.keeps_segment_starts:
@@ -153,8 +158,8 @@ def _bwd_body(plan: Plan, present, placement, *arrays):
     chunkwise backward of its steps; the initial states' gradients are the first shard's."""
     num_primals, num_saved = sum(present), len(_saved_kinds(plan))
     primals = _fill(present, arrays[:num_primals])
-    saved_states = arrays[num_primals:num_primals + num_saved] or None
-    n_out, m_out, dh, *last = arrays[num_primals + num_saved:]  # last: dC, dN of the last states, and their m
+    saved_states = arrays[num_primals : num_primals + num_saved] or None
+    n_out, m_out, dh, *last = arrays[num_primals + num_saved :]  # last: dC, dN of the last states, and their m
     if not placement.seq:
         cotangents = (dh, States(*last[:2])) if plan.return_last_states else dh
         residuals = Residuals(Inputs(*primals[:5]), States(*primals[5:]), saved_states, n_out, m_out)
@@ -168,21 +173,29 @@ def _bwd_body(plan: Plan, present, placement, *arrays):
         states_in = (c0, n0, m0)  # read only for the initial states' gradients, which are the first shard's
     else:
         saved_states = None  # recomputed from the start state (Auto axes: `_unsaved_segment_starts`)
-        states_in = context_parallel.incoming_states(placement.seq, placement.seq_shards, end_state, (c0, n0, m0),
-                                                     plan.cell.input_gate)
+        states_in = context_parallel.incoming_states(
+            placement.seq, placement.seq_shards, end_state, (c0, n0, m0), plan.cell.input_gate
+        )
     dc_last, dn_last, m_last = last if plan.return_last_states else (None, None, None)
     # the frame of this shard's end-state gradient: its last step's m (the last shard's: the op's last m)
     frame = m_out[..., -1].astype(end_state[2].dtype)
     if m_last is not None:
         frame = jnp.where(me == placement.seq_shards - 1, m_last.astype(frame.dtype), frame)
-    start_gradient = context_parallel.shard_start_state_gradient(q, f, n_out, m_out, dh, q.shape[-1] ** -0.5,
-                                                                 plan.cell.denominator_eps)
+    start_gradient = context_parallel.shard_start_state_gradient(
+        q, f, n_out, m_out, dh, q.shape[-1] ** -0.5, plan.cell.denominator_eps
+    )
     d_end = context_parallel.outgoing_state_gradients(
-        placement.seq, placement.seq_shards, start_gradient, end_state[3], frame,
-        (dc_last, dn_last, frame if m_last is None else m_last))
+        placement.seq,
+        placement.seq_shards,
+        start_gradient,
+        end_state[3],
+        frame,
+        (dc_last, dn_last, frame if m_last is None else m_last),
+    )
     residuals = Residuals(Inputs(q, k, v, i, f), States(*states_in), saved_states, n_out, m_out)
-    d_inputs, d_initial = chunkwise_backward(dataclasses.replace(plan, return_last_states=True), residuals,
-                                             (dh, States(*d_end)), frame)
+    d_inputs, d_initial = chunkwise_backward(
+        dataclasses.replace(plan, return_last_states=True), residuals, (dh, States(*d_end)), frame
+    )
     first = lambda d, x: lax.psum(jnp.where(me == 0, d, jnp.zeros_like(d)), placement.seq).astype(x.dtype)
     initial = States(*(None if x is None else first(d, x) for d, x in zip(d_initial, (c0, n0, m0))))
     return _present_gradients((d_inputs, initial))
@@ -203,7 +216,9 @@ def _saved_kinds(plan: Plan) -> tuple:
     segments), else every chunk's states unless they are recomputed (on a sequence shard: its own chunks')."""
     if plan.chunking.segment_len is not None:
         return ("segment_starts", 5), ("segment_starts", 4), ("segment_starts", 3)
-    return () if plan.chunking.recompute_states_in_bw else (("chunk_states", 4), ("chunk_states", 3), ("chunk_states", 3))
+    return (
+        () if plan.chunking.recompute_states_in_bw else (("chunk_states", 4), ("chunk_states", 3), ("chunk_states", 3))
+    )
 
 
 def _kinds(plan: Plan, present) -> tuple[tuple, tuple, tuple]:
@@ -272,7 +287,11 @@ def _fold_vmap(op):
     @op_vmap.def_vmap
     def _rule(axis_size, in_batched, *arrays):
         def fold(x, batched):  # (V, B, ...) or (B, ...) -> (B·V, ...)
-            x = jnp.moveaxis(x, 0, 1) if batched else jnp.broadcast_to(x[:, None], (x.shape[0], axis_size, *x.shape[1:]))
+            x = (
+                jnp.moveaxis(x, 0, 1)
+                if batched
+                else jnp.broadcast_to(x[:, None], (x.shape[0], axis_size, *x.shape[1:]))
+            )
             return x.reshape(-1, *x.shape[2:])
 
         out = op_vmap(*(fold(x, batched) for x, batched in zip(arrays, in_batched)))
@@ -286,8 +305,7 @@ def _fold_vmap(op):
 def _ops(plan: Plan, present: tuple[bool, ...]):
     """The placed forward and backward bodies of one (plan, present-arrays) signature."""
     primals, fwd_out, bwd_in = _kinds(plan, present)
-    return (_placed(_fwd_body, plan, present, primals, fwd_out),
-            _placed(_bwd_body, plan, present, bwd_in, primals))
+    return (_placed(_fwd_body, plan, present, primals, fwd_out), _placed(_bwd_body, plan, present, bwd_in, primals))
 
 
 # ----------------------------------------------------------------------------- the differentiable op
@@ -305,9 +323,9 @@ def _sharded_fwd(plan: Plan, *primals):
     outs = _ops(plan, present)[0](*(x for x in primals if x is not None))
     h, n_out, m_out = outs[0], outs[-2], outs[-1]
     num_last = 3 if plan.return_last_states else 0
-    out = (h, States(*outs[1:1 + num_last])) if plan.return_last_states else h
+    out = (h, States(*outs[1 : 1 + num_last])) if plan.return_last_states else h
     last_m = outs[num_last] if plan.return_last_states else None  # the frame of the last states' cotangents
-    return out, (primals, tuple(outs[1 + num_last:-2]), n_out, m_out, last_m)
+    return out, (primals, tuple(outs[1 + num_last : -2]), n_out, m_out, last_m)
 
 
 def _sharded_bwd(plan: Plan, residuals, cotangents):
@@ -315,8 +333,7 @@ def _sharded_bwd(plan: Plan, residuals, cotangents):
     present = _present(primals)
     dh, d_last = cotangents if plan.return_last_states else (cotangents, ())
     last = (*d_last[:2], last_m) if plan.return_last_states else ()  # m is held constant: its cotangent is unused
-    grads = iter(_ops(plan, present)[1](*(x for x in primals if x is not None), *saved_states, n_out, m_out,
-                                          dh, *last))
+    grads = iter(_ops(plan, present)[1](*(x for x in primals if x is not None), *saved_states, n_out, m_out, dh, *last))
     return tuple(None if x is None else next(grads) for x in primals)
 
 

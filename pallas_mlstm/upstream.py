@@ -33,10 +33,15 @@ def _upstream_plan(shape, cell: Cell, chunk_sizes, launch: dict, backend, qk_sca
     """The plan of one `mlstm_chunkwise_fw` / `_bw` call on q of `shape`: chunk_sizes = (inter, intra), `launch`
     upstream's flat launch fields."""
     chosen = get_backend(backend)
-    return Plan(chosen, cell, make_upstream_chunking(chosen, shape[2], *chunk_sizes),
-                launches_for(chosen, {name: value for name, value in launch.items() if value is not None}, {}),
-                states_dtype=None if states_dtype is None else jnp.dtype(states_dtype).name,
-                qk_scale=qk_scale, allow_tf32=validate_bool("allow_tf32", allow_tf32))
+    return Plan(
+        chosen,
+        cell,
+        make_upstream_chunking(chosen, shape[2], *chunk_sizes),
+        launches_for(chosen, {name: value for name, value in launch.items() if value is not None}, {}),
+        states_dtype=None if states_dtype is None else jnp.dtype(states_dtype).name,
+        qk_scale=qk_scale,
+        allow_tf32=validate_bool("allow_tf32", allow_tf32),
+    )
 
 
 def mlstm_chunkwise_fw(
@@ -80,13 +85,29 @@ def mlstm_chunkwise_fw(
     chunk_size_intra defaults to the largest power of 2 <= 128 dividing S, chunk_size_inter to
     chunk_size_intra; launch fields left None take each kernel's measured default.
     """
-    launch = dict(siz_b_L_parallel=siz_b_L_parallel, siz_b_L_loop=siz_b_L_loop, siz_b_DH_parallel=siz_b_DH_parallel,
-                  siz_b_DH_loop=siz_b_DH_loop, num_warps_intra=num_warps_intra, num_warps_inter=num_warps_inter,
-                  num_stages_intra=num_stages_intra, num_stages_inter=num_stages_inter)
-    plan = _upstream_plan(matQ.shape, make_cell(input_gate, normalize, eps), (chunk_size_inter, chunk_size_intra),
-                          launch, backend, qk_scale, allow_tf32, states_dtype)
-    h, saved, last = forward(plan, Inputs(matQ, matK, matV, vecI, vecF),
-                             States(matC_initial, vecN_initial, scaM_initial), output_dtype)
+    launch = dict(
+        siz_b_L_parallel=siz_b_L_parallel,
+        siz_b_L_loop=siz_b_L_loop,
+        siz_b_DH_parallel=siz_b_DH_parallel,
+        siz_b_DH_loop=siz_b_DH_loop,
+        num_warps_intra=num_warps_intra,
+        num_warps_inter=num_warps_inter,
+        num_stages_intra=num_stages_intra,
+        num_stages_inter=num_stages_inter,
+    )
+    plan = _upstream_plan(
+        matQ.shape,
+        make_cell(input_gate, normalize, eps),
+        (chunk_size_inter, chunk_size_intra),
+        launch,
+        backend,
+        qk_scale,
+        allow_tf32,
+        states_dtype,
+    )
+    h, saved, last = forward(
+        plan, Inputs(matQ, matK, matV, vecI, vecF), States(matC_initial, vecN_initial, scaM_initial), output_dtype
+    )
     last_states = tuple(last) if return_last_states else None
     all_states = tuple(saved.chunk_states) if return_all_states else None
     return h, saved.n_out, saved.m_out, last_states, all_states
@@ -141,16 +162,38 @@ def mlstm_chunkwise_bw(
     """
     if matDeltaH is None:
         raise ValueError("matDeltaH (the gradient of the output h, (B, NH, S, DHHV)) is required.")
-    launch = dict(siz_b_L_parallel=siz_b_L_parallel, siz_b_L_loop=siz_b_L_loop, siz_b_DH_parallel=siz_b_DH_parallel,
-                  siz_b_DH_loop=siz_b_DH_loop, num_warps_intra=num_warps_intra, num_warps_inter=num_warps_inter,
-                  num_stages_intra=num_stages_intra, num_stages_inter=num_stages_inter)
-    plan = _upstream_plan(matQ.shape, make_cell(input_gate, normalize, eps), (chunk_size_inter, chunk_size_intra),
-                          launch, backend, qk_scale, allow_tf32, states_dtype)
-    given = None if matC_all is None or vecN_all is None or scaM_all is None else ChunkStates(matC_all, vecN_all,
-                                                                                             scaM_all)
+    launch = dict(
+        siz_b_L_parallel=siz_b_L_parallel,
+        siz_b_L_loop=siz_b_L_loop,
+        siz_b_DH_parallel=siz_b_DH_parallel,
+        siz_b_DH_loop=siz_b_DH_loop,
+        num_warps_intra=num_warps_intra,
+        num_warps_inter=num_warps_inter,
+        num_stages_intra=num_stages_intra,
+        num_stages_inter=num_stages_inter,
+    )
+    plan = _upstream_plan(
+        matQ.shape,
+        make_cell(input_gate, normalize, eps),
+        (chunk_size_inter, chunk_size_intra),
+        launch,
+        backend,
+        qk_scale,
+        allow_tf32,
+        states_dtype,
+    )
+    given = (
+        None if matC_all is None or vecN_all is None or scaM_all is None else ChunkStates(matC_all, vecN_all, scaM_all)
+    )
     d_inputs, d_initial = backward(
-        plan, Inputs(matQ, matK, matV, vecI, vecF), States(matC_initial, vecN_initial, scaM_initial),
-        ForwardOutputs(given, vecN_out, vecM_out), matDeltaH, States(matDeltaC_last, vecDeltaN_last), scaM_last_frame)
+        plan,
+        Inputs(matQ, matK, matV, vecI, vecF),
+        States(matC_initial, vecN_initial, scaM_initial),
+        ForwardOutputs(given, vecN_out, vecM_out),
+        matDeltaH,
+        States(matDeltaC_last, vecDeltaN_last),
+        scaM_last_frame,
+    )
     return (*d_inputs, *d_initial)
 
 
@@ -196,5 +239,17 @@ def mlstm_chunkwise_max_triton(
     `autocast_kernel_dtype` casts q, k, v only, the gates stay float32; h comes back in q's dtype. The
     backend is the default one (triton on a GPU, xla otherwise); use `mlstm_chunkwise` to choose it.
     """
-    return mlstm_chunkwise(q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states=return_last_states,
-                           chunk_size=chunk_size, eps=eps, autocast_kernel_dtype=autocast_kernel_dtype)
+    return mlstm_chunkwise(
+        q,
+        k,
+        v,
+        i,
+        f,
+        c_initial,
+        n_initial,
+        m_initial,
+        return_last_states=return_last_states,
+        chunk_size=chunk_size,
+        eps=eps,
+        autocast_kernel_dtype=autocast_kernel_dtype,
+    )

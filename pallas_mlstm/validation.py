@@ -14,8 +14,10 @@ def _shape_of(x):
 def _check_float(name, x):
     dtype = getattr(x, "dtype", None)
     if dtype is None:
-        raise ValueError(f"{name} must be an array (a jax.Array or numpy.ndarray of floats); got a "
-                         f"{type(x).__name__}: pass jnp.asarray({name}).")
+        raise ValueError(
+            f"{name} must be an array (a jax.Array or numpy.ndarray of floats); got a "
+            f"{type(x).__name__}: pass jnp.asarray({name})."
+        )
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(
             f"{name} must be a floating-point array (float16, bfloat16, float32 or float64); got dtype {dtype}."
@@ -32,7 +34,9 @@ def validate_mlstm_inputs(q, k, v, i, f, c_initial=None, n_initial=None, m_initi
     if _shape_of(k) != _shape_of(q):
         raise ValueError(f"k must have the shape of q, {_shape_of(q)}; got {_shape_of(k)}.")
     if len(_shape_of(v)) != 4 or _shape_of(v)[:3] != (batch, heads, seq_len):
-        raise ValueError(f"v must have shape (B, NH, S, DHHV) = ({batch}, {heads}, {seq_len}, DHHV); got {_shape_of(v)}.")
+        raise ValueError(
+            f"v must have shape (B, NH, S, DHHV) = ({batch}, {heads}, {seq_len}, DHHV); got {_shape_of(v)}."
+        )
     dhhv = _shape_of(v)[3]
     if 0 in (seq_len, dhqk, dhhv):  # an empty batch or head axis is fine: the outputs are empty too
         raise ValueError(
@@ -62,9 +66,7 @@ def validate_segment_ids(segment_ids, batch: int, seq_len: int) -> None:
     """Checks that segment_ids is an integer array of shape (B, S)."""
     dtype = getattr(segment_ids, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-        raise ValueError(
-            f"segment_ids must be an integer array (B, S) of document ids, e.g. int32; got dtype {dtype}."
-        )
+        raise ValueError(f"segment_ids must be an integer array (B, S) of document ids, e.g. int32; got dtype {dtype}.")
     if _shape_of(segment_ids) != (batch, seq_len):
         raise ValueError(
             f"segment_ids must have shape (B, S) = {(batch, seq_len)}, one document id per token; got "

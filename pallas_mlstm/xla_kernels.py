@@ -97,8 +97,12 @@ def recurrent_fw_C(call: KernelCall, matK, matV, vecF, vecI, matC_initial, vecN_
         return (c_next, n_next, m_next), (c_next, n_next, m_next)
 
     chunk_major = lambda x: jnp.moveaxis(x, 2, 0)
-    xs = (chunk_major(chunked(matK, chunk_size)), chunk_major(chunked(matV, chunk_size)),
-          chunk_major(vecA), chunk_major(scaG))
+    xs = (
+        chunk_major(chunked(matK, chunk_size)),
+        chunk_major(chunked(matV, chunk_size)),
+        chunk_major(vecA),
+        chunk_major(scaG),
+    )
     _, (c_all, n_all, m_all) = lax.scan(chunk_step, (c, n, m), xs)
     c_all = jnp.concatenate([c[:, :, None], jnp.moveaxis(c_all, 0, 2)], axis=2)  # (B, NH, NC+1, DHQK, DHHV)
     n_all = jnp.concatenate([n[:, :, None], jnp.moveaxis(n_all, 0, 2)], axis=2)  # (B, NH, NC+1, DHQK)
@@ -158,8 +162,9 @@ def _inter_chunk_decay(vecB, vecR, m_prev, vecM_chunked):
     return jnp.where(vecR < 0, jnp.exp(vecB + m_prev - vecM_chunked), 0.0)
 
 
-def recurrent_bw_dC(call: KernelCall, matQ, vecF, scaM_inter, vecM_combine, matDeltaH, vecN_out, matDeltaC_last,
-                    matC_states):
+def recurrent_bw_dC(
+    call: KernelCall, matQ, vecF, scaM_inter, vecM_combine, matDeltaH, vecN_out, matDeltaC_last, matC_states
+):
     """Gradients of the chunk-boundary C states, last to first: matDeltaC_states (B, NH, (NC+1)*DHQK, DHHV).
 
     matDeltaC_last (B, NH, DHQK, DHHV) or None (zeros). Given the forward states `matC_states`
@@ -176,9 +181,10 @@ def recurrent_bw_dC(call: KernelCall, matQ, vecF, scaM_inter, vecM_combine, matD
     dtype = vecB.dtype
     m_prev = scaM_inter[..., :-1].astype(dtype)  # (B, NH, NC)
     m_next = scaM_inter[..., 1:].astype(dtype)
-    q_bar = chunked(matQ, chunk_size).astype(dtype) * (
-        qk_scale * jnp.exp(vecB + m_prev[..., None] - chunked(vecM_combine, chunk_size))
-    )[..., None]  # (B, NH, NC, L, DHQK)
+    q_bar = (
+        chunked(matQ, chunk_size).astype(dtype)
+        * (qk_scale * jnp.exp(vecB + m_prev[..., None] - chunked(vecM_combine, chunk_size)))[..., None]
+    )  # (B, NH, NC, L, DHQK)
     dh_bar = chunked(matDeltaH, chunk_size) / (chunked(vecN_out, chunk_size) + call.eps)[..., None]
     contributions = _einsum("bhcld,bhcle->bhcde", q_bar, dh_bar, matQ.dtype)  # (B, NH, NC, DHQK, DHHV)
     decay = jnp.exp(vecB[..., -1] + m_prev - m_next)  # (B, NH, NC)
@@ -215,8 +221,9 @@ class _BwCommon(NamedTuple):
     dc_next: jax.Array  # (B, NH, NC, DHQK, DHHV): the gradient of each chunk's end state
 
 
-def _parallel_bw_common(call: KernelCall, matQ, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH,
-                        matDeltaC_states):
+def _parallel_bw_common(
+    call: KernelCall, matQ, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
+):
     """Per-chunk quantities the three parallel backward launchers share (vecR None: no hard resets)."""
     vecA, vecB, vecR = chunk_gates
     matC_all, _, scaM_all = chunk_states
@@ -254,10 +261,12 @@ _PARALLEL_BW_LAUNCHER_DOC = """
     """
 
 
-def parallel_bw_dQ(call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out,
-                   matDeltaH, matDeltaC_states):
-    g = _parallel_bw_common(call, matQ, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH,
-                            matDeltaC_states)
+def parallel_bw_dQ(
+    call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
+):
+    g = _parallel_bw_common(
+        call, matQ, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
+    )
     k, v = chunked(matK, call.chunk_size), chunked(matV, call.chunk_size)
     d_scores = _einsum("bhcle,bhcje->bhclj", g.dh_bar, v, matQ.dtype) * g.decay  # (B, NH, NC, L, L)
     dq = _einsum("bhclj,bhcjd->bhcld", d_scores, k, matQ.dtype)
@@ -266,10 +275,12 @@ def parallel_bw_dQ(call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_
     return _with_row_dots(dq, matQ, call.output_dtype)
 
 
-def parallel_bw_dK(call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out,
-                   matDeltaH, matDeltaC_states):
-    g = _parallel_bw_common(call, matQ, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH,
-                            matDeltaC_states)
+def parallel_bw_dK(
+    call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
+):
+    g = _parallel_bw_common(
+        call, matQ, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
+    )
     q, v = chunked(matQ, call.chunk_size), chunked(matV, call.chunk_size)
     d_scores = _einsum("bhcle,bhcje->bhclj", g.dh_bar, v, matQ.dtype) * g.decay  # (B, NH, NC, L, L)
     dk = _einsum("bhclj,bhcld->bhcjd", d_scores, q, matQ.dtype) * g.qk_scale
@@ -277,11 +288,13 @@ def parallel_bw_dK(call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_
     return _with_row_dots(unchunked(dk), matK, call.output_dtype)
 
 
-def parallel_bw_dV(call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out,
-                   matDeltaH, matDeltaC_states):
+def parallel_bw_dV(
+    call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
+):
     del matV
-    g = _parallel_bw_common(call, matQ, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH,
-                            matDeltaC_states)
+    g = _parallel_bw_common(
+        call, matQ, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
+    )
     q, k = chunked(matQ, call.chunk_size), chunked(matK, call.chunk_size)
     scores = _einsum("bhcld,bhcjd->bhclj", q, k, matQ.dtype) * g.qk_scale * g.decay  # (B, NH, NC, L, L)
     dv = _einsum("bhclj,bhcle->bhcje", scores, g.dh_bar, matQ.dtype)
@@ -290,10 +303,12 @@ def parallel_bw_dV(call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_
 
 
 _LAUNCHER_ROW_DOTS_DOC = "Returns (d{0}, Σ_d {0}·d{0} (B, NH, S) from the unrounded gradient)."
-parallel_bw_dQ.__doc__ = ("Gradient of q, (B, NH, S, DHQK). " + _LAUNCHER_ROW_DOTS_DOC.format("q")
-                          + _PARALLEL_BW_LAUNCHER_DOC)
-parallel_bw_dK.__doc__ = ("Gradient of k, (B, NH, S, DHQK). " + _LAUNCHER_ROW_DOTS_DOC.format("k")
-                          + _PARALLEL_BW_LAUNCHER_DOC)
+parallel_bw_dQ.__doc__ = (
+    "Gradient of q, (B, NH, S, DHQK). " + _LAUNCHER_ROW_DOTS_DOC.format("q") + _PARALLEL_BW_LAUNCHER_DOC
+)
+parallel_bw_dK.__doc__ = (
+    "Gradient of k, (B, NH, S, DHQK). " + _LAUNCHER_ROW_DOTS_DOC.format("k") + _PARALLEL_BW_LAUNCHER_DOC
+)
 parallel_bw_dV.__doc__ = "Gradient of v, (B, NH, S, DHHV)." + _PARALLEL_BW_LAUNCHER_DOC
 
 
@@ -352,8 +367,12 @@ def mlstm_chunkwise__recurrent_fw_C(
     del num_stages, num_warps, siz_b_DHQK, siz_b_DHHV
     validate_chunk_size(chunk_size * save_states_every_nth_chunk, matK.shape[2])
     validate_gate_options(input_gate)
-    call = KernelCall(chunk_size, input_gate=input_gate, states_dtype=_dtype_name(states_dtype),
-                      save_states_every_nth_chunk=save_states_every_nth_chunk)
+    call = KernelCall(
+        chunk_size,
+        input_gate=input_gate,
+        states_dtype=_dtype_name(states_dtype),
+        save_states_every_nth_chunk=save_states_every_nth_chunk,
+    )
     return recurrent_fw_C(call, matK, matV, vecF, vecI, matC_initial, vecN_initial, scaMinter_initial)
 
 
@@ -389,8 +408,9 @@ def mlstm_chunkwise__parallel_fw_Hintra(
     del siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, num_warps, num_stages
     validate_chunk_size(chunk_size, matQ.shape[2])
     validate_gate_options(input_gate, normalize)
-    call = KernelCall(chunk_size, qk_scale=qk_scale, eps=eps, input_gate=input_gate, normalize=normalize,
-                      output_dtype=output_dtype)
+    call = KernelCall(
+        chunk_size, qk_scale=qk_scale, eps=eps, input_gate=input_gate, normalize=normalize, output_dtype=output_dtype
+    )
     return parallel_fw_Hintra(call, matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all)
 
 
@@ -423,10 +443,14 @@ def mlstm_chunkwise__recurrent_bw_dC(
     """
     del num_warps, num_stages, siz_b_DHQK, siz_b_DHHV
     validate_chunk_size(chunk_size * save_states_every_nth_chunk, matQ.shape[2])
-    call = KernelCall(chunk_size, qk_scale=qk_scale, eps=eps, states_dtype=_dtype_name(states_dtype),
-                      save_states_every_nth_chunk=save_states_every_nth_chunk)
-    return recurrent_bw_dC(call, matQ, vecF, scaM_inter, vecM_combine, matDeltaH, vecN_out, matDeltaC_last,
-                           matC_states)
+    call = KernelCall(
+        chunk_size,
+        qk_scale=qk_scale,
+        eps=eps,
+        states_dtype=_dtype_name(states_dtype),
+        save_states_every_nth_chunk=save_states_every_nth_chunk,
+    )
+    return recurrent_bw_dC(call, matQ, vecF, scaM_inter, vecM_combine, matDeltaH, vecN_out, matDeltaC_last, matC_states)
 
 
 def _parallel_bw_call(matQ, chunk_size, qk_scale, eps, output_dtype, input_gate) -> KernelCall:
@@ -448,53 +472,157 @@ _PARALLEL_BW_DOC = """
 
 
 def mlstm_chunkwise__parallel_bw_dQ(
-    matQ, matK, matV, vecI, vecA, vecB, matC_all, vecN_all, scaM_all, vecN_out, vecM_out, matDeltaH,
-    matDeltaC_states, qk_scale=None, chunk_size=64, siz_b_LQ=32, siz_b_LKV=32, siz_b_DHQK=None,
-    siz_b_DHHV=None, num_warps=None, num_stages=None, eps=0.0, output_dtype=jnp.float32, *,
-    return_row_dots=False, vecR=None, input_gate="exponential",
-):
-    del siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, num_warps, num_stages
-    call = _parallel_bw_call(matQ, chunk_size, qk_scale, eps, output_dtype, input_gate)
-    dq, row_dots = parallel_bw_dQ(call, matQ, matK, matV, vecI, (vecA, vecB, vecR), (matC_all, vecN_all, scaM_all),
-                                  vecN_out, vecM_out, matDeltaH, matDeltaC_states)
-    return (dq, row_dots) if return_row_dots else dq
-
-
-def mlstm_chunkwise__parallel_bw_dK(
-    matQ, matK, matV, vecI, vecA, vecB, matC_all, vecN_all, scaM_all, vecN_out, vecM_out, matDeltaH,
-    matDeltaC_states, qk_scale=None, chunk_size=64, siz_b_LQ=32, siz_b_LKV=32, siz_b_DHQK=None,
-    siz_b_DHHV=None, num_warps=None, num_stages=None, eps=0.0, output_dtype=jnp.float32, *,
-    return_row_dots=False, vecR=None, input_gate="exponential",
-):
-    del siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, num_warps, num_stages
-    call = _parallel_bw_call(matQ, chunk_size, qk_scale, eps, output_dtype, input_gate)
-    dk, row_dots = parallel_bw_dK(call, matQ, matK, matV, vecI, (vecA, vecB, vecR), (matC_all, vecN_all, scaM_all),
-                                  vecN_out, vecM_out, matDeltaH, matDeltaC_states)
-    return (dk, row_dots) if return_row_dots else dk
-
-
-def mlstm_chunkwise__parallel_bw_dV(
-    matQ, matK, matV, vecI, vecA, vecB, matC_all, vecN_all, scaM_all, vecN_out, vecM_out, matDeltaH,
-    matDeltaC_states, qk_scale=None, chunk_size=64, siz_b_LQ=32, siz_b_LKV=32, siz_b_DHQK=None,
-    siz_b_DHHV=None, num_warps=None, num_stages=None, eps=0.0, output_dtype=jnp.float32, *, vecR=None,
+    matQ,
+    matK,
+    matV,
+    vecI,
+    vecA,
+    vecB,
+    matC_all,
+    vecN_all,
+    scaM_all,
+    vecN_out,
+    vecM_out,
+    matDeltaH,
+    matDeltaC_states,
+    qk_scale=None,
+    chunk_size=64,
+    siz_b_LQ=32,
+    siz_b_LKV=32,
+    siz_b_DHQK=None,
+    siz_b_DHHV=None,
+    num_warps=None,
+    num_stages=None,
+    eps=0.0,
+    output_dtype=jnp.float32,
+    *,
+    return_row_dots=False,
+    vecR=None,
     input_gate="exponential",
 ):
     del siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, num_warps, num_stages
     call = _parallel_bw_call(matQ, chunk_size, qk_scale, eps, output_dtype, input_gate)
-    return parallel_bw_dV(call, matQ, matK, matV, vecI, (vecA, vecB, vecR), (matC_all, vecN_all, scaM_all),
-                          vecN_out, vecM_out, matDeltaH, matDeltaC_states)
+    dq, row_dots = parallel_bw_dQ(
+        call,
+        matQ,
+        matK,
+        matV,
+        vecI,
+        (vecA, vecB, vecR),
+        (matC_all, vecN_all, scaM_all),
+        vecN_out,
+        vecM_out,
+        matDeltaH,
+        matDeltaC_states,
+    )
+    return (dq, row_dots) if return_row_dots else dq
+
+
+def mlstm_chunkwise__parallel_bw_dK(
+    matQ,
+    matK,
+    matV,
+    vecI,
+    vecA,
+    vecB,
+    matC_all,
+    vecN_all,
+    scaM_all,
+    vecN_out,
+    vecM_out,
+    matDeltaH,
+    matDeltaC_states,
+    qk_scale=None,
+    chunk_size=64,
+    siz_b_LQ=32,
+    siz_b_LKV=32,
+    siz_b_DHQK=None,
+    siz_b_DHHV=None,
+    num_warps=None,
+    num_stages=None,
+    eps=0.0,
+    output_dtype=jnp.float32,
+    *,
+    return_row_dots=False,
+    vecR=None,
+    input_gate="exponential",
+):
+    del siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, num_warps, num_stages
+    call = _parallel_bw_call(matQ, chunk_size, qk_scale, eps, output_dtype, input_gate)
+    dk, row_dots = parallel_bw_dK(
+        call,
+        matQ,
+        matK,
+        matV,
+        vecI,
+        (vecA, vecB, vecR),
+        (matC_all, vecN_all, scaM_all),
+        vecN_out,
+        vecM_out,
+        matDeltaH,
+        matDeltaC_states,
+    )
+    return (dk, row_dots) if return_row_dots else dk
+
+
+def mlstm_chunkwise__parallel_bw_dV(
+    matQ,
+    matK,
+    matV,
+    vecI,
+    vecA,
+    vecB,
+    matC_all,
+    vecN_all,
+    scaM_all,
+    vecN_out,
+    vecM_out,
+    matDeltaH,
+    matDeltaC_states,
+    qk_scale=None,
+    chunk_size=64,
+    siz_b_LQ=32,
+    siz_b_LKV=32,
+    siz_b_DHQK=None,
+    siz_b_DHHV=None,
+    num_warps=None,
+    num_stages=None,
+    eps=0.0,
+    output_dtype=jnp.float32,
+    *,
+    vecR=None,
+    input_gate="exponential",
+):
+    del siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV, num_warps, num_stages
+    call = _parallel_bw_call(matQ, chunk_size, qk_scale, eps, output_dtype, input_gate)
+    return parallel_bw_dV(
+        call,
+        matQ,
+        matK,
+        matV,
+        vecI,
+        (vecA, vecB, vecR),
+        (matC_all, vecN_all, scaM_all),
+        vecN_out,
+        vecM_out,
+        matDeltaH,
+        matDeltaC_states,
+    )
 
 
 _ROW_DOTS_DOC = "With `return_row_dots`, also returns Σ_d {0}·d{0} (B, NH, S) from the unrounded gradient."
-mlstm_chunkwise__parallel_bw_dQ.__doc__ = ("Gradient of q, (B, NH, S, DHQK). " + _ROW_DOTS_DOC.format("q")
-                                           + _PARALLEL_BW_DOC)
-mlstm_chunkwise__parallel_bw_dK.__doc__ = ("Gradient of k, (B, NH, S, DHQK). " + _ROW_DOTS_DOC.format("k")
-                                           + _PARALLEL_BW_DOC)
+mlstm_chunkwise__parallel_bw_dQ.__doc__ = (
+    "Gradient of q, (B, NH, S, DHQK). " + _ROW_DOTS_DOC.format("q") + _PARALLEL_BW_DOC
+)
+mlstm_chunkwise__parallel_bw_dK.__doc__ = (
+    "Gradient of k, (B, NH, S, DHQK). " + _ROW_DOTS_DOC.format("k") + _PARALLEL_BW_DOC
+)
 mlstm_chunkwise__parallel_bw_dV.__doc__ = "Gradient of v, (B, NH, S, DHHV)." + _PARALLEL_BW_DOC
 
 
-def mlstm_recurrent_step(q, k, v, i, f, c, n, m, *, eps: float = 1e-6, input_gate: str = "exponential",
-                         normalize: bool = True):
+def mlstm_recurrent_step(
+    q, k, v, i, f, c, n, m, *, eps: float = 1e-6, input_gate: str = "exponential", normalize: bool = True
+):
     """One step of the cell in jnp, the XLA backend of `pallas_mlstm.mlstm_recurrent_step`: shapes and math
     of the step kernel (pallas_triton/recurrent_step.py), (h (B, NH, DHHV) in q's dtype, (c, n, m) float32).
     Checks input_gate and normalize, then runs `recurrent_step`."""

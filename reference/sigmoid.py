@@ -50,8 +50,13 @@ def mlstm_sigmoid_recurrent(
     dtype = jnp.promote_types(q.dtype, jnp.float32)
     hold = lax.stop_gradient if kernel_gradient_semantics else (lambda x: x)
     time_major = lambda x: jnp.moveaxis(x.astype(dtype), 2, 0)
-    xs = (time_major(q) * q.shape[-1] ** -0.5, time_major(k), time_major(v),  # (S, B, NH, D)
-          jax.nn.sigmoid(time_major(i)), jax.nn.sigmoid(time_major(f)))  # (S, B, NH)
+    xs = (
+        time_major(q) * q.shape[-1] ** -0.5,
+        time_major(k),
+        time_major(v),  # (S, B, NH, D)
+        jax.nn.sigmoid(time_major(i)),
+        jax.nn.sigmoid(time_major(f)),
+    )  # (S, B, NH)
 
     def step(carry, x):
         c, n = carry
@@ -107,7 +112,8 @@ def mlstm_sigmoid_parallel(
     if not return_last_states:
         return h
     last_weights, last_decay = weights[..., -1, :], initial_decay[..., -1]  # (B, NH, S), (B, NH)
-    c_last = last_decay[..., None, None] * c0 + jnp.einsum("bhj,bhjd,bhje->bhde", last_weights, k, v,
-                                                           precision=_HIGHEST)
+    c_last = last_decay[..., None, None] * c0 + jnp.einsum(
+        "bhj,bhjd,bhje->bhde", last_weights, k, v, precision=_HIGHEST
+    )
     n_last = last_decay[..., None] * n0 + jnp.einsum("bhj,bhjd->bhd", last_weights, k, precision=_HIGHEST)
     return h, (c_last, n_last)

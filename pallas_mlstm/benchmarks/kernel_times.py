@@ -34,21 +34,35 @@ _SHAPES = flags.DEFINE_list("kernel_shapes", ["7b"], "Named shapes (pallas_mlstm
 _CHUNK = flags.DEFINE_integer("kernel_chunk", 128, "Chunk size.")
 _CALLS = flags.DEFINE_integer("kernel_calls", 20, "Timed calls per kernel (median kept).")
 _JSON = flags.DEFINE_string("kernel_json", None, "Write the rows to this JSON file.")
-_INTERPRET = flags.DEFINE_bool("kernel_interpret", False, "Run the Pallas interpreter (CPU smoke test; times mean nothing).")
+_INTERPRET = flags.DEFINE_bool(
+    "kernel_interpret", False, "Run the Pallas interpreter (CPU smoke test; times mean nothing)."
+)
 _SWEEP = flags.DEFINE_bool("kernel_sweep", False, "Time each kernel at every launch of LAUNCH_CANDIDATES.")
 _NAMES = flags.DEFINE_list("kernel_names", None, "Kernels to time (default: all).")
 
 # Launches the sweep tries per kernel, each a dict of the kernel's keyword arguments ({}: its defaults).
 # Parallel kernels: output-row tile, loop tile, head-dim tiles, warps, stages around the defaults.
 _PARALLEL_VARIANTS = (
-    {}, dict(num_warps=4), dict(num_stages=1), dict(num_stages=3), dict(loop=128), dict(loop=128, num_stages=3),
-    dict(rows=64), dict(head=128), dict(head=128, depth=128), dict(depth=128),
+    {},
+    dict(num_warps=4),
+    dict(num_stages=1),
+    dict(num_stages=3),
+    dict(loop=128),
+    dict(loop=128, num_stages=3),
+    dict(rows=64),
+    dict(head=128),
+    dict(head=128, depth=128),
+    dict(depth=128),
 )
 # Recurrent kernels: state tiles, warps and stages.
-RECURRENT_CANDIDATES = ({}, *(
-    dict(siz_b_DHQK=dhqk, siz_b_DHHV=dhhv, num_warps=warps, num_stages=1)
-    for dhqk, dhhv in ((64, 64), (64, 128), (128, 64), (128, 128)) for warps in (4, 8)
-))
+RECURRENT_CANDIDATES = (
+    {},
+    *(
+        dict(siz_b_DHQK=dhqk, siz_b_DHHV=dhhv, num_warps=warps, num_stages=1)
+        for dhqk, dhhv in ((64, 64), (64, 128), (128, 64), (128, 128))
+        for warps in (4, 8)
+    ),
+)
 
 
 def parallel_candidates(rows_arg: str, loop_arg: str, head_arg: str, depth_arg: str) -> tuple[dict, ...]:
@@ -87,17 +101,23 @@ def kernel_cases(shape, chunk: int, interpret: bool = False) -> list[KernelCase]
     key = jax.random.PRNGKey(0)
     q, k, v, i, f, *_ = accuracy.mlstm_inputs(key, B, NH, S, DK, DV, jnp.bfloat16)
     dh = jax.random.normal(jax.random.fold_in(key, 1), (B, NH, S, DV), jnp.bfloat16)
-    p = types.SimpleNamespace(**{name: functools.partial(getattr(pallas_triton, f"mlstm_chunkwise__{name}"),
-                                                         interpret=interpret) for name in CHUNKWISE_KERNELS})
+    p = types.SimpleNamespace(
+        **{
+            name: functools.partial(getattr(pallas_triton, f"mlstm_chunkwise__{name}"), interpret=interpret)
+            for name in CHUNKWISE_KERNELS
+        }
+    )
     gates = lambda launch: jax.jit(lambda i, f: pallas_mlstm.compute_chunkwise_log_gates_vecB_vecA(i, f, chunk))
     narrow = dict(states_dtype=state_buffer_dtype(q.dtype))  # the state buffers of the production path
     fw_c = lambda launch: jax.jit(lambda k, v, i, f: p.recurrent_fw_C(k, v, f, i, chunk_size=chunk, **narrow, **launch))
-    fw_h = lambda launch: jax.jit(lambda *a: p.parallel_fw_Hintra(
-        *a, chunk_size=chunk, output_dtype=jnp.bfloat16, **launch))
+    fw_h = lambda launch: jax.jit(
+        lambda *a: p.parallel_fw_Hintra(*a, chunk_size=chunk, output_dtype=jnp.bfloat16, **launch)
+    )
     states = fw_c({})(k, v, i, f)[:3]
     _, n_out, m_out = fw_h({})(q, k, v, i, f, *states)
-    bw_c = lambda launch: jax.jit(lambda *a: p.recurrent_bw_dC(
-        *a, chunk_size=chunk, matC_states=states[0], **narrow, **launch))
+    bw_c = lambda launch: jax.jit(
+        lambda *a: p.recurrent_bw_dC(*a, chunk_size=chunk, matC_states=states[0], **narrow, **launch)
+    )
     dc_states = bw_c({})(q, f, states[2], m_out, dh, n_out)[0]
     vec_b, vec_a = gates({})(i, f)
     bw_args = (q, k, v, i, vec_a, vec_b, *states, n_out, m_out, dh, dc_states)
@@ -128,9 +148,18 @@ def kernel_rows(shape, chunk: int, calls: int, interpret: bool = False, names=No
         fn = case.make({})
         ms = median_ms(fn, [case.args], calls)
         # arguments + outputs: an upper bound on what an ideal kernel moves (some arguments go unread)
-        rows.append(dict(shape=shape.name, chunk=chunk, kernel=case.name, ms=ms, tflop=case.flops / 1e12,
-                         gbytes=(_nbytes(fn(*case.args)) + _nbytes(case.args)) / 1e9,
-                         card=jax.devices()[0].device_kind, jax_version=jax.__version__))
+        rows.append(
+            dict(
+                shape=shape.name,
+                chunk=chunk,
+                kernel=case.name,
+                ms=ms,
+                tflop=case.flops / 1e12,
+                gbytes=(_nbytes(fn(*case.args)) + _nbytes(case.args)) / 1e9,
+                card=jax.devices()[0].device_kind,
+                jax_version=jax.__version__,
+            )
+        )
     return rows
 
 
@@ -142,8 +171,14 @@ def sweep_rows(shape, chunk: int, calls: int, interpret: bool = False, names=Non
             continue
         expected = None
         for launch in LAUNCH_CANDIDATES[case.name]:
-            row = dict(shape=shape.name, chunk=chunk, kernel=case.name, launch=launch,
-                       card=jax.devices()[0].device_kind, jax_version=jax.__version__)
+            row = dict(
+                shape=shape.name,
+                chunk=chunk,
+                kernel=case.name,
+                launch=launch,
+                card=jax.devices()[0].device_kind,
+                jax_version=jax.__version__,
+            )
             try:
                 fn = case.make(launch)
                 out = jax.tree.leaves(fn(*case.args))[0]  # (B, NH, ...) first output
@@ -153,8 +188,11 @@ def sweep_rows(shape, chunk: int, calls: int, interpret: bool = False, names=Non
             except Exception as error:  # e.g. Triton out of shared memory
                 row["error"] = f"{type(error).__name__}: {str(error)[:160]}"
             rows.append(row)
-            print(f"{case.name:<20} {json.dumps(launch):<60} "
-                  + (f"{row['ms']:8.3f} ms  diff {row['rel_diff']:.1e}" if "ms" in row else row["error"]), flush=True)
+            print(
+                f"{case.name:<20} {json.dumps(launch):<60} "
+                + (f"{row['ms']:8.3f} ms  diff {row['rel_diff']:.1e}" if "ms" in row else row["error"]),
+                flush=True,
+            )
     return rows
 
 
@@ -172,8 +210,10 @@ def main(argv) -> None:
         print(f"{'shape':<12} {'kernel':<20} {'ms':>8} {'TFLOP':>7} {'TFLOP/s':>8} {'GB in+out':>10} {'GB/s':>7}")
         for row in rows:
             rate = row["tflop"] / row["ms"] * 1e3 if row["tflop"] else 0.0
-            print(f"{row['shape']:<12} {row['kernel']:<20} {row['ms']:>8.3f} {row['tflop']:>7.3f} {rate:>8.1f} "
-                  f"{row['gbytes']:>10.2f} {row['gbytes'] / row['ms'] * 1e3:>7.0f}")
+            print(
+                f"{row['shape']:<12} {row['kernel']:<20} {row['ms']:>8.3f} {row['tflop']:>7.3f} {rate:>8.1f} "
+                f"{row['gbytes']:>10.2f} {row['gbytes'] / row['ms'] * 1e3:>7.0f}"
+            )
     if _JSON.value:
         with open(_JSON.value, "w") as handle:
             json.dump(rows, handle, indent=1)

@@ -8,7 +8,8 @@ parallelism, and the longest sequence that trains.
    axes) sharded over the N GPUs (and batch x sequence for N >= 4), each against the same call on one GPU.
 2. Timing, bf16, default launch config: the median of jitted calls waited for one by one, and the time
    per call of calls issued back to back (as a training loop does, without per-call dispatch latency),
-   after warm-up; forward and forward+backward at `7b` (B=8, NH=8, S=8192, DHQK=256, DHHV=512) and `long-256k` (B=1, S=262144),
+   after warm-up; forward and forward+backward at `7b` (B=8, NH=8, S=8192, DHQK=256, DHHV=512) and
+   `long-256k` (B=1, S=262144),
    on one GPU, sequence-sharded over the N GPUs (Auto and Explicit mesh axes), and at 7b batch-sharded.
 3. Length: the longest S (a multiple of 65536) whose forward+backward fits, at B=1, NH=8, 256 / 512,
    bf16, on one GPU and sequence-sharded over N: found from the compiled programs' memory needs, then
@@ -39,9 +40,11 @@ from pallas_mlstm.benchmarks.timing import median_ms, pipelined_ms
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning)
 
+
 def _inputs(batch, heads, seq_len, dhqk, dhhv, dtype, seed=0, initial_states=True):
-    arrays = accuracy.mlstm_inputs(jax.random.key(seed), batch, heads, seq_len, dhqk, dhhv, dtype,
-                                   with_initial=initial_states)
+    arrays = accuracy.mlstm_inputs(
+        jax.random.key(seed), batch, heads, seq_len, dhqk, dhhv, dtype, with_initial=initial_states
+    )
     return [x for x in arrays if x is not None]
 
 
@@ -54,8 +57,9 @@ def _place(arrays, mesh, lead_spec):
 
 def _value_and_grad(backend, chunk_size):
     def loss(*arrays):
-        h, (c, n, _) = pallas_mlstm.mlstm_chunkwise(*arrays, backend=backend, chunk_size=chunk_size,
-                                                    return_last_states=True)
+        h, (c, n, _) = pallas_mlstm.mlstm_chunkwise(
+            *arrays, backend=backend, chunk_size=chunk_size, return_last_states=True
+        )
         h32 = h.astype(jnp.float32)
         return jnp.sum(h32 / (jnp.linalg.norm(h32, axis=-1, keepdims=True) + 1e-6)) + jnp.sum(c) + jnp.sum(n), (h, c, n)
 
@@ -65,10 +69,12 @@ def _value_and_grad(backend, chunk_size):
 def check_correctness(devices, backend: str = "triton") -> list[dict]:
     """Sharded vs one-GPU errors for each layout and dtype."""
     count = len(devices)
-    layouts = {"batch": ((count,), ("b",), ("b", None, None), AxisType.Auto),
-               "heads": ((count,), ("h",), (None, "h", None), AxisType.Auto),
-               "sequence": ((count,), ("s",), (None, None, "s"), AxisType.Auto),
-               "sequence, Explicit axes": ((count,), ("s",), (None, None, "s"), AxisType.Explicit)}
+    layouts = {
+        "batch": ((count,), ("b",), ("b", None, None), AxisType.Auto),
+        "heads": ((count,), ("h",), (None, "h", None), AxisType.Auto),
+        "sequence": ((count,), ("s",), (None, None, "s"), AxisType.Auto),
+        "sequence, Explicit axes": ((count,), ("s",), (None, None, "s"), AxisType.Explicit),
+    }
     if count >= 4 and count % 2 == 0:
         layouts["batch x sequence"] = ((2, count // 2), ("b", "s"), ("b", None, "s"), AxisType.Auto)
     names = ("h", "c_last", "n_last", "dq", "dk", "dv", "di", "df", "dc_initial", "dn_initial", "dm_initial")
@@ -87,15 +93,29 @@ def check_correctness(devices, backend: str = "triton") -> list[dict]:
             worst = max(errors, key=errors.get)
             finite = all(np.isfinite(list(errors.values())))  # NaN: the one-GPU reference itself is not finite
             ok = errors[worst] <= accuracy.MULTI_GPU_TOLERANCE[dtype] and same_sharding and finite
-            rows.append(dict(dtype=dtype, layout=layout, worst=worst, error=errors[worst], h_sharded_like_q=same_sharding,
-                             ok=bool(ok), errors=errors))
-            print(f"{dtype:9s} {layout:23s} worst {worst:11s} {errors[worst]:.2e}  h sharded like q: {same_sharding}  "
-                  f"{'PASS' if ok else 'FAIL'}", flush=True)
+            rows.append(
+                dict(
+                    dtype=dtype,
+                    layout=layout,
+                    worst=worst,
+                    error=errors[worst],
+                    h_sharded_like_q=same_sharding,
+                    ok=bool(ok),
+                    errors=errors,
+                )
+            )
+            print(
+                f"{dtype:9s} {layout:23s} worst {worst:11s} {errors[worst]:.2e}  h sharded like q: {same_sharding}  "
+                f"{'PASS' if ok else 'FAIL'}",
+                flush=True,
+            )
     return rows
 
 
-TIMED_SHAPES = {"7b": dict(batch=8, heads=8, seq_len=8192, dhqk=256, dhhv=512, calls=20),
-                "long-256k": dict(batch=1, heads=8, seq_len=262144, dhqk=256, dhhv=512, calls=5)}
+TIMED_SHAPES = {
+    "7b": dict(batch=8, heads=8, seq_len=8192, dhqk=256, dhhv=512, calls=20),
+    "long-256k": dict(batch=1, heads=8, seq_len=262144, dhqk=256, dhhv=512, calls=5),
+}
 LENGTH_STEP = 65536  # the longest-S search runs over multiples of this
 LENGTH_HEADS, LENGTH_DHQK, LENGTH_DHHV = 8, 256, 512
 
@@ -110,8 +130,9 @@ def _functions(backend: str):
 def _input_shapes(batch, heads, seq_len, dhqk, dhhv, sharding):
     """ShapeDtypeStructs of bf16 q, k, v and float32 gates, all with `sharding`."""
     shapes = ((batch, heads, seq_len, dhqk),) * 2 + ((batch, heads, seq_len, dhhv),)
-    return ([jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=sharding) for s in shapes]
-            + [jax.ShapeDtypeStruct((batch, heads, seq_len), jnp.float32, sharding=sharding)] * 2)
+    return [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=sharding) for s in shapes] + [
+        jax.ShapeDtypeStruct((batch, heads, seq_len), jnp.float32, sharding=sharding)
+    ] * 2
 
 
 def _random_inputs(batch, heads, seq_len, dhqk, dhhv, sharding, seed=0):
@@ -121,7 +142,11 @@ def _random_inputs(batch, heads, seq_len, dhqk, dhhv, sharding, seed=0):
     def draw():
         keys = jax.random.split(jax.random.key(seed), 5)
         arrays = [jax.random.normal(key, x.shape, x.dtype) for key, x in zip(keys[:3], structs)]
-        return [*arrays, jax.random.normal(keys[3], structs[3].shape), 3.0 + jax.random.normal(keys[4], structs[4].shape)]
+        return [
+            *arrays,
+            jax.random.normal(keys[3], structs[3].shape),
+            3.0 + jax.random.normal(keys[4], structs[4].shape),
+        ]
 
     return jax.jit(draw, out_shardings=[x.sharding for x in structs])()
 
@@ -157,10 +182,13 @@ def time_context_parallel(devices, backend: str = "triton") -> list[dict]:
                 row[key.replace("_ms", "_speedup")] = base[key] / row[key]
             rows.append(row)
             del args
-            print(f"{shape_name:9s} {setup:42s} fw {row['fw_ms']:7.2f} ms ({row['fw_speedup']:.2f}x), back to back "
-                  f"{row['fw_pipelined_ms']:7.2f} ({row['fw_pipelined_speedup']:.2f}x)  fwbw {row['fwbw_ms']:7.2f} ms "
-                  f"({row['fwbw_speedup']:.2f}x), back to back {row['fwbw_pipelined_ms']:7.2f} "
-                  f"({row['fwbw_pipelined_speedup']:.2f}x)", flush=True)
+            print(
+                f"{shape_name:9s} {setup:42s} fw {row['fw_ms']:7.2f} ms ({row['fw_speedup']:.2f}x), back to back "
+                f"{row['fw_pipelined_ms']:7.2f} ({row['fw_pipelined_speedup']:.2f}x)  fwbw {row['fwbw_ms']:7.2f} ms "
+                f"({row['fwbw_speedup']:.2f}x), back to back {row['fwbw_pipelined_ms']:7.2f} "
+                f"({row['fwbw_pipelined_speedup']:.2f}x)",
+                flush=True,
+            )
     return rows
 
 
@@ -173,8 +201,12 @@ def _fits(fwbw, seq_len: int, sharding, capacity: int) -> tuple[bool, int]:
     except Exception as error:  # noqa: BLE001 - a program that cannot even be compiled does not fit
         print(f"  S={seq_len}: does not compile ({type(error).__name__})", flush=True)
         return False, -1
-    needed = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-              - memory.alias_size_in_bytes)
+    needed = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
     return needed <= capacity, needed
 
 
@@ -188,8 +220,10 @@ def longest_sequence(devices, backend: str = "triton") -> list[dict]:
     capacity = int(devices[0].memory_stats()["bytes_limit"])
     mesh = Mesh(np.array(devices), ("x",), axis_types=(AxisType.Explicit,))
     rows = []
-    for setup, sharding in (("1 GPU", jax.sharding.SingleDeviceSharding(devices[0])),
-                            (f"{len(devices)} GPUs, sequence-sharded (Explicit axes)", NamedSharding(mesh, P(None, None, "x")))):
+    for setup, sharding in (
+        ("1 GPU", jax.sharding.SingleDeviceSharding(devices[0])),
+        (f"{len(devices)} GPUs, sequence-sharded (Explicit axes)", NamedSharding(mesh, P(None, None, "x"))),
+    ):
         fits = functools.lru_cache(maxsize=None)(lambda steps: _fits(fwbw, steps * LENGTH_STEP, sharding, capacity))
         small, large = fits(8)[1], fits(16)[1]
         per_step = (large - small) / 8
@@ -204,15 +238,27 @@ def longest_sequence(devices, backend: str = "triton") -> list[dict]:
         while not fits(steps)[0]:
             steps -= 1
         seq_len = steps * LENGTH_STEP
-        row = dict(setup=setup, B=1, NH=LENGTH_HEADS, DHQK=LENGTH_DHQK, DHHV=LENGTH_DHHV, longest_S=seq_len,
-                   step=LENGTH_STEP, bytes_needed=fits(steps)[1], next_step_bytes_needed=fits(steps + 1)[1],
-                   bytes_limit=capacity, bytes_per_step=per_step)
+        row = dict(
+            setup=setup,
+            B=1,
+            NH=LENGTH_HEADS,
+            DHQK=LENGTH_DHQK,
+            DHHV=LENGTH_DHHV,
+            longest_S=seq_len,
+            step=LENGTH_STEP,
+            bytes_needed=fits(steps)[1],
+            next_step_bytes_needed=fits(steps + 1)[1],
+            bytes_limit=capacity,
+            bytes_per_step=per_step,
+        )
         args = _random_inputs(1, LENGTH_HEADS, seq_len, LENGTH_DHQK, LENGTH_DHHV, sharding)
         row["fwbw_ms"] = median_ms(fwbw, [args], 1)  # it trains: one warm-up call and one timed
         del args
         rows.append(row)
-        print(f"longest S that trains, {setup}: {seq_len} ({row['bytes_needed']} of {capacity} bytes per device)",
-              flush=True)
+        print(
+            f"longest S that trains, {setup}: {seq_len} ({row['bytes_needed']} of {capacity} bytes per device)",
+            flush=True,
+        )
     rows[1]["times_one_gpu"] = rows[1]["longest_S"] / rows[0]["longest_S"]
     return rows
 
@@ -233,10 +279,21 @@ def main() -> None:
     length = [] if options.skip_length else longest_sequence(devices, options.backend)
     if options.json:
         with open(options.json, "w") as handle:
-            json.dump(dict(devices=len(devices), device_kind=devices[0].device_kind, jax=jax.__version__,
-                           pallas_mlstm=pallas_mlstm.__version__, date=time.strftime("%Y-%m-%d"),
-                           command="python -m pallas_mlstm.benchmarks.multi_gpu_check " + " ".join(sys.argv[1:]),
-                           correctness=correctness, timing=timing, longest_sequence=length), handle, indent=1)
+            json.dump(
+                dict(
+                    devices=len(devices),
+                    device_kind=devices[0].device_kind,
+                    jax=jax.__version__,
+                    pallas_mlstm=pallas_mlstm.__version__,
+                    date=time.strftime("%Y-%m-%d"),
+                    command="python -m pallas_mlstm.benchmarks.multi_gpu_check " + " ".join(sys.argv[1:]),
+                    correctness=correctness,
+                    timing=timing,
+                    longest_sequence=length,
+                ),
+                handle,
+                indent=1,
+            )
     failed = [row for row in correctness if not row["ok"]]
     if failed:
         print(f"\nFAILED: {[(row['dtype'], row['layout']) for row in failed]}")

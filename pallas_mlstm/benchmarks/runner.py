@@ -48,31 +48,43 @@ CPU_DISCLAIMER = (
 _ENVIRONMENT_AT_START = dict(os.environ)  # what the workers get: the parent changes its own
 
 SHAPES = flags.DEFINE_list(
-    "shapes", [], f"Named shapes, any of {','.join(NAMED_SHAPES)}, or '{SWEEP_ALIAS}' for all sweep-S*; "
-    f"default {','.join(GPU_DEFAULT_SHAPES)} on a GPU, {','.join(CPU_DEFAULT_SHAPES)} otherwise."
+    "shapes",
+    [],
+    f"Named shapes, any of {','.join(NAMED_SHAPES)}, or '{SWEEP_ALIAS}' for all sweep-S*; "
+    f"default {','.join(GPU_DEFAULT_SHAPES)} on a GPU, {','.join(CPU_DEFAULT_SHAPES)} otherwise.",
 )
 MODES_FLAG = flags.DEFINE_list("modes", list(MODES), "Modes to time: fw (forward), fwbw (forward + backward).")
 IMPLS = flags.DEFINE_list(
-    "impls", [], f"Implementations ({', '.join(impls.IMPLEMENTATIONS)}); default: every installed one of "
-    f"{','.join(impls.GPU_DEFAULT_IMPLS)} on a GPU, {','.join(impls.CPU_DEFAULT_IMPLS)} otherwise."
+    "impls",
+    [],
+    f"Implementations ({', '.join(impls.IMPLEMENTATIONS)}); default: every installed one of "
+    f"{','.join(impls.GPU_DEFAULT_IMPLS)} on a GPU, {','.join(impls.CPU_DEFAULT_IMPLS)} otherwise.",
 )
 CHUNK_SIZES = flags.DEFINE_list(
-    "chunk_sizes", [DEFAULT_CHUNK], f"Chunk sizes of the mLSTM implementations; '{DEFAULT_CHUNK}' is the "
-    f"library's own choice (the peers': {impls.PEER_CHUNK_SIZE})."
+    "chunk_sizes",
+    [DEFAULT_CHUNK],
+    f"Chunk sizes of the mLSTM implementations; '{DEFAULT_CHUNK}' is the "
+    f"library's own choice (the peers': {impls.PEER_CHUNK_SIZE}).",
 )
 JSON_PATH = flags.DEFINE_string("json", None, "Write the records to this JSON file (a list of records).")
 PLOT_PATH = flags.DEFINE_string("plot", None, "Write the runtime-vs-S plot of the sweep-S* records to this PNG.")
 CALLS = flags.DEFINE_integer(
-    "calls", 100, "Timed calls per (implementation, shape, mode); the median is kept (20 calls left medians of "
-    "~2 ms calls up to 15% apart between runs on an H200).", lower_bound=1
+    "calls",
+    100,
+    "Timed calls per (implementation, shape, mode); the median is kept (20 calls left medians of "
+    "~2 ms calls up to 15% apart between runs on an H200).",
+    lower_bound=1,
 )
 ISOLATE = flags.DEFINE_bool(
-    "isolate", True, "Run each (shape, implementation, chunk size) in its own worker process, so that its "
-    "peak memory is its own; with --noisolate peak_bytes is recorded only for a single run."
+    "isolate",
+    True,
+    "Run each (shape, implementation, chunk size) in its own worker process, so that its "
+    "peak memory is its own; with --noisolate peak_bytes is recorded only for a single run.",
 )
 WORKER_RECORDS = flags.DEFINE_string(
-    "worker_records", None, "Set by --isolate on each worker process it starts: the file the worker writes its "
-    "records to."
+    "worker_records",
+    None,
+    "Set by --isolate on each worker process it starts: the file the worker writes its records to.",
 )
 
 
@@ -105,7 +117,7 @@ def make_inputs(computes: str, shape: Shape, seed: int) -> tuple[jax.Array, ...]
         return tuple(jax.random.normal(k, size, jnp.bfloat16) for k in jax.random.split(key, 3))
     q, k, v, i, f = accuracy.mlstm_inputs(key, shape.B, shape.NH, shape.S, shape.DHQK, shape.DHHV, jnp.bfloat16)[:5]
     if shape.document_len is not None:  # packed documents: a hard reset before each document's first token
-        f = f.at[:, :, shape.document_len::shape.document_len].set(-jnp.inf)
+        f = f.at[:, :, shape.document_len :: shape.document_len].set(-jnp.inf)
     return q, k, v, i, f
 
 
@@ -126,7 +138,9 @@ def check_forward(computes: str, inputs, output) -> tuple[float, str]:
         else:
             window = (slice(0, CHECK_BATCH),)
             oracle = "mlstm_sigmoid_recurrent" if computes == impls.MLSTM_SIGMOID else "mlstm_recurrent"
-            reference = jax.jit(getattr(accuracy.load_oracles(), oracle))(*(x[window].astype(jnp.float32) for x in inputs))
+            reference = jax.jit(getattr(accuracy.load_oracles(), oracle))(
+                *(x[window].astype(jnp.float32) for x in inputs)
+            )
             name = f"float32 reference.{oracle} (batch 0)"
         return accuracy.rel_err(output[window], reference), name
 
@@ -157,8 +171,10 @@ def run_one(run: Run, modes: list[str], calls: int, measure_peak: bool, context:
 
     rel_err, reference_name = check_forward(run.impl.computes, inputs, callables.forward(*inputs))
     if not rel_err <= accuracy.BENCH_TOLERANCE:
-        say(f"REFUSED {run.label()}: rel err {rel_err:.2e} > {accuracy.BENCH_TOLERANCE:.0e} against {reference_name}; "
-            "not timed.")
+        say(
+            f"REFUSED {run.label()}: rel err {rel_err:.2e} > {accuracy.BENCH_TOLERANCE:.0e} against {reference_name}; "
+            "not timed."
+        )
         return []
     say(f"checked {run.label()}: rel err {rel_err:.2e} against {reference_name}")
 
@@ -168,12 +184,22 @@ def run_one(run: Run, modes: list[str], calls: int, measure_peak: bool, context:
     for mode in modes:
         argument_sets = input_sets if mode == "fw" else [(weights, *x) for x in input_sets]
         milliseconds = median_ms(function_of(callables, mode), argument_sets, calls)
-        records.append({
-            "impl": run.impl.name, "impl_description": run.impl.description, "shape": run.shape.name,
-            **run.shape.dims(), "chunk_size": chunk_size if run.impl.uses_chunk_size else None, "mode": mode,
-            "median_ms": milliseconds, "calls": calls, "peak_bytes": peaks[mode], "input_bytes": input_bytes[mode],
-            "rel_err": rel_err, **context,
-        })
+        records.append(
+            {
+                "impl": run.impl.name,
+                "impl_description": run.impl.description,
+                "shape": run.shape.name,
+                **run.shape.dims(),
+                "chunk_size": chunk_size if run.impl.uses_chunk_size else None,
+                "mode": mode,
+                "median_ms": milliseconds,
+                "calls": calls,
+                "peak_bytes": peaks[mode],
+                "input_bytes": input_bytes[mode],
+                "rel_err": rel_err,
+                **context,
+            }
+        )
         peak = "" if peaks[mode] is None else f", peak {peaks[mode] / 2**30:.2f} GiB"
         say(f"timed {run.label()} {mode}: {milliseconds:.3f} ms{peak}")
     return records
@@ -234,9 +260,17 @@ def _run_in_worker(run: Run, modes: list[str], calls: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as folder:
         records_path = os.path.join(folder, "records.json")
         command = [
-            sys.executable, "-m", "pallas_mlstm", "bench", f"--shapes={run.shape.name}", f"--impls={run.impl.name}",
-            f"--chunk_sizes={run.chunk_size or DEFAULT_CHUNK}", f"--modes={','.join(modes)}", f"--calls={calls}",
-            "--noisolate", f"--worker_records={records_path}",
+            sys.executable,
+            "-m",
+            "pallas_mlstm",
+            "bench",
+            f"--shapes={run.shape.name}",
+            f"--impls={run.impl.name}",
+            f"--chunk_sizes={run.chunk_size or DEFAULT_CHUNK}",
+            f"--modes={','.join(modes)}",
+            f"--calls={calls}",
+            "--noisolate",
+            f"--worker_records={records_path}",
         ]
         finished = subprocess.run(command, env=_ENVIRONMENT_AT_START, check=False)
         if finished.returncode or not os.path.exists(records_path):
@@ -268,11 +302,18 @@ def format_table(records: list[dict]) -> str:
     rows = [header]
     for r in records:
         reference = baseline_ms.get((r["shape"], r["mode"]))
-        rows.append((
-            r["shape"], r["impl"], _chunk_cell(r), r["mode"],
-            f"{r['median_ms']:.3f}", "-" if reference is None else f"{r['median_ms'] / reference:.2f}",
-            "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}", f"{r['rel_err']:.1e}",
-        ))
+        rows.append(
+            (
+                r["shape"],
+                r["impl"],
+                _chunk_cell(r),
+                r["mode"],
+                f"{r['median_ms']:.3f}",
+                "-" if reference is None else f"{r['median_ms'] / reference:.2f}",
+                "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}",
+                f"{r['rel_err']:.1e}",
+            )
+        )
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
@@ -286,7 +327,8 @@ def main_bench(argv: list[str]) -> None:
     modes = list(dict.fromkeys(MODES_FLAG.value))
     if not modes or set(modes) - set(MODES):
         raise app.UsageError(
-            f"--modes must be a non-empty subset of {','.join(MODES)}; got {','.join(MODES_FLAG.value)!r}.")
+            f"--modes must be a non-empty subset of {','.join(MODES)}; got {','.join(MODES_FLAG.value)!r}."
+        )
     chunk_requests = _chunk_requests(CHUNK_SIZES.value)
     requested_shapes = validated_shapes(SHAPES.value)
     for name in IMPLS.value:
@@ -309,7 +351,9 @@ def main_bench(argv: list[str]) -> None:
     if not ISOLATE.value and len(runs) > 1:
         say("peak memory is not recorded: with --noisolate it would be the peak of all runs so far.")
     context = {
-        "card": card, "platform": platform, "jax_version": jax.__version__,
+        "card": card,
+        "platform": platform,
+        "jax_version": jax.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python -m pallas_mlstm " + shlex.join(sys.argv[1:]),
     }

@@ -34,16 +34,25 @@ def _named_shapes() -> dict[str, Shape]:
     shapes = [
         Shape("7b", 8, 8, 8192, 256, 512, "xLSTM-7B widths, 65,536 tokens"),
         Shape("7b-short", 32, 8, 2048, 256, 512, "same tokens, short context"),
-        Shape("7b-packed", 8, 8, 8192, 256, 512, "7b with packed documents of 1000 tokens (resets inside chunks)",
-              document_len=1000),
+        Shape(
+            "7b-packed",
+            8,
+            8,
+            8192,
+            256,
+            512,
+            "7b with packed documents of 1000 tokens (resets inside chunks)",
+            document_len=1000,
+        ),
         Shape("small-heads", 4, 16, 4096, 128, 128, "1B-class heads"),
         Shape("tfla-paper", 8, 16, 8192, 128, 256, "the TFLA paper's 7B-class benchmark shape (embedding 4096)"),
         Shape("odd-heads", 4, 8, 4096, 96, 192, "head dims that are not powers of 2"),
         Shape("long-256k", 1, 8, 262144, 256, 512, "long context: memory of forward + backward"),
         Shape("long-512k", 1, 8, 524288, 256, 512, "long context: does forward + backward fit on one 80 GB H100"),
         Shape("tiny", 1, 2, 256, 32, 32, "CPU smoke shape: its times mean nothing"),
-        Shape("tiny-packed", 1, 2, 256, 32, 32, "CPU smoke shape with packed documents of 100 tokens",
-              document_len=100),
+        Shape(
+            "tiny-packed", 1, 2, 256, 32, 32, "CPU smoke shape with packed documents of 100 tokens", document_len=100
+        ),
     ]
     shapes += [
         Shape(f"sweep-S{s}", SWEEP_TOKENS // s, 8, s, 256, 512, "runtime vs context length at 65,536 tokens")

@@ -48,6 +48,7 @@ def _steps():
         os.environ.setdefault("DISABLE_LLVM_OPT", "1")  # Triton 3.6's LLVM aborts on the upstream kernels otherwise
         from mlstm_kernels.jax.recurrent.native_step import mlstm_recurrent_step__native
         from mlstm_kernels.jax.recurrent.triton_step import mlstm_recurrent_step__triton
+
         steps["mk_step_triton"] = mlstm_recurrent_step__triton
         steps["mk_step_native"] = mlstm_recurrent_step__native
     except ImportError as error:
@@ -64,26 +65,53 @@ def main(argv) -> None:
         args = _inputs(batch)
         state_bytes = args[5].size * 4
         reference_h = None
-        common = dict(B=batch, NH=NH, DHQK=DHQK, DHHV=DHHV, card=jax.devices()[0].device_kind,
-                      jax_version=jax.__version__, calls=_CALLS.value,
-                      date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                      command="python -m pallas_mlstm.benchmarks.step_bench " + " ".join(sys.argv[1:]))
+        common = dict(
+            B=batch,
+            NH=NH,
+            DHQK=DHQK,
+            DHHV=DHHV,
+            card=jax.devices()[0].device_kind,
+            jax_version=jax.__version__,
+            calls=_CALLS.value,
+            date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            command="python -m pallas_mlstm.benchmarks.step_bench " + " ".join(sys.argv[1:]),
+        )
         bound = jax.jit(lambda c: c + 1.0)
         bound_ms = median_ms(bound, [(args[5],)], _CALLS.value)
-        records.append(dict(impl="state read+write (c + 1)", median_ms=bound_ms, state_bytes=state_bytes,
-                            gbytes_per_s=2 * state_bytes / bound_ms / 1e6, **common))
+        records.append(
+            dict(
+                impl="state read+write (c + 1)",
+                median_ms=bound_ms,
+                state_bytes=state_bytes,
+                gbytes_per_s=2 * state_bytes / bound_ms / 1e6,
+                **common,
+            )
+        )
         for name, step in _steps().items():
             fn = jax.jit(step)
             h = fn(*args)[0].astype(jnp.float32)
             reference_h = h if reference_h is None else reference_h
             ms = median_ms(fn, [args], _CALLS.value)
-            records.append(dict(impl=name, median_ms=ms, rel_err_vs_ours=accuracy.rel_err(h, reference_h),
-                                over_state_read_write=ms / bound_ms, **common))
-        for record in records[-(len(_steps()) + 1):]:
-            print(f"B={batch:<3} {record['impl']:<26} {record['median_ms']:8.4f} ms"
-                  + (f"  x{record['over_state_read_write']:.2f} of the state read+write, rel err vs ours "
-                     f"{record['rel_err_vs_ours']:.1e}" if "over_state_read_write" in record else
-                     f"  ({record['gbytes_per_s']:.0f} GB/s)"), flush=True)
+            records.append(
+                dict(
+                    impl=name,
+                    median_ms=ms,
+                    rel_err_vs_ours=accuracy.rel_err(h, reference_h),
+                    over_state_read_write=ms / bound_ms,
+                    **common,
+                )
+            )
+        for record in records[-(len(_steps()) + 1) :]:
+            print(
+                f"B={batch:<3} {record['impl']:<26} {record['median_ms']:8.4f} ms"
+                + (
+                    f"  x{record['over_state_read_write']:.2f} of the state read+write, rel err vs ours "
+                    f"{record['rel_err_vs_ours']:.1e}"
+                    if "over_state_read_write" in record
+                    else f"  ({record['gbytes_per_s']:.0f} GB/s)"
+                ),
+                flush=True,
+            )
         if _JSON.value:
             with open(_JSON.value, "w") as handle:
                 json.dump(records, handle, indent=1)

@@ -61,18 +61,24 @@ CONFIGS_COMMENT = (
 )
 
 TUNE_BACKEND = flags.DEFINE_enum(
-    "tune_backend", "triton", ["triton", "interpret"],
+    "tune_backend",
+    "triton",
+    ["triton", "interpret"],
     "Backend whose configs are timed: triton (needs a GPU); interpret only smoke-tests the sweep on a CPU and "
     "needs --configs_out.",
 )
 CONFIGS_OUT = flags.DEFINE_string(
-    "configs_out", str(user_tuned_configs_path()), "The tuned-configs JSON to update (created if missing). The "
+    "configs_out",
+    str(user_tuned_configs_path()),
+    "The tuned-configs JSON to update (created if missing). The "
     f"default, which pallas_mlstm reads over its packaged configs, is ${TUNED_CONFIGS_ENV} if set, else "
-    "$XDG_CONFIG_HOME/pallas_mlstm/tuned_configs.json, else ~/.config/pallas_mlstm/tuned_configs.json."
+    "$XDG_CONFIG_HOME/pallas_mlstm/tuned_configs.json, else ~/.config/pallas_mlstm/tuned_configs.json.",
 )
 TIME_BUDGET_S = flags.DEFINE_integer(
-    "time_budget_s", 480, "No new candidate starts after this many seconds; the best so far is stored, marked "
-    "incomplete.", lower_bound=1
+    "time_budget_s",
+    480,
+    "No new candidate starts after this many seconds; the best so far is stored, marked incomplete.",
+    lower_bound=1,
 )
 
 flags.declare_key_flag("shapes")  # the bench's flags that tune reads too
@@ -86,8 +92,10 @@ class CandidateRejected(Exception):
 def _sequence_stage(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
     return [
         dataclasses.replace(best, chunk_size=chunk, siz_b_L_parallel=parallel, siz_b_L_loop=loop)
-        for chunk in CHUNK_SIZES if shape.S % chunk == 0
-        for parallel, loop in L_TILE_PAIRS if parallel is None or parallel <= chunk
+        for chunk in CHUNK_SIZES
+        if shape.S % chunk == 0
+        for parallel, loop in L_TILE_PAIRS
+        if parallel is None or parallel <= chunk
     ]
 
 
@@ -99,14 +107,22 @@ def _head_stage(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
 
 def _intra_stage(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
     del shape
-    return [dataclasses.replace(best, num_warps_intra=w, num_stages_intra=s) for w in NUM_WARPS for s in NUM_STAGES
-            if (w is None) == (s is None)]
+    return [
+        dataclasses.replace(best, num_warps_intra=w, num_stages_intra=s)
+        for w in NUM_WARPS
+        for s in NUM_STAGES
+        if (w is None) == (s is None)
+    ]
 
 
 def _inter_stage(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
     del shape
-    return [dataclasses.replace(best, num_warps_inter=w, num_stages_inter=s) for w in NUM_WARPS for s in NUM_STAGES
-            if (w is None) == (s is None)]
+    return [
+        dataclasses.replace(best, num_warps_inter=w, num_stages_inter=s)
+        for w in NUM_WARPS
+        for s in NUM_STAGES
+        if (w is None) == (s is None)
+    ]
 
 
 def _kernel_stage(kernel: str):
@@ -115,8 +131,11 @@ def _kernel_stage(kernel: str):
     def candidates(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
         del shape
         launches = best.kernel_launches()
-        return [dataclasses.replace(best, kernels={**launches, kernel: {**launches.get(kernel, {}), **launch}})
-                for launch in kernel_times.LAUNCH_CANDIDATES[kernel] if launch]
+        return [
+            dataclasses.replace(best, kernels={**launches, kernel: {**launches.get(kernel, {}), **launch}})
+            for launch in kernel_times.LAUNCH_CANDIDATES[kernel]
+            if launch
+        ]
 
     return candidates
 
@@ -134,8 +153,11 @@ STAGES = (
 
 def describe(config: ChunkwiseConfig) -> str:
     """The fields a config sets, as `name=value` pairs ("heuristics" when none is set)."""
-    values = [(field.name, getattr(config, field.name)) for field in dataclasses.fields(config)
-              if field.name != "kernels" and getattr(config, field.name) is not None]
+    values = [
+        (field.name, getattr(config, field.name))
+        for field in dataclasses.fields(config)
+        if field.name != "kernels" and getattr(config, field.name) is not None
+    ]
     values += [(kernel, dict(fields)) for kernel, fields in config.kernels]
     return " ".join(f"{name}={value}" for name, value in values) or "heuristics"
 
@@ -201,12 +223,19 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
     confirmed_default_ms = timing.median_ms(default_fwbw, argument_sets, calls)
     if confirmed_best_ms >= confirmed_default_ms:
         best, confirmed_best_ms = default, confirmed_default_ms
-    runner.say(f"{shape.name} best ({describe(best)}): {confirmed_best_ms:.3f} ms fwbw vs {confirmed_default_ms:.3f} "
-               f"ms default (timed again after the search of {len(timings)} configs)")
+    runner.say(
+        f"{shape.name} best ({describe(best)}): {confirmed_best_ms:.3f} ms fwbw vs {confirmed_default_ms:.3f} "
+        f"ms default (timed again after the search of {len(timings)} configs)"
+    )
     return {
-        "config": best.to_json(), "fwbw_ms": confirmed_best_ms, "default_fwbw_ms": confirmed_default_ms,
-        "configs_timed": len(timings), "complete": complete, "tuned_on": {"shape": shape.name, **shape.dims()},
-        "backend": backend, "calls": calls,
+        "config": best.to_json(),
+        "fwbw_ms": confirmed_best_ms,
+        "default_fwbw_ms": confirmed_default_ms,
+        "configs_timed": len(timings),
+        "complete": complete,
+        "tuned_on": {"shape": shape.name, **shape.dims()},
+        "backend": backend,
+        "calls": calls,
     }
 
 
@@ -236,14 +265,18 @@ def main_tune(argv: list[str]) -> None:
         raise app.UsageError(f"tune takes flags only; got the arguments {argv[1:]}.")
     backend = TUNE_BACKEND.value
     if backend == "interpret" and not CONFIGS_OUT.present:
-        raise app.UsageError("--tune_backend=interpret times the interpreter, whose times must not go into your tuned "
-                             "configs: pass --configs_out=PATH too (e.g. /tmp/tuned_configs.json).")
+        raise app.UsageError(
+            "--tune_backend=interpret times the interpreter, whose times must not go into your tuned "
+            "configs: pass --configs_out=PATH too (e.g. /tmp/tuned_configs.json)."
+        )
     requested_shapes = runner.validated_shapes(runner.SHAPES.value)
     platform = jax.default_backend()
     if backend == "triton" and platform != "gpu":
-        raise app.UsageError("tune times the triton backend, which needs a GPU and JAX sees none here; to smoke-test "
-                             "the sweep on a CPU, pass --tune_backend=interpret --configs_out=/tmp/tuned_configs.json "
-                             "--time_budget_s=60.")
+        raise app.UsageError(
+            "tune times the triton backend, which needs a GPU and JAX sees none here; to smoke-test "
+            "the sweep on a CPU, pass --tune_backend=interpret --configs_out=/tmp/tuned_configs.json "
+            "--time_budget_s=60."
+        )
     try:
         tuned_configs_in(CONFIGS_OUT.value)
     except ValueError as error:
@@ -262,11 +295,13 @@ def main_tune(argv: list[str]) -> None:
         entry = tune_shape(shape, backend, runner.CALLS.value, deadline)
         if entry is None:
             continue
-        entry.update({
-            "jax_version": jax.__version__,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "command": "python -m pallas_mlstm " + shlex.join(sys.argv[1:]),
-        })
+        entry.update(
+            {
+                "jax_version": jax.__version__,
+                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "command": "python -m pallas_mlstm " + shlex.join(sys.argv[1:]),
+            }
+        )
         key = shape_class(shape.S, shape.DHQK, shape.DHHV)
         write_tuned_entry(CONFIGS_OUT.value, card, key, entry, card_properties())
         runner.say(f"stored the best config of {shape.name} as {card!r} / {key!r} in {CONFIGS_OUT.value}")

@@ -87,8 +87,9 @@ def matmul_precision(dtype, allow_tf32: bool):
 def dot(a: jax.Array, b: jax.Array, precision, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
     """a @ b (optionally transposed operands) accumulated in float32 (float64 for float64 operands)."""
     contract = ((0 if trans_a else 1,), (1 if trans_b else 0,))
-    return lax.dot_general(a, b, (contract, ((), ())), precision=precision,
-                           preferred_element_type=states.acc_dtype(a.dtype))
+    return lax.dot_general(
+        a, b, (contract, ((), ())), precision=precision, preferred_element_type=states.acc_dtype(a.dtype)
+    )
 
 
 def tile_start(index, block: int):
@@ -155,8 +156,7 @@ def states_to_kernel_layout(mat_all: jax.Array, dhqk: int, padded_sizes: tuple[i
     return x
 
 
-def intra_chunk_decay(vec_b_q, vec_m_q, vec_r_q, q_start, vec_b_kv, vec_i_kv, kv_start, *,
-                      keys_on_rows: bool = False):
+def intra_chunk_decay(vec_b_q, vec_m_q, vec_r_q, q_start, vec_b_kv, vec_i_kv, kv_start, *, keys_on_rows: bool = False):
     """exp(D̃_tj − m_t) = exp(b_t − b_j + ĩ_j − m_t) for vecR_t <= key j <= query t, else 0, on one pair of tiles.
 
     Gates (bLQ,) / (bLKV,) of the tiles starting at in-chunk positions q_start / kv_start; vec_r_q (bLQ,)

@@ -49,8 +49,11 @@ def parallel_tiles(defaults: ParallelTiles, shared_memory_kib: int | None) -> Pa
     """A parallel kernel's default tiles on a card with this much shared memory per block (KiB)."""
     if _hopper_class(shared_memory_kib):
         return defaults
-    return dataclasses.replace(defaults, siz_b_DHQK=min(defaults.siz_b_DHQK, SMALL_CARD_HEAD_TILE),
-                               siz_b_DHHV=min(defaults.siz_b_DHHV, SMALL_CARD_HEAD_TILE))
+    return dataclasses.replace(
+        defaults,
+        siz_b_DHQK=min(defaults.siz_b_DHQK, SMALL_CARD_HEAD_TILE),
+        siz_b_DHHV=min(defaults.siz_b_DHHV, SMALL_CARD_HEAD_TILE),
+    )
 
 
 def parallel_num_stages(shared_memory_kib: int | None) -> int:

@@ -107,8 +107,12 @@ class BwLayout:
         """The tile sizes by name (TILES): launch's requests (None: the kernel's `defaults`, adapted to the
         card's shared memory) clamped to their dims."""
         defaults = launch_defaults.parallel_tiles(defaults, device_properties().shared_memory_kib)
-        return {tile: common.tile_size(getattr(launch, f"siz_b_{tile}"), self.dim(tile),
-                                       getattr(defaults, f"siz_b_{tile}"), f"siz_b_{tile}") for tile in TILES}
+        return {
+            tile: common.tile_size(
+                getattr(launch, f"siz_b_{tile}"), self.dim(tile), getattr(defaults, f"siz_b_{tile}"), f"siz_b_{tile}"
+            )
+            for tile in TILES
+        }
 
     # BlockSpecs; index maps take the grid indices (head-dim tile d, L tile l, chunk-major program cb).
     def _chunk(self, cb):
@@ -116,14 +120,15 @@ class BwLayout:
 
     def chunk_rows(self, width: int, tiled_cols: bool) -> pl.BlockSpec:
         """The whole chunk of a (B·NH, S, D) array; columns: the d-th tile of `width`, or all."""
-        return pl.BlockSpec((None, self.chunk_size, width),
-                            lambda d, l, cb: (*self._chunk(cb), d if tiled_cols else 0))
+        return pl.BlockSpec((None, self.chunk_size, width), lambda d, l, cb: (*self._chunk(cb), d if tiled_cols else 0))
 
     def tile_rows(self, rows: int, width: int, tiled_cols: bool) -> pl.BlockSpec:
         """The l-th tile of `rows` positions of the chunk in a (B·NH, S, D) array."""
         tiles = self.chunk_size // rows
-        return pl.BlockSpec((None, rows, width), lambda d, l, cb: (
-            cb // self.num_chunks, (cb % self.num_chunks) * tiles + l, d if tiled_cols else 0))
+        return pl.BlockSpec(
+            (None, rows, width),
+            lambda d, l, cb: (cb // self.num_chunks, (cb % self.num_chunks) * tiles + l, d if tiled_cols else 0),
+        )
 
     def chunk_vec(self) -> pl.BlockSpec:
         """The whole chunk of a (B·NH, S) gate."""
@@ -136,9 +141,11 @@ class BwLayout:
 
     def state(self, offset: int, rows: int, cols: int, tiled_rows: bool) -> pl.BlockSpec:
         """State c + offset of a (B·NH, NC+1, DHQK_p, DHHV_p) buffer; rows (DHQK) or columns (DHHV) tiled by d."""
+
         def index(d, l, cb):
             b, c = self._chunk(cb)
             return (b, c + offset, d, 0) if tiled_rows else (b, c + offset, 0, d)
+
         return pl.BlockSpec((None, None, rows, cols), index)
 
     def state_m(self, offset: int) -> pl.BlockSpec:
@@ -153,8 +160,12 @@ class BwLayout:
             if name == "m_all":
                 return self.state_m(offset)
             tiled_rows = head == "DHQK"
-            return self.state(offset, tiles["DHQK"] if tiled_rows else self.dhqk_p,
-                              self.dhhv_p if tiled_rows else tiles["DHHV"], tiled_rows=tiled_rows)
+            return self.state(
+                offset,
+                tiles["DHQK"] if tiled_rows else self.dhqk_p,
+                self.dhhv_p if tiled_rows else tiles["DHHV"],
+                tiled_rows=tiled_rows,
+            )
         if name in HEAD_DIM_OF:
             tiled_cols = HEAD_DIM_OF[name] == head
             width = tiles[head] if tiled_cols else self.dim(HEAD_DIM_OF[name])
@@ -168,18 +179,33 @@ def prepare(call: KernelCall, arrays: BwArrays) -> tuple[BwLayout, dict[str, jax
     """The layout of a launch, and its arrays converted from upstream's layout to the kernels' (B·NH, …) padded one:
     q, k, v, dh, the gates vec_a, vec_b, vec_i (the log input gate, `log_input_gate` for call.input_gate), vec_r
     (−1: no reset), vec_m, den (vecN_out), and the states c_all, dc_all, m_all. No checks."""
-    matQ, matK, matV, vecI, (vecA, vecB, vecR), (matC_all, _, scaM_all), vecN_out, vecM_out, matDeltaH, \
-        matDeltaC_states = arrays
+    (
+        matQ,
+        matK,
+        matV,
+        vecI,
+        (vecA, vecB, vecR),
+        (matC_all, _, scaM_all),
+        vecN_out,
+        vecM_out,
+        matDeltaH,
+        matDeltaC_states,
+    ) = arrays
     batch, heads, seq_len, dhqk = matQ.shape
     layout = BwLayout(batch, heads, seq_len, dhqk, matV.shape[-1], call.chunk_size)
     bnh, dhqk_p, dhhv_p = layout.bnh, layout.dhqk_p, layout.dhhv_p
     flat = lambda x, size: common.pad_axis(x.reshape(bnh, seq_len, x.shape[-1]), 2, size)
     gate = lambda x: x.reshape(bnh, seq_len)
     converted = dict(
-        q=flat(matQ, dhqk_p), k=flat(matK, dhqk_p), v=flat(matV, dhhv_p),
-        dh=flat(matDeltaH.astype(matQ.dtype), dhhv_p), vec_b=gate(vecB), vec_a=gate(vecA),
+        q=flat(matQ, dhqk_p),
+        k=flat(matK, dhqk_p),
+        v=flat(matV, dhhv_p),
+        dh=flat(matDeltaH.astype(matQ.dtype), dhhv_p),
+        vec_b=gate(vecB),
+        vec_a=gate(vecA),
         vec_i=gate(log_input_gate(vecI, call.input_gate)),
-        vec_r=jnp.full((bnh, seq_len), -1, jnp.int32) if vecR is None else gate(vecR), vec_m=gate(vecM_out),
+        vec_r=jnp.full((bnh, seq_len), -1, jnp.int32) if vecR is None else gate(vecR),
+        vec_m=gate(vecM_out),
         den=gate(vecN_out),
         c_all=common.states_to_kernel_layout(matC_all, dhqk, (dhqk_p, dhhv_p)),
         dc_all=common.states_to_kernel_layout(matDeltaC_states, dhqk, (dhqk_p, dhhv_p)),
@@ -198,16 +224,23 @@ def launch(spec: BwKernel, call: KernelCall, arrays: BwArrays):
     tiles = layout.tiles(triton_launch, spec.defaults)
     head, rows = spec.grid
     kernel = functools.partial(
-        spec.body, qk_scale=call.scale_for(layout.dhqk), eps=call.eps,
+        spec.body,
+        qk_scale=call.scale_for(layout.dhqk),
+        eps=call.eps,
         precision=common.matmul_precision(arrays.matQ.dtype, call.allow_tf32),
-        **{f"block_{tile.lower()}": tiles[tile] for tile in spec.walked})
+        **{f"block_{tile.lower()}": tiles[tile] for tile in spec.walked},
+    )
     grid = (layout.dim(head) // tiles[head], layout.chunk_size // tiles[rows], layout.num_chunks * layout.bnh)
     out_specs = [layout.tile_rows(tiles[rows], tiles[head], tiled_cols=True)]  # one program's output tile
     out_shape = [jax.ShapeDtypeStruct((layout.bnh, layout.seq_len, layout.dim(head)), call.output_dtype)]
     if spec.row_dots:  # one partial row dot per head-dim tile, summed below
         l_tiles = layout.chunk_size // tiles[rows]
-        out_specs.append(pl.BlockSpec((None, None, tiles[rows]), lambda d, l, cb: (
-            d, cb // layout.num_chunks, (cb % layout.num_chunks) * l_tiles + l)))
+        out_specs.append(
+            pl.BlockSpec(
+                (None, None, tiles[rows]),
+                lambda d, l, cb: (d, cb // layout.num_chunks, (cb % layout.num_chunks) * l_tiles + l),
+            )
+        )
         out_shape.append(jax.ShapeDtypeStruct((grid[0], layout.bnh, layout.seq_len), jnp.float32))
     outs = pl.pallas_call(
         kernel,
@@ -216,9 +249,11 @@ def launch(spec: BwKernel, call: KernelCall, arrays: BwArrays):
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=common.compiler_params(
-            triton_launch.num_warps, triton_launch.num_stages,
+            triton_launch.num_warps,
+            triton_launch.num_stages,
             default_warps=launch_defaults.parallel_num_warps(tiles[rows], tiles[head]),
-            default_stages=launch_defaults.parallel_num_stages(device_properties().shared_memory_kib)),
+            default_stages=launch_defaults.parallel_num_stages(device_properties().shared_memory_kib),
+        ),
         interpret=call.interpret,
         name=spec.name,
     )(*(x[name] for name, _ in spec.reads))
@@ -229,13 +264,31 @@ def launch(spec: BwKernel, call: KernelCall, arrays: BwArrays):
     return grad, jnp.sum(outs[1], axis=0).reshape(layout.batch, layout.heads, layout.seq_len)
 
 
-def checked_call(spec: BwKernel, seq_len: int, launch_fields: dict, *, chunk_size, qk_scale, eps, output_dtype,
-                 input_gate: str, allow_tf32: bool, interpret: bool) -> KernelCall:
+def checked_call(
+    spec: BwKernel,
+    seq_len: int,
+    launch_fields: dict,
+    *,
+    chunk_size,
+    qk_scale,
+    eps,
+    output_dtype,
+    input_gate: str,
+    allow_tf32: bool,
+    interpret: bool,
+) -> KernelCall:
     """The `KernelCall` of an upstream-signature parallel backward function, after checking (in this order) its
     chunk size (a power of 2 >= 16 dividing seq_len), its input gate, its launch (`TritonLaunch(**launch_fields)`)
     and that a compiled launch has a GPU."""
     plan.validate_chunk_size(chunk_size, seq_len, minimum=common.MIN_TILE)
     plan.validate_gate_options(input_gate)
-    return KernelCall(chunk_size=chunk_size, qk_scale=qk_scale, eps=eps, input_gate=input_gate,
-                      output_dtype=output_dtype, launch=TritonLaunch(**launch_fields), allow_tf32=allow_tf32,
-                      interpret=common.checked_interpret(interpret, spec.name))
+    return KernelCall(
+        chunk_size=chunk_size,
+        qk_scale=qk_scale,
+        eps=eps,
+        input_gate=input_gate,
+        output_dtype=output_dtype,
+        launch=TritonLaunch(**launch_fields),
+        allow_tf32=allow_tf32,
+        interpret=common.checked_interpret(interpret, spec.name),
+    )

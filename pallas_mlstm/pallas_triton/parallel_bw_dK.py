@@ -12,8 +12,28 @@ from pallas_mlstm.pallas_triton import common, launch_defaults, parallel_bw_comm
 from pallas_mlstm.states import acc_dtype
 
 
-def _parallel_bw_dk_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, a_ref, m_ref, r_ref, den_ref, dc_ref, m_next_ref,
-                           dk_ref, k_dk_ref, *, qk_scale: float, eps: float, block_lq: int, block_dhhv: int, precision):
+def _parallel_bw_dk_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    dh_ref,
+    b_ref,
+    i_ref,
+    a_ref,
+    m_ref,
+    r_ref,
+    den_ref,
+    dc_ref,
+    m_next_ref,
+    dk_ref,
+    k_dk_ref,
+    *,
+    qk_scale: float,
+    eps: float,
+    block_lq: int,
+    block_dhhv: int,
+    precision,
+):
     block_lkv, dhhv = v_ref.shape
     chunk_size = b_ref.shape[0]
     dtype = acc_dtype(q_ref.dtype)
@@ -35,8 +55,9 @@ def _parallel_bw_dk_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, a_ref, m_r
         vec_m_q = m_ref[q_rows].astype(dtype)  # (bLQ,)
         vec_r_q = r_ref[q_rows]  # (bLQ,) int32: last hard reset in the chunk, −1 if none
         den_q = den_ref[q_rows].astype(dtype)  # (bLQ,)
-        decay_t = common.intra_chunk_decay(vec_b_q, vec_m_q, vec_r_q, q_start, vec_b_kv, vec_i_kv, kv_start,
-                                           keys_on_rows=True)  # (bLKV, bLQ)
+        decay_t = common.intra_chunk_decay(
+            vec_b_q, vec_m_q, vec_r_q, q_start, vec_b_kv, vec_i_kv, kv_start, keys_on_rows=True
+        )  # (bLKV, bLQ)
         weights = d_scores_t * decay_t * (qk_scale / (den_q + eps))[None, :]
         q = q_ref[q_rows, :]  # (bLQ, bDHQK)
         return dk + common.dot(weights.astype(q.dtype), q, precision)  # (bLKV, bLQ) @ (bLQ, bDHQK)
@@ -49,24 +70,39 @@ def _parallel_bw_dk_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, a_ref, m_r
 
 
 DK = parallel_bw_common.BwKernel(
-    name="mlstm_chunkwise__parallel_bw_dK", body=_parallel_bw_dk_kernel, defaults=launch_defaults.PARALLEL_BW_DK,
+    name="mlstm_chunkwise__parallel_bw_dK",
+    body=_parallel_bw_dk_kernel,
+    defaults=launch_defaults.PARALLEL_BW_DK,
     grid=("DHQK", "LKV"),  # output tile (bLKV key rows, bDHQK); walks query tiles and DHHV
-    reads=(("q", "chunk"), ("k", "tile"), ("v", "tile"), ("dh", "chunk"), ("vec_b", "chunk"), ("vec_i", "chunk"),
-           ("vec_a", "tile"), ("vec_m", "chunk"), ("vec_r", "chunk"), ("den", "chunk"), ("dc_all", "end"),
-           ("m_all", "end")),
+    reads=(
+        ("q", "chunk"),
+        ("k", "tile"),
+        ("v", "tile"),
+        ("dh", "chunk"),
+        ("vec_b", "chunk"),
+        ("vec_i", "chunk"),
+        ("vec_a", "tile"),
+        ("vec_m", "chunk"),
+        ("vec_r", "chunk"),
+        ("den", "chunk"),
+        ("dc_all", "end"),
+        ("m_all", "end"),
+    ),
     row_dots=True,
 )
 
 
-def parallel_bw_dK(call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH,
-                   matDeltaC_states):
+def parallel_bw_dK(
+    call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
+):
     """The launcher of `mlstm_chunkwise__parallel_bw_dK`: (dK (B, NH, S, DHQK), Σ_d k·dk (B, NH, S) float32,
     summed before dK is rounded).
     chunk_gates = (vecA, vecB, vecR or None), chunk_states = (matC_all, vecN_all, scaM_all); trusts
     `call` (chunk_size, qk_scale, eps, output_dtype, input_gate, launch: siz_b_LQ / siz_b_LKV / siz_b_DHQK /
     siz_b_DHHV / num_warps / num_stages, allow_tf32, interpret)."""
-    arrays = parallel_bw_common.BwArrays(matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out,
-                                         matDeltaH, matDeltaC_states)
+    arrays = parallel_bw_common.BwArrays(
+        matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
+    )
     return parallel_bw_common.launch(DK, call, arrays)
 
 
@@ -116,12 +152,37 @@ def mlstm_chunkwise__parallel_bw_dK(
     elements, else 4); num_stages None: launch_defaults.parallel_num_stages (2; 1 and head-dim tiles <= 128
     on cards with less shared memory than Hopper's).
     """
-    launch = dict(siz_b_LQ=siz_b_LQ, siz_b_LKV=siz_b_LKV, siz_b_DHQK=siz_b_DHQK, siz_b_DHHV=siz_b_DHHV,
-                  num_warps=num_warps, num_stages=num_stages)
+    launch = dict(
+        siz_b_LQ=siz_b_LQ,
+        siz_b_LKV=siz_b_LKV,
+        siz_b_DHQK=siz_b_DHQK,
+        siz_b_DHHV=siz_b_DHHV,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     call = parallel_bw_common.checked_call(
-        DK, matQ.shape[2], launch, chunk_size=chunk_size, qk_scale=qk_scale, eps=eps, output_dtype=output_dtype,
-        input_gate=input_gate, allow_tf32=allow_tf32, interpret=interpret)
+        DK,
+        matQ.shape[2],
+        launch,
+        chunk_size=chunk_size,
+        qk_scale=qk_scale,
+        eps=eps,
+        output_dtype=output_dtype,
+        input_gate=input_gate,
+        allow_tf32=allow_tf32,
+        interpret=interpret,
+    )
     dk, k_dk = parallel_bw_dK(
-        call, matQ, matK, matV, vecI, (vecA, vecB, vecR), (matC_all, vecN_all, scaM_all), vecN_out, vecM_out,
-        matDeltaH, matDeltaC_states)
+        call,
+        matQ,
+        matK,
+        matV,
+        vecI,
+        (vecA, vecB, vecR),
+        (matC_all, vecN_all, scaM_all),
+        vecN_out,
+        vecM_out,
+        matDeltaH,
+        matDeltaC_states,
+    )
     return (dk, k_dk) if return_row_dots else dk

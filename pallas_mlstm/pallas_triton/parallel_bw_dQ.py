@@ -12,8 +12,27 @@ from pallas_mlstm.pallas_triton import common, launch_defaults, parallel_bw_comm
 from pallas_mlstm.states import acc_dtype
 
 
-def _parallel_bw_dq_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, m_ref, r_ref, den_ref, c_ref, m_prev_ref, dq_ref,
-                           q_dq_ref, *, qk_scale: float, eps: float, block_lkv: int, block_dhhv: int, precision):
+def _parallel_bw_dq_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    dh_ref,
+    b_ref,
+    i_ref,
+    m_ref,
+    r_ref,
+    den_ref,
+    c_ref,
+    m_prev_ref,
+    dq_ref,
+    q_dq_ref,
+    *,
+    qk_scale: float,
+    eps: float,
+    block_lkv: int,
+    block_dhhv: int,
+    precision,
+):
     block_lq, dhhv = dh_ref.shape
     dtype = acc_dtype(k_ref.dtype)
     q_start = pl.program_id(1) * block_lq  # position of the query tile inside its chunk
@@ -34,8 +53,9 @@ def _parallel_bw_dq_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, m_ref, r_r
         d_scores = common.dot_nt_tiled(dh_ref, q_tile, v_ref, kv_rows, dhhv, block_dhhv, precision)  # (bLQ, bLKV)
         vec_b_kv = b_ref[kv_rows].astype(dtype)  # (bLKV,)
         vec_i_kv = i_ref[kv_rows].astype(dtype)  # (bLKV,)
-        decay = common.intra_chunk_decay(vec_b_q, vec_m_q, vec_r_q, q_start, vec_b_kv, vec_i_kv,
-                                         kv_start)  # (bLQ, bLKV)
+        decay = common.intra_chunk_decay(
+            vec_b_q, vec_m_q, vec_r_q, q_start, vec_b_kv, vec_i_kv, kv_start
+        )  # (bLQ, bLKV)
         weights = d_scores * decay * dh_scale[:, None]
         k = k_ref[kv_rows, :]  # (bLKV, bDHQK)
         return dq + common.dot(weights.astype(k.dtype), k, precision)  # (bLQ, bLKV) @ (bLKV, bDHQK)
@@ -49,23 +69,38 @@ def _parallel_bw_dq_kernel(q_ref, k_ref, v_ref, dh_ref, b_ref, i_ref, m_ref, r_r
 
 
 DQ = parallel_bw_common.BwKernel(
-    name="mlstm_chunkwise__parallel_bw_dQ", body=_parallel_bw_dq_kernel, defaults=launch_defaults.PARALLEL_BW_DQ,
+    name="mlstm_chunkwise__parallel_bw_dQ",
+    body=_parallel_bw_dq_kernel,
+    defaults=launch_defaults.PARALLEL_BW_DQ,
     grid=("DHQK", "LQ"),  # output tile (bLQ query rows, bDHQK); walks key tiles and DHHV
-    reads=(("q", "tile"), ("k", "chunk"), ("v", "chunk"), ("dh", "tile"), ("vec_b", "chunk"), ("vec_i", "chunk"),
-           ("vec_m", "tile"), ("vec_r", "tile"), ("den", "tile"), ("c_all", "start"), ("m_all", "start")),
+    reads=(
+        ("q", "tile"),
+        ("k", "chunk"),
+        ("v", "chunk"),
+        ("dh", "tile"),
+        ("vec_b", "chunk"),
+        ("vec_i", "chunk"),
+        ("vec_m", "tile"),
+        ("vec_r", "tile"),
+        ("den", "tile"),
+        ("c_all", "start"),
+        ("m_all", "start"),
+    ),
     row_dots=True,
 )
 
 
-def parallel_bw_dQ(call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH,
-                   matDeltaC_states):
+def parallel_bw_dQ(
+    call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
+):
     """The launcher of `mlstm_chunkwise__parallel_bw_dQ`: (dQ (B, NH, S, DHQK), Σ_d q·dq (B, NH, S) float32,
     summed before dQ is rounded).
     chunk_gates = (vecA, vecB, vecR or None), chunk_states = (matC_all, vecN_all, scaM_all); trusts
     `call` (chunk_size, qk_scale, eps, output_dtype, input_gate, launch: siz_b_LQ / siz_b_LKV / siz_b_DHQK /
     siz_b_DHHV / num_warps / num_stages, allow_tf32, interpret)."""
-    arrays = parallel_bw_common.BwArrays(matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out,
-                                         matDeltaH, matDeltaC_states)
+    arrays = parallel_bw_common.BwArrays(
+        matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
+    )
     return parallel_bw_common.launch(DQ, call, arrays)
 
 
@@ -115,12 +150,37 @@ def mlstm_chunkwise__parallel_bw_dQ(
     elements, else 4); num_stages None: launch_defaults.parallel_num_stages (2; 1 and head-dim tiles <= 128
     on cards with less shared memory than Hopper's).
     """
-    launch = dict(siz_b_LQ=siz_b_LQ, siz_b_LKV=siz_b_LKV, siz_b_DHQK=siz_b_DHQK, siz_b_DHHV=siz_b_DHHV,
-                  num_warps=num_warps, num_stages=num_stages)
+    launch = dict(
+        siz_b_LQ=siz_b_LQ,
+        siz_b_LKV=siz_b_LKV,
+        siz_b_DHQK=siz_b_DHQK,
+        siz_b_DHHV=siz_b_DHHV,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     call = parallel_bw_common.checked_call(
-        DQ, matQ.shape[2], launch, chunk_size=chunk_size, qk_scale=qk_scale, eps=eps, output_dtype=output_dtype,
-        input_gate=input_gate, allow_tf32=allow_tf32, interpret=interpret)
+        DQ,
+        matQ.shape[2],
+        launch,
+        chunk_size=chunk_size,
+        qk_scale=qk_scale,
+        eps=eps,
+        output_dtype=output_dtype,
+        input_gate=input_gate,
+        allow_tf32=allow_tf32,
+        interpret=interpret,
+    )
     dq, q_dq = parallel_bw_dQ(
-        call, matQ, matK, matV, vecI, (vecA, vecB, vecR), (matC_all, vecN_all, scaM_all), vecN_out, vecM_out,
-        matDeltaH, matDeltaC_states)
+        call,
+        matQ,
+        matK,
+        matV,
+        vecI,
+        (vecA, vecB, vecR),
+        (matC_all, vecN_all, scaM_all),
+        vecN_out,
+        vecM_out,
+        matDeltaH,
+        matDeltaC_states,
+    )
     return (dq, q_dq) if return_row_dots else dq

@@ -12,8 +12,26 @@ from pallas_mlstm.pallas_triton import common, launch_defaults, parallel_bw_comm
 from pallas_mlstm.states import acc_dtype
 
 
-def _parallel_bw_dv_kernel(q_ref, k_ref, dh_ref, b_ref, i_ref, a_ref, m_ref, r_ref, den_ref, dc_ref, m_next_ref, dv_ref,
-                           *, qk_scale: float, eps: float, block_lq: int, block_dhqk: int, precision):
+def _parallel_bw_dv_kernel(
+    q_ref,
+    k_ref,
+    dh_ref,
+    b_ref,
+    i_ref,
+    a_ref,
+    m_ref,
+    r_ref,
+    den_ref,
+    dc_ref,
+    m_next_ref,
+    dv_ref,
+    *,
+    qk_scale: float,
+    eps: float,
+    block_lq: int,
+    block_dhqk: int,
+    precision,
+):
     block_lkv, dhqk = k_ref.shape
     chunk_size = b_ref.shape[0]
     dtype = acc_dtype(q_ref.dtype)
@@ -35,8 +53,9 @@ def _parallel_bw_dv_kernel(q_ref, k_ref, dh_ref, b_ref, i_ref, a_ref, m_ref, r_r
         vec_m_q = m_ref[q_rows].astype(dtype)  # (bLQ,)
         vec_r_q = r_ref[q_rows]  # (bLQ,) int32: last hard reset in the chunk, −1 if none
         den_q = den_ref[q_rows].astype(dtype)  # (bLQ,)
-        decay_t = common.intra_chunk_decay(vec_b_q, vec_m_q, vec_r_q, q_start, vec_b_kv, vec_i_kv, kv_start,
-                                           keys_on_rows=True)  # (bLKV, bLQ)
+        decay_t = common.intra_chunk_decay(
+            vec_b_q, vec_m_q, vec_r_q, q_start, vec_b_kv, vec_i_kv, kv_start, keys_on_rows=True
+        )  # (bLKV, bLQ)
         weights = scores_t * decay_t * (qk_scale / (den_q + eps))[None, :]
         dh = dh_ref[q_rows, :]  # (bLQ, bDHHV)
         return dv + common.dot(weights.astype(dh.dtype), dh, precision)  # (bLKV, bLQ) @ (bLQ, bDHHV)
@@ -47,22 +66,37 @@ def _parallel_bw_dv_kernel(q_ref, k_ref, dh_ref, b_ref, i_ref, a_ref, m_ref, r_r
 
 
 DV = parallel_bw_common.BwKernel(
-    name="mlstm_chunkwise__parallel_bw_dV", body=_parallel_bw_dv_kernel, defaults=launch_defaults.PARALLEL_BW_DV,
+    name="mlstm_chunkwise__parallel_bw_dV",
+    body=_parallel_bw_dv_kernel,
+    defaults=launch_defaults.PARALLEL_BW_DV,
     grid=("DHHV", "LKV"),  # output tile (bLKV key rows, bDHHV); walks query tiles and DHQK
-    reads=(("q", "chunk"), ("k", "tile"), ("dh", "chunk"), ("vec_b", "chunk"), ("vec_i", "chunk"), ("vec_a", "tile"),
-           ("vec_m", "chunk"), ("vec_r", "chunk"), ("den", "chunk"), ("dc_all", "end"), ("m_all", "end")),
+    reads=(
+        ("q", "chunk"),
+        ("k", "tile"),
+        ("dh", "chunk"),
+        ("vec_b", "chunk"),
+        ("vec_i", "chunk"),
+        ("vec_a", "tile"),
+        ("vec_m", "chunk"),
+        ("vec_r", "chunk"),
+        ("den", "chunk"),
+        ("dc_all", "end"),
+        ("m_all", "end"),
+    ),
     row_dots=False,
 )
 
 
-def parallel_bw_dV(call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH,
-                   matDeltaC_states):
+def parallel_bw_dV(
+    call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
+):
     """The launcher of `mlstm_chunkwise__parallel_bw_dV`: dV (B, NH, S, DHHV).
     chunk_gates = (vecA, vecB, vecR or None), chunk_states = (matC_all, vecN_all, scaM_all); trusts
     `call` (chunk_size, qk_scale, eps, output_dtype, input_gate, launch: siz_b_LQ / siz_b_LKV / siz_b_DHQK /
     siz_b_DHHV / num_warps / num_stages, allow_tf32, interpret)."""
-    arrays = parallel_bw_common.BwArrays(matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out,
-                                         matDeltaH, matDeltaC_states)
+    arrays = parallel_bw_common.BwArrays(
+        matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
+    )
     return parallel_bw_common.launch(DV, call, arrays)
 
 
@@ -111,11 +145,36 @@ def mlstm_chunkwise__parallel_bw_dV(
     elements, else 4); num_stages None: launch_defaults.parallel_num_stages (2; 1 and head-dim tiles <= 128
     on cards with less shared memory than Hopper's).
     """
-    launch = dict(siz_b_LQ=siz_b_LQ, siz_b_LKV=siz_b_LKV, siz_b_DHQK=siz_b_DHQK, siz_b_DHHV=siz_b_DHHV,
-                  num_warps=num_warps, num_stages=num_stages)
+    launch = dict(
+        siz_b_LQ=siz_b_LQ,
+        siz_b_LKV=siz_b_LKV,
+        siz_b_DHQK=siz_b_DHQK,
+        siz_b_DHHV=siz_b_DHHV,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     call = parallel_bw_common.checked_call(
-        DV, matQ.shape[2], launch, chunk_size=chunk_size, qk_scale=qk_scale, eps=eps, output_dtype=output_dtype,
-        input_gate=input_gate, allow_tf32=allow_tf32, interpret=interpret)
+        DV,
+        matQ.shape[2],
+        launch,
+        chunk_size=chunk_size,
+        qk_scale=qk_scale,
+        eps=eps,
+        output_dtype=output_dtype,
+        input_gate=input_gate,
+        allow_tf32=allow_tf32,
+        interpret=interpret,
+    )
     return parallel_bw_dV(
-        call, matQ, matK, matV, vecI, (vecA, vecB, vecR), (matC_all, vecN_all, scaM_all), vecN_out, vecM_out,
-        matDeltaH, matDeltaC_states)
+        call,
+        matQ,
+        matK,
+        matV,
+        vecI,
+        (vecA, vecB, vecR),
+        (matC_all, vecN_all, scaM_all),
+        vecN_out,
+        vecM_out,
+        matDeltaH,
+        matDeltaC_states,
+    )

@@ -20,8 +20,27 @@ from pallas_mlstm.states import acc_dtype
 NAME = "mlstm_chunkwise__parallel_fw_Hintra"  # the pallas_call's name, as upstream's kernel function
 
 
-def _parallel_fw_kernel(q_ref, k_ref, v_ref, b_ref, i_ref, m_ref, r_ref, c_ref, n_ref, m_prev_ref, h_ref, den_ref, *,
-                        qk_scale: float, eps: float, normalize: bool, block_lkv: int, block_dhqk: int, precision):
+def _parallel_fw_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    b_ref,
+    i_ref,
+    m_ref,
+    r_ref,
+    c_ref,
+    n_ref,
+    m_prev_ref,
+    h_ref,
+    den_ref,
+    *,
+    qk_scale: float,
+    eps: float,
+    normalize: bool,
+    block_lkv: int,
+    block_dhqk: int,
+    precision,
+):
     block_lq, dhqk = q_ref.shape
     dtype = acc_dtype(q_ref.dtype)
     q_start = pl.program_id(1) * block_lq  # position of the query tile inside its chunk
@@ -97,13 +116,21 @@ def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all,
     # grid (iv, iq, chunk·BNH): chunk-major program index cb = b·NC + c
     chunk = lambda cb: (cb // num_chunks, cb % num_chunks)
     q_tile_spec = lambda width: pl.BlockSpec(
-        (None, block_lq, width), lambda iv, iq, cb: (cb // num_chunks, (cb % num_chunks) * q_tiles + iq, 0))
+        (None, block_lq, width), lambda iv, iq, cb: (cb // num_chunks, (cb % num_chunks) * q_tiles + iq, 0)
+    )
     gate_spec = pl.BlockSpec((None, chunk_size), lambda iv, iq, cb: chunk(cb))
-    q_gate_spec = pl.BlockSpec((None, block_lq),
-                               lambda iv, iq, cb: (cb // num_chunks, (cb % num_chunks) * q_tiles + iq))
+    q_gate_spec = pl.BlockSpec(
+        (None, block_lq), lambda iv, iq, cb: (cb // num_chunks, (cb % num_chunks) * q_tiles + iq)
+    )
     kernel = functools.partial(
-        _parallel_fw_kernel, qk_scale=call.scale_for(dhqk), eps=call.eps, normalize=bool(call.normalize),
-        block_lkv=block_lkv, block_dhqk=block_dhqk, precision=common.matmul_precision(matQ.dtype, call.allow_tf32))
+        _parallel_fw_kernel,
+        qk_scale=call.scale_for(dhqk),
+        eps=call.eps,
+        normalize=bool(call.normalize),
+        block_lkv=block_lkv,
+        block_dhqk=block_dhqk,
+        precision=common.matmul_precision(matQ.dtype, call.allow_tf32),
+    )
     h, den = pl.pallas_call(
         kernel,
         grid=(dhhv_p // block_dhhv, q_tiles, num_chunks * bnh),
@@ -120,21 +147,36 @@ def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all,
             pl.BlockSpec((None, None, 1), lambda iv, iq, cb: (*chunk(cb), 0)),
         ],
         out_specs=[
-            pl.BlockSpec((None, block_lq, block_dhhv),
-                         lambda iv, iq, cb: (cb // num_chunks, (cb % num_chunks) * q_tiles + iq, iv)),
+            pl.BlockSpec(
+                (None, block_lq, block_dhhv),
+                lambda iv, iq, cb: (cb // num_chunks, (cb % num_chunks) * q_tiles + iq, iv),
+            ),
             q_gate_spec,
         ],
         out_shape=[
             jax.ShapeDtypeStruct((bnh, seq_len, dhhv_p), call.output_dtype),
             jax.ShapeDtypeStruct((bnh, seq_len), vecB.dtype),
         ],
-        compiler_params=common.compiler_params(launch.num_warps, launch.num_stages,
-                                               default_warps=launch_defaults.parallel_num_warps(block_lq, block_dhhv),
-                                               default_stages=launch_defaults.parallel_num_stages(shared_memory_kib)),
+        compiler_params=common.compiler_params(
+            launch.num_warps,
+            launch.num_stages,
+            default_warps=launch_defaults.parallel_num_warps(block_lq, block_dhhv),
+            default_stages=launch_defaults.parallel_num_stages(shared_memory_kib),
+        ),
         interpret=call.interpret,
         name=NAME,
-    )(q, k, v, vecB.reshape(bnh, seq_len), log_input_gate(vecI, call.input_gate).reshape(bnh, seq_len),
-      vecM_out.reshape(bnh, seq_len), vecR.reshape(bnh, seq_len), c_all, n_all, m_all)
+    )(
+        q,
+        k,
+        v,
+        vecB.reshape(bnh, seq_len),
+        log_input_gate(vecI, call.input_gate).reshape(bnh, seq_len),
+        vecM_out.reshape(bnh, seq_len),
+        vecR.reshape(bnh, seq_len),
+        c_all,
+        n_all,
+        m_all,
+    )
     matH_out = h[:, :, :dhhv].reshape(batch, heads, seq_len, dhhv)
     return matH_out, den.reshape(batch, heads, seq_len), vecM_out
 
@@ -182,9 +224,21 @@ def mlstm_chunkwise__parallel_fw_Hintra(
     plan.validate_chunk_size(chunk_size, matQ.shape[2], minimum=common.MIN_TILE)
     plan.validate_gate_options(input_gate, normalize)
     call = KernelCall(
-        chunk_size=chunk_size, qk_scale=qk_scale, eps=eps, input_gate=input_gate, normalize=normalize,
+        chunk_size=chunk_size,
+        qk_scale=qk_scale,
+        eps=eps,
+        input_gate=input_gate,
+        normalize=normalize,
         output_dtype=output_dtype,
-        launch=TritonLaunch(siz_b_LQ=siz_b_LQ, siz_b_LKV=siz_b_LKV, siz_b_DHQK=siz_b_DHQK, siz_b_DHHV=siz_b_DHHV,
-                            num_warps=num_warps, num_stages=num_stages),
-        allow_tf32=allow_tf32, interpret=common.checked_interpret(interpret, NAME))
+        launch=TritonLaunch(
+            siz_b_LQ=siz_b_LQ,
+            siz_b_LKV=siz_b_LKV,
+            siz_b_DHQK=siz_b_DHQK,
+            siz_b_DHHV=siz_b_DHHV,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        ),
+        allow_tf32=allow_tf32,
+        interpret=common.checked_interpret(interpret, NAME),
+    )
     return parallel_fw_Hintra(call, matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all)

@@ -20,8 +20,17 @@ from pallas_mlstm.states import acc_dtype, join_states
 NAME = "mlstm_chunkwise__recurrent_bw_dC"  # the pallas_call's name, as upstream's kernel function
 
 
-def _recurrent_bw_kernel(*refs, num_chunks: int, chunk_size: int, qk_scale: float, eps: float,
-                         has_last: bool, has_states: bool, writes_first: bool, precision):
+def _recurrent_bw_kernel(
+    *refs,
+    num_chunks: int,
+    chunk_size: int,
+    qk_scale: float,
+    eps: float,
+    has_last: bool,
+    has_states: bool,
+    writes_first: bool,
+    precision,
+):
     q_ref, dh_ref, b_ref, g_ref, m_ref, den_ref, m_all_ref, *refs = refs
     dc_last_ref = refs.pop(0) if has_last else None
     c_all_ref = refs.pop(0) if has_states else None
@@ -71,8 +80,9 @@ def _recurrent_bw_kernel(*refs, num_chunks: int, chunk_size: int, qk_scale: floa
         dc_first_ref[...] = dc.astype(dc_first_ref.dtype)  # (bDHQK, bDHHV)
 
 
-def recurrent_bw_dC(call: KernelCall, matQ, vecF, scaM_inter, vecM_combine, matDeltaH, vecN_out, matDeltaC_last,
-                    matC_states):
+def recurrent_bw_dC(
+    call: KernelCall, matQ, vecF, scaM_inter, vecM_combine, matDeltaH, vecN_out, matDeltaC_last, matC_states
+):
     """The launcher of `mlstm_chunkwise__recurrent_bw_dC` (same arrays and outputs); trusts `call` (chunk_size,
     save_states_every_nth_chunk, qk_scale, eps, states_dtype, launch: siz_b_DHQK / siz_b_DHHV / num_warps /
     num_stages, allow_tf32, interpret)."""
@@ -84,8 +94,11 @@ def recurrent_bw_dC(call: KernelCall, matQ, vecF, scaM_inter, vecM_combine, matD
     launch, defaults = common.triton_launch(call), launch_defaults.RECURRENT_BW_DC
     block_dhqk = common.tile_size(launch.siz_b_DHQK, dhqk_p, defaults.siz_b_DHQK, "siz_b_DHQK")
     block_dhhv = common.tile_size(
-        launch.siz_b_DHHV, dhhv_p, launch_defaults.recurrent_dhhv_tile(
-            dhqk_p // block_dhqk, dhhv_p, bnh, device_properties().core_count), "siz_b_DHHV")
+        launch.siz_b_DHHV,
+        dhhv_p,
+        launch_defaults.recurrent_dhhv_tile(dhqk_p // block_dhqk, dhhv_p, bnh, device_properties().core_count),
+        "siz_b_DHHV",
+    )
     vecB = compute_chunkwise_vecB(vecF, chunk_size)  # (B, NH, NC, L)
     state_dtype = acc_dtype(matQ.dtype)
     dc_dtype = state_dtype if call.states_dtype is None else jnp.dtype(call.states_dtype)
@@ -95,7 +108,10 @@ def recurrent_bw_dC(call: KernelCall, matQ, vecF, scaM_inter, vecM_combine, matD
     inputs = [
         common.pad_axis(matQ.reshape(bnh, seq_len, dhqk), 2, dhqk_p),
         common.pad_axis(matDeltaH.reshape(bnh, seq_len, dhhv), 2, dhhv_p),
-        per_chunk(vecB), vecB[..., -1].reshape(bnh, num_chunks), per_chunk(vecM_combine), per_chunk(vecN_out),
+        per_chunk(vecB),
+        vecB[..., -1].reshape(bnh, num_chunks),
+        per_chunk(vecM_combine),
+        per_chunk(vecN_out),
         scaM_inter.reshape(bnh, num_chunks + 1),
     ]
     chunk_gate_spec = pl.BlockSpec((None, num_chunks, chunk_size), lambda iq, iv, b: (b, 0, 0))
@@ -130,17 +146,25 @@ def recurrent_bw_dC(call: KernelCall, matQ, vecF, scaM_inter, vecM_combine, matD
         out_shape.append(jax.ShapeDtypeStruct((bnh, dhqk_p, dhhv_p), state_dtype))
 
     kernel = functools.partial(
-        _recurrent_bw_kernel, num_chunks=num_chunks, chunk_size=chunk_size, qk_scale=call.scale_for(dhqk),
-        eps=call.eps, has_last=has_last, has_states=has_states, writes_first=writes_first,
-        precision=common.matmul_precision(matQ.dtype, call.allow_tf32))
+        _recurrent_bw_kernel,
+        num_chunks=num_chunks,
+        chunk_size=chunk_size,
+        qk_scale=call.scale_for(dhqk),
+        eps=call.eps,
+        has_last=has_last,
+        has_states=has_states,
+        writes_first=writes_first,
+        precision=common.matmul_precision(matQ.dtype, call.allow_tf32),
+    )
     outs = pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=common.compiler_params(launch.num_warps, launch.num_stages,
-                                               default_warps=defaults.num_warps, default_stages=defaults.num_stages),
+        compiler_params=common.compiler_params(
+            launch.num_warps, launch.num_stages, default_warps=defaults.num_warps, default_stages=defaults.num_stages
+        ),
         interpret=call.interpret,
         name=NAME,
     )(*inputs)
@@ -189,9 +213,13 @@ def mlstm_chunkwise__recurrent_bw_dC(
     """
     plan.validate_chunk_size(chunk_size * save_states_every_nth_chunk, matQ.shape[2], minimum=common.MIN_TILE)
     call = KernelCall(
-        chunk_size=chunk_size, save_states_every_nth_chunk=save_states_every_nth_chunk, qk_scale=qk_scale, eps=eps,
+        chunk_size=chunk_size,
+        save_states_every_nth_chunk=save_states_every_nth_chunk,
+        qk_scale=qk_scale,
+        eps=eps,
         states_dtype=None if states_dtype is None else jnp.dtype(states_dtype).name,
         launch=TritonLaunch(siz_b_DHQK=siz_b_DHQK, siz_b_DHHV=siz_b_DHHV, num_warps=num_warps, num_stages=num_stages),
-        allow_tf32=allow_tf32, interpret=common.checked_interpret(interpret, NAME))
-    return recurrent_bw_dC(call, matQ, vecF, scaM_inter, vecM_combine, matDeltaH, vecN_out, matDeltaC_last,
-                           matC_states)
+        allow_tf32=allow_tf32,
+        interpret=common.checked_interpret(interpret, NAME),
+    )
+    return recurrent_bw_dC(call, matQ, vecF, scaM_inter, vecM_combine, matDeltaH, vecN_out, matDeltaC_last, matC_states)

@@ -20,8 +20,9 @@ from pallas_mlstm.states import acc_dtype, join_states
 NAME = "mlstm_chunkwise__recurrent_fw_C"  # the pallas_call's name, as upstream's kernel function
 
 
-def _recurrent_fw_kernel(*refs, num_chunks: int, chunk_size: int, has_initial: bool, writes_last: bool,
-                          tracks_max: bool, precision):
+def _recurrent_fw_kernel(
+    *refs, num_chunks: int, chunk_size: int, has_initial: bool, writes_last: bool, tracks_max: bool, precision
+):
     k_ref, v_ref, a_ref, g_ref, *refs = refs
     c0_ref, n0_ref, m0_ref = refs[:3] if has_initial else (None, None, None)
     c_all_ref, n_all_ref, m_all_ref, *c_last_ref = refs[3:] if has_initial else refs
@@ -95,8 +96,11 @@ def recurrent_fw_C(call: KernelCall, matK, matV, vecF, vecI, matC_initial, vecN_
     launch, defaults = common.triton_launch(call), launch_defaults.RECURRENT_FW_C
     block_dhqk = common.tile_size(launch.siz_b_DHQK, dhqk_p, defaults.siz_b_DHQK, "siz_b_DHQK")
     block_dhhv = common.tile_size(
-        launch.siz_b_DHHV, dhhv_p, launch_defaults.recurrent_dhhv_tile(
-            dhqk_p // block_dhqk, dhhv_p, bnh, device_properties().core_count), "siz_b_DHHV")
+        launch.siz_b_DHHV,
+        dhhv_p,
+        launch_defaults.recurrent_dhhv_tile(dhqk_p // block_dhqk, dhhv_p, bnh, device_properties().core_count),
+        "siz_b_DHHV",
+    )
     state_dtype = acc_dtype(matK.dtype)
     c_dtype = state_dtype if call.states_dtype is None else jnp.dtype(call.states_dtype)
     writes_last = c_dtype != state_dtype
@@ -127,8 +131,12 @@ def recurrent_fw_C(call: KernelCall, matK, matV, vecF, vecI, matC_initial, vecN_
         ]
 
     kernel = functools.partial(
-        _recurrent_fw_kernel, num_chunks=num_chunks, chunk_size=chunk_size, has_initial=has_initial,
-        writes_last=writes_last, tracks_max=tracks_max_state(call.input_gate),
+        _recurrent_fw_kernel,
+        num_chunks=num_chunks,
+        chunk_size=chunk_size,
+        has_initial=has_initial,
+        writes_last=writes_last,
+        tracks_max=tracks_max_state(call.input_gate),
         precision=common.matmul_precision(matK.dtype, call.allow_tf32),
     )
     out_specs = [
@@ -150,8 +158,9 @@ def recurrent_fw_C(call: KernelCall, matK, matV, vecF, vecI, matC_initial, vecN_
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=common.compiler_params(launch.num_warps, launch.num_stages,
-                                               default_warps=defaults.num_warps, default_stages=defaults.num_stages),
+        compiler_params=common.compiler_params(
+            launch.num_warps, launch.num_stages, default_warps=defaults.num_warps, default_stages=defaults.num_stages
+        ),
         interpret=call.interpret,
         name=NAME,
     )(*inputs)
@@ -202,8 +211,12 @@ def mlstm_chunkwise__recurrent_fw_C(
     plan.validate_chunk_size(chunk_size * save_states_every_nth_chunk, matK.shape[2], minimum=common.MIN_TILE)
     plan.validate_gate_options(input_gate)
     call = KernelCall(
-        chunk_size=chunk_size, save_states_every_nth_chunk=save_states_every_nth_chunk,
-        states_dtype=None if states_dtype is None else jnp.dtype(states_dtype).name, input_gate=input_gate,
+        chunk_size=chunk_size,
+        save_states_every_nth_chunk=save_states_every_nth_chunk,
+        states_dtype=None if states_dtype is None else jnp.dtype(states_dtype).name,
+        input_gate=input_gate,
         launch=TritonLaunch(siz_b_DHQK=siz_b_DHQK, siz_b_DHHV=siz_b_DHHV, num_warps=num_warps, num_stages=num_stages),
-        allow_tf32=allow_tf32, interpret=common.checked_interpret(interpret, NAME))
+        allow_tf32=allow_tf32,
+        interpret=common.checked_interpret(interpret, NAME),
+    )
     return recurrent_fw_C(call, matK, matV, vecF, vecI, matC_initial, vecN_initial, scaMinter_initial)

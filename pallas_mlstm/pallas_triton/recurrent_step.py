@@ -15,8 +15,25 @@ from pallas_mlstm.pallas_triton import common, launch_defaults
 NAME = "mlstm_recurrent_step"  # the pallas_call's name
 
 
-def _step_kernel(q_ref, k_ref, v_ref, i_ref, f_ref, c_ref, n_ref, m_ref, h_ref, c_out_ref, n_out_ref, m_out_ref, *,
-                 qk_scale: float, eps: float, tracks_max: bool, normalize: bool):
+def _step_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    i_ref,
+    f_ref,
+    c_ref,
+    n_ref,
+    m_ref,
+    h_ref,
+    c_out_ref,
+    n_out_ref,
+    m_out_ref,
+    *,
+    qk_scale: float,
+    eps: float,
+    tracks_max: bool,
+    normalize: bool,
+):
     dtype = c_ref.dtype  # float32 states
     q = q_ref[...].astype(dtype) * qk_scale  # (DHQK,)
     k = k_ref[...].astype(dtype)  # (DHQK,)
@@ -66,8 +83,13 @@ def recurrent_step(call: KernelCall, q, k, v, i, f, c, n, m):
     c_flat = common.pad_axis(common.pad_axis(c.reshape(bnh, dhqk, dhhv), 1, dhqk_p), 2, dhhv_p)
     head_vec = lambda width: pl.BlockSpec((None, width), lambda b, j: (b, 0))
     scalar = pl.BlockSpec((None, 1), lambda b, j: (b, 0))
-    kernel = functools.partial(_step_kernel, qk_scale=call.scale_for(dhqk), eps=call.eps,
-                               tracks_max=tracks_max_state(call.input_gate), normalize=bool(call.normalize))
+    kernel = functools.partial(
+        _step_kernel,
+        qk_scale=call.scale_for(dhqk),
+        eps=call.eps,
+        tracks_max=tracks_max_state(call.input_gate),
+        normalize=bool(call.normalize),
+    )
     h, c_new, n_new, m_new = pl.pallas_call(
         kernel,
         grid=(bnh, dhhv_p // block_dhhv),
@@ -93,12 +115,24 @@ def recurrent_step(call: KernelCall, q, k, v, i, f, c, n, m):
             jax.ShapeDtypeStruct((bnh, dhqk_p), jnp.float32),
             jax.ShapeDtypeStruct((bnh, 1), jnp.float32),
         ],
-        compiler_params=common.compiler_params(launch.num_warps, 1, default_warps=defaults.num_warps,
-                                               default_stages=1),
+        compiler_params=common.compiler_params(launch.num_warps, 1, default_warps=defaults.num_warps, default_stages=1),
         interpret=call.interpret,
         name=NAME,
-    )(flat(q, dhqk_p), flat(k, dhqk_p), flat(v, dhhv_p), log_input_gate(i, call.input_gate).reshape(bnh, 1),
-      f.reshape(bnh, 1), c_flat, flat(n, dhqk_p), m.reshape(bnh, 1))
-    return (h[:, :dhhv].reshape(batch, heads, dhhv),
-            (c_new[:, :dhqk, :dhhv].reshape(batch, heads, dhqk, dhhv), n_new[:, :dhqk].reshape(batch, heads, dhqk),
-             m_new.reshape(batch, heads)))
+    )(
+        flat(q, dhqk_p),
+        flat(k, dhqk_p),
+        flat(v, dhhv_p),
+        log_input_gate(i, call.input_gate).reshape(bnh, 1),
+        f.reshape(bnh, 1),
+        c_flat,
+        flat(n, dhqk_p),
+        m.reshape(bnh, 1),
+    )
+    return (
+        h[:, :dhhv].reshape(batch, heads, dhhv),
+        (
+            c_new[:, :dhqk, :dhhv].reshape(batch, heads, dhqk, dhhv),
+            n_new[:, :dhqk].reshape(batch, heads, dhqk),
+            m_new.reshape(batch, heads),
+        ),
+    )
