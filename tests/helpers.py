@@ -7,6 +7,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 
+from pallas_mlstm import accuracy
 from tests import flags as test_flags
 
 
@@ -44,7 +45,8 @@ def scale_blind_loss(fn, weights_key, with_last_state_loss: bool):
 
 
 def plain_loss(fn, weights_key, with_last_states: bool):
-    """Σ w·h (+ Σ w_c·c_last + Σ w_n·n_last): not scale-blind, for the kernel-semantics oracle."""
+    """Σ w·h (+ Σ w_c·c_last + Σ w_n·n_last): not scale-blind, for the kernel-semantics oracle. The last states
+    are (c, n, m) or, with the sigmoid input gate, (c, n)."""
 
     def loss(*args):
         out = fn(*args)
@@ -52,9 +54,29 @@ def plain_loss(fn, weights_key, with_last_states: bool):
         h = h.astype(jnp.promote_types(h.dtype, jnp.float32))
         total = jnp.sum(_weights(weights_key, h) * h)
         if last is not None:
-            c_last, n_last, _ = last
+            c_last, n_last = last[:2]
             total += jnp.sum(_weights(jax.random.fold_in(weights_key, 1), c_last) * c_last)
             total += jnp.sum(_weights(jax.random.fold_in(weights_key, 2), n_last) * n_last)
         return total
 
     return loss
+
+
+def extreme_gates(i, f):
+    """Gates a user may pass, for S >= 61 and chunks of 16: hard resets (f̃ = −∞ at the first step, on the chunk
+    edge 16 and at 41), a silent token (ĩ = −∞), saturated gates (±30, 1e4) and a near-reset (f̃ = −30)."""
+    f = f.at[..., jnp.array([0, 16, 41])].set(-jnp.inf).at[..., 9].set(-30.0).at[..., 50].set(1e4)
+    i = i.at[..., 7].set(-jnp.inf).at[..., 12].set(30.0).at[..., 33].set(-30.0).at[..., 60].set(1e4)
+    return i, f
+
+
+_mlstm_inputs_jit = jax.jit(
+    accuracy.mlstm_inputs,
+    static_argnums=(1, 2, 3, 4, 5, 6),
+    static_argnames=("with_initial", "igate_shift", "fgate_shift", "gate_scale"),
+)
+
+
+def mlstm_inputs(key, batch, heads, seq_len, dhqk, dhhv, dtype=jnp.float32, **kwargs):
+    """pallas_mlstm.accuracy.mlstm_inputs as one compiled program per shape (one compile instead of one per array)."""
+    return _mlstm_inputs_jit(key, batch, heads, seq_len, dhqk, dhhv, dtype, **kwargs)

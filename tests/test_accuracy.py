@@ -1,11 +1,9 @@
-"""pallas_mlstm.accuracy: the relative error's edge cases, the inputs, the bound tables, and the commands'
-behaviour where the oracles (the source tree's reference/ package) cannot be imported."""
+"""pallas_mlstm.accuracy: the relative error's edge cases, the inputs, the bound tables, and the oracles' loader
+(the commands where the oracles cannot be imported: tests/test_cli.py)."""
 
 from __future__ import annotations
 
-import os
 import pathlib
-import subprocess
 import sys
 import types
 
@@ -68,8 +66,9 @@ def test_rel_err_refuses_different_shapes():
 @pytest.mark.parametrize("with_initial", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_mlstm_inputs_shapes_and_dtypes(dtype, with_initial):
-    q, k, v, i, f, c0, n0, m0 = accuracy.mlstm_inputs(case_key("inputs", with_initial), 2, 3, 32, 8, 16, dtype,
-                                                      with_initial=with_initial)
+    q, k, v, i, f, c0, n0, m0 = accuracy.mlstm_inputs(
+        case_key("inputs", with_initial), 2, 3, 32, 8, 16, dtype, with_initial=with_initial
+    )
     assert [x.shape for x in (q, k, v, i, f)] == [(2, 3, 32, 8), (2, 3, 32, 8), (2, 3, 32, 16), (2, 3, 32), (2, 3, 32)]
     assert q.dtype == k.dtype == v.dtype == dtype and i.dtype == f.dtype == jnp.float32
     assert 2.0 < float(jnp.mean(f)) < 4.0  # forget gates around +3
@@ -107,33 +106,3 @@ def test_load_oracles(monkeypatch):
     monkeypatch.setitem(sys.modules, "reference", types.ModuleType("reference"))  # someone else's `reference`
     with pytest.raises(app.UsageError, match="is not this project's"):
         accuracy.load_oracles()
-
-
-def _run_cli_without_oracles(*arguments):
-    """`python -m pallas_mlstm ARGUMENTS` in a process where `import reference` fails, as from a wheel."""
-    program = ("import sys; sys.modules['reference'] = None; from pallas_mlstm.__main__ import main; "
-               f"sys.argv = ['{PROGRAM}', *{list(arguments)!r}]; main()")
-    environment = {**os.environ, "JAX_PLATFORMS": "cpu",
-                   "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-c", program], cwd=REPO_ROOT, env=environment, capture_output=True,
-                          text=True, timeout=120, check=False)
-
-
-@pytest.mark.parametrize("command, flag", [("check", "--check_shape"), ("bench", "--shapes"), ("tune", "--configs_out")])
-def test_help_works_without_the_oracles(command, flag):
-    result = _run_cli_without_oracles(command, "--help")
-    assert result.returncode == 0, result.stderr
-    assert flag in result.stdout
-
-
-@pytest.mark.parametrize("arguments", [
-    ["check", "--check_shape=1,2,64,16,32", "--check_chunk_size=16"],
-    ["bench", "--shapes=tiny", "--impls=xla"],
-    ["tune", "--tune_backend=interpret", "--configs_out=/nonexistent/tuned_configs.json"],
-])
-def test_commands_that_need_the_oracles_refuse_in_one_line(arguments):
-    result = _run_cli_without_oracles(*arguments)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr and result.stdout == ""
-    assert lines[-1].startswith(f"{PROGRAM} {arguments[0]}: ") and "reference/ package" in lines[-1], result.stderr

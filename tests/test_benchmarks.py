@@ -1,4 +1,5 @@
-"""The bench CLI at the tiny CPU shape (records, table, disclaimer) and the tuned-config loader."""
+"""The bench, kernel-timer and tune runs at the tiny CPU shape (records, table, disclaimer) and tune's search stages
+(reading tuned configs: tests/test_config.py)."""
 
 import json
 import os
@@ -6,16 +7,29 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from pallas_mlstm.accuracy import BENCH_TOLERANCE
-from pallas_mlstm.config import ChunkwiseConfig, shape_class, tuned_config
+from pallas_mlstm.config import ChunkwiseConfig, shape_class
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD_FIELDS = {
-    "impl", "shape", "B", "NH", "S", "DHQK", "DHHV", "chunk_size", "mode", "median_ms", "peak_bytes", "rel_err",
-    "card", "jax_version", "date", "command",
+    "impl",
+    "shape",
+    "B",
+    "NH",
+    "S",
+    "DHQK",
+    "DHHV",
+    "chunk_size",
+    "mode",
+    "median_ms",
+    "peak_bytes",
+    "rel_err",
+    "card",
+    "jax_version",
+    "date",
+    "command",
 }
 
 
@@ -24,7 +38,13 @@ def bench_run(tmp_path_factory):
     """One `python -m pallas_mlstm bench` at the tiny shape with xla and interpret, in a fresh process."""
     records_path = tmp_path_factory.mktemp("bench") / "records.json"
     command = [
-        sys.executable, "-m", "pallas_mlstm", "bench", "--shapes=tiny", "--impls=xla,interpret", "--calls=2",
+        sys.executable,
+        "-m",
+        "pallas_mlstm",
+        "bench",
+        "--shapes=tiny",
+        "--impls=xla,interpret",
+        "--calls=2",
         f"--json={records_path}",
     ]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])}
@@ -47,43 +67,20 @@ def test_bench_records_and_disclaimer(bench_run):
     assert "median ms" in stdout and "interpret" in stdout  # the table
 
 
-def _write_configs(path, device_kind, key, config):
-    path.write_text(json.dumps({"configs": {device_kind: {key: {"config": config}}}}))
-
-
-def test_tuned_config_reads_entry_by_card_and_shape_class(tmp_path):
-    path = tmp_path / "configs.json"
-    stored = {"chunk_size": 256, "siz_b_L_parallel": 128, "num_warps_intra": 8}
-    _write_configs(path, "NVIDIA H200", shape_class(8192, 256, 512), stored)
-    assert tuned_config("NVIDIA H200", 8, 8, 8192, 256, 512, path=path) == ChunkwiseConfig(**stored)
-    assert tuned_config("NVIDIA H200", 1, 8, 65536, 256, 512, path=path) == ChunkwiseConfig(**stored)  # same class
-    assert tuned_config("NVIDIA H100 80GB HBM3", 8, 8, 8192, 256, 512, path=path) is None  # other card
-    assert tuned_config("NVIDIA H200", 32, 8, 2048, 256, 512, path=path) is None  # short sequences
-    assert tuned_config("NVIDIA H200", 4, 16, 4096, 128, 128, path=path) is None  # other heads
-    assert tuned_config("NVIDIA H200", 1, 8, 8320, 256, 512, path=path) is None  # chunk 256 does not divide S
-
-
-def test_tuned_config_rereads_a_rewritten_file_and_tolerates_a_missing_one(tmp_path):
-    path = tmp_path / "configs.json"
-    assert tuned_config("NVIDIA H200", 8, 8, 8192, 256, 512, path=path) is None
-    key = shape_class(8192, 256, 512)
-    _write_configs(path, "NVIDIA H200", key, {"chunk_size": 64})
-    assert tuned_config("NVIDIA H200", 8, 8, 8192, 256, 512, path=path).chunk_size == 64
-    _write_configs(path, "NVIDIA H200", key, {"chunk_size": 128})
-    os.utime(path, ns=(1, 10**18))  # a new modification time, whatever the file system's resolution
-    assert tuned_config("NVIDIA H200", 8, 8, 8192, 256, 512, path=path).chunk_size == 128
-
-
-def test_packaged_configs_load():
-    config = tuned_config("NVIDIA H200", 8, 8, 8192, 256, 512)
-    assert config is None or isinstance(config, ChunkwiseConfig)
-
-
 def _kernel_times(tmp_path, *flags):
     """Runs `python -m pallas_mlstm.benchmarks.kernel_times` in interpret mode at the tiny shape; returns its rows."""
     rows_path = tmp_path / "rows.json"
-    command = [sys.executable, "-m", "pallas_mlstm.benchmarks.kernel_times", "--kernel_interpret",
-               "--kernel_shapes=tiny", "--kernel_chunk=32", "--kernel_calls=1", f"--kernel_json={rows_path}", *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "pallas_mlstm.benchmarks.kernel_times",
+        "--kernel_interpret",
+        "--kernel_shapes=tiny",
+        "--kernel_chunk=32",
+        "--kernel_calls=1",
+        f"--kernel_json={rows_path}",
+        *flags,
+    ]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])}
     finished = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stdout + finished.stderr
@@ -95,8 +92,14 @@ def _kernel_times(tmp_path, *flags):
 def test_kernel_times_rows(tmp_path):
     rows = _kernel_times(tmp_path)
     assert [row["kernel"] for row in rows] == [
-        "gates (vecB, vecA)", "recurrent_fw_C", "parallel_fw_Hintra", "recurrent_bw_dC", "parallel_bw_dQ",
-        "parallel_bw_dK", "parallel_bw_dV"]
+        "gates (vecB, vecA)",
+        "recurrent_fw_C",
+        "parallel_fw_Hintra",
+        "recurrent_bw_dC",
+        "parallel_bw_dQ",
+        "parallel_bw_dK",
+        "parallel_bw_dV",
+    ]
     assert all(row["ms"] > 0 and row["gbytes"] > 0 for row in rows)
 
 
@@ -111,20 +114,6 @@ def test_kernel_launch_sweep_agrees_across_launches(tmp_path):
         assert launches[0]["launch"] == {} and launches[0]["rel_diff"] == 0.0
         # bf16 inputs: launches differ only in summation order
         assert all("error" not in row and row["rel_diff"] < 1e-2 for row in launches), launches
-
-
-def test_default_config_uses_tuned_configs_for_16_bit_triton_operands_only():
-    from pallas_mlstm.plan import resolve_config
-    from pallas_mlstm.registry import registered
-
-    tuned = tuned_config("NVIDIA H200", 8, 8, 8192, 256, 512)
-    assert tuned is not None and tuned.chunk_size is not None  # the packaged H200 entry of the 7b class
-    for dtype in (jnp.bfloat16, jnp.float16):
-        assert resolve_config(registered("triton"), None, (8, 8, 8192, 256, 512), dtype, "NVIDIA H200") == tuned
-    # float32 tiles take twice the shared memory the entry was measured with: the kernels' own defaults
-    assert resolve_config(registered("triton"), None, (8, 8, 8192, 256, 512), jnp.float32, "NVIDIA H200") == ChunkwiseConfig()
-    assert resolve_config(registered("xla"), None, (8, 8, 8192, 256, 512), jnp.bfloat16, "NVIDIA H200") == ChunkwiseConfig()
-    assert resolve_config(registered("triton"), None, (8, 8, 8192, 256, 512), jnp.bfloat16, "cpu") == ChunkwiseConfig()
 
 
 def test_tune_stages_offer_the_kernel_defaults():
@@ -145,8 +134,17 @@ def test_tune_stages_offer_the_kernel_defaults():
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="CPU smoke run of tune (interpret, tiny shape)")
 def test_tune_smoke_writes_an_entry(tmp_path):
     configs_path = tmp_path / "configs.json"
-    command = [sys.executable, "-m", "pallas_mlstm", "tune", "--tune_backend=interpret", "--shapes=tiny",
-               f"--configs_out={configs_path}", "--time_budget_s=10", "--calls=2"]
+    command = [
+        sys.executable,
+        "-m",
+        "pallas_mlstm",
+        "tune",
+        "--tune_backend=interpret",
+        "--shapes=tiny",
+        f"--configs_out={configs_path}",
+        "--time_budget_s=10",
+        "--calls=2",
+    ]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])}
     finished = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stdout + finished.stderr

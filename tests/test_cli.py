@@ -1,6 +1,7 @@
-"""`python -m pallas_mlstm`: help, one-line usage errors, and where tuned configs are written and read."""
+"""`python -m pallas_mlstm`: the check command, help (with and without the source tree's oracles), one-line usage
+errors, where tune writes its configs, and what the installed wheel ships. Reading tuned configs:
+tests/test_config.py; the bench and tune runs: tests/test_benchmarks.py."""
 
-import json
 import os
 import pathlib
 import shutil
@@ -20,14 +21,46 @@ NOT_FOR_USERS = ("../shared", "perf.md", "design.md", "session", "device machine
 H200_7B = ("NVIDIA H200", 8, 8, 8192, 256, 512)
 
 
-def _run_cli(tmp_path, *arguments):
-    """Runs `python -m pallas_mlstm ARGUMENTS` on the CPU, with the user's tuned configs at tmp_path."""
-    environment = {
-        **os.environ, "JAX_PLATFORMS": "cpu", config.TUNED_CONFIGS_ENV: str(tmp_path / "user_tuned_configs.json"),
+def _environment(on_cpu=True, **extra):
+    platforms = {"JAX_PLATFORMS": "cpu"} if on_cpu else {}
+    return {
+        **os.environ,
+        **platforms,
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        **extra,
     }
-    return subprocess.run([sys.executable, "-m", "pallas_mlstm", *arguments], cwd=REPO_ROOT, env=environment,
-                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def _run_cli(tmp_path, *arguments, timeout=120, on_cpu=True):
+    """Runs `python -m pallas_mlstm ARGUMENTS` (on the CPU unless not on_cpu), with the user's tuned configs at
+    tmp_path."""
+    environment = _environment(on_cpu, **{config.TUNED_CONFIGS_ENV: str(tmp_path / "user_tuned_configs.json")})
+    return subprocess.run(
+        [sys.executable, "-m", "pallas_mlstm", *arguments],
+        cwd=REPO_ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _run_cli_without_oracles(*arguments):
+    """`python -m pallas_mlstm ARGUMENTS` in a process where `import reference` fails, as from a wheel."""
+    program = (
+        "import sys; sys.modules['reference'] = None; from pallas_mlstm.__main__ import main; "
+        f"sys.argv = ['{PROGRAM}', *{list(arguments)!r}]; main()"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=REPO_ROOT,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def _assert_one_line_usage_error(result, command: str, expected: str):
@@ -39,39 +72,101 @@ def _assert_one_line_usage_error(result, command: str, expected: str):
     assert result.stdout == ""
 
 
+# --- check ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        ([], "h rel err"),
+        (["--check_input_gate=sigmoid", "--check_backends=xla"], "sigmoid input gate"),
+    ],
+    ids=["exponential", "sigmoid"],
+)
+def test_check_command_runs_and_passes(tmp_path, arguments, expected):
+    """`check` at a small shape prints its table and passes on this machine (its GPU too), for each cell."""
+    result = _run_cli(
+        tmp_path,
+        "check",
+        *arguments,
+        "--check_shape=1,2,64,16,32",
+        "--check_chunk_size=16",
+        "--check_repeats=1",
+        timeout=600,
+        on_cpu=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert expected in result.stdout and "FAIL" not in result.stdout
+
+
+# --- help and usage errors --------------------------------------------------------------------------------
+
+
 def test_help_lists_the_subcommands(tmp_path):
     result = _run_cli(tmp_path, "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: {PROGRAM} {{check,bench,tune}}")
 
 
-@pytest.mark.parametrize("command, flag", [
-    ("check", "--check_shape"), ("bench", "--shapes"), ("tune", "--configs_out"),
-])
-def test_subcommand_help_lists_its_flags_for_users(tmp_path, command, flag):
-    result = _run_cli(tmp_path, command, "--help")
+@pytest.mark.parametrize("with_oracles", [True, False], ids=["source-tree", "without-oracles"])
+@pytest.mark.parametrize(
+    "command, flag",
+    [
+        ("check", "--check_shape"),
+        ("bench", "--shapes"),
+        ("tune", "--configs_out"),
+    ],
+)
+def test_subcommand_help_lists_its_flags_for_users(tmp_path, command, flag, with_oracles):
+    """Every --help works, also where the oracles (the source tree's reference/ package) cannot be imported."""
+    result = _run_cli(tmp_path, command, "--help") if with_oracles else _run_cli_without_oracles(command, "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: {PROGRAM} {command} [--flags]") and flag in result.stdout
     assert not [word for word in NOT_FOR_USERS if word in result.stdout.lower()]
 
 
-@pytest.mark.parametrize("arguments, expected", [
-    (["check", "--nonsense=1"], f"'nonsense'; see `{PROGRAM} check --help`"),
-    (["check", "--check_backends=triton"], "use --check_backends=interpret,xla"),
-    (["check", "--check_backends=cuda"], "--check_backends entries must be among triton,interpret,xla"),
-    (["check", "--check_shape=1,2"], "--check_shape must be 5 comma-separated positive integers B,NH,S,DHQK,DHHV"),
-    (["check", "--check_shape=1,2,x,64,64"], "--check_shape must be 5 comma-separated positive integers"),
-    (["check", "--check_dtypes=int8"], "--check_dtypes entries must be among float32,bfloat16,float16"),
-    (["check", "--check_input_gate=sigmod"], "--check_input_gate must be one of exponential,sigmoid"),
-    (["check", "--check_chunk_size=48"], "--check_chunk_size must be a power of 2"),
-    (["tune"], "pass --tune_backend=interpret --configs_out="),
-    (["tune", "--tune_backend=interpret"], "pass --configs_out=PATH"),
-    (["bench", "--shapes=huge"], "--shapes: unknown shape 'huge'"),
-    (["bench", "--impls=torch"], "--impls entries must be among"),
-    (["bench", "--calls=0"], "flag --calls=0"),
-])
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["check", "--nonsense=1"], f"'nonsense'; see `{PROGRAM} check --help`"),
+        (["check", "--check_backends=triton"], "use --check_backends=interpret,xla"),
+        (["check", "--check_backends=cuda"], "--check_backends entries must be among triton,interpret,xla"),
+        (["check", "--check_shape=1,2"], "--check_shape must be 5 comma-separated positive integers B,NH,S,DHQK,DHHV"),
+        (["check", "--check_shape=1,2,x,64,64"], "--check_shape must be 5 comma-separated positive integers"),
+        (["check", "--check_dtypes=int8"], "--check_dtypes entries must be among float32,bfloat16,float16"),
+        (["check", "--check_input_gate=sigmod"], "--check_input_gate must be one of exponential,sigmoid"),
+        (["check", "--check_chunk_size=48"], "--check_chunk_size must be a power of 2"),
+        (["tune"], "pass --tune_backend=interpret --configs_out="),
+        (["tune", "--tune_backend=interpret"], "pass --configs_out=PATH"),
+        (["bench", "--shapes=huge"], "--shapes: unknown shape 'huge'"),
+        (["bench", "--impls=torch"], "--impls entries must be among"),
+        (["bench", "--calls=0"], "flag --calls=0"),
+    ],
+)
 def test_bad_request_prints_one_line_and_exits_2(tmp_path, arguments, expected):
     _assert_one_line_usage_error(_run_cli(tmp_path, *arguments), arguments[0], expected)
+
+
+def test_unknown_subcommand_is_refused(tmp_path):
+    result = _run_cli(tmp_path, "frobnicate")
+    assert result.returncode == 2
+    assert "usage" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["check", "--check_shape=1,2,64,16,32", "--check_chunk_size=16"],
+        ["bench", "--shapes=tiny", "--impls=xla"],
+        ["tune", "--tune_backend=interpret", "--configs_out=/nonexistent/tuned_configs.json"],
+    ],
+    ids=["check", "bench", "tune"],
+)
+def test_commands_that_need_the_oracles_refuse_in_one_line(arguments):
+    _assert_one_line_usage_error(_run_cli_without_oracles(*arguments), arguments[0], "reference/ package")
+
+
+# --- where tune writes, what the wheel ships --------------------------------------------------------------
 
 
 def test_tune_refuses_a_malformed_configs_out_before_tuning(tmp_path):
@@ -105,36 +200,6 @@ def test_tune_creates_the_folder_of_its_configs_file(tmp_path):
     assert tuned_config(*H200_7B, path=configs_path) == ChunkwiseConfig(chunk_size=64)
 
 
-def _write_user_configs(path, configs_by_class):
-    path.write_text(json.dumps({"configs": {"NVIDIA H200": {
-        key: {"config": fields} for key, fields in configs_by_class.items()}}}))
-
-
-def test_user_tuned_configs_override_packaged_entries(monkeypatch, tmp_path):
-    user_file = tmp_path / "tuned_configs.json"
-    monkeypatch.setenv(config.TUNED_CONFIGS_ENV, str(user_file))
-    packaged_7b = tuned_config(*H200_7B, path=config.PACKAGED_TUNED_CONFIGS_PATH)
-    packaged_short = tuned_config("NVIDIA H200", 32, 8, 2048, 256, 512, path=config.PACKAGED_TUNED_CONFIGS_PATH)
-    assert packaged_7b is not None and packaged_short is not None
-    assert tuned_config(*H200_7B) == packaged_7b  # no user file yet
-    _write_user_configs(user_file, {shape_class(8192, 256, 512): {"chunk_size": 64}})
-    assert tuned_config(*H200_7B) == ChunkwiseConfig(chunk_size=64)
-    assert tuned_config("NVIDIA H200", 32, 8, 2048, 256, 512) == packaged_short  # other classes: packaged
-    assert tuned_config(*H200_7B, path=config.PACKAGED_TUNED_CONFIGS_PATH) == packaged_7b  # an explicit path alone
-
-
-@pytest.mark.parametrize("content", [
-    "{not json", '{"configs": []}', '{"configs": {"NVIDIA H200": {"dhqk256-dhhv512-long": {"config": {"tile": 1}}}}}',
-])
-def test_malformed_user_tuned_configs_raise_a_value_error_naming_the_file(monkeypatch, tmp_path, content):
-    user_file = tmp_path / "tuned_configs.json"
-    user_file.write_text(content)
-    monkeypatch.setenv(config.TUNED_CONFIGS_ENV, str(user_file))
-    with pytest.raises(ValueError, match="fix its JSON or delete the file") as raised:
-        tuned_config(*H200_7B)
-    assert str(user_file) in str(raised.value)
-
-
 def test_installed_wheel_ships_tuned_configs_and_no_reference_or_benchmark_results(tmp_path):
     """A non-editable `pip install .` into an empty target: pallas_mlstm with its tuned configs as data, no
     top-level `reference` package, no benchmark result files."""
@@ -145,9 +210,16 @@ def test_installed_wheel_ships_tuned_configs_and_no_reference_or_benchmark_resul
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO_ROOT / name, source / name)
     target = tmp_path / "target"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(source)],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(source)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     assert {path.name for path in target.iterdir() if not path.name.endswith(".dist-info")} == {"pallas_mlstm"}
-    data_files = {path.relative_to(target).as_posix() for path in (target / "pallas_mlstm").rglob("*")
-                  if path.is_file() and path.suffix not in (".py", ".pyc")}
+    data_files = {
+        path.relative_to(target).as_posix()
+        for path in (target / "pallas_mlstm").rglob("*")
+        if path.is_file() and path.suffix not in (".py", ".pyc")
+    }
     assert data_files == {"pallas_mlstm/tuned_configs.json"}

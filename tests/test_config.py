@@ -1,10 +1,12 @@
 """ChunkwiseConfig's checks at construction, and the launch defaults of pallas_mlstm/launch_defaults.py:
-their values, the chunk-size rule, and how each kernel resolves an omitted or None launch argument."""
+their values, the chunk-size rule, and how each kernel resolves an omitted or None launch argument; tuned configs:
+read by card and shape class from the packaged file and the user's, and used by the default config."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,7 @@ import pytest
 
 from pallas_mlstm import config as config_module
 from pallas_mlstm import plan
-from pallas_mlstm.config import ChunkwiseConfig, tuned_config
+from pallas_mlstm.config import ChunkwiseConfig, shape_class, tuned_config
 from pallas_mlstm.device import DeviceProperties
 from pallas_mlstm.pallas_triton import common, launch_defaults
 from pallas_mlstm.pallas_triton.parallel_bw_dK import mlstm_chunkwise__parallel_bw_dK
@@ -40,9 +42,17 @@ def test_config_fields_are_the_checked_ones():
 
 
 def test_config_accepts_valid_fields():
-    config = ChunkwiseConfig(chunk_size=1, siz_b_L_parallel=16, siz_b_L_loop=128, siz_b_DH_parallel=256,
-                             siz_b_DH_loop=64, num_warps_intra=1, num_warps_inter=32, num_stages_intra=1,
-                             num_stages_inter=5)
+    config = ChunkwiseConfig(
+        chunk_size=1,
+        siz_b_L_parallel=16,
+        siz_b_L_loop=128,
+        siz_b_DH_parallel=256,
+        siz_b_DH_loop=64,
+        num_warps_intra=1,
+        num_warps_inter=32,
+        num_stages_intra=1,
+        num_stages_inter=5,
+    )
     assert config.siz_b_DH_parallel == 256 and config.num_stages_inter == 5
     assert ChunkwiseConfig() == ChunkwiseConfig(**{name: None for name in INT_FIELDS})
 
@@ -50,8 +60,9 @@ def test_config_accepts_valid_fields():
 def test_config_error_message_for_a_bad_tile():
     with pytest.raises(ValueError) as error:
         ChunkwiseConfig(siz_b_L_parallel=24)
-    assert str(error.value) == ("ChunkwiseConfig.siz_b_L_parallel must be a power of 2 >= 16 (e.g. 32, 64, 128); "
-                                "got 24.")
+    assert str(error.value) == (
+        "ChunkwiseConfig.siz_b_L_parallel must be a power of 2 >= 16 (e.g. 32, 64, 128); got 24."
+    )
 
 
 @pytest.mark.parametrize("value", [0, -32, 3, 48, 96])
@@ -90,13 +101,17 @@ def test_config_rejects_non_ints(field, value):
 
 @pytest.mark.parametrize("np_int", [np.int32, np.int64, np.uint16])
 def test_config_accepts_numpy_ints_as_int(np_int):
-    config = ChunkwiseConfig(chunk_size=np_int(64), siz_b_L_parallel=np_int(128), num_warps_intra=np_int(8),
-                             num_stages_inter=np_int(2))
+    config = ChunkwiseConfig(
+        chunk_size=np_int(64), siz_b_L_parallel=np_int(128), num_warps_intra=np_int(8), num_stages_inter=np_int(2)
+    )
     assert config == ChunkwiseConfig(chunk_size=64, siz_b_L_parallel=128, num_warps_intra=8, num_stages_inter=2)
-    assert hash(config) == hash(ChunkwiseConfig(chunk_size=64, siz_b_L_parallel=128, num_warps_intra=8,
-                                                num_stages_inter=2))
-    assert all(type(getattr(config, name)) is int
-               for name in ("chunk_size", "siz_b_L_parallel", "num_warps_intra", "num_stages_inter"))
+    assert hash(config) == hash(
+        ChunkwiseConfig(chunk_size=64, siz_b_L_parallel=128, num_warps_intra=8, num_stages_inter=2)
+    )
+    assert all(
+        type(getattr(config, name)) is int
+        for name in ("chunk_size", "siz_b_L_parallel", "num_warps_intra", "num_stages_inter")
+    )
     with pytest.raises(ValueError, match=r"ChunkwiseConfig\.siz_b_L_loop must be a power of 2 >= 16"):
         ChunkwiseConfig(siz_b_L_loop=np_int(24))
 
@@ -109,10 +124,20 @@ def test_config_checks_replace_too():
 # --- chunk size -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seq_len, minimum, expected", [
-    (96, 1, 32), (4096, 1, 128), (128, 1, 128), (256, 16, 128), (192, 16, 64), (48, 16, 16), (7, 1, 1),
-    (40, 1, 8), (1, 1, 1),
-])
+@pytest.mark.parametrize(
+    "seq_len, minimum, expected",
+    [
+        (96, 1, 32),
+        (4096, 1, 128),
+        (128, 1, 128),
+        (256, 16, 128),
+        (192, 16, 64),
+        (48, 16, 16),
+        (7, 1, 1),
+        (40, 1, 8),
+        (1, 1, 1),
+    ],
+)
 def test_default_chunk_size_rule(seq_len, minimum, expected):
     assert default_chunk_size(seq_len, minimum) == expected
 
@@ -151,7 +176,9 @@ def test_launch_default_heuristics():
     assert launch_defaults.recurrent_dhhv_tile(2, 128, 64, core_count=40) == 128  # a small card: 128 >= 120
     assert launch_defaults.recurrent_dhhv_tile(dhqk_tiles=1, dhhv_p=32, bnh=4096) == 128  # clamped at launch
     assert common.tile_size(None, 32, launch_defaults.recurrent_dhhv_tile(1, 32, 4096), "siz_b_DHHV") == 32
-    assert common.tile_size(256, 512, launch_defaults.recurrent_dhhv_tile(1, 512, 1), "siz_b_DHHV") == 256  # a request wins
+    assert (
+        common.tile_size(256, 512, launch_defaults.recurrent_dhhv_tile(1, 512, 1), "siz_b_DHHV") == 256
+    )  # a request wins
     with pytest.raises(ValueError, match="siz_b_DHHV must be a power of 2"):
         common.tile_size(96, 512, launch_defaults.recurrent_dhhv_tile(1, 512, 1), "siz_b_DHHV")
 
@@ -195,7 +222,9 @@ def _kernel_args(batch, heads, seq_len, dhqk, dhhv, chunk):
         recurrent_fw_C=(k, v, gate, gate),
         parallel_fw_Hintra=(q, k, v, gate, gate, c_all, n_all, m_all),
         recurrent_bw_dC=(q, gate, m_all, gate, v, gate),
-        parallel_bw_dQ=bw, parallel_bw_dK=bw, parallel_bw_dV=bw,
+        parallel_bw_dQ=bw,
+        parallel_bw_dK=bw,
+        parallel_bw_dV=bw,
     )
 
 
@@ -291,13 +320,22 @@ def test_device_properties():
 def test_untuned_card_borrows_a_tuned_card_of_its_compute_capability(tmp_path):
     path = tmp_path / "tuned.json"
     entry = lambda chunk: {"config": {"chunk_size": chunk}}
-    path.write_text(json.dumps({
-        "configs": {"Card A": {"dhqk256-dhhv512-long": entry(64)}, "Card B": {"dhqk256-dhhv512-long": entry(128)},
-                    "Card C": {"dhqk256-dhhv512-long": entry(32)}},
-        "cards": {"Card A": {"compute_capability": "9.0", "core_count": 132},
-                  "Card B": {"compute_capability": "9.0", "core_count": 114},
-                  "Card C": {"compute_capability": "8.0", "core_count": 108}},
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "configs": {
+                    "Card A": {"dhqk256-dhhv512-long": entry(64)},
+                    "Card B": {"dhqk256-dhhv512-long": entry(128)},
+                    "Card C": {"dhqk256-dhhv512-long": entry(32)},
+                },
+                "cards": {
+                    "Card A": {"compute_capability": "9.0", "core_count": 132},
+                    "Card B": {"compute_capability": "9.0", "core_count": 114},
+                    "Card C": {"compute_capability": "8.0", "core_count": 108},
+                },
+            }
+        )
+    )
     shape = (8, 8, 8192, 256, 512)
     assert tuned_config("Card B", *shape, path=path).chunk_size == 128  # its own entry
     assert tuned_config("Card D", *shape, path=path) is None  # no properties: exact names only
@@ -312,13 +350,112 @@ def test_default_config_on_an_untuned_hopper_card(tmp_path, monkeypatch):
     device_kind string alone matches exact names only."""
     monkeypatch.setenv(config_module.TUNED_CONFIGS_ENV, str(tmp_path / "none.json"))  # no user file
     q_shape, dhhv = (8, 8, 8192, 256), 512
-    tuned_cards = [kind for kind, entries in config_module.tuned_configs_in(config_module.PACKAGED_TUNED_CONFIGS_PATH).items()
-                   if "dhqk256-dhhv512-long" in entries]
+    tuned_cards = [
+        kind
+        for kind, entries in config_module.tuned_configs_in(config_module.PACKAGED_TUNED_CONFIGS_PATH).items()
+        if "dhqk256-dhhv512-long" in entries
+    ]
     assert tuned_cards, "the packaged configs hold a 7b-class entry"
     pcie = DeviceProperties("NVIDIA H100 PCIe", (9, 0), 114)
     borrowed = resolve_config(registered("triton"), None, (*q_shape, dhhv), jnp.bfloat16, pcie)
-    assert borrowed in [config_module.tuned_configs_in(config_module.PACKAGED_TUNED_CONFIGS_PATH)[kind]["dhqk256-dhhv512-long"]
-                        for kind in tuned_cards]
-    assert resolve_config(registered("triton"), None, (*q_shape, dhhv), jnp.bfloat16, "NVIDIA H100 PCIe") == ChunkwiseConfig()
-    assert resolve_config(registered("triton"), None, (*q_shape, dhhv), jnp.bfloat16,
-                          DeviceProperties("NVIDIA A100", (8, 0), 108)) == ChunkwiseConfig()  # no tuned card of capability 8.0: kernel defaults
+    assert borrowed in [
+        config_module.tuned_configs_in(config_module.PACKAGED_TUNED_CONFIGS_PATH)[kind]["dhqk256-dhhv512-long"]
+        for kind in tuned_cards
+    ]
+    assert (
+        resolve_config(registered("triton"), None, (*q_shape, dhhv), jnp.bfloat16, "NVIDIA H100 PCIe")
+        == ChunkwiseConfig()
+    )
+    assert (
+        resolve_config(
+            registered("triton"), None, (*q_shape, dhhv), jnp.bfloat16, DeviceProperties("NVIDIA A100", (8, 0), 108)
+        )
+        == ChunkwiseConfig()
+    )  # no tuned card of capability 8.0: kernel defaults
+
+
+# --- tuned configs: the packaged file, the user's, by card and shape class -------------------------------------
+
+H200_7B = ("NVIDIA H200", 8, 8, 8192, 256, 512)
+
+
+def _write_configs(path, device_kind, key, config):
+    path.write_text(json.dumps({"configs": {device_kind: {key: {"config": config}}}}))
+
+
+def test_tuned_config_reads_entry_by_card_and_shape_class(tmp_path):
+    path = tmp_path / "configs.json"
+    stored = {"chunk_size": 256, "siz_b_L_parallel": 128, "num_warps_intra": 8}
+    _write_configs(path, "NVIDIA H200", shape_class(8192, 256, 512), stored)
+    assert tuned_config("NVIDIA H200", 8, 8, 8192, 256, 512, path=path) == ChunkwiseConfig(**stored)
+    assert tuned_config("NVIDIA H200", 1, 8, 65536, 256, 512, path=path) == ChunkwiseConfig(**stored)  # same class
+    assert tuned_config("NVIDIA H100 80GB HBM3", 8, 8, 8192, 256, 512, path=path) is None  # other card
+    assert tuned_config("NVIDIA H200", 32, 8, 2048, 256, 512, path=path) is None  # short sequences
+    assert tuned_config("NVIDIA H200", 4, 16, 4096, 128, 128, path=path) is None  # other heads
+    assert tuned_config("NVIDIA H200", 1, 8, 8320, 256, 512, path=path) is None  # chunk 256 does not divide S
+
+
+def test_tuned_config_rereads_a_rewritten_file_and_tolerates_a_missing_one(tmp_path):
+    path = tmp_path / "configs.json"
+    assert tuned_config("NVIDIA H200", 8, 8, 8192, 256, 512, path=path) is None
+    key = shape_class(8192, 256, 512)
+    _write_configs(path, "NVIDIA H200", key, {"chunk_size": 64})
+    assert tuned_config("NVIDIA H200", 8, 8, 8192, 256, 512, path=path).chunk_size == 64
+    _write_configs(path, "NVIDIA H200", key, {"chunk_size": 128})
+    os.utime(path, ns=(1, 10**18))  # a new modification time, whatever the file system's resolution
+    assert tuned_config("NVIDIA H200", 8, 8, 8192, 256, 512, path=path).chunk_size == 128
+
+
+def test_default_config_uses_tuned_configs_for_16_bit_triton_operands_only():
+    tuned = tuned_config("NVIDIA H200", 8, 8, 8192, 256, 512)
+    assert tuned is not None and tuned.chunk_size is not None  # the packaged H200 entry of the 7b class
+    for dtype in (jnp.bfloat16, jnp.float16):
+        assert resolve_config(registered("triton"), None, (8, 8, 8192, 256, 512), dtype, "NVIDIA H200") == tuned
+    # float32 tiles take twice the shared memory the entry was measured with: the kernels' own defaults
+    assert (
+        resolve_config(registered("triton"), None, (8, 8, 8192, 256, 512), jnp.float32, "NVIDIA H200")
+        == ChunkwiseConfig()
+    )
+    assert (
+        resolve_config(registered("xla"), None, (8, 8, 8192, 256, 512), jnp.bfloat16, "NVIDIA H200")
+        == ChunkwiseConfig()
+    )
+    assert resolve_config(registered("triton"), None, (8, 8, 8192, 256, 512), jnp.bfloat16, "cpu") == ChunkwiseConfig()
+
+
+def _write_user_configs(path, configs_by_class):
+    path.write_text(
+        json.dumps({"configs": {"NVIDIA H200": {key: {"config": fields} for key, fields in configs_by_class.items()}}})
+    )
+
+
+def test_user_tuned_configs_override_packaged_entries(monkeypatch, tmp_path):
+    user_file = tmp_path / "tuned_configs.json"
+    monkeypatch.setenv(config_module.TUNED_CONFIGS_ENV, str(user_file))
+    packaged_7b = tuned_config(*H200_7B, path=config_module.PACKAGED_TUNED_CONFIGS_PATH)
+    packaged_short = tuned_config("NVIDIA H200", 32, 8, 2048, 256, 512, path=config_module.PACKAGED_TUNED_CONFIGS_PATH)
+    assert packaged_7b is not None and packaged_short is not None
+    assert tuned_config(*H200_7B) == packaged_7b  # no user file yet
+    _write_user_configs(user_file, {shape_class(8192, 256, 512): {"chunk_size": 64}})
+    assert tuned_config(*H200_7B) == ChunkwiseConfig(chunk_size=64)
+    assert tuned_config("NVIDIA H200", 32, 8, 2048, 256, 512) == packaged_short  # other classes: packaged
+    assert (
+        tuned_config(*H200_7B, path=config_module.PACKAGED_TUNED_CONFIGS_PATH) == packaged_7b
+    )  # an explicit path alone
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        '{"configs": []}',
+        '{"configs": {"NVIDIA H200": {"dhqk256-dhhv512-long": {"config": {"tile": 1}}}}}',
+    ],
+)
+def test_malformed_user_tuned_configs_raise_a_value_error_naming_the_file(monkeypatch, tmp_path, content):
+    user_file = tmp_path / "tuned_configs.json"
+    user_file.write_text(content)
+    monkeypatch.setenv(config_module.TUNED_CONFIGS_ENV, str(user_file))
+    with pytest.raises(ValueError, match="fix its JSON or delete the file") as raised:
+        tuned_config(*H200_7B)
+    assert str(user_file) in str(raised.value)

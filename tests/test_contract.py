@@ -8,6 +8,7 @@ add comes after them and is keyword-only.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import jax
@@ -17,54 +18,153 @@ import pytest
 
 import pallas_mlstm
 from pallas_mlstm import xla_kernels
-from pallas_mlstm.accuracy import mlstm_inputs, rel_err
-from tests.helpers import case_key
+from pallas_mlstm.accuracy import rel_err
+from tests.helpers import case_key, mlstm_inputs
 
 _REQUIRED = inspect.Parameter.empty
 _PARALLEL_BW = (
-    ("matQ", _REQUIRED), ("matK", _REQUIRED), ("matV", _REQUIRED), ("vecI", _REQUIRED), ("vecA", _REQUIRED),
-    ("vecB", _REQUIRED), ("matC_all", _REQUIRED), ("vecN_all", _REQUIRED), ("scaM_all", _REQUIRED),
-    ("vecN_out", _REQUIRED), ("vecM_out", _REQUIRED), ("matDeltaH", _REQUIRED), ("matDeltaC_states", _REQUIRED),
-    ("qk_scale", None), ("chunk_size", 64), ("siz_b_LQ", 32), ("siz_b_LKV", 32), ("siz_b_DHQK", None),
-    ("siz_b_DHHV", None), ("num_warps", None), ("num_stages", None), ("eps", 0.0), ("output_dtype", jnp.float32),
+    ("matQ", _REQUIRED),
+    ("matK", _REQUIRED),
+    ("matV", _REQUIRED),
+    ("vecI", _REQUIRED),
+    ("vecA", _REQUIRED),
+    ("vecB", _REQUIRED),
+    ("matC_all", _REQUIRED),
+    ("vecN_all", _REQUIRED),
+    ("scaM_all", _REQUIRED),
+    ("vecN_out", _REQUIRED),
+    ("vecM_out", _REQUIRED),
+    ("matDeltaH", _REQUIRED),
+    ("matDeltaC_states", _REQUIRED),
+    ("qk_scale", None),
+    ("chunk_size", 64),
+    ("siz_b_LQ", 32),
+    ("siz_b_LKV", 32),
+    ("siz_b_DHQK", None),
+    ("siz_b_DHHV", None),
+    ("num_warps", None),
+    ("num_stages", None),
+    ("eps", 0.0),
+    ("output_dtype", jnp.float32),
 )
 _LAUNCH = (
-    ("siz_b_L_parallel", None), ("siz_b_L_loop", None), ("siz_b_DH_parallel", None), ("siz_b_DH_loop", None),
-    ("num_warps_intra", None), ("num_warps_inter", None), ("num_stages_intra", None), ("num_stages_inter", None),
+    ("siz_b_L_parallel", None),
+    ("siz_b_L_loop", None),
+    ("siz_b_DH_parallel", None),
+    ("siz_b_DH_loop", None),
+    ("num_warps_intra", None),
+    ("num_warps_inter", None),
+    ("num_stages_intra", None),
+    ("num_stages_inter", None),
 )
-_INPUTS = (("matQ", _REQUIRED), ("matK", _REQUIRED), ("matV", _REQUIRED), ("vecI", _REQUIRED), ("vecF", _REQUIRED),
-           ("matC_initial", None), ("vecN_initial", None), ("scaM_initial", None))
+_INPUTS = (
+    ("matQ", _REQUIRED),
+    ("matK", _REQUIRED),
+    ("matV", _REQUIRED),
+    ("vecI", _REQUIRED),
+    ("vecF", _REQUIRED),
+    ("matC_initial", None),
+    ("vecN_initial", None),
+    ("scaM_initial", None),
+)
 UPSTREAM = {
     "mlstm_chunkwise__recurrent_fw_C": (
-        ("matK", _REQUIRED), ("matV", _REQUIRED), ("vecF", _REQUIRED), ("vecI", _REQUIRED), ("matC_initial", None),
-        ("vecN_initial", None), ("scaMinter_initial", None), ("chunk_size", 64), ("num_stages", None),
-        ("num_warps", None), ("save_states_every_nth_chunk", 1)),
+        ("matK", _REQUIRED),
+        ("matV", _REQUIRED),
+        ("vecF", _REQUIRED),
+        ("vecI", _REQUIRED),
+        ("matC_initial", None),
+        ("vecN_initial", None),
+        ("scaMinter_initial", None),
+        ("chunk_size", 64),
+        ("num_stages", None),
+        ("num_warps", None),
+        ("save_states_every_nth_chunk", 1),
+    ),
     "mlstm_chunkwise__parallel_fw_Hintra": (
-        ("matQ", _REQUIRED), ("matK", _REQUIRED), ("matV", _REQUIRED), ("vecI", _REQUIRED), ("vecF", _REQUIRED),
-        ("matC_all", _REQUIRED), ("vecN_all", _REQUIRED), ("scaM_all", _REQUIRED), ("qk_scale", None),
-        ("chunk_size", 64), ("siz_b_LQ", 32), ("siz_b_LKV", 32), ("siz_b_DHQK", None), ("siz_b_DHHV", None),
-        ("num_warps", None), ("num_stages", None), ("eps", 1e-6), ("output_dtype", jnp.float32)),
+        ("matQ", _REQUIRED),
+        ("matK", _REQUIRED),
+        ("matV", _REQUIRED),
+        ("vecI", _REQUIRED),
+        ("vecF", _REQUIRED),
+        ("matC_all", _REQUIRED),
+        ("vecN_all", _REQUIRED),
+        ("scaM_all", _REQUIRED),
+        ("qk_scale", None),
+        ("chunk_size", 64),
+        ("siz_b_LQ", 32),
+        ("siz_b_LKV", 32),
+        ("siz_b_DHQK", None),
+        ("siz_b_DHHV", None),
+        ("num_warps", None),
+        ("num_stages", None),
+        ("eps", 1e-6),
+        ("output_dtype", jnp.float32),
+    ),
     "mlstm_chunkwise__recurrent_bw_dC": (
-        ("matQ", _REQUIRED), ("vecF", _REQUIRED), ("scaM_inter", _REQUIRED), ("vecM_combine", _REQUIRED),
-        ("matDeltaH", _REQUIRED), ("vecN_out", _REQUIRED), ("matDeltaC_last", None), ("qk_scale", None),
-        ("chunk_size", 64), ("save_states_every_nth_chunk", 1), ("num_warps", None), ("num_stages", None),
-        ("eps", 0.0)),
+        ("matQ", _REQUIRED),
+        ("vecF", _REQUIRED),
+        ("scaM_inter", _REQUIRED),
+        ("vecM_combine", _REQUIRED),
+        ("matDeltaH", _REQUIRED),
+        ("vecN_out", _REQUIRED),
+        ("matDeltaC_last", None),
+        ("qk_scale", None),
+        ("chunk_size", 64),
+        ("save_states_every_nth_chunk", 1),
+        ("num_warps", None),
+        ("num_stages", None),
+        ("eps", 0.0),
+    ),
     "mlstm_chunkwise__parallel_bw_dQ": _PARALLEL_BW,
     "mlstm_chunkwise__parallel_bw_dK": _PARALLEL_BW,
     "mlstm_chunkwise__parallel_bw_dV": _PARALLEL_BW,
     "mlstm_chunkwise_fw": (
-        *_INPUTS, ("qk_scale", None), ("return_last_states", False), ("return_all_states", False),
-        ("chunk_size_inter", None), ("chunk_size_intra", None), *_LAUNCH, ("output_dtype", jnp.float32), ("eps", 0.0)),
+        *_INPUTS,
+        ("qk_scale", None),
+        ("return_last_states", False),
+        ("return_all_states", False),
+        ("chunk_size_inter", None),
+        ("chunk_size_intra", None),
+        *_LAUNCH,
+        ("output_dtype", jnp.float32),
+        ("eps", 0.0),
+    ),
     "mlstm_chunkwise_bw": (
-        *_INPUTS, ("matC_all", None), ("vecN_all", None), ("scaM_all", None), ("vecN_out", None), ("vecM_out", None),
-        ("matDeltaH", None), ("matDeltaC_last", None), ("qk_scale", None), ("chunk_size_inter", None),
-        ("chunk_size_intra", None), *_LAUNCH, ("eps", 0.0)),
+        *_INPUTS,
+        ("matC_all", None),
+        ("vecN_all", None),
+        ("scaM_all", None),
+        ("vecN_out", None),
+        ("vecM_out", None),
+        ("matDeltaH", None),
+        ("matDeltaC_last", None),
+        ("qk_scale", None),
+        ("chunk_size_inter", None),
+        ("chunk_size_intra", None),
+        *_LAUNCH,
+        ("eps", 0.0),
+    ),
     "compute_chunkwise_log_gates_vecB_vecA": (
-        ("vecI", _REQUIRED), ("vecF", _REQUIRED), ("chunk_size", _REQUIRED), ("return_vecB_only", False)),
+        ("vecI", _REQUIRED),
+        ("vecF", _REQUIRED),
+        ("chunk_size", _REQUIRED),
+        ("return_vecB_only", False),
+    ),
     "mlstm_chunkwise_max_triton": (
-        ("q", _REQUIRED), ("k", _REQUIRED), ("v", _REQUIRED), ("i", _REQUIRED), ("f", _REQUIRED),
-        ("c_initial", None), ("n_initial", None), ("m_initial", None), ("return_last_states", False), ("eps", 1e-6),
-        ("chunk_size", 64), ("autocast_kernel_dtype", jnp.float32)),
+        ("q", _REQUIRED),
+        ("k", _REQUIRED),
+        ("v", _REQUIRED),
+        ("i", _REQUIRED),
+        ("f", _REQUIRED),
+        ("c_initial", None),
+        ("n_initial", None),
+        ("m_initial", None),
+        ("return_last_states", False),
+        ("eps", 1e-6),
+        ("chunk_size", 64),
+        ("autocast_kernel_dtype", jnp.float32),
+    ),
 }
 KERNELS = [name for name in UPSTREAM if name.startswith("mlstm_chunkwise__")]
 
@@ -72,20 +172,23 @@ KERNELS = [name for name in UPSTREAM if name.startswith("mlstm_chunkwise__")]
 def _public_functions():
     """Every function of ours that carries an upstream name: the package's and the XLA backend's kernels."""
     functions = [pytest.param(getattr(pallas_mlstm, name), UPSTREAM[name], id=name) for name in UPSTREAM]
-    functions += [pytest.param(getattr(xla_kernels, name), UPSTREAM[name], id=f"xla_kernels.{name}")
-                  for name in KERNELS]
+    functions += [
+        pytest.param(getattr(xla_kernels, name), UPSTREAM[name], id=f"xla_kernels.{name}") for name in KERNELS
+    ]
     return functions
 
 
 @pytest.mark.parametrize("function,upstream", _public_functions())
 def test_signature_starts_with_upstreams_and_adds_keyword_only(function, upstream):
     parameters = list(inspect.signature(function).parameters.values())
-    ours = [(p.name, p.default) for p in parameters[:len(upstream)]]
+    ours = [(p.name, p.default) for p in parameters[: len(upstream)]]
     assert ours == list(upstream)
-    for parameter in parameters[:len(upstream)]:
+    for parameter in parameters[: len(upstream)]:
         assert parameter.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD, parameter.name
-    for parameter in parameters[len(upstream):]:
-        assert parameter.kind == inspect.Parameter.KEYWORD_ONLY, f"extra parameter {parameter.name} must be keyword-only"
+    for parameter in parameters[len(upstream) :]:
+        assert parameter.kind == inspect.Parameter.KEYWORD_ONLY, (
+            f"extra parameter {parameter.name} must be keyword-only"
+        )
 
 
 def test_fw_and_bw_show_backend_and_no_kernel_set():
@@ -100,6 +203,7 @@ def test_fw_and_bw_show_backend_and_no_kernel_set():
 _S, _CHUNK = 64, 16
 
 
+@functools.cache
 def _chain():
     """Every kernel's arguments, chained through the XLA backend, as (positional tuple, keyword dict) per kernel."""
     q, k, v, i, f, c0, n0, m0 = mlstm_inputs(case_key("contract"), 1, 2, _S, 16, 32, with_initial=True)
@@ -107,22 +211,49 @@ def _chain():
     _, n_out, m_out = xla_kernels.mlstm_chunkwise__parallel_fw_Hintra(q, k, v, i, f, *states, chunk_size=_CHUNK)
     dh = jax.random.normal(case_key("contract-dh"), v.shape)
     dc_last = jax.random.normal(case_key("contract-dc"), c0.shape)
-    dc_states = xla_kernels.mlstm_chunkwise__recurrent_bw_dC(q, f, states[2], m_out, dh, n_out, dc_last,
-                                                            chunk_size=_CHUNK)
+    dc_states = xla_kernels.mlstm_chunkwise__recurrent_bw_dC(
+        q, f, states[2], m_out, dh, n_out, dc_last, chunk_size=_CHUNK
+    )
     vec_b, vec_a = pallas_mlstm.compute_chunkwise_log_gates_vecB_vecA(i, f, _CHUNK)
     scale = 16**-0.5
     bw = (q, k, v, i, vec_a, vec_b, *states, n_out, m_out, dh, dc_states, scale, _CHUNK, 16, 16)
     bw_names = [name for name, _ in _PARALLEL_BW[:17]]
     return {
-        "mlstm_chunkwise__recurrent_fw_C": ((k, v, f, i, c0, n0, m0, _CHUNK),
-                                            ["matK", "matV", "vecF", "vecI", "matC_initial", "vecN_initial",
-                                             "scaMinter_initial", "chunk_size"]),
-        "mlstm_chunkwise__parallel_fw_Hintra": ((q, k, v, i, f, *states, scale, _CHUNK, 16, 16),
-                                                ["matQ", "matK", "matV", "vecI", "vecF", "matC_all", "vecN_all",
-                                                 "scaM_all", "qk_scale", "chunk_size", "siz_b_LQ", "siz_b_LKV"]),
-        "mlstm_chunkwise__recurrent_bw_dC": ((q, f, states[2], m_out, dh, n_out, dc_last, scale, _CHUNK),
-                                             ["matQ", "vecF", "scaM_inter", "vecM_combine", "matDeltaH", "vecN_out",
-                                              "matDeltaC_last", "qk_scale", "chunk_size"]),
+        "mlstm_chunkwise__recurrent_fw_C": (
+            (k, v, f, i, c0, n0, m0, _CHUNK),
+            ["matK", "matV", "vecF", "vecI", "matC_initial", "vecN_initial", "scaMinter_initial", "chunk_size"],
+        ),
+        "mlstm_chunkwise__parallel_fw_Hintra": (
+            (q, k, v, i, f, *states, scale, _CHUNK, 16, 16),
+            [
+                "matQ",
+                "matK",
+                "matV",
+                "vecI",
+                "vecF",
+                "matC_all",
+                "vecN_all",
+                "scaM_all",
+                "qk_scale",
+                "chunk_size",
+                "siz_b_LQ",
+                "siz_b_LKV",
+            ],
+        ),
+        "mlstm_chunkwise__recurrent_bw_dC": (
+            (q, f, states[2], m_out, dh, n_out, dc_last, scale, _CHUNK),
+            [
+                "matQ",
+                "vecF",
+                "scaM_inter",
+                "vecM_combine",
+                "matDeltaH",
+                "vecN_out",
+                "matDeltaC_last",
+                "qk_scale",
+                "chunk_size",
+            ],
+        ),
         "mlstm_chunkwise__parallel_bw_dQ": (bw, bw_names),
         "mlstm_chunkwise__parallel_bw_dK": (bw, bw_names),
         "mlstm_chunkwise__parallel_bw_dV": (bw, bw_names),
@@ -146,22 +277,48 @@ def test_kernel_called_positionally_in_upstream_order_equals_keyword_call(name, 
 
 def test_fw_and_bw_positional_equal_keyword():
     q, k, v, i, f, c0, n0, m0 = mlstm_inputs(case_key("contract-fwbw"), 1, 2, _S, 16, 32, with_initial=True)
-    fw_pos = pallas_mlstm.mlstm_chunkwise_fw(q, k, v, i, f, c0, n0, m0, None, True, True, _CHUNK, _CHUNK,
-                                             backend="xla")
-    fw_kw = pallas_mlstm.mlstm_chunkwise_fw(matQ=q, matK=k, matV=v, vecI=i, vecF=f, matC_initial=c0,
-                                            vecN_initial=n0, scaM_initial=m0, return_last_states=True,
-                                            return_all_states=True, chunk_size_inter=_CHUNK, chunk_size_intra=_CHUNK,
-                                            backend="xla")
+    fw_pos = pallas_mlstm.mlstm_chunkwise_fw(q, k, v, i, f, c0, n0, m0, None, True, True, _CHUNK, _CHUNK, backend="xla")
+    fw_kw = pallas_mlstm.mlstm_chunkwise_fw(
+        matQ=q,
+        matK=k,
+        matV=v,
+        vecI=i,
+        vecF=f,
+        matC_initial=c0,
+        vecN_initial=n0,
+        scaM_initial=m0,
+        return_last_states=True,
+        return_all_states=True,
+        chunk_size_inter=_CHUNK,
+        chunk_size_intra=_CHUNK,
+        backend="xla",
+    )
     for got, expected in zip(jax.tree.leaves(fw_pos), jax.tree.leaves(fw_kw), strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)
     h, n_out, m_out, _, (c_all, n_all, m_all) = fw_kw
     dh = jax.random.normal(case_key("contract-fwbw-dh"), h.shape)
-    bw_pos = pallas_mlstm.mlstm_chunkwise_bw(q, k, v, i, f, c0, n0, m0, c_all, n_all, m_all, n_out, m_out, dh, None,
-                                             None, _CHUNK, _CHUNK, backend="xla")
-    bw_kw = pallas_mlstm.mlstm_chunkwise_bw(matQ=q, matK=k, matV=v, vecI=i, vecF=f, matC_initial=c0,
-                                            vecN_initial=n0, scaM_initial=m0, matC_all=c_all, vecN_all=n_all,
-                                            scaM_all=m_all, vecN_out=n_out, vecM_out=m_out, matDeltaH=dh,
-                                            chunk_size_inter=_CHUNK, chunk_size_intra=_CHUNK, backend="xla")
+    bw_pos = pallas_mlstm.mlstm_chunkwise_bw(
+        q, k, v, i, f, c0, n0, m0, c_all, n_all, m_all, n_out, m_out, dh, None, None, _CHUNK, _CHUNK, backend="xla"
+    )
+    bw_kw = pallas_mlstm.mlstm_chunkwise_bw(
+        matQ=q,
+        matK=k,
+        matV=v,
+        vecI=i,
+        vecF=f,
+        matC_initial=c0,
+        vecN_initial=n0,
+        scaM_initial=m0,
+        matC_all=c_all,
+        vecN_all=n_all,
+        scaM_all=m_all,
+        vecN_out=n_out,
+        vecM_out=m_out,
+        matDeltaH=dh,
+        chunk_size_inter=_CHUNK,
+        chunk_size_intra=_CHUNK,
+        backend="xla",
+    )
     for got, expected in zip(jax.tree.leaves(bw_pos), jax.tree.leaves(bw_kw), strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)
 
@@ -171,10 +328,10 @@ def test_max_triton_is_a_drop_in_for_upstreams_top_level():
     h = pallas_mlstm.mlstm_chunkwise_max_triton(q, k, v, i, f)  # upstream's defaults: chunk 64, float32
     expected = pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, chunk_size=64)
     assert h.dtype == q.dtype and rel_err(h, expected) <= 1e-6
-    h, (c, n, m) = pallas_mlstm.mlstm_chunkwise_max_triton(q, k, v, i, f, c0, n0, m0, True, 1e-6, _CHUNK,
-                                                           jnp.bfloat16)
-    expected_h, expected_last = pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, c0, n0, m0, return_last_states=True,
-                                                             chunk_size=_CHUNK, autocast_kernel_dtype=jnp.bfloat16)
+    h, (c, n, m) = pallas_mlstm.mlstm_chunkwise_max_triton(q, k, v, i, f, c0, n0, m0, True, 1e-6, _CHUNK, jnp.bfloat16)
+    expected_h, expected_last = pallas_mlstm.mlstm_chunkwise(
+        q, k, v, i, f, c0, n0, m0, return_last_states=True, chunk_size=_CHUNK, autocast_kernel_dtype=jnp.bfloat16
+    )
     assert h.dtype == q.dtype and rel_err(h, expected_h) <= 1e-6
     for got, want in zip((c, n, m), expected_last, strict=True):
         assert rel_err(got, want) <= 1e-6

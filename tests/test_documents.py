@@ -9,9 +9,9 @@ import pytest
 
 import pallas_mlstm
 import reference
-from pallas_mlstm.accuracy import ORACLE_TOLERANCE, kernel_and_oracle_inputs, mlstm_inputs, rel_err
+from pallas_mlstm.accuracy import ORACLE_TOLERANCE, kernel_and_oracle_inputs, rel_err
 from tests import flags as test_flags
-from tests.helpers import case_key
+from tests.helpers import case_key, mlstm_inputs
 
 B, NH, S, DHQK, DHHV, CHUNK = 2, 2, 70, 16, 32, 16
 # Where each row's documents start after the first: lengths 5, 30, 1, 34 (several per chunk of 16, one of a
@@ -38,14 +38,17 @@ def _documents_alone(q, k, v, i, f, c0=None, n0=None, m0=None):
     rows, lasts = [], []
     for row, starts in enumerate(DOCUMENT_STARTS):
         bounds = (0, *starts, S)
-        pick = lambda x: None if x is None else x[row:row + 1]
+        pick = lambda x: None if x is None else x[row : row + 1]
         states = tuple(map(pick, (c0, n0, m0)))
         pieces = []
         for doc, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-            piece = lambda x: x[row:row + 1, :, start:end]
+            piece = lambda x: x[row : row + 1, :, start:end]
             h, last = reference.mlstm_recurrent(
-                *map(piece, (q, k, v, i, f)), *(states if doc == 0 else (None, None, None)),
-                return_last_states=True, kernel_gradient_semantics=True)
+                *map(piece, (q, k, v, i, f)),
+                *(states if doc == 0 else (None, None, None)),
+                return_last_states=True,
+                kernel_gradient_semantics=True,
+            )
             pieces.append(h)
         rows.append(jnp.concatenate(pieces, axis=2))
         lasts.append(_true_last_states(last))
@@ -57,7 +60,9 @@ def _loss(fn, key):
 
     def loss(*args):
         h, (c, n) = fn(*args)
-        weight = lambda index, x: jax.random.normal(jax.random.fold_in(key, index), x.shape, jnp.float32).astype(x.dtype)
+        weight = lambda index, x: jax.random.normal(jax.random.fold_in(key, index), x.shape, jnp.float32).astype(
+            x.dtype
+        )
         h = h.astype(jnp.promote_types(h.dtype, jnp.float32))
         return jnp.sum(weight(0, h) * h) + jnp.sum(weight(1, c) * c) + jnp.sum(weight(2, n) * n)
 
@@ -70,8 +75,12 @@ def _backends():
 
 def _cases():
     """Both initial-state settings on xla and triton; the slow interpreter only with initial states."""
-    return [pytest.param(backend, with_initial, id=f"{backend}-{'initial' if with_initial else 'no-initial'}")
-            for backend in _backends() for with_initial in (False, True) if with_initial or backend != "interpret"]
+    return [
+        pytest.param(backend, with_initial, id=f"{backend}-{'initial' if with_initial else 'no-initial'}")
+        for backend in _backends()
+        for with_initial in (False, True)
+        if with_initial or backend != "interpret"
+    ]
 
 
 @pytest.mark.parametrize("backend,with_initial", _cases())
@@ -84,22 +93,24 @@ def test_packed_documents_equal_documents_alone(backend, with_initial):
     argnums = tuple(range(8 if with_initial else 5))
     with jax.enable_x64(True):
         inputs, inputs64 = kernel_and_oracle_inputs(
-            mlstm_inputs(key, B, NH, S, DHQK, DHHV, jnp.float64, with_initial=with_initial), jnp.float32)
+            mlstm_inputs(key, B, NH, S, DHQK, DHHV, jnp.float64, with_initial=with_initial), jnp.float32
+        )
         # jitted: one compile of every document's scan, faster than running them op by op
         h_ref, last_ref = jax.jit(_documents_alone)(*inputs64)
-        grads_ref = jax.jit(jax.grad(_loss(_documents_alone, key), argnums=argnums))(*inputs64[:len(argnums)])
+        grads_ref = jax.jit(jax.grad(_loss(_documents_alone, key), argnums=argnums))(*inputs64[: len(argnums)])
 
     def packed(*args):
-        h, last = pallas_mlstm.mlstm_chunkwise(*args, chunk_size=CHUNK, backend=backend, return_last_states=True,
-                                               segment_ids=segment_ids)
+        h, last = pallas_mlstm.mlstm_chunkwise(
+            *args, chunk_size=CHUNK, backend=backend, return_last_states=True, segment_ids=segment_ids
+        )
         return h, _true_last_states(last)
 
     packed_jit = jax.jit(packed)
-    h, last = packed_jit(*inputs[:len(argnums)])
+    h, last = packed_jit(*inputs[: len(argnums)])
     assert rel_err(h, h_ref) <= fw_tol
     for actual, expected in zip(last, last_ref):
         assert rel_err(actual, expected) <= fw_tol
-    grads = jax.grad(_loss(packed_jit, key), argnums=argnums)(*inputs[:len(argnums)])
+    grads = jax.grad(_loss(packed_jit, key), argnums=argnums)(*inputs[: len(argnums)])
     for name, actual, expected in zip(("q", "k", "v", "i", "f", "c0", "n0", "m0"), grads, grads_ref):
         assert rel_err(actual, expected) <= grad_tol, name
     starts = np.asarray(segment_ids[:, 1:] != segment_ids[:, :-1])
@@ -111,8 +122,9 @@ def test_segment_ids_under_vmap():
     q, k, v, i, f, *_ = mlstm_inputs(case_key("documents-vmap"), B, NH, S, DHQK, DHHV, jnp.float32)
     ids = jnp.stack([_segment_ids(), jnp.zeros((B, S), jnp.int32)])
     stack = lambda x: jnp.stack([x, x[::-1]])
-    fn = lambda q, k, v, i, f, ids: pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, chunk_size=CHUNK, backend="xla",
-                                                                  segment_ids=ids)
+    fn = lambda q, k, v, i, f, ids: pallas_mlstm.mlstm_chunkwise(
+        q, k, v, i, f, chunk_size=CHUNK, backend="xla", segment_ids=ids
+    )
     mapped = jax.vmap(fn)(*map(stack, (q, k, v, i, f)), ids)
     for index in range(2):
         alone = fn(*(stack(x)[index] for x in (q, k, v, i, f)), ids[index])

@@ -17,7 +17,8 @@ from tests import flags as test_flags
 from tests.helpers import case_key
 
 BENCHMARK_SHAPES = {  # (B, NH, S, DHQK, DHHV) of the bench's default GPU shapes
-    name: tuple(SHAPES[name].dims().values()) for name in GPU_DEFAULT_SHAPES}
+    name: tuple(SHAPES[name].dims().values()) for name in GPU_DEFAULT_SHAPES
+}
 CHUNK = 128
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="GPU-only: needs the triton backend")

@@ -1,4 +1,5 @@
-"""Each Pallas kernel against its jnp twin (the XLA backend's kernel) on identical inputs (a failing kernel is named by its test id)."""
+"""Each Pallas kernel against its jnp twin (the XLA backend's kernel) on identical inputs, for both cells (a failing
+kernel is named by its test id)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import pytest
 
 import pallas_mlstm
 from pallas_mlstm import xla_kernels
-from pallas_mlstm.accuracy import KERNEL_TWIN_TOLERANCE, mlstm_inputs, rel_err
+from pallas_mlstm.accuracy import KERNEL_TWIN_TOLERANCE, rel_err
 from tests import flags as test_flags
-from tests.helpers import case_key
+from tests.helpers import case_key, mlstm_inputs
 
 # (B, NH, S, DHQK, DHHV, chunk, tiles): head dims 16…256 (DHQK != DHHV, some not powers of 2),
 # chunks 16…256, B·NH > 1, tile variants.
@@ -25,8 +26,14 @@ CASES = {
     "L32-d24x40-padded": (2, 2, 64, 24, 40, 32, dict(siz_b_LQ=16, siz_b_LKV=32)),
     "L1024-d32x16-subtiled": (1, 2, 2048, 32, 16, 1024, dict(siz_b_LQ=128, siz_b_LKV=128)),
 }
-KERNELS = ("recurrent_fw_C", "parallel_fw_Hintra", "recurrent_bw_dC", "parallel_bw_dQ", "parallel_bw_dK",
-           "parallel_bw_dV")
+KERNELS = (
+    "recurrent_fw_C",
+    "parallel_fw_Hintra",
+    "recurrent_bw_dC",
+    "parallel_bw_dQ",
+    "parallel_bw_dK",
+    "parallel_bw_dV",
+)
 
 
 def _pallas_backends():
@@ -49,21 +56,41 @@ def _case_arrays(case: str, dtype, with_initial: bool, input_gate: str = "expone
     """Inputs of every kernel for one case, chained through the jnp twins (float32 states)."""
     batch, heads, seq_len, dhqk, dhhv, chunk, _ = CASES[case]
     key = case_key("kernels", case, with_initial)
-    q, k, v, i, f, c0, n0, m0 = mlstm_inputs(key, batch, heads, seq_len, dhqk, dhhv, jnp.float32,
-                                             with_initial=with_initial)
+    q, k, v, i, f, c0, n0, m0 = mlstm_inputs(
+        key, batch, heads, seq_len, dhqk, dhhv, jnp.float32, with_initial=with_initial
+    )
     q, k, v = (x.astype(dtype) for x in (q, k, v))
-    states = xla_kernels.mlstm_chunkwise__recurrent_fw_C(k, v, f, i, c0, n0, m0, chunk_size=chunk,
-                                                         **_gate_kwargs("recurrent_fw_C", input_gate, normalize))
+    states = xla_kernels.mlstm_chunkwise__recurrent_fw_C(
+        k, v, f, i, c0, n0, m0, chunk_size=chunk, **_gate_kwargs("recurrent_fw_C", input_gate, normalize)
+    )
     _, n_out, m_out = xla_kernels.mlstm_chunkwise__parallel_fw_Hintra(
-        q, k, v, i, f, *states, chunk_size=chunk, **_gate_kwargs("parallel_fw_Hintra", input_gate, normalize))
+        q, k, v, i, f, *states, chunk_size=chunk, **_gate_kwargs("parallel_fw_Hintra", input_gate, normalize)
+    )
     dkeys = jax.random.split(jax.random.fold_in(key, 1), 2)
     dh = jax.random.normal(dkeys[0], v.shape, dtype)
     dc_last = jax.random.normal(dkeys[1], (batch, heads, dhqk, dhhv), jnp.float32) if with_initial else None
-    dc_states = xla_kernels.mlstm_chunkwise__recurrent_bw_dC(q, f, states[2], m_out, dh, n_out, dc_last,
-                                                          chunk_size=chunk)
+    dc_states = xla_kernels.mlstm_chunkwise__recurrent_bw_dC(
+        q, f, states[2], m_out, dh, n_out, dc_last, chunk_size=chunk
+    )
     vec_b, vec_a = pallas_mlstm.compute_chunkwise_log_gates_vecB_vecA(i, f, chunk, input_gate=input_gate)
-    return dict(q=q, k=k, v=v, i=i, f=f, c0=c0, n0=n0, m0=m0, states=states, n_out=n_out, m_out=m_out, dh=dh,
-                dc_last=dc_last, dc_states=dc_states, vec_b=vec_b, vec_a=vec_a)
+    return dict(
+        q=q,
+        k=k,
+        v=v,
+        i=i,
+        f=f,
+        c0=c0,
+        n0=n0,
+        m0=m0,
+        states=states,
+        n_out=n_out,
+        m_out=m_out,
+        dh=dh,
+        dc_last=dc_last,
+        dc_states=dc_states,
+        vec_b=vec_b,
+        vec_a=vec_a,
+    )
 
 
 def _call(kernel_name, module, x, chunk, tiles, extra):
@@ -76,43 +103,97 @@ def _call(kernel_name, module, x, chunk, tiles, extra):
         return fn(x["q"], x["k"], x["v"], x["i"], x["f"], *x["states"], chunk_size=chunk, **tiles, **extra)
     if kernel_name == "recurrent_bw_dC":
         dh_tiles = {key: val for key, val in tiles.items() if key.startswith("siz_b_DH")}
-        return fn(x["q"], x["f"], x["states"][2], x["m_out"], x["dh"], x["n_out"], x["dc_last"], chunk_size=chunk,
-                  eps=1e-6, matC_states=x["states"][0], **dh_tiles, **extra)
+        return fn(
+            x["q"],
+            x["f"],
+            x["states"][2],
+            x["m_out"],
+            x["dh"],
+            x["n_out"],
+            x["dc_last"],
+            chunk_size=chunk,
+            eps=1e-6,
+            matC_states=x["states"][0],
+            **dh_tiles,
+            **extra,
+        )
     if kernel_name in ("parallel_bw_dQ", "parallel_bw_dK"):
         extra = dict(extra, return_row_dots=True)  # also Σ_d x·dx from the float32 accumulators
-    return fn(x["q"], x["k"], x["v"], x["i"], x["vec_a"], x["vec_b"], *x["states"], x["n_out"], x["m_out"], x["dh"],
-              x["dc_states"], chunk_size=chunk, eps=1e-6, **tiles, **extra)
+    return fn(
+        x["q"],
+        x["k"],
+        x["v"],
+        x["i"],
+        x["vec_a"],
+        x["vec_b"],
+        *x["states"],
+        x["n_out"],
+        x["m_out"],
+        x["dh"],
+        x["dc_states"],
+        chunk_size=chunk,
+        eps=1e-6,
+        **tiles,
+        **extra,
+    )
 
 
+# The cell: mLSTMexp, or mLSTMsig (input_gate="sigmoid") with and without the normaliser
+CELLS = {"exponential": ("exponential", True), "sigmoid": ("sigmoid", True), "sigmoid-unnormalized": ("sigmoid", False)}
 # The interpreter is slow (most of it is building each case's inputs through the twins): it runs the cases whose
 # BlockSpecs and in-kernel loops differ (L and head-dim tiles, padding, sub-tiled chunks); triton runs them all.
-_INTERPRETER_CASES = ("L16-d16x32", "L32-d32x64-smallLtiles", "L64-d64x48-smallDtiles", "L32-d24x40-padded",
-                      "L1024-d32x16-subtiled")
+_INTERPRETER_CASES = (
+    "L16-d16x32",
+    "L32-d32x64-smallLtiles",
+    "L64-d64x48-smallDtiles",
+    "L32-d24x40-padded",
+    "L1024-d32x16-subtiled",
+)
+# mLSTMsig: float32, on a case with padded head dims and several L tiles (interpreter), and on two more with triton
+_SIGMOID_CASES = {"interpret": ("L32-d24x40-padded",), "triton": ("L16-d16x32", "L32-d24x40-padded", "L256-d128x256")}
 
 
 def _kernel_params():
     params = []
     for backend in _pallas_backends():
-        for dtype in _dtypes(backend):
-            for case in (_INTERPRETER_CASES if backend == "interpret" else CASES):
-                for kernel_name in KERNELS:
-                    params.append(pytest.param(backend, dtype, case, kernel_name,
-                                               id=f"{kernel_name}-{case}-{backend}-{jnp.dtype(dtype).name}"))
+        for cell in CELLS:
+            if cell == "exponential":
+                dtypes, cases = _dtypes(backend), (_INTERPRETER_CASES if backend == "interpret" else CASES)
+            else:
+                dtypes, cases = [jnp.float32], _SIGMOID_CASES[backend]
+            for dtype in dtypes:
+                for case in cases:
+                    for kernel_name in KERNELS:
+                        if cell == "sigmoid-unnormalized" and kernel_name == "recurrent_fw_C":
+                            continue  # its inputs and options are "sigmoid"'s: only parallel_fw_Hintra normalises
+                        suffix = "" if cell == "exponential" else f"-{cell}"
+                        params.append(
+                            pytest.param(
+                                backend,
+                                dtype,
+                                case,
+                                kernel_name,
+                                cell,
+                                id=f"{kernel_name}-{case}-{backend}-{jnp.dtype(dtype).name}{suffix}",
+                            )
+                        )
     return params
 
 
-@pytest.mark.parametrize("backend,dtype,case,kernel_name", _kernel_params())
-def test_kernel_matches_twin(backend, dtype, case, kernel_name):
+@pytest.mark.parametrize("backend,dtype,case,kernel_name,cell", _kernel_params())
+def test_kernel_matches_twin(backend, dtype, case, kernel_name, cell):
     if backend == "triton" and jax.default_backend() != "gpu":
         pytest.skip("the triton backend needs a GPU; run with --backend=triton on the GPU machine")
     chunk, tiles = CASES[case][5], CASES[case][6]
     tolerance = KERNEL_TWIN_TOLERANCE[backend, jnp.dtype(dtype).name]
+    input_gate, normalize = CELLS[cell]
+    gate = _gate_kwargs(kernel_name, input_gate, normalize)
     for with_initial in (False, True):
         if with_initial and kernel_name not in ("recurrent_fw_C", "recurrent_bw_dC"):
             continue  # the other kernels see initial states only through their inputs
-        x = _case_arrays(case, dtype, with_initial)
-        expected = _call(kernel_name, xla_kernels, x, chunk, tiles, {})
-        actual = _call(kernel_name, pallas_mlstm, x, chunk, tiles, dict(interpret=backend == "interpret"))
+        x = _case_arrays(case, dtype, with_initial, input_gate, normalize)
+        expected = _call(kernel_name, xla_kernels, x, chunk, tiles, gate)
+        actual = _call(kernel_name, pallas_mlstm, x, chunk, tiles, dict(gate, interpret=backend == "interpret"))
         expected, actual = jax.tree.leaves(expected), jax.tree.leaves(actual)
         assert len(actual) == len(expected)
         for index, (a, e) in enumerate(zip(actual, expected)):
@@ -121,32 +202,16 @@ def test_kernel_matches_twin(backend, dtype, case, kernel_name):
             assert err <= tolerance, f"{kernel_name} output {index}: rel err {err:.2e}"
 
 
-# mLSTMsig (input_gate="sigmoid"): every kernel against its twin, with and without the normaliser, on a case with
-# padded head dims and several L tiles (interpreter), and on two more with triton
-_SIGMOID_CASES = {"interpret": ("L32-d24x40-padded",), "triton": ("L16-d16x32", "L32-d24x40-padded", "L256-d128x256")}
-
-
-def _sigmoid_params():
-    return [pytest.param(backend, case, kernel_name, normalize,
-                         id=f"{kernel_name}-{case}-{backend}-{'normalized' if normalize else 'unnormalized'}")
-            for backend in _pallas_backends() for case in _SIGMOID_CASES[backend] for kernel_name in KERNELS
-            for normalize in (True, False) if normalize or kernel_name != "recurrent_fw_C"]
-
-
-@pytest.mark.parametrize("backend,case,kernel_name,normalize", _sigmoid_params())
-def test_sigmoid_kernel_matches_twin(backend, case, kernel_name, normalize):
-    if backend == "triton" and jax.default_backend() != "gpu":
-        pytest.skip("the triton backend needs a GPU; run with --backend=triton on the GPU machine")
-    chunk, tiles = CASES[case][5], CASES[case][6]
-    x = _case_arrays(case, jnp.float32, True, "sigmoid", normalize)
-    gate = _gate_kwargs(kernel_name, "sigmoid", normalize)
-    expected = jax.tree.leaves(_call(kernel_name, xla_kernels, x, chunk, tiles, gate))
-    actual = jax.tree.leaves(_call(kernel_name, pallas_mlstm, x, chunk, tiles,
-                                   dict(gate, interpret=backend == "interpret")))
-    assert len(actual) == len(expected)
-    for index, (a, e) in enumerate(zip(actual, expected)):
-        err = rel_err(a, e)
-        assert err <= KERNEL_TWIN_TOLERANCE[backend, "float32"], f"{kernel_name} output {index}: rel err {err:.2e}"
+def test_sigmoid_gate_tracks_no_max_state():
+    """Every m the kernels keep stays 0 with the sigmoid gate (not with the exponential one): the jnp twins and
+    the orchestration here; test_kernel_matches_twin holds the Pallas kernels' m to the twins'."""
+    q, k, v, i, f = mlstm_inputs(case_key("sigmoid-m"), 1, 1, 32, 16, 16)[:5]
+    for input_gate, stays_zero in (("sigmoid", True), ("exponential", False)):
+        *_, scaM_all = xla_kernels.mlstm_chunkwise__recurrent_fw_C(k, v, f, i, chunk_size=16, input_gate=input_gate)
+        _, _, vecM_out = pallas_mlstm.mlstm_chunkwise_fw(
+            q, k, v, i, f, chunk_size_intra=16, backend="xla", input_gate=input_gate
+        )[:3]
+        assert bool(jnp.all(scaM_all == 0) & jnp.all(vecM_out == 0)) == stays_zero, input_gate
 
 
 def test_kernel_rejects_bad_tiles():
@@ -191,11 +256,38 @@ def test_narrow_state_buffers(backend):
     runs = {}
     for states_dtype in (None, jnp.bfloat16):
         h, n_out, m_out, last, _ = pallas_mlstm.mlstm_chunkwise_fw(
-            q, k, v, i, f, c0, n0, m0, return_last_states=True, output_dtype=q.dtype, states_dtype=states_dtype,
-            **kwargs)
+            q,
+            k,
+            v,
+            i,
+            f,
+            c0,
+            n0,
+            m0,
+            return_last_states=True,
+            output_dtype=q.dtype,
+            states_dtype=states_dtype,
+            **kwargs,
+        )
         grads = pallas_mlstm.mlstm_chunkwise_bw(
-            q, k, v, i, f, c0, n0, m0, None, None, None, n_out, m_out, x["dh"], x["dc_last"],
-            states_dtype=states_dtype, **kwargs)
+            q,
+            k,
+            v,
+            i,
+            f,
+            c0,
+            n0,
+            m0,
+            None,
+            None,
+            None,
+            n_out,
+            m_out,
+            x["dh"],
+            x["dc_last"],
+            states_dtype=states_dtype,
+            **kwargs,
+        )
         runs[states_dtype] = (h, last, grads)
     (h_wide, last_wide, grads_wide), (h_narrow, last_narrow, grads_narrow) = runs[None], runs[jnp.bfloat16]
     assert jnp.array_equal(h_narrow, h_wide)

@@ -11,8 +11,7 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 import pallas_mlstm
-from pallas_mlstm.accuracy import mlstm_inputs
-from tests.helpers import case_key
+from tests.helpers import case_key, mlstm_inputs
 
 KERNEL_NAMES = (
     "mlstm_chunkwise__recurrent_fw_C",
@@ -32,16 +31,21 @@ def lower_for_cuda(fn, *args) -> str:
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-@pytest.mark.parametrize("shape", [(1, 2, 256, 64, 128, 64), (1, 1, 256, 48, 80, 128), (1, 1, 512, 256, 512, 256)],
-                         ids=["d64x128-L64", "d48x80-padded-L128", "d256x512-L256"])
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 2, 256, 64, 128, 64), (1, 1, 256, 48, 80, 128), (1, 1, 512, 256, 512, 256)],
+    ids=["d64x128-L64", "d48x80-padded-L128", "d256x512-L256"],
+)
 def test_forward_and_backward_lower_to_triton(shape, dtype):
     batch, heads, seq_len, dhqk, dhhv, chunk = shape
-    q, k, v, i, f, c0, n0, m0 = mlstm_inputs(case_key("lower", shape), batch, heads, seq_len, dhqk, dhhv, dtype,
-                                             with_initial=True)
+    q, k, v, i, f, c0, n0, m0 = mlstm_inputs(
+        case_key("lower", shape), batch, heads, seq_len, dhqk, dhhv, dtype, with_initial=True
+    )
 
     def loss(q, k, v, i, f, c0, n0, m0):
-        h, (c, n, _) = pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, c0, n0, m0, chunk_size=chunk, backend="triton",
-                                                    return_last_states=True)
+        h, (c, n, _) = pallas_mlstm.mlstm_chunkwise(
+            q, k, v, i, f, c0, n0, m0, chunk_size=chunk, backend="triton", return_last_states=True
+        )
         return jnp.sum(h.astype(jnp.float32)) + jnp.sum(c) + jnp.sum(n)
 
     text = lower_for_cuda(jax.grad(loss, argnums=tuple(range(8))), q, k, v, i, f, c0, n0, m0)

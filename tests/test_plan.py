@@ -1,5 +1,5 @@
-"""The plan and the backend registry: every option checked once at the API, per-kernel launch configs, the
-registered backends, and the structure rule that keeps signatures short."""
+"""The plan and the backend registry: per-kernel launch configs, the registered backends, the chunk clamp, and the
+structure rule that keeps signatures short (the options' rules, each checked once at the API: tests/test_inputs.py)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,15 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import pallas_mlstm
-from pallas_mlstm.accuracy import mlstm_inputs, rel_err
+from pallas_mlstm.accuracy import rel_err
 from pallas_mlstm.config import ChunkwiseConfig
 from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS
 from pallas_mlstm.plan import launches_for, make_chunking
 from pallas_mlstm.registry import get_backend, registered
-from tests.helpers import case_key
+from tests.helpers import case_key, mlstm_inputs
 
 _PACKAGE = pathlib.Path(pallas_mlstm.__file__).parent
 
@@ -35,8 +34,11 @@ def test_backends_are_registered_objects_and_none_picks_by_priority():
 
 def test_a_kernel_entry_sets_that_kernel_only_and_wins_over_the_flat_fields():
     triton = registered("triton")
-    config = ChunkwiseConfig(siz_b_L_parallel=64, num_warps_intra=4,
-                             kernels={"parallel_bw_dK": pallas_mlstm.TritonLaunch(siz_b_LKV=128, num_warps=8)})
+    config = ChunkwiseConfig(
+        siz_b_L_parallel=64,
+        num_warps_intra=4,
+        kernels={"parallel_bw_dK": pallas_mlstm.TritonLaunch(siz_b_LKV=128, num_warps=8)},
+    )
     launches = dict(launches_for(triton, dict(config.launch_items()), config.kernel_launches()))
     assert set(launches) == set(CHUNKWISE_KERNELS)
     assert launches["parallel_bw_dK"] == pallas_mlstm.TritonLaunch(siz_b_LKV=128, num_warps=8)  # its own entry wins
@@ -47,13 +49,19 @@ def test_a_kernel_entry_sets_that_kernel_only_and_wins_over_the_flat_fields():
     assert hash(config) == hash(ChunkwiseConfig(**{**dataclasses.asdict(config), "kernels": config.kernel_launches()}))
 
 
-@pytest.mark.parametrize("kernels,message", [
-    ({"parallel_fw": {"num_warps": 4}}, "unknown kernel 'parallel_fw'"),
-    ({"parallel_fw_Hintra": {"warps": 4}}, r"sets \['warps'\], which the triton backend's parallel_fw_Hintra"),
-    ({"recurrent_fw_C": {"siz_b_LQ": 64}}, r"sets \['siz_b_LQ'\].*use num_stages, num_warps, siz_b_DHHV, siz_b_DHQK"),
-    ({"parallel_bw_dV": {"num_warps": 3}}, "TritonLaunch.num_warps must be one of 1, 2, 4, 8, 16, 32; got 3"),
-    ({"parallel_bw_dQ": {"siz_b_DHQK": 48}}, r"TritonLaunch.siz_b_DHQK must be a power of 2 >= 16"),
-])
+@pytest.mark.parametrize(
+    "kernels,message",
+    [
+        ({"parallel_fw": {"num_warps": 4}}, "unknown kernel 'parallel_fw'"),
+        ({"parallel_fw_Hintra": {"warps": 4}}, r"sets \['warps'\], which the triton backend's parallel_fw_Hintra"),
+        (
+            {"recurrent_fw_C": {"siz_b_LQ": 64}},
+            r"sets \['siz_b_LQ'\].*use num_stages, num_warps, siz_b_DHHV, siz_b_DHQK",
+        ),
+        ({"parallel_bw_dV": {"num_warps": 3}}, "TritonLaunch.num_warps must be one of 1, 2, 4, 8, 16, 32; got 3"),
+        ({"parallel_bw_dQ": {"siz_b_DHQK": 48}}, r"TritonLaunch.siz_b_DHQK must be a power of 2 >= 16"),
+    ],
+)
 def test_bad_kernel_entries_raise_value_error(kernels, message):
     with pytest.raises(ValueError, match=message):
         config = ChunkwiseConfig(kernels=kernels)
@@ -62,8 +70,10 @@ def test_bad_kernel_entries_raise_value_error(kernels, message):
 
 def test_kernel_entries_run_and_change_no_result():
     q, k, v, i, f, *_ = mlstm_inputs(case_key("kernel-entries"), 1, 2, 64, 16, 32)
-    config = ChunkwiseConfig(chunk_size=32, kernels={"parallel_fw_Hintra": {"siz_b_LQ": 16, "siz_b_LKV": 16},
-                                                     "recurrent_bw_dC": {"siz_b_DHHV": 16}})
+    config = ChunkwiseConfig(
+        chunk_size=32,
+        kernels={"parallel_fw_Hintra": {"siz_b_LQ": 16, "siz_b_LKV": 16}, "recurrent_bw_dC": {"siz_b_DHHV": 16}},
+    )
     loss = lambda config: lambda *a: jnp.sum(pallas_mlstm.mlstm_chunkwise(*a, backend="interpret", config=config) ** 2)
     ours = jax.value_and_grad(loss(config), argnums=(0, 1, 2))(q, k, v, i, f)
     default = jax.value_and_grad(loss(ChunkwiseConfig(chunk_size=32)), argnums=(0, 1, 2))(q, k, v, i, f)
@@ -80,53 +90,11 @@ def test_chunk_longer_than_the_sequence_is_clamped():
     assert rel_err(long, exact) == 0.0
 
 
-@pytest.mark.parametrize("eps", [np.float32(1e-6), jnp.array(1e-6), np.float64(0.0), 0, 1e-3])
-def test_eps_accepts_any_finite_non_negative_real_scalar(eps):
-    q, k, v, i, f, *_ = mlstm_inputs(case_key("eps"), 1, 1, 16, 8, 8)
-    assert jnp.all(jnp.isfinite(pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, backend="xla", eps=eps)))
-
-
-def _step_inputs():
-    q, k, v, i, f, *_ = mlstm_inputs(case_key("step-rules"), 1, 2, 16, 8, 8)
-    _, states = pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, backend="xla", return_last_states=True)
-    return (q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], *states)
-
-
-@pytest.mark.parametrize("name,value,message", [
-    ("eps", -1.0, "eps must be a non-negative finite float"),
-    ("eps", float("inf"), "eps must be a non-negative finite float"),
-    ("eps", float("nan"), "eps must be a non-negative finite float"),
-    ("eps", "x", "eps must be a non-negative finite float"),
-    ("eps", jnp.ones(2), "eps must be a non-negative finite float"),
-    ("return_last_states", "no", r"return_last_states must be a bool \(True or False\)"),
-    ("allow_tf32", "no", r"allow_tf32 must be a bool \(True or False\)"),
-    ("recompute_states_in_bw", "x", r"recompute_states_in_bw must be a bool \(True, False or None\)"),
-])
-def test_options_are_checked_once_with_one_rule_each(name, value, message):
-    q, k, v, i, f, *_ = mlstm_inputs(case_key("option-rules"), 1, 1, 16, 8, 8)
-    with pytest.raises(ValueError, match=message):
-        pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, backend="xla", **{name: value})
-    if name == "eps":  # the step takes the same rule
-        with pytest.raises(ValueError, match=message):
-            pallas_mlstm.mlstm_recurrent_step(*_step_inputs(), backend="xla", eps=value)
-
-
-def test_arrays_and_static_ints_are_asked_for_by_name():
-    q, k, v, i, f, *_ = mlstm_inputs(case_key("lists"), 1, 1, 16, 8, 8)
-    with pytest.raises(ValueError, match=r"q must be an array .* got a list: pass jnp.asarray\(q\)"):
-        pallas_mlstm.mlstm_chunkwise(q.tolist(), k, v, i, f, backend="xla")
-    with pytest.raises(ValueError, match="chunk_size must be a static Python int"):
-        jax.jit(lambda q, c: pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, backend="xla", chunk_size=c))(q, 16)
-    step = list(_step_inputs())
-    step[1] = step[1].astype(jnp.float16)
-    with pytest.raises(ValueError, match="q, k and v must share a dtype"):
-        pallas_mlstm.mlstm_recurrent_step(*step, backend="xla")
-
-
 # Upstream's signatures (pinned by test_contract.py) and Pallas kernel bodies (one ref per operand) may be long.
 _LONG_SIGNATURES_ALLOWED = {
     "mlstm_chunkwise",  # the public entry point: every option a keyword
-    "mlstm_chunkwise_fw", "mlstm_chunkwise_bw",
+    "mlstm_chunkwise_fw",
+    "mlstm_chunkwise_bw",
     *(f"mlstm_chunkwise__{name}" for name in CHUNKWISE_KERNELS),
 }
 
@@ -138,8 +106,7 @@ def test_no_function_takes_more_than_12_parameters():
             if not isinstance(node, ast.FunctionDef):
                 continue
             args = node.args
-            count = (len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs) + bool(args.vararg)
-                     + bool(args.kwarg))
+            count = len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs) + bool(args.vararg) + bool(args.kwarg)
             is_kernel_body = node.name.startswith("_") and node.name.endswith("_kernel")
             if count > 12 and node.name not in _LONG_SIGNATURES_ALLOWED and not is_kernel_body:
                 too_long.append(f"{path.relative_to(_PACKAGE)}:{node.name} ({count})")

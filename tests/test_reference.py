@@ -1,6 +1,11 @@
-"""The oracles agree with each other and with the chunkwise form on the XLA backend; its custom backward is exact."""
+"""The oracles agree with each other and with the chunkwise form on the XLA backend; its custom backward is exact.
+
+Both cells: the exponential input gate (reference.mlstm_recurrent / mlstm_parallel) and mLSTMsig, the sigmoid
+input gate (reference/sigmoid.py), whose two oracles are also checked against a hand computation."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,24 +14,37 @@ import pytest
 
 import pallas_mlstm
 import reference
-from pallas_mlstm.accuracy import mlstm_inputs, rel_err
-from tests.helpers import case_key, plain_loss, scale_blind_loss, to_dtype
+from pallas_mlstm.accuracy import rel_err
+from reference.sigmoid import mlstm_sigmoid_parallel, mlstm_sigmoid_recurrent
+from tests.helpers import case_key, extreme_gates, mlstm_inputs, plain_loss, scale_blind_loss, to_dtype
 
 B, NH, DHQK, DHHV = 2, 2, 16, 24  # B·NH > 1, DHQK != DHHV
 FORWARD_CASES = [(64, 16), (128, 32), (256, 64), (512, 128)]  # (S, chunk)
 GRAD_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
 
 
-def _xla_chunkwise(*args, **kwargs):
+# Every computation here is jitted: one compile per function and shape, instead of one per operation.
+@functools.partial(jax.jit, static_argnames=("chunk_size", "return_last_states"))
+def _xla_chunkwise(*args, chunk_size, return_last_states=False):
     """The chunkwise form on the XLA backend (the jnp twins of the kernels, same orchestration and VJP)."""
-    return pallas_mlstm.mlstm_chunkwise(*args, backend="xla", **kwargs)
+    return pallas_mlstm.mlstm_chunkwise(
+        *args, backend="xla", chunk_size=chunk_size, return_last_states=return_last_states
+    )
+
+
+_recurrent = jax.jit(reference.mlstm_recurrent, static_argnames=("return_last_states", "kernel_gradient_semantics"))
+_parallel = jax.jit(reference.mlstm_parallel, static_argnames=("return_last_states",))
+_sigmoid_recurrent = jax.jit(
+    mlstm_sigmoid_recurrent, static_argnames=("normalize", "return_last_states", "kernel_gradient_semantics")
+)
+_sigmoid_parallel = jax.jit(mlstm_sigmoid_parallel, static_argnames=("normalize", "return_last_states"))
 
 
 def _run_all(inputs, chunk_size):
     kw = dict(return_last_states=True)
     return {
-        "recurrent": reference.mlstm_recurrent(*inputs, **kw),
-        "parallel": reference.mlstm_parallel(*inputs, **kw),
+        "recurrent": _recurrent(*inputs, **kw),
+        "parallel": _parallel(*inputs, **kw),
         "chunkwise": _xla_chunkwise(*inputs, chunk_size=chunk_size, **kw),
     }
 
@@ -35,8 +53,9 @@ def _run_all(inputs, chunk_size):
 @pytest.mark.parametrize("seq_len,chunk_size", FORWARD_CASES)
 def test_forward_float64_agreement(seq_len, chunk_size, with_initial):
     with jax.enable_x64(True):
-        inputs = mlstm_inputs(case_key("fw64", seq_len, with_initial), B, NH, seq_len, DHQK, DHHV, jnp.float64,
-                              with_initial=with_initial)
+        inputs = mlstm_inputs(
+            case_key("fw64", seq_len, with_initial), B, NH, seq_len, DHQK, DHHV, jnp.float64, with_initial=with_initial
+        )
         outs = _run_all(inputs, chunk_size)
         h_ref, last_ref = outs["recurrent"]
         for name in ("parallel", "chunkwise"):
@@ -51,9 +70,10 @@ def test_forward_float64_agreement(seq_len, chunk_size, with_initial):
 @pytest.mark.parametrize("seq_len,chunk_size", FORWARD_CASES)
 def test_forward_float32_against_float64(seq_len, chunk_size, with_initial):
     with jax.enable_x64(True):
-        inputs64 = mlstm_inputs(case_key("fw32", seq_len, with_initial), B, NH, seq_len, DHQK, DHHV, jnp.float64,
-                                with_initial=with_initial)
-        h_ref, last_ref = reference.mlstm_recurrent(*inputs64, return_last_states=True)
+        inputs64 = mlstm_inputs(
+            case_key("fw32", seq_len, with_initial), B, NH, seq_len, DHQK, DHHV, jnp.float64, with_initial=with_initial
+        )
+        h_ref, last_ref = _recurrent(*inputs64, return_last_states=True)
     outs = _run_all(to_dtype(inputs64, jnp.float32), chunk_size)
     for name, (h, last) in outs.items():
         assert h.dtype == jnp.float32
@@ -66,15 +86,25 @@ def test_forward_float32_against_float64(seq_len, chunk_size, with_initial):
 def test_state_passing_four_pieces_equal_one_run(with_initial):
     seq_len, chunk_size = 256, 32
     with jax.enable_x64(True):
-        q, k, v, i, f, c, n, m = mlstm_inputs(case_key("pieces", with_initial), B, NH, seq_len, DHQK, DHHV,
-                                              jnp.float64, with_initial=with_initial)
-        h_full, last_full = _xla_chunkwise(q, k, v, i, f, c, n, m, chunk_size=chunk_size,
-                                                      return_last_states=True)
+        q, k, v, i, f, c, n, m = mlstm_inputs(
+            case_key("pieces", with_initial), B, NH, seq_len, DHQK, DHHV, jnp.float64, with_initial=with_initial
+        )
+        h_full, last_full = _xla_chunkwise(q, k, v, i, f, c, n, m, chunk_size=chunk_size, return_last_states=True)
         pieces = []
         for piece in np.split(np.arange(seq_len), 4):
             sl = slice(int(piece[0]), int(piece[-1]) + 1)
-            h, (c, n, m) = _xla_chunkwise(q[:, :, sl], k[:, :, sl], v[:, :, sl], i[:, :, sl], f[:, :, sl],
-                                                     c, n, m, chunk_size=chunk_size, return_last_states=True)
+            h, (c, n, m) = _xla_chunkwise(
+                q[:, :, sl],
+                k[:, :, sl],
+                v[:, :, sl],
+                i[:, :, sl],
+                f[:, :, sl],
+                c,
+                n,
+                m,
+                chunk_size=chunk_size,
+                return_last_states=True,
+            )
             pieces.append(h)
         assert rel_err(jnp.concatenate(pieces, axis=2), h_full) <= 1e-10
         for part, actual, expected in zip("cnm", (c, n, m), last_full):
@@ -83,7 +113,7 @@ def test_state_passing_four_pieces_equal_one_run(with_initial):
 
 def _grads(loss, inputs):
     argnums = tuple(idx for idx, x in enumerate(inputs) if x is not None)
-    grads = jax.grad(loss, argnums=argnums)(*inputs)
+    grads = jax.jit(jax.grad(loss, argnums=argnums))(*inputs)
     return dict(zip([GRAD_NAMES[idx] for idx in argnums], grads))
 
 
@@ -95,7 +125,7 @@ def test_custom_backward_equals_autodiff_for_scale_blind_loss(seq_len, chunk_siz
         key = case_key("grad-blind", seq_len, with_initial)
         inputs = mlstm_inputs(key, B, NH, seq_len, DHQK, DHHV, jnp.float64, with_initial=with_initial)
         weights_key = jax.random.fold_in(key, 7)
-        recurrent = lambda *a: reference.mlstm_recurrent(*a, return_last_states=True)
+        recurrent = lambda *a: _recurrent(*a, return_last_states=True)
         chunkwise = lambda *a: _xla_chunkwise(*a, chunk_size=chunk_size, return_last_states=True)
         expected = _grads(scale_blind_loss(recurrent, weights_key, True), inputs)
         actual = _grads(scale_blind_loss(chunkwise, weights_key, True), inputs)
@@ -116,7 +146,7 @@ def test_custom_backward_equals_kernel_semantics_autodiff(with_initial):
         key = case_key("grad-kernel", with_initial)
         inputs = mlstm_inputs(key, B, NH, seq_len, DHQK, DHHV, jnp.float64, with_initial=with_initial)
         weights_key = jax.random.fold_in(key, 7)
-        recurrent = lambda *a: reference.mlstm_recurrent(*a, return_last_states=True, kernel_gradient_semantics=True)
+        recurrent = lambda *a: _recurrent(*a, return_last_states=True, kernel_gradient_semantics=True)
         chunkwise = lambda *a: _xla_chunkwise(*a, chunk_size=chunk_size, return_last_states=True)
         expected = _grads(plain_loss(recurrent, weights_key, True), inputs)
         actual = _grads(plain_loss(chunkwise, weights_key, True), inputs)
@@ -147,16 +177,116 @@ def test_extreme_gates_finite_and_in_agreement(gates):
         i, f = jnp.clip(i, -30.0, 30.0), jnp.clip(f, -30.0, 30.0)
         assert float(i.max()) >= 25.0 or float(f.min()) <= -25.0
         inputs = (q, k, v, i, f)
-        h_ref = reference.mlstm_recurrent(*inputs)
+        h_ref = _recurrent(*inputs)
         h64 = _xla_chunkwise(*inputs, chunk_size=chunk_size)
         assert rel_err(h64, h_ref) <= 1e-10
         h32 = _xla_chunkwise(*to_dtype(inputs, jnp.float32), chunk_size=chunk_size)
         assert bool(jnp.all(jnp.isfinite(h32)))
         assert rel_err(h32, h_ref) <= 5e-2
         weights_key = jax.random.fold_in(key, 7)
-        expected = _grads(scale_blind_loss(reference.mlstm_recurrent, weights_key, False), inputs)
-        actual = _grads(scale_blind_loss(lambda *a: _xla_chunkwise(*a, chunk_size=chunk_size),
-                                         weights_key, False), inputs)
+        expected = _grads(scale_blind_loss(_recurrent, weights_key, False), inputs)
+        actual = _grads(
+            scale_blind_loss(lambda *a: _xla_chunkwise(*a, chunk_size=chunk_size), weights_key, False), inputs
+        )
         for name in expected:
             assert bool(jnp.all(jnp.isfinite(actual[name]))), name
             assert rel_err(actual[name], expected[name]) <= 1e-8, name
+
+
+# --- mLSTMsig (input_gate="sigmoid") --------------------------------------------------------------------------
+
+# (normalize, with_initial, gates, S): "resets" (S = 24): resets, one of them first, and tokens that write nothing;
+# "extreme" (S = 70): tests.helpers.extreme_gates, the inputs of tests/test_api.py's sigmoid cells
+SIGMOID_CASES = {
+    "normalize-initial-resets": (True, True, "resets", 24),
+    "normalize": (True, False, None, 24),
+    "initial": (False, True, None, 24),
+    "resets": (False, False, "resets", 24),
+    "normalize-initial-extreme": (True, True, "extreme", 70),
+    "normalize-extreme": (True, False, "extreme", 70),
+    "initial-extreme": (False, True, "extreme", 70),
+    "extreme": (False, False, "extreme", 70),
+}
+SIG_B, SIG_NH, SIG_DHQK, SIG_DHHV = 2, 2, 8, 12
+
+
+def _sigmoid_inputs(name, with_initial, gates=None, seq_len=24):
+    q, k, v, i, f, c0, n0, _ = mlstm_inputs(
+        case_key("sigmoid", name, with_initial),
+        SIG_B,
+        SIG_NH,
+        seq_len,
+        SIG_DHQK,
+        SIG_DHHV,
+        jnp.float64,
+        with_initial=with_initial,
+    )
+    if gates == "resets":
+        f = f.at[..., jnp.array([0, 9, 15])].set(-jnp.inf)
+        i = i.at[..., jnp.array([5, 9, 23])].set(-jnp.inf)
+    elif gates == "extreme":
+        i, f = extreme_gates(i, f)
+    return q, k, v, i, f, c0, n0
+
+
+@pytest.mark.parametrize("case", SIGMOID_CASES)
+def test_sigmoid_recurrent_and_parallel_agree(case):
+    """h, the last states and (without normalization, exact for any loss) every gradient, in float64."""
+    normalize, with_initial, gates, seq_len = SIGMOID_CASES[case]
+    with jax.enable_x64(True):
+        inputs = _sigmoid_inputs("agree" if gates != "extreme" else case, with_initial, gates, seq_len)
+        kwargs = dict(normalize=normalize, return_last_states=True)
+        h, (c, n) = _sigmoid_recurrent(*inputs, **kwargs)
+        h_ref, (c_ref, n_ref) = _sigmoid_parallel(*inputs, **kwargs)
+        for got, expected in ((h, h_ref), (c, c_ref), (n, n_ref)):
+            assert np.all(np.isfinite(got)) and rel_err(got, expected) <= 1e-12, rel_err(got, expected)
+        weights = jax.random.normal(case_key("sigmoid-weights"), h.shape, jnp.float64)
+        argnums = tuple(range(7 if with_initial else 5))
+        grads = [
+            jax.jit(jax.grad(lambda *a: jnp.sum(weights * cell(*a, normalize=normalize)), argnums=argnums))(*inputs)
+            for cell in (mlstm_sigmoid_recurrent, mlstm_sigmoid_parallel)
+        ]
+        for got, expected in zip(*grads):
+            assert np.all(np.isfinite(got)) and rel_err(got, expected) <= 1e-11, rel_err(got, expected)
+
+
+def test_sigmoid_two_steps_by_hand():
+    """S = 2, one head of width 1: the states and outputs written out."""
+    q, k, v = jnp.array([2.0, -1.0]), jnp.array([0.5, 3.0]), jnp.array([1.5, -2.0])
+    i, f = jnp.array([0.3, -1.2]), jnp.array([1.0, 0.4])
+    sig = jax.nn.sigmoid
+    c1 = sig(i[0]) * k[0] * v[0]
+    n1 = sig(i[0]) * k[0]
+    c2 = sig(f[1]) * c1 + sig(i[1]) * k[1] * v[1]
+    n2 = sig(f[1]) * n1 + sig(i[1]) * k[1]
+    expected = jnp.array([q[0] * c1 / (max(abs(q[0] * n1), 1.0) + 1e-6), q[1] * c2 / (max(abs(q[1] * n2), 1.0) + 1e-6)])
+    shaped = lambda x, d=None: x.reshape(1, 1, 2) if d is None else x.reshape(1, 1, 2, 1)
+    args = (shaped(q, 1), shaped(k, 1), shaped(v, 1), shaped(i), shaped(f))
+    for cell in (mlstm_sigmoid_recurrent, mlstm_sigmoid_parallel):
+        h, (c, n) = cell(*args, return_last_states=True)
+        np.testing.assert_allclose(h.reshape(2), expected, rtol=1e-6)
+        np.testing.assert_allclose((c.reshape(()), n.reshape(())), (c2, n2), rtol=1e-6)
+        np.testing.assert_allclose(
+            cell(*args, normalize=False).reshape(2), jnp.array([q[0] * c1, q[1] * c2]), rtol=1e-6
+        )
+
+
+def test_sigmoid_held_denominator_matches_autodiff_for_a_scale_blind_loss():
+    """With normalize, holding the denominator constant (the kernels' gradient) is exact for a loss blind to
+    per-step rescaling of h."""
+    with jax.enable_x64(True):
+        inputs = _sigmoid_inputs("held", True)
+        weights = jax.random.normal(case_key("sigmoid-held"), (SIG_B, SIG_NH, 24, SIG_DHHV), jnp.float64)
+
+        def loss(held):
+            def value(*a):
+                h = mlstm_sigmoid_recurrent(*a, kernel_gradient_semantics=held)
+                return jnp.sum(weights * h / jnp.linalg.norm(h, axis=-1, keepdims=True))
+
+            return jax.jit(jax.grad(value, argnums=tuple(range(7))))(*inputs)
+
+        held, exact = loss(True), loss(False)
+        for got, expected in zip(held[:6], exact[:6]):
+            assert rel_err(got, expected) <= 1e-10, rel_err(got, expected)
+        # n enters h only through the denominator: its gradient is 0, held or not (autodiff leaves rounding)
+        assert np.all(held[6] == 0) and np.max(np.abs(exact[6])) <= 1e-12

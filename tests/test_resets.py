@@ -14,9 +14,9 @@ from jax import lax
 
 import pallas_mlstm
 import reference
-from pallas_mlstm.accuracy import ORACLE_TOLERANCE, mlstm_inputs, rel_err
+from pallas_mlstm.accuracy import ORACLE_TOLERANCE, rel_err
 from tests import flags as test_flags
-from tests.helpers import case_key, plain_loss
+from tests.helpers import case_key, mlstm_inputs, plain_loss
 
 GRAD_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
 # B, NH, S, DHQK, DHHV, chunk
@@ -52,8 +52,7 @@ def unstabilised_cell(q, k, v, i, f, c_initial, n_initial, m_initial):
 def _inputs(seed_name):
     """float32 inputs with the infinite gates of RESETS / SILENT, and the same values in float64."""
     batch, heads, seq_len, dhqk, dhhv, _ = SHAPE
-    q, k, v, i, f, c0, n0, m0 = mlstm_inputs(case_key(seed_name), batch, heads, seq_len, dhqk, dhhv,
-                                             with_initial=True)
+    q, k, v, i, f, c0, n0, m0 = mlstm_inputs(case_key(seed_name), batch, heads, seq_len, dhqk, dhhv, with_initial=True)
     for head in range(heads):
         f = f.at[:, head, jnp.array(RESETS[head])].set(-jnp.inf)
         i = i.at[:, head, jnp.array(SILENT[head])].set(-jnp.inf)
@@ -61,7 +60,7 @@ def _inputs(seed_name):
 
 
 def _grads(loss, inputs):
-    return dict(zip(GRAD_NAMES, jax.grad(loss, argnums=tuple(range(8)))(*inputs)))
+    return dict(zip(GRAD_NAMES, jax.jit(jax.grad(loss, argnums=tuple(range(8))))(*inputs)))  # one compile
 
 
 def _backends():
@@ -72,9 +71,10 @@ def test_stabilised_oracle_is_the_cell():
     inputs = _inputs("resets-oracle")
     with jax.enable_x64(True):
         inputs64 = tuple(x.astype(jnp.float64) for x in inputs)
-        h_cell, (c_cell, n_cell) = unstabilised_cell(*inputs64)
-        h, (c, n, m) = reference.mlstm_recurrent(*inputs64, return_last_states=True, eps=0.0,
-                                                 kernel_gradient_semantics=True)
+        h_cell, (c_cell, n_cell) = jax.jit(unstabilised_cell)(*inputs64)
+        h, (c, n, m) = reference.mlstm_recurrent(
+            *inputs64, return_last_states=True, eps=0.0, kernel_gradient_semantics=True
+        )
         assert rel_err(h, h_cell) <= 1e-12
         assert rel_err(c * jnp.exp(m)[..., None, None], c_cell) <= 1e-12
         assert rel_err(n * jnp.exp(m)[..., None], n_cell) <= 1e-12
@@ -90,13 +90,14 @@ def test_infinite_gates_match_the_cell(backend):
     weights_key = case_key("resets-weights")
     with jax.enable_x64(True):
         inputs64 = tuple(x.astype(jnp.float64) for x in inputs)
-        h_ref, (c_ref, n_ref) = unstabilised_cell(*inputs64)
+        h_ref, (c_ref, n_ref) = jax.jit(unstabilised_cell)(*inputs64)
         cell = lambda *a: (lambda h, last: (h, (*last, None)))(*unstabilised_cell(*a))
         grads_ref = _grads(plain_loss(cell, weights_key, True), inputs64)
 
     def run(*args):
-        h, (c, n, m) = pallas_mlstm.mlstm_chunkwise(*args, chunk_size=chunk, backend=backend, eps=0.0,
-                                                    return_last_states=True)
+        h, (c, n, m) = pallas_mlstm.mlstm_chunkwise(
+            *args, chunk_size=chunk, backend=backend, eps=0.0, return_last_states=True
+        )
         return h, (c * jnp.exp(m)[..., None, None], n * jnp.exp(m)[..., None], None)  # the true states
 
     h, (c, n, _) = jax.jit(run)(*inputs)

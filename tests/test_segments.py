@@ -1,13 +1,8 @@
 """`mlstm_chunkwise(..., segment_len=...)`: forward and backward over segments of the sequence in turn, against
-one pass over the whole sequence (the same op with segment_len=None)."""
+one pass over the whole sequence (the same op with segment_len=None). Bad segment_len values:
+tests/test_inputs.py; segments inside shards: tests/test_sharding.py."""
 
 from __future__ import annotations
-
-import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +10,10 @@ import numpy as np
 import pytest
 
 import pallas_mlstm
-from pallas_mlstm.accuracy import mlstm_inputs, rel_err
+from pallas_mlstm.accuracy import rel_err
 from pallas_mlstm.plan import SEGMENT_MAX_LEN, default_segment_len
 from tests import flags as test_flags
-from tests.helpers import case_key, plain_loss
+from tests.helpers import case_key, mlstm_inputs, plain_loss
 
 GRAD_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
 B, NH, S, DHQK, DHHV = 2, 2, 256, 16, 32
@@ -51,13 +46,35 @@ def _assert_segments_match_one_pass(inputs, key, segment_len, **kwargs):
         assert rel_err(grads[name], expected) <= TOLERANCE, name
 
 
-@pytest.mark.parametrize("with_initial", [False, True], ids=["no-initial", "initial"])
-@pytest.mark.parametrize("chunk,segment_len", [(16, S // 2), (32, S // 4)], ids=["L16-S/2", "L32-S/4"])
-def test_segments_match_one_pass(chunk, segment_len, with_initial):
+# The cell: mLSTMexp, or mLSTMsig without the normaliser (its states are (c, n))
+CELLS = {"exponential": {}, "sigmoid-unnormalized": dict(input_gate="sigmoid", normalize=False)}
+
+
+def _segment_params():
+    """(cell, chunk, segment_len, with_initial): the exponential cell with two or four segments, with and without
+    initial states; the sigmoid cell with four segments of two chunks, from initial states."""
+    params = [
+        pytest.param(
+            "exponential",
+            chunk,
+            segment_len,
+            with_initial,
+            id=f"exponential-{split}-{'initial' if with_initial else 'no-initial'}",
+        )
+        for chunk, segment_len, split in ((16, S // 2, "L16-S/2"), (32, S // 4, "L32-S/4"))
+        for with_initial in (False, True)
+    ]
+    return [*params, pytest.param("sigmoid-unnormalized", 32, S // 4, True, id="sigmoid-unnormalized-L32-S/4-initial")]
+
+
+@pytest.mark.parametrize("cell,chunk,segment_len,with_initial", _segment_params())
+def test_segments_match_one_pass(cell, chunk, segment_len, with_initial):
     """h, last states and every gradient (the loss weights the last C and n too: last-state cotangents)."""
-    key = case_key("segments", chunk, segment_len, with_initial)
-    inputs = mlstm_inputs(key, B, NH, S, DHQK, DHHV, with_initial=with_initial)
-    _assert_segments_match_one_pass(inputs, jax.random.fold_in(key, 1), segment_len, chunk_size=chunk, backend="xla")
+    key = case_key("segments", chunk, segment_len, with_initial, *(() if cell == "exponential" else (cell,)))
+    inputs = mlstm_inputs(key, B, NH, S, DHQK, DHHV, with_initial=with_initial)[: 8 if cell == "exponential" else 7]
+    _assert_segments_match_one_pass(
+        inputs, jax.random.fold_in(key, 1), segment_len, chunk_size=chunk, backend="xla", **CELLS[cell]
+    )
 
 
 def test_segments_match_one_pass_interpret():
@@ -117,19 +134,13 @@ def test_segments_bound_memory():
     inputs = mlstm_inputs(case_key("segments-memory"), 1, 1, 4096, 64, 64)[:5]
 
     def temp_bytes(segment_len):
-        loss = lambda *a: jnp.sum(pallas_mlstm.mlstm_chunkwise(*a, chunk_size=16, backend="xla",
-                                                                segment_len=segment_len))
+        loss = lambda *a: jnp.sum(
+            pallas_mlstm.mlstm_chunkwise(*a, chunk_size=16, backend="xla", segment_len=segment_len)
+        )
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*inputs).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
     assert temp_bytes(512) < temp_bytes(None) / 3
-
-
-@pytest.mark.parametrize("segment_len", [40, 48, 0, -64, 512, 64.0, True, "64"])
-def test_bad_segment_len_raises_value_error(segment_len):
-    inputs = mlstm_inputs(case_key("segments-bad"), 1, 2, S, DHQK, DHHV)[:5]
-    with pytest.raises(ValueError, match="segment_len must be a positive int that is a multiple of chunk_size=16"):
-        pallas_mlstm.mlstm_chunkwise(*inputs, chunk_size=16, backend="xla", segment_len=segment_len)
 
 
 def test_segment_len_of_s_is_one_pass():
@@ -147,51 +158,3 @@ def test_default_segment_len():
     assert default_segment_len(3 * 65536, 128) == 32768
     assert default_segment_len(128 * 1025, 128) == 128 * 205  # 1025 = 5²·41: the largest divisor <= 256 is 205
     assert default_segment_len(2 * 65536, 65536) is None  # no multiple of the chunk fits in 32768
-
-
-# Sharded: cases of tests/sharding_cases.py with segment_len, run in a process of their own with 4 CPU devices.
-_SHARDED_CASES = {
-    # sequence shards of 96 steps, which segment_len=64 does not divide: each runs segments of 48
-    # (with hard resets and silent tokens, some on shard and segment edges)
-    "seq_segments_cut": dict(mesh_shape=(4,), axis_names=("s",), lead_spec=(None, None, "s"), seq_len=384,
-                             infinite_gates=True, kwargs=(("segment_len", 64),)),
-    # segments longer than a shard: one pass per shard
-    "seq_segments_longer": dict(mesh_shape=(4,), axis_names=("s",), lead_spec=(None, None, "s"), seq_len=512,
-                                kwargs=(("segment_len", 256),)),
-    # Explicit axes: each shard keeps its own segment starts where it cuts segments of segment_len, else recomputes
-    "seq_segments_explicit": dict(mesh_shape=(4,), axis_names=("s",), lead_spec=(None, None, "s"), seq_len=512,
-                                  explicit=True, kwargs=(("segment_len", 64),)),
-    "seq_segments_cut_explicit": dict(mesh_shape=(4,), axis_names=("s",), lead_spec=(None, None, "s"), seq_len=384,
-                                      explicit=True, kwargs=(("segment_len", 64),)),
-    "batch_heads_segments": dict(mesh_shape=(2, 2), axis_names=("b", "h"), lead_spec=("b", "h", None),
-                                 kwargs=(("segment_len", 32), ("recompute_states_in_bw", False))),
-}
-_RUN_SHARDED = """
-import sys
-from tests import sharding_cases
-cases = {cases}
-sharding_cases.CASES.update({{name: sharding_cases.Case(**case) for name, case in cases.items()}})
-sharding_cases.main(["xla", "{seed}", *cases])
-"""
-
-
-def test_sharded_segments_match_one_device():
-    """Segments inside batch / head shards (the segments' initial states pass from forward to backward) and
-    inside sequence shards (each shard cuts its own segments; it keeps their initial states on Explicit axes
-    where its segments are segment_len long, else recomputes them)."""
-    if "xla" not in test_flags.BACKEND.value:
-        pytest.skip("backend xla not selected by --backend")
-    repo = pathlib.Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
-    script = _RUN_SHARDED.format(cases=repr(_SHARDED_CASES), seed=test_flags.SEED.value)
-    done = subprocess.run([sys.executable, "-c", script], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-6000:]
-    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert [result["case"] for result in results] == list(_SHARDED_CASES)
-    for result in results:  # a shard's segments are not the one device's: the bound of segments vs one pass
-        for quantity, error in result["errors"].items():
-            assert error <= TOLERANCE, (result["case"], quantity, error)
-        for quantity, (got, expected) in result["shardings"].items():
-            assert got == expected, (result["case"], quantity)
