@@ -47,6 +47,6 @@ _FIRST = ("tests/test_sharding.py",)
 
 def pytest_collection_modifyitems(config, items):
     """Moves the tests of _FIRST to the front (a stable sort: the order within each part stays). Under pytest-xdist
-    the first worker then takes them with its first batch and runs the long subprocess while the other works
+    the first worker then takes them all with its first batch and runs the long subprocess while the others work
     through the rest, instead of the subprocess starting last and ending the run alone."""
     items.sort(key=lambda item: not item.nodeid.startswith(_FIRST))

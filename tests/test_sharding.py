@@ -66,7 +66,8 @@ def _run_cases(backend: str) -> dict:
 @functools.cache
 def _results(backend: str, shared_dir: pathlib.Path) -> dict:
     """_run_cases(backend), once per pytest session: the first xdist worker to ask runs it, under a file lock in
-    the session's shared temporary folder, and the others read its JSON."""
+    the session's shared temporary folder, and the others wait for its JSON (tests/conftest.py orders these tests
+    first, so that under xdist one worker takes them all)."""
     path = shared_dir / f"sharding-{backend}-seed{test_flags.SEED.value}.json"
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
