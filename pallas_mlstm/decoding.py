@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.plan import make_cell
-from pallas_mlstm.registry import get_backend
+from pallas_mlstm.registry import get_backend, registered
 from pallas_mlstm.validation import validate_operand_dtypes
 
 
@@ -18,6 +21,20 @@ def _gate(name: str, x, batch: int, heads: int):
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{name} must be a floating-point array; got dtype {x.dtype}.")
     return x.reshape(batch, heads)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _differentiable_step(kernel, call: KernelCall, *arrays):
+    """`kernel(call, *arrays)` (a backend's step launcher) with the derivatives of the jnp step (the xla
+    backend's): differentiable in forward and reverse mode on every backend. It also lets flax's nn.scan over a
+    layer stack take the step (a bare Pallas call there fails nn.scan's check of broadcast variables)."""
+    return kernel(call, *arrays)
+
+
+@_differentiable_step.defjvp
+def _step_jvp(kernel, call, primals, tangents):
+    _, tangents_out = jax.jvp(functools.partial(registered("xla").kernels.recurrent_step, call), primals, tangents)
+    return kernel(call, *primals), tangents_out
 
 
 def mlstm_recurrent_step(
@@ -43,6 +60,8 @@ def mlstm_recurrent_step(
     followed by steps equals one call over the whole sequence. backend: "triton" / "interpret" run the Pallas
     step kernel, "xla" the same math in jnp; None: triton on a GPU, xla otherwise. `input_gate` and `normalize`
     pick the cell as in `mlstm_chunkwise`: the sigmoid gate's states are (c, n), and m must not be given.
+    Differentiable on every backend (jax.grad, jax.jvp; derivatives from the jnp step), and usable inside
+    jax.lax.scan / flax nn.scan over a stack of layers.
     """
     cell = make_cell(input_gate, normalize, eps)
     if input_gate == "exponential" and m is None:
@@ -80,7 +99,7 @@ def mlstm_recurrent_step(
     call = KernelCall(
         chunk_size=1, eps=cell.eps, input_gate=cell.input_gate, normalize=cell.normalize, interpret=chosen.interpret
     )  # one step: a chunk of 1
-    h, (c, n, m) = chosen.kernels.recurrent_step(call, q, k, v, i, f, *states)
+    h, (c, n, m) = _differentiable_step(chosen.kernels.recurrent_step, call, q, k, v, i, f, *states)
     if input_gate == "sigmoid":
         return h, (c, n)
     return h, (c, n, m.reshape(m_shape))

@@ -3,6 +3,8 @@ for both cells (bad step inputs: tests/test_inputs.py)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -114,3 +116,67 @@ def test_step_shapes_dtypes_and_extreme_gates(backend):
     )
     for actual, expected in zip(jax.tree.leaves((h16, states16)), jax.tree.leaves(twin)):
         assert rel_err(actual, expected) <= 1e-2
+
+
+LAYERS, WIDTH = 3, DHHV  # a layer stack whose residual stream has the width of v
+
+
+def _layer_stack(step):
+    """A stack of LAYERS decoding layers in one jax.lax.scan: each projects the residual stream x (B, WIDTH) into
+    q, k, v and the gates with its own weights, runs `step(q, k, v, i, f, c, n, m)` from its own states and adds
+    the head-mean of h to x. Returns loss(params, states, x) -> (scalar, new states)."""
+
+    def layer(x, scanned):
+        (w_q, w_k, w_v, w_gates), (c, n, m) = scanned  # (WIDTH, NH·DHQK) ×2, (WIDTH, NH·DHHV), (WIDTH, 2·NH)
+        q, k = ((x @ w).reshape(B, NH, DHQK) for w in (w_q, w_k))  # (B, NH, DHQK)
+        v = (x @ w_v).reshape(B, NH, DHHV)  # (B, NH, DHHV)
+        i, f = jnp.split(x @ w_gates, 2, axis=-1)  # (B, NH) each
+        h, states = step(q, k, v, i, f, c, n, m)  # h (B, NH, DHHV)
+        return x + h.mean(axis=1), states
+
+    def loss(params, states, x):
+        x, new_states = jax.lax.scan(layer, x, (params, states))
+        return jnp.sum(jnp.sin(x)), new_states
+
+    return loss
+
+
+def _oracle_step(q, k, v, i, f, c, n, m):
+    """One token of the float32 recurrent oracle, in the step's shapes."""
+    token = lambda x: x[:, :, None]
+    h, states = reference.mlstm_recurrent(*map(token, (q, k, v, i, f)), c, n, m, return_last_states=True)
+    return h[:, :, 0], states
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_step_differentiable_in_a_scanned_layer_stack(backend):
+    """mlstm_recurrent_step inside a jax.lax.scan over layers with per-layer weights and states, under jit: the
+    values, jax.grad (weights and states) and jax.jvp equal the same stack built on the recurrent oracle (1e-5)."""
+    _skip_without_gpu(backend)
+    keys = jax.random.split(case_key("scanned-stack", backend), 8)
+    init = lambda key, shape, scale: scale * jax.random.normal(key, (LAYERS, *shape), jnp.float32)
+    params = (
+        init(keys[0], (WIDTH, NH * DHQK), 0.3),
+        init(keys[1], (WIDTH, NH * DHQK), 0.3),
+        init(keys[2], (WIDTH, NH * DHHV), 0.3),
+        init(keys[3], (WIDTH, 2 * NH), 1.0),
+    )
+    states = (
+        init(keys[4], (B, NH, DHQK, DHHV), 0.5),
+        init(keys[5], (B, NH, DHQK), 0.5),
+        init(keys[6], (B, NH), 1.0),
+    )
+    x = jax.random.normal(keys[7], (B, WIDTH), jnp.float32)
+    ours = _layer_stack(functools.partial(pallas_mlstm.mlstm_recurrent_step, backend=backend))
+    oracle = _layer_stack(_oracle_step)
+    for got, expected in zip(
+        jax.tree.leaves(jax.jit(ours)(params, states, x)), jax.tree.leaves(oracle(params, states, x))
+    ):
+        assert rel_err(got, expected) <= 1e-5
+    grad = lambda loss: jax.jit(jax.grad(lambda *a: loss(*a)[0], argnums=(0, 1, 2)))(params, states, x)
+    for got, expected in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(oracle))):
+        assert rel_err(got, expected) <= 1e-5
+    tangents = jax.tree.map(lambda a: jnp.cos(a), (params, states, x))
+    jvp = lambda loss: jax.jit(lambda *t: jax.jvp(lambda *a: loss(*a), (params, states, x), t))(*tangents)
+    for got, expected in zip(jax.tree.leaves(jvp(ours)), jax.tree.leaves(jvp(oracle))):
+        assert rel_err(got, expected) <= 1e-5
