@@ -19,6 +19,7 @@ from pallas_mlstm.upstream import (
     mlstm_chunkwise_bw,
     mlstm_chunkwise_fw,
     mlstm_chunkwise_max_triton,
+    mlstm_recurrent_step__triton_fw,
 )
 
 __version__ = "0.1.0"
@@ -41,5 +42,6 @@ __all__ = [
     "mlstm_chunkwise_fw",
     "mlstm_chunkwise_max_triton",
     "mlstm_recurrent_step",
+    "mlstm_recurrent_step__triton_fw",
     "resolve_backend",
 ]

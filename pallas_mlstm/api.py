@@ -13,9 +13,12 @@ from pallas_mlstm.plan import Plan, launches_for, make_cell, make_chunking, reso
 from pallas_mlstm.registry import get_backend
 from pallas_mlstm.sharding import run_partitioned
 from pallas_mlstm.states import States, acc_dtype, state_buffer_dtype
-from pallas_mlstm.validation import validate_mlstm_inputs, validate_operand_dtypes, validate_segment_ids
-
-_AUTOCAST_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
+from pallas_mlstm.validation import (
+    validate_autocast_dtype,
+    validate_mlstm_inputs,
+    validate_operand_dtypes,
+    validate_segment_ids,
+)
 
 
 def _empty_outputs(plan: Plan, q, v, out_dtype):
@@ -97,11 +100,7 @@ def mlstm_chunkwise(
         )
     chosen = get_backend(backend)
     out_dtype = q.dtype
-    if autocast_kernel_dtype is not None:
-        if jnp.dtype(autocast_kernel_dtype) not in [jnp.dtype(d) for d in _AUTOCAST_DTYPES]:
-            raise ValueError(
-                f"autocast_kernel_dtype must be float16, bfloat16, float32 or None; got {autocast_kernel_dtype!r}."
-            )
+    if validate_autocast_dtype(autocast_kernel_dtype) is not None:
         q, k, v = (x.astype(autocast_kernel_dtype) for x in (q, k, v))
     validate_operand_dtypes(q, k, v)
     config = resolve_config(chosen, config, (batch, heads, seq_len, dhqk, dhhv), q.dtype)

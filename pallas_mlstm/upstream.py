@@ -1,7 +1,7 @@
 """Upstream's signatures over the plan-based core: a façade, so that users of xlstm_jax's
 `max_triton_fwbw_v5xlchunksize` switch by changing an import.
 
-`mlstm_chunkwise_fw` / `_bw`, `mlstm_chunkwise_max_triton` and the gate helper keep upstream's names,
+`mlstm_chunkwise_fw` / `_bw`, `mlstm_chunkwise_max_triton`, the gate helper and the decoding step keep upstream's names,
 argument positions and defaults (tests/test_contract.py pins them); each turns its arguments into a `Plan`
 once (pallas_mlstm.plan) and runs the core (pallas_mlstm.chunkwise). The six kernels are the backends' own
 upstream-signature functions (pallas_mlstm.pallas_triton, re-exported by pallas_mlstm).
@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from pallas_mlstm.api import mlstm_chunkwise
 from pallas_mlstm.chunkwise import ChunkStates, ForwardOutputs, Inputs, backward, forward
+from pallas_mlstm.decoding import mlstm_recurrent_step
 from pallas_mlstm.gates import chunkwise_log_gates
 from pallas_mlstm.plan import (
     Cell,
@@ -27,6 +28,7 @@ from pallas_mlstm.plan import (
 )
 from pallas_mlstm.registry import get_backend
 from pallas_mlstm.states import States
+from pallas_mlstm.validation import validate_autocast_dtype, validate_mlstm_inputs
 
 
 def _upstream_plan(shape, cell: Cell, chunk_sizes, launch: dict, backend, qk_scale, allow_tf32, states_dtype) -> Plan:
@@ -231,14 +233,23 @@ def mlstm_chunkwise_max_triton(
     eps: float = 1e-6,
     chunk_size: int = 64,
     autocast_kernel_dtype=jnp.float32,
+    *,
+    backend: str | None = None,
 ):
     """xlstm_jax's `max_triton_fwbw_v5xlchunksize.mlstm_chunkwise_max_triton`, same arguments, on Pallas.
 
-    Returns h (B, NH, S, DHHV), or `(h, (c_last, n_last, m_last))` with `return_last_states`, as upstream.
-    Differences: `chunk_size` is honoured (upstream's top level ignores it), and S need not be a multiple of it;
-    `autocast_kernel_dtype` casts q, k, v only, the gates stay float32; h comes back in q's dtype. The
-    backend is the default one (triton on a GPU, xla otherwise); use `mlstm_chunkwise` to choose it.
+    Returns h (B, NH, S, DHHV) in `autocast_kernel_dtype`, or `(h, (c_last, n_last, m_last))` with
+    `return_last_states`, as upstream. As upstream's, `chunk_size` is accepted and ignored: the chunk size is the
+    measured default of `mlstm_chunkwise` (`pallas_mlstm.plan.padding_chunk_size`); pass `chunk_size` to
+    `mlstm_chunkwise` to choose it. Differences: any S works; q, k and v are cast to `autocast_kernel_dtype`, the
+    gates and states stay float32 (upstream casts i and the initial states too); `backend` ("triton",
+    "interpret", "xla", or None: triton on a GPU, xla otherwise) picks the kernels.
     """
+    del chunk_size  # upstream's top level ignores it too
+    validate_mlstm_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
+    kernel_dtype = validate_autocast_dtype(autocast_kernel_dtype)
+    if kernel_dtype is not None:  # h then comes back in this dtype, as upstream's
+        q, k, v = (x.astype(kernel_dtype) for x in (q, k, v))
     return mlstm_chunkwise(
         q,
         k,
@@ -249,7 +260,45 @@ def mlstm_chunkwise_max_triton(
         n_initial,
         m_initial,
         return_last_states=return_last_states,
-        chunk_size=chunk_size,
         eps=eps,
-        autocast_kernel_dtype=autocast_kernel_dtype,
+        backend=backend,
     )
+
+
+def mlstm_recurrent_step__triton_fw(
+    matC_state: jax.Array,  # (B, NH, DHQK, DHHV)
+    vecN_state: jax.Array,  # (B, NH, DHQK)
+    scaM_state: jax.Array,  # (B, NH, 1)
+    vecQ: jax.Array,  # (B, NH, DHQK)
+    vecK: jax.Array,  # (B, NH, DHQK)
+    vecV: jax.Array,  # (B, NH, DHHV)
+    scaI: jax.Array,  # (B, NH, 1)
+    scaF: jax.Array,  # (B, NH, 1)
+    matC_new: jax.Array | None = None,  # (B, NH, DHQK, DHHV)
+    vecN_new: jax.Array | None = None,  # (B, NH, DHQK)
+    scaM_new: jax.Array | None = None,  # (B, NH, 1)
+    qk_scale: float | None = None,
+    eps: float = 1e-6,
+    dtype_state=jnp.float32,
+    *,
+    backend: str | None = None,
+):
+    """The step function of xlstm_jax / mlstm_kernels' JAX decoding, same names and order, on Pallas:
+    (vecH (B, NH, DHHV) in vecV's dtype, (matC, vecN, scaM) in the states' dtypes).
+
+    The keyword call of xlstm_jax's decoding (`matC_state=..., vecQ=..., scaI=..., eps=...`) works unchanged.
+    It runs `mlstm_recurrent_step` (exponential gate), so it is differentiable and takes any head dims.
+    `matC_new`, `vecN_new` and `scaM_new` (upstream's output buffers) and `dtype_state` are accepted and unused:
+    the new states are new arrays, and the step computes in float32. `qk_scale` must be None or DHQK^-1/2, the
+    step's scale; `backend` as in `mlstm_recurrent_step`.
+    """
+    dhqk = getattr(vecQ, "shape", (None,))[-1]
+    if qk_scale is not None and dhqk and abs(qk_scale * dhqk**0.5 - 1.0) > 1e-6:
+        raise ValueError(
+            f"qk_scale must be None or DHQK**-0.5 = {dhqk**-0.5:.6g}, the step's scale; got {qk_scale!r}: "
+            "scale vecQ by qk_scale * DHQK**0.5 instead."
+        )
+    h, states = mlstm_recurrent_step(
+        vecQ, vecK, vecV, scaI, scaF, matC_state, vecN_state, scaM_state, eps=eps, backend=backend
+    )
+    return h, tuple(new.astype(old.dtype) for new, old in zip(states, (matC_state, vecN_state, scaM_state)))

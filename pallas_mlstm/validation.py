@@ -81,3 +81,19 @@ def validate_operand_dtypes(q, k, v) -> None:
             f"q, k and v must share a dtype (got {q.dtype}, {k.dtype}, {v.dtype}); cast them to one "
             "(mlstm_chunkwise also takes autocast_kernel_dtype)."
         )
+
+
+_AUTOCAST_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def validate_autocast_dtype(dtype):
+    """`autocast_kernel_dtype` as a NumPy dtype: float16, bfloat16, float32, or None (no cast)."""
+    if dtype is None:
+        return None
+    try:
+        checked = jnp.dtype(dtype)
+    except TypeError:
+        checked = None
+    if checked is None or checked.name not in _AUTOCAST_DTYPES:
+        raise ValueError(f"autocast_kernel_dtype must be float16, bfloat16, float32 or None; got {dtype!r}.")
+    return checked

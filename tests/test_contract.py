@@ -165,6 +165,23 @@ UPSTREAM = {
         ("chunk_size", 64),
         ("autocast_kernel_dtype", jnp.float32),
     ),
+    # the decoding step, by the names xlstm_jax's decoding calls it with (mlstm_kernels' JAX step signature)
+    "mlstm_recurrent_step__triton_fw": (
+        ("matC_state", _REQUIRED),
+        ("vecN_state", _REQUIRED),
+        ("scaM_state", _REQUIRED),
+        ("vecQ", _REQUIRED),
+        ("vecK", _REQUIRED),
+        ("vecV", _REQUIRED),
+        ("scaI", _REQUIRED),
+        ("scaF", _REQUIRED),
+        ("matC_new", None),
+        ("vecN_new", None),
+        ("scaM_new", None),
+        ("qk_scale", None),
+        ("eps", 1e-6),
+        ("dtype_state", jnp.float32),
+    ),
 }
 KERNELS = [name for name in UPSTREAM if name.startswith("mlstm_chunkwise__")]
 
@@ -270,7 +287,7 @@ def test_kernel_called_positionally_in_upstream_order_equals_keyword_call(name, 
     by_name = jax.tree.leaves(function(**dict(zip(names, args)), **extra))
     for got, expected in zip(positional, by_name, strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)
-    if name.startswith("mlstm_chunkwise__parallel_bw"):  # mlstm_kernels' (vecB, vecA) order differs: seen here
+    if name.startswith("mlstm_chunkwise__parallel_bw"):  # vecA and vecB swapped by mistake: seen here
         swapped = dict(zip(names, args), vecA=args[5], vecB=args[4])
         assert rel_err(jax.tree.leaves(function(**swapped, **extra))[0], by_name[0]) > 1e-2
 
@@ -324,16 +341,42 @@ def test_fw_and_bw_positional_equal_keyword():
 
 
 def test_max_triton_is_a_drop_in_for_upstreams_top_level():
+    """Upstream's positional call; h in autocast_kernel_dtype; chunk_size ignored (the measured default chooses),
+    as upstream's top level; backend keyword-only."""
     q, k, v, i, f, c0, n0, m0 = mlstm_inputs(case_key("contract-top"), 1, 2, _S, 16, 32, with_initial=True)
-    h = pallas_mlstm.mlstm_chunkwise_max_triton(q, k, v, i, f)  # upstream's defaults: chunk 64, float32
-    expected = pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, chunk_size=64)
-    assert h.dtype == q.dtype and rel_err(h, expected) <= 1e-6
+    h = pallas_mlstm.mlstm_chunkwise_max_triton(q, k, v, i, f)  # upstream's defaults: float32
+    expected = pallas_mlstm.mlstm_chunkwise(q, k, v, i, f)
+    assert h.dtype == jnp.float32 and rel_err(h, expected) <= 1e-6
     h, (c, n, m) = pallas_mlstm.mlstm_chunkwise_max_triton(q, k, v, i, f, c0, n0, m0, True, 1e-6, _CHUNK, jnp.bfloat16)
     expected_h, expected_last = pallas_mlstm.mlstm_chunkwise(
-        q, k, v, i, f, c0, n0, m0, return_last_states=True, chunk_size=_CHUNK, autocast_kernel_dtype=jnp.bfloat16
+        q, k, v, i, f, c0, n0, m0, return_last_states=True, autocast_kernel_dtype=jnp.bfloat16
     )
-    assert h.dtype == q.dtype and rel_err(h, expected_h) <= 1e-6
+    assert h.dtype == jnp.bfloat16 and rel_err(h, expected_h) <= 1e-2
     for got, want in zip((c, n, m), expected_last, strict=True):
         assert rel_err(got, want) <= 1e-6
-    grads = jax.grad(lambda q: jnp.sum(pallas_mlstm.mlstm_chunkwise_max_triton(q, k, v, i, f, chunk_size=_CHUNK)))(q)
+    # bf16 inputs, float32 kernels: h in float32, not rounded to bf16 on the way
+    q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    h32 = pallas_mlstm.mlstm_chunkwise_max_triton(q16, k16, v16, i, f, backend="xla")
+    assert h32.dtype == jnp.float32
+    exact = pallas_mlstm.mlstm_chunkwise(*(x.astype(jnp.float32) for x in (q16, k16, v16)), i, f, backend="xla")
+    assert rel_err(h32, exact) <= 1e-6
+    loss = lambda q: jnp.sum(pallas_mlstm.mlstm_chunkwise_max_triton(q, k, v, i, f, chunk_size=_CHUNK))
+    grads = jax.grad(loss)(q)
     assert grads.shape == q.shape and bool(jnp.all(jnp.isfinite(grads)))
+
+
+def test_step_called_by_upstreams_keywords_equals_mlstm_recurrent_step():
+    """xlstm_jax's decoding call (keywords, (B, NH, 1) gates and m, bf16 q, k, v) equals mlstm_recurrent_step, with
+    the states in their given dtypes; a qk_scale other than the step's is refused."""
+    q, k, v, i, f, c0, n0, m0 = mlstm_inputs(case_key("contract-step"), 2, 2, 1, 16, 32, with_initial=True)
+    q, k, v = (x[:, :, 0].astype(jnp.bfloat16) for x in (q, k, v))
+    i, f, m0 = i[..., :1], f[..., :1], m0[..., None]  # (B, NH, 1)
+    h, (c, n, m) = pallas_mlstm.mlstm_recurrent_step__triton_fw(
+        matC_state=c0, vecN_state=n0, scaM_state=m0, vecQ=q, vecK=k, vecV=v, scaI=i, scaF=f, eps=1e-6
+    )
+    expected_h, expected_states = pallas_mlstm.mlstm_recurrent_step(q, k, v, i, f, c0, n0, m0)
+    assert h.dtype == jnp.bfloat16 and m.shape == m0.shape
+    for got, want in zip((h, c, n, m), (expected_h, *expected_states), strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="qk_scale must be None or DHQK"):
+        pallas_mlstm.mlstm_recurrent_step__triton_fw(c0, n0, m0, q, k, v, i, f, qk_scale=1.0)
