@@ -68,7 +68,8 @@ def mlstm_chunkwise(
     state reaches the first document only, and the last states are the last document's. Returns h (B, NH, S, DHHV)
     in q's dtype, or `(h, (c_last, n_last, m_last))` with `return_last_states`. Gradients hold the normaliser and
     the max state constant (exact for the head-normalised outputs of an mLSTM block; see README); first-order
-    reverse mode only (jax.grad, jax.vjp), no jax.jvp / jax.jacfwd or second derivatives.
+    reverse mode only (jax.grad, jax.vjp), no jax.jvp / jax.jacfwd or second derivatives. A NaN in k or v at step t
+    makes h NaN from the start of t's chunk on, not from t (a chunk is one matmul; the recurrent step: from t).
 
     `input_gate` picks the cell: "exponential" (mLSTMexp, the xLSTM default: input gate e^ĩ, states (C, n, m) with
     the max state m) or "sigmoid" (mLSTMsig of the TFLA paper: input gate σ(ĩ), states (C, n), bounded, no max

@@ -75,6 +75,21 @@ def test_c_initial_alone_means_zero_n_and_m():
 
 
 @pytest.mark.skipif(not _NO_GPU, reason="checks the error on a machine without a GPU")
+@pytest.mark.parametrize("operand", ["k", "v"])
+def test_a_nan_in_k_or_v_reaches_back_to_its_chunk_start_only(operand):
+    """The documented reach of a NaN at step t in k or v: h is NaN from the start of t's chunk on (one matmul per
+    chunk), and exactly the clean h before that chunk."""
+    chunk, t = 16, 40
+    q, k, v, i, f, *_ = mlstm_inputs(case_key("nan-input", operand), 1, 2, 64, 16, 16)
+    operands = dict(k=k, v=v)
+    clean = pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, chunk_size=chunk, backend=BACKEND)
+    operands[operand] = operands[operand].at[:, :, t].set(jnp.nan)
+    h = pallas_mlstm.mlstm_chunkwise(q, operands["k"], operands["v"], i, f, chunk_size=chunk, backend=BACKEND)
+    chunk_start = t // chunk * chunk
+    np.testing.assert_array_equal(h[:, :, :chunk_start], clean[:, :, :chunk_start])
+    assert bool(jnp.all(jnp.isnan(h[:, :, chunk_start:])))
+
+
 def test_triton_backend_without_a_gpu_names_the_alternatives():
     q, k, v, i, f, *_ = mlstm_inputs(case_key("no-gpu"), 1, 1, 32, 16, 16)
     with pytest.raises(ValueError, match="backend='xla'.*backend='interpret'"):
