@@ -95,6 +95,8 @@ _LONG_SIGNATURES_ALLOWED = {
     "mlstm_chunkwise",  # the public entry point: every option a keyword
     "mlstm_chunkwise_fw",
     "mlstm_chunkwise_bw",
+    "mlstm_chunkwise_max_triton",
+    "mlstm_recurrent_step__triton_fw",
     *(f"mlstm_chunkwise__{name}" for name in CHUNKWISE_KERNELS),
 }
 
