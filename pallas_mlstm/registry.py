@@ -9,11 +9,16 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.experimental.pallas.fuser  # noqa: F401  (see below)
 
 from pallas_mlstm import pallas_triton, xla_kernels
 from pallas_mlstm.backend import Backend
 from pallas_mlstm.pallas_triton.common import gpu_available
 from pallas_mlstm.pallas_triton.launch import MIN_TILE, TritonLaunch, from_upstream
+
+# The Pallas interpreter imports jax.experimental.pallas.fuser on its first lowering, and that module adds a value
+# to JAX's tracing context: every function jitted before (ours included) would then trace and compile once more.
+# Importing it here, with the interpret backend, keeps the first call's compilations valid.
 
 
 def _triton_launch(kernel: str, flat: dict, override: dict | None) -> TritonLaunch:

@@ -360,6 +360,11 @@ def _states_can_be_kept(q) -> bool:
     return no_mesh and jax.device_count() == 1
 
 
+# Jitted, so that a call outside jit compiles once per plan and shapes instead of running (and, for the Pallas
+# interpreter, compiling) operation by operation on every call.
+_run_unpartitioned = jax.jit(run_chunkwise, static_argnums=0)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _run_jit(plan: Plan, q, k, v, i, f, c_initial, n_initial, m_initial):
     return _sharded_chunkwise(plan, q, k, v, i, f, c_initial, n_initial, m_initial)
@@ -368,8 +373,8 @@ def _run_jit(plan: Plan, q, k, v, i, f, c_initial, n_initial, m_initial):
 def run_partitioned(plan: Plan, inputs: Inputs, initial: States):
     """`pallas_mlstm.op.run_chunkwise` for inputs that may be sharded over a mesh (B, NH and/or S).
 
-    Runs as a jitted call (partitioned per shard by XLA) unless there is nothing to partition: inside a
-    `shard_map` whose axes are all Manual, or under a one-device mesh (e.g. deviceless lowering).
+    Runs as a jitted call, partitioned per shard by XLA unless there is nothing to partition: inside a `shard_map`
+    whose axes are all Manual, or under a one-device mesh (e.g. deviceless lowering).
     The plan's segment_len becomes the one S is cut with (`segment_len_of`), None for one pass; a
     `recompute_states_in_bw` of None becomes False (keep the chunk states for the backward) where they can be
     kept (`_states_can_be_kept`), else True.
@@ -379,5 +384,5 @@ def run_partitioned(plan: Plan, inputs: Inputs, initial: States):
     if plan.chunking.recompute_states_in_bw is None:
         plan = plan.replace_chunking(recompute_states_in_bw=not _states_can_be_kept(q))
     if _nothing_to_partition(q):
-        return run_chunkwise(plan, inputs, initial)
+        return _run_unpartitioned(plan, inputs, initial)
     return _run_jit(plan, *inputs, *initial)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -324,3 +328,29 @@ def test_states_kept_for_the_backward_by_default_on_one_device():
     for recompute in (None, True):
         for a, b in zip(grads[recompute], grads[False]):
             assert rel_err(a, b) <= 1e-6
+
+
+_SECOND_CALL_COMPILES = """
+import jax, jax.numpy as jnp, pallas_mlstm
+from pallas_mlstm.accuracy import mlstm_inputs
+compiles = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None
+)
+q, k, v, i, f, *_ = mlstm_inputs(jax.random.PRNGKey(0), 1, 2, 32, 16, 16)
+for backend in ("interpret", "xla"):
+    jax.block_until_ready(pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, chunk_size=16, backend=backend))
+before = len(compiles)
+for backend in ("interpret", "xla"):
+    jax.block_until_ready(pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, chunk_size=16, backend=backend))
+print(len(compiles) - before)
+"""
+
+
+def test_a_repeated_call_outside_jit_compiles_nothing():
+    """In a fresh process (the first Pallas interpreter lowering of a process is what once invalidated every earlier
+    compilation), calling the op again outside jit, on the interpreter and on xla, compiles nothing."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", _SECOND_CALL_COMPILES], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "0", done.stdout
