@@ -67,7 +67,7 @@ def mlstm_chunkwise(
     changes the state is reset before that token (f̃ = −∞ there), so each document sees only itself; an initial
     state reaches the first document only, and the last states are the last document's. Returns h (B, NH, S, DHHV)
     in q's dtype, or `(h, (c_last, n_last, m_last))` with `return_last_states`. Gradients hold the normaliser and
-    the max state constant (exact for the head-normalised outputs of an mLSTM block; see README); first-order
+    the max state constant (exact for the head-normalised outputs of an mLSTM block; docs/numerics.md); first-order
     reverse mode only (jax.grad, jax.vjp), no jax.jvp / jax.jacfwd or second derivatives. A NaN in k or v at step t
     makes h NaN from the start of t's chunk on, not from t (a chunk is one matmul; the recurrent step: from t).
 

@@ -168,7 +168,7 @@ def test_extreme_gates_finite_and_in_agreement(gates):
     This regime is ill-conditioned: rounding the inputs to float32 alone moves h by up to ~1e-3 (float64
     arithmetic). The chunkwise form adds the absolute rounding of the in-chunk log-decay cumsum, whose
     magnitude reaches L·|log σ(f̃)| ≈ 3800 here (measured 1.8e-2 for "both" at chunk 128, 5e-6 and 1.3e-3
-    for the other two); README's numerics section documents it.
+    for the other two); docs/numerics.md documents it.
     """
     seq_len, chunk_size = 2048, 128
     with jax.enable_x64(True):
