@@ -54,15 +54,14 @@ class Case:
         return dict(self.kwargs).get("input_gate") == "sigmoid"
 
 
+# Batch and heads are sharded together (one code path: neither axis is cut inside a program); the sequence alone,
+# over two axes and beside the batch (Explicit axes; on Auto axes the sequence alone and over two axes).
 CASES = {
-    "batch": Case((4,), ("b",), ("b", None, None)),
-    "heads": Case((4,), ("h",), (None, "h", None)),
     "batch_heads": Case((2, 2), ("b", "h"), ("b", "h", None)),
     "batch_heads_explicit": Case((2, 2), ("b", "h"), ("b", "h", None), explicit=True),
     "batch_heads_vmap": Case((2, 2), ("b", "h"), ("b", "h", None), vmap=True),
     "batch_user_shard_map": Case((4,), ("b",), ("b", None, None), user_shard_map=True),
     "seq": Case((4,), ("s",), (None, None, "s"), seq_len=512, infinite_gates=True),
-    "batch_seq": Case((2, 2), ("b", "s"), ("b", None, "s")),
     "seq_two_axes": Case((2, 2), ("s", "t"), (None, None, ("s", "t")), seq_len=256),
     "batch_seq_explicit": Case((2, 2), ("b", "s"), ("b", None, "s"), explicit=True),
     "seq_checkpoint": Case((4,), ("s",), (None, None, "s"), checkpoint=True),

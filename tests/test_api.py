@@ -67,36 +67,48 @@ def _grads(loss, inputs):
     return dict(zip([GRAD_NAMES[idx] for idx in argnums], jax.jit(jax.grad(loss, argnums=argnums))(*inputs)))
 
 
-# S is padded before any backend runs: the slow interpreter takes one odd length (S37), xla and triton all of them
-_INTERPRETER_SKIPS = ("S1", "S17-chunk+1")
+# The exponential cell's rows per backend, (shape, with_initial). Both with and without initial states where the
+# chunks are whole (S64) and where head dims and S are padded (S128); the odd lengths only with initial states
+# (the states' code path is the same at every S). S is padded before any backend runs, and the interpreter runs
+# the same launchers as triton (tests/test_kernels.py tests each kernel against its twin), so it takes one padded
+# shape with states and one odd length with the default chunk, without.
+_ALL_EXPONENTIAL_ROWS = [
+    ("S64-L16", False),
+    ("S64-L16", True),
+    ("S128-L32-padded", False),
+    ("S128-L32-padded", True),
+    ("S1", True),
+    ("S17-chunk+1", True),
+    ("S37-prime", True),
+]
+_EXPONENTIAL_ROWS = {
+    "interpret": [("S128-L32-padded", True), ("S37-prime", False)],
+    "xla": _ALL_EXPONENTIAL_ROWS,
+    "triton": _ALL_EXPONENTIAL_ROWS,
+}
 
 
 def _oracle_params():
-    """(backend, dtype, shape, cell, with_initial). The exponential cell: every shape of normal gates, with and
-    without initial states, in each backend's production dtypes. The sigmoid cells: the extreme-gates case; xla in
-    float64 with and without initial states (the math, to rounding; the interpreter runs the same kernels' float32
-    path), the interpreter and triton in their production dtypes with initial states (the interpreter is slow)."""
+    """(backend, dtype, shape, cell, with_initial). The exponential cell: the rows of _EXPONENTIAL_ROWS in each
+    backend's production dtypes. The sigmoid cells: the extreme-gates case; xla in float64 with and without initial
+    states (the math, to rounding; the interpreter runs the same kernels' float32 path), the interpreter and triton
+    in their production dtypes with initial states (the interpreter is slow)."""
     params = []
     for backend in test_flags.BACKEND.value:
         for cell in CELLS:
             if cell == "exponential":
                 dtypes = [jnp.float32, jnp.bfloat16, jnp.float16] if backend == "triton" else [jnp.float32]
-                shapes = [
-                    shape
-                    for shape in SHAPES
-                    if not shape.endswith("extreme-gates")
-                    and not (backend == "interpret" and shape in _INTERPRETER_SKIPS)
-                ]
+                rows = _EXPONENTIAL_ROWS[backend]
             else:
                 dtypes = {"triton": [jnp.float32, jnp.bfloat16], "xla": [jnp.float64]}.get(backend, [jnp.float32])
-                shapes = ["S70-L16-padded-extreme-gates"]
+                rows = [("S70-L16-padded-extreme-gates", True)]
+                if backend == "xla":
+                    rows.insert(0, ("S70-L16-padded-extreme-gates", False))
             for dtype in dtypes:
-                for shape in shapes:
-                    initials = (False, True) if cell == "exponential" or jnp.dtype(dtype) == jnp.float64 else (True,)
-                    for with_initial in initials:
-                        initial = "initial" if with_initial else "no-initial"
-                        case_id = f"{backend}-{jnp.dtype(dtype).name}-{shape}-{cell}-{initial}"
-                        params.append(pytest.param(backend, dtype, shape, cell, with_initial, id=case_id))
+                for shape, with_initial in rows:
+                    initial = "initial" if with_initial else "no-initial"
+                    case_id = f"{backend}-{jnp.dtype(dtype).name}-{shape}-{cell}-{initial}"
+                    params.append(pytest.param(backend, dtype, shape, cell, with_initial, id=case_id))
     return params
 
 
