@@ -1,26 +1,40 @@
-"""`python -m pallas_mlstm {check,bench,tune} [--flags]`: check, time and tune the mLSTM kernels on this machine.
+"""`python -m pallas_mlstm COMMAND [--flags]`: check, time and tune the mLSTM kernels on this machine.
 
-Only the chosen subcommand's module is imported, so its flags are the ones defined. A bad flag or an
-impossible request (an `app.UsageError` from the subcommand) ends in one line on stderr and exit code 2.
+Only the chosen command's module is imported, so its flags are the ones defined. An unknown command, a bad flag
+or an impossible request (an `app.UsageError` from the command) ends in one line on stderr and exit code 2; a
+failed run (`sys.exit(message)` from the command, or any other exception) in one line and exit code 1, with the
+traceback too under --traceback.
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
+import traceback
 from typing import NoReturn
 
 from absl import app, flags
 
 PROGRAM = "python -m pallas_mlstm"
 USAGE_EXIT_CODE = 2
+FAILURE_EXIT_CODE = 1
 HELP_ARGUMENTS = ("-h", "--help", "--helpshort", "--helpfull")
 SUBCOMMANDS = {
     "check": ("pallas_mlstm.check", "main_check", "check the kernels against the references on this machine"),
     "bench": ("pallas_mlstm.benchmarks.runner", "main_bench", "time pallas_mlstm and its peers"),
     "tune": ("pallas_mlstm.benchmarks.sweep", "main_tune", "measure the best launch configs for this card"),
+    "step_bench": (
+        "pallas_mlstm.benchmarks.step_bench",
+        "main",
+        "time the decoding step against mlstm_kernels' step kernels (NVIDIA GPU)",
+    ),
+    "kernel_times": (
+        "pallas_mlstm.benchmarks.kernel_times",
+        "main",
+        "time each triton kernel of the chunkwise forward and backward (NVIDIA GPU)",
+    ),
 }
+TRACEBACK = flags.DEFINE_bool("traceback", False, "On a failure, print its Python traceback before the one line.")
 
 
 def usage() -> str:
@@ -36,50 +50,63 @@ def usage() -> str:
 
 
 def subcommand_usage(name: str, module) -> str:
-    """The usage of one subcommand: what it does and its flags."""
+    """The usage of one subcommand: what it does, its flags, and --traceback."""
     _, _, help_text = SUBCOMMANDS[name]
-    return f"usage: {PROGRAM} {name} [--flags]\n\n{help_text[0].upper()}{help_text[1:]}.\n\nflags:\n" + (
-        flags.FLAGS.module_help(module)
+    return (
+        f"usage: {PROGRAM} {name} [--flags]\n\n{help_text[0].upper()}{help_text[1:]}.\n\nflags:\n"
+        f"{flags.FLAGS.module_help(module)}\n\nany command:\n  --[no]traceback: {flags.FLAGS[TRACEBACK.name].help}"
     )
 
 
-def exit_with_usage_error(name: str, message) -> NoReturn:
-    """Prints `message` as one line on stderr and exits with USAGE_EXIT_CODE."""
-    print(f"{PROGRAM} {name}: {' '.join(str(message).splitlines())}", file=sys.stderr)
-    sys.exit(USAGE_EXIT_CODE)
+def exit_with_error(name: str | None, message, exit_code: int = USAGE_EXIT_CODE) -> NoReturn:
+    """Prints `message` as one line on stderr, after the program (and command) name, and exits with exit_code."""
+    program = PROGRAM if name is None else f"{PROGRAM} {name}"
+    print(f"{program}: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(exit_code)
 
 
-def main() -> None:
-    """Dispatches to the subcommand named by the first argument; its main gets argv without that name."""
-    if len(sys.argv) > 1 and sys.argv[1] in HELP_ARGUMENTS:
-        print(usage())
-        return
-    if len(sys.argv) < 2 or sys.argv[1] not in SUBCOMMANDS:
-        print(usage(), file=sys.stderr)
-        sys.exit(USAGE_EXIT_CODE)
-    name, arguments = sys.argv[1], sys.argv[2:]
-    module_name, function_name, _ = SUBCOMMANDS[name]
-    module = importlib.import_module(module_name)
+def run_subcommand(name: str, subcommand_main, module, arguments: list[str]) -> None:
+    """Parses `arguments` as flags and runs `subcommand_main` (of `module`) on what remains, with the one-line
+    errors of this module's docstring."""
     if any(argument in HELP_ARGUMENTS for argument in arguments):
         print(subcommand_usage(name, module))
         return
-    subcommand_main = getattr(module, function_name)
+    try:
+        argv = flags.FLAGS([f"{PROGRAM} {name}", *arguments])
+    except flags.Error as error:
+        exit_with_error(name, f"{error}; see `{PROGRAM} {name} --help`.")
+    try:
+        subcommand_main(argv)
+    except app.UsageError as error:
+        exit_with_error(name, error)
+    except SystemExit as exit:
+        if isinstance(exit.code, str):
+            exit_with_error(name, exit.code, FAILURE_EXIT_CODE)
+        raise
+    except KeyboardInterrupt:
+        exit_with_error(name, "interrupted.", FAILURE_EXIT_CODE)
+    except Exception as error:
+        if TRACEBACK.value:
+            traceback.print_exc()
+        hint = "" if TRACEBACK.value else f" (`{PROGRAM} {name} ... --traceback` shows where)"
+        exit_with_error(name, f"{type(error).__name__}: {error}{hint}", FAILURE_EXIT_CODE)
 
-    def parse_flags(argv: list[str]) -> list[str]:
-        try:
-            return flags.FLAGS(argv)
-        except flags.Error as error:
-            exit_with_usage_error(name, f"{error}; see `{PROGRAM} {name} --help`.")
 
-    def run_subcommand(argv: list[str]) -> None:
-        try:
-            subcommand_main(argv)
-        except app.UsageError as error:
-            exit_with_usage_error(name, error)
-
-    # absl's handler shows INFO records, among them JAX's probing of platforms this machine lacks (TPU).
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    app.run(run_subcommand, argv=[f"{PROGRAM} {name}", *arguments], flags_parser=parse_flags)
+def main(arguments: list[str] | None = None) -> None:
+    """Runs the subcommand named by the first of `arguments` (default: the command line's) with the rest."""
+    arguments = sys.argv[1:] if arguments is None else arguments
+    if arguments and arguments[0] in HELP_ARGUMENTS:
+        print(usage())
+        return
+    if not arguments or arguments[0] not in SUBCOMMANDS:
+        problem = f"unknown command {arguments[0]!r}" if arguments else "no command"
+        exit_with_error(
+            None, f"{problem}; choose one of: {', '.join(SUBCOMMANDS)} (`{PROGRAM} --help` says what each does)."
+        )
+    name = arguments[0]
+    module_name, function_name, _ = SUBCOMMANDS[name]
+    module = importlib.import_module(module_name)
+    run_subcommand(name, getattr(module, function_name), module, arguments[1:])
 
 
 if __name__ == "__main__":

@@ -188,5 +188,6 @@ def main_check(argv) -> None:
         f"{name} {fw:g}/{grad:g}" for name, (fw, grad) in accuracy.CHECK_TOLERANCE.items() if name in dtypes
     )
     print(f"bounds (h / gradients): {bounds}")
-    if not all(row["ok"] for row in rows):
-        sys.exit(1)
+    failed = [f"{row['backend']} {row['dtype']}" for row in rows if not row["ok"]]
+    if failed:
+        sys.exit(f"{len(failed)} of {len(rows)} rows above their bounds: {', '.join(failed)}.")

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_mlstm
+from pallas_mlstm import registry
 
 MLSTM = "mlstm"
 MLSTM_SIGMOID = "mlstm_sigmoid"
@@ -39,6 +40,12 @@ class Implementation:
     required_modules: tuple[str, ...]
     needs_gpu: bool
     make_forward: Callable[[int | None], Callable]
+    backend: str | None = None  # the pallas_mlstm backend it runs; None: a peer
+
+    @property
+    def min_chunk_size(self) -> int:
+        """The smallest chunk size it takes: its backend's (pallas_mlstm.registry); 1 for a peer."""
+        return 1 if self.backend is None else registry.registered(self.backend).min_chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +117,7 @@ IMPLEMENTATIONS = {
             (),
             True,
             _pallas_mlstm_forward("triton"),
+            backend="triton",
         ),
         Implementation(
             "interpret",
@@ -120,6 +128,7 @@ IMPLEMENTATIONS = {
             (),
             False,
             _pallas_mlstm_forward("interpret"),
+            backend="interpret",
         ),
         Implementation(
             "xla",
@@ -130,6 +139,7 @@ IMPLEMENTATIONS = {
             (),
             False,
             _pallas_mlstm_forward("xla"),
+            backend="xla",
         ),
         Implementation(
             "mk_triton",
@@ -160,6 +170,7 @@ IMPLEMENTATIONS = {
             (),
             True,
             _pallas_mlstm_forward("triton", "sigmoid"),
+            backend="triton",
         ),
         Implementation(
             "xla_sig",
@@ -170,6 +181,7 @@ IMPLEMENTATIONS = {
             (),
             False,
             _pallas_mlstm_forward("xla", "sigmoid"),
+            backend="xla",
         ),
         Implementation(
             "mk_triton_sig",
@@ -211,7 +223,7 @@ def unavailable_reason(name: str, platform: str) -> str | None:
     if missing:
         return f"{', '.join(missing)} not installed ({WHEELS_HINT})"
     if impl.needs_gpu and platform != "gpu":
-        return f"needs a GPU (this machine's JAX platform is {platform})"
+        return f"needs an NVIDIA GPU, and JAX's platform here is {platform}"
     return None
 
 

@@ -1,14 +1,14 @@
 """Per-kernel time, work and traffic of the triton backend (where the time goes), and per-kernel launch sweeps.
 
-    PYTHONPATH=. python3 -m pallas_mlstm.benchmarks.kernel_times --kernel_shapes=7b --kernel_chunk=128
-    PYTHONPATH=. python3 -m pallas_mlstm.benchmarks.kernel_times --kernel_shapes=7b --kernel_chunk=256 \
+    python -m pallas_mlstm kernel_times --kernel_shapes=7b --kernel_chunk=128
+    python -m pallas_mlstm kernel_times --kernel_shapes=7b --kernel_chunk=256 \
         --kernel_sweep --kernel_names=parallel_bw_dQ,parallel_bw_dK
 
 For each of the six kernels (and the gate preprocessing): median ms, the matmul FLOPs it must do (causal
 tiles counted half), the bytes of its inputs and outputs (each moved once at least), and what those give
 per second. With --kernel_sweep, each named kernel is timed alone at every launch of LAUNCH_CANDIDATES
-(the kernels' own defaults first), its first output compared with the defaults'. GPU only (bf16 inputs as in
-the bench); --kernel_interpret smoke-tests on a CPU.
+(the kernels' own defaults first), its first output compared with the defaults'. NVIDIA GPU only (bf16 inputs as
+in the bench); --kernel_interpret --kernel_shapes=tiny smoke-tests on a CPU.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 import types
 from collections.abc import Callable
 
@@ -24,21 +25,24 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import pallas_mlstm
-from pallas_mlstm import accuracy, pallas_triton
-from pallas_mlstm.benchmarks.shapes import resolve_shapes
+from pallas_mlstm import accuracy, pallas_triton, registry
+from pallas_mlstm.benchmarks.shapes import cpu_shape_warning, resolve_shapes
 from pallas_mlstm.benchmarks.timing import median_ms
 from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS
+from pallas_mlstm.plan import validate_chunk_size
 from pallas_mlstm.states import state_buffer_dtype
 
 _SHAPES = flags.DEFINE_list("kernel_shapes", ["7b"], "Named shapes (pallas_mlstm/benchmarks/shapes.py).")
-_CHUNK = flags.DEFINE_integer("kernel_chunk", 128, "Chunk size.")
-_CALLS = flags.DEFINE_integer("kernel_calls", 20, "Timed calls per kernel (median kept).")
+_CHUNK = flags.DEFINE_integer("kernel_chunk", 128, "Chunk size: a power of 2, at least 16.")
+_CALLS = flags.DEFINE_integer("kernel_calls", 20, "Timed calls per kernel (median kept).", lower_bound=1)
 _JSON = flags.DEFINE_string("kernel_json", None, "Write the rows to this JSON file.")
 _INTERPRET = flags.DEFINE_bool(
     "kernel_interpret", False, "Run the Pallas interpreter (CPU smoke test; times mean nothing)."
 )
 _SWEEP = flags.DEFINE_bool("kernel_sweep", False, "Time each kernel at every launch of LAUNCH_CANDIDATES.")
-_NAMES = flags.DEFINE_list("kernel_names", None, "Kernels to time (default: all).")
+_NAMES = flags.DEFINE_list(
+    "kernel_names", None, f"Kernels to time, any of {','.join(CHUNKWISE_KERNELS)} (default: all)."
+)
 
 # Launches the sweep tries per kernel, each a dict of the kernel's keyword arguments ({}: its defaults).
 # Parallel kernels: output-row tile, loop tile, head-dim tiles, warps, stages around the defaults.
@@ -197,11 +201,31 @@ def sweep_rows(shape, chunk: int, calls: int, interpret: bool = False, names=Non
 
 
 def main(argv) -> None:
-    del argv
-    if jax.default_backend() != "gpu" and not _INTERPRET.value:
-        raise ValueError("kernel_times needs a GPU (the triton backend), or --kernel_interpret for a CPU smoke test.")
+    """The `kernel_times` subcommand: time each kernel (or sweep its launches) at each shape; print; write JSON."""
+    if len(argv) > 1:
+        raise app.UsageError(f"kernel_times takes flags only; got the arguments {argv[1:]}.")
+    try:
+        shapes = resolve_shapes(_SHAPES.value)
+    except ValueError as error:
+        raise app.UsageError(f"--kernel_shapes: {error}") from None
+    try:
+        validate_chunk_size(_CHUNK.value, None, name="--kernel_chunk", minimum=registry.registered("triton").min_chunk)
+    except ValueError as error:
+        raise app.UsageError(error) from None
+    unknown = sorted(set(_NAMES.value or ()) - set(CHUNKWISE_KERNELS))
+    if unknown:
+        raise app.UsageError(f"--kernel_names entries must be among {','.join(CHUNKWISE_KERNELS)}; got {unknown}.")
+    if not _INTERPRET.value and not registry.registered("triton").available():
+        raise app.UsageError(
+            "kernel_times times the triton kernels on an NVIDIA GPU, and JAX's platform here is "
+            f"{jax.default_backend()}; on a CPU, --kernel_interpret --kernel_shapes=tiny smoke-tests it."
+        )
+    if jax.default_backend() != "gpu":
+        warning = cpu_shape_warning(shapes, "--kernel_shapes")
+        if warning:
+            print(warning, flush=True)
     rows = []
-    for shape in resolve_shapes(_SHAPES.value):
+    for shape in shapes:
         if _SWEEP.value:
             rows += sweep_rows(shape, _CHUNK.value, _CALLS.value, _INTERPRET.value, _NAMES.value)
         else:
@@ -220,4 +244,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from pallas_mlstm.__main__ import run_subcommand
+
+    run_subcommand("kernel_times", main, sys.modules[__name__], sys.argv[1:])

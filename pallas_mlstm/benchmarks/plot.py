@@ -70,8 +70,14 @@ def main(argv: list[str]) -> int:
         return 2
     records = []
     for path in argv[2:]:
-        with open(path) as file:
-            records += json.load(file)
+        try:
+            with open(path) as file:
+                records += json.load(file)
+        except (OSError, ValueError) as error:
+            print(
+                f"python -m pallas_mlstm.benchmarks.plot: cannot read the records in {path}: {error}", file=sys.stderr
+            )
+            return 2
     print(plot_constant_token_sweep(records, argv[1]))
     return 0
 

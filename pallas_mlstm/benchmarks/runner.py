@@ -3,7 +3,9 @@
 Each (shape, implementation, chunk size) runs in a fresh worker process (`--isolate`, the default), so that
 its `peak_bytes_in_use` is its own: JAX cannot reset the peak. A worker makes one input set, runs every mode
 once (compiling it) and reads the peak, checks the forward output against the float32 reference, then times
-the median of `--calls` calls per mode, rotating between NUM_INPUT_SETS input sets.
+the median of `--calls` calls per mode, rotating between NUM_INPUT_SETS input sets. A run that fails or is refused
+by the check is one FAILED / REFUSED line (its traceback too under --traceback); the bench then ends with one line
+on stderr and exit code 1, as it does when nothing was timed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import textwrap
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +32,7 @@ from pallas_mlstm.benchmarks.shapes import (
     GPU_DEFAULT_SHAPES,
     SWEEP_ALIAS,
     Shape,
+    cpu_shape_warning,
     resolve_shapes,
 )
 from pallas_mlstm.benchmarks.shapes import (
@@ -84,7 +89,7 @@ ISOLATE = flags.DEFINE_bool(
 WORKER_RECORDS = flags.DEFINE_string(
     "worker_records",
     None,
-    "Set by --isolate on each worker process it starts: the file the worker writes its records to.",
+    "Set by --isolate on each worker process it starts: the file the worker writes its records and failures to.",
 )
 
 
@@ -155,7 +160,7 @@ def _bytes_of(arrays) -> int:
     return sum(x.size * x.dtype.itemsize for x in arrays)
 
 
-def run_one(run: Run, modes: list[str], calls: int, measure_peak: bool, context: dict) -> list[dict]:
+def run_one(run: Run, modes: list[str], calls: int, measure_peak: bool) -> list[dict]:
     """Checks, then times, one run in this process; returns its records (none when the check refused it)."""
     callables = impls.build(run.impl.name, run.chunk_size)
     inputs = make_inputs(run.impl.computes, run.shape, seed=0)
@@ -197,7 +202,6 @@ def run_one(run: Run, modes: list[str], calls: int, measure_peak: bool, context:
                 "peak_bytes": peaks[mode],
                 "input_bytes": input_bytes[mode],
                 "rel_err": rel_err,
-                **context,
             }
         )
         peak = "" if peaks[mode] is None else f", peak {peaks[mode] / 2**30:.2f} GiB"
@@ -210,16 +214,56 @@ def function_of(callables: impls.TimedCallables, mode: str):
     return callables.forward if mode == "fw" else callables.forward_backward
 
 
+def _show_tracebacks() -> bool:
+    """The `--traceback` flag of `python -m pallas_mlstm` (read by name: that module runs as __main__)."""
+    return flags.FLAGS.get_flag_value("traceback", False)
+
+
+def _failed(run: Run, reason: str) -> list[str]:
+    """Says that `run` failed and why, in one FAILED line; returns that failure as a one-item list."""
+    failure = f"{run.label()}: {textwrap.shorten(reason, width=300, placeholder=' ...')}"
+    say(f"FAILED {failure}")
+    return [failure]
+
+
+def _run_here(run: Run, modes: list[str], calls: int, measure_peak: bool) -> tuple[list[dict], list[str]]:
+    """Checks, then times, one run in this process: its records, and its failure (a one-item list) or []."""
+    try:
+        records = run_one(run, modes, calls, measure_peak)
+    except Exception as error:
+        if _show_tracebacks():
+            traceback.print_exc()
+        return [], _failed(run, f"{type(error).__name__}: {error}")
+    return records, [] if records else [f"{run.label()}: refused by the check (the REFUSED line)"]
+
+
 def _chunk_requests(tokens: list[str]) -> list[int | None]:
     requests = []
     for token in tokens:
         if token == DEFAULT_CHUNK:
             requests.append(None)
-        elif token.isdigit() and int(token) > 0:
+        elif token.isdigit() and int(token) > 0 and not int(token) & (int(token) - 1):
             requests.append(int(token))
         else:
-            raise app.UsageError(f"--chunk_sizes takes positive integers or {DEFAULT_CHUNK!r}; got {token!r}.")
+            raise app.UsageError(f"--chunk_sizes takes powers of 2 (e.g. 64,128) or {DEFAULT_CHUNK!r}; got {token!r}.")
     return list(dict.fromkeys(requests))
+
+
+def _refuse_impossible(impl_names: list[str], chunk_requests: list[int | None], platform: str, requested: bool) -> None:
+    """UsageError for an implementation that cannot run here (when `requested` by --impls, not by default) or a
+    chunk size below the smallest an implementation takes."""
+    for name in impl_names:
+        reason = impls.unavailable_reason(name, platform)
+        if reason and requested:
+            runnable = [other for other in impls.IMPLEMENTATIONS if not impls.unavailable_reason(other, platform)]
+            raise app.UsageError(f"--impls={name}: {name} {reason}; use --impls={','.join(runnable)} here.")
+        smallest = impls.get_implementation(name).min_chunk_size
+        too_small = [chunk for chunk in chunk_requests if chunk is not None and chunk < smallest]
+        if too_small and not reason:
+            raise app.UsageError(
+                f"--chunk_sizes={too_small[0]}: {name} takes chunks of at least {smallest} (its backend's "
+                f"minimum); use --chunk_sizes={smallest} or larger."
+            )
 
 
 def validated_shapes(names: list[str]) -> list[Shape]:
@@ -256,7 +300,8 @@ def _plan_runs(shapes: list[Shape], impl_names: list[str], chunk_requests, platf
     return runs
 
 
-def _run_in_worker(run: Run, modes: list[str], calls: int) -> list[dict]:
+def _run_in_worker(run: Run, modes: list[str], calls: int) -> tuple[list[dict], list[str]]:
+    """Runs `run` in a fresh `bench` process: its records and failures (a worker that crashed: one failure)."""
     with tempfile.TemporaryDirectory() as folder:
         records_path = os.path.join(folder, "records.json")
         command = [
@@ -271,13 +316,23 @@ def _run_in_worker(run: Run, modes: list[str], calls: int) -> list[dict]:
             f"--calls={calls}",
             "--noisolate",
             f"--worker_records={records_path}",
+            *(["--traceback"] if _show_tracebacks() else []),
         ]
         finished = subprocess.run(command, env=_ENVIRONMENT_AT_START, check=False)
         if finished.returncode or not os.path.exists(records_path):
-            say(f"FAILED {run.label()}: its worker exited with code {finished.returncode} (output above).")
-            return []
+            return [], _failed(run, f"its worker exited with code {finished.returncode} (its error above)")
         with open(records_path) as file:
-            return json.load(file)
+            outcome = json.load(file)
+        return outcome["records"], outcome["failures"]
+
+
+def _failure_summary(failures: list[str], runs: list[Run]) -> str:
+    """The line a bench that failed, or timed nothing, ends with."""
+    if not failures:
+        return "nothing was timed: every requested run was skipped (the SKIP lines above say why)."
+    which = ":" if len(failures) == 1 else " (the FAILED and REFUSED lines above), the first:"
+    hint = "" if _show_tracebacks() else "; --traceback shows where"
+    return f"{len(failures)} of {len(runs)} runs failed{which} {failures[0]}{hint}."
 
 
 def _chunk_cell(record: dict) -> str:
@@ -320,6 +375,12 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _check_output_folder(flag: flags.FlagHolder) -> None:
+    """UsageError when the file `flag` names cannot be written: found before the runs, not after them."""
+    if flag.value is not None and not os.path.isdir(os.path.dirname(os.path.abspath(flag.value))):
+        raise app.UsageError(f"--{flag.name}={flag.value}: its folder does not exist; create it or choose another.")
+
+
 def main_bench(argv: list[str]) -> None:
     """The `bench` subcommand: plan, check and time the runs; print the table; write JSON and plot."""
     if len(argv) > 1:
@@ -334,6 +395,8 @@ def main_bench(argv: list[str]) -> None:
     for name in IMPLS.value:
         if name not in impls.IMPLEMENTATIONS:
             raise app.UsageError(f"--impls entries must be among {','.join(impls.IMPLEMENTATIONS)}; got {name!r}.")
+    _check_output_folder(JSON_PATH)
+    _check_output_folder(PLOT_PATH)
     is_worker = WORKER_RECORDS.value is not None
     if ISOLATE.value:  # the parent only plans and collects: it must not take the workers' GPU memory
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
@@ -341,12 +404,16 @@ def main_bench(argv: list[str]) -> None:
     card = jax.devices()[0].device_kind
     shapes = requested_shapes or resolve_shapes(default_shapes(platform))
     impl_names = IMPLS.value or list(impls.GPU_DEFAULT_IMPLS if platform == "gpu" else impls.CPU_DEFAULT_IMPLS)
+    _refuse_impossible(impl_names, chunk_requests, platform, requested=bool(IMPLS.value))
     if any(impls.get_implementation(name).computes != impls.ATTENTION for name in impl_names):
         accuracy.load_oracles()  # mLSTM runs are checked against the oracle: refuse here, not in every worker
     if not is_worker:
         say(f"pallas_mlstm bench on {card} (JAX platform {platform}), jax {jax.__version__}")
         if platform != "gpu":
             say(CPU_DISCLAIMER)
+            warning = cpu_shape_warning(shapes, "--shapes")
+            if warning:
+                say(warning)
     runs = _plan_runs(shapes, impl_names, chunk_requests, platform)
     if not ISOLATE.value and len(runs) > 1:
         say("peak memory is not recorded: with --noisolate it would be the peak of all runs so far.")
@@ -357,17 +424,20 @@ def main_bench(argv: list[str]) -> None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python -m pallas_mlstm " + shlex.join(sys.argv[1:]),
     }
-    records = []
-    records_path = WORKER_RECORDS.value if is_worker else JSON_PATH.value
+    records, failures = [], []
     for run in runs:
         if ISOLATE.value:
-            records += [{**record, **context} for record in _run_in_worker(run, modes, CALLS.value)]
+            run_records, run_failures = _run_in_worker(run, modes, CALLS.value)
         else:
-            records += run_one(run, modes, CALLS.value, measure_peak=len(runs) == 1, context=context)
-        if records_path:  # after every run, so that a run stopped midway keeps what it measured
-            with open(records_path, "w") as file:
+            run_records, run_failures = _run_here(run, modes, CALLS.value, measure_peak=len(runs) == 1)
+        records += [{**record, **context} for record in run_records]
+        failures += run_failures
+        if JSON_PATH.value and not is_worker:  # after every run, so that a run stopped midway keeps what it measured
+            with open(JSON_PATH.value, "w") as file:
                 json.dump(records, file, indent=1)
     if is_worker:
+        with open(WORKER_RECORDS.value, "w") as file:
+            json.dump({"records": records, "failures": failures}, file, indent=1)
         return
     say("")
     say(format_table(records))
@@ -377,3 +447,5 @@ def main_bench(argv: list[str]) -> None:
         say(plot.plot_constant_token_sweep(records, PLOT_PATH.value))
     if platform != "gpu":
         say(CPU_DISCLAIMER)
+    if failures or not records:
+        sys.exit(_failure_summary(failures, runs))

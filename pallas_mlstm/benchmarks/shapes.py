@@ -8,6 +8,7 @@ import dataclasses
 SWEEP_TOKENS = 65536
 SWEEP_SEQUENCE_LENGTHS = tuple(2**n for n in range(9, 17))  # 512 ... 65536
 SWEEP_ALIAS = "sweep"
+CPU_QUICK_ELEMENTS = 2**22  # q, k, v elements up to which a CPU runs a shape's bench in seconds, not minutes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,10 @@ class Shape:
     def dims(self) -> dict[str, int]:
         """The five dimensions by name, as stored in the JSON records."""
         return {"B": self.B, "NH": self.NH, "S": self.S, "DHQK": self.DHQK, "DHHV": self.DHHV}
+
+    def quick_on_cpu(self) -> bool:
+        """Whether a CPU runs it in seconds (a smoke test), not minutes or hours."""
+        return self.B * self.NH * self.S * (2 * self.DHQK + self.DHHV) <= CPU_QUICK_ELEMENTS
 
 
 def _named_shapes() -> dict[str, Shape]:
@@ -78,3 +83,16 @@ def resolve_shapes(names: list[str]) -> list[Shape]:
             known = ", ".join(SHAPES)
             raise ValueError(f"unknown shape {name!r}; known: {known}, or {SWEEP_ALIAS!r} for all sweep-S*.")
     return list(dict.fromkeys(resolved))
+
+
+def cpu_shape_warning(shapes: list[Shape], flag: str) -> str | None:
+    """The line to print before running `shapes` (given by `flag`) on a CPU when some are not quick there."""
+    slow = [shape for shape in shapes if not shape.quick_on_cpu()]
+    if not slow:
+        return None
+    named = ", ".join(f"{shape.name} ({', '.join(f'{k}={v}' for k, v in shape.dims().items())})" for shape in slow)
+    quick = " or ".join(f"{flag}={name}" for name, shape in SHAPES.items() if shape.quick_on_cpu())
+    return (
+        f"WARNING: {named} {'is a GPU shape' if len(slow) == 1 else 'are GPU shapes'}: on this CPU the run will be "
+        f"very slow (minutes to hours; Ctrl-C stops it). To check that the tooling works, use a small shape: {quick}."
+    )

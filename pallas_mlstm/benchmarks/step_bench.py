@@ -1,11 +1,11 @@
 """Decoding-step benchmark: `mlstm_recurrent_step` against mlstm_kernels' step kernels, same run, same card.
 
-    python3 -m pallas_mlstm.benchmarks.step_bench --step_json=$OUT/step.json
+    python -m pallas_mlstm step_bench --step_json=$OUT/step.json
 
 At the 7b widths (NH 8, DHQK 256, DHHV 512), B = 1, 8, 64, bf16 q, k, v and float32 states: median ms of one
 jitted step (states in, states out) for ours (triton), mlstm_kernels' `mlstm_recurrent_step__triton` (through
 jax-triton) and `__native` (plain XLA), each checked against ours on h first; and, as the bound, the time of
-reading and writing the C state once (a jitted `c + 1`). GPU only.
+reading and writing the C state once (a jitted `c + 1`). NVIDIA GPU only.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shlex
 import sys
 
 import jax
@@ -20,11 +21,11 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import pallas_mlstm
-from pallas_mlstm import accuracy
+from pallas_mlstm import accuracy, registry
 from pallas_mlstm.benchmarks.timing import median_ms
 
-_BATCHES = flags.DEFINE_list("step_batches", ["1", "8", "64"], "Batch sizes.")
-_CALLS = flags.DEFINE_integer("step_calls", 100, "Timed calls per step function (median kept).")
+_BATCHES = flags.DEFINE_list("step_batches", ["1", "8", "64"], "Batch sizes: positive integers.")
+_CALLS = flags.DEFINE_integer("step_calls", 100, "Timed calls per step function (median kept).", lower_bound=1)
 _JSON = flags.DEFINE_string("step_json", None, "Write the records to this JSON file.")
 NH, DHQK, DHHV = 8, 256, 512
 
@@ -56,10 +57,25 @@ def _steps():
     return steps
 
 
+def _command_line() -> str:
+    """This run's command line, as `python -m pallas_mlstm step_bench FLAGS` however it was started."""
+    given = sys.argv[2:] if sys.argv[1:2] == ["step_bench"] else sys.argv[1:]
+    return "python -m pallas_mlstm step_bench " + shlex.join(given)
+
+
 def main(argv) -> None:
-    del argv
-    if jax.default_backend() != "gpu":
-        raise app.UsageError("step_bench needs a GPU (the triton backend).")
+    """The `step_bench` subcommand: time the steps at each batch size; print them; write JSON."""
+    if len(argv) > 1:
+        raise app.UsageError(f"step_bench takes flags only; got the arguments {argv[1:]}.")
+    if not all(batch.isdecimal() and int(batch) > 0 for batch in _BATCHES.value):
+        raise app.UsageError(f"--step_batches must be positive integers (e.g. 1,8); got {','.join(_BATCHES.value)!r}.")
+    if not registry.registered("triton").available():
+        raise app.UsageError(
+            "step_bench times the Pallas step kernel (backend triton) on an NVIDIA GPU, and JAX's platform here is "
+            f"{jax.default_backend()}; on a CPU, `python -m pallas_mlstm check` checks the kernels and "
+            "`python -m pallas_mlstm bench` smoke-tests the timing."
+        )
+    steps = _steps()
     records = []
     for batch in map(int, _BATCHES.value):
         args = _inputs(batch)
@@ -74,7 +90,7 @@ def main(argv) -> None:
             jax_version=jax.__version__,
             calls=_CALLS.value,
             date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            command="python -m pallas_mlstm.benchmarks.step_bench " + " ".join(sys.argv[1:]),
+            command=_command_line(),
         )
         bound = jax.jit(lambda c: c + 1.0)
         bound_ms = median_ms(bound, [(args[5],)], _CALLS.value)
@@ -87,7 +103,7 @@ def main(argv) -> None:
                 **common,
             )
         )
-        for name, step in _steps().items():
+        for name, step in steps.items():
             fn = jax.jit(step)
             h = fn(*args)[0].astype(jnp.float32)
             reference_h = h if reference_h is None else reference_h
@@ -101,7 +117,7 @@ def main(argv) -> None:
                     **common,
                 )
             )
-        for record in records[-(len(_steps()) + 1) :]:
+        for record in records[-(len(steps) + 1) :]:
             print(
                 f"B={batch:<3} {record['impl']:<26} {record['median_ms']:8.4f} ms"
                 + (
@@ -118,4 +134,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from pallas_mlstm.__main__ import run_subcommand
+
+    run_subcommand("step_bench", main, sys.modules[__name__], sys.argv[1:])

@@ -37,7 +37,7 @@ from absl import app, flags
 import pallas_mlstm
 from pallas_mlstm import accuracy
 from pallas_mlstm.benchmarks import impls, kernel_times, runner, timing
-from pallas_mlstm.benchmarks.shapes import Shape, resolve_shapes
+from pallas_mlstm.benchmarks.shapes import Shape, cpu_shape_warning, resolve_shapes
 from pallas_mlstm.config import (
     TUNED_CONFIGS_ENV,
     ChunkwiseConfig,
@@ -287,13 +287,18 @@ def main_tune(argv: list[str]) -> None:
     runner.say(f"pallas_mlstm tune on {card}, backend {backend}, jax {jax.__version__}")
     if platform != "gpu":
         runner.say(runner.CPU_DISCLAIMER)
+        warning = cpu_shape_warning(shapes, "--shapes")
+        if warning:
+            runner.say(warning)
     deadline = time.monotonic() + TIME_BUDGET_S.value
+    refused = []
     for shape in shapes:
         if time.monotonic() > deadline:
             runner.say(f"time budget spent: {shape.name} not tuned.")
             continue
         entry = tune_shape(shape, backend, runner.CALLS.value, deadline)
         if entry is None:
+            refused.append(shape.name)
             continue
         entry.update(
             {
@@ -305,3 +310,8 @@ def main_tune(argv: list[str]) -> None:
         key = shape_class(shape.S, shape.DHQK, shape.DHHV)
         write_tuned_entry(CONFIGS_OUT.value, card, key, entry, card_properties())
         runner.say(f"stored the best config of {shape.name} as {card!r} / {key!r} in {CONFIGS_OUT.value}")
+    if refused:
+        sys.exit(
+            f"nothing stored for {', '.join(refused)}: the default config failed the check against the reference "
+            "(the REFUSED lines above); `python -m pallas_mlstm check` shows which kernels are off."
+        )
