@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from pallas_mlstm.chunkwise import Inputs
 from pallas_mlstm.config import ChunkwiseConfig
-from pallas_mlstm.inputs import pad_steps, reset_at_document_starts
+from pallas_mlstm.inputs import pad_steps, reset_at_document_starts, sequence_shards
 from pallas_mlstm.op import HIGHER_ORDER_MESSAGE
 from pallas_mlstm.plan import Plan, launches_for, make_cell, make_chunking, resolve_config, validate_bool
 from pallas_mlstm.registry import get_backend
@@ -60,7 +60,8 @@ def mlstm_chunkwise(
     cast to float32 (float64 when q is float64), whatever their dtype. `backend`: "triton" (GPU), "interpret"
     (Pallas interpreter, CPU), "xla" (plain jnp), or None for triton on GPU and xla otherwise. `config` defaults to
     the tuned config of the card and shape (`pallas_mlstm.plan.resolve_config`). `chunk_size` overrides
-    `config.chunk_size`; without either, `pallas_mlstm.plan.padding_chunk_size`; a chunk longer than S rounded up to
+    `config.chunk_size`; without either, `pallas_mlstm.plan.padding_chunk_size`, halved until it divides a sequence
+    shard where S is split over Explicit mesh axes; a chunk longer than S rounded up to
     a power of 2 is clamped to that (it would only add padding). Any S >= 1: S is padded up to a multiple of the
     chunk size with steps that neither write nor decay the state (ĩ = −∞, f̃ = +∞), so h, the last states and all
     gradients are those of the S steps given. `segment_ids` (B, S), an int array, packs documents: wherever the id
@@ -105,7 +106,9 @@ def mlstm_chunkwise(
         q, k, v = (x.astype(autocast_kernel_dtype) for x in (q, k, v))
     validate_operand_dtypes(q, k, v)
     config = resolve_config(chosen, config, (batch, heads, seq_len, dhqk, dhhv), q.dtype)
-    chunking, padded_len = make_chunking(chosen, config, chunk_size, seq_len, segment_len, recompute_states_in_bw)
+    chunking, padded_len = make_chunking(
+        chosen, config, chunk_size, seq_len, segment_len, recompute_states_in_bw, sequence_shards(q)
+    )
     if segment_ids is not None:
         validate_segment_ids(segment_ids, batch, seq_len)
     plan = Plan(

@@ -27,6 +27,19 @@ def explicit_sharding(x: jax.Array) -> NamedSharding | None:
     return sharding
 
 
+def sequence_shards(x: jax.Array) -> int:
+    """How many pieces x's sequence axis (dim 2) is split into over Explicit mesh axes: 1 where it is whole, or where
+    its split is not known when tracing (Auto axes)."""
+    sharding = explicit_sharding(x)
+    if sharding is None or len(sharding.spec) < 3:
+        return 1
+    sizes = dict(sharding.mesh.shape)
+    count = 1
+    for axis in _axes(sharding.spec[2]):
+        count *= sizes[axis]
+    return count
+
+
 def reset_at_document_starts(vecF: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """vecF (B, NH, S) with f̃ = −∞ (a hard reset before the token) wherever segment_ids (B, S) changes.
 

@@ -304,13 +304,26 @@ def tuned_config_for(properties: DeviceProperties, batch, heads, seq_len, dhqk, 
 
 
 def make_chunking(
-    backend: Backend, config: ChunkwiseConfig, chunk_size, seq_len: int, segment_len, recompute_states_in_bw
+    backend: Backend,
+    config: ChunkwiseConfig,
+    chunk_size,
+    seq_len: int,
+    segment_len,
+    recompute_states_in_bw,
+    sequence_shards: int = 1,
 ) -> tuple[Chunking, int]:
     """`mlstm_chunkwise`'s chunking and the length S is padded to: `chunk_size`, else the config's, else
-    `padding_chunk_size`; clamped to S rounded up to a power of 2 (a longer chunk would only pad)."""
+    `padding_chunk_size`; clamped to S rounded up to a power of 2 (a longer chunk would only pad). With S split
+    into `sequence_shards` pieces (known when tracing) and no chunk_size given, the default is halved until it
+    divides a piece (a sequence shard is never padded), while it stays at least the backend's smallest chunk."""
+    given = chunk_size
     chunk_size = config.chunk_size if chunk_size is None else chunk_size
     if chunk_size is None:
         chunk_size = padding_chunk_size(seq_len, backend.min_chunk)
+    if given is None and sequence_shards > 1:
+        piece = seq_len // sequence_shards
+        while chunk_size // 2 >= backend.min_chunk and piece % chunk_size:
+            chunk_size //= 2
     chunk_size = validate_chunk_size(chunk_size, None, minimum=backend.min_chunk)
     chunk_size = min(chunk_size, max(backend.min_chunk, 1 << (seq_len - 1).bit_length()))
     padded_len = -(-seq_len // chunk_size) * chunk_size  # S up to a multiple of the chunk size

@@ -246,17 +246,29 @@ def _sharding_rule(in_kinds, out_kinds) -> tuple[str, tuple[str, ...]]:
     return rule, tuple(whole)
 
 
+def _explicit_axes_only(x) -> bool:
+    """True where the mesh of x's type (else the context's, as inside jax.set_mesh) has Explicit axes only: an x
+    not split over any of them is whole on every device, and no partitioner runs for it."""
+    mesh = jax.typeof(x).sharding.mesh
+    if mesh.empty:
+        mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and all(kind == AxisType.Explicit for kind in mesh.axis_types)
+
+
 def _placed(body, plan: Plan, present, in_kinds, out_kinds):
     """`body` as a function of global arrays: partitioned per shard by custom_partitioning or shard_map."""
 
     def partition(mesh, arg_shapes, result_shape):
         del result_shape
         sharding = arg_shapes[0].sharding
-        if not isinstance(sharding, NamedSharding):
+        if isinstance(sharding, NamedSharding):
+            placement = _placement(plan, sharding.spec, dict(mesh.shape), arg_shapes[0].shape, explicit=False)
+        elif sharding.is_fully_replicated:  # e.g. an unsharded array inside jax.set_mesh
+            placement = _UNPLACED
+        else:
             raise ValueError(
                 f"q must be sharded with a jax.sharding.NamedSharding over a Mesh; got {type(sharding).__name__}."
             )
-        placement = _placement(plan, sharding.spec, dict(mesh.shape), arg_shapes[0].shape, explicit=False)
         shardings = lambda kinds: tuple(NamedSharding(mesh, placement.spec(*kind)) for kind in kinds)
         return mesh, functools.partial(body, plan, present, placement), shardings(out_kinds), shardings(in_kinds)
 
@@ -266,6 +278,8 @@ def _placed(body, plan: Plan, present, in_kinds, out_kinds):
 
     def call(*arrays):
         sharding = explicit_sharding(arrays[0])
+        if sharding is None and _explicit_axes_only(arrays[0]):  # whole on every device: nothing to place
+            return body(plan, present, _UNPLACED, *arrays)
         if sharding is None:
             return partitioned(*arrays)
         mesh = sharding.mesh

@@ -42,7 +42,7 @@ def _cheap_cpu_compiles():
 
 # Files whose tests wait on one long subprocess (tests/test_sharding.py: every sharded case of a backend in one
 # 4-device process, ~2 minutes on 2 cores): run first.
-_FIRST = ("tests/test_sharding.py",)
+_FIRST = ("tests/test_sharding.py", "tests/test_examples.py")
 
 
 def pytest_collection_modifyitems(config, items):

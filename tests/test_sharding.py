@@ -179,7 +179,7 @@ def test_triton_lowers_on_gpu_mesh(mesh_shape, axis_names, lead_spec):
 
 _DOCUMENTS_AND_STEPS = """
 import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import pallas_mlstm
 from pallas_mlstm.accuracy import mlstm_inputs, rel_err
 
@@ -217,14 +217,33 @@ shard = lambda x: jax.device_put(x, NamedSharding(mesh2, P("data", "heads")))
 actual = step(*map(shard, args))
 for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
     assert rel_err(a, e) <= 1e-6
+
+# unsplit inputs inside jax.set_mesh, on Explicit and on Auto axes: placed whole on the mesh, and uncommitted
+plain = lambda q, k, v, i, f: jnp.sum(w * pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, chunk_size=16, backend="xla"))
+plain_grad = jax.value_and_grad(plain, argnums=(0, 1, 2, 3, 4))
+one_value, one_grads = jax.jit(plain_grad)(q, k, v, i, f)
+for kind in (AxisType.Explicit, AxisType.Auto):
+    mesh3 = jax.make_mesh((2, 2), ("data", "seq"), axis_types=(kind, kind))
+    for inputs in ((q, k, v, i, f), jax.device_put((q, k, v, i, f), NamedSharding(mesh3, P()))):
+        with jax.set_mesh(mesh3):
+            value, grads = jax.jit(plain_grad)(*inputs)
+        assert abs(float(value) - float(one_value)) <= 1e-6 * abs(float(one_value)), (kind, value, one_value)
+        for g, e in zip(grads, one_grads):
+            assert rel_err(g, e) <= 1e-6, (kind, rel_err(g, e))
+
+# no chunk_size with S split over Explicit axes: the default (128 for S = 128) halved to divide a shard of 64
+mesh4 = jax.make_mesh((2, 2), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
+split = lambda x: jax.device_put(x, NamedSharding(mesh4, P("data", None, "seq")))
+default = jax.jit(lambda *a: pallas_mlstm.mlstm_chunkwise(*a, backend="xla"))(*map(split, (q, k, v, i, f)))
+assert rel_err(default, pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, chunk_size=64, backend="xla")) <= 1e-6
 print("ok")
 """
 
 
 def test_documents_and_steps_under_sharded_jit():
     """Packed documents (`segment_ids`) under batch x sequence sharding, with documents that straddle the shard edge
-    and one that starts on it, and decoding steps with B and NH sharded: equal to one device (4 CPU devices, a
-    process of their own)."""
+    and one that starts on it; decoding steps with B and NH sharded; unsplit inputs inside jax.set_mesh (Explicit
+    and Auto axes): equal to one device (4 CPU devices, a process of their own)."""
     if "xla" not in test_flags.BACKEND.value:
         pytest.skip("backend xla not selected by --backend")
     done = subprocess.run(
