@@ -3,7 +3,10 @@
 from absl import flags
 
 BACKEND = flags.DEFINE_list(
-    "backend", ["xla", "interpret"], "Backends to test: any of triton, interpret, xla (comma-separated)."
+    "backend",
+    ["xla", "interpret"],
+    "Backends to test: any of triton, interpret, xla (comma-separated); mosaic: the Mosaic GPU kernel in development "
+    "(tests/test_mosaic.py).",
 )
 SEED = flags.DEFINE_integer("seed", 0, "Base seed of the random inputs (each case derives its own).")
 GPU_SHAPES = flags.DEFINE_bool(

@@ -22,7 +22,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import pallas_mlstm
-from pallas_mlstm.accuracy import mlstm_inputs, rel_err
+from pallas_mlstm.accuracy import SHARDED_TOLERANCE, mlstm_inputs, rel_err
 from tests import flags as test_flags
 from tests.helpers import case_key
 
@@ -217,7 +217,8 @@ def run_case(name: str, backend: str) -> dict:
     sharded_results, one_device = (*outputs, *grads), (*ref_outputs, *ref_grads)
     names = [n for n in _NAMES if not (case.sigmoid and n in ("m_last", "dm_initial"))]
     result["errors"] = {n: rel_err(a, b) for n, a, b in zip(names, sharded_results, one_device)}
-    if case.tolerance is None:  # the float64 truth (xla backend, one device), for the fallback of the bound
+    # the float64 truth (xla backend, one device), for the fallback of the bound where float32 is noisier than it
+    if case.tolerance is None and max(result["errors"].values()) > SHARDED_TOLERANCE:
         with jax.enable_x64(True):
             wide = lambda xs: [jnp.asarray(np.asarray(x, np.float64)) for x in xs]
             (_, exact_outputs), exact_grads = jax.jit(_loss_and_grads(case, "xla", wide(weights)))(*wide(arrays))

@@ -253,10 +253,11 @@ def test_jit_checkpoint_and_vmap(backend):
     inputs = mlstm_inputs(case_key("transforms", backend), batch, heads, seq_len, dhqk, dhhv)[:5]
     run = lambda *a: pallas_mlstm.mlstm_chunkwise(*a, chunk_size=chunk, backend=backend)
     loss = lambda *a: jnp.sum(run(*a) ** 2)
-    expected = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*inputs)
-    checkpointed = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2, 3, 4)))(*inputs)
-    for name, a, e in zip(GRAD_NAMES, checkpointed, expected):
-        assert rel_err(a, e) <= 1e-6, name
+    if backend != "interpret":  # remat wraps the op's custom VJP the same whatever its kernels: xla checks it on CPU
+        expected = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*inputs)
+        checkpointed = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2, 3, 4)))(*inputs)
+        for name, a, e in zip(GRAD_NAMES, checkpointed, expected):
+            assert rel_err(a, e) <= 1e-6, name
     # vmap over an extra leading axis == a loop over it
     stacked = [jnp.stack([x, x[::-1] * 0.5 + 0.1]) for x in inputs]
     batched = jax.jit(jax.vmap(run))(*stacked)

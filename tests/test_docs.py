@@ -43,9 +43,9 @@ PYTHON_BLOCKS = [
 
 
 def _environment() -> dict[str, str]:
-    """The caller's environment on the CPU, with the source tree importable; a block that wants several devices
-    sets XLA_FLAGS itself."""
-    environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    """The caller's environment (XLA_FLAGS too: the tests' cheap CPU compiles) on the CPU, with the source tree
+    importable; a block that wants several devices sets XLA_FLAGS itself."""
+    environment = dict(os.environ)
     environment["JAX_PLATFORMS"] = "cpu"
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return environment

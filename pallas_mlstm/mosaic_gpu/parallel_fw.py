@@ -1,0 +1,425 @@
+"""Parallel forward kernel in Pallas Mosaic GPU (Hopper): the outputs H of every chunk from the state at its start.
+
+Same arrays, outputs and math as pallas_mlstm.pallas_triton.parallel_fw (its jnp twin: xla_kernels.parallel_fw_Hintra).
+
+One program per (batch·head, chunk, query tile x DHHV tile), FlashAttention-3 style: `warpgroups` compute warpgroups
+of 64 query rows each, and one memory warpgroup that streams tiles into shared memory with TMA, `stages` buffers deep.
+Every matmul is a wgmma: bf16 / fp16 operands from shared memory (the gated scores from registers), float32
+accumulators in registers. Per program, in shared memory:
+
+    Q        (warpgroups, P, 64, DHQK)  the program's query rows, loaded once
+    K        (stages, P, 64, DHQK)      a key tile per step
+    V        (stages, P, 64, bDHHV)     a value tile per step, or a 64-row slice of the state C_{k-1}
+    gates    (5, L) float32             the chunk's gate rows (_GATE_ROWS), loaded once
+    n        (DHQK,) float32            the state n_{k-1}
+    out      (warpgroups, 64, E)        the staging tile of h (E = 128 bytes of output dtype); den (warpgroups, 64)
+
+In global memory the launcher passes Q, K, V as (P, B·NH·S, D) and the states C as (P, B·NH·(NC+1)·DHQK, DHHV)
+(16-bit, 3-D: the TMA copies take rows of them), n (B·NH, NC+1, DHQK) and the gate rows (B·NH, NC, 5, L).
+
+The memory warpgroup walks DHQK/64 "state steps" (C_{k-1} in 64-row slices, into the V buffers) and then the key
+steps up to the causal diagonal (K and V tiles of 64 rows); each compute warpgroup consumes them in the same order:
+acc = Q C_{k-1} (64-column slices of Q), scaled per row by the inter-chunk decay, then for each key tile
+acc += (s·Q Kᵀ ⊙ e^{D̃ − m}) V. P (the operand parts) is 1 for 16-bit inputs; float32 inputs run as three bf16
+parts that sum to them (`split_parts`) and every product as the six part products that carry float32's precision
+(`mma`), where wgmma's own float32 mode would be TF32 (two parts where three do not fit: DHQK 256, ~1e-5).
+The gate rows, the inter-chunk decay among them, are computed before the launch as the Triton launcher's are;
+with 16-bit inputs the in-kernel exp and division are the fast approximate ones (as Triton's).
+
+Shapes: chunk 64, 128 or 256; head dims zero-padded to multiples of 64 (DHQK at most 256): odd-heads' DHQK 96 runs
+as 128, its DHHV 192 as it is. Gates are float32 (float64 inputs are refused: ValueError). `KernelCall.launch` and
+`allow_tf32` are ignored: the tiles are chosen here (`kernel_tiles`). Float32 states are rounded to the operand
+dtype before the launch (a copy: pass 16-bit states with 16-bit inputs, as pallas_mlstm's forward does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_mlstm.gates import chunked, compute_chunkwise_reset_gates, compute_chunkwise_vecM, log_input_gate
+from pallas_mlstm.kernel_call import KernelCall
+from pallas_mlstm.pallas_triton import common
+
+NAME = "mlstm_chunkwise__parallel_fw_Hintra"
+ROWS = 64  # query rows of a compute warpgroup (wgmma's M), key rows of a step, head-dim granule
+CHUNK_SIZES = (64, 128, 256)
+MAX_HEAD_DIM = 256  # a TMA box side, and the accumulator's registers (64 x 256 float32 per warpgroup)
+SHARED_MEMORY_BYTES = 227 * 1024  # per block on Hopper
+_RESERVED_BYTES = 4096  # barriers, cross-warp reduction scratch, alignment
+_GATE_ROWS = ("b", "m", "r", "i", "inter")  # b_t, m_t, last reset (float), log input gate, s·e^{b_t + m_{k-1} − m_t}
+_B, _M, _R, _I, _INTER = range(len(_GATE_ROWS))
+_COMPUTE_REGISTERS, _MEMORY_REGISTERS = 232, 40  # per thread, as FlashAttention-3 splits them
+# bf16 parts of float32 operands, the first that fits: 3 carry float32's 24 bits; 2 (16 bits, about 1e-5 relative
+# per product) where 3 do not fit in shared memory (DHQK 256).
+FLOAT32_PARTS = (3, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """A launch: compute warpgroups (64 query rows each), DHHV columns per program, buffers in flight."""
+
+    warpgroups: int
+    block_v: int
+    stages: int
+
+
+def _swizzled(dtype) -> tuple:
+    """Tiling and 128-byte swizzle of a shared-memory tile whose rows are multiples of 128 bytes."""
+    columns = 128 // jnp.dtype(dtype).itemsize
+    return plgpu.TilingTransform((8, columns)), plgpu.SwizzleTransform(128)
+
+
+def _shared_bytes(tiles: Tiles, chunk: int, dhqk: int, parts: int) -> int:
+    """Shared memory of one program (see the module docstring), 16-bit operands."""
+    w, bv = tiles.warpgroups, tiles.block_v
+    q = w * parts * ROWS * dhqk * 2
+    kv = tiles.stages * parts * ROWS * (dhqk + bv) * 2
+    small = len(_GATE_ROWS) * chunk * 4 + dhqk * 4 + w * ROWS * (128 + 4)
+    return q + kv + small + _RESERVED_BYTES
+
+
+def kernel_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]) -> tuple[int, Tiles]:
+    """The operand parts (the first of `parts` that fits) and the launch for padded head dims: two warpgroups, the
+    widest DHHV tile (at most 256) and the most buffers (up to 4) that fit in shared memory, preferring at least
+    two buffers; ValueError if nothing fits."""
+    widths = [bv for bv in range(min(dhhv, MAX_HEAD_DIM), 0, -ROWS) if dhhv % bv == 0]
+    for count in parts:
+        for min_stages in (2, 1):
+            for warpgroups in (2, 1):
+                if warpgroups * ROWS > chunk:
+                    continue
+                for block_v in widths:
+                    for stages in range(4, min_stages - 1, -1):
+                        tiles = Tiles(warpgroups, block_v, stages)
+                        if _shared_bytes(tiles, chunk, dhqk, count) <= SHARED_MEMORY_BYTES:
+                            return count, tiles
+    raise ValueError(f"no Mosaic GPU tiling of {NAME} fits in shared memory for DHQK={dhqk}, DHHV={dhhv}.")
+
+
+def padded_dim(size: int) -> int:
+    """A head dim as the kernel runs it: the next multiple of 64."""
+    return -(-size // ROWS) * ROWS
+
+
+def check_shapes(chunk: int, dhqk: int, dtype) -> None:
+    """ValueError for what this kernel does not run: chunks other than 64/128/256, DHQK > 256, float64."""
+    if chunk not in CHUNK_SIZES:
+        raise ValueError(f"the mosaic_gpu {NAME} takes chunk_size in {CHUNK_SIZES}; got {chunk}.")
+    if padded_dim(dhqk) > MAX_HEAD_DIM:
+        raise ValueError(f"the mosaic_gpu {NAME} takes DHQK <= {MAX_HEAD_DIM}; got {dhqk}.")
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+        raise ValueError(f"the mosaic_gpu {NAME} takes bfloat16, float16 or float32 inputs; got {jnp.dtype(dtype)}.")
+
+
+def split_parts(x: jax.Array, parts: int, dtype) -> list[jax.Array]:
+    """x as `parts` wgmma operands of `dtype` that sum to it: [x] for 16-bit inputs; for float32 inputs bf16 parts,
+    each the rounding of what the previous ones leave (3 parts: 24 bits of mantissa, float32's own)."""
+    if parts == 1:
+        return [x.astype(dtype)]
+    rest, split = x.astype(jnp.float32), []
+    for _ in range(parts):
+        split.append(rest.astype(dtype))
+        rest = rest - split[-1].astype(jnp.float32)
+    return split
+
+
+def _read(x):
+    """A tile's value: a ref read whole, an array as it is."""
+    return x if isinstance(x, jax.Array) else x[...]
+
+
+def mma(acc: jax.Array, a, b, parts: int, interpret: bool) -> jax.Array:
+    """acc + A @ B accumulated in float32, A and B given by their parts (`split_parts`): Σ a(i) @ b(j) over the
+    products of order i + j < parts (all of float32's 24 bits: 6 bf16 products for 3 parts; one for 16-bit inputs).
+
+    a(i): part i of A (M, K), a ref in shared memory or a register array; b(j): part j of B (K, N), a ref in shared
+    memory. On the GPU each product is a `plgpu.wgmma` into acc, awaited before returning (the refs are indexed
+    inside the accumulator's scope, where static indices stay static); interpreted (wgmma has no CPU rule for
+    register operands) each is a `jnp.dot`.
+    """
+    pairs = [(i, j) for i in range(parts) for j in range(parts) if i + j < parts]
+    if interpret:
+        for i, j in pairs:
+            acc = acc + jnp.dot(_read(a(i)), _read(b(j)), preferred_element_type=jnp.float32)
+        return acc
+
+    def issue(acc_ref):
+        for i, j in pairs:
+            plgpu.wgmma(acc_ref, a(i), b(j))
+
+    return pl.run_state(issue)(plgpu.ACC.init(acc))
+
+
+def _row(x):
+    """A (64,) vector along the rows of a wgmma tile, broadcast over (64, N) by the caller."""
+    return plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
+
+
+def _zeros(columns: int) -> jax.Array:
+    """A (64, columns) float32 accumulator of zeros in the wgmma layout."""
+    return plgpu.layout_cast(jnp.zeros((ROWS, columns), jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _by_rows(x: jax.Array, shape) -> jax.Array:
+    """A (64,) per-row vector broadcast over the columns of `shape`."""
+    return lax.broadcast_in_dim(x, shape, [0])
+
+
+def _by_columns(x: jax.Array, shape) -> jax.Array:
+    """A (N,) per-column vector broadcast over the rows of `shape`."""
+    return lax.broadcast_in_dim(x, shape, [1])
+
+
+def _kernel(
+    q_gmem,  # (P, BNH·S, DHQK_p)
+    k_gmem,  # (P, BNH·S, DHQK_p)
+    v_gmem,  # (P, BNH·S, DHHV_p)
+    c_gmem,  # (P, BNH·(NC+1)·DHQK_p, DHHV_p): C_k of head bh at rows (bh·(NC+1) + k)·DHQK_p
+    n_gmem,  # (BNH, NC+1, DHQK_p) float32
+    g_gmem,  # (BNH, NC, 5, L) float32
+    h_gmem,  # (BNH, S, DHHV_p) out
+    den_gmem,  # (BNH, S) float32
+    q_smem,
+    k_smem,
+    v_smem,
+    g_smem,
+    n_smem,
+    o_smem,
+    den_smem,
+    q_bar,
+    aux_bar,
+    k_bar,
+    v_bar,
+    free_bar,
+    *,
+    tiles: Tiles,
+    chunk: int,
+    num_chunks: int,
+    qk_scale: float,
+    eps: float,
+    normalize: bool,
+    interpret: bool,
+):
+    parts, dhqk = q_smem.shape[1], q_smem.shape[-1]
+    block_v, stages, warpgroups = tiles.block_v, tiles.stages, tiles.warpgroups
+    state_steps = dhqk // ROWS  # 64-row slices of C_{k-1}, before the key steps
+    v_tiles = v_gmem.shape[-1] // block_v
+    bh, c, qv = lax.axis_index("bh"), lax.axis_index("c"), lax.axis_index("qv")
+    seq_row0 = (bh * num_chunks + c) * chunk  # row of the chunk's first step in Q, K, V
+    iq, iv = qv // v_tiles, qv % v_tiles
+    q_start = iq * (warpgroups * ROWS)  # in-chunk position of the program's first query row
+    columns = pl.ds(iv * block_v, block_v)
+    key_steps = q_start // ROWS + warpgroups  # key tiles up to the last row's diagonal
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == warpgroups)
+    def _memory():
+        plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
+        plgpu.copy_gmem_to_smem(g_gmem.at[bh, c], g_smem, aux_bar.at[0])  # (5, L)
+        plgpu.copy_gmem_to_smem(n_gmem.at[bh, c], n_smem, aux_bar.at[1])  # (DHQK_p,)
+        for w in range(warpgroups):
+            rows = pl.ds(seq_row0 + q_start + w * ROWS, ROWS)
+            plgpu.copy_gmem_to_smem(q_gmem.at[:, rows], q_smem.at[w], q_bar.at[w])  # (P, 64, DHQK_p)
+
+        def load(step, slot):
+            @pl.when(step < state_steps)
+            def _state():
+                state_rows = pl.ds((bh * (num_chunks + 1) + c) * dhqk + step * ROWS, ROWS)
+                c_tile = c_gmem.at[:, state_rows, columns]  # (P, 64, bDHHV)
+                plgpu.copy_gmem_to_smem(c_tile, v_smem.at[slot], v_bar.at[slot])
+
+            @pl.when(step >= state_steps)
+            def _keys():
+                kv_rows = pl.ds(seq_row0 + (step - state_steps) * ROWS, ROWS)
+                plgpu.copy_gmem_to_smem(k_gmem.at[:, kv_rows], k_smem.at[slot], k_bar.at[slot])  # (P, 64, DHQK_p)
+                v_tile = v_gmem.at[:, kv_rows, columns]  # (P, 64, bDHHV)
+                plgpu.copy_gmem_to_smem(v_tile, v_smem.at[slot], v_bar.at[slot])
+
+        steps = state_steps + key_steps
+        for step in range(stages):
+            pl.when(step < steps)(functools.partial(load, step, step))
+
+        @pl.loop(0, steps - stages)
+        def _refill(step):
+            slot = step % stages
+            plgpu.barrier_wait(free_bar.at[slot])  # every compute warpgroup is done with step `step`
+            load(step + stages, slot)
+
+        @pl.loop(jnp.maximum(steps - stages, 0), steps)
+        def _drain(step):  # observes every release (the interpreter checks that each one is awaited)
+            plgpu.barrier_wait(free_bar.at[step % stages])
+
+    @pl.when(wg < warpgroups)
+    def _compute():
+        plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+        row0 = q_start + wg * ROWS  # in-chunk position of this warpgroup's first query row
+        q_tile = lambda p: q_smem.at[wg, p]  # (64, DHQK_p): part p of this warpgroup's Q
+        plgpu.barrier_wait(aux_bar.at[0])
+        plgpu.barrier_wait(aux_bar.at[1])
+        plgpu.barrier_wait(q_bar.at[wg])
+        gate_row = lambda g, start: plgpu.load(g_smem.at[g, pl.ds(start, ROWS)], layout=plgpu.Layout.WGMMA.reduce(1))
+        gate_col = lambda g, start: plgpu.load(g_smem.at[g, pl.ds(start, ROWS)], layout=plgpu.Layout.WGMMA.reduce(0))
+        vec_b, vec_m, vec_inter = gate_row(_B, row0), gate_row(_M, row0), gate_row(_INTER, row0)  # (64,)
+        vec_r = gate_row(_R, row0).astype(jnp.int32)  # (64,): last reset in the chunk, −1 if none
+
+        # inter-chunk: q̄ C_{k-1} and q̄ · n_{k-1}, with q̄ = q·inter (inter = s·e^{b + m_{k-1} − m}, 0 after a reset)
+        q_dot_n = _row(jnp.zeros((ROWS,), jnp.float32))
+        for e in range(state_steps):
+            depth = pl.ds(e * ROWS, ROWS)
+            n_e = plgpu.load(n_smem.at[depth], layout=plgpu.Layout.WGMMA.reduce(0))  # (64,) float32
+            for p in range(parts):
+                q_e = plgpu.load(q_tile(p).at[:, depth], layout=plgpu.Layout.WGMMA).astype(jnp.float32)  # (64, 64)
+                q_dot_n = q_dot_n + jnp.sum(q_e * _by_columns(n_e, q_e.shape), axis=1)
+        acc = _zeros(block_v)
+        for e in range(state_steps):
+            slot = e % stages
+            plgpu.barrier_wait(v_bar.at[slot])
+            q_e = lambda p, e=e: q_tile(p).at[:, pl.ds(e * ROWS, ROWS)]  # (64, 64): columns of Q
+            c_e = lambda p, slot=slot: v_smem.at[slot, p]  # (64, bDHHV): rows of C_{k-1}
+            acc = mma(acc, q_e, c_e, parts, interpret)  # (64, 64) @ (64, bDHHV)
+            plgpu.barrier_arrive(free_bar.at[slot])
+        acc = acc * _by_rows(vec_inter, acc.shape)
+        den = q_dot_n * vec_inter
+
+        def key_step(j, carry):
+            acc, den = carry
+            slot = (state_steps + j) % stages
+            plgpu.barrier_wait(k_bar.at[slot])
+            k_t = lambda p: k_smem.at[slot, p].transpose((1, 0))  # (DHQK_p, 64)
+            scores = mma(_zeros(ROWS), q_tile, k_t, parts, interpret)  # (64, DHQK_p) @ (DHQK_p, 64)
+            vec_b_kv, vec_i_kv = gate_col(_B, j * ROWS), gate_col(_I, j * ROWS)  # (64,)
+            shape = scores.shape
+            log_decay = (
+                _by_rows(vec_b, shape) - _by_columns(vec_b_kv, shape) + _by_columns(vec_i_kv, shape)
+            ) - _by_rows(vec_m, shape)
+            q_pos = row0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+            kv_pos = j * ROWS + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+            valid = (kv_pos <= q_pos) & (kv_pos >= _by_rows(vec_r, shape))
+            weights = scores * qk_scale * jnp.exp(jnp.where(valid, log_decay, -jnp.inf))  # (64, 64) float32
+            plgpu.barrier_wait(v_bar.at[slot])
+            w_parts = split_parts(weights, parts, v_smem.dtype)
+            v_tile = lambda p: v_smem.at[slot, p]  # (64, bDHHV)
+            acc = mma(acc, w_parts.__getitem__, v_tile, parts, interpret)  # (64, 64) @ (64, bDHHV)
+            plgpu.barrier_arrive(free_bar.at[slot])
+            return acc, (den + jnp.sum(weights, axis=1)) if normalize else den
+
+        acc, den = lax.fori_loop(0, row0 // ROWS + 1, key_step, (acc, den))
+
+        @pl.loop(row0 // ROWS + 1, key_steps)
+        def _skip(j):  # key tiles past this warpgroup's diagonal, loaded for the next one: awaited and released
+            slot = (state_steps + j) % stages
+            plgpu.barrier_wait(k_bar.at[slot])
+            plgpu.barrier_wait(v_bar.at[slot])
+            plgpu.barrier_arrive(free_bar.at[slot])
+
+        if normalize:
+            den = jnp.maximum(jnp.abs(den), jnp.exp(-vec_m))
+            h = acc / _by_rows(den + eps, acc.shape)
+        else:  # h = q̄ C: e^{−m} only undoes the states' scale
+            den = jnp.exp(-vec_m)
+            h = acc / _by_rows(den, acc.shape)
+        rows = pl.ds(c * chunk + row0, ROWS)
+        out_cols = o_smem.shape[-1]
+        for t in range(block_v // out_cols):
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile has left o_smem
+            o_smem[wg] = h[:, t * out_cols : (t + 1) * out_cols].astype(o_smem.dtype)  # (64, E)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], h_gmem.at[bh, rows, pl.ds(iv * block_v + t * out_cols, out_cols)])
+
+        @pl.when(iv == 0)
+        def _den():
+            den_smem[wg] = den  # (64,)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(den_smem.at[wg], den_gmem.at[bh, rows])
+
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _kernel_gates(call: KernelCall, vecI, vecF, scaM_all, qk_scale: float):
+    """The gate rows of every chunk (BNH, NC, 5, L) float32 (_GATE_ROWS), and vecM_out (B, NH, S)."""
+    chunk = call.chunk_size
+    vecB, vecR = compute_chunkwise_reset_gates(vecF, chunk)  # (B, NH, NC, L)
+    vecM_out = compute_chunkwise_vecM(vecB, vecR, vecI, scaM_all, input_gate=call.input_gate)
+    vec_m = chunked(vecM_out, chunk)
+    m_prev = scaM_all[..., :-1, None].astype(vecB.dtype)  # (B, NH, NC, 1)
+    inter = qk_scale * common.inter_chunk_decay(vecB, vecR, m_prev, vec_m)
+    log_i = chunked(log_input_gate(vecI, call.input_gate), chunk)
+    rows = (vecB, vec_m, vecR.astype(vecB.dtype), log_i, inter)
+    gates = jnp.stack(rows, axis=-2)  # (B, NH, NC, 5, L)
+    return gates.reshape(-1, *gates.shape[2:]), vecM_out
+
+
+def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all):
+    """The launcher of `mlstm_chunkwise__parallel_fw_Hintra` in Mosaic GPU (same arrays and outputs as the Triton
+    launcher): (matH_out (B,NH,S,DHHV), vecN_out (B,NH,S), vecM_out (B,NH,S)). Trusts `call` (chunk_size,
+    qk_scale, eps, output_dtype, input_gate, normalize, interpret); ValueError for the shapes `check_shapes`
+    refuses."""
+    batch, heads, seq_len, dhqk = matQ.shape
+    dhhv = matV.shape[-1]
+    chunk = call.chunk_size
+    check_shapes(chunk, dhqk, matQ.dtype)
+    num_chunks, bnh = seq_len // chunk, batch * heads
+    dhqk_p, dhhv_p = padded_dim(dhqk), padded_dim(dhhv)
+    operand_dtype = matQ.dtype if jnp.dtype(matQ.dtype).itemsize == 2 else jnp.bfloat16
+    parts, tiles = kernel_tiles(chunk, dhqk_p, dhhv_p, (1,) if operand_dtype == matQ.dtype else FLOAT32_PARTS)
+    qk_scale = call.scale_for(dhqk)
+    out_dtype = jnp.dtype(call.output_dtype)
+
+    gates, vecM_out = _kernel_gates(call, vecI, vecF, scaM_all, qk_scale)
+    stacked = lambda x: jnp.stack(split_parts(x, parts, operand_dtype))  # (P, ...)
+    q = stacked(common.pad_axis(matQ.reshape(bnh * seq_len, dhqk), 1, dhqk_p))
+    k = stacked(common.pad_axis(matK.reshape(bnh * seq_len, dhqk), 1, dhqk_p))
+    v = stacked(common.pad_axis(matV.reshape(bnh * seq_len, dhhv), 1, dhhv_p))
+    c_all = stacked(common.states_to_kernel_layout(matC_all, dhqk, (dhqk_p, dhhv_p)).reshape(-1, dhhv_p))
+    n_all = common.states_to_kernel_layout(vecN_all, dhqk, (dhqk_p,)).astype(jnp.float32)  # (BNH, NC+1, DHQK_p)
+
+    operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=_swizzled(operand_dtype))
+    out_cols = 128 // out_dtype.itemsize
+    w, stages = tiles.warpgroups, tiles.stages
+    kernel = functools.partial(
+        _kernel,
+        tiles=tiles,
+        chunk=chunk,
+        num_chunks=num_chunks,
+        qk_scale=qk_scale,
+        eps=call.eps,
+        normalize=bool(call.normalize),
+        interpret=call.interpret,
+    )
+    h, den = plgpu.kernel(
+        kernel,
+        out_type=(
+            jax.ShapeDtypeStruct((bnh, seq_len, dhhv_p), out_dtype),
+            jax.ShapeDtypeStruct((bnh, seq_len), jnp.float32),
+        ),
+        scratch_types=(
+            operand((w, parts, ROWS, dhqk_p)),  # Q
+            operand((stages, parts, ROWS, dhqk_p)),  # K
+            operand((stages, parts, ROWS, tiles.block_v)),  # V or C_{k-1}
+            plgpu.SMEM((len(_GATE_ROWS), chunk), jnp.float32),  # gates
+            plgpu.SMEM((dhqk_p,), jnp.float32),  # n_{k-1}
+            plgpu.SMEM((w, ROWS, out_cols), out_dtype, transforms=_swizzled(out_dtype)),  # h staging
+            plgpu.SMEM((w, ROWS), jnp.float32),  # den staging
+            plgpu.Barrier(num_barriers=w),  # Q loaded
+            plgpu.Barrier(num_barriers=2),  # gates, n loaded
+            plgpu.Barrier(num_barriers=stages),  # K loaded
+            plgpu.Barrier(num_barriers=stages),  # V / C loaded
+            plgpu.Barrier(num_arrivals=w, num_barriers=stages),  # buffers free again
+        ),
+        grid=(bnh, num_chunks, (chunk // (w * ROWS)) * (dhhv_p // tiles.block_v)),
+        grid_names=("bh", "c", "qv"),
+        num_threads=w + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=parts == 1),  # float32 inputs: IEEE exp and division
+        interpret=plgpu.InterpretGPUParams() if call.interpret else None,
+        kernel_name=NAME,
+    )(q, k, v, c_all, n_all, gates)
+    matH_out = h[:, :, :dhhv].reshape(batch, heads, seq_len, dhhv)
+    return matH_out, den.reshape(batch, heads, seq_len), vecM_out

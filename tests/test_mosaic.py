@@ -1,0 +1,106 @@
+"""The Mosaic GPU parallel_fw_Hintra (pallas_mlstm/mosaic_gpu) against its jnp twin, in Mosaic GPU's interpret mode
+(shared memory, TMA copies, barriers and warpgroups simulated on the CPU; the matmuls as jnp.dot), and lowered for
+a Hopper GPU without one. On a GPU, `python -m pallas_mlstm.mosaic_gpu.gpu_check` runs it compiled."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax._src import xla_bridge
+from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+from pallas_mlstm import xla_kernels
+from pallas_mlstm.accuracy import KERNEL_TWIN_TOLERANCE, rel_err
+from pallas_mlstm.kernel_call import KernelCall
+from pallas_mlstm.mosaic_gpu import parallel_fw
+from tests import flags as test_flags
+from tests.helpers import case_key, extreme_gates, mlstm_inputs
+
+# The Mosaic GPU backend is in development (not registered yet: it has not run on a GPU); its CPU interpretation is
+# slow, so it runs when asked for.
+pytestmark = pytest.mark.skipif(
+    "mosaic" not in test_flags.BACKEND.value, reason="pass --backend=mosaic to test the Mosaic GPU kernel (~1 min)"
+)
+
+# The interpreter runs each warpgroup (3 here) as a thread whose barrier waits block one of XLA's CPU worker threads,
+# of which there are as many as cores: on a 2-core machine the kernel deadlocks. PJRT_NPROC sizes that pool, and is
+# read when JAX starts its CPU backend, normally after collection (no public API says whether it has started).
+if not xla_bridge.backends_are_initialized():
+    os.environ.setdefault("PJRT_NPROC", "8")
+_POOL = int(os.environ.get("PJRT_NPROC", os.environ.get("NPROC", os.cpu_count() or 1)))
+_ENOUGH_THREADS = _POOL >= 4
+# The interpreter's rounding points are the twin's: every case meets float32's kernel-twin bound.
+TOLERANCE = KERNEL_TWIN_TOLERANCE[("interpret", "float32")]
+
+# (B, NH, S, DHQK, DHHV, chunk, dtype, input_gate, normalize, extreme gates). Tiles follow from kernel_tiles:
+# "2wg": two compute warpgroups, two buffers for 3 steps (refills, and a warpgroup skipping the last key tile);
+# "resets": one warpgroup, hard resets and masked tokens inside chunks, head dims padded to 64 and 128;
+# "bf16-tiles": two query tiles and two DHHV tiles per chunk, three buffers for up to 6 steps.
+CASES = {
+    "2wg-f32": (1, 2, 256, 64, 128, 128, jnp.float32, "exponential", True, False),
+    "resets-padded-sigmoid-unnormalised-f32": (2, 1, 128, 48, 80, 64, jnp.float32, "sigmoid", False, True),
+    "bf16-tiles": (1, 1, 512, 128, 512, 256, jnp.bfloat16, "exponential", True, False),
+}
+
+
+def _arrays(case: str):
+    """The kernel's arrays: q, k, v, gates, and float32 states chained through the twin's recurrent_fw_C."""
+    batch, heads, seq_len, dhqk, dhhv, chunk, dtype, input_gate, _, extreme = CASES[case]
+    q, k, v, i, f, c0, n0, m0 = mlstm_inputs(
+        case_key("mosaic", case), batch, heads, seq_len, dhqk, dhhv, jnp.float32, with_initial=True
+    )
+    if extreme:
+        i, f = extreme_gates(i, f)
+    gate = {} if input_gate == "exponential" else {"input_gate": input_gate}
+    states = xla_kernels.mlstm_chunkwise__recurrent_fw_C(k, v, f, i, c0, n0, m0, chunk_size=chunk, **gate)
+    return (*(x.astype(dtype) for x in (q, k, v)), i, f, *states)
+
+
+@pytest.mark.skipif(not _ENOUGH_THREADS, reason="JAX's CPU backend started with fewer than 4 worker threads")
+@pytest.mark.parametrize("case", CASES)
+def test_interpret_matches_twin(case):
+    *_, chunk, _, input_gate, normalize, _ = CASES[case]
+    args = _arrays(case)
+    call = KernelCall(chunk_size=chunk, eps=1e-6, input_gate=input_gate, normalize=normalize, interpret=True)
+    expected = jax.jit(lambda *a: xla_kernels.parallel_fw_Hintra(call, *a))(*args)
+    actual = jax.jit(lambda *a: parallel_fw.parallel_fw_Hintra(call, *a))(*args)
+    for name, out, ref in zip(("h", "vecN_out", "vecM_out"), actual, expected):
+        assert out.shape == ref.shape and out.dtype == ref.dtype, name
+        assert rel_err(out, ref) <= TOLERANCE, f"{name}: {rel_err(out, ref):.2e}"
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_lowers_for_hopper(dtype):
+    """The 7B head widths lower to one Mosaic GPU kernel for cuda without a GPU (compilation to sm_90a needs one)."""
+    batch, heads, seq_len, dhqk, dhhv, chunk = 1, 2, 512, 256, 512, 256
+    num_chunks = seq_len // chunk
+    spec = jax.ShapeDtypeStruct
+    args = (
+        spec((batch, heads, seq_len, dhqk), dtype),
+        spec((batch, heads, seq_len, dhqk), dtype),
+        spec((batch, heads, seq_len, dhhv), dtype),
+        spec((batch, heads, seq_len), jnp.float32),
+        spec((batch, heads, seq_len), jnp.float32),
+        spec((batch, heads, (num_chunks + 1) * dhqk, dhhv), dtype),
+        spec((batch, heads, (num_chunks + 1) * dhqk), jnp.float32),
+        spec((batch, heads, num_chunks + 1), jnp.float32),
+    )
+    call = KernelCall(chunk_size=chunk, eps=1e-6, output_dtype=dtype)
+    h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
+    with use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
+        lowered = jax.jit(lambda *a: parallel_fw.parallel_fw_Hintra(call, *a)).trace(*args)
+        text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+    assert parallel_fw.NAME in text
+
+
+@pytest.mark.parametrize(
+    "chunk, dhqk, dtype, match",
+    [(32, 64, jnp.bfloat16, "chunk_size"), (128, 320, jnp.bfloat16, "DHQK"), (128, 64, jnp.int8, "inputs")],
+)
+def test_refuses_unsupported_shapes(chunk, dhqk, dtype, match):
+    with pytest.raises(ValueError, match=match):
+        parallel_fw.check_shapes(chunk, dhqk, dtype)
