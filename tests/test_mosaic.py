@@ -28,8 +28,8 @@ pytestmark = pytest.mark.skipif(
 # The interpreter runs each warpgroup (3 here) as a thread whose barrier waits block one of XLA's CPU worker threads,
 # of which there are as many as cores: on a 2-core machine the kernel deadlocks. PJRT_NPROC sizes that pool, and is
 # read when JAX starts its CPU backend, normally after collection (no public API says whether it has started).
-if not xla_bridge.backends_are_initialized():
-    os.environ.setdefault("PJRT_NPROC", "8")
+if "mosaic" in test_flags.BACKEND.value and not xla_bridge.backends_are_initialized():
+    os.environ.setdefault("PJRT_NPROC", "8")  # only when these tests run: the other tests keep one thread per core
 _POOL = int(os.environ.get("PJRT_NPROC", os.environ.get("NPROC", os.cpu_count() or 1)))
 _ENOUGH_THREADS = _POOL >= 4
 # The interpreter's rounding points are the twin's: every case meets float32's kernel-twin bound.
