@@ -1,7 +1,9 @@
 """Parses the absl flags of tests/flags.py once, from pytest options of the same names."""
 
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 
 from tests import flags as test_flags
@@ -26,6 +28,25 @@ def pytest_configure(config):
             argv.append(f"--{name}={value}")
     test_flags.FLAGS(argv)
     _cheap_cpu_compiles()
+    _shared_compilation_cache(config)
+
+
+def _shared_compilation_cache(config):
+    """One JAX compilation cache for the whole session, in a fresh temporary folder: the tests compile many identical
+    programs (the same oracle or op at the same shape in several tests, in each pytest-xdist worker and in the
+    subprocesses), and a program compiled once is loaded thereafter (about a third of the session's CPU time on a
+    CPU). Set by the main process before it starts the workers, which inherit the environment, as do subprocesses;
+    removed at its end. A JAX_COMPILATION_CACHE_DIR of the caller's own is kept (and left in place)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    folder = tempfile.mkdtemp(prefix="pallas-mlstm-tests-jax-cache-")
+    config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
+    # every program, however small or quick to compile
+    os.environ.update(
+        JAX_COMPILATION_CACHE_DIR=folder,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
 
 
 def _cheap_cpu_compiles():

@@ -70,13 +70,30 @@ def extreme_gates(i, f):
     return i, f
 
 
+def mlstm_inputs(key, batch, heads, seq_len, dhqk, dhhv, dtype=jnp.float32, **kwargs):
+    """pallas_mlstm.accuracy.mlstm_inputs as one compiled program per shape (one compile instead of one per array)."""
+    return _mlstm_inputs_jit(key, batch, heads, seq_len, dhqk, dhhv, dtype, **kwargs)
+
+
 _mlstm_inputs_jit = jax.jit(
     accuracy.mlstm_inputs,
     static_argnums=(1, 2, 3, 4, 5, 6),
     static_argnames=("with_initial", "igate_shift", "fgate_shift", "gate_scale"),
 )
 
+# The names of mlstm_chunkwise's array arguments, in order
+INPUT_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
 
-def mlstm_inputs(key, batch, heads, seq_len, dhqk, dhhv, dtype=jnp.float32, **kwargs):
-    """pallas_mlstm.accuracy.mlstm_inputs as one compiled program per shape (one compile instead of one per array)."""
-    return _mlstm_inputs_jit(key, batch, heads, seq_len, dhqk, dhhv, dtype, **kwargs)
+
+def outputs_and_grads(make_loss, fn, weights_key, inputs):
+    """(fn(*inputs), {name: gradient of make_loss(fn, weights_key, True) by that input}) for every non-None input,
+    from one compiled program (a separate forward would compile the forward a second time)."""
+    argnums = tuple(idx for idx, x in enumerate(inputs) if x is not None)
+
+    def loss_and_outputs(*args):
+        outputs = []
+        recorded = lambda *a: outputs.append(fn(*a)) or outputs[-1]
+        return make_loss(recorded, weights_key, True)(*args), outputs[0]
+
+    grads, outputs = jax.jit(jax.grad(loss_and_outputs, argnums=argnums, has_aux=True))(*inputs)
+    return outputs, dict(zip([INPUT_NAMES[idx] for idx in argnums], grads))

@@ -15,9 +15,17 @@ import pallas_mlstm
 import reference
 from pallas_mlstm.accuracy import ORACLE_TOLERANCE, kernel_and_oracle_inputs, rel_err
 from tests import flags as test_flags
-from tests.helpers import case_key, extreme_gates, mlstm_inputs, plain_loss, scale_blind_loss, to_dtype
+from tests.helpers import (
+    INPUT_NAMES,
+    case_key,
+    extreme_gates,
+    mlstm_inputs,
+    outputs_and_grads,
+    plain_loss,
+    scale_blind_loss,
+    to_dtype,
+)
 
-GRAD_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
 # The cell: mLSTMexp (exponential input gate, states (c, n, m)) or mLSTMsig (sigmoid input gate, states (c, n);
 # with normalize=False h is the plain C readout)
 CELLS = {
@@ -59,12 +67,6 @@ def _tolerance(backend, dtype):
 def _skip_without_gpu(backend):
     if backend == "triton" and jax.default_backend() != "gpu":
         pytest.skip("the triton backend needs a GPU; run with --backend=triton on the GPU machine")
-
-
-def _grads(loss, inputs):
-    """The gradients of loss by every non-None input, {name: gradient}; jitted (one compile, not one per operation)."""
-    argnums = tuple(idx for idx, x in enumerate(inputs) if x is not None)
-    return dict(zip([GRAD_NAMES[idx] for idx in argnums], jax.jit(jax.grad(loss, argnums=argnums))(*inputs)))
 
 
 # The exponential cell's rows per backend, (shape, with_initial). Both with and without initial states where the
@@ -141,16 +143,12 @@ def test_forward_last_states_and_gradients_match_oracle(backend, dtype, shape, c
         inputs, inputs64 = inputs[:num_inputs], inputs64[:num_inputs]
         weights_key = jax.random.fold_in(key, 7)
         oracle = _oracle(cell)
-        h_ref, last_ref = jax.jit(oracle)(*inputs64)
-        grads_ref = _grads(plain_loss(oracle, weights_key, True), inputs64)
+        (h_ref, last_ref), grads_ref = outputs_and_grads(plain_loss, oracle, weights_key, inputs64)
     with jax.enable_x64(float64):
-        fn = jax.jit(
-            lambda *a: pallas_mlstm.mlstm_chunkwise(
-                *a, chunk_size=chunk, backend=backend, return_last_states=True, **CELLS[cell]
-            )
+        fn = lambda *a: pallas_mlstm.mlstm_chunkwise(
+            *a, chunk_size=chunk, backend=backend, return_last_states=True, **CELLS[cell]
         )
-        h, last = fn(*inputs)
-        grads = _grads(plain_loss(fn, weights_key, True), inputs)
+        (h, last), grads = outputs_and_grads(plain_loss, fn, weights_key, inputs)
     assert h.dtype == dtype and h.shape == (batch, heads, seq_len, dhhv)
     assert rel_err(h, h_ref) <= fw_tol
     assert len(last) == (3 if cell == "exponential" else 2), "the sigmoid gate's states are (c, n)"
@@ -158,7 +156,7 @@ def test_forward_last_states_and_gradients_match_oracle(backend, dtype, shape, c
         assert actual.dtype == jnp.promote_types(dtype, jnp.float32), part
         assert rel_err(actual, expected) <= fw_tol, part
     for name, expected in grads_ref.items():
-        assert grads[name].dtype == inputs[GRAD_NAMES.index(name)].dtype, name
+        assert grads[name].dtype == inputs[INPUT_NAMES.index(name)].dtype, name
         assert jnp.all(jnp.isfinite(grads[name])), name
         if name == "f" and not jnp.any(expected):
             # S = 1 from a zero state: df̃ is exactly 0, a cancellation of Σ q·dq − k·dk that leaves float32
@@ -189,14 +187,12 @@ def test_state_passing_two_calls_equal_one(backend, cell):
         return jnp.concatenate([h1, h2], axis=2), last
 
     key = case_key(f"{cell}-passing-weights")
-    h_one, last_one = jax.jit(run)(*inputs)
-    h_two, last_two = jax.jit(chained)(*inputs)
+    (h_one, last_one), grads_one = outputs_and_grads(plain_loss, run, key, inputs)
+    (h_two, last_two), grads_two = outputs_and_grads(plain_loss, chained, key, inputs)
     assert rel_err(h_two, h_one) <= 1e-5
     assert len(last_two) == len(last_one) == num_inputs - 5
     for part, a, e in zip("cnm", last_two, last_one):
         assert rel_err(a, e) <= 1e-5, part
-    grads_one = _grads(plain_loss(run, key, True), inputs)
-    grads_two = _grads(plain_loss(chained, key, True), inputs)
     for name, expected in grads_one.items():
         assert rel_err(grads_two[name], expected) <= 1e-5, name
 
@@ -215,12 +211,11 @@ def test_chunk_1024_with_initial_states(backend, dtype):
         )
         weights_key = jax.random.fold_in(key, 7)
         oracle = lambda *a: reference.mlstm_recurrent(*a, return_last_states=True, kernel_gradient_semantics=True)
-        h_ref, _ = jax.jit(oracle)(*inputs64)
-        grads_ref = _grads(plain_loss(oracle, weights_key, True), inputs64)
+        (h_ref, _), grads_ref = outputs_and_grads(plain_loss, oracle, weights_key, inputs64)
     config = pallas_mlstm.ChunkwiseConfig(chunk_size=chunk, siz_b_L_parallel=128, siz_b_L_loop=128)
-    fn = jax.jit(lambda *a: pallas_mlstm.mlstm_chunkwise(*a, backend=backend, config=config, return_last_states=True))
-    assert rel_err(fn(*inputs)[0], h_ref) <= fw_tol
-    grads = _grads(plain_loss(fn, weights_key, True), inputs)
+    fn = lambda *a: pallas_mlstm.mlstm_chunkwise(*a, backend=backend, config=config, return_last_states=True)
+    (h, _), grads = outputs_and_grads(plain_loss, fn, weights_key, inputs)
+    assert rel_err(h, h_ref) <= fw_tol
     for name, expected in grads_ref.items():
         assert rel_err(grads[name], expected) <= grad_tol, name
 
@@ -238,9 +233,9 @@ def test_gradients_exact_for_scale_blind_loss(backend, dtype):
         )
         weights_key = jax.random.fold_in(key, 7)
         oracle = lambda *a: reference.mlstm_recurrent(*a, return_last_states=True)
-        grads_ref = _grads(scale_blind_loss(oracle, weights_key, True), inputs64)
+        _, grads_ref = outputs_and_grads(scale_blind_loss, oracle, weights_key, inputs64)
     fn = lambda *a: pallas_mlstm.mlstm_chunkwise(*a, chunk_size=chunk, backend=backend, return_last_states=True)
-    grads = _grads(scale_blind_loss(fn, weights_key, True), inputs)
+    _, grads = outputs_and_grads(scale_blind_loss, fn, weights_key, inputs)
     for name, expected in grads_ref.items():
         if name != "n_initial":  # ~0 in both: n reaches h only through the normaliser
             assert rel_err(grads[name], expected) <= _tolerance(backend, dtype)[1], name
@@ -254,19 +249,20 @@ def test_jit_checkpoint_and_vmap(backend):
     run = lambda *a: pallas_mlstm.mlstm_chunkwise(*a, chunk_size=chunk, backend=backend)
     loss = lambda *a: jnp.sum(run(*a) ** 2)
     if backend != "interpret":  # remat wraps the op's custom VJP the same whatever its kernels: xla checks it on CPU
-        expected = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*inputs)
+        expected = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*inputs)
         checkpointed = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2, 3, 4)))(*inputs)
-        for name, a, e in zip(GRAD_NAMES, checkpointed, expected):
+        for name, a, e in zip(INPUT_NAMES, checkpointed, expected):
             assert rel_err(a, e) <= 1e-6, name
-    # vmap over an extra leading axis == a loop over it
+    # vmap over an extra leading axis == a loop over it (jitted: one compile each, not one per operation)
     stacked = [jnp.stack([x, x[::-1] * 0.5 + 0.1]) for x in inputs]
-    batched = jax.jit(jax.vmap(run))(*stacked)
+    batched, batched_grads = jax.jit(lambda *a: (jax.vmap(run)(*a), jax.vmap(jax.grad(loss, argnums=(0, 4)))(*a)))(
+        *stacked
+    )
+    looped = jax.jit(lambda *a: [(run(*x), jax.grad(loss, argnums=(0, 4))(*x)) for x in zip(*a)])(*stacked)
     for index in range(2):
-        assert rel_err(batched[index], run(*[x[index] for x in stacked])) <= 1e-6
-    batched_grads = jax.vmap(jax.grad(loss, argnums=(0, 4)))(*stacked)
-    looped = jax.grad(loss, argnums=(0, 4))(*[x[1] for x in stacked])
-    for a, e in zip(batched_grads, looped):
-        assert rel_err(a[1], e) <= 1e-6
+        assert rel_err(batched[index], looped[index][0]) <= 1e-6
+        for a, e in zip(batched_grads, looped[index][1]):
+            assert rel_err(a[index], e) <= 1e-6
 
 
 def test_vmap_folds_into_batch():
@@ -281,11 +277,10 @@ def test_vmap_folds_into_batch():
     )
     cell = lambda q, k, v, i, f: pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, backend="xla", chunk_size=16)
     loss = lambda q, f: jnp.sum(jax.vmap(cell, in_axes=(0, None, 0, 0, 0))(q, k[0], v, i, f) ** 2)
-    grads = jax.grad(loss, argnums=(0, 1))(q, f)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(q, f)
+    per_element = jax.jit(jax.grad(lambda q, v, i, f: jnp.sum(cell(q, k[0], v, i, f) ** 2), argnums=(0, 3)))
     for index in range(shape[0]):
-        one = jax.grad(lambda q, f: jnp.sum(cell(q, k[0], v[index], i[index], f) ** 2), argnums=(0, 1))(
-            q[index], f[index]
-        )
+        one = per_element(q[index], v[index], i[index], f[index])
         for got, expected in zip(grads, one):
             np.testing.assert_allclose(got[index], expected, rtol=1e-5, atol=1e-6)
 
@@ -334,7 +329,7 @@ def test_states_kept_for_the_backward_by_default_on_one_device():
         loss = lambda *x, recompute=recompute: jnp.sum(
             pallas_mlstm.mlstm_chunkwise(*x, backend="interpret", chunk_size=16, recompute_states_in_bw=recompute) ** 2
         )
-        grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
         launches[recompute] = str(jax.make_jaxpr(grad)(q, k, v, i, f)).count("mlstm_chunkwise__recurrent_fw_C")
         grads[recompute] = grad(q, k, v, i, f)
     assert launches[None] == launches[False] > 0 and launches[True] == 2 * launches[False]
@@ -363,7 +358,9 @@ print(len(compiles) - before)
 def test_a_repeated_call_outside_jit_compiles_nothing():
     """In a fresh process (the first Pallas interpreter lowering of a process is what once invalidated every earlier
     compilation), calling the op again outside jit, on the interpreter and on xla, compiles nothing."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # without the tests' compilation cache (tests/conftest.py), where a second compilation would be a cache hit
+    env = {name: value for name, value in os.environ.items() if name != "JAX_COMPILATION_CACHE_DIR"}
+    env["JAX_PLATFORMS"] = "cpu"
     done = subprocess.run([sys.executable, "-c", _SECOND_CALL_COMPILES], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-1] == "0", done.stdout

@@ -144,6 +144,11 @@ def _call(kernel_name, module, x, chunk, tiles, extra):
     )
 
 
+def _jitted_call(kernel_name, module, x, chunk, tiles, extra):
+    """`_call` as one compiled program (op by op, the twins compile each operation apart)."""
+    return jax.jit(lambda x: _call(kernel_name, module, x, chunk, tiles, extra))(x)
+
+
 # The cell: mLSTMexp, or mLSTMsig (input_gate="sigmoid") with and without the normaliser
 CELLS = {"exponential": ("exponential", True), "sigmoid": ("sigmoid", True), "sigmoid-unnormalized": ("sigmoid", False)}
 # The interpreter is slow (most of it is building each case's inputs through the twins): it runs the cases whose
@@ -198,8 +203,8 @@ def test_kernel_matches_twin(backend, dtype, case, kernel_name, cell):
         if with_initial and kernel_name not in ("recurrent_fw_C", "recurrent_bw_dC"):
             continue  # the other kernels see initial states only through their inputs
         x = _case_arrays(case, dtype, with_initial, input_gate, normalize)
-        expected = _call(kernel_name, xla_kernels, x, chunk, tiles, gate)
-        actual = _call(kernel_name, pallas_mlstm, x, chunk, tiles, dict(gate, interpret=backend == "interpret"))
+        expected = _jitted_call(kernel_name, xla_kernels, x, chunk, tiles, gate)
+        actual = _jitted_call(kernel_name, pallas_mlstm, x, chunk, tiles, dict(gate, interpret=backend == "interpret"))
         expected, actual = jax.tree.leaves(expected), jax.tree.leaves(actual)
         assert len(actual) == len(expected)
         for index, (a, e) in enumerate(zip(actual, expected)):

@@ -21,7 +21,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding, 
 from jax.sharding import PartitionSpec as P
 
 import pallas_mlstm
-from pallas_mlstm.accuracy import SHARDED_TOLERANCE
+from pallas_mlstm.accuracy import ORACLE_TOLERANCE, SHARDED_TOLERANCE
 from tests import flags as test_flags
 from tests.sharding_cases import CASES, DHHV, DHQK
 
@@ -32,9 +32,12 @@ _INTERPRET_CASES = ("batch_seq_explicit",)
 _RUNS = [("xla", name) for name in CASES] + [("interpret", name) for name in _INTERPRET_CASES]
 
 # Sharded vs one-device float32 results: within SHARDED_TOLERANCE. Where float32 itself is noisier than
-# that (a gradient that is the exp of a sequence-long sum, or a reverse cumulative sum of differences: the
-# one-device result is then 1e-6 to 5e-6 from float64), the sharded result passes if it is at least half
-# as accurate as the one-device result, both measured against float64.
+# that (a gradient that is the exp of a sequence-long sum, or a reverse cumulative sum of differences: either
+# result is then 1e-7 to 5e-6 from float64, and which of the two is closer depends on the seed), the sharded
+# result passes if it keeps the op's float32 accuracy bound against float64 (ORACLE_TOLERANCE of xla, float32:
+# the bound one device meets). A sharding defect (a state not passed, combined or placed right) moves results
+# by orders of magnitude more.
+FLOAT32_BOUND = dict(zip(("forward", "gradient"), ORACLE_TOLERANCE[("xla", "float32")]))
 
 
 def _four_device_environment():
@@ -99,9 +102,10 @@ def test_sharded_matches_one_device(backend, name, shared_dir):
         if error <= SHARDED_TOLERANCE:
             continue
         exact_error, one_device_exact_error = result["errors_f64"][quantity], result["one_device_errors_f64"][quantity]
-        assert exact_error <= 2 * one_device_exact_error, (
+        bound = FLOAT32_BOUND["gradient" if quantity.startswith("d") else "forward"]
+        assert exact_error <= bound, (
             f"{quantity}: relative error {error:.2e} vs one device (> {SHARDED_TOLERANCE:.0e}), {exact_error:.2e} vs "
-            f"float64 (one device: {one_device_exact_error:.2e}) ({name}, {backend})"
+            f"float64 (> {bound:.0e}; one device: {one_device_exact_error:.2e}) ({name}, {backend})"
         )
     for quantity, (got, expected) in result["shardings"].items():
         assert got == expected, f"{quantity} is sharded as {got}, expected {expected} ({name}, {backend})"
