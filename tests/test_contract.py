@@ -224,14 +224,19 @@ _S, _CHUNK = 64, 16
 def _chain():
     """Every kernel's arguments, chained through the XLA backend, as (positional tuple, keyword dict) per kernel."""
     q, k, v, i, f, c0, n0, m0 = mlstm_inputs(case_key("contract"), 1, 2, _S, 16, 32, with_initial=True)
-    states = xla_kernels.mlstm_chunkwise__recurrent_fw_C(k, v, f, i, c0, n0, m0, chunk_size=_CHUNK)
-    _, n_out, m_out = xla_kernels.mlstm_chunkwise__parallel_fw_Hintra(q, k, v, i, f, *states, chunk_size=_CHUNK)
     dh = jax.random.normal(case_key("contract-dh"), v.shape)
     dc_last = jax.random.normal(case_key("contract-dc"), c0.shape)
-    dc_states = xla_kernels.mlstm_chunkwise__recurrent_bw_dC(
-        q, f, states[2], m_out, dh, n_out, dc_last, chunk_size=_CHUNK
-    )
-    vec_b, vec_a = pallas_mlstm.compute_chunkwise_log_gates_vecB_vecA(i, f, _CHUNK)
+
+    @jax.jit  # one compile, not one per operation
+    def chained():
+        states = xla_kernels.mlstm_chunkwise__recurrent_fw_C(k, v, f, i, c0, n0, m0, chunk_size=_CHUNK)
+        _, n_out, m_out = xla_kernels.mlstm_chunkwise__parallel_fw_Hintra(q, k, v, i, f, *states, chunk_size=_CHUNK)
+        dc_states = xla_kernels.mlstm_chunkwise__recurrent_bw_dC(
+            q, f, states[2], m_out, dh, n_out, dc_last, chunk_size=_CHUNK
+        )
+        return states, n_out, m_out, dc_states, pallas_mlstm.compute_chunkwise_log_gates_vecB_vecA(i, f, _CHUNK)
+
+    states, n_out, m_out, dc_states, (vec_b, vec_a) = chained()
     scale = 16**-0.5
     bw = (q, k, v, i, vec_a, vec_b, *states, n_out, m_out, dh, dc_states, scale, _CHUNK, 16, 16)
     bw_names = [name for name, _ in _PARALLEL_BW[:17]]

@@ -11,7 +11,7 @@ import pallas_mlstm
 import reference
 from pallas_mlstm.accuracy import ORACLE_TOLERANCE, kernel_and_oracle_inputs, rel_err
 from tests import flags as test_flags
-from tests.helpers import case_key, mlstm_inputs
+from tests.helpers import case_key, mlstm_inputs, outputs_and_grads, plain_loss
 
 B, NH, S, DHQK, DHHV, CHUNK = 2, 2, 70, 16, 32, 16
 # Where each row's documents start after the first: lengths 5, 30, 1, 34 (several per chunk of 16, one of a
@@ -55,20 +55,6 @@ def _documents_alone(q, k, v, i, f, c0=None, n0=None, m0=None):
     return jnp.concatenate(rows, axis=0), tuple(jnp.concatenate(x, axis=0) for x in zip(*lasts))
 
 
-def _loss(fn, key):
-    """Σ w·h + Σ w_c·(C·e^m) + Σ w_n·(n·e^m) of fn's (h, true last states)."""
-
-    def loss(*args):
-        h, (c, n) = fn(*args)
-        weight = lambda index, x: jax.random.normal(jax.random.fold_in(key, index), x.shape, jnp.float32).astype(
-            x.dtype
-        )
-        h = h.astype(jnp.promote_types(h.dtype, jnp.float32))
-        return jnp.sum(weight(0, h) * h) + jnp.sum(weight(1, c) * c) + jnp.sum(weight(2, n) * n)
-
-    return loss
-
-
 def _backends():
     return [b for b in test_flags.BACKEND.value]
 
@@ -95,9 +81,8 @@ def test_packed_documents_equal_documents_alone(backend, with_initial):
         inputs, inputs64 = kernel_and_oracle_inputs(
             mlstm_inputs(key, B, NH, S, DHQK, DHHV, jnp.float64, with_initial=with_initial), jnp.float32
         )
-        # jitted: one compile of every document's scan, faster than running them op by op
-        h_ref, last_ref = jax.jit(_documents_alone)(*inputs64)
-        grads_ref = jax.jit(jax.grad(_loss(_documents_alone, key), argnums=argnums))(*inputs64[: len(argnums)])
+        # (h, last states) and the gradients of Σ w·h + Σ w_c·(C·e^m) + Σ w_n·(n·e^m), in one compiled program
+        (h_ref, last_ref), grads_ref = outputs_and_grads(plain_loss, _documents_alone, key, inputs64[: len(argnums)])
 
     def packed(*args):
         h, last = pallas_mlstm.mlstm_chunkwise(
@@ -105,16 +90,15 @@ def test_packed_documents_equal_documents_alone(backend, with_initial):
         )
         return h, _true_last_states(last)
 
-    packed_jit = jax.jit(packed)
-    h, last = packed_jit(*inputs[: len(argnums)])
+    (h, last), grads = outputs_and_grads(plain_loss, packed, key, inputs[: len(argnums)])
     assert rel_err(h, h_ref) <= fw_tol
     for actual, expected in zip(last, last_ref):
         assert rel_err(actual, expected) <= fw_tol
-    grads = jax.grad(_loss(packed_jit, key), argnums=argnums)(*inputs[: len(argnums)])
-    for name, actual, expected in zip(("q", "k", "v", "i", "f", "c0", "n0", "m0"), grads, grads_ref):
-        assert rel_err(actual, expected) <= grad_tol, name
+    for name, expected in grads_ref.items():
+        assert rel_err(grads[name], expected) <= grad_tol, name
     starts = np.asarray(segment_ids[:, 1:] != segment_ids[:, :-1])
-    assert not np.any(np.asarray(grads[4])[:, :, 1:][np.broadcast_to(starts[:, None], grads[4][:, :, 1:].shape)])
+    df = np.asarray(grads["f"])[:, :, 1:]
+    assert not np.any(df[np.broadcast_to(starts[:, None], df.shape)])
 
 
 def test_segment_ids_under_vmap():
@@ -125,7 +109,8 @@ def test_segment_ids_under_vmap():
     fn = lambda q, k, v, i, f, ids: pallas_mlstm.mlstm_chunkwise(
         q, k, v, i, f, chunk_size=CHUNK, backend="xla", segment_ids=ids
     )
-    mapped = jax.vmap(fn)(*map(stack, (q, k, v, i, f)), ids)
+    stacked = (*map(stack, (q, k, v, i, f)), ids)
+    mapped = jax.jit(jax.vmap(fn))(*stacked)
+    alone = jax.jit(lambda *a: [fn(*x) for x in zip(*a)])(*stacked)  # one compile, not one per operation
     for index in range(2):
-        alone = fn(*(stack(x)[index] for x in (q, k, v, i, f)), ids[index])
-        assert rel_err(mapped[index], alone) <= 1e-6
+        assert rel_err(mapped[index], alone[index]) <= 1e-6

@@ -217,11 +217,17 @@ def test_sigmoid_gate_tracks_no_max_state():
     """Every m the kernels keep stays 0 with the sigmoid gate (not with the exponential one): the jnp twins and
     the orchestration here; test_kernel_matches_twin holds the Pallas kernels' m to the twins'."""
     q, k, v, i, f = mlstm_inputs(case_key("sigmoid-m"), 1, 1, 32, 16, 16)[:5]
-    for input_gate, stays_zero in (("sigmoid", True), ("exponential", False)):
+
+    @functools.partial(jax.jit, static_argnums=0)  # one compile per gate, not one per operation
+    def max_states(input_gate):
         *_, scaM_all = xla_kernels.mlstm_chunkwise__recurrent_fw_C(k, v, f, i, chunk_size=16, input_gate=input_gate)
         _, _, vecM_out = pallas_mlstm.mlstm_chunkwise_fw(
             q, k, v, i, f, chunk_size_intra=16, backend="xla", input_gate=input_gate
         )[:3]
+        return scaM_all, vecM_out
+
+    for input_gate, stays_zero in (("sigmoid", True), ("exponential", False)):
+        scaM_all, vecM_out = max_states(input_gate)
         assert bool(jnp.all(scaM_all == 0) & jnp.all(vecM_out == 0)) == stays_zero, input_gate
 
 
@@ -247,16 +253,16 @@ def test_narrow_state_buffers(backend):
     module = xla_kernels if backend == "xla" else pallas_mlstm
     launch = {} if backend == "xla" else dict(interpret=backend == "interpret")
     x = _case_arrays("L32-d24x40-padded", jnp.bfloat16, True)
-    wide = _call("recurrent_fw_C", module, x, 32, {}, launch)
-    narrow = _call("recurrent_fw_C", module, x, 32, {}, dict(launch, states_dtype=jnp.bfloat16))
+    wide = _jitted_call("recurrent_fw_C", module, x, 32, {}, launch)
+    narrow = _jitted_call("recurrent_fw_C", module, x, 32, {}, dict(launch, states_dtype=jnp.bfloat16))
     assert len(wide) == 3 and len(narrow) == 4
     assert narrow[0].dtype == jnp.bfloat16 and narrow[3].dtype == jnp.float32
     assert jnp.array_equal(narrow[0], wide[0].astype(jnp.bfloat16))
     assert jnp.array_equal(narrow[3], wide[0][:, :, -24:, :])
     for a, b in zip(narrow[1:3], wide[1:3]):
         assert jnp.array_equal(a, b)
-    wide_dc = _call("recurrent_bw_dC", module, x, 32, {}, launch)
-    narrow_dc = _call("recurrent_bw_dC", module, x, 32, {}, dict(launch, states_dtype=jnp.bfloat16))
+    wide_dc = _jitted_call("recurrent_bw_dC", module, x, 32, {}, launch)
+    narrow_dc = _jitted_call("recurrent_bw_dC", module, x, 32, {}, dict(launch, states_dtype=jnp.bfloat16))
     assert len(wide_dc) == 2 and len(narrow_dc) == 3
     assert jnp.array_equal(narrow_dc[0], wide_dc[0].astype(jnp.bfloat16))
     assert jnp.array_equal(narrow_dc[2], wide_dc[0][:, :, :24, :])
@@ -264,8 +270,9 @@ def test_narrow_state_buffers(backend):
 
     q, k, v, i, f, c0, n0, m0 = (x[name] for name in ("q", "k", "v", "i", "f", "c0", "n0", "m0"))
     kwargs = dict(chunk_size_inter=32, chunk_size_intra=32, eps=1e-6, backend=backend)
-    runs = {}
-    for states_dtype in (None, jnp.bfloat16):
+
+    @functools.partial(jax.jit, static_argnums=0)  # one compile per states_dtype, not one per operation
+    def forward_backward(states_dtype):
         h, n_out, m_out, last, _ = pallas_mlstm.mlstm_chunkwise_fw(
             q,
             k,
@@ -299,7 +306,9 @@ def test_narrow_state_buffers(backend):
             states_dtype=states_dtype,
             **kwargs,
         )
-        runs[states_dtype] = (h, last, grads)
+        return h, last, grads
+
+    runs = {states_dtype: forward_backward(states_dtype) for states_dtype in (None, jnp.bfloat16)}
     (h_wide, last_wide, grads_wide), (h_narrow, last_narrow, grads_narrow) = runs[None], runs[jnp.bfloat16]
     assert jnp.array_equal(h_narrow, h_wide)
     for a, b in zip(last_narrow, last_wide):
