@@ -19,9 +19,9 @@ from pallas_mlstm.mosaic_gpu import parallel_fw
 from tests import flags as test_flags
 from tests.helpers import case_key, extreme_gates, mlstm_inputs
 
-# The Mosaic GPU backend is in development (not registered yet: it has not run on a GPU); its CPU interpretation is
-# slow, so it runs when asked for.
-pytestmark = pytest.mark.skipif(
+# The Mosaic GPU backend is in development (not registered yet); its CPU interpretation and lowering are slow, so
+# they run when asked for.
+needs_mosaic_flag = pytest.mark.skipif(
     "mosaic" not in test_flags.BACKEND.value, reason="pass --backend=mosaic to test the Mosaic GPU kernel (~1 min)"
 )
 
@@ -59,6 +59,7 @@ def _arrays(case: str):
     return (*(x.astype(dtype) for x in (q, k, v)), i, f, *states)
 
 
+@needs_mosaic_flag
 @pytest.mark.skipif(not _ENOUGH_THREADS, reason="JAX's CPU backend started with fewer than 4 worker threads")
 @pytest.mark.parametrize("case", CASES)
 def test_interpret_matches_twin(case):
@@ -72,6 +73,7 @@ def test_interpret_matches_twin(case):
         assert rel_err(out, ref) <= TOLERANCE, f"{name}: {rel_err(out, ref):.2e}"
 
 
+@needs_mosaic_flag
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
 def test_lowers_for_hopper(dtype):
     """The 7B head widths lower to one Mosaic GPU kernel for cuda without a GPU (compilation to sm_90a needs one)."""
@@ -104,3 +106,13 @@ def test_lowers_for_hopper(dtype):
 def test_refuses_unsupported_shapes(chunk, dhqk, dtype, match):
     with pytest.raises(ValueError, match=match):
         parallel_fw.check_shapes(chunk, dhqk, dtype)
+
+
+@pytest.mark.parametrize("parts", [3, 2])
+def test_float32_operand_parts_sum_to_the_input(parts):
+    """The bf16 parts a float32 input is split into sum to it: exactly for 3 parts, to 16 bits for 2 (DHQK 256)."""
+    x = jax.random.normal(case_key("mosaic", "split"), (4096,), jnp.float32) * jnp.logspace(-20, 20, 4096)
+    stacked = jax.jit(parallel_fw.split_operand, static_argnums=(1, 2))(x, parts, jnp.bfloat16)
+    assert stacked.shape == (parts, 4096) and stacked.dtype == jnp.bfloat16
+    total = jnp.sum(stacked.astype(jnp.float32), axis=0)  # exact: the parts hold disjoint runs of x's bits
+    assert rel_err(total, x) <= (0.0 if parts == 3 else 2.0**-16)

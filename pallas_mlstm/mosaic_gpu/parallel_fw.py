@@ -21,8 +21,9 @@ The memory warpgroup walks DHQK/64 "state steps" (C_{k-1} in 64-row slices, into
 steps up to the causal diagonal (K and V tiles of 64 rows); each compute warpgroup consumes them in the same order:
 acc = Q C_{k-1} (64-column slices of Q), scaled per row by the inter-chunk decay, then for each key tile
 acc += (s·Q Kᵀ ⊙ e^{D̃ − m}) V. P (the operand parts) is 1 for 16-bit inputs; float32 inputs run as three bf16
-parts that sum to them (`split_parts`) and every product as the six part products that carry float32's precision
-(`mma`), where wgmma's own float32 mode would be TF32 (two parts where three do not fit: DHQK 256, ~1e-5).
+parts that sum to them (`split_operand`, `split_parts`) and every product as the six part products that carry
+float32's precision (`mma`), where wgmma's own float32 mode would be TF32 (two parts where three do not fit: DHQK
+256, ~1e-5).
 The gate rows, the inter-chunk decay among them, are computed before the launch as the Triton launcher's are;
 with 16-bit inputs the in-kernel exp and division are the fast approximate ones (as Triton's).
 
@@ -119,8 +120,9 @@ def check_shapes(chunk: int, dhqk: int, dtype) -> None:
 
 
 def split_parts(x: jax.Array, parts: int, dtype) -> list[jax.Array]:
-    """x as `parts` wgmma operands of `dtype` that sum to it: [x] for 16-bit inputs; for float32 inputs bf16 parts,
-    each the rounding of what the previous ones leave (3 parts: 24 bits of mantissa, float32's own)."""
+    """x as `parts` wgmma operands of `dtype` that sum to it, inside the kernel (the gated scores): [x] for 16-bit
+    inputs; for float32 inputs bf16 parts, each the rounding of what the previous ones leave (3 parts: 24 bits of
+    mantissa, float32's own). Mosaic GPU keeps every rounding; the inputs are split by XLA (`split_operand`)."""
     if parts == 1:
         return [x.astype(dtype)]
     rest, split = x.astype(jnp.float32), []
@@ -128,6 +130,24 @@ def split_parts(x: jax.Array, parts: int, dtype) -> list[jax.Array]:
         split.append(rest.astype(dtype))
         rest = rest - split[-1].astype(jnp.float32)
     return split
+
+
+def split_operand(x: jax.Array, parts: int, dtype) -> jax.Array:
+    """An input array as the kernel's stacked operand parts, (P, ...) of `dtype`, computed by XLA before the launch.
+
+    Each part but the last keeps the leading 16 bits of what the previous ones leave (the bf16 bits, by a mask),
+    and the last is rounded: the parts sum to x exactly. A mask, not a rounding, because XLA on the GPU treats a
+    float32 -> bf16 -> float32 round trip as excess precision it may drop, which leaves every later part zero
+    (bf16 accuracy, seen on an H100); a masked value is exact in bf16, so the cast it gets has nothing to drop."""
+    if parts == 1:
+        return x.astype(dtype)[None]
+    rest, split = x.astype(jnp.float32), []
+    for _ in range(parts - 1):
+        bits = lax.bitcast_convert_type(rest, jnp.uint32) & jnp.uint32(0xFFFF0000)
+        leading = lax.bitcast_convert_type(bits, jnp.float32)
+        split.append(leading.astype(dtype))
+        rest = rest - leading
+    return jnp.stack([*split, rest.astype(dtype)])
 
 
 def _read(x):
@@ -373,7 +393,7 @@ def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all,
     out_dtype = jnp.dtype(call.output_dtype)
 
     gates, vecM_out = _kernel_gates(call, vecI, vecF, scaM_all, qk_scale)
-    stacked = lambda x: jnp.stack(split_parts(x, parts, operand_dtype))  # (P, ...)
+    stacked = lambda x: split_operand(x, parts, operand_dtype)  # (P, ...)
     q = stacked(common.pad_axis(matQ.reshape(bnh * seq_len, dhqk), 1, dhqk_p))
     k = stacked(common.pad_axis(matK.reshape(bnh * seq_len, dhqk), 1, dhqk_p))
     v = stacked(common.pad_axis(matV.reshape(bnh * seq_len, dhhv), 1, dhhv_p))
