@@ -34,6 +34,11 @@ ORACLE_TOLERANCE = {
     ("triton", "float32"): (1e-4, 1e-4),
     ("triton", "bfloat16"): (1e-2, 2e-2),
     ("triton", "float16"): (1e-2, 2e-2),
+    # the mosaic backends: the bounds of the backend they extend (pallas_mlstm.mosaic_gpu)
+    ("mosaic_interpret", "float32"): (1e-5, 1e-5),
+    ("mosaic", "float32"): (1e-4, 1e-4),
+    ("mosaic", "bfloat16"): (1e-2, 2e-2),
+    ("mosaic", "float16"): (1e-2, 2e-2),
 }
 # `python -m pallas_mlstm check` vs the same oracle, per input dtype whatever the backend: (h, worst gradient);
 # the loosest backend's bound of ORACLE_TOLERANCE (triton's). Its keys are the dtypes `check` accepts.
@@ -45,6 +50,10 @@ KERNEL_TWIN_TOLERANCE = {
     ("triton", "float32"): 1e-4,
     ("triton", "bfloat16"): 1e-2,
     ("triton", "float16"): 1e-2,
+    ("mosaic_interpret", "float32"): 1e-5,
+    ("mosaic", "float32"): 1e-4,
+    ("mosaic", "bfloat16"): 1e-2,
+    ("mosaic", "float16"): 1e-2,
 }
 # triton on bfloat16 q, k, v vs the xla backend on the same values in float32, at the benchmark shapes:
 # (h, each gradient). tests/test_gpu.py.

@@ -18,7 +18,8 @@ class Backend:
     (ValueError naming the field); None for a backend without launch parameters (then `launch_type` is None
     too). `available()` says whether it can run here; `unavailable` is the error text when it cannot.
     `priority`: `backend=None` takes the available backend of lowest priority; None: never picked by itself.
-    `min_chunk`: the smallest chunk its kernels take."""
+    `min_chunk`: the smallest chunk its kernels take. `partitionable`: False where XLA cannot partition its kernels
+    (Mosaic GPU's interpreter runs host callbacks in a fixed order): it then runs on one device only."""
 
     name: str
     kernels: KernelSet
@@ -29,6 +30,7 @@ class Backend:
     launch_type: type | None = None
     resolve_launch: Callable[[str, dict, dict | None], Any] | None = None
     interpret: bool = False
+    partitionable: bool = True
 
     def launch(self, kernel: str, flat: dict, override: dict | None) -> Any:
         """`kernel`'s launch config on this backend (None where it has none)."""

@@ -11,7 +11,7 @@ import dataclasses
 import jax
 import jax.experimental.pallas.fuser  # noqa: F401  (see below)
 
-from pallas_mlstm import pallas_triton, xla_kernels
+from pallas_mlstm import mosaic_gpu, pallas_triton, xla_kernels
 from pallas_mlstm.backend import Backend
 from pallas_mlstm.pallas_triton.common import gpu_available
 from pallas_mlstm.pallas_triton.launch import MIN_TILE, TritonLaunch, from_upstream
@@ -47,10 +47,30 @@ _TRITON = Backend(
     unavailable="backend='triton' needs an NVIDIA GPU, and JAX's default backend here is {platform!r}: use "
     "backend='xla' (plain XLA, any device) or backend='interpret' (the Pallas kernels on the CPU, slow).",
 )
+_MOSAIC = dataclasses.replace(
+    _TRITON,
+    name="mosaic",
+    kernels=mosaic_gpu.KERNELS,
+    available=mosaic_gpu.available,
+    priority=None,
+    unavailable="backend='mosaic' needs a Hopper GPU (compute capability 9.0: H100, H200): use backend='triton' on "
+    "other NVIDIA GPUs, backend='xla' (any device) or backend='mosaic_interpret' (its kernels on the CPU, slow).",
+)
 _REGISTERED = (
     _TRITON,
     dataclasses.replace(_TRITON, name="interpret", available=lambda: True, priority=None, interpret=True),
     Backend(name="xla", kernels=xla_kernels.KERNELS, available=lambda: True, priority=1),
+    _MOSAIC,
+    dataclasses.replace(
+        _MOSAIC,
+        name="mosaic_interpret",
+        available=mosaic_gpu.interpreter_available,
+        interpret=True,
+        partitionable=False,
+        unavailable=f"backend='mosaic_interpret' needs at least {mosaic_gpu.INTERPRETER_THREADS} worker threads in "
+        "JAX's CPU backend (one per core, and this machine has fewer): set the environment variable "
+        f"PJRT_NPROC={mosaic_gpu.INTERPRETER_THREADS} before JAX starts, or use backend='interpret'.",
+    ),
 )
 _BY_NAME = {backend.name: backend for backend in _REGISTERED}
 BACKENDS = tuple(_BY_NAME)

@@ -399,4 +399,17 @@ def run_partitioned(plan: Plan, inputs: Inputs, initial: States):
         plan = plan.replace_chunking(recompute_states_in_bw=not _states_can_be_kept(q))
     if _nothing_to_partition(q):
         return _run_unpartitioned(plan, inputs, initial)
+    if not plan.backend.partitionable:
+        _check_one_device(plan.backend.name, q)
+        return _run_unpartitioned(plan, inputs, initial)
     return _run_jit(plan, *inputs, *initial)
+
+
+def _check_one_device(backend: str, q) -> None:
+    """ValueError unless q lives on one device, outside any mesh: a backend XLA cannot partition runs only there."""
+    mesh = jax.typeof(q).sharding.mesh
+    if jax.device_count() > 1 or not mesh.empty or not jax.sharding.get_abstract_mesh().empty:
+        raise ValueError(
+            f"backend={backend!r} runs on one device, outside any mesh (XLA cannot partition its kernels), and "
+            f"there are {jax.device_count()} devices here: use backend='interpret' or 'xla' for sharded inputs."
+        )

@@ -29,6 +29,18 @@ def pytest_configure(config):
     test_flags.FLAGS(argv)
     _cheap_cpu_compiles()
     _shared_compilation_cache(config)
+    _mosaic_interpreter_threads()
+
+
+def _mosaic_interpreter_threads():
+    """With --backend=mosaic_interpret, at least the worker threads Mosaic GPU's interpreter needs in JAX's CPU
+    backend (pallas_mlstm.mosaic_gpu.INTERPRETER_THREADS; one per core by default, too few on a 2-core machine).
+    Set before JAX starts its backend; the xdist workers and the subprocesses inherit it. Only then: the other
+    tests keep one thread per core."""
+    from pallas_mlstm import mosaic_gpu
+
+    if "mosaic_interpret" in test_flags.BACKEND.value and not mosaic_gpu.interpreter_available():
+        os.environ["PJRT_NPROC"] = str(mosaic_gpu.INTERPRETER_THREADS)
 
 
 def _shared_compilation_cache(config):

@@ -5,8 +5,8 @@ from absl import flags
 BACKEND = flags.DEFINE_list(
     "backend",
     ["xla", "interpret"],
-    "Backends to test: any of triton, interpret, xla (comma-separated); mosaic: the Mosaic GPU kernel in development "
-    "(tests/test_mosaic.py).",
+    "Backends to test (comma-separated): any of pallas_mlstm.BACKENDS (triton and mosaic need a GPU, mosaic a "
+    "Hopper one; mosaic_interpret is slow).",
 )
 SEED = flags.DEFINE_integer("seed", 0, "Base seed of the random inputs (each case derives its own).")
 GPU_SHAPES = flags.DEFINE_bool(

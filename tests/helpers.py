@@ -6,9 +6,26 @@ import zlib
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from pallas_mlstm import accuracy
+from pallas_mlstm.registry import registered
 from tests import flags as test_flags
+
+# A backend built from another's kernels runs that one's test grid (cases, dtypes): mosaic (Mosaic GPU and Triton
+# kernels, on a Hopper GPU) triton's, mosaic_interpret (the same, interpreted on the CPU) the interpreter's.
+_GRID = {"mosaic": "triton", "mosaic_interpret": "interpret"}
+
+
+def grid(backend: str) -> str:
+    """The backend whose test grid `backend` runs."""
+    return _GRID.get(backend, backend)
+
+
+def skip_unless_available(backend: str) -> None:
+    """Skips the test where `backend` cannot run (triton needs a GPU, mosaic a Hopper one), saying why."""
+    if not registered(backend).available():
+        pytest.skip(f"backend {backend} cannot run here; run with --backend={backend} on the GPU machine")
 
 
 def case_key(*parts) -> jax.Array:

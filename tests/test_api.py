@@ -19,10 +19,12 @@ from tests.helpers import (
     INPUT_NAMES,
     case_key,
     extreme_gates,
+    grid,
     mlstm_inputs,
     outputs_and_grads,
     plain_loss,
     scale_blind_loss,
+    skip_unless_available,
     to_dtype,
 )
 
@@ -52,7 +54,7 @@ FLOAT64_TOLERANCE = 1e-12
 def _backend_dtype_params():
     params = []
     for backend in test_flags.BACKEND.value:
-        for dtype in [jnp.float32, jnp.bfloat16, jnp.float16] if backend == "triton" else [jnp.float32]:
+        for dtype in [jnp.float32, jnp.bfloat16, jnp.float16] if grid(backend) == "triton" else [jnp.float32]:
             params.append(pytest.param(backend, dtype, id=f"{backend}-{jnp.dtype(dtype).name}"))
     return params
 
@@ -62,11 +64,6 @@ def _tolerance(backend, dtype):
     if jnp.dtype(dtype) == jnp.float64:
         return FLOAT64_TOLERANCE, FLOAT64_TOLERANCE
     return ORACLE_TOLERANCE[backend, jnp.dtype(dtype).name]
-
-
-def _skip_without_gpu(backend):
-    if backend == "triton" and jax.default_backend() != "gpu":
-        pytest.skip("the triton backend needs a GPU; run with --backend=triton on the GPU machine")
 
 
 # The exponential cell's rows per backend, (shape, with_initial). Both with and without initial states where the
@@ -99,10 +96,10 @@ def _oracle_params():
     for backend in test_flags.BACKEND.value:
         for cell in CELLS:
             if cell == "exponential":
-                dtypes = [jnp.float32, jnp.bfloat16, jnp.float16] if backend == "triton" else [jnp.float32]
-                rows = _EXPONENTIAL_ROWS[backend]
+                dtypes = [jnp.float32, jnp.bfloat16, jnp.float16] if grid(backend) == "triton" else [jnp.float32]
+                rows = _EXPONENTIAL_ROWS[grid(backend)]
             else:
-                dtypes = {"triton": [jnp.float32, jnp.bfloat16], "xla": [jnp.float64]}.get(backend, [jnp.float32])
+                dtypes = {"triton": [jnp.float32, jnp.bfloat16], "xla": [jnp.float64]}.get(grid(backend), [jnp.float32])
                 rows = [("S70-L16-padded-extreme-gates", True)]
                 if backend == "xla":
                     rows.insert(0, ("S70-L16-padded-extreme-gates", False))
@@ -129,7 +126,7 @@ def _oracle(cell):
 def test_forward_last_states_and_gradients_match_oracle(backend, dtype, shape, cell, with_initial):
     """h, the last states (c, n, m; (c, n) for the sigmoid gate) and the gradients of a loss on h, c_last and
     n_last, against the float64 recurrent oracle of the cell on the same input values."""
-    _skip_without_gpu(backend)
+    skip_unless_available(backend)
     batch, heads, seq_len, dhqk, dhhv, chunk = SHAPES[shape]
     fw_tol, grad_tol = _tolerance(backend, dtype)
     num_inputs = 8 if cell == "exponential" else 7  # the sigmoid gate has no m_initial
@@ -168,11 +165,11 @@ def test_forward_last_states_and_gradients_match_oracle(backend, dtype, shape, c
 
 # the chaining is the orchestration's, whatever the kernels: the interpreter adds time, not coverage
 @pytest.mark.parametrize("cell", ["exponential", "sigmoid"])
-@pytest.mark.parametrize("backend", [b for b in test_flags.BACKEND.value if b != "interpret"])
+@pytest.mark.parametrize("backend", [b for b in test_flags.BACKEND.value if grid(b) != "interpret"])
 def test_state_passing_two_calls_equal_one(backend, cell):
     """Two calls chained through return_last_states ((c, n, m); (c, n) with the sigmoid gate) equal one call
     over both halves: h, last states and the gradients of every input."""
-    _skip_without_gpu(backend)
+    skip_unless_available(backend)
     num_inputs = 8 if cell == "exponential" else 7
     inputs = mlstm_inputs(case_key(f"{cell}-passing", backend), 1, 2, 64, 16, 32, with_initial=True)[:num_inputs]
     run = lambda *a: pallas_mlstm.mlstm_chunkwise(
@@ -200,7 +197,7 @@ def test_state_passing_two_calls_equal_one(backend, cell):
 @pytest.mark.parametrize("backend,dtype", _backend_dtype_params())
 def test_chunk_1024_with_initial_states(backend, dtype):
     """Chunks far above 128 (upstream's backward is wrong there for S >= 2 chunks): forward and gradients."""
-    _skip_without_gpu(backend)
+    skip_unless_available(backend)
     batch, heads, seq_len, dhqk, dhhv, chunk = 1, 2, 2048, 16, 32, 1024
     fw_tol, grad_tol = _tolerance(backend, dtype)
     key = case_key("chunk1024", backend)
@@ -224,7 +221,7 @@ def test_chunk_1024_with_initial_states(backend, dtype):
 @pytest.mark.parametrize("backend,dtype", [p for p in _backend_dtype_params() if p.values[0] != "xla"])
 def test_gradients_exact_for_scale_blind_loss(backend, dtype):
     """Against plain autodiff of the recurrent cell (no gradient stopped), incl. m_initial and c_last."""
-    _skip_without_gpu(backend)
+    skip_unless_available(backend)
     batch, heads, seq_len, dhqk, dhhv, chunk = SHAPES["S64-L16"]
     key = case_key("api-blind", backend)
     with jax.enable_x64(True):
@@ -243,12 +240,12 @@ def test_gradients_exact_for_scale_blind_loss(backend, dtype):
 
 @pytest.mark.parametrize("backend", test_flags.BACKEND.value)
 def test_jit_checkpoint_and_vmap(backend):
-    _skip_without_gpu(backend)
+    skip_unless_available(backend)
     batch, heads, seq_len, dhqk, dhhv, chunk = SHAPES["S64-L16"]
     inputs = mlstm_inputs(case_key("transforms", backend), batch, heads, seq_len, dhqk, dhhv)[:5]
     run = lambda *a: pallas_mlstm.mlstm_chunkwise(*a, chunk_size=chunk, backend=backend)
     loss = lambda *a: jnp.sum(run(*a) ** 2)
-    if backend != "interpret":  # remat wraps the op's custom VJP the same whatever its kernels: xla checks it on CPU
+    if grid(backend) != "interpret":  # remat wraps the custom VJP alike whatever its kernels: xla checks it on CPU
         expected = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*inputs)
         checkpointed = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2, 3, 4)))(*inputs)
         for name, a, e in zip(INPUT_NAMES, checkpointed, expected):

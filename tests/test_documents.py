@@ -11,7 +11,7 @@ import pallas_mlstm
 import reference
 from pallas_mlstm.accuracy import ORACLE_TOLERANCE, kernel_and_oracle_inputs, rel_err
 from tests import flags as test_flags
-from tests.helpers import case_key, mlstm_inputs, outputs_and_grads, plain_loss
+from tests.helpers import case_key, grid, mlstm_inputs, outputs_and_grads, plain_loss, skip_unless_available
 
 B, NH, S, DHQK, DHHV, CHUNK = 2, 2, 70, 16, 32, 16
 # Where each row's documents start after the first: lengths 5, 30, 1, 34 (several per chunk of 16, one of a
@@ -65,14 +65,13 @@ def _cases():
         pytest.param(backend, with_initial, id=f"{backend}-{'initial' if with_initial else 'no-initial'}")
         for backend in _backends()
         for with_initial in (False, True)
-        if with_initial or backend == "triton"
+        if with_initial or grid(backend) == "triton"
     ]
 
 
 @pytest.mark.parametrize("backend,with_initial", _cases())
 def test_packed_documents_equal_documents_alone(backend, with_initial):
-    if backend == "triton" and jax.default_backend() != "gpu":
-        pytest.skip("the triton backend needs a GPU; run with --backend=triton on the GPU machine")
+    skip_unless_available(backend)
     fw_tol, grad_tol = ORACLE_TOLERANCE[backend, "float32"]
     key = case_key("documents", backend, with_initial)
     segment_ids = _segment_ids()

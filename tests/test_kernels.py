@@ -13,7 +13,7 @@ import pallas_mlstm
 from pallas_mlstm import xla_kernels
 from pallas_mlstm.accuracy import KERNEL_TWIN_TOLERANCE, rel_err
 from tests import flags as test_flags
-from tests.helpers import case_key, mlstm_inputs
+from tests.helpers import case_key, mlstm_inputs, skip_unless_available
 
 # (B, NH, S, DHQK, DHHV, chunk, tiles): head dims 16…256 (DHQK != DHHV, some not powers of 2),
 # chunks 16…256, B·NH > 1, tile variants.
@@ -193,8 +193,7 @@ def _kernel_params():
 
 @pytest.mark.parametrize("backend,dtype,case,kernel_name,cell", _kernel_params())
 def test_kernel_matches_twin(backend, dtype, case, kernel_name, cell):
-    if backend == "triton" and jax.default_backend() != "gpu":
-        pytest.skip("the triton backend needs a GPU; run with --backend=triton on the GPU machine")
+    skip_unless_available(backend)
     chunk, tiles = CASES[case][5], CASES[case][6]
     tolerance = KERNEL_TWIN_TOLERANCE[backend, jnp.dtype(dtype).name]
     input_gate, normalize = CELLS[cell]
@@ -248,8 +247,7 @@ def test_narrow_state_buffers(backend):
     """states_dtype=bfloat16: the recurrent kernels store their state buffers rounded from the same float32
     values, and return the last C state / dC_0 at full precision; the chained orchestration gives the same h
     and q, k, v gradients bit for bit (the parallel kernels round states to bf16 for their matmuls anyway)."""
-    if backend == "triton" and jax.default_backend() != "gpu":
-        pytest.skip("the triton backend needs a GPU; run with --backend=triton on the GPU machine")
+    skip_unless_available(backend)
     module = xla_kernels if backend == "xla" else pallas_mlstm
     launch = {} if backend == "xla" else dict(interpret=backend == "interpret")
     x = _case_arrays("L32-d24x40-padded", jnp.bfloat16, True)

@@ -1,15 +1,12 @@
-"""The Mosaic GPU parallel_fw_Hintra (pallas_mlstm/mosaic_gpu) against its jnp twin, in Mosaic GPU's interpret mode
-(shared memory, TMA copies, barriers and warpgroups simulated on the CPU; the matmuls as jnp.dot), and lowered for
-a Hopper GPU without one. On a GPU, `python -m pallas_mlstm.mosaic_gpu.gpu_check` runs it compiled."""
+"""The Mosaic GPU parallel_fw_Hintra (pallas_mlstm/mosaic_gpu) against its jnp twin: in Mosaic GPU's interpret mode
+(shared memory, TMA copies, barriers and warpgroups simulated on the CPU; the matmuls as jnp.dot), compiled on a
+Hopper GPU, and lowered for one without it. `python -m pallas_mlstm.mosaic_gpu.gpu_check` also times it."""
 
 from __future__ import annotations
-
-import os
 
 import jax
 import jax.numpy as jnp
 import pytest
-from jax._src import xla_bridge
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from pallas_mlstm import xla_kernels
@@ -17,23 +14,14 @@ from pallas_mlstm.accuracy import KERNEL_TWIN_TOLERANCE, rel_err
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import parallel_fw
 from tests import flags as test_flags
-from tests.helpers import case_key, extreme_gates, mlstm_inputs
+from tests.helpers import case_key, extreme_gates, mlstm_inputs, skip_unless_available
 
-# The Mosaic GPU backend is in development (not registered yet); its CPU interpretation and lowering are slow, so
-# they run when asked for.
+# The kernel interpreted (slow) with --backend=mosaic_interpret, compiled on a Hopper GPU with --backend=mosaic; its
+# lowering with either.
+_MODES = [mode for mode in ("mosaic_interpret", "mosaic") if mode in test_flags.BACKEND.value]
 needs_mosaic_flag = pytest.mark.skipif(
-    "mosaic" not in test_flags.BACKEND.value, reason="pass --backend=mosaic to test the Mosaic GPU kernel (~1 min)"
+    not _MODES, reason="pass --backend=mosaic_interpret (CPU, ~1 min) or --backend=mosaic (Hopper GPU)"
 )
-
-# The interpreter runs each warpgroup (3 here) as a thread whose barrier waits block one of XLA's CPU worker threads,
-# of which there are as many as cores: on a 2-core machine the kernel deadlocks. PJRT_NPROC sizes that pool, and is
-# read when JAX starts its CPU backend, normally after collection (no public API says whether it has started).
-if "mosaic" in test_flags.BACKEND.value and not xla_bridge.backends_are_initialized():
-    os.environ.setdefault("PJRT_NPROC", "8")  # only when these tests run: the other tests keep one thread per core
-_POOL = int(os.environ.get("PJRT_NPROC", os.environ.get("NPROC", os.cpu_count() or 1)))
-_ENOUGH_THREADS = _POOL >= 4
-# The interpreter's rounding points are the twin's: every case meets float32's kernel-twin bound.
-TOLERANCE = KERNEL_TWIN_TOLERANCE[("interpret", "float32")]
 
 # (B, NH, S, DHQK, DHHV, chunk, dtype, input_gate, normalize, extreme gates). Tiles follow from kernel_tiles:
 # "2wg": two compute warpgroups, two buffers for 3 steps (refills, and a warpgroup skipping the last key tile);
@@ -59,18 +47,22 @@ def _arrays(case: str):
     return (*(x.astype(dtype) for x in (q, k, v)), i, f, *states)
 
 
-@needs_mosaic_flag
-@pytest.mark.skipif(not _ENOUGH_THREADS, reason="JAX's CPU backend started with fewer than 4 worker threads")
+@pytest.mark.parametrize("mode", _MODES)
 @pytest.mark.parametrize("case", CASES)
-def test_interpret_matches_twin(case):
-    *_, chunk, _, input_gate, normalize, _ = CASES[case]
+def test_kernel_matches_twin(case, mode):
+    """Interpreted, the rounding points are the twin's: the interpreter's float32 bound for every case. Compiled,
+    the backend's kernel-twin bound of the case's dtype (float32 inputs run as bf16 parts: split_operand)."""
+    skip_unless_available(mode)
+    *_, chunk, dtype, input_gate, normalize, _ = CASES[case]
     args = _arrays(case)
-    call = KernelCall(chunk_size=chunk, eps=1e-6, input_gate=input_gate, normalize=normalize, interpret=True)
+    interpret = mode == "mosaic_interpret"
+    call = KernelCall(chunk_size=chunk, eps=1e-6, input_gate=input_gate, normalize=normalize, interpret=interpret)
     expected = jax.jit(lambda *a: xla_kernels.parallel_fw_Hintra(call, *a))(*args)
     actual = jax.jit(lambda *a: parallel_fw.parallel_fw_Hintra(call, *a))(*args)
+    tolerance = KERNEL_TWIN_TOLERANCE[mode, "float32" if interpret else jnp.dtype(dtype).name]
     for name, out, ref in zip(("h", "vecN_out", "vecM_out"), actual, expected):
         assert out.shape == ref.shape and out.dtype == ref.dtype, name
-        assert rel_err(out, ref) <= TOLERANCE, f"{name}: {rel_err(out, ref):.2e}"
+        assert rel_err(out, ref) <= tolerance, f"{name}: {rel_err(out, ref):.2e}"
 
 
 @needs_mosaic_flag

@@ -23,9 +23,14 @@ _PACKAGE = pathlib.Path(pallas_mlstm.__file__).parent
 
 
 def test_backends_are_registered_objects_and_none_picks_by_priority():
-    assert pallas_mlstm.BACKENDS == ("triton", "interpret", "xla")
+    assert pallas_mlstm.BACKENDS == ("triton", "interpret", "xla", "mosaic", "mosaic_interpret")
     assert get_backend(None).name == ("triton" if jax.default_backend() == "gpu" else "xla")
     assert registered("interpret").kernels is registered("triton").kernels and registered("interpret").interpret
+    # mosaic: Triton's kernels but the forward's H kernel, picked only when named; its interpreter runs unpartitioned
+    mosaic, triton = registered("mosaic").kernels, registered("triton").kernels
+    assert [k for k in CHUNKWISE_KERNELS if getattr(mosaic, k) is not getattr(triton, k)] == ["parallel_fw_Hintra"]
+    assert registered("mosaic").priority is None and registered("mosaic_interpret").kernels is mosaic
+    assert registered("mosaic_interpret").interpret and not registered("mosaic_interpret").partitionable
     assert registered("xla").launch_type is None and registered("triton").launch_type is pallas_mlstm.TritonLaunch
     assert {registered(name).min_chunk for name in ("triton", "interpret")} == {16} and registered("xla").min_chunk == 1
     with pytest.raises(ValueError, match="backend must be one of"):

@@ -16,7 +16,7 @@ import pallas_mlstm
 import reference
 from pallas_mlstm.accuracy import ORACLE_TOLERANCE, rel_err
 from tests import flags as test_flags
-from tests.helpers import case_key, mlstm_inputs, plain_loss
+from tests.helpers import case_key, mlstm_inputs, plain_loss, skip_unless_available
 
 GRAD_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
 # B, NH, S, DHQK, DHHV, chunk
@@ -83,8 +83,7 @@ def test_stabilised_oracle_is_the_cell():
 
 @pytest.mark.parametrize("backend", _backends())
 def test_infinite_gates_match_the_cell(backend):
-    if backend == "triton" and jax.default_backend() != "gpu":
-        pytest.skip("the triton backend needs a GPU; run with --backend=triton on the GPU machine")
+    skip_unless_available(backend)
     *_, chunk = SHAPE
     inputs = _inputs("resets")
     weights_key = case_key("resets-weights")

@@ -120,6 +120,17 @@ IMPLEMENTATIONS = {
             backend="triton",
         ),
         Implementation(
+            "mosaic",
+            "pallas_mlstm, Pallas Mosaic GPU (Hopper) for the forward's H kernel, Triton for the rest",
+            MLSTM,
+            None,
+            True,
+            (),
+            True,
+            _pallas_mlstm_forward("mosaic"),
+            backend="mosaic",
+        ),
+        Implementation(
             "interpret",
             "pallas_mlstm, Pallas interpreter (CPU checks only)",
             MLSTM,

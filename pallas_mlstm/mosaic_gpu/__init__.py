@@ -1,23 +1,36 @@
 """The chunkwise mLSTM kernels in Pallas Mosaic GPU (`jax.experimental.pallas.mosaic_gpu`), for Hopper GPUs (sm_90a).
 
-The second GPU backend, next to pallas_mlstm.pallas_triton (Pallas lowered to Triton, which JAX 0.11 deprecates).
-Kernels move over one at a time: `KERNELS` runs `parallel_fw_Hintra` (the forward's largest kernel,
-pallas_mlstm/mosaic_gpu/parallel_fw.py) in Mosaic GPU, and every kernel not yet written in Mosaic GPU stays the
-Triton backend's, with the same launchers and launch config (`TritonLaunch`, which the Mosaic GPU kernel ignores).
-
-Status: in development and not registered as a backend yet. The kernel matches its jnp twin in Mosaic GPU's CPU
-interpreter and lowers for a Hopper GPU without one (tests/test_mosaic.py, with --backend=mosaic); it has not yet
-been compiled or timed on a GPU (`python -m pallas_mlstm.mosaic_gpu.gpu_check` does both). Registering it is one
-`Backend(...)` entry in pallas_mlstm/registry.py once it has.
+The second GPU backend, next to pallas_mlstm.pallas_triton (Pallas lowered to Triton, which JAX 0.11 deprecates),
+registered as backend="mosaic" (a Hopper GPU) and backend="mosaic_interpret" (Mosaic GPU's interpreter on the CPU,
+for tests). Kernels move over one at a time: `parallel_fw_Hintra`, the forward's largest kernel, runs in Mosaic GPU
+(pallas_mlstm/mosaic_gpu/parallel_fw.py) wherever that kernel takes the shape (chunk 64, 128 or 256, DHQK up to 256,
+16-bit or float32 inputs) and as the Triton kernel otherwise; every other kernel is still the Triton backend's, with
+its launchers and launch config (`TritonLaunch`, which the Mosaic GPU kernel ignores: it picks its own tiles).
 """
+
+import os
 
 from pallas_mlstm import pallas_triton
 from pallas_mlstm.device import device_properties
-from pallas_mlstm.kernel_call import KernelSet
-from pallas_mlstm.mosaic_gpu.parallel_fw import parallel_fw_Hintra
+from pallas_mlstm.kernel_call import KernelCall, KernelSet
+from pallas_mlstm.mosaic_gpu import parallel_fw
 from pallas_mlstm.pallas_triton.common import gpu_available
 
 HOPPER = (9, 0)
+# Mosaic GPU's interpreter runs each warpgroup of a program (up to 3 here) as a thread that blocks one of XLA's CPU
+# worker threads while it waits on a barrier; with fewer workers than that the kernel deadlocks.
+INTERPRETER_THREADS = 4
+
+
+def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all):
+    """The forward's H kernel: Mosaic GPU where `parallel_fw.supports` the shape, else the Triton launcher (same
+    arrays and outputs)."""
+    if parallel_fw.supports(call.chunk_size, matQ.shape[-1], matQ.dtype):
+        launcher = parallel_fw.parallel_fw_Hintra
+    else:
+        launcher = pallas_triton.KERNELS.parallel_fw_Hintra
+    return launcher(call, matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all)
+
 
 KERNELS = KernelSet(
     recurrent_fw_C=pallas_triton.KERNELS.recurrent_fw_C,
@@ -35,4 +48,15 @@ def available() -> bool:
     return gpu_available() and device_properties().compute_capability == HOPPER
 
 
-__all__ = ["HOPPER", "KERNELS", "available", "parallel_fw_Hintra"]
+def cpu_worker_threads() -> int:
+    """The worker threads of JAX's CPU backend: PJRT_NPROC where set (read when the backend starts), else the
+    cores."""
+    return int(os.environ.get("PJRT_NPROC") or os.cpu_count() or 1)
+
+
+def interpreter_available() -> bool:
+    """True where Mosaic GPU's interpreter can run the kernels: enough CPU worker threads (INTERPRETER_THREADS)."""
+    return cpu_worker_threads() >= INTERPRETER_THREADS
+
+
+__all__ = ["HOPPER", "KERNELS", "available", "interpreter_available", "parallel_fw_Hintra"]

@@ -109,14 +109,27 @@ def padded_dim(size: int) -> int:
     return -(-size // ROWS) * ROWS
 
 
-def check_shapes(chunk: int, dhqk: int, dtype) -> None:
-    """ValueError for what this kernel does not run: chunks other than 64/128/256, DHQK > 256, float64."""
+def _unsupported(chunk: int, dhqk: int, dtype) -> str | None:
+    """What this kernel does not run of the shape (chunks other than 64/128/256, DHQK > 256, float64), or None."""
     if chunk not in CHUNK_SIZES:
-        raise ValueError(f"the mosaic_gpu {NAME} takes chunk_size in {CHUNK_SIZES}; got {chunk}.")
+        return f"the mosaic_gpu {NAME} takes chunk_size in {CHUNK_SIZES}; got {chunk}."
     if padded_dim(dhqk) > MAX_HEAD_DIM:
-        raise ValueError(f"the mosaic_gpu {NAME} takes DHQK <= {MAX_HEAD_DIM}; got {dhqk}.")
+        return f"the mosaic_gpu {NAME} takes DHQK <= {MAX_HEAD_DIM}; got {dhqk}."
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
-        raise ValueError(f"the mosaic_gpu {NAME} takes bfloat16, float16 or float32 inputs; got {jnp.dtype(dtype)}.")
+        return f"the mosaic_gpu {NAME} takes bfloat16, float16 or float32 inputs; got {jnp.dtype(dtype)}."
+    return None
+
+
+def supports(chunk: int, dhqk: int, dtype) -> bool:
+    """True for the shapes this kernel runs."""
+    return _unsupported(chunk, dhqk, dtype) is None
+
+
+def check_shapes(chunk: int, dhqk: int, dtype) -> None:
+    """ValueError for a shape this kernel does not run."""
+    problem = _unsupported(chunk, dhqk, dtype)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def split_parts(x: jax.Array, parts: int, dtype) -> list[jax.Array]:
