@@ -152,6 +152,7 @@ def mlstm_inputs(
     igate_shift=0.0,
     fgate_shift=3.0,
     gate_scale=1.0,
+    per_array=False,
 ):
     """Random (q, k, v, i, f, c_initial, n_initial, m_initial); the states are None unless `with_initial`.
 
@@ -159,20 +160,35 @@ def mlstm_inputs(
     `dtype` promoted to at least float32: i ~ igate_shift + gate_scale·N(0, 1), f ~ fgate_shift +
     gate_scale·N(0, 1) (B, NH, S) (by default forget gates around +3: a memory of ~20 steps, never zeros),
     c_initial (B, NH, DHQK, DHHV), n_initial (B, NH, DHQK) and m_initial (B, NH) ~ N(0, 1). For float64,
-    call under `jax.enable_x64(True)`.
+    call under `jax.enable_x64(True)`. One compiled program per shapes and dtypes: one draw for all the arrays,
+    split (each draw costs about half a second of compile on a CPU); `per_array=True` draws each array apart,
+    so that the program holds no memory beyond its outputs (for a peak-memory measurement after it). The two
+    give different values for the same key.
     """
     gate_dtype = jnp.promote_types(dtype, jnp.float32)
     shapes = [(batch, heads, seq_len, dhqk), (batch, heads, seq_len, dhqk), (batch, heads, seq_len, dhhv)]
     shapes += [(batch, heads, seq_len)] * 2 + (
         [(batch, heads, dhqk, dhhv), (batch, heads, dhqk), (batch, heads)] * with_initial
     )
-    # one draw for all of them, split: each jax.random.normal compiles for a second on a CPU
-    sizes = [math.prod(shape) for shape in shapes]
-    flat = jnp.split(jax.random.normal(key, (sum(sizes),), gate_dtype), list(itertools.accumulate(sizes))[:-1])
-    q, k, v, i, f, *states = (x.reshape(shape) for x, shape in zip(flat, shapes))
-    q, k, v = (x.astype(dtype) for x in (q, k, v))
-    i, f = igate_shift + gate_scale * i, fgate_shift + gate_scale * f
+    gates = (igate_shift, fgate_shift, gate_scale)
+    drawn = _normal_draws(key, gates, tuple(shapes), jnp.dtype(gate_dtype), jnp.dtype(dtype), bool(per_array))
+    q, k, v, i, f, *states = drawn
     return (q, k, v, i, f, *(states or (None, None, None)))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _normal_draws(key, gates, shapes, gate_dtype, dtype, per_array):
+    """`mlstm_inputs`' arrays in one compiled program."""
+    if per_array:
+        keys = jax.random.split(key, len(shapes))
+        q, k, v, i, f, *states = (jax.random.normal(part, shape, gate_dtype) for part, shape in zip(keys, shapes))
+    else:
+        sizes = [math.prod(shape) for shape in shapes]
+        flat = jnp.split(jax.random.normal(key, (sum(sizes),), gate_dtype), list(itertools.accumulate(sizes))[:-1])
+        q, k, v, i, f, *states = (x.reshape(shape) for x, shape in zip(flat, shapes))
+    igate_shift, fgate_shift, gate_scale = gates
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    return (q, k, v, igate_shift + gate_scale * i, fgate_shift + gate_scale * f, *states)
 
 
 def kernel_and_oracle_inputs(inputs64, dtype):

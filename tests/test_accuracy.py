@@ -63,11 +63,13 @@ def test_rel_err_refuses_different_shapes():
         accuracy.rel_err(np.ones((2, 3)), np.ones(3))
 
 
-@pytest.mark.parametrize("with_initial", [False, True])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_mlstm_inputs_shapes_and_dtypes(dtype, with_initial):
+@pytest.mark.parametrize(
+    "dtype, with_initial, per_array",
+    [(jnp.float32, False, False), (jnp.float32, True, False), (jnp.bfloat16, False, False), (jnp.bfloat16, True, True)],
+)
+def test_mlstm_inputs_shapes_and_dtypes(dtype, with_initial, per_array):
     q, k, v, i, f, c0, n0, m0 = accuracy.mlstm_inputs(
-        case_key("inputs", with_initial), 2, 3, 32, 8, 16, dtype, with_initial=with_initial
+        case_key("inputs", with_initial), 2, 3, 32, 8, 16, dtype, with_initial=with_initial, per_array=per_array
     )
     assert [x.shape for x in (q, k, v, i, f)] == [(2, 3, 32, 8), (2, 3, 32, 8), (2, 3, 32, 16), (2, 3, 32), (2, 3, 32)]
     assert q.dtype == k.dtype == v.dtype == dtype and i.dtype == f.dtype == jnp.float32

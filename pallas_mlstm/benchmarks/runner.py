@@ -113,14 +113,16 @@ def say(line: str) -> None:
 
 
 def make_inputs(computes: str, shape: Shape, seed: int) -> tuple[jax.Array, ...]:
-    """Random inputs: q, k, v ~ N(0, 1) bf16, i ~ N(0, 1) and f ~ 3 + N(0, 1) float32 (accuracy.mlstm_inputs);
-    attention: q, k, v ~ N(0, 1) bf16."""
+    """Random inputs: q, k, v ~ N(0, 1) bf16, i ~ N(0, 1) and f ~ 3 + N(0, 1) float32 (accuracy.mlstm_inputs,
+    drawn array by array: the peak read after the first run is the op's, not the draw's); attention: q, k, v ~
+    N(0, 1) bf16."""
     key = jax.random.PRNGKey(seed)
     if computes == impls.ATTENTION:
         heads = impls.attention_heads(shape.NH, shape.DHHV)
         size = (shape.B, shape.S, heads, impls.ATTENTION_HEAD_DIM)
         return tuple(jax.random.normal(k, size, jnp.bfloat16) for k in jax.random.split(key, 3))
-    q, k, v, i, f = accuracy.mlstm_inputs(key, shape.B, shape.NH, shape.S, shape.DHQK, shape.DHHV, jnp.bfloat16)[:5]
+    dims = (shape.B, shape.NH, shape.S, shape.DHQK, shape.DHHV)
+    q, k, v, i, f = accuracy.mlstm_inputs(key, *dims, jnp.bfloat16, per_array=True)[:5]
     if shape.document_len is not None:  # packed documents: a hard reset before each document's first token
         f = f.at[:, :, shape.document_len :: shape.document_len].set(-jnp.inf)
     return q, k, v, i, f

@@ -17,7 +17,9 @@ Prints a table at the end and rewrites the JSON (--out) after every row. About 7
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import sys
 import time
 import traceback
 
@@ -191,6 +193,8 @@ def main(argv=None) -> None:
         note=f"jax {jax.__version__}, jaxlib {jax.lib.__version__}, {jax.devices()}",
         device_kind=device.device_kind,
         compute_capability=getattr(device, "compute_capability", None),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        command=" ".join(["python -m pallas_mlstm.mosaic_gpu.gpu_check", *(sys.argv[1:] if argv is None else argv)]),
     )
     print(json.dumps(header), flush=True)
     todo = [lambda s=s: timing_row(s, args.calls) for s in filter(None, args.shapes.split(","))]
