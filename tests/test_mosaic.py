@@ -1,6 +1,6 @@
 """The Mosaic GPU parallel_fw_Hintra (pallas_mlstm/mosaic_gpu) against its jnp twin: in Mosaic GPU's interpret mode
 (shared memory, TMA copies, barriers and warpgroups simulated on the CPU; the matmuls as jnp.dot), compiled on a
-Hopper GPU, and lowered for one without it. `python -m pallas_mlstm.mosaic_gpu.gpu_check` also times it."""
+Hopper GPU, and lowered for one without it. `python -m pallas_mlstm.benchmarks.mosaic_check` also times it."""
 
 from __future__ import annotations
 

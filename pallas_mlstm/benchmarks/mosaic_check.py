@@ -1,7 +1,7 @@
 """The Mosaic GPU parallel_fw_Hintra on a Hopper GPU: its time against the Triton launcher's in the same run, and its
 outputs against the jnp twin and the Triton launcher.
 
-    PYTHONPATH=. python3 -m pallas_mlstm.mosaic_gpu.gpu_check --out mosaic_fw.json
+    PYTHONPATH=. python3 -m pallas_mlstm.benchmarks.mosaic_check --out mosaic_fw.json
 
 Timing first: 7b, tfla-paper, small-heads and odd-heads in bfloat16 at the card's tuned chunk size (the default
 chunk where none is tuned), on kernel_times' inputs (chained through the Triton kernels, 16-bit state buffers)
@@ -194,7 +194,7 @@ def main(argv=None) -> None:
         device_kind=device.device_kind,
         compute_capability=getattr(device, "compute_capability", None),
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        command=" ".join(["python -m pallas_mlstm.mosaic_gpu.gpu_check", *(sys.argv[1:] if argv is None else argv)]),
+        command=" ".join(["python -m pallas_mlstm.benchmarks.mosaic_check", *(sys.argv[1:] if argv is None else argv)]),
     )
     print(json.dumps(header), flush=True)
     todo = [lambda s=s: timing_row(s, args.calls) for s in filter(None, args.shapes.split(","))]
