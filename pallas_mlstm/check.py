@@ -12,7 +12,7 @@ import pallas_mlstm
 from pallas_mlstm import accuracy
 from pallas_mlstm.benchmarks.timing import median_ms
 from pallas_mlstm.plan import INPUT_GATES, validate_chunk_size
-from pallas_mlstm.registry import get_backend
+from pallas_mlstm.registry import get_backend, registered
 
 _BACKENDS = flags.DEFINE_list(
     "check_backends",
@@ -132,6 +132,9 @@ def _validated_backends(backends: list[str], on_gpu: bool, chunk_size: int, seq_
             raise app.UsageError(
                 "--check_backends=triton needs a GPU and JAX sees none here; use --check_backends=interpret,xla."
             )
+        if not registered(backend).available():
+            unavailable = registered(backend).unavailable.format(platform=jax.default_backend())
+            raise app.UsageError(f"--check_backends={backend}: {unavailable}")
         try:
             validate_chunk_size(chunk_size, seq_len, name="--check_chunk_size", minimum=get_backend(backend).min_chunk)
         except ValueError as error:

@@ -169,6 +169,7 @@ def test_subcommand_help_lists_its_flags_for_users(run_main, command, flag, with
     [
         (["check", "--nonsense=1"], f"'nonsense'; see `{PROGRAM} check --help`"),
         pytest.param(["check", "--check_backends=triton"], "use --check_backends=interpret,xla", marks=ON_CPU),
+        pytest.param(["check", "--check_backends=mosaic"], "backend='mosaic' needs a Hopper GPU", marks=ON_CPU),
         (["check", "--check_backends=cuda"], "--check_backends entries must be among triton,interpret,xla"),
         (["check", "--check_shape=1,2"], "--check_shape must be 5 comma-separated positive integers B,NH,S,DHQK,DHHV"),
         (["check", "--check_shape=1,2,x,64,64"], "--check_shape must be 5 comma-separated positive integers"),
