@@ -57,8 +57,9 @@ def mlstm_chunkwise(
     """The mLSTM cell over a sequence, chunkwise (TFLA), differentiable through a custom VJP.
 
     q, k, v are cast to `autocast_kernel_dtype` when given (matmul operands); gates i, f and the initial states are
-    cast to float32 (float64 when q is float64), whatever their dtype. `backend`: "triton" (GPU), "interpret"
-    (Pallas interpreter, CPU), "xla" (plain jnp), or None for triton on GPU and xla otherwise. `config` defaults to
+    cast to float32 (float64 when q is float64), whatever their dtype. `backend`: one of `pallas_mlstm.BACKENDS`
+    ("triton" on a GPU, "mosaic" on a Hopper GPU, "interpret" / "mosaic_interpret" on the CPU, "xla" anywhere), or
+    None for triton on GPU and xla otherwise. `config` defaults to
     the tuned config of the card and shape (`pallas_mlstm.plan.resolve_config`). `chunk_size` overrides
     `config.chunk_size`; without either, `pallas_mlstm.plan.padding_chunk_size`, halved until it divides a sequence
     shard where S is split over Explicit mesh axes; a chunk longer than S rounded up to

@@ -57,9 +57,10 @@ def mlstm_recurrent_step(
     q, k (B, NH, DHQK), v (B, NH, DHHV); gates i, f and the max state m as (B, NH) or (B, NH, 1) (m comes back
     in the shape it was given); c (B, NH, DHQK, DHHV), n (B, NH, DHQK) float32 whatever q's dtype; h comes back
     in q's dtype. The states are those `mlstm_chunkwise(..., return_last_states=True)` returns, so a prefill
-    followed by steps equals one call over the whole sequence. backend: "triton" / "interpret" run the Pallas
-    step kernel, "xla" the same math in jnp; None: triton on a GPU, xla otherwise. `input_gate` and `normalize`
-    pick the cell as in `mlstm_chunkwise`: the sigmoid gate's states are (c, n), and m must not be given.
+    followed by steps equals one call over the whole sequence. backend: "triton" / "interpret" (and "mosaic" /
+    "mosaic_interpret", whose step is Triton's) run the Pallas step kernel, "xla" the same math in jnp; None:
+    triton on a GPU, xla otherwise. `input_gate` and `normalize` pick the cell as in `mlstm_chunkwise`: the
+    sigmoid gate's states are (c, n), and m must not be given.
     Differentiable on every backend (jax.grad, jax.jvp; derivatives from the jnp step), and usable inside
     jax.lax.scan / flax nn.scan over a stack of layers.
     """

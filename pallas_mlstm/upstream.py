@@ -79,7 +79,7 @@ def mlstm_chunkwise_fw(
 ):
     """Chunkwise forward: (matH_out, vecN_out, vecM_out, last_states | None, all_states | None).
 
-    Upstream's arguments, plus `backend` ("triton", "interpret", "xla", or None: triton on a GPU, xla
+    Upstream's arguments, plus `backend` (one of `pallas_mlstm.BACKENDS`, or None: triton on a GPU, xla
     otherwise), `allow_tf32` and `states_dtype` (None: float32; bfloat16 stores the C states of
     all_states in the dtype the kernels' matmuls round them to, last_states stay float32), and the cell:
     `input_gate` "exponential" (mLSTMexp, upstream's) or "sigmoid" (mLSTMsig: σ(ĩ) as input gate, m not tracked,
@@ -242,8 +242,8 @@ def mlstm_chunkwise_max_triton(
     `return_last_states`, as upstream. As upstream's, `chunk_size` is accepted and ignored: the chunk size is the
     measured default of `mlstm_chunkwise` (`pallas_mlstm.plan.padding_chunk_size`); pass `chunk_size` to
     `mlstm_chunkwise` to choose it. Differences: any S works; q, k and v are cast to `autocast_kernel_dtype`, the
-    gates and states stay float32 (upstream casts i and the initial states too); `backend` ("triton",
-    "interpret", "xla", or None: triton on a GPU, xla otherwise) picks the kernels.
+    gates and states stay float32 (upstream casts i and the initial states too); `backend` (one of
+    `pallas_mlstm.BACKENDS`, or None: triton on a GPU, xla otherwise) picks the kernels.
     """
     del chunk_size  # upstream's top level ignores it too
     validate_mlstm_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
