@@ -3,7 +3,8 @@ with segments inside shards; packed documents and decoding steps under sharded j
 
 The sharded cases need 4 devices before JAX starts, so they run in a subprocess of their own
 (tests/sharding_cases.py, one per backend, shared by the pytest-xdist workers); the tests here read its per-case
-JSON. The Triton lowering of the per-shard program for a 2- and 4-GPU mesh runs here, deviceless.
+JSON. The Triton lowering of the per-shard program for a 2- and 4-GPU mesh runs here, deviceless, and the mosaic
+backend's for a 4-GPU mesh.
 """
 
 import fcntl
@@ -131,8 +132,8 @@ def _is_state_shaped(shape: list[int]) -> bool:
 _GPU = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
 
 
-def _lower_for_cuda(mesh: AbstractMesh, lead_spec: tuple) -> str:
-    """StableHLO of forward + backward of the Triton backend on bf16 inputs sharded over `mesh` (no GPU needed)."""
+def _lower_for_cuda(mesh: AbstractMesh, lead_spec: tuple, backend: str = "triton") -> str:
+    """StableHLO of forward + backward of `backend` on bf16 inputs sharded over `mesh` (no GPU needed)."""
     batch, heads, seq_len = 4, 2, 512
     shapes = (
         (batch, heads, seq_len, 64),
@@ -149,7 +150,7 @@ def _lower_for_cuda(mesh: AbstractMesh, lead_spec: tuple) -> str:
     ]
 
     def fwbw(*arrays):
-        loss = lambda *a: jnp.sum(pallas_mlstm.mlstm_chunkwise(*a, backend="triton", chunk_size=64).astype(jnp.float32))
+        loss = lambda *a: jnp.sum(pallas_mlstm.mlstm_chunkwise(*a, backend=backend, chunk_size=64).astype(jnp.float32))
         return jax.grad(loss, argnums=tuple(range(5)))(*arrays)
 
     with use_abstract_mesh(mesh):
@@ -181,6 +182,16 @@ def test_triton_lowers_on_gpu_mesh(mesh_shape, axis_names, lead_spec):
     # as many kernel launches as on one GPU: a sequence shard repeats no pass (Explicit axes keep the chunk states)
     assert kernels == single > 0, (kernels, single)
     assert "sdy.manual_computation" in text  # the kernels run per shard
+
+
+def test_mosaic_lowers_on_gpu_mesh():
+    """backend="mosaic" under batch and sequence sharding over 4 GPUs: the per-shard program holds one Mosaic GPU
+    kernel (the forward's H kernel) and Triton's others, as many launches as the Triton backend's."""
+    mesh = AbstractMesh((2, 2), ("b", "s"), axis_types=(AxisType.Explicit,) * 2, abstract_device=_GPU)
+    text = _lower_for_cuda(mesh, ("b", None, "s"), backend="mosaic")
+    mosaic, triton = text.count("stablehlo.custom_call @mosaic_gpu"), text.count("__gpu$xla.gpu.triton")
+    assert mosaic == 1 and mosaic + triton == _single_gpu_kernel_count(), (mosaic, triton)
+    assert "sdy.manual_computation" in text
 
 
 _DOCUMENTS_AND_STEPS = """
