@@ -17,13 +17,17 @@ accumulators in registers. Per program, in shared memory:
 In global memory the launcher passes Q, K, V as (P, B·NH·S, D) and the states C as (P, B·NH·(NC+1)·DHQK, DHHV)
 (16-bit, 3-D: the TMA copies take rows of them), n (B·NH, NC+1, DHQK) and the gate rows (B·NH, NC, 5, L).
 
-The memory warpgroup walks DHQK/64 "state steps" (C_{k-1} in 64-row slices, into the V buffers) and then the key
-steps up to the causal diagonal (K and V tiles of 64 rows); each compute warpgroup consumes them in the same order:
-acc = Q C_{k-1} (64-column slices of Q), scaled per row by the inter-chunk decay, then for each key tile
-acc += (s·Q Kᵀ ⊙ e^{D̃ − m}) V. P (the operand parts) is 1 for 16-bit inputs; float32 inputs run as three bf16
-parts that sum to them (`split_operand`, `split_parts`) and every product as the six part products that carry
-float32's precision (`mma`), where wgmma's own float32 mode would be TF32 (two parts where three do not fit: DHQK
-256, ~1e-5).
+The memory warpgroup fills two rings of buffers. The V ring holds DHQK/64 "state steps" (C_{k-1} in 64-row slices) and
+then the value tiles of the key steps up to the causal diagonal; the K ring holds the key tiles. Each compute
+warpgroup consumes them in the same order: acc = Q C_{k-1} (64-column slices of Q; a slice's products are issued
+before the previous slice's are awaited), scaled per row by the inter-chunk decay, then for each key tile acc += (s·Q
+Kᵀ ⊙ e^{D̃ − m}) V. A key buffer is released as soon as its scores are computed, so the next key tile loads while the
+gating and the product with V run; the next key tile is awaited while that product runs. (Tried and dropped, on an
+H100: ping-pong scheduling of the two compute warpgroups, slower at 3 of the 4 timed shapes, and a persistent grid of
+one program per SM prefetching its next item, 1.9x slower at 7b.) P (the operand parts) is 1 for 16-bit inputs;
+float32 inputs run as three bf16 parts that sum to them (`split_operand`, `split_parts`) and every product as the six
+part products that carry float32's precision (`mma`), where wgmma's own float32 mode would be TF32 (two parts where
+three do not fit: DHQK 256, ~1e-5).
 The gate rows, the inter-chunk decay among them, are computed before the launch as the Triton launcher's are;
 with 16-bit inputs the in-kernel exp and division are the fast approximate ones (as Triton's).
 
@@ -168,24 +172,33 @@ def _read(x):
     return x if isinstance(x, jax.Array) else x[...]
 
 
-def mma(acc: jax.Array, a, b, parts: int, interpret: bool) -> jax.Array:
+def _products(parts: int) -> list[tuple[int, int]]:
+    """The part products (i, j) that carry float32's precision: i + j < parts (one for 16-bit inputs)."""
+    return [(i, j) for i in range(parts) for j in range(parts) if i + j < parts]
+
+
+def mma(acc: jax.Array, a, b, parts: int, interpret: bool, while_running=None) -> jax.Array:
     """acc + A @ B accumulated in float32, A and B given by their parts (`split_parts`): Σ a(i) @ b(j) over the
     products of order i + j < parts (all of float32's 24 bits: 6 bf16 products for 3 parts; one for 16-bit inputs).
 
     a(i): part i of A (M, K), a ref in shared memory or a register array; b(j): part j of B (K, N), a ref in shared
     memory. On the GPU each product is a `plgpu.wgmma` into acc, awaited before returning (the refs are indexed
     inside the accumulator's scope, where static indices stay static); interpreted (wgmma has no CPU rule for
-    register operands) each is a `jnp.dot`.
+    register operands) each is a `jnp.dot`. `while_running()`, if given, runs after the products are issued and
+    before they are awaited (barrier waits that overlap the tensor cores' work).
     """
-    pairs = [(i, j) for i in range(parts) for j in range(parts) if i + j < parts]
+    pairs = _products(parts)
+    after_issue = while_running or (lambda: None)
     if interpret:
         for i, j in pairs:
             acc = acc + jnp.dot(_read(a(i)), _read(b(j)), preferred_element_type=jnp.float32)
+        after_issue()
         return acc
 
     def issue(acc_ref):
         for i, j in pairs:
             plgpu.wgmma(acc_ref, a(i), b(j))
+        after_issue()
 
     return pl.run_state(issue)(plgpu.ACC.init(acc))
 
@@ -230,7 +243,8 @@ def _kernel(
     aux_bar,
     k_bar,
     v_bar,
-    free_bar,
+    k_free_bar,
+    v_free_bar,
     *,
     tiles: Tiles,
     chunk: int,
@@ -242,7 +256,7 @@ def _kernel(
 ):
     parts, dhqk = q_smem.shape[1], q_smem.shape[-1]
     block_v, stages, warpgroups = tiles.block_v, tiles.stages, tiles.warpgroups
-    state_steps = dhqk // ROWS  # 64-row slices of C_{k-1}, before the key steps
+    state_steps = dhqk // ROWS  # 64-row slices of C_{k-1}, the first steps of the V ring
     v_tiles = v_gmem.shape[-1] // block_v
     bh, c, qv = lax.axis_index("bh"), lax.axis_index("c"), lax.axis_index("qv")
     seq_row0 = (bh * num_chunks + c) * chunk  # row of the chunk's first step in Q, K, V
@@ -250,6 +264,7 @@ def _kernel(
     q_start = iq * (warpgroups * ROWS)  # in-chunk position of the program's first query row
     columns = pl.ds(iv * block_v, block_v)
     key_steps = q_start // ROWS + warpgroups  # key tiles up to the last row's diagonal
+    v_steps = state_steps + key_steps  # the V ring: C_{k-1} slices, then value tiles
     wg = lax.axis_index("wg")
 
     @pl.when(wg == warpgroups)
@@ -261,38 +276,57 @@ def _kernel(
             rows = pl.ds(seq_row0 + q_start + w * ROWS, ROWS)
             plgpu.copy_gmem_to_smem(q_gmem.at[:, rows], q_smem.at[w], q_bar.at[w])  # (P, 64, DHQK_p)
 
-        def load(step, slot):
-            @pl.when(step < state_steps)
+        def load_k(j):  # key tile j into its slot of the K ring
+            kv_rows = pl.ds(seq_row0 + j * ROWS, ROWS)
+            slot = j % stages
+            plgpu.copy_gmem_to_smem(k_gmem.at[:, kv_rows], k_smem.at[slot], k_bar.at[slot])  # (P, 64, DHQK_p)
+
+        def load_v(t):  # step t of the V ring: a 64-row slice of C_{k-1}, then value tiles
+            slot = t % stages
+
+            @pl.when(t < state_steps)
             def _state():
-                state_rows = pl.ds((bh * (num_chunks + 1) + c) * dhqk + step * ROWS, ROWS)
+                state_rows = pl.ds((bh * (num_chunks + 1) + c) * dhqk + t * ROWS, ROWS)
                 c_tile = c_gmem.at[:, state_rows, columns]  # (P, 64, bDHHV)
                 plgpu.copy_gmem_to_smem(c_tile, v_smem.at[slot], v_bar.at[slot])
 
-            @pl.when(step >= state_steps)
-            def _keys():
-                kv_rows = pl.ds(seq_row0 + (step - state_steps) * ROWS, ROWS)
-                plgpu.copy_gmem_to_smem(k_gmem.at[:, kv_rows], k_smem.at[slot], k_bar.at[slot])  # (P, 64, DHQK_p)
-                v_tile = v_gmem.at[:, kv_rows, columns]  # (P, 64, bDHHV)
+            @pl.when(t >= state_steps)
+            def _value():
+                v_tile = v_gmem.at[:, pl.ds(seq_row0 + (t - state_steps) * ROWS, ROWS), columns]  # (P, 64, bDHHV)
                 plgpu.copy_gmem_to_smem(v_tile, v_smem.at[slot], v_bar.at[slot])
 
-        steps = state_steps + key_steps
-        for step in range(stages):
-            pl.when(step < steps)(functools.partial(load, step, step))
+        for j in range(stages):
+            pl.when(j < key_steps)(functools.partial(load_k, j))
+        for t in range(stages):
+            pl.when(t < v_steps)(functools.partial(load_v, t))
 
-        @pl.loop(0, steps - stages)
-        def _refill(step):
-            slot = step % stages
-            plgpu.barrier_wait(free_bar.at[slot])  # every compute warpgroup is done with step `step`
-            load(step + stages, slot)
+        @pl.loop(0, v_steps - stages)
+        def _refill(t):
+            # a key tile's slot frees as soon as its scores are computed, before the step's value tile
+            j = t - state_steps
 
-        @pl.loop(jnp.maximum(steps - stages, 0), steps)
-        def _drain(step):  # observes every release (the interpreter checks that each one is awaited)
-            plgpu.barrier_wait(free_bar.at[step % stages])
+            @pl.when((j >= 0) & (j + stages < key_steps))
+            def _next_key():
+                plgpu.barrier_wait(k_free_bar.at[j % stages])
+                load_k(j + stages)
+
+            plgpu.barrier_wait(v_free_bar.at[t % stages])
+            load_v(t + stages)
+
+        # observe the releases the refills did not wait for (the interpreter checks that each one is awaited)
+        @pl.loop(jnp.maximum(key_steps - stages, 0), key_steps)
+        def _drain_keys(j):
+            plgpu.barrier_wait(k_free_bar.at[j % stages])
+
+        @pl.loop(jnp.maximum(v_steps - stages, 0), v_steps)
+        def _drain_values(t):
+            plgpu.barrier_wait(v_free_bar.at[t % stages])
 
     @pl.when(wg < warpgroups)
     def _compute():
         plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
         row0 = q_start + wg * ROWS  # in-chunk position of this warpgroup's first query row
+        own_steps = row0 // ROWS + 1  # key tiles up to this warpgroup's diagonal
         q_tile = lambda p: q_smem.at[wg, p]  # (64, DHQK_p): part p of this warpgroup's Q
         plgpu.barrier_wait(aux_bar.at[0])
         plgpu.barrier_wait(aux_bar.at[1])
@@ -310,23 +344,20 @@ def _kernel(
             for p in range(parts):
                 q_e = plgpu.load(q_tile(p).at[:, depth], layout=plgpu.Layout.WGMMA).astype(jnp.float32)  # (64, 64)
                 q_dot_n = q_dot_n + jnp.sum(q_e * _by_columns(n_e, q_e.shape), axis=1)
-        acc = _zeros(block_v)
-        for e in range(state_steps):
-            slot = e % stages
-            plgpu.barrier_wait(v_bar.at[slot])
-            q_e = lambda p, e=e: q_tile(p).at[:, pl.ds(e * ROWS, ROWS)]  # (64, 64): columns of Q
-            c_e = lambda p, slot=slot: v_smem.at[slot, p]  # (64, bDHHV): rows of C_{k-1}
-            acc = mma(acc, q_e, c_e, parts, interpret)  # (64, 64) @ (64, bDHHV)
-            plgpu.barrier_arrive(free_bar.at[slot])
+        q_cols = lambda e: lambda p: q_tile(p).at[:, pl.ds(e * ROWS, ROWS)]  # (64, 64): columns e of Q
+        c_rows = lambda e: lambda p: v_smem.at[e % stages, p]  # (64, bDHHV): rows e of C_{k-1}
+        acc = _state_products(q_cols, c_rows, state_steps, block_v, parts, interpret, v_bar, v_free_bar, stages)
         acc = acc * _by_rows(vec_inter, acc.shape)
         den = q_dot_n * vec_inter
 
+        plgpu.barrier_wait(k_bar.at[0])
+
         def key_step(j, carry):
             acc, den = carry
-            slot = (state_steps + j) % stages
-            plgpu.barrier_wait(k_bar.at[slot])
-            k_t = lambda p: k_smem.at[slot, p].transpose((1, 0))  # (DHQK_p, 64)
+            k_slot, v_slot = j % stages, (state_steps + j) % stages
+            k_t = lambda p: k_smem.at[k_slot, p].transpose((1, 0))  # (DHQK_p, 64)
             scores = mma(_zeros(ROWS), q_tile, k_t, parts, interpret)  # (64, DHQK_p) @ (DHQK_p, 64)
+            plgpu.barrier_arrive(k_free_bar.at[k_slot])
             vec_b_kv, vec_i_kv = gate_col(_B, j * ROWS), gate_col(_I, j * ROWS)  # (64,)
             shape = scores.shape
             log_decay = (
@@ -336,21 +367,25 @@ def _kernel(
             kv_pos = j * ROWS + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
             valid = (kv_pos <= q_pos) & (kv_pos >= _by_rows(vec_r, shape))
             weights = scores * qk_scale * jnp.exp(jnp.where(valid, log_decay, -jnp.inf))  # (64, 64) float32
-            plgpu.barrier_wait(v_bar.at[slot])
+            plgpu.barrier_wait(v_bar.at[v_slot])
             w_parts = split_parts(weights, parts, v_smem.dtype)
-            v_tile = lambda p: v_smem.at[slot, p]  # (64, bDHHV)
-            acc = mma(acc, w_parts.__getitem__, v_tile, parts, interpret)  # (64, 64) @ (64, bDHHV)
-            plgpu.barrier_arrive(free_bar.at[slot])
+            v_tile = lambda p: v_smem.at[v_slot, p]  # (64, bDHHV)
+
+            def next_key():  # awaited while this step's product runs
+                pl.when(j + 1 < own_steps)(lambda: plgpu.barrier_wait(k_bar.at[(j + 1) % stages]))
+
+            acc = mma(acc, w_parts.__getitem__, v_tile, parts, interpret, next_key)  # (64, 64) @ (64, bDHHV)
+            plgpu.barrier_arrive(v_free_bar.at[v_slot])
             return acc, (den + jnp.sum(weights, axis=1)) if normalize else den
 
-        acc, den = lax.fori_loop(0, row0 // ROWS + 1, key_step, (acc, den))
+        acc, den = lax.fori_loop(0, own_steps, key_step, (acc, den))
 
-        @pl.loop(row0 // ROWS + 1, key_steps)
+        @pl.loop(own_steps, key_steps)
         def _skip(j):  # key tiles past this warpgroup's diagonal, loaded for the next one: awaited and released
-            slot = (state_steps + j) % stages
-            plgpu.barrier_wait(k_bar.at[slot])
-            plgpu.barrier_wait(v_bar.at[slot])
-            plgpu.barrier_arrive(free_bar.at[slot])
+            plgpu.barrier_wait(k_bar.at[j % stages])
+            plgpu.barrier_arrive(k_free_bar.at[j % stages])
+            plgpu.barrier_wait(v_bar.at[(state_steps + j) % stages])
+            plgpu.barrier_arrive(v_free_bar.at[(state_steps + j) % stages])
 
         if normalize:
             den = jnp.maximum(jnp.abs(den), jnp.exp(-vec_m))
@@ -373,6 +408,33 @@ def _kernel(
             plgpu.copy_smem_to_gmem(den_smem.at[wg], den_gmem.at[bh, rows])
 
         plgpu.wait_smem_to_gmem(0)
+
+
+def _state_products(q_cols, c_rows, steps: int, block_v: int, parts: int, interpret: bool, ready, free, stages: int):
+    """Σ_e Q[:, e] @ C_{k-1}[e, :] over the `steps` 64-wide slices, (64, bDHHV) float32: slice e awaited on
+    `ready` and its buffer released on `free` (slot e % stages). On the GPU a slice's products are issued before
+    the previous slice's are awaited, so the tensor cores keep working while buffers change hands."""
+    if interpret:
+        acc = _zeros(block_v)
+        for e in range(steps):
+            plgpu.barrier_wait(ready.at[e % stages])
+            acc = mma(acc, q_cols(e), c_rows(e), parts, interpret)  # (64, 64) @ (64, bDHHV)
+            plgpu.barrier_arrive(free.at[e % stages])
+        return acc
+    products = _products(parts)
+
+    def issue(acc_ref):
+        for e in range(steps):
+            plgpu.barrier_wait(ready.at[e % stages])
+            for i, j in products:
+                plgpu.wgmma(acc_ref, q_cols(e)(i), c_rows(e)(j))  # (64, 64) @ (64, bDHHV)
+            if e > 0:
+                plgpu.wgmma_wait(len(products))  # the previous slice's products are done
+                plgpu.barrier_arrive(free.at[(e - 1) % stages])
+        plgpu.wgmma_wait(0)
+        plgpu.barrier_arrive(free.at[(steps - 1) % stages])
+
+    return pl.run_state(issue)(plgpu.ACC.init(_zeros(block_v)))
 
 
 def _kernel_gates(call: KernelCall, vecI, vecF, scaM_all, qk_scale: float):
@@ -444,7 +506,8 @@ def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all,
             plgpu.Barrier(num_barriers=2),  # gates, n loaded
             plgpu.Barrier(num_barriers=stages),  # K loaded
             plgpu.Barrier(num_barriers=stages),  # V / C loaded
-            plgpu.Barrier(num_arrivals=w, num_barriers=stages),  # buffers free again
+            plgpu.Barrier(num_arrivals=w, num_barriers=stages),  # K buffers free again
+            plgpu.Barrier(num_arrivals=w, num_barriers=stages),  # V buffers free again
         ),
         grid=(bnh, num_chunks, (chunk // (w * ROWS)) * (dhhv_p // tiles.block_v)),
         grid_names=("bh", "c", "qv"),
