@@ -10,7 +10,7 @@ from pallas_mlstm.config import ChunkwiseConfig
 from pallas_mlstm.inputs import pad_steps, reset_at_document_starts, sequence_shards
 from pallas_mlstm.op import HIGHER_ORDER_MESSAGE
 from pallas_mlstm.plan import Plan, launches_for, make_cell, make_chunking, resolve_config, validate_bool
-from pallas_mlstm.registry import get_backend
+from pallas_mlstm.registry import get_backend, with_kernel_backends
 from pallas_mlstm.sharding import run_partitioned
 from pallas_mlstm.states import States, acc_dtype, state_buffer_dtype
 from pallas_mlstm.validation import (
@@ -59,7 +59,8 @@ def mlstm_chunkwise(
     q, k, v are cast to `autocast_kernel_dtype` when given (matmul operands); gates i, f and the initial states are
     cast to float32 (float64 when q is float64), whatever their dtype. `backend`: one of `pallas_mlstm.BACKENDS`
     ("triton" on a GPU, "mosaic" on a Hopper GPU, "interpret" / "mosaic_interpret" on the CPU, "xla" anywhere), or
-    None for triton on GPU and xla otherwise. `config` defaults to
+    None for triton on GPU and xla otherwise (with a tuned config's `kernel_backends`, e.g. a kernel in Mosaic
+    GPU on a Hopper card where `tune` found it faster). `config` defaults to
     the tuned config of the card and shape (`pallas_mlstm.plan.resolve_config`). `chunk_size` overrides
     `config.chunk_size`; without either, `pallas_mlstm.plan.padding_chunk_size`, halved until it divides a sequence
     shard where S is split over Explicit mesh axes; a chunk longer than S rounded up to
@@ -106,7 +107,10 @@ def mlstm_chunkwise(
     if validate_autocast_dtype(autocast_kernel_dtype) is not None:
         q, k, v = (x.astype(autocast_kernel_dtype) for x in (q, k, v))
     validate_operand_dtypes(q, k, v)
+    given_config = config
     config = resolve_config(chosen, config, (batch, heads, seq_len, dhqk, dhhv), q.dtype)
+    if given_config is not None or backend is None:  # a tuned config's kernel backends: for backend=None only
+        chosen = with_kernel_backends(chosen, config.kernel_backends, tuned=given_config is None)
     chunking, padded_len = make_chunking(
         chosen, config, chunk_size, seq_len, segment_len, recompute_states_in_bw, sequence_shards(q)
     )

@@ -17,6 +17,7 @@ _TILE_FIELDS = ("siz_b_L_parallel", "siz_b_L_loop", "siz_b_DH_parallel", "siz_b_
 _WARP_FIELDS = ("num_warps_intra", "num_warps_inter")
 _STAGE_FIELDS = ("num_stages_intra", "num_stages_inter")
 _NUM_WARPS = (1, 2, 4, 8, 16, 32)
+_ENTRY_FIELDS = ("kernels", "kernel_backends")  # per-kernel mappings, not launch fields
 _MIN_TILE = 16  # Triton's dot needs every side >= 16 (pallas_triton.common.MIN_TILE)
 # The kernels a per-kernel launch entry may name (pallas_mlstm.kernel_call.CHUNKWISE_KERNELS).
 _KERNELS = (
@@ -48,6 +49,12 @@ class ChunkwiseConfig:
     A None field lets each kernel use its own measured default (Triton: pallas_mlstm/pallas_triton/
     launch_defaults.py); the chunk size's default is `pallas_mlstm.plan.padding_chunk_size`.
 
+    `kernel_backends`: per kernel, the registered backend that runs it instead of the call's, e.g.
+    `{"parallel_fw_Hintra": "mosaic"}` under backend "triton" (both take the same launch configs). A config you
+    pass applies as given (ValueError where the named backend cannot run here or beside the call's); a tuned
+    config's entries (`python -m pallas_mlstm tune` writes them where another backend's kernel was faster)
+    apply to `backend=None` only.
+
     Checked at construction (ValueError naming the field): every flat field is None or an int (NumPy integers
     are converted); chunk_size a power of 2 >= 1; the `siz_b_*` tiles powers of 2 >= 16; `num_warps_*` one
     of 1, 2, 4, 8, 16, 32; `num_stages_*` >= 1; `kernels` names known kernels.
@@ -63,12 +70,14 @@ class ChunkwiseConfig:
     num_stages_intra: int | None = None
     num_stages_inter: int | None = None
     kernels: tuple[tuple[str, tuple[tuple[str, int | None], ...]], ...] = ()
+    kernel_backends: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "kernels", _kernel_entries(self.kernels))
+        object.__setattr__(self, "kernel_backends", _kernel_backend_entries(self.kernel_backends))
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if value is None or field.name == "kernels":
+            if value is None or field.name in _ENTRY_FIELDS:
                 continue
             name = f"ChunkwiseConfig.{field.name}"
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -89,7 +98,7 @@ class ChunkwiseConfig:
         return tuple(
             (field.name, getattr(self, field.name))
             for field in dataclasses.fields(self)
-            if field.name not in ("chunk_size", "kernels") and getattr(self, field.name) is not None
+            if field.name not in ("chunk_size", *_ENTRY_FIELDS) and getattr(self, field.name) is not None
         )
 
     def kernel_launches(self) -> dict[str, dict]:
@@ -101,6 +110,8 @@ class ChunkwiseConfig:
         data = {name: value for name, value in dataclasses.asdict(self).items() if value is not None and value != ()}
         if self.kernels:
             data["kernels"] = self.kernel_launches()
+        if self.kernel_backends:
+            data["kernel_backends"] = dict(self.kernel_backends)
         return data
 
 
@@ -117,6 +128,25 @@ def _kernel_entries(kernels) -> tuple:
         if not all(isinstance(name, str) for name in fields):
             raise ValueError(f"ChunkwiseConfig.kernels[{kernel!r}] must map launch field names to values.")
         entries.append((kernel, tuple(sorted((name, value) for name, value in fields.items() if value is not None))))
+    return tuple(sorted(entries))
+
+
+def _kernel_backend_entries(kernel_backends) -> tuple:
+    """`ChunkwiseConfig.kernel_backends` as a hashable, sorted tuple of (kernel, backend name); the names are
+    checked against the registry when a call is planned (pallas_mlstm.registry.with_kernel_backends)."""
+    items = kernel_backends.items() if isinstance(kernel_backends, dict) else kernel_backends
+    entries = []
+    for kernel, backend in items:
+        if kernel not in _KERNELS:
+            raise ValueError(
+                f"ChunkwiseConfig.kernel_backends names an unknown kernel {kernel!r}: use one of {_KERNELS}."
+            )
+        if not isinstance(backend, str):
+            raise ValueError(
+                f"ChunkwiseConfig.kernel_backends[{kernel!r}] must be a backend name (pallas_mlstm.BACKENDS); "
+                f"got {backend!r}."
+            )
+        entries.append((kernel, backend))
     return tuple(sorted(entries))
 
 

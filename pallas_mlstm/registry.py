@@ -13,6 +13,7 @@ import jax.experimental.pallas.fuser  # noqa: F401  (see below)
 
 from pallas_mlstm import mosaic_gpu, pallas_triton, xla_kernels
 from pallas_mlstm.backend import Backend
+from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS
 from pallas_mlstm.pallas_triton.common import gpu_available
 from pallas_mlstm.pallas_triton.launch import MIN_TILE, TritonLaunch, from_upstream
 
@@ -98,3 +99,54 @@ def get_backend(name: str | None) -> Backend:
 def resolve_backend(name: str | None) -> str:
     """The name of the backend `name` resolves to (see `get_backend`)."""
     return get_backend(name).name
+
+
+def _cannot_stand_in(base: Backend, other: Backend) -> str | None:
+    """Why `other` cannot run some of `base`'s kernels in one call, or None: it must run here and take `base`'s
+    launch configs (the same launch type, both compiled or both interpreted)."""
+    if not other.available():
+        return other.unavailable.format(platform=jax.default_backend())
+    if other.launch_type is not base.launch_type or other.interpret != base.interpret:
+        return f"backend {other.name!r} cannot run kernels of backend {base.name!r} (another launch config)"
+    return None
+
+
+def with_kernel_backends(base: Backend, choices: tuple[tuple[str, str], ...], *, tuned: bool = False) -> Backend:
+    """`base` with the kernels `choices` names (`ChunkwiseConfig.kernel_backends`: (kernel, backend name)) taken
+    from those backends; `base` itself where nothing changes. A choice that cannot apply (`_cannot_stand_in`) is a
+    ValueError naming it, or, for a `tuned` config's choices, skipped."""
+    kernels, taken, partitionable = {}, [], base.partitionable
+    for kernel, name in choices:
+        other = _BY_NAME.get(name)
+        if other is None:
+            problem = f"not a backend; use one of {BACKENDS}"
+        else:
+            problem = _cannot_stand_in(base, other) if other is not base else None
+        if problem is not None and not tuned:
+            raise ValueError(f"config.kernel_backends[{kernel!r}] = {name!r}: {problem.rstrip('.')}.")
+        if problem is not None or other is base:
+            continue
+        kernels[kernel] = getattr(other.kernels, kernel)
+        taken.append(f"{kernel}: {name}")
+        partitionable = partitionable and other.partitionable
+    if not kernels:
+        return base
+    return dataclasses.replace(
+        base,
+        name=f"{base.name} ({', '.join(taken)})",
+        kernels=dataclasses.replace(base.kernels, **kernels),
+        priority=None,
+        partitionable=partitionable,
+    )
+
+
+def kernel_alternatives(base: Backend) -> list[tuple[str, str]]:
+    """(kernel, backend name) for each chunkwise kernel that another backend runs here in its own way and could
+    run under `base` (what `tune` times against `base`'s)."""
+    return [
+        (kernel, other.name)
+        for other in _REGISTERED
+        if other is not base and _cannot_stand_in(base, other) is None
+        for kernel in CHUNKWISE_KERNELS
+        if getattr(other.kernels, kernel) is not getattr(base.kernels, kernel)
+    ]

@@ -7,7 +7,10 @@ import zlib
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.sharding import AbstractDevice, AbstractMesh, NamedSharding, use_abstract_mesh
+from jax.sharding import PartitionSpec as P
 
+import pallas_mlstm
 from pallas_mlstm import accuracy
 from pallas_mlstm.registry import registered
 from tests import flags as test_flags
@@ -114,3 +117,32 @@ def outputs_and_grads(make_loss, fn, weights_key, inputs):
 
     grads, outputs = jax.jit(jax.grad(loss_and_outputs, argnums=argnums, has_aux=True))(*inputs)
     return outputs, dict(zip([INPUT_NAMES[idx] for idx in argnums], grads))
+
+
+CUDA_DEVICE = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
+
+
+def lower_for_cuda(mesh: AbstractMesh, lead_spec: tuple, backend: str | None = "triton") -> str:
+    """StableHLO of forward + backward of `backend` on bf16 inputs sharded over `mesh` of CUDA_DEVICE (an H100 as
+    JAX describes one without it: no GPU needed), chunk 64."""
+    batch, heads, seq_len = 4, 2, 512
+    shapes = (
+        (batch, heads, seq_len, 64),
+        (batch, heads, seq_len, 64),
+        (batch, heads, seq_len, 128),
+        (batch, heads, seq_len),
+        (batch, heads, seq_len),
+    )
+    args = [
+        jax.ShapeDtypeStruct(
+            s, jnp.bfloat16 if len(s) == 4 else jnp.float32, sharding=NamedSharding(mesh, P(*lead_spec))
+        )
+        for s in shapes
+    ]
+
+    def fwbw(*arrays):
+        loss = lambda *a: jnp.sum(pallas_mlstm.mlstm_chunkwise(*a, backend=backend, chunk_size=64).astype(jnp.float32))
+        return jax.grad(loss, argnums=tuple(range(5)))(*arrays)
+
+    with use_abstract_mesh(mesh):
+        return jax.jit(fwbw).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

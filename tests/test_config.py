@@ -31,7 +31,7 @@ TILE_FIELDS = ("siz_b_L_parallel", "siz_b_L_loop", "siz_b_DH_parallel", "siz_b_D
 WARP_FIELDS = ("num_warps_intra", "num_warps_inter")
 STAGE_FIELDS = ("num_stages_intra", "num_stages_inter")
 INT_FIELDS = ("chunk_size", *TILE_FIELDS, *WARP_FIELDS, *STAGE_FIELDS)
-ALL_FIELDS = (*INT_FIELDS, "kernels")  # kernels: per-kernel launch entries (tests/test_plan.py)
+ALL_FIELDS = (*INT_FIELDS, "kernels", "kernel_backends")  # per-kernel entries: tests/test_plan.py
 
 
 # --- ChunkwiseConfig --------------------------------------------------------------------------------------

@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.sharding import AbstractMesh, AxisType, use_abstract_mesh
 
 import pallas_mlstm
+from pallas_mlstm import mosaic_gpu
 from pallas_mlstm.accuracy import rel_err
-from pallas_mlstm.config import ChunkwiseConfig
+from pallas_mlstm.benchmarks.sweep import _backend_stage
+from pallas_mlstm.config import TUNED_CONFIGS_ENV, ChunkwiseConfig, shape_class
 from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS
 from pallas_mlstm.plan import launches_for, make_chunking
-from pallas_mlstm.registry import get_backend, registered
-from tests.helpers import case_key, mlstm_inputs
+from pallas_mlstm.registry import get_backend, kernel_alternatives, registered, with_kernel_backends
+from tests.helpers import CUDA_DEVICE, case_key, lower_for_cuda, mlstm_inputs
 
 _PACKAGE = pathlib.Path(pallas_mlstm.__file__).parent
 
@@ -118,3 +122,61 @@ def test_no_function_takes_more_than_12_parameters():
             if count > 12 and node.name not in _LONG_SIGNATURES_ALLOWED and not is_kernel_body:
                 too_long.append(f"{path.relative_to(_PACKAGE)}:{node.name} ({count})")
     assert not too_long
+
+
+def test_kernel_backends_run_a_kernel_of_another_backend():
+    """ChunkwiseConfig.kernel_backends, as given: checked where the call is planned (ValueError naming the entry);
+    under a mesh of H100s (lowering without one) triton's parallel_fw_Hintra can come from mosaic, which tune
+    tries."""
+    config = ChunkwiseConfig(kernel_backends={"parallel_fw_Hintra": "mosaic"})
+    assert config.kernel_backends == (("parallel_fw_Hintra", "mosaic"),)
+    assert ChunkwiseConfig(**config.to_json()) == config and hash(config) == hash(ChunkwiseConfig(**config.to_json()))
+    with pytest.raises(ValueError, match="kernel_backends names an unknown kernel 'parallel_fw'"):
+        ChunkwiseConfig(kernel_backends={"parallel_fw": "mosaic"})
+    with pytest.raises(ValueError, match=r"kernel_backends\['recurrent_fw_C'\] must be a backend name"):
+        ChunkwiseConfig(kernel_backends={"recurrent_fw_C": 1})
+    triton = registered("triton")
+    hintra = (("parallel_fw_Hintra", "mosaic"),)
+    if not mosaic_gpu.available():  # no Hopper GPU here
+        with pytest.raises(ValueError, match=r"kernel_backends\['parallel_fw_Hintra'\] = 'mosaic': .*Hopper GPU"):
+            with_kernel_backends(triton, hintra)
+        assert with_kernel_backends(triton, hintra, tuned=True) is triton  # a tuned choice that cannot apply
+    with pytest.raises(ValueError, match="'cuda': not a backend; use one of"):
+        with_kernel_backends(triton, (("parallel_fw_Hintra", "cuda"),))
+    q, k, v, i, f, *_ = mlstm_inputs(case_key("kernel-backends"), 1, 1, 32, 8, 8)
+    with pytest.raises(ValueError, match="backend 'interpret' cannot run kernels of backend 'xla'"):
+        pallas_mlstm.mlstm_chunkwise(
+            q, k, v, i, f, backend="xla", config=ChunkwiseConfig(kernel_backends=(("parallel_fw_Hintra", "interpret"),))
+        )
+    assert with_kernel_backends(triton, (("parallel_fw_Hintra", "triton"),)) is triton
+    here = [("parallel_fw_Hintra", "mosaic")] if mosaic_gpu.available() else []
+    assert kernel_alternatives(triton) == here and len(_backend_stage("triton")(ChunkwiseConfig(), None)) == len(here)
+    mesh = AbstractMesh((1,), ("b",), axis_types=(AxisType.Explicit,), abstract_device=CUDA_DEVICE)
+    with use_abstract_mesh(mesh):
+        mixed = with_kernel_backends(triton, hintra)
+        assert kernel_alternatives(triton) == [("parallel_fw_Hintra", "mosaic")]
+        assert _backend_stage("triton")(ChunkwiseConfig(chunk_size=64), None) == [
+            ChunkwiseConfig(chunk_size=64, kernel_backends=hintra)
+        ]
+    assert mixed.name == "triton (parallel_fw_Hintra: mosaic)" and mixed.priority is None
+    assert mixed.kernels == dataclasses.replace(
+        triton.kernels, parallel_fw_Hintra=mosaic_gpu.KERNELS.parallel_fw_Hintra
+    )
+
+
+def test_backend_none_follows_a_tuned_configs_kernel_backends(monkeypatch, tmp_path):
+    """A tuned config that runs parallel_fw_Hintra in Mosaic GPU: backend=None on an H100 (lowered without one)
+    takes it, so the program holds one Mosaic GPU kernel; backend="triton", named, stays all Triton."""
+    if jax.default_backend() == "gpu" and not mosaic_gpu.available():
+        pytest.skip("a GPU other than Hopper: the tuned Mosaic GPU kernel cannot run on it")
+    tuned = tmp_path / "tuned_configs.json"
+    entry = {"config": {"chunk_size": 64, "kernel_backends": {"parallel_fw_Hintra": "mosaic"}}}
+    # the lowering runs on this CPU, so the tuned entry is looked up for its device_kind
+    configs = {jax.devices()[0].device_kind: {shape_class(512, 64, 128): entry}}
+    tuned.write_text(json.dumps({"configs": configs}))
+    monkeypatch.setenv(TUNED_CONFIGS_ENV, str(tuned))
+    mesh = AbstractMesh((1,), ("b",), axis_types=(AxisType.Explicit,), abstract_device=CUDA_DEVICE)
+    for backend, mosaic_kernels in ((None, 1), ("triton", 0)):
+        text = lower_for_cuda(mesh, (None,), backend=backend)
+        assert text.count("stablehlo.custom_call @mosaic_gpu") == mosaic_kernels, backend
+        assert text.count("__gpu$xla.gpu.triton") > 0

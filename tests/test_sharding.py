@@ -15,15 +15,12 @@ import pathlib
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding, use_abstract_mesh
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType
 
-import pallas_mlstm
 from pallas_mlstm.accuracy import ORACLE_TOLERANCE, SHARDED_TOLERANCE
 from tests import flags as test_flags
+from tests.helpers import CUDA_DEVICE, lower_for_cuda
 from tests.sharding_cases import CASES, DHHV, DHQK
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -129,38 +126,10 @@ def _is_state_shaped(shape: list[int]) -> bool:
     return False
 
 
-_GPU = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
-
-
-def _lower_for_cuda(mesh: AbstractMesh, lead_spec: tuple, backend: str = "triton") -> str:
-    """StableHLO of forward + backward of `backend` on bf16 inputs sharded over `mesh` (no GPU needed)."""
-    batch, heads, seq_len = 4, 2, 512
-    shapes = (
-        (batch, heads, seq_len, 64),
-        (batch, heads, seq_len, 64),
-        (batch, heads, seq_len, 128),
-        (batch, heads, seq_len),
-        (batch, heads, seq_len),
-    )
-    args = [
-        jax.ShapeDtypeStruct(
-            s, jnp.bfloat16 if len(s) == 4 else jnp.float32, sharding=NamedSharding(mesh, P(*lead_spec))
-        )
-        for s in shapes
-    ]
-
-    def fwbw(*arrays):
-        loss = lambda *a: jnp.sum(pallas_mlstm.mlstm_chunkwise(*a, backend=backend, chunk_size=64).astype(jnp.float32))
-        return jax.grad(loss, argnums=tuple(range(5)))(*arrays)
-
-    with use_abstract_mesh(mesh):
-        return jax.jit(fwbw).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-
-
 @functools.cache
 def _single_gpu_kernel_count() -> int:
-    mesh = AbstractMesh((1,), ("b",), axis_types=(AxisType.Auto,), abstract_device=_GPU)
-    return _lower_for_cuda(mesh, (None,)).count("__gpu$xla.gpu.triton")
+    mesh = AbstractMesh((1,), ("b",), axis_types=(AxisType.Auto,), abstract_device=CUDA_DEVICE)
+    return lower_for_cuda(mesh, (None,)).count("__gpu$xla.gpu.triton")
 
 
 @pytest.mark.parametrize(
@@ -175,8 +144,10 @@ def _single_gpu_kernel_count() -> int:
 def test_triton_lowers_on_gpu_mesh(mesh_shape, axis_names, lead_spec):
     """The per-shard program (the one XLA runs per GPU) lowers to Triton for a multi-GPU mesh, with the kernels of
     one GPU's program."""
-    mesh = AbstractMesh(mesh_shape, axis_names, axis_types=(AxisType.Explicit,) * len(axis_names), abstract_device=_GPU)
-    text = _lower_for_cuda(mesh, lead_spec)
+    mesh = AbstractMesh(
+        mesh_shape, axis_names, axis_types=(AxisType.Explicit,) * len(axis_names), abstract_device=CUDA_DEVICE
+    )
+    text = lower_for_cuda(mesh, lead_spec)
     kernels = text.count("__gpu$xla.gpu.triton")
     single = _single_gpu_kernel_count()
     # as many kernel launches as on one GPU: a sequence shard repeats no pass (Explicit axes keep the chunk states)
@@ -187,8 +158,8 @@ def test_triton_lowers_on_gpu_mesh(mesh_shape, axis_names, lead_spec):
 def test_mosaic_lowers_on_gpu_mesh():
     """backend="mosaic" under batch and sequence sharding over 4 GPUs: the per-shard program holds one Mosaic GPU
     kernel (the forward's H kernel) and Triton's others, as many launches as the Triton backend's."""
-    mesh = AbstractMesh((2, 2), ("b", "s"), axis_types=(AxisType.Explicit,) * 2, abstract_device=_GPU)
-    text = _lower_for_cuda(mesh, ("b", None, "s"), backend="mosaic")
+    mesh = AbstractMesh((2, 2), ("b", "s"), axis_types=(AxisType.Explicit,) * 2, abstract_device=CUDA_DEVICE)
+    text = lower_for_cuda(mesh, ("b", None, "s"), backend="mosaic")
     mosaic, triton = text.count("stablehlo.custom_call @mosaic_gpu"), text.count("__gpu$xla.gpu.triton")
     assert mosaic == 1 and mosaic + triton == _single_gpu_kernel_count(), (mosaic, triton)
     assert "sdy.manual_computation" in text

@@ -9,7 +9,9 @@ full product). The first four set the shared knobs, upstream's flat launch field
 4. num_warps_inter {4, 8} × num_stages_inter {1, 2, 3}.
 Every field may also stay None (each kernel's own default), and stage 1 starts with the chunk size alone.
 Then one stage per kernel tries that kernel's own launches (`kernel_times.LAUNCH_CANDIDATES`) in the config's
-per-kernel entries (`ChunkwiseConfig.kernels`), since the kernels differ in their best tiles.
+per-kernel entries (`ChunkwiseConfig.kernels`), since the kernels differ in their best tiles. The last stage
+runs each kernel that another backend can run in the same call (on a Hopper GPU: parallel_fw_Hintra in Mosaic
+GPU) from that backend (`ChunkwiseConfig.kernel_backends`), which `backend=None` then follows on this card.
 
 The first candidate is ChunkwiseConfig() (the heuristics), whose forward output must pass the bench's check
 against the float32 reference; every other candidate's output and gradients must agree with the default's
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import pallas_mlstm
-from pallas_mlstm import accuracy
+from pallas_mlstm import accuracy, registry
 from pallas_mlstm.benchmarks import impls, kernel_times, runner, timing
 from pallas_mlstm.benchmarks.shapes import Shape, cpu_shape_warning, resolve_shapes
 from pallas_mlstm.config import (
@@ -140,8 +142,23 @@ def _kernel_stage(kernel: str):
     return candidates
 
 
+def _backend_stage(backend: str):
+    """The stage that runs, over the best so far, each kernel that another backend can run under `backend`
+    (`registry.kernel_alternatives`: on a Hopper GPU the triton backend's parallel_fw_Hintra in Mosaic GPU)."""
+
+    def candidates(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
+        del shape
+        choices = dict(best.kernel_backends)
+        return [
+            dataclasses.replace(best, kernel_backends={**choices, kernel: other})
+            for kernel, other in registry.kernel_alternatives(registry.registered(backend))
+        ]
+
+    return candidates
+
+
 # The shared knobs first (chunk size, then every kernel's tiles, warps and stages at once, as upstream's flat
-# launch fields name them), then each kernel's own launch in turn.
+# launch fields name them), then each kernel's own launch in turn; `tune_shape` ends with `_backend_stage`.
 STAGES = (
     ("chunk and sequence tiles", _sequence_stage),
     ("head tiles", _head_stage),
@@ -156,9 +173,10 @@ def describe(config: ChunkwiseConfig) -> str:
     values = [
         (field.name, getattr(config, field.name))
         for field in dataclasses.fields(config)
-        if field.name != "kernels" and getattr(config, field.name) is not None
+        if field.name not in ("kernels", "kernel_backends") and getattr(config, field.name) is not None
     ]
     values += [(kernel, dict(fields)) for kernel, fields in config.kernels]
+    values += [(f"{kernel}.backend", backend) for kernel, backend in config.kernel_backends]
     return " ".join(f"{name}={value}" for name, value in values) or "heuristics"
 
 
@@ -201,7 +219,7 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
     timings = {default: default_ms}
     best, best_fwbw = default, default_fwbw
     complete = True
-    for stage, candidates_of in STAGES:
+    for stage, candidates_of in (*STAGES, ("kernel backends", _backend_stage(backend))):
         for config in candidates_of(best, shape):
             if config in timings:
                 continue
