@@ -134,7 +134,15 @@ def _kernel_entries(kernels) -> tuple:
 def _kernel_backend_entries(kernel_backends) -> tuple:
     """`ChunkwiseConfig.kernel_backends` as a hashable, sorted tuple of (kernel, backend name); the names are
     checked against the registry when a call is planned (pallas_mlstm.registry.with_kernel_backends)."""
-    items = kernel_backends.items() if isinstance(kernel_backends, dict) else kernel_backends
+    items = list(kernel_backends.items() if isinstance(kernel_backends, dict) else kernel_backends)
+    if not all(isinstance(item, tuple | list) and len(item) == 2 for item in items):
+        raise ValueError(
+            "ChunkwiseConfig.kernel_backends must map kernel names to backend names, e.g. "
+            f"{{'parallel_fw_Hintra': 'mosaic'}}; got {kernel_backends!r}."
+        )
+    kernels = [kernel for kernel, _ in items]
+    if len(set(kernels)) < len(kernels):
+        raise ValueError(f"ChunkwiseConfig.kernel_backends names a kernel twice: {kernels}.")
     entries = []
     for kernel, backend in items:
         if kernel not in _KERNELS:

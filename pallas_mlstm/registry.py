@@ -105,9 +105,12 @@ def _cannot_stand_in(base: Backend, other: Backend) -> str | None:
     """Why `other` cannot run some of `base`'s kernels in one call, or None: it must run here and take `base`'s
     launch configs (the same launch type, both compiled or both interpreted)."""
     if not other.available():
-        return other.unavailable.format(platform=jax.default_backend())
-    if other.launch_type is not base.launch_type or other.interpret != base.interpret:
-        return f"backend {other.name!r} cannot run kernels of backend {base.name!r} (another launch config)"
+        return f"it cannot run here ({other.unavailable.format(platform=jax.default_backend()).rstrip('.')})"
+    if other.launch_type is not base.launch_type:
+        return f"backend {other.name!r} takes other launch configs than backend {base.name!r}"
+    if other.interpret != base.interpret:
+        compiled = lambda backend: "interpreted" if backend.interpret else "compiled"  # noqa: E731
+        return f"backend {other.name!r} is {compiled(other)}, backend {base.name!r} {compiled(base)}"
     return None
 
 
@@ -136,6 +139,7 @@ def with_kernel_backends(base: Backend, choices: tuple[tuple[str, str], ...], *,
         name=f"{base.name} ({', '.join(taken)})",
         kernels=dataclasses.replace(base.kernels, **kernels),
         priority=None,
+        min_chunk=max(base.min_chunk, *(_BY_NAME[name].min_chunk for _, name in choices if name in _BY_NAME)),
         partitionable=partitionable,
     )
 

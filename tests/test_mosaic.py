@@ -25,11 +25,13 @@ needs_mosaic_flag = pytest.mark.skipif(
 # (B, NH, S, DHQK, DHHV, chunk, dtype, input_gate, normalize, extreme gates). Tiles follow from kernel_tiles:
 # "2wg": two compute warpgroups, two buffers for 3 steps (refills, and a warpgroup skipping the last key tile);
 # "resets": one warpgroup, hard resets and masked tokens inside chunks, head dims padded to 64 and 128;
-# "bf16-tiles": two query tiles and two DHHV tiles per chunk, three buffers for up to 6 steps.
+# "bf16-tiles": two query tiles and two DHHV tiles per chunk, three buffers for up to 6 steps;
+# "one-buffer-f32": float32 at DHQK 192 fits one buffer (stages=1): each C_{k-1} slice released before the next.
 CASES = {
     "2wg-f32": (1, 2, 256, 64, 128, 128, jnp.float32, "exponential", True, False),
     "resets-padded-sigmoid-unnormalised-f32": (2, 1, 128, 48, 80, 64, jnp.float32, "sigmoid", False, True),
     "bf16-tiles": (1, 1, 512, 128, 512, 256, jnp.bfloat16, "exponential", True, False),
+    "one-buffer-f32": (1, 1, 128, 192, 64, 64, jnp.float32, "exponential", True, False),
 }
 
 

@@ -135,6 +135,10 @@ def test_kernel_backends_run_a_kernel_of_another_backend():
         ChunkwiseConfig(kernel_backends={"parallel_fw": "mosaic"})
     with pytest.raises(ValueError, match=r"kernel_backends\['recurrent_fw_C'\] must be a backend name"):
         ChunkwiseConfig(kernel_backends={"recurrent_fw_C": 1})
+    with pytest.raises(ValueError, match="names a kernel twice"):
+        ChunkwiseConfig(kernel_backends=(("parallel_fw_Hintra", "mosaic"), ("parallel_fw_Hintra", "triton")))
+    with pytest.raises(ValueError, match="must map kernel names to backend names"):
+        ChunkwiseConfig(kernel_backends="mosaic")
     triton = registered("triton")
     hintra = (("parallel_fw_Hintra", "mosaic"),)
     if not mosaic_gpu.available():  # no Hopper GPU here
@@ -144,7 +148,7 @@ def test_kernel_backends_run_a_kernel_of_another_backend():
     with pytest.raises(ValueError, match="'cuda': not a backend; use one of"):
         with_kernel_backends(triton, (("parallel_fw_Hintra", "cuda"),))
     q, k, v, i, f, *_ = mlstm_inputs(case_key("kernel-backends"), 1, 1, 32, 8, 8)
-    with pytest.raises(ValueError, match="backend 'interpret' cannot run kernels of backend 'xla'"):
+    with pytest.raises(ValueError, match="backend 'interpret' takes other launch configs than backend 'xla'"):
         pallas_mlstm.mlstm_chunkwise(
             q, k, v, i, f, backend="xla", config=ChunkwiseConfig(kernel_backends=(("parallel_fw_Hintra", "interpret"),))
         )

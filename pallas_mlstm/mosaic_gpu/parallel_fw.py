@@ -412,27 +412,43 @@ def _kernel(
 
 def _state_products(q_cols, c_rows, steps: int, block_v: int, parts: int, interpret: bool, ready, free, stages: int):
     """Σ_e Q[:, e] @ C_{k-1}[e, :] over the `steps` 64-wide slices, (64, bDHHV) float32: slice e awaited on
-    `ready` and its buffer released on `free` (slot e % stages). On the GPU a slice's products are issued before
-    the previous slice's are awaited, so the tensor cores keep working while buffers change hands."""
-    if interpret:
-        acc = _zeros(block_v)
-        for e in range(steps):
-            plgpu.barrier_wait(ready.at[e % stages])
-            acc = mma(acc, q_cols(e), c_rows(e), parts, interpret)  # (64, 64) @ (64, bDHHV)
-            plgpu.barrier_arrive(free.at[e % stages])
-        return acc
+    `ready` and its buffer released on `free` (slot e % stages). With two or more buffers a slice's products are
+    issued before the previous slice's are awaited and released, so the tensor cores keep working while buffers
+    change hands; with one buffer (float32 inputs at large DHQK) each slice is released before the next is awaited,
+    as the next one loads into the same buffer. Interpreted, the products are `jnp.dot`s (`mma`) in the same order
+    of barrier waits and releases."""
+    pipelined = stages >= 2
     products = _products(parts)
 
-    def issue(acc_ref):
+    def slices(multiply, wait_previous, wait_all):
         for e in range(steps):
             plgpu.barrier_wait(ready.at[e % stages])
+            multiply(e)
+            if not pipelined:
+                wait_all()
+                plgpu.barrier_arrive(free.at[e % stages])
+            elif e > 0:
+                wait_previous()  # the previous slice's products are done
+                plgpu.barrier_arrive(free.at[(e - 1) % stages])
+        if pipelined:
+            wait_all()
+            plgpu.barrier_arrive(free.at[(steps - 1) % stages])
+
+    if interpret:
+        acc = [_zeros(block_v)]
+
+        def multiply(e):
+            acc[0] = mma(acc[0], q_cols(e), c_rows(e), parts, interpret)  # (64, 64) @ (64, bDHHV)
+
+        slices(multiply, lambda: None, lambda: None)
+        return acc[0]
+
+    def issue(acc_ref):
+        def multiply(e):
             for i, j in products:
                 plgpu.wgmma(acc_ref, q_cols(e)(i), c_rows(e)(j))  # (64, 64) @ (64, bDHHV)
-            if e > 0:
-                plgpu.wgmma_wait(len(products))  # the previous slice's products are done
-                plgpu.barrier_arrive(free.at[(e - 1) % stages])
-        plgpu.wgmma_wait(0)
-        plgpu.barrier_arrive(free.at[(steps - 1) % stages])
+
+        slices(multiply, lambda: plgpu.wgmma_wait(len(products)), lambda: plgpu.wgmma_wait(0))
 
     return pl.run_state(issue)(plgpu.ACC.init(_zeros(block_v)))
 
