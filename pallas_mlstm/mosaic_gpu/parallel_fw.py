@@ -19,15 +19,15 @@ In global memory the launcher passes Q, K, V as (P, B·NH·S, D) and the states 
 
 The memory warpgroup fills two rings of buffers. The V ring holds DHQK/64 "state steps" (C_{k-1} in 64-row slices) and
 then the value tiles of the key steps up to the causal diagonal; the K ring holds the key tiles. Each compute
-warpgroup consumes them in the same order: acc = Q C_{k-1} (64-column slices of Q; a slice's products are issued
-before the previous slice's are awaited), scaled per row by the inter-chunk decay, then for each key tile acc += (s·Q
-Kᵀ ⊙ e^{D̃ − m}) V. A key buffer is released as soon as its scores are computed, so the next key tile loads while the
-gating and the product with V run; the next key tile is awaited while that product runs. (Tried and dropped, on an
-H100: ping-pong scheduling of the two compute warpgroups, slower at 3 of the 4 timed shapes, and a persistent grid of
-one program per SM prefetching its next item, 1.9x slower at 7b.) P (the operand parts) is 1 for 16-bit inputs;
-float32 inputs run as three bf16 parts that sum to them (`split_operand`, `split_parts`) and every product as the six
-part products that carry float32's precision (`mma`), where wgmma's own float32 mode would be TF32 (two parts where
-three do not fit: DHQK 256, ~1e-5).
+warpgroup consumes them in the same order: acc = Q C_{k-1} (64-column slices of Q; with two or more buffers a slice's
+products are issued before the previous slice's are awaited), scaled per row by the inter-chunk decay, then for each
+key tile acc += (s·Q Kᵀ ⊙ e^{D̃ − m}) V. A key buffer is released as soon as its scores are computed, so the next key
+tile loads while the gating and the product with V run; the next key tile is awaited while that product runs. (Tried
+and dropped, on an H100: ping-pong scheduling of the two compute warpgroups, slower at 3 of the 4 timed shapes, and a
+persistent grid of one program per SM prefetching its next item, 1.9x slower at 7b.) P (the operand parts) is 1 for
+16-bit inputs; float32 inputs run as three bf16 parts that sum to them (`split_operand`, `split_parts`) and every
+product as the six part products that carry float32's precision (`mma`), where wgmma's own float32 mode would be TF32
+(two parts where three do not fit: DHQK 256, ~1e-5).
 The gate rows, the inter-chunk decay among them, are computed before the launch as the Triton launcher's are;
 with 16-bit inputs the in-kernel exp and division are the fast approximate ones (as Triton's).
 
