@@ -11,7 +11,7 @@ import pytest
 
 import pallas_mlstm
 import reference
-from pallas_mlstm.accuracy import rel_err
+from pallas_mlstm.accuracy import ORACLE_TOLERANCE, rel_err
 from tests import flags as test_flags
 from tests.helpers import case_key, mlstm_inputs, skip_unless_available
 
@@ -146,8 +146,10 @@ def _oracle_step(q, k, v, i, f, c, n, m):
 @pytest.mark.parametrize("backend", _backends())
 def test_step_differentiable_in_a_scanned_layer_stack(backend):
     """mlstm_recurrent_step inside a jax.lax.scan over layers with per-layer weights and states, under jit: the
-    values, jax.grad (weights and states) and jax.jvp equal the same stack built on the recurrent oracle (1e-5).
-    The layers' projections run at full float32 precision (a GPU's default is TF32, ~1e-4 off on an H100)."""
+    values, jax.grad (weights and states) and jax.jvp equal the same stack built on the recurrent oracle, within
+    the backend's float32 bound against the oracle (ORACLE_TOLERANCE: 1e-5 on the CPU, 1e-4 for a GPU kernel,
+    whose float32 sums round in another order: 1.3e-5 seen on an H100 in the gradients of three layers). The
+    layers' projections run at full float32 precision (a GPU's default is TF32, ~1e-4 off on an H100)."""
     skip_unless_available(backend)
     with jax.default_matmul_precision("float32"):
         _check_scanned_layer_stack(backend)
@@ -170,16 +172,17 @@ def _check_scanned_layer_stack(backend):
     x = jax.random.normal(keys[7], (B, WIDTH), jnp.float32)
     ours = _layer_stack(functools.partial(pallas_mlstm.mlstm_recurrent_step, backend=backend))
     oracle = _layer_stack(_oracle_step)
+    value_bound, gradient_bound = ORACLE_TOLERANCE[(backend, "float32")]
     # the final stream and states, not the scalar loss: a sum of terms of both signs, whose relative error on the
-    # GPU (reduction order) can exceed 1e-5 when the terms agree to 1e-7
+    # GPU (reduction order) can exceed the bound when the terms agree to 1e-7
     for got, expected in zip(
         jax.tree.leaves(jax.jit(ours)(params, states, x)[1]), jax.tree.leaves(oracle(params, states, x)[1])
     ):
-        assert rel_err(got, expected) <= 1e-5
+        assert rel_err(got, expected) <= value_bound
     grad = lambda loss: jax.jit(jax.grad(lambda *a: loss(*a)[0], argnums=(0, 1, 2)))(params, states, x)
     for got, expected in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(oracle))):
-        assert rel_err(got, expected) <= 1e-5
+        assert rel_err(got, expected) <= gradient_bound
     tangents = jax.tree.map(lambda a: jnp.cos(a), (params, states, x))
     jvp = lambda loss: jax.jit(lambda *t: jax.jvp(lambda *a: loss(*a)[1], (params, states, x), t))(*tangents)
     for got, expected in zip(jax.tree.leaves(jvp(ours)), jax.tree.leaves(jvp(oracle))):
-        assert rel_err(got, expected) <= 1e-5
+        assert rel_err(got, expected) <= value_bound

@@ -1,7 +1,10 @@
 """`python -m pallas_mlstm tune`: measure launch configs of the triton backend; keep the best per card and shape class.
 
 A coordinate descent in stages, each varying a few fields of the best config so far (a pruned grid, not the
-full product). The first four set the shared knobs, upstream's flat launch fields, for all kernels at once:
+full product). The first runs each kernel that another backend can run in the same call (on a Hopper GPU:
+parallel_fw_Hintra in Mosaic GPU) from that backend (`ChunkwiseConfig.kernel_backends`), which `backend=None`
+then follows on this card; it comes first because it moves the time most and a time budget may end the search
+early. The next four set the shared knobs, upstream's flat launch fields, for all kernels at once:
 
 1. chunk size {64, 128, 256} with the sequence tiles (siz_b_L_parallel, siz_b_L_loop) of L_TILE_PAIRS;
 2. head tiles siz_b_DH_parallel × siz_b_DH_loop in {32, 64, 128}², up to the padded head dims;
@@ -9,15 +12,16 @@ full product). The first four set the shared knobs, upstream's flat launch field
 4. num_warps_inter {4, 8} × num_stages_inter {1, 2, 3}.
 Every field may also stay None (each kernel's own default), and stage 1 starts with the chunk size alone.
 Then one stage per kernel tries that kernel's own launches (`kernel_times.LAUNCH_CANDIDATES`) in the config's
-per-kernel entries (`ChunkwiseConfig.kernels`), since the kernels differ in their best tiles. The last stage
-runs each kernel that another backend can run in the same call (on a Hopper GPU: parallel_fw_Hintra in Mosaic
-GPU) from that backend (`ChunkwiseConfig.kernel_backends`), which `backend=None` then follows on this card.
+per-kernel entries (`ChunkwiseConfig.kernels`), since the kernels differ in their best tiles; a kernel that
+another backend runs by then keeps its launch (the other backend picks its own tiles).
 
-The first candidate is ChunkwiseConfig() (the heuristics), whose forward output must pass the bench's check
-against the float32 reference; every other candidate's output and gradients must agree with the default's
-within the bench's tolerance before its time counts. The score is the median forward+backward time. The
-winner and the default are timed once more at the end, and the winner goes, with both times, to
-`--configs_out` (by default the user's file, `pallas_mlstm.config.user_tuned_configs_path`, which
+The search starts from the config `mlstm_chunkwise` runs on this card today (its tuned entry, a tuned card's of
+the same compute capability, or else ChunkwiseConfig(), the heuristics), so that a search the time budget ends
+early still cannot store worse than that. The start's forward output must pass the bench's check against the
+float32 reference; every other candidate's output and gradients must agree with the start's within the bench's
+tolerance before its time counts. The score is the median forward+backward time. The winner and the start are
+timed once more at the end, and the winner goes, with both times (`fwbw_ms`, `default_fwbw_ms`: the start's),
+to `--configs_out` (by default the user's file, `pallas_mlstm.config.user_tuned_configs_path`, which
 `tuned_config` reads over the packaged configs) under the card's `device_kind` and
 `pallas_mlstm.config.shape_class`.
 """
@@ -49,6 +53,7 @@ from pallas_mlstm.config import (
 )
 from pallas_mlstm.device import device_properties
 from pallas_mlstm.pallas_triton.common import padded_dim
+from pallas_mlstm.plan import tuned_config_for
 
 CHUNK_SIZES = (64, 128, 256)
 # (parallel, loop); None: the kernels' own defaults
@@ -88,7 +93,7 @@ flags.declare_key_flag("calls")
 
 
 class CandidateRejected(Exception):
-    """A candidate whose results differ from the default config's."""
+    """A candidate whose results differ from the start config's."""
 
 
 def _sequence_stage(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
@@ -132,6 +137,8 @@ def _kernel_stage(kernel: str):
 
     def candidates(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
         del shape
+        if kernel in dict(best.kernel_backends):
+            return []
         launches = best.kernel_launches()
         return [
             dataclasses.replace(best, kernels={**launches, kernel: {**launches.get(kernel, {}), **launch}})
@@ -157,8 +164,8 @@ def _backend_stage(backend: str):
     return candidates
 
 
-# The shared knobs first (chunk size, then every kernel's tiles, warps and stages at once, as upstream's flat
-# launch fields name them), then each kernel's own launch in turn; `tune_shape` ends with `_backend_stage`.
+# After `_backend_stage` (which `tune_shape` runs first), the shared knobs (chunk size, then every kernel's tiles,
+# warps and stages at once, as upstream's flat launch fields name them), then each kernel's own launch in turn.
 STAGES = (
     ("chunk and sequence tiles", _sequence_stage),
     ("head tiles", _head_stage),
@@ -193,7 +200,7 @@ def _evaluate(config, backend, input_sets, weights, expected, calls):
     if expected is not None:
         worst = max(accuracy.rel_err(result, ref) for result, ref in zip(results, expected))
         if not worst <= accuracy.BENCH_TOLERANCE:
-            raise CandidateRejected(f"h or a gradient differs from the default config's by {worst:.1e}")
+            raise CandidateRejected(f"h or a gradient differs from the start config's by {worst:.1e}")
     argument_sets = [(weights, *inputs) for inputs in input_sets]
     milliseconds = timing.median_ms(callables.forward_backward, argument_sets, calls)
     return milliseconds, results, callables.forward_backward
@@ -202,24 +209,25 @@ def _evaluate(config, backend, input_sets, weights, expected, calls):
 def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict | None:
     """Searches the stages at `shape`; returns the configs-JSON entry of the winner, or None if none ran.
 
-    The search's minimum is biased low by noise, so the winner and the default are timed once more at the
-    end; those two times are stored, and the default wins unless the winner beats it again.
+    The search starts from the config this card runs today (`plan.tuned_config_for`, else the heuristics). Its
+    minimum is biased low by noise, so the winner and the start are timed once more at the end; those two times
+    are stored, and the start wins unless the winner beats it again.
     """
     input_sets = [runner.make_inputs(impls.MLSTM, shape, seed) for seed in range(NUM_INPUT_SETS)]
-    default = ChunkwiseConfig()
+    start = tuned_config_for(device_properties(), *shape.dims().values()) or ChunkwiseConfig()
     probe = lambda q, k, v, i, f: pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, backend=backend)  # noqa: E731
     weights = runner.make_weights(probe, input_sets[0])
     argument_sets = [(weights, *inputs) for inputs in input_sets]
-    default_ms, expected, default_fwbw = _evaluate(default, backend, input_sets, weights, None, calls)
+    start_ms, expected, start_fwbw = _evaluate(start, backend, input_sets, weights, None, calls)
     rel_err, reference_name = runner.check_forward(impls.MLSTM, input_sets[0], expected[0])
     if not rel_err <= accuracy.BENCH_TOLERANCE:
-        runner.say(f"REFUSED {shape.name}: the default config's rel err {rel_err:.2e} against {reference_name}.")
+        runner.say(f"REFUSED {shape.name}: the start config's rel err {rel_err:.2e} against {reference_name}.")
         return None
-    runner.say(f"{shape.name} default ({describe(default)}): {default_ms:.3f} ms fwbw, rel err {rel_err:.1e}")
-    timings = {default: default_ms}
-    best, best_fwbw = default, default_fwbw
+    runner.say(f"{shape.name} start ({describe(start)}): {start_ms:.3f} ms fwbw, rel err {rel_err:.1e}")
+    timings = {start: start_ms}
+    best, best_fwbw = start, start_fwbw
     complete = True
-    for stage, candidates_of in (*STAGES, ("kernel backends", _backend_stage(backend))):
+    for stage, candidates_of in (("kernel backends", _backend_stage(backend)), *STAGES):
         for config in candidates_of(best, shape):
             if config in timings:
                 continue
@@ -238,17 +246,18 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
             runner.say(f"time budget spent during stage '{stage}': keeping the best so far.")
             break
     confirmed_best_ms = timing.median_ms(best_fwbw, argument_sets, calls)
-    confirmed_default_ms = timing.median_ms(default_fwbw, argument_sets, calls)
-    if confirmed_best_ms >= confirmed_default_ms:
-        best, confirmed_best_ms = default, confirmed_default_ms
+    confirmed_start_ms = timing.median_ms(start_fwbw, argument_sets, calls)
+    if confirmed_best_ms >= confirmed_start_ms:
+        best, confirmed_best_ms = start, confirmed_start_ms
     runner.say(
-        f"{shape.name} best ({describe(best)}): {confirmed_best_ms:.3f} ms fwbw vs {confirmed_default_ms:.3f} "
-        f"ms default (timed again after the search of {len(timings)} configs)"
+        f"{shape.name} best ({describe(best)}): {confirmed_best_ms:.3f} ms fwbw vs {confirmed_start_ms:.3f} "
+        f"ms start (timed again after the search of {len(timings)} configs)"
     )
     return {
         "config": best.to_json(),
         "fwbw_ms": confirmed_best_ms,
-        "default_fwbw_ms": confirmed_default_ms,
+        "default_fwbw_ms": confirmed_start_ms,
+        "started_from": describe(start),
         "configs_timed": len(timings),
         "complete": complete,
         "tuned_on": {"shape": shape.name, **shape.dims()},
@@ -299,7 +308,7 @@ def main_tune(argv: list[str]) -> None:
         tuned_configs_in(CONFIGS_OUT.value)
     except ValueError as error:
         raise app.UsageError(f"--configs_out: {error}") from None
-    accuracy.load_oracles()  # the default config is checked against the oracle: refuse before any output
+    accuracy.load_oracles()  # the start config is checked against the oracle: refuse before any output
     card = jax.devices()[0].device_kind
     shapes = requested_shapes or resolve_shapes(runner.default_shapes(platform))
     runner.say(f"pallas_mlstm tune on {card}, backend {backend}, jax {jax.__version__}")
@@ -330,6 +339,6 @@ def main_tune(argv: list[str]) -> None:
         runner.say(f"stored the best config of {shape.name} as {card!r} / {key!r} in {CONFIGS_OUT.value}")
     if refused:
         sys.exit(
-            f"nothing stored for {', '.join(refused)}: the default config failed the check against the reference "
+            f"nothing stored for {', '.join(refused)}: the start config failed the check against the reference "
             "(the REFUSED lines above); `python -m pallas_mlstm check` shows which kernels are off."
         )
