@@ -59,7 +59,7 @@ KERNEL_TWIN_TOLERANCE = {
 # (h, each gradient). tests/test_gpu.py.
 GPU_SHAPES_TOLERANCE = (1e-2, 2e-2)
 # The bench and tune gate: a bfloat16 forward output vs the float32 reference (and, in tune, a candidate
-# config's h and gradients vs the default config's); a run above it is refused, not timed.
+# config's h and gradients vs the start config's); a run above it is refused, not timed.
 BENCH_TOLERANCE = 2e-2
 # Sharded vs one device, float32, on 4 CPU devices (tests/test_sharding.py). Where float32 itself is noisier
 # than that, the sharded result passes when it meets ORACLE_TOLERANCE's xla float32 bound against float64.

@@ -55,16 +55,16 @@ class Case:
 
 
 # Batch and heads are sharded together (one code path: neither axis is cut inside a program); the sequence alone,
-# over two axes and beside the batch (Explicit axes; on Auto axes the sequence alone and over two axes).
+# over two axes and beside the batch (Explicit axes; on Auto axes the sequence alone and over two axes). A case may
+# combine features that have separate code paths (vmap and sharding, remat and two axes): each is then caught
+# there, at one compile instead of two.
 CASES = {
-    "batch_heads": Case((2, 2), ("b", "h"), ("b", "h", None)),
-    "batch_heads_explicit": Case((2, 2), ("b", "h"), ("b", "h", None), explicit=True),
+    # Auto axes; under vmap the batch and heads are those of each mapped element (the plain call: one lead axis less)
     "batch_heads_vmap": Case((2, 2), ("b", "h"), ("b", "h", None), vmap=True),
     "batch_user_shard_map": Case((4,), ("b",), ("b", None, None), user_shard_map=True),
     "seq": Case((4,), ("s",), (None, None, "s"), seq_len=512, infinite_gates=True),
-    "seq_two_axes": Case((2, 2), ("s", "t"), (None, None, ("s", "t")), seq_len=256),
+    "seq_two_axes_checkpoint": Case((2, 2), ("s", "t"), (None, None, ("s", "t")), seq_len=256, checkpoint=True),
     "batch_seq_explicit": Case((2, 2), ("b", "s"), ("b", None, "s"), explicit=True),
-    "seq_checkpoint": Case((4,), ("s",), (None, None, "s"), checkpoint=True),
     "seq_chunk_too_large": Case(
         (4,),
         ("s",),
@@ -106,11 +106,13 @@ CASES = {
     "seq_segments_cut_explicit": Case(
         (4,), ("s",), (None, None, "s"), seq_len=384, explicit=True, kwargs=(("segment_len", 64),), tolerance=1e-5
     ),
-    # segments inside batch / head shards: the segments' initial states pass from forward to backward
-    "batch_heads_segments": Case(
+    # segments inside batch / head shards over Explicit axes: the segments' initial states pass from forward to
+    # backward
+    "batch_heads_segments_explicit": Case(
         (2, 2),
         ("b", "h"),
         ("b", "h", None),
+        explicit=True,
         kwargs=(("segment_len", 32), ("recompute_states_in_bw", False)),
         tolerance=1e-5,
     ),

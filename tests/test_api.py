@@ -66,11 +66,12 @@ def _tolerance(backend, dtype):
     return ORACLE_TOLERANCE[backend, jnp.dtype(dtype).name]
 
 
-# The exponential cell's rows per backend, (shape, with_initial). Both with and without initial states where the
-# chunks are whole (S64) and where head dims and S are padded (S128); the odd lengths only with initial states
-# (the states' code path is the same at every S). S is padded before any backend runs, and the interpreter runs
-# the same launchers as triton (tests/test_kernels.py tests each kernel against its twin), so it takes one padded
-# shape with states and one odd length with the default chunk, without.
+# The exponential cell's rows per backend, (shape, with_initial). triton: both with and without initial states where
+# the chunks are whole (S64) and where head dims and S are padded (S128); the odd lengths only with initial states
+# (the states' code path is the same at every S). xla, on the CPU: whole chunks without initial states, padding with
+# them, and the odd lengths. S is padded before any backend runs, and the interpreter runs the same launchers as
+# triton (tests/test_kernels.py tests each kernel against its twin), so it takes one padded shape with states and
+# one odd length with the default chunk, without.
 _ALL_EXPONENTIAL_ROWS = [
     ("S64-L16", False),
     ("S64-L16", True),
@@ -82,16 +83,16 @@ _ALL_EXPONENTIAL_ROWS = [
 ]
 _EXPONENTIAL_ROWS = {
     "interpret": [("S128-L32-padded", True), ("S37-prime", False)],
-    "xla": _ALL_EXPONENTIAL_ROWS,
+    "xla": [row for row in _ALL_EXPONENTIAL_ROWS if row not in (("S64-L16", True), ("S128-L32-padded", False))],
     "triton": _ALL_EXPONENTIAL_ROWS,
 }
 
 
 def _oracle_params():
     """(backend, dtype, shape, cell, with_initial). The exponential cell: the rows of _EXPONENTIAL_ROWS in each
-    backend's production dtypes. The sigmoid cells: the extreme-gates case; xla in float64 with and without initial
-    states (the math, to rounding; the interpreter runs the same kernels' float32 path), the interpreter and triton
-    in their production dtypes with initial states (the interpreter is slow)."""
+    backend's production dtypes. The sigmoid cells: the extreme-gates case with initial states (their absence is
+    the exponential rows' and tests/test_decoding.py's prompts'); xla in float64 (the math, to rounding; the
+    interpreter runs the same kernels' float32 path), the interpreter and triton in their production dtypes."""
     params = []
     for backend in test_flags.BACKEND.value:
         for cell in CELLS:
@@ -101,8 +102,6 @@ def _oracle_params():
             else:
                 dtypes = {"triton": [jnp.float32, jnp.bfloat16], "xla": [jnp.float64]}.get(grid(backend), [jnp.float32])
                 rows = [("S70-L16-padded-extreme-gates", True)]
-                if backend == "xla":
-                    rows.insert(0, ("S70-L16-padded-extreme-gates", False))
             for dtype in dtypes:
                 for shape, with_initial in rows:
                     initial = "initial" if with_initial else "no-initial"
@@ -194,7 +193,8 @@ def test_state_passing_two_calls_equal_one(backend, cell):
         assert rel_err(grads_two[name], expected) <= 1e-5, name
 
 
-@pytest.mark.parametrize("backend,dtype", _backend_dtype_params())
+# the interpreter's kernels at chunk 1024 are tests/test_kernels.py's L1024 case; xla checks the orchestration
+@pytest.mark.parametrize("backend,dtype", [p for p in _backend_dtype_params() if grid(p.values[0]) != "interpret"])
 def test_chunk_1024_with_initial_states(backend, dtype):
     """Chunks far above 128 (upstream's backward is wrong there for S >= 2 chunks): forward and gradients."""
     skip_unless_available(backend)
@@ -217,8 +217,11 @@ def test_chunk_1024_with_initial_states(backend, dtype):
         assert rel_err(grads[name], expected) <= grad_tol, name
 
 
-# The Pallas kernels (the xla backend: tests/test_reference.py checks the same in float64, to 1e-8)
-@pytest.mark.parametrize("backend,dtype", [p for p in _backend_dtype_params() if p.values[0] != "xla"])
+# The GPU kernels (the xla backend: tests/test_reference.py checks the same in float64, to 1e-8; the interpreter's
+# kernels equal their xla twins, tests/test_kernels.py)
+@pytest.mark.parametrize(
+    "backend,dtype", [p for p in _backend_dtype_params() if grid(p.values[0]) not in ("xla", "interpret")]
+)
 def test_gradients_exact_for_scale_blind_loss(backend, dtype):
     """Against plain autodiff of the recurrent cell (no gradient stopped), incl. m_initial and c_last."""
     skip_unless_available(backend)
@@ -302,17 +305,6 @@ def test_default_backend_and_chunk_size():
     np.testing.assert_allclose(
         h, pallas_mlstm.mlstm_chunkwise(*inputs, chunk_size=32, backend="xla"), rtol=2e-5, atol=2e-5
     )
-
-
-def test_any_sequence_length_and_chunk():
-    """S = 40 runs on every backend, with the default chunk or one longer than S, as the xla backend at chunk 8
-    (a divisor of 40, no padding) computes it (the per-kernel functions keep upstream's rule: tests/test_inputs.py)."""
-    inputs = mlstm_inputs(case_key("odd-S"), 1, 1, 40, 16, 16)[:5]
-    expected = pallas_mlstm.mlstm_chunkwise(*inputs, backend="xla", chunk_size=8)
-    for backend, chunk in (("interpret", None), ("interpret", 64), ("xla", None), ("xla", 16)):
-        h = pallas_mlstm.mlstm_chunkwise(*inputs, backend=backend, chunk_size=chunk)
-        assert h.shape == (1, 1, 40, 16)
-        assert rel_err(h, expected) <= 1e-5, (backend, chunk)
 
 
 def test_states_kept_for_the_backward_by_default_on_one_device():

@@ -142,7 +142,7 @@ def test_tune_smoke_writes_an_entry(tmp_path):
         "--tune_backend=interpret",
         "--shapes=tiny",
         f"--configs_out={configs_path}",
-        "--time_budget_s=1",  # the default config and one candidate (the budget counts from one on)
+        "--time_budget_s=1",  # the start config and one candidate (the budget counts from one on)
         "--calls=2",
     ]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])}

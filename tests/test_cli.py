@@ -338,10 +338,10 @@ def test_plot_refuses_unreadable_records_in_one_line(capsys, tmp_path):
     assert len(stderr.splitlines()) == 1
 
 
-def test_tune_exits_1_when_the_default_config_is_refused(run_main, monkeypatch, tmp_path):
+def test_tune_exits_1_when_the_start_config_is_refused(run_main, monkeypatch, tmp_path):
     monkeypatch.setattr(sweep, "tune_shape", lambda *arguments: None)
     result = run_main("tune", "--tune_backend=interpret", "--shapes=tiny", f"--configs_out={tmp_path}/c.json")
-    _assert_one_line_error(result, "tune", "nothing stored for tiny: the default config failed the check", 1)
+    _assert_one_line_error(result, "tune", "nothing stored for tiny: the start config failed the check", 1)
 
 
 # --- where tune writes, what the wheel ships --------------------------------------------------------------

@@ -13,7 +13,7 @@ import pallas_mlstm
 import reference
 from pallas_mlstm.accuracy import ORACLE_TOLERANCE, rel_err
 from tests import flags as test_flags
-from tests.helpers import case_key, mlstm_inputs, skip_unless_available
+from tests.helpers import case_key, grid, mlstm_inputs, skip_unless_available
 
 B, NH, DHQK, DHHV = 2, 2, 24, 40  # head dims that are not powers of 2: the kernel pads them
 
@@ -32,12 +32,13 @@ CELLS = {
 
 def _prefill_params():
     """(backend, cell, prompt_len): the exponential cell after a prompt of odd length and of whole chunks, the
-    sigmoid cells after the odd one."""
+    sigmoid cells after the odd one. The interpreter, whose step kernel starts from the prefill's states alike
+    after either prompt, takes the odd one only."""
     return [
         pytest.param(backend, cell, prompt_len, id=f"{backend}-{cell}-prompt{prompt_len}")
         for backend in _backends()
         for cell in CELLS
-        for prompt_len in ((37, 64) if cell == "exponential" else (37,))
+        for prompt_len in ((37, 64) if cell == "exponential" and grid(backend) != "interpret" else (37,))
     ]
 
 

@@ -19,7 +19,8 @@ from reference.sigmoid import mlstm_sigmoid_parallel, mlstm_sigmoid_recurrent
 from tests.helpers import case_key, extreme_gates, mlstm_inputs, plain_loss, scale_blind_loss, to_dtype
 
 B, NH, DHQK, DHHV = 2, 2, 16, 24  # B·NH > 1, DHQK != DHHV
-FORWARD_CASES = [(64, 16), (256, 64), (512, 128)]  # (S, chunk)
+# (S, chunk, with_initial): three lengths, with and without initial states (their code path is the same at every S)
+FORWARD_CASES = [(64, 16, True), (256, 64, False), (512, 128, True)]
 GRAD_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
 
 
@@ -49,8 +50,7 @@ def _run_all(inputs, chunk_size):
     }
 
 
-@pytest.mark.parametrize("with_initial", [False, True])
-@pytest.mark.parametrize("seq_len,chunk_size", FORWARD_CASES)
+@pytest.mark.parametrize("seq_len,chunk_size,with_initial", FORWARD_CASES)
 def test_forward_agreement_in_float64_and_float32(seq_len, chunk_size, with_initial):
     """The parallel and chunkwise forms equal the recurrent oracle in float64 (1e-10); each form in float32 stays
     within 1e-5 of it."""
@@ -73,13 +73,12 @@ def test_forward_agreement_in_float64_and_float32(seq_len, chunk_size, with_init
             assert rel_err(actual, expected) <= 1e-5, (name, part)
 
 
-@pytest.mark.parametrize("with_initial", [False, True])
-def test_state_passing_four_pieces_equal_one_run(with_initial):
+def test_state_passing_four_pieces_equal_one_run():
+    """float64, to 1e-10, the first piece without initial states (two calls from initial states, with gradients:
+    tests/test_api.py)."""
     seq_len, chunk_size = 256, 32
     with jax.enable_x64(True):
-        q, k, v, i, f, c, n, m = mlstm_inputs(
-            case_key("pieces", with_initial), B, NH, seq_len, DHQK, DHHV, jnp.float64, with_initial=with_initial
-        )
+        q, k, v, i, f, c, n, m = mlstm_inputs(case_key("pieces", False), B, NH, seq_len, DHQK, DHHV, jnp.float64)
         h_full, last_full = _xla_chunkwise(q, k, v, i, f, c, n, m, chunk_size=chunk_size, return_last_states=True)
         pieces = []
         for piece in np.split(np.arange(seq_len), 4):
@@ -108,8 +107,7 @@ def _grads(loss, inputs):
     return dict(zip([GRAD_NAMES[idx] for idx in argnums], grads))
 
 
-@pytest.mark.parametrize("with_initial", [False, True])
-@pytest.mark.parametrize("seq_len,chunk_size", [(64, 16), (256, 64)])
+@pytest.mark.parametrize("seq_len,chunk_size,with_initial", [(64, 16, False), (256, 64, True)])
 def test_custom_backward_equals_autodiff_for_scale_blind_loss(seq_len, chunk_size, with_initial):
     """Exact gradients (incl. m_initial) for losses blind to per-step rescaling of h and c_last."""
     with jax.enable_x64(True):
@@ -129,13 +127,13 @@ def test_custom_backward_equals_autodiff_for_scale_blind_loss(seq_len, chunk_siz
             assert rel_err(actual[name], expected[name]) <= 1e-8, name
 
 
-@pytest.mark.parametrize("with_initial", [False, True])
-def test_custom_backward_equals_kernel_semantics_autodiff(with_initial):
-    """For any loss on h, c_last and n_last: autodiff of the recurrent form with m and den held constant."""
+def test_custom_backward_equals_kernel_semantics_autodiff():
+    """For any loss on h, c_last and n_last: autodiff of the recurrent form with m and den held constant. From initial
+    states, so that every input has a gradient (the path without them: the scale-blind test's first case)."""
     seq_len, chunk_size = 128, 32
     with jax.enable_x64(True):
-        key = case_key("grad-kernel", with_initial)
-        inputs = mlstm_inputs(key, B, NH, seq_len, DHQK, DHHV, jnp.float64, with_initial=with_initial)
+        key = case_key("grad-kernel", True)
+        inputs = mlstm_inputs(key, B, NH, seq_len, DHQK, DHHV, jnp.float64, with_initial=True)
         weights_key = jax.random.fold_in(key, 7)
         recurrent = lambda *a: _recurrent(*a, return_last_states=True, kernel_gradient_semantics=True)
         chunkwise = lambda *a: _xla_chunkwise(*a, chunk_size=chunk_size, return_last_states=True)

@@ -1,6 +1,8 @@
 """`mlstm_chunkwise(..., segment_len=...)`: forward and backward over segments of the sequence in turn, against
-one pass over the whole sequence (the same op with segment_len=None). Bad segment_len values:
-tests/test_inputs.py; segments inside shards: tests/test_sharding.py."""
+one pass over the whole sequence (the same op with segment_len=None), on the xla backend: segments call the same
+kernels as one pass, whatever the backend (each Pallas kernel against its twin: tests/test_kernels.py; from initial
+states: tests/test_api.py). Bad segment_len values: tests/test_inputs.py; segments inside shards:
+tests/test_sharding.py."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import pytest
 import pallas_mlstm
 from pallas_mlstm.accuracy import rel_err
 from pallas_mlstm.plan import SEGMENT_MAX_LEN, default_segment_len
-from tests import flags as test_flags
 from tests.helpers import case_key, mlstm_inputs, plain_loss
 
 GRAD_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
@@ -51,8 +52,8 @@ CELLS = {"exponential": {}, "sigmoid-unnormalized": dict(input_gate="sigmoid", n
 
 
 def _segment_params():
-    """(cell, chunk, segment_len, with_initial): the exponential cell with two or four segments, with and without
-    initial states; the sigmoid cell with four segments of two chunks, from initial states."""
+    """(cell, chunk, segment_len, with_initial): the exponential cell with two segments without initial states and
+    with four from initial states; the sigmoid cell with four segments of two chunks, from initial states."""
     params = [
         pytest.param(
             "exponential",
@@ -61,8 +62,7 @@ def _segment_params():
             with_initial,
             id=f"exponential-{split}-{'initial' if with_initial else 'no-initial'}",
         )
-        for chunk, segment_len, split in ((16, S // 2, "L16-S/2"), (32, S // 4, "L32-S/4"))
-        for with_initial in (False, True)
+        for chunk, segment_len, split, with_initial in ((16, S // 2, "L16-S/2", False), (32, S // 4, "L32-S/4", True))
     ]
     return [*params, pytest.param("sigmoid-unnormalized", 32, S // 4, True, id="sigmoid-unnormalized-L32-S/4-initial")]
 
@@ -75,14 +75,6 @@ def test_segments_match_one_pass(cell, chunk, segment_len, with_initial):
     _assert_segments_match_one_pass(
         inputs, jax.random.fold_in(key, 1), segment_len, chunk_size=chunk, backend="xla", **CELLS[cell]
     )
-
-
-def test_segments_match_one_pass_interpret():
-    if "interpret" not in test_flags.BACKEND.value:
-        pytest.skip("backend interpret not selected by --backend")
-    key = case_key("segments-interpret")
-    inputs = mlstm_inputs(key, 1, 2, 128, DHQK, DHHV, with_initial=True)
-    _assert_segments_match_one_pass(inputs, jax.random.fold_in(key, 1), 64, chunk_size=16, backend="interpret")
 
 
 def test_segments_with_hard_resets():
