@@ -10,6 +10,8 @@ import jax
 import pytest
 
 from pallas_mlstm.accuracy import BENCH_TOLERANCE
+from pallas_mlstm.benchmarks import sweep
+from pallas_mlstm.benchmarks.shapes import resolve_shapes
 from pallas_mlstm.config import ChunkwiseConfig, shape_class
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,9 +119,6 @@ def test_kernel_launch_sweep_agrees_across_launches(tmp_path):
 
 
 def test_tune_stages_offer_the_kernel_defaults():
-    from pallas_mlstm.benchmarks import sweep
-    from pallas_mlstm.benchmarks.shapes import resolve_shapes
-
     shape = resolve_shapes(["7b"])[0]
     first = sweep._sequence_stage(ChunkwiseConfig(), shape)
     assert first[0] == ChunkwiseConfig(chunk_size=64)  # the chunk size alone, tiles left to the kernels
@@ -151,3 +150,22 @@ def test_tune_smoke_writes_an_entry(tmp_path):
     entry = json.loads(configs_path.read_text())["configs"][jax.devices()[0].device_kind][shape_class(256, 32, 32)]
     assert entry["configs_timed"] >= 2 and entry["fwbw_ms"] > 0 and entry["backend"] == "interpret"
     ChunkwiseConfig(**entry["config"])  # the stored fields are the config's
+    assert entry["temp_bytes"] <= entry["default_temp_bytes"]
+
+
+def test_tune_keeps_no_candidate_that_needs_more_memory(monkeypatch):
+    """Of two candidates faster than the start, the fastest needs more temporary memory than the start: the entry
+    is the other one (timings and memory stand in for measurements, so the search runs without compiling)."""
+    milliseconds = lambda config: {64: 1.0, 128: 1.5}.get(config.chunk_size, 3.0)  # noqa: E731
+    memory = lambda config: 2000 if config.chunk_size == 64 else 1000  # noqa: E731
+    monkeypatch.setattr(sweep.runner, "make_inputs", lambda *arguments: ())
+    monkeypatch.setattr(sweep.runner, "make_weights", lambda *arguments: None)
+    monkeypatch.setattr(sweep.runner, "check_forward", lambda *arguments: (0.0, "the reference"))
+    # the "compiled forward+backward" of a candidate is the candidate itself here
+    monkeypatch.setattr(sweep, "_evaluate", lambda config, *arguments: (milliseconds(config), (None,), config))
+    monkeypatch.setattr(sweep, "_temp_bytes", lambda fwbw, arguments: memory(fwbw))
+    monkeypatch.setattr(sweep.timing, "median_ms", lambda fwbw, argument_sets, calls: milliseconds(fwbw))
+    entry = sweep.tune_shape(resolve_shapes(["tiny"])[0], "interpret", 2, deadline=float("inf"))
+    assert entry["config"]["chunk_size"] == 128 and entry["complete"]
+    assert entry["fwbw_ms"] == 1.5 and entry["default_fwbw_ms"] == 3.0
+    assert entry["temp_bytes"] == entry["default_temp_bytes"] == 1000

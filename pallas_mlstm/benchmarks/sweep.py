@@ -19,7 +19,9 @@ The search starts from the config `mlstm_chunkwise` runs on this card today (its
 the same compute capability, or else ChunkwiseConfig(), the heuristics), so that a search the time budget ends
 early still cannot store worse than that. The start's forward output must pass the bench's check against the
 float32 reference; every other candidate's output and gradients must agree with the start's within the bench's
-tolerance before its time counts. The score is the median forward+backward time. The winner and the start are
+tolerance before its time counts. The score is the median forward+backward time; a faster candidate that needs
+more temporary device memory than the start (XLA's memory analysis of the compiled forward+backward) is not kept,
+so a tuned entry never trades memory for speed. The winner and the start are
 timed once more at the end, and the winner goes, with both times (`fwbw_ms`, `default_fwbw_ms`: the start's),
 to `--configs_out` (by default the user's file, `pallas_mlstm.config.user_tuned_configs_path`, which
 `tuned_config` reads over the packaged configs) under the card's `device_kind` and
@@ -206,12 +208,18 @@ def _evaluate(config, backend, input_sets, weights, expected, calls):
     return milliseconds, results, callables.forward_backward
 
 
+def _temp_bytes(fwbw, arguments) -> int:
+    """The temporary device memory of the compiled forward+backward `fwbw` (a jitted function) on `arguments`."""
+    return fwbw.lower(*arguments).compile().memory_analysis().temp_size_in_bytes
+
+
 def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict | None:
     """Searches the stages at `shape`; returns the configs-JSON entry of the winner, or None if none ran.
 
-    The search starts from the config this card runs today (`plan.tuned_config_for`, else the heuristics). Its
-    minimum is biased low by noise, so the winner and the start are timed once more at the end; those two times
-    are stored, and the start wins unless the winner beats it again.
+    The search starts from the config this card runs today (`plan.tuned_config_for`, else the heuristics), and
+    keeps no candidate that needs more temporary memory than the start. Its minimum is biased low by noise, so the
+    winner and the start are timed once more at the end; those two times are stored, and the start wins unless the
+    winner beats it again.
     """
     input_sets = [runner.make_inputs(impls.MLSTM, shape, seed) for seed in range(NUM_INPUT_SETS)]
     start = tuned_config_for(device_properties(), *shape.dims().values()) or ChunkwiseConfig()
@@ -223,9 +231,13 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
     if not rel_err <= accuracy.BENCH_TOLERANCE:
         runner.say(f"REFUSED {shape.name}: the start config's rel err {rel_err:.2e} against {reference_name}.")
         return None
-    runner.say(f"{shape.name} start ({describe(start)}): {start_ms:.3f} ms fwbw, rel err {rel_err:.1e}")
+    start_bytes = _temp_bytes(start_fwbw, argument_sets[0])
+    runner.say(
+        f"{shape.name} start ({describe(start)}): {start_ms:.3f} ms fwbw, {start_bytes / 2**20:.1f} MiB temporary "
+        f"memory, rel err {rel_err:.1e}"
+    )
     timings = {start: start_ms}
-    best, best_fwbw = start, start_fwbw
+    best, best_fwbw, best_bytes = start, start_fwbw, start_bytes
     complete = True
     for stage, candidates_of in (("kernel backends", _backend_stage(backend)), *STAGES):
         for config in candidates_of(best, shape):
@@ -241,14 +253,19 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
                 continue
             runner.say(f"  {stage}: {describe(config)}: {timings[config]:.3f} ms")
             if timings[config] < timings[best]:
-                best, best_fwbw = config, fwbw
+                config_bytes = _temp_bytes(fwbw, argument_sets[0])
+                if config_bytes > start_bytes:
+                    extra = (config_bytes - start_bytes) / 2**20
+                    runner.say(f"    not kept: faster, but {extra:.1f} MiB more temporary memory than the start")
+                    continue
+                best, best_fwbw, best_bytes = config, fwbw, config_bytes
         if not complete:
             runner.say(f"time budget spent during stage '{stage}': keeping the best so far.")
             break
     confirmed_best_ms = timing.median_ms(best_fwbw, argument_sets, calls)
     confirmed_start_ms = timing.median_ms(start_fwbw, argument_sets, calls)
     if confirmed_best_ms >= confirmed_start_ms:
-        best, confirmed_best_ms = start, confirmed_start_ms
+        best, confirmed_best_ms, best_bytes = start, confirmed_start_ms, start_bytes
     runner.say(
         f"{shape.name} best ({describe(best)}): {confirmed_best_ms:.3f} ms fwbw vs {confirmed_start_ms:.3f} "
         f"ms start (timed again after the search of {len(timings)} configs)"
@@ -258,6 +275,8 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
         "fwbw_ms": confirmed_best_ms,
         "default_fwbw_ms": confirmed_start_ms,
         "started_from": describe(start),
+        "temp_bytes": best_bytes,
+        "default_temp_bytes": start_bytes,
         "configs_timed": len(timings),
         "complete": complete,
         "tuned_on": {"shape": shape.name, **shape.dims()},
