@@ -46,10 +46,15 @@ def _weights(key, like):
     return jax.random.normal(key, like.shape, jnp.float32).astype(like.dtype)
 
 
-def scale_blind_loss(fn, weights_key, with_last_state_loss: bool):
-    """Σ w·h/‖h‖ per step (+ Σ w_c·c_last/‖c_last‖): blind to positive per-step rescaling of h and c_last."""
+# The losses take the key of their weights as the first argument, traced: a key closed over would be a constant of
+# the compiled program, so that two tests with equal programs but their own weights would each compile it.
 
-    def loss(*args):
+
+def scale_blind_loss(fn, with_last_state_loss: bool):
+    """loss(weights_key, *args): Σ w·h/‖h‖ per step (+ Σ w_c·c_last/‖c_last‖), blind to positive per-step
+    rescaling of h and c_last."""
+
+    def loss(weights_key, *args):
         out = fn(*args)
         h, last = out if with_last_state_loss else (out, None)
         h = h.astype(jnp.promote_types(h.dtype, jnp.float32))
@@ -64,11 +69,11 @@ def scale_blind_loss(fn, weights_key, with_last_state_loss: bool):
     return loss
 
 
-def plain_loss(fn, weights_key, with_last_states: bool):
-    """Σ w·h (+ Σ w_c·c_last + Σ w_n·n_last): not scale-blind, for the kernel-semantics oracle. The last states
-    are (c, n, m) or, with the sigmoid input gate, (c, n)."""
+def plain_loss(fn, with_last_states: bool):
+    """loss(weights_key, *args): Σ w·h (+ Σ w_c·c_last + Σ w_n·n_last), not scale-blind, for the kernel-semantics
+    oracle. The last states are (c, n, m) or, with the sigmoid input gate, (c, n)."""
 
-    def loss(*args):
+    def loss(weights_key, *args):
         out = fn(*args)
         h, last = out if with_last_states else (out, None)
         h = h.astype(jnp.promote_types(h.dtype, jnp.float32))
@@ -98,25 +103,35 @@ def mlstm_inputs(key, batch, heads, seq_len, dhqk, dhhv, dtype=jnp.float32, **kw
 _mlstm_inputs_jit = jax.jit(
     accuracy.mlstm_inputs,
     static_argnums=(1, 2, 3, 4, 5, 6),
-    static_argnames=("with_initial", "igate_shift", "fgate_shift", "gate_scale"),
+    static_argnames=("with_initial",),  # the gate shifts traced: one program per shape, whatever the gates
 )
 
 # The names of mlstm_chunkwise's array arguments, in order
 INPUT_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
 
 
-def outputs_and_grads(make_loss, fn, weights_key, inputs):
-    """(fn(*inputs), {name: gradient of make_loss(fn, weights_key, True) by that input}) for every non-None input,
-    from one compiled program (a separate forward would compile the forward a second time)."""
-    argnums = tuple(idx for idx, x in enumerate(inputs) if x is not None)
+def input_grads(loss, weights_key, inputs, has_aux=False):
+    """{name: gradient of loss(weights_key, *inputs) by that input} for every non-None input (and the aux output
+    with `has_aux`), from one compiled program."""
+    present = [idx for idx, x in enumerate(inputs) if x is not None]
+    argnums = tuple(1 + idx for idx in present)  # after the weights key
+    result = jax.jit(jax.grad(loss, argnums=argnums, has_aux=has_aux))(weights_key, *inputs)
+    grads, aux = result if has_aux else (result, None)
+    named = dict(zip([INPUT_NAMES[idx] for idx in present], grads))
+    return (named, aux) if has_aux else named
 
-    def loss_and_outputs(*args):
+
+def outputs_and_grads(make_loss, fn, weights_key, inputs):
+    """(fn(*inputs), {name: gradient of make_loss(fn, True) by that input}) for every non-None input, from one
+    compiled program (a separate forward would compile the forward a second time)."""
+
+    def loss_and_outputs(key, *args):
         outputs = []
         recorded = lambda *a: outputs.append(fn(*a)) or outputs[-1]
-        return make_loss(recorded, weights_key, True)(*args), outputs[0]
+        return make_loss(recorded, True)(key, *args), outputs[0]
 
-    grads, outputs = jax.jit(jax.grad(loss_and_outputs, argnums=argnums, has_aux=True))(*inputs)
-    return outputs, dict(zip([INPUT_NAMES[idx] for idx in argnums], grads))
+    grads, outputs = input_grads(loss_and_outputs, weights_key, inputs, has_aux=True)
+    return outputs, grads
 
 
 CUDA_DEVICE = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")

@@ -16,12 +16,19 @@ import pallas_mlstm
 import reference
 from pallas_mlstm.accuracy import rel_err
 from reference.sigmoid import mlstm_sigmoid_parallel, mlstm_sigmoid_recurrent
-from tests.helpers import case_key, extreme_gates, mlstm_inputs, plain_loss, scale_blind_loss, to_dtype
+from tests.helpers import (
+    case_key,
+    extreme_gates,
+    input_grads,
+    mlstm_inputs,
+    plain_loss,
+    scale_blind_loss,
+    to_dtype,
+)
 
 B, NH, DHQK, DHHV = 2, 2, 16, 24  # B·NH > 1, DHQK != DHHV
 # (S, chunk, with_initial): three lengths, with and without initial states (their code path is the same at every S)
 FORWARD_CASES = [(64, 16, True), (256, 64, False), (512, 128, True)]
-GRAD_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
 
 
 # Every computation here is jitted: one compile per function and shape, instead of one per operation.
@@ -101,12 +108,6 @@ def test_state_passing_four_pieces_equal_one_run():
             assert rel_err(actual, expected) <= 1e-10, part
 
 
-def _grads(loss, inputs):
-    argnums = tuple(idx for idx, x in enumerate(inputs) if x is not None)
-    grads = jax.jit(jax.grad(loss, argnums=argnums))(*inputs)
-    return dict(zip([GRAD_NAMES[idx] for idx in argnums], grads))
-
-
 @pytest.mark.parametrize("seq_len,chunk_size,with_initial", [(64, 16, False), (256, 64, True)])
 def test_custom_backward_equals_autodiff_for_scale_blind_loss(seq_len, chunk_size, with_initial):
     """Exact gradients (incl. m_initial) for losses blind to per-step rescaling of h and c_last."""
@@ -116,8 +117,8 @@ def test_custom_backward_equals_autodiff_for_scale_blind_loss(seq_len, chunk_siz
         weights_key = jax.random.fold_in(key, 7)
         recurrent = lambda *a: _recurrent(*a, return_last_states=True)
         chunkwise = lambda *a: _xla_chunkwise(*a, chunk_size=chunk_size, return_last_states=True)
-        expected = _grads(scale_blind_loss(recurrent, weights_key, True), inputs)
-        actual = _grads(scale_blind_loss(chunkwise, weights_key, True), inputs)
+        expected = input_grads(scale_blind_loss(recurrent, True), weights_key, inputs)
+        actual = input_grads(scale_blind_loss(chunkwise, True), weights_key, inputs)
         for name in expected:
             if name == "n_initial":
                 # n enters h only through the normaliser, which a scale-blind loss cannot see: both ~0
@@ -137,8 +138,8 @@ def test_custom_backward_equals_kernel_semantics_autodiff():
         weights_key = jax.random.fold_in(key, 7)
         recurrent = lambda *a: _recurrent(*a, return_last_states=True, kernel_gradient_semantics=True)
         chunkwise = lambda *a: _xla_chunkwise(*a, chunk_size=chunk_size, return_last_states=True)
-        expected = _grads(plain_loss(recurrent, weights_key, True), inputs)
-        actual = _grads(plain_loss(chunkwise, weights_key, True), inputs)
+        expected = input_grads(plain_loss(recurrent, True), weights_key, inputs)
+        actual = input_grads(plain_loss(chunkwise, True), weights_key, inputs)
         for name in expected:
             assert rel_err(actual[name], expected[name]) <= 1e-8, name
 
@@ -173,10 +174,9 @@ def test_extreme_gates_finite_and_in_agreement(gates):
         assert bool(jnp.all(jnp.isfinite(h32)))
         assert rel_err(h32, h_ref) <= 5e-2
         weights_key = jax.random.fold_in(key, 7)
-        expected = _grads(scale_blind_loss(_recurrent, weights_key, False), inputs)
-        actual = _grads(
-            scale_blind_loss(lambda *a: _xla_chunkwise(*a, chunk_size=chunk_size), weights_key, False), inputs
-        )
+        expected = input_grads(scale_blind_loss(_recurrent, False), weights_key, inputs)
+        chunkwise = lambda *a: _xla_chunkwise(*a, chunk_size=chunk_size)
+        actual = input_grads(scale_blind_loss(chunkwise, False), weights_key, inputs)
         for name in expected:
             assert bool(jnp.all(jnp.isfinite(actual[name]))), name
             assert rel_err(actual[name], expected[name]) <= 1e-8, name

@@ -16,9 +16,8 @@ import pallas_mlstm
 import reference
 from pallas_mlstm.accuracy import ORACLE_TOLERANCE, rel_err
 from tests import flags as test_flags
-from tests.helpers import case_key, mlstm_inputs, plain_loss, skip_unless_available
+from tests.helpers import case_key, input_grads, mlstm_inputs, plain_loss, skip_unless_available
 
-GRAD_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
 # B, NH, S, DHQK, DHHV, chunk
 SHAPE = (1, 2, 64, 16, 32, 16)
 # per head: positions of f̃ = −∞ and of ĩ = −∞. Head 0: resets at the first token, mid-chunk, at a chunk's
@@ -59,10 +58,6 @@ def _inputs(seed_name):
     return (q, k, v, i, f, c0, n0, m0)
 
 
-def _grads(loss, inputs):
-    return dict(zip(GRAD_NAMES, jax.jit(jax.grad(loss, argnums=tuple(range(8))))(*inputs)))  # one compile
-
-
 def _backends():
     return [pytest.param(b, id=b) for b in test_flags.BACKEND.value]
 
@@ -91,7 +86,7 @@ def test_infinite_gates_match_the_cell(backend):
         inputs64 = tuple(x.astype(jnp.float64) for x in inputs)
         h_ref, (c_ref, n_ref) = jax.jit(unstabilised_cell)(*inputs64)
         cell = lambda *a: (lambda h, last: (h, (*last, None)))(*unstabilised_cell(*a))
-        grads_ref = _grads(plain_loss(cell, weights_key, True), inputs64)
+        grads_ref = input_grads(plain_loss(cell, True), weights_key, inputs64)
 
     def run(*args):
         h, (c, n, m) = pallas_mlstm.mlstm_chunkwise(
@@ -103,7 +98,7 @@ def test_infinite_gates_match_the_cell(backend):
     fw_tol, grad_tol = ORACLE_TOLERANCE[backend, "float32"]  # float32 inputs vs the float64 cell
     assert rel_err(h, h_ref) <= fw_tol
     assert rel_err(c, c_ref) <= fw_tol and rel_err(n, n_ref) <= fw_tol
-    grads = _grads(plain_loss(jax.jit(run), weights_key, True), inputs)
+    grads = input_grads(plain_loss(jax.jit(run), True), weights_key, inputs)
     for name, expected in grads_ref.items():
         if not np.any(expected):  # n_initial: every path from it is cut by a reset
             np.testing.assert_array_equal(grads[name], 0.0, err_msg=name)

@@ -29,8 +29,8 @@ def _outputs_and_grads(inputs, key, **kwargs):
     """((h, last states), gradients of a loss on h and the last C and n) of one jitted call."""
     names = [name for name, x in zip(GRAD_NAMES, inputs) if x is not None]
     cell = lambda *a: pallas_mlstm.mlstm_chunkwise(*a, return_last_states=True, **kwargs)
-    fn = jax.jit(lambda *a: (cell(*a), jax.grad(plain_loss(cell, key, True), argnums=tuple(range(len(a))))(*a)))
-    out, grads = fn(*_present(inputs))
+    grad = lambda key, *a: jax.grad(plain_loss(cell, True), argnums=tuple(range(1, 1 + len(a))))(key, *a)
+    out, grads = jax.jit(lambda key, *a: (cell(*a), grad(key, *a)))(key, *_present(inputs))
     return out, dict(zip(names, grads))
 
 
