@@ -15,7 +15,6 @@ import jax
 from pallas_mlstm import pallas_triton
 from pallas_mlstm.device import device_properties
 from pallas_mlstm.kernel_call import KernelCall, KernelSet
-from pallas_mlstm.mosaic_gpu import parallel_fw
 from pallas_mlstm.pallas_triton.common import gpu_available
 
 HOPPER = (9, 0)
@@ -26,7 +25,10 @@ INTERPRETER_THREADS = 4
 
 def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all):
     """The forward's H kernel: Mosaic GPU where `parallel_fw.supports` the shape, else the Triton launcher (same
-    arrays and outputs)."""
+    arrays and outputs). The kernel's module is imported here, on the first call: Mosaic GPU's Pallas module takes
+    about a third of a second to import, which `import pallas_mlstm` should not pay on machines that never run it."""
+    from pallas_mlstm.mosaic_gpu import parallel_fw
+
     if parallel_fw.supports(call.chunk_size, matQ.shape[-1], matQ.dtype):
         launcher = parallel_fw.parallel_fw_Hintra
     else:
