@@ -20,7 +20,8 @@ from tests.helpers import case_key, mlstm_inputs, skip_unless_available
 CASES = {
     "L16-d16x32": (1, 2, 64, 16, 32, 16, {}),
     "L32-d32x64-smallLtiles": (2, 1, 128, 32, 64, 32, dict(siz_b_LQ=16, siz_b_LKV=16)),
-    "L64-d64x48-smallDtiles": (1, 2, 256, 64, 48, 64, dict(siz_b_DHQK=32, siz_b_DHHV=16)),
+    # small L and head-dim tiles together (the recurrent kernels take the head-dim ones only)
+    "L64-d64x48-smallLDtiles": (1, 2, 256, 64, 48, 64, dict(siz_b_LQ=16, siz_b_LKV=32, siz_b_DHQK=32, siz_b_DHHV=16)),
     "L128-d256x128-mixed": (1, 2, 256, 256, 128, 128, dict(siz_b_LQ=64, siz_b_LKV=32, siz_b_DHQK=64, siz_b_DHHV=64)),
     "L256-d128x256": (2, 1, 512, 128, 256, 256, {}),
     "L32-d24x40-padded": (2, 2, 64, 24, 40, 32, dict(siz_b_LQ=16, siz_b_LKV=32)),
@@ -155,20 +156,12 @@ def _jitted_call(kernel_name, module, x, chunk, tiles, extra):
 # The cell: mLSTMexp, or mLSTMsig (input_gate="sigmoid") with and without the normaliser
 CELLS = {"exponential": ("exponential", True), "sigmoid": ("sigmoid", True), "sigmoid-unnormalized": ("sigmoid", False)}
 # The interpreter is slow (most of it is building each case's inputs through the twins): it runs the cases whose
-# BlockSpecs and in-kernel loops differ (L and head-dim tiles, padding, sub-tiled chunks; the plain one-tile case is
-# a part of each); triton runs them all.
-_INTERPRETER_CASES = (
-    "L32-d32x64-smallLtiles",
-    "L64-d64x48-smallDtiles",
-    "L32-d24x40-padded",
-    "L1024-d32x16-subtiled",
-)
+# BlockSpecs and in-kernel loops differ (L and head-dim tiles together, padding, sub-tiled chunks; the plain one-tile
+# case is a part of each); triton runs them all.
+_INTERPRETER_CASES = ("L64-d64x48-smallLDtiles", "L32-d24x40-padded", "L1024-d32x16-subtiled")
 # mLSTMsig: float32, on a case with padded head dims and several L tiles (interpreter), and on two more with triton
 _SIGMOID_CASES = {"interpret": ("L32-d24x40-padded",), "triton": ("L16-d16x32", "L32-d24x40-padded", "L256-d128x256")}
-# The recurrent kernels take the head-dim tiles only (`_call`): on the interpreter, a case that differs from another
-# in its L tiles alone is the plain case for them
-_RECURRENT_KERNELS = ("recurrent_fw_C", "recurrent_bw_dC")
-_INTERPRETER_L_TILES_ONLY = ("L32-d32x64-smallLtiles",)
+_RECURRENT_KERNELS = ("recurrent_fw_C", "recurrent_bw_dC")  # their path without initial states is tested too
 
 
 def _kernel_params():
@@ -185,12 +178,6 @@ def _kernel_params():
                         if cell == "sigmoid-unnormalized" and kernel_name != "parallel_fw_Hintra":
                             # only parallel_fw_Hintra normalises; the others take "sigmoid"'s options (on other
                             # values, which tests/test_api.py's end-to-end sigmoid-unnormalized cases feed them)
-                            continue
-                        if (
-                            backend == "interpret"
-                            and kernel_name in _RECURRENT_KERNELS
-                            and case in _INTERPRETER_L_TILES_ONLY
-                        ):
                             continue
                         suffix = "" if cell == "exponential" else f"-{cell}"
                         params.append(
