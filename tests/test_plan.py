@@ -84,8 +84,8 @@ def test_kernel_entries_run_and_change_no_result():
         kernels={"parallel_fw_Hintra": {"siz_b_LQ": 16, "siz_b_LKV": 16}, "recurrent_bw_dC": {"siz_b_DHHV": 16}},
     )
     loss = lambda config: lambda *a: jnp.sum(pallas_mlstm.mlstm_chunkwise(*a, backend="interpret", config=config) ** 2)
-    ours = jax.value_and_grad(loss(config), argnums=(0, 1, 2))(q, k, v, i, f)
-    default = jax.value_and_grad(loss(ChunkwiseConfig(chunk_size=32)), argnums=(0, 1, 2))(q, k, v, i, f)
+    ours = jax.jit(jax.value_and_grad(loss(config), argnums=(0, 1, 2)))(q, k, v, i, f)
+    default = jax.jit(jax.value_and_grad(loss(ChunkwiseConfig(chunk_size=32)), argnums=(0, 1, 2)))(q, k, v, i, f)
     assert all(rel_err(a, b) < 1e-6 for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(default)))
 
 
