@@ -113,8 +113,9 @@ def test_segments_under_jit_and_vmap():
     batched_grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2, 3, 4))))(*stacked)
     one_pass = lambda *a: pallas_mlstm.mlstm_chunkwise(*a, chunk_size=16, backend="xla")
     one_pass_grad = jax.grad(lambda *a: jnp.sum(jnp.sin(one_pass(*a))), argnums=(0, 1, 2, 3, 4))
-    # per mapped element, in one compiled program (op by op, each operation compiles apart)
-    looped = jax.jit(lambda *a: [(one_pass(*x), one_pass_grad(*x)) for x in zip(*a)])(*stacked)
+    # per mapped element: one compiled program (op by op, each operation compiles apart), called per element
+    one = jax.jit(lambda *x: (one_pass(*x), one_pass_grad(*x)))
+    looped = [one(*x) for x in zip(*stacked)]
     for index, (h, expected) in enumerate(looped):
         assert rel_err(batched[index], h) <= TOLERANCE
         for name, got, want in zip(GRAD_NAMES, batched_grads, expected):
