@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -10,7 +12,7 @@ from pallas_mlstm.config import ChunkwiseConfig
 from pallas_mlstm.inputs import pad_steps, reset_at_document_starts, sequence_shards
 from pallas_mlstm.op import HIGHER_ORDER_MESSAGE
 from pallas_mlstm.plan import Plan, launches_for, make_cell, make_chunking, resolve_config, validate_bool
-from pallas_mlstm.registry import get_backend, with_kernel_backends
+from pallas_mlstm.registry import get_backend, runs_tuned_kernels, with_kernel_backends
 from pallas_mlstm.sharding import run_partitioned
 from pallas_mlstm.states import States, acc_dtype, state_buffer_dtype
 from pallas_mlstm.validation import (
@@ -108,7 +110,9 @@ def mlstm_chunkwise(
         q, k, v = (x.astype(autocast_kernel_dtype) for x in (q, k, v))
     validate_operand_dtypes(q, k, v)
     given_config = config
-    config = resolve_config(chosen, config, (batch, heads, seq_len, dhqk, dhhv), q.dtype)
+    # a backend you name takes no tuned entry measured with other backends' kernels
+    usable = None if backend is None else functools.partial(runs_tuned_kernels, chosen)
+    config = resolve_config(chosen, config, (batch, heads, seq_len, dhqk, dhhv), q.dtype, usable=usable)
     if given_config is not None or backend is None:  # a tuned config's kernel backends: for backend=None only
         chosen = with_kernel_backends(chosen, config.kernel_backends, tuned=given_config is None)
     chunking, padded_len = make_chunking(

@@ -12,6 +12,7 @@ import json
 import numbers
 import os
 import pathlib
+from collections.abc import Callable
 
 _TILE_FIELDS = ("siz_b_L_parallel", "siz_b_L_loop", "siz_b_DH_parallel", "siz_b_DH_loop")
 _WARP_FIELDS = ("num_warps_intra", "num_warps_inter")
@@ -53,7 +54,8 @@ class ChunkwiseConfig:
     `{"parallel_fw_Hintra": "mosaic"}` under backend "triton" (both take the same launch configs). A config you
     pass applies as given (ValueError where the named backend cannot run here or beside the call's); a tuned
     config's entries (`python -m pallas_mlstm tune` writes them where another backend's kernel was faster)
-    apply to `backend=None` only.
+    apply to `backend=None` only, and a backend you name takes no tuned entry measured with kernels it does not
+    run (the card's next entry applies: a peer card's, else the kernels' defaults).
 
     Checked at construction (ValueError naming the field): every flat field is None or an int (NumPy integers
     are converted); chunk_size a power of 2 >= 1; the `siz_b_*` tiles powers of 2 >= 16; `num_warps_*` one
@@ -232,14 +234,16 @@ def tuned_config(
     path: str | os.PathLike | None = None,
     compute_capability: str | None = None,
     core_count: int | None = None,
+    usable: Callable[[ChunkwiseConfig], bool] | None = None,
 ) -> ChunkwiseConfig | None:
     """The measured best config for this card (`jax.Device.device_kind`) and shape, or None if none was measured.
 
     Looked up by `shape_class(S, DHQK, DHHV)` (B and NH do not enter it) in `path` alone if given, else in the
     packaged tuned_configs.json and then the user's file (`user_tuned_configs_path`), whose entries win. A card
     without an entry of its own, given its `compute_capability` (e.g. "9.0"), takes the entry of a tuned card
-    of the same compute capability, the one nearest in SM count (`core_count`). None too when the config's
-    chunk size does not divide S. ValueError if a file is there but malformed.
+    of the same compute capability, the one nearest in SM count (`core_count`). Entries for which `usable` is
+    False are passed over as if absent (a named backend skips entries tuned with other backends' kernels). None
+    too when the config's chunk size does not divide S. ValueError if a file is there but malformed.
     """
     del B, NH  # not part of the shape class
     paths = [PACKAGED_TUNED_CONFIGS_PATH, user_tuned_configs_path()] if path is None else [path]
@@ -249,7 +253,7 @@ def tuned_config(
         configs, file_cards = _tuned_file(config_path)
         cards.update(file_cards)
         for kind, entries in configs.items():
-            if key in entries:
+            if key in entries and (usable is None or usable(entries[key])):
                 by_card[kind] = entries[key]
     config = by_card.get(device_kind)
     if config is None and compute_capability is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -267,7 +268,12 @@ def make_cell(input_gate, normalize, eps) -> Cell:
 
 
 def resolve_config(
-    backend: Backend, config, shape: tuple[int, ...], operand_dtype, device: str | DeviceProperties | None = None
+    backend: Backend,
+    config,
+    shape: tuple[int, ...],
+    operand_dtype,
+    device: str | DeviceProperties | None = None,
+    usable: Callable[[ChunkwiseConfig], bool] | None = None,
 ) -> ChunkwiseConfig:
     """`config`, checked, or the default: on the triton backend with 16-bit operands, the one `tune` measured
     for this card and shape class (pallas_mlstm/tuned_configs.json, or the user's own file, see
@@ -275,21 +281,24 @@ def resolve_config(
     (the kernels' own defaults, which adapt to the card's SM count and shared memory). Tuned configs were measured
     with bfloat16 operands: float32 tiles take twice the shared memory, so float32 operands keep the defaults.
     `shape`: (B, NH, S, DHQK, DHHV); `device`: the card (a `DeviceProperties`, or a `device_kind` string: exact
-    name only), None: this one."""
+    name only), None: this one; `usable`: which tuned entries may be taken (`tuned_config`)."""
     if config is not None:
         if not isinstance(config, ChunkwiseConfig):
             raise ValueError(f"config must be a pallas_mlstm.ChunkwiseConfig or None; got {type(config).__name__}.")
         return config
     if backend.launch_type is not None and not backend.interpret and jnp.dtype(operand_dtype).itemsize == 2:
         device = device_properties() if device is None else device
-        tuned = tuned_config_for(device if isinstance(device, DeviceProperties) else DeviceProperties(device), *shape)
+        properties = device if isinstance(device, DeviceProperties) else DeviceProperties(device)
+        tuned = tuned_config_for(properties, *shape, usable=usable)
         if tuned is not None:
             return tuned
     return ChunkwiseConfig()
 
 
-def tuned_config_for(properties: DeviceProperties, batch, heads, seq_len, dhqk, dhhv) -> ChunkwiseConfig | None:
-    """The tuned config of the card `properties` describes for this shape, or None."""
+def tuned_config_for(
+    properties: DeviceProperties, batch, heads, seq_len, dhqk, dhhv, usable=None
+) -> ChunkwiseConfig | None:
+    """The tuned config of the card `properties` describes for this shape, or None (`usable`: see `tuned_config`)."""
     capability = None if properties.compute_capability is None else "{}.{}".format(*properties.compute_capability)
     return tuned_config(
         properties.device_kind,
@@ -300,6 +309,7 @@ def tuned_config_for(properties: DeviceProperties, batch, heads, seq_len, dhqk, 
         dhhv,
         compute_capability=capability,
         core_count=properties.core_count,
+        usable=usable,
     )
 
 

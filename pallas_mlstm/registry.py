@@ -114,6 +114,16 @@ def _cannot_stand_in(base: Backend, other: Backend) -> str | None:
     return None
 
 
+def runs_tuned_kernels(backend: Backend, config) -> bool:
+    """True where `backend` itself runs every kernel of `config.kernel_backends` (a `ChunkwiseConfig`) with the
+    backend named there: a tuned entry measured with other kernels than those of a backend the caller names is not
+    that backend's config (backend="mosaic" takes an entry tuned with Mosaic GPU's H kernel, "triton" does not)."""
+    return all(
+        name in _BY_NAME and getattr(_BY_NAME[name].kernels, kernel) is getattr(backend.kernels, kernel)
+        for kernel, name in config.kernel_backends
+    )
+
+
 def with_kernel_backends(base: Backend, choices: tuple[tuple[str, str], ...], *, tuned: bool = False) -> Backend:
     """`base` with the kernels `choices` names (`ChunkwiseConfig.kernel_backends`: (kernel, backend name)) taken
     from those backends; `base` itself where nothing changes. A choice that cannot apply (`_cannot_stand_in`) is a

@@ -343,6 +343,12 @@ def test_untuned_card_borrows_a_tuned_card_of_its_compute_capability(tmp_path):
     assert tuned_config("Card D", *shape, path=path, compute_capability="9.0", core_count=130).chunk_size == 64
     assert tuned_config("Card D", *shape, path=path, compute_capability="8.0", core_count=84).chunk_size == 32
     assert tuned_config("Card D", *shape, path=path, compute_capability="8.9", core_count=128) is None
+    # an entry the caller cannot use is passed over as if absent: Card B's own, then its nearest peer's
+    not_128 = lambda config: config.chunk_size != 128  # noqa: E731
+    assert tuned_config("Card B", *shape, path=path, usable=not_128) is None  # exact names only
+    assert tuned_config("Card B", *shape, path=path, compute_capability="9.0", core_count=114, usable=not_128) == (
+        ChunkwiseConfig(chunk_size=64)
+    )
 
 
 def test_default_config_on_an_untuned_hopper_card(tmp_path, monkeypatch):

@@ -170,17 +170,27 @@ def test_kernel_backends_run_a_kernel_of_another_backend():
 
 def test_backend_none_follows_a_tuned_configs_kernel_backends(monkeypatch, tmp_path):
     """A tuned config that runs parallel_fw_Hintra in Mosaic GPU: backend=None on an H100 (lowered without one)
-    takes it, so the program holds one Mosaic GPU kernel; backend="triton", named, stays all Triton."""
+    takes it, so the program holds one Mosaic GPU kernel, and so does backend="mosaic", whose kernel it is;
+    backend="triton", named, passes the entry over (it was measured with another kernel) and stays all Triton."""
     if jax.default_backend() == "gpu" and not mosaic_gpu.available():
         pytest.skip("a GPU other than Hopper: the tuned Mosaic GPU kernel cannot run on it")
     tuned = tmp_path / "tuned_configs.json"
-    entry = {"config": {"chunk_size": 64, "kernel_backends": {"parallel_fw_Hintra": "mosaic"}}}
+    stored = {"chunk_size": 64, "siz_b_L_parallel": 32, "kernel_backends": {"parallel_fw_Hintra": "mosaic"}}
     # the lowering runs on this CPU, so the tuned entry is looked up for its device_kind
-    configs = {jax.devices()[0].device_kind: {shape_class(512, 64, 128): entry}}
+    configs = {jax.devices()[0].device_kind: {shape_class(512, 64, 128): {"config": stored}}}
     tuned.write_text(json.dumps({"configs": configs}))
     monkeypatch.setenv(TUNED_CONFIGS_ENV, str(tuned))
+    planned = []  # the config each call planned with
+    make_chunking = pallas_mlstm.api.make_chunking
+    monkeypatch.setattr(pallas_mlstm.api, "make_chunking", lambda *a: planned.append(a[1]) or make_chunking(*a))
     mesh = AbstractMesh((1,), ("b",), axis_types=(AxisType.Explicit,), abstract_device=CUDA_DEVICE)
-    for backend, mosaic_kernels in ((None, 1), ("triton", 0)):
+    for backend, mosaic_kernels, config in (
+        (None, 1, ChunkwiseConfig(**stored)),
+        ("mosaic", 1, ChunkwiseConfig(**stored)),
+        ("triton", 0, ChunkwiseConfig()),
+    ):
+        planned.clear()
         text = lower_for_cuda(mesh, (None,), backend=backend)
         assert text.count("stablehlo.custom_call @mosaic_gpu") == mosaic_kernels, backend
         assert text.count("__gpu$xla.gpu.triton") > 0
+        assert planned and all(p == config for p in planned), (backend, planned)
