@@ -1,8 +1,11 @@
-"""The Mosaic GPU parallel_fw_Hintra (pallas_mlstm/mosaic_gpu) against its jnp twin: in Mosaic GPU's interpret mode
-(shared memory, TMA copies, barriers and warpgroups simulated on the CPU; the matmuls as jnp.dot), compiled on a
-Hopper GPU, and lowered for one without it. `python -m pallas_mlstm.benchmarks.mosaic_check` also times it."""
+"""The Mosaic GPU kernels (pallas_mlstm/mosaic_gpu: parallel_fw_Hintra, parallel_bw_dV) against their jnp twins: in
+Mosaic GPU's interpret mode (shared memory, TMA copies, barriers and warpgroups simulated on the CPU; the matmuls as
+jnp.dot), compiled on a Hopper GPU, and lowered for one without it. `python -m pallas_mlstm.benchmarks.mosaic_check`
+also times them."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +14,10 @@ from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from pallas_mlstm import xla_kernels
 from pallas_mlstm.accuracy import KERNEL_TWIN_TOLERANCE, rel_err
+from pallas_mlstm.gates import chunkwise_log_gates, compute_chunkwise_reset_gates
 from pallas_mlstm.kernel_call import KernelCall
-from pallas_mlstm.mosaic_gpu import parallel_fw
+from pallas_mlstm.mosaic_gpu import common as mosaic_common
+from pallas_mlstm.mosaic_gpu import parallel_bw, parallel_fw
 from tests import flags as test_flags
 from tests.helpers import case_key, extreme_gates, mlstm_inputs, skip_unless_available
 
@@ -48,49 +53,84 @@ def _arrays(case: str):
     return (*(x.astype(dtype) for x in (q, k, v)), i, f, *states)
 
 
+def _backward_arrays(case: str):
+    """The backward kernels' arrays (as chunkwise's backward passes them), chained through the twins: q, k, v, i,
+    (vecA, vecB, vecR), the forward's float32 states, vecN_out, vecM_out, dH and the dC states."""
+    *_, chunk, dtype, input_gate, normalize, _ = CASES[case]
+    q, k, v, i, f, *states = _arrays(case)
+    call = KernelCall(chunk_size=chunk, eps=1e-6, input_gate=input_gate, normalize=normalize)
+    _, n_out, m_out = xla_kernels.parallel_fw_Hintra(call, q, k, v, i, f, *states)
+    dh = jax.random.normal(case_key("mosaic-dh", case), v.shape, dtype)
+    dc_last = jax.random.normal(case_key("mosaic-dc", case), states[0].shape[:2] + (q.shape[-1], v.shape[-1]))
+    dc_states = xla_kernels.recurrent_bw_dC(call, q, f, states[2], m_out, dh, n_out, dc_last, states[0])[0]
+    _, vec_a = chunkwise_log_gates(i, f, chunk, input_gate)
+    vec_b, vec_r = compute_chunkwise_reset_gates(f, chunk)
+    return q, k, v, i, (vec_a, vec_b, vec_r), tuple(states), n_out, m_out, dh, dc_states
+
+
+# Each Mosaic GPU kernel: its launcher, the twin's, the arrays it takes, and whether it rounds 16-bit operands where
+# the twin does (parallel_bw_dV, as the Triton kernel, rounds the gated scores times 1/(den + eps) once where the twin
+# rounds each factor; at bf16 both are within 3e-3 of float64 on "bf16-tiles", the kernel the nearer).
+KERNELS = {
+    "parallel_fw_Hintra": (parallel_fw.parallel_fw_Hintra, xla_kernels.parallel_fw_Hintra, _arrays, True),
+    "parallel_bw_dV": (parallel_bw.parallel_bw_dV, xla_kernels.parallel_bw_dV, _backward_arrays, False),
+}
+
+
 @needs_mosaic_flag
 @pytest.mark.parametrize("mode", _MODES or ["mosaic_interpret"])
 @pytest.mark.parametrize("case", CASES)
-def test_kernel_matches_twin(case, mode):
-    """Interpreted, the rounding points are the twin's: the interpreter's float32 bound for every case. Compiled,
-    the backend's kernel-twin bound of the case's dtype (float32 inputs run as bf16 parts: split_operand)."""
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_matches_twin(kernel, case, mode):
+    """Interpreted, the interpreter's float32 bound where the rounding points are the twin's (float32 inputs, and
+    16-bit ones for a kernel that rounds as its twin), else the compiled bound of the case's dtype. Compiled, the
+    backend's kernel-twin bound of the case's dtype (float32 inputs run as bf16 parts: split_operand)."""
     skip_unless_available(mode)
     *_, chunk, dtype, input_gate, normalize, _ = CASES[case]
-    args = _arrays(case)
+    launcher, twin, arrays, rounds_as_twin = KERNELS[kernel]
+    args = jax.jit(functools.partial(arrays, case))()
     interpret = mode == "mosaic_interpret"
     call = KernelCall(chunk_size=chunk, eps=1e-6, input_gate=input_gate, normalize=normalize, interpret=interpret)
-    expected = jax.jit(lambda *a: xla_kernels.parallel_fw_Hintra(call, *a))(*args)
-    actual = jax.jit(lambda *a: parallel_fw.parallel_fw_Hintra(call, *a))(*args)
-    tolerance = KERNEL_TWIN_TOLERANCE[mode, "float32" if interpret else jnp.dtype(dtype).name]
-    for name, out, ref in zip(("h", "vecN_out", "vecM_out"), actual, expected):
-        assert out.shape == ref.shape and out.dtype == ref.dtype, name
-        assert rel_err(out, ref) <= tolerance, f"{name}: {rel_err(out, ref):.2e}"
+    expected = jax.tree.leaves(jax.jit(lambda *a: twin(call, *a))(*args))
+    actual = jax.tree.leaves(jax.jit(lambda *a: launcher(call, *a))(*args))
+    if interpret and (rounds_as_twin or dtype == jnp.float32):
+        tolerance = KERNEL_TWIN_TOLERANCE["mosaic_interpret", "float32"]
+    else:
+        tolerance = KERNEL_TWIN_TOLERANCE["mosaic", jnp.dtype(dtype).name]
+    assert len(actual) == len(expected)
+    for index, (out, ref) in enumerate(zip(actual, expected)):
+        assert out.shape == ref.shape and out.dtype == ref.dtype, (kernel, index)
+        assert rel_err(out, ref) <= tolerance, f"{kernel} output {index}: {rel_err(out, ref):.2e}"
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-def test_lowers_for_hopper(dtype):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_lowers_for_hopper(kernel, dtype):
     """The 7B head widths lower to one Mosaic GPU kernel for cuda without a GPU (compilation to sm_90a needs one):
     every run, as tests/test_lowering.py lowers the Triton kernels, so that a kernel that cannot lower fails CI."""
     batch, heads, seq_len, dhqk, dhhv, chunk = 1, 2, 512, 256, 512, 256
     num_chunks = seq_len // chunk
     spec = jax.ShapeDtypeStruct
-    args = (
-        spec((batch, heads, seq_len, dhqk), dtype),
-        spec((batch, heads, seq_len, dhqk), dtype),
-        spec((batch, heads, seq_len, dhhv), dtype),
-        spec((batch, heads, seq_len), jnp.float32),
-        spec((batch, heads, seq_len), jnp.float32),
+    seq = lambda *dims, dt=dtype: spec((batch, heads, seq_len, *dims), dt)
+    gates = lambda dt=jnp.float32: spec((batch, heads, num_chunks, chunk), dt)
+    states = (
         spec((batch, heads, (num_chunks + 1) * dhqk, dhhv), dtype),
         spec((batch, heads, (num_chunks + 1) * dhqk), jnp.float32),
         spec((batch, heads, num_chunks + 1), jnp.float32),
     )
+    q, v, vec = seq(dhqk), seq(dhhv), seq(dt=jnp.float32)
+    args = {
+        "parallel_fw_Hintra": (q, q, v, vec, vec, *states),
+        "parallel_bw_dV": (q, q, v, vec, (gates(), gates(), gates(jnp.int32)), states, vec, vec, v, states[0]),
+    }[kernel]
+    launcher = KERNELS[kernel][0]
     call = KernelCall(chunk_size=chunk, eps=1e-6, output_dtype=dtype)
     h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
     with use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
-        lowered = jax.jit(lambda *a: parallel_fw.parallel_fw_Hintra(call, *a)).trace(*args)
+        lowered = jax.jit(lambda *a: launcher(call, *a)).trace(*args)
         text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
-    assert parallel_fw.NAME in text
+    assert f"mlstm_chunkwise__{kernel}" in text
 
 
 @pytest.mark.parametrize(
@@ -106,7 +146,7 @@ def test_refuses_unsupported_shapes(chunk, dhqk, dtype, match):
 def test_float32_operand_parts_sum_to_the_input(parts):
     """The bf16 parts a float32 input is split into sum to it: exactly for 3 parts, to 16 bits for 2 (DHQK 256)."""
     x = jax.random.normal(case_key("mosaic", "split"), (4096,), jnp.float32) * jnp.logspace(-20, 20, 4096)
-    stacked = jax.jit(parallel_fw.split_operand, static_argnums=(1, 2))(x, parts, jnp.bfloat16)
+    stacked = jax.jit(mosaic_common.split_operand, static_argnums=(1, 2))(x, parts, jnp.bfloat16)
     assert stacked.shape == (parts, 4096) and stacked.dtype == jnp.bfloat16
     total = jnp.sum(stacked.astype(jnp.float32), axis=0)  # exact: the parts hold disjoint runs of x's bits
     assert rel_err(total, x) <= (0.0 if parts == 3 else 2.0**-16)

@@ -24,15 +24,18 @@ from pallas_mlstm.registry import get_backend, kernel_alternatives, registered, 
 from tests.helpers import CUDA_DEVICE, case_key, lower_for_cuda, mlstm_inputs
 
 _PACKAGE = pathlib.Path(pallas_mlstm.__file__).parent
+# The kernels the mosaic backend runs in Mosaic GPU (the others are Triton's)
+MOSAIC_KERNELS = ["parallel_fw_Hintra", "parallel_bw_dV"]
 
 
 def test_backends_are_registered_objects_and_none_picks_by_priority():
     assert pallas_mlstm.BACKENDS == ("triton", "interpret", "xla", "mosaic", "mosaic_interpret")
     assert get_backend(None).name == ("triton" if jax.default_backend() == "gpu" else "xla")
     assert registered("interpret").kernels is registered("triton").kernels and registered("interpret").interpret
-    # mosaic: Triton's kernels but the forward's H kernel, picked only when named; its interpreter runs unpartitioned
+    # mosaic: Triton's kernels but the forward's H kernel and dV, picked only when named; its interpreter runs
+    # unpartitioned
     mosaic, triton = registered("mosaic").kernels, registered("triton").kernels
-    assert [k for k in CHUNKWISE_KERNELS if getattr(mosaic, k) is not getattr(triton, k)] == ["parallel_fw_Hintra"]
+    assert [k for k in CHUNKWISE_KERNELS if getattr(mosaic, k) is not getattr(triton, k)] == MOSAIC_KERNELS
     assert registered("mosaic").priority is None and registered("mosaic_interpret").kernels is mosaic
     assert registered("mosaic_interpret").interpret and not registered("mosaic_interpret").partitionable
     assert registered("xla").launch_type is None and registered("triton").launch_type is pallas_mlstm.TritonLaunch
@@ -153,14 +156,15 @@ def test_kernel_backends_run_a_kernel_of_another_backend():
             q, k, v, i, f, backend="xla", config=ChunkwiseConfig(kernel_backends=(("parallel_fw_Hintra", "interpret"),))
         )
     assert with_kernel_backends(triton, (("parallel_fw_Hintra", "triton"),)) is triton
-    here = [("parallel_fw_Hintra", "mosaic")] if mosaic_gpu.available() else []
+    alternatives = [(kernel, "mosaic") for kernel in MOSAIC_KERNELS]
+    here = alternatives if mosaic_gpu.available() else []
     assert kernel_alternatives(triton) == here and len(_backend_stage("triton")(ChunkwiseConfig(), None)) == len(here)
     mesh = AbstractMesh((1,), ("b",), axis_types=(AxisType.Explicit,), abstract_device=CUDA_DEVICE)
     with use_abstract_mesh(mesh):
         mixed = with_kernel_backends(triton, hintra)
-        assert kernel_alternatives(triton) == [("parallel_fw_Hintra", "mosaic")]
+        assert kernel_alternatives(triton) == alternatives
         assert _backend_stage("triton")(ChunkwiseConfig(chunk_size=64), None) == [
-            ChunkwiseConfig(chunk_size=64, kernel_backends=hintra)
+            ChunkwiseConfig(chunk_size=64, kernel_backends=(choice,)) for choice in alternatives
         ]
     assert mixed.name == "triton (parallel_fw_Hintra: mosaic)" and mixed.priority is None
     assert mixed.kernels == dataclasses.replace(
@@ -170,7 +174,8 @@ def test_kernel_backends_run_a_kernel_of_another_backend():
 
 def test_backend_none_follows_a_tuned_configs_kernel_backends(monkeypatch, tmp_path):
     """A tuned config that runs parallel_fw_Hintra in Mosaic GPU: backend=None on an H100 (lowered without one)
-    takes it, so the program holds one Mosaic GPU kernel, and so does backend="mosaic", whose kernel it is;
+    takes it, so the program holds one Mosaic GPU kernel; backend="mosaic", whose kernel it is, takes it too and
+    runs its two (the forward's H kernel and dV);
     backend="triton", named, passes the entry over (it was measured with another kernel) and stays all Triton."""
     if jax.default_backend() == "gpu" and not mosaic_gpu.available():
         pytest.skip("a GPU other than Hopper: the tuned Mosaic GPU kernel cannot run on it")
@@ -186,7 +191,7 @@ def test_backend_none_follows_a_tuned_configs_kernel_backends(monkeypatch, tmp_p
     mesh = AbstractMesh((1,), ("b",), axis_types=(AxisType.Explicit,), abstract_device=CUDA_DEVICE)
     for backend, mosaic_kernels, config in (
         (None, 1, ChunkwiseConfig(**stored)),
-        ("mosaic", 1, ChunkwiseConfig(**stored)),
+        ("mosaic", len(MOSAIC_KERNELS), ChunkwiseConfig(**stored)),
         ("triton", 0, ChunkwiseConfig()),
     ):
         planned.clear()

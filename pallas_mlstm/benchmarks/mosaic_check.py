@@ -1,9 +1,10 @@
-"""The Mosaic GPU parallel_fw_Hintra on a Hopper GPU: its time against the Triton launcher's in the same run, and its
-outputs against the jnp twin and the Triton launcher.
+"""The Mosaic GPU kernels on a Hopper GPU: each one's time against the Triton launcher's in the same run, and the
+forward's outputs against the jnp twin and the Triton launcher (tests/test_mosaic.py checks each kernel's).
 
     PYTHONPATH=. python3 -m pallas_mlstm.benchmarks.mosaic_check --out mosaic_fw.json
 
-Timing first: 7b, tfla-paper, small-heads and odd-heads in bfloat16 at the card's tuned chunk size (the default
+Timing first, of each kernel of --kernels (parallel_fw_Hintra, parallel_bw_dV): 7b, tfla-paper, small-heads and
+odd-heads in bfloat16 at the card's tuned chunk size (the default
 chunk where none is tuned), on kernel_times' inputs (chained through the Triton kernels, 16-bit state buffers)
 with its FLOP count; median ms of --calls calls after a warm-up (benchmarks/timing.py), Triton at its tuned
 launch; TFLOP/s; mosaic / triton; and the relative difference of their outputs. Then correctness on small shapes
@@ -33,7 +34,8 @@ from pallas_mlstm.benchmarks.timing import median_ms
 from pallas_mlstm.config import tuned_config
 from pallas_mlstm.device import device_properties
 from pallas_mlstm.kernel_call import KernelCall
-from pallas_mlstm.mosaic_gpu import parallel_fw
+from pallas_mlstm.mosaic_gpu import common as mosaic_common
+from pallas_mlstm.mosaic_gpu import parallel_bw, parallel_fw
 from pallas_mlstm.plan import default_chunk_size
 
 CELLS = {"exponential": ("exponential", True), "sigmoid": ("sigmoid", True), "sigmoid-unnormalised": ("sigmoid", False)}
@@ -72,39 +74,61 @@ def _mosaic(call: KernelCall):
     return jax.jit(lambda *a: parallel_fw.parallel_fw_Hintra(call, *a))
 
 
-def _tiles(dhqk: int, dhhv: int, chunk: int, dtype) -> str:
-    parts = (1,) if jnp.dtype(dtype).itemsize == 2 else parallel_fw.FLOAT32_PARTS
-    count, tiles = parallel_fw.kernel_tiles(chunk, parallel_fw.padded_dim(dhqk), parallel_fw.padded_dim(dhhv), parts)
+def _mosaic_dv(call: KernelCall):
+    """The Mosaic GPU dV launcher on kernel_times' upstream-order arguments (q, k, v, i, vecA, vecB, C, n, m states,
+    vecN_out, vecM_out, dH, dC states)."""
+
+    def launch(*args):
+        q, k, v, i, vec_a, vec_b, *states, n_out, m_out, dh, dc_states = args
+        gates = (vec_a, vec_b, None)
+        return parallel_bw.parallel_bw_dV(call, q, k, v, i, gates, tuple(states), n_out, m_out, dh, dc_states)
+
+    return jax.jit(launch)
+
+
+# The timed kernels: their Mosaic GPU launcher (from a KernelCall, on kernel_times' arguments) and tile choice.
+KERNELS = {
+    "parallel_fw_Hintra": (_mosaic, parallel_fw.kernel_tiles),
+    "parallel_bw_dV": (_mosaic_dv, parallel_bw.kernel_tiles),
+}
+
+
+def _tiles(dhqk: int, dhhv: int, chunk: int, dtype, kernel: str = "parallel_fw_Hintra") -> str:
+    parts = mosaic_common.operand_parts(dtype)
+    kernel_tiles = KERNELS[kernel][1]
+    count, tiles = kernel_tiles(chunk, mosaic_common.padded_dim(dhqk), mosaic_common.padded_dim(dhhv), parts)
     return f"P={count} warpgroups={tiles.warpgroups} block_v={tiles.block_v} stages={tiles.stages}"
 
 
-def _timed_chunk(shape: Shape) -> tuple[int, dict]:
-    """The card's tuned chunk size for this shape and the Triton parallel_fw_Hintra launch tuned with it (none tuned:
-    the default chunk and the kernel's default launch)."""
+def _timed_chunk(shape: Shape, kernel: str) -> tuple[int, dict]:
+    """The card's tuned chunk size for this shape and the Triton launch of `kernel` tuned with it (none tuned: the
+    default chunk and the kernel's default launch)."""
     props = device_properties()
     capability = None if props.compute_capability is None else ".".join(map(str, props.compute_capability))
     dims = shape.dims()
     config = tuned_config(props.device_kind, **dims, compute_capability=capability, core_count=props.core_count)
     if config is None or config.chunk_size is None:
         return default_chunk_size(shape.S), {}
-    return config.chunk_size, config.kernel_launches().get("parallel_fw_Hintra", {})
+    return config.chunk_size, config.kernel_launches().get(kernel, {})
 
 
-def timing_row(shape_name: str, calls: int) -> dict:
-    """Both launchers on the same inputs: median ms, TFLOP/s, mosaic / triton, and their outputs' difference."""
+def timing_row(shape_name: str, kernel: str, calls: int) -> dict:
+    """Both launchers of `kernel` on the same inputs: median ms, TFLOP/s, mosaic / triton, and their outputs'
+    difference."""
     shape = SHAPES[shape_name]
-    row = dict(step="timing", case=shape_name, dtype="bfloat16")
+    row = dict(step="timing", case=shape_name, kernel=kernel, dtype="bfloat16")
     try:
-        chunk, launch = _timed_chunk(shape)
-        row.update(chunk=chunk, triton_launch=launch, mosaic_tiles=_tiles(shape.DHQK, shape.DHHV, chunk, jnp.bfloat16))
-        case = next(c for c in kernel_cases(shape, chunk) if c.name == "parallel_fw_Hintra")
+        chunk, launch = _timed_chunk(shape, kernel)
+        tiles = _tiles(shape.DHQK, shape.DHHV, chunk, jnp.bfloat16, kernel)
+        row.update(chunk=chunk, triton_launch=launch, mosaic_tiles=tiles)
+        case = next(c for c in kernel_cases(shape, chunk) if c.name == kernel)
     except Exception as error:
         row["error"] = _error_text(error)
         traceback.print_exc()
         return row
     row["tflop"] = case.flops / 1e12
     triton = case.make(launch)
-    mosaic = _mosaic(KernelCall(chunk_size=chunk, eps=EPS, output_dtype=jnp.bfloat16))
+    mosaic = KERNELS[kernel][0](KernelCall(chunk_size=chunk, eps=EPS, output_dtype=jnp.bfloat16))
     _attempt(row, "triton_ms", lambda: median_ms(triton, [case.args], calls))
     _attempt(row, "mosaic_ms", lambda: median_ms(mosaic, [case.args], calls))
     for name in ("triton", "mosaic"):
@@ -112,7 +136,8 @@ def timing_row(shape_name: str, calls: int) -> dict:
             row[f"{name}_tflops"] = case.flops / row[f"{name}_ms"] / 1e9
     if "mosaic_ms" in row and "triton_ms" in row:
         row["mosaic_over_triton"] = row["mosaic_ms"] / row["triton_ms"]
-        _attempt(row, "mosaic_vs_triton", lambda: _max_rel_err(mosaic(*case.args), triton(*case.args)))
+        outputs = lambda fn: jax.tree.leaves(fn(*case.args))
+        _attempt(row, "mosaic_vs_triton", lambda: _max_rel_err(outputs(mosaic), outputs(triton)))
     return row
 
 
@@ -168,10 +193,10 @@ def _result(row: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     """One line per row: step, case, dtype, cell or chunk, result."""
-    lines = [f"{'step':<12} {'case':<20} {'dtype':<9} {'cell / chunk':<21} result"]
+    lines = [f"{'step':<12} {'case':<20} {'dtype':<9} {'cell / kernel, chunk':<30} result"]
     for row in rows:
-        label = row.get("cell", f"chunk {row['chunk']}" if "chunk" in row else "")
-        lines.append(f"{row['step']:<12} {row['case']:<20} {row.get('dtype', ''):<9} {label:<21} {_result(row)}")
+        label = row.get("cell", f"{row.get('kernel', '')} {row.get('chunk', '')}")
+        lines.append(f"{row['step']:<12} {row['case']:<20} {row.get('dtype', ''):<9} {label:<30} {_result(row)}")
     return "\n".join(lines)
 
 
@@ -180,6 +205,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="write the rows to this JSON file")
     parser.add_argument("--calls", type=int, default=30, help="timed calls per launcher (median kept)")
     parser.add_argument("--budget_s", type=float, default=390, help="skip the rows left after this many seconds")
+    parser.add_argument("--kernels", default=",".join(KERNELS), help=f"timed kernels among {', '.join(KERNELS)}")
     parser.add_argument("--shapes", default=",".join(TIMED_SHAPES), help="timed shapes (benchmarks/shapes.py), or ''")
     parser.add_argument("--cases", default=",".join(CASES), help=f"correctness cases among {', '.join(CASES)}, or ''")
     parser.add_argument("--cells", default=",".join(CELLS), help=f"cells among {', '.join(CELLS)}")
@@ -197,7 +223,11 @@ def main(argv=None) -> None:
         command=" ".join(["python -m pallas_mlstm.benchmarks.mosaic_check", *(sys.argv[1:] if argv is None else argv)]),
     )
     print(json.dumps(header), flush=True)
-    todo = [lambda s=s: timing_row(s, args.calls) for s in filter(None, args.shapes.split(","))]
+    todo = [
+        lambda s=s, k=k: timing_row(s, k, args.calls)
+        for k in filter(None, args.kernels.split(","))
+        for s in filter(None, args.shapes.split(","))
+    ]
     todo += [
         lambda case=case, dtype=dtype, cell=cell: correctness_row(case, dtype, cell)
         for case in filter(None, args.cases.split(","))

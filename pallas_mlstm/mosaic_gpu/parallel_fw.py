@@ -39,7 +39,6 @@ dtype before the launch (a copy: pass 16-bit states with 16-bit inputs, as palla
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -50,78 +49,23 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_mlstm.gates import chunked, compute_chunkwise_reset_gates, compute_chunkwise_vecM, log_input_gate
 from pallas_mlstm.kernel_call import KernelCall
-from pallas_mlstm.pallas_triton import common
+from pallas_mlstm.mosaic_gpu import common
+from pallas_mlstm.mosaic_gpu.common import ROWS
+from pallas_mlstm.pallas_triton import common as triton_common
 
 NAME = "mlstm_chunkwise__parallel_fw_Hintra"
-ROWS = 64  # query rows of a compute warpgroup (wgmma's M), key rows of a step, head-dim granule
-CHUNK_SIZES = (64, 128, 256)
-MAX_HEAD_DIM = 256  # a TMA box side, and the accumulator's registers (64 x 256 float32 per warpgroup)
-SHARED_MEMORY_BYTES = 227 * 1024  # per block on Hopper
-_RESERVED_BYTES = 4096  # barriers, cross-warp reduction scratch, alignment
 _GATE_ROWS = ("b", "m", "r", "i", "inter")  # b_t, m_t, last reset (float), log input gate, s·e^{b_t + m_{k-1} − m_t}
 _B, _M, _R, _I, _INTER = range(len(_GATE_ROWS))
-_COMPUTE_REGISTERS, _MEMORY_REGISTERS = 232, 40  # per thread, as FlashAttention-3 splits them
-# bf16 parts of float32 operands, the first that fits: 3 carry float32's 24 bits; 2 (16 bits, about 1e-5 relative
-# per product) where 3 do not fit in shared memory (DHQK 256).
-FLOAT32_PARTS = (3, 2)
 
 
-@dataclasses.dataclass(frozen=True)
-class Tiles:
-    """A launch: compute warpgroups (64 query rows each), DHHV columns per program, buffers in flight."""
-
-    warpgroups: int
-    block_v: int
-    stages: int
-
-
-def _swizzled(dtype) -> tuple:
-    """Tiling and 128-byte swizzle of a shared-memory tile whose rows are multiples of 128 bytes."""
-    columns = 128 // jnp.dtype(dtype).itemsize
-    return plgpu.TilingTransform((8, columns)), plgpu.SwizzleTransform(128)
-
-
-def _shared_bytes(tiles: Tiles, chunk: int, dhqk: int, parts: int) -> int:
-    """Shared memory of one program (see the module docstring), 16-bit operands."""
-    w, bv = tiles.warpgroups, tiles.block_v
-    q = w * parts * ROWS * dhqk * 2
-    kv = tiles.stages * parts * ROWS * (dhqk + bv) * 2
-    small = len(_GATE_ROWS) * chunk * 4 + dhqk * 4 + w * ROWS * (128 + 4)
-    return q + kv + small + _RESERVED_BYTES
-
-
-def kernel_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]) -> tuple[int, Tiles]:
-    """The operand parts (the first of `parts` that fits) and the launch for padded head dims: two warpgroups, the
-    widest DHHV tile (at most 256) and the most buffers (up to 4) that fit in shared memory, preferring at least
-    two buffers; ValueError if nothing fits."""
-    widths = [bv for bv in range(min(dhhv, MAX_HEAD_DIM), 0, -ROWS) if dhhv % bv == 0]
-    for count in parts:
-        for min_stages in (2, 1):
-            for warpgroups in (2, 1):
-                if warpgroups * ROWS > chunk:
-                    continue
-                for block_v in widths:
-                    for stages in range(4, min_stages - 1, -1):
-                        tiles = Tiles(warpgroups, block_v, stages)
-                        if _shared_bytes(tiles, chunk, dhqk, count) <= SHARED_MEMORY_BYTES:
-                            return count, tiles
-    raise ValueError(f"no Mosaic GPU tiling of {NAME} fits in shared memory for DHQK={dhqk}, DHHV={dhhv}.")
-
-
-def padded_dim(size: int) -> int:
-    """A head dim as the kernel runs it: the next multiple of 64."""
-    return -(-size // ROWS) * ROWS
+def kernel_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]) -> tuple[int, common.Tiles]:
+    """The operand parts and the launch for padded head dims (`common.kernel_tiles`)."""
+    return common.kernel_tiles(NAME, chunk, dhqk, dhhv, parts, len(_GATE_ROWS))
 
 
 def _unsupported(chunk: int, dhqk: int, dtype) -> str | None:
     """What this kernel does not run of the shape (chunks other than 64/128/256, DHQK > 256, float64), or None."""
-    if chunk not in CHUNK_SIZES:
-        return f"the mosaic_gpu {NAME} takes chunk_size in {CHUNK_SIZES}; got {chunk}."
-    if padded_dim(dhqk) > MAX_HEAD_DIM:
-        return f"the mosaic_gpu {NAME} takes DHQK <= {MAX_HEAD_DIM}; got {dhqk}."
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
-        return f"the mosaic_gpu {NAME} takes bfloat16, float16 or float32 inputs; got {jnp.dtype(dtype)}."
-    return None
+    return common.unsupported(NAME, chunk, dhqk, dtype)
 
 
 def supports(chunk: int, dhqk: int, dtype) -> bool:
@@ -134,93 +78,6 @@ def check_shapes(chunk: int, dhqk: int, dtype) -> None:
     problem = _unsupported(chunk, dhqk, dtype)
     if problem is not None:
         raise ValueError(problem)
-
-
-def split_parts(x: jax.Array, parts: int, dtype) -> list[jax.Array]:
-    """x as `parts` wgmma operands of `dtype` that sum to it, inside the kernel (the gated scores): [x] for 16-bit
-    inputs; for float32 inputs bf16 parts, each the rounding of what the previous ones leave (3 parts: 24 bits of
-    mantissa, float32's own). Mosaic GPU keeps every rounding; the inputs are split by XLA (`split_operand`)."""
-    if parts == 1:
-        return [x.astype(dtype)]
-    rest, split = x.astype(jnp.float32), []
-    for _ in range(parts):
-        split.append(rest.astype(dtype))
-        rest = rest - split[-1].astype(jnp.float32)
-    return split
-
-
-def split_operand(x: jax.Array, parts: int, dtype) -> jax.Array:
-    """An input array as the kernel's stacked operand parts, (P, ...) of `dtype`, computed by XLA before the launch.
-
-    Each part but the last keeps the leading 16 bits of what the previous ones leave (the bf16 bits, by a mask),
-    and the last is rounded: the parts sum to x exactly. A mask, not a rounding, because XLA on the GPU treats a
-    float32 -> bf16 -> float32 round trip as excess precision it may drop, which leaves every later part zero
-    (bf16 accuracy, seen on an H100); a masked value is exact in bf16, so the cast it gets has nothing to drop."""
-    if parts == 1:
-        return x.astype(dtype)[None]
-    rest, split = x.astype(jnp.float32), []
-    for _ in range(parts - 1):
-        bits = lax.bitcast_convert_type(rest, jnp.uint32) & jnp.uint32(0xFFFF0000)
-        leading = lax.bitcast_convert_type(bits, jnp.float32)
-        split.append(leading.astype(dtype))
-        rest = rest - leading
-    return jnp.stack([*split, rest.astype(dtype)])
-
-
-def _read(x):
-    """A tile's value: a ref read whole, an array as it is."""
-    return x if isinstance(x, jax.Array) else x[...]
-
-
-def _products(parts: int) -> list[tuple[int, int]]:
-    """The part products (i, j) that carry float32's precision: i + j < parts (one for 16-bit inputs)."""
-    return [(i, j) for i in range(parts) for j in range(parts) if i + j < parts]
-
-
-def mma(acc: jax.Array, a, b, parts: int, interpret: bool, while_running=None) -> jax.Array:
-    """acc + A @ B accumulated in float32, A and B given by their parts (`split_parts`): Σ a(i) @ b(j) over the
-    products of order i + j < parts (all of float32's 24 bits: 6 bf16 products for 3 parts; one for 16-bit inputs).
-
-    a(i): part i of A (M, K), a ref in shared memory or a register array; b(j): part j of B (K, N), a ref in shared
-    memory. On the GPU each product is a `plgpu.wgmma` into acc, awaited before returning (the refs are indexed
-    inside the accumulator's scope, where static indices stay static); interpreted (wgmma has no CPU rule for
-    register operands) each is a `jnp.dot`. `while_running()`, if given, runs after the products are issued and
-    before they are awaited (barrier waits that overlap the tensor cores' work).
-    """
-    pairs = _products(parts)
-    after_issue = while_running or (lambda: None)
-    if interpret:
-        for i, j in pairs:
-            acc = acc + jnp.dot(_read(a(i)), _read(b(j)), preferred_element_type=jnp.float32)
-        after_issue()
-        return acc
-
-    def issue(acc_ref):
-        for i, j in pairs:
-            plgpu.wgmma(acc_ref, a(i), b(j))
-        after_issue()
-
-    return pl.run_state(issue)(plgpu.ACC.init(acc))
-
-
-def _row(x):
-    """A (64,) vector along the rows of a wgmma tile, broadcast over (64, N) by the caller."""
-    return plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
-
-
-def _zeros(columns: int) -> jax.Array:
-    """A (64, columns) float32 accumulator of zeros in the wgmma layout."""
-    return plgpu.layout_cast(jnp.zeros((ROWS, columns), jnp.float32), plgpu.Layout.WGMMA)
-
-
-def _by_rows(x: jax.Array, shape) -> jax.Array:
-    """A (64,) per-row vector broadcast over the columns of `shape`."""
-    return lax.broadcast_in_dim(x, shape, [0])
-
-
-def _by_columns(x: jax.Array, shape) -> jax.Array:
-    """A (N,) per-column vector broadcast over the rows of `shape`."""
-    return lax.broadcast_in_dim(x, shape, [1])
 
 
 def _kernel(
@@ -246,7 +103,7 @@ def _kernel(
     k_free_bar,
     v_free_bar,
     *,
-    tiles: Tiles,
+    tiles: common.Tiles,
     chunk: int,
     num_chunks: int,
     qk_scale: float,
@@ -269,7 +126,7 @@ def _kernel(
 
     @pl.when(wg == warpgroups)
     def _memory():
-        plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
+        plgpu.set_max_registers(common.MEMORY_REGISTERS, action="decrease")
         plgpu.copy_gmem_to_smem(g_gmem.at[bh, c], g_smem, aux_bar.at[0])  # (5, L)
         plgpu.copy_gmem_to_smem(n_gmem.at[bh, c], n_smem, aux_bar.at[1])  # (DHQK_p,)
         for w in range(warpgroups):
@@ -324,7 +181,7 @@ def _kernel(
 
     @pl.when(wg < warpgroups)
     def _compute():
-        plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+        plgpu.set_max_registers(common.COMPUTE_REGISTERS, action="increase")
         row0 = q_start + wg * ROWS  # in-chunk position of this warpgroup's first query row
         own_steps = row0 // ROWS + 1  # key tiles up to this warpgroup's diagonal
         q_tile = lambda p: q_smem.at[wg, p]  # (64, DHQK_p): part p of this warpgroup's Q
@@ -337,17 +194,17 @@ def _kernel(
         vec_r = gate_row(_R, row0).astype(jnp.int32)  # (64,): last reset in the chunk, −1 if none
 
         # inter-chunk: q̄ C_{k-1} and q̄ · n_{k-1}, with q̄ = q·inter (inter = s·e^{b + m_{k-1} − m}, 0 after a reset)
-        q_dot_n = _row(jnp.zeros((ROWS,), jnp.float32))
+        q_dot_n = common.row_vector(jnp.zeros((ROWS,), jnp.float32))
         for e in range(state_steps):
             depth = pl.ds(e * ROWS, ROWS)
             n_e = plgpu.load(n_smem.at[depth], layout=plgpu.Layout.WGMMA.reduce(0))  # (64,) float32
             for p in range(parts):
                 q_e = plgpu.load(q_tile(p).at[:, depth], layout=plgpu.Layout.WGMMA).astype(jnp.float32)  # (64, 64)
-                q_dot_n = q_dot_n + jnp.sum(q_e * _by_columns(n_e, q_e.shape), axis=1)
+                q_dot_n = q_dot_n + jnp.sum(q_e * common.by_columns(n_e, q_e.shape), axis=1)
         q_cols = lambda e: lambda p: q_tile(p).at[:, pl.ds(e * ROWS, ROWS)]  # (64, 64): columns e of Q
         c_rows = lambda e: lambda p: v_smem.at[e % stages, p]  # (64, bDHHV): rows e of C_{k-1}
-        acc = _state_products(q_cols, c_rows, state_steps, block_v, parts, interpret, v_bar, v_free_bar, stages)
-        acc = acc * _by_rows(vec_inter, acc.shape)
+        acc = common.state_products(q_cols, c_rows, state_steps, block_v, parts, interpret, v_bar, v_free_bar, stages)
+        acc = acc * common.by_rows(vec_inter, acc.shape)
         den = q_dot_n * vec_inter
 
         plgpu.barrier_wait(k_bar.at[0])
@@ -356,25 +213,25 @@ def _kernel(
             acc, den = carry
             k_slot, v_slot = j % stages, (state_steps + j) % stages
             k_t = lambda p: k_smem.at[k_slot, p].transpose((1, 0))  # (DHQK_p, 64)
-            scores = mma(_zeros(ROWS), q_tile, k_t, parts, interpret)  # (64, DHQK_p) @ (DHQK_p, 64)
+            scores = common.mma(common.zeros(ROWS), q_tile, k_t, parts, interpret)  # (64, DHQK_p) @ (DHQK_p, 64)
             plgpu.barrier_arrive(k_free_bar.at[k_slot])
             vec_b_kv, vec_i_kv = gate_col(_B, j * ROWS), gate_col(_I, j * ROWS)  # (64,)
             shape = scores.shape
             log_decay = (
-                _by_rows(vec_b, shape) - _by_columns(vec_b_kv, shape) + _by_columns(vec_i_kv, shape)
-            ) - _by_rows(vec_m, shape)
+                common.by_rows(vec_b, shape) - common.by_columns(vec_b_kv, shape) + common.by_columns(vec_i_kv, shape)
+            ) - common.by_rows(vec_m, shape)
             q_pos = row0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
             kv_pos = j * ROWS + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-            valid = (kv_pos <= q_pos) & (kv_pos >= _by_rows(vec_r, shape))
+            valid = (kv_pos <= q_pos) & (kv_pos >= common.by_rows(vec_r, shape))
             weights = scores * qk_scale * jnp.exp(jnp.where(valid, log_decay, -jnp.inf))  # (64, 64) float32
             plgpu.barrier_wait(v_bar.at[v_slot])
-            w_parts = split_parts(weights, parts, v_smem.dtype)
+            w_parts = common.split_parts(weights, parts, v_smem.dtype)
             v_tile = lambda p: v_smem.at[v_slot, p]  # (64, bDHHV)
 
             def next_key():  # awaited while this step's product runs
                 pl.when(j + 1 < own_steps)(lambda: plgpu.barrier_wait(k_bar.at[(j + 1) % stages]))
 
-            acc = mma(acc, w_parts.__getitem__, v_tile, parts, interpret, next_key)  # (64, 64) @ (64, bDHHV)
+            acc = common.mma(acc, w_parts.__getitem__, v_tile, parts, interpret, next_key)  # (64, 64) @ (64, bDHHV)
             plgpu.barrier_arrive(v_free_bar.at[v_slot])
             return acc, (den + jnp.sum(weights, axis=1)) if normalize else den
 
@@ -389,10 +246,10 @@ def _kernel(
 
         if normalize:
             den = jnp.maximum(jnp.abs(den), jnp.exp(-vec_m))
-            h = acc / _by_rows(den + eps, acc.shape)
+            h = acc / common.by_rows(den + eps, acc.shape)
         else:  # h = q̄ C: e^{−m} only undoes the states' scale
             den = jnp.exp(-vec_m)
-            h = acc / _by_rows(den, acc.shape)
+            h = acc / common.by_rows(den, acc.shape)
         rows = pl.ds(c * chunk + row0, ROWS)
         out_cols = o_smem.shape[-1]
         for t in range(block_v // out_cols):
@@ -410,49 +267,6 @@ def _kernel(
         plgpu.wait_smem_to_gmem(0)
 
 
-def _state_products(q_cols, c_rows, steps: int, block_v: int, parts: int, interpret: bool, ready, free, stages: int):
-    """Σ_e Q[:, e] @ C_{k-1}[e, :] over the `steps` 64-wide slices, (64, bDHHV) float32: slice e awaited on
-    `ready` and its buffer released on `free` (slot e % stages). With two or more buffers a slice's products are
-    issued before the previous slice's are awaited and released, so the tensor cores keep working while buffers
-    change hands; with one buffer (float32 inputs at large DHQK) each slice is released before the next is awaited,
-    as the next one loads into the same buffer. Interpreted, the products are `jnp.dot`s (`mma`) in the same order
-    of barrier waits and releases."""
-    pipelined = stages >= 2
-    products = _products(parts)
-
-    def slices(multiply, wait_previous, wait_all):
-        for e in range(steps):
-            plgpu.barrier_wait(ready.at[e % stages])
-            multiply(e)
-            if not pipelined:
-                wait_all()
-                plgpu.barrier_arrive(free.at[e % stages])
-            elif e > 0:
-                wait_previous()  # the previous slice's products are done
-                plgpu.barrier_arrive(free.at[(e - 1) % stages])
-        if pipelined:
-            wait_all()
-            plgpu.barrier_arrive(free.at[(steps - 1) % stages])
-
-    if interpret:
-        acc = [_zeros(block_v)]
-
-        def multiply(e):
-            acc[0] = mma(acc[0], q_cols(e), c_rows(e), parts, interpret)  # (64, 64) @ (64, bDHHV)
-
-        slices(multiply, lambda: None, lambda: None)
-        return acc[0]
-
-    def issue(acc_ref):
-        def multiply(e):
-            for i, j in products:
-                plgpu.wgmma(acc_ref, q_cols(e)(i), c_rows(e)(j))  # (64, 64) @ (64, bDHHV)
-
-        slices(multiply, lambda: plgpu.wgmma_wait(len(products)), lambda: plgpu.wgmma_wait(0))
-
-    return pl.run_state(issue)(plgpu.ACC.init(_zeros(block_v)))
-
-
 def _kernel_gates(call: KernelCall, vecI, vecF, scaM_all, qk_scale: float):
     """The gate rows of every chunk (BNH, NC, 5, L) float32 (_GATE_ROWS), and vecM_out (B, NH, S)."""
     chunk = call.chunk_size
@@ -460,7 +274,7 @@ def _kernel_gates(call: KernelCall, vecI, vecF, scaM_all, qk_scale: float):
     vecM_out = compute_chunkwise_vecM(vecB, vecR, vecI, scaM_all, input_gate=call.input_gate)
     vec_m = chunked(vecM_out, chunk)
     m_prev = scaM_all[..., :-1, None].astype(vecB.dtype)  # (B, NH, NC, 1)
-    inter = qk_scale * common.inter_chunk_decay(vecB, vecR, m_prev, vec_m)
+    inter = qk_scale * triton_common.inter_chunk_decay(vecB, vecR, m_prev, vec_m)
     log_i = chunked(log_input_gate(vecI, call.input_gate), chunk)
     rows = (vecB, vec_m, vecR.astype(vecB.dtype), log_i, inter)
     gates = jnp.stack(rows, axis=-2)  # (B, NH, NC, 5, L)
@@ -477,21 +291,21 @@ def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all,
     chunk = call.chunk_size
     check_shapes(chunk, dhqk, matQ.dtype)
     num_chunks, bnh = seq_len // chunk, batch * heads
-    dhqk_p, dhhv_p = padded_dim(dhqk), padded_dim(dhhv)
-    operand_dtype = matQ.dtype if jnp.dtype(matQ.dtype).itemsize == 2 else jnp.bfloat16
-    parts, tiles = kernel_tiles(chunk, dhqk_p, dhhv_p, (1,) if operand_dtype == matQ.dtype else FLOAT32_PARTS)
+    dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
+    operand_dtype = common.operand_dtype(matQ.dtype)
+    parts, tiles = kernel_tiles(chunk, dhqk_p, dhhv_p, common.operand_parts(matQ.dtype))
     qk_scale = call.scale_for(dhqk)
     out_dtype = jnp.dtype(call.output_dtype)
 
     gates, vecM_out = _kernel_gates(call, vecI, vecF, scaM_all, qk_scale)
-    stacked = lambda x: split_operand(x, parts, operand_dtype)  # (P, ...)
-    q = stacked(common.pad_axis(matQ.reshape(bnh * seq_len, dhqk), 1, dhqk_p))
-    k = stacked(common.pad_axis(matK.reshape(bnh * seq_len, dhqk), 1, dhqk_p))
-    v = stacked(common.pad_axis(matV.reshape(bnh * seq_len, dhhv), 1, dhhv_p))
-    c_all = stacked(common.states_to_kernel_layout(matC_all, dhqk, (dhqk_p, dhhv_p)).reshape(-1, dhhv_p))
-    n_all = common.states_to_kernel_layout(vecN_all, dhqk, (dhqk_p,)).astype(jnp.float32)  # (BNH, NC+1, DHQK_p)
+    stacked = lambda x: common.split_operand(x, parts, operand_dtype)  # (P, ...)
+    q = stacked(triton_common.pad_axis(matQ.reshape(bnh * seq_len, dhqk), 1, dhqk_p))
+    k = stacked(triton_common.pad_axis(matK.reshape(bnh * seq_len, dhqk), 1, dhqk_p))
+    v = stacked(triton_common.pad_axis(matV.reshape(bnh * seq_len, dhhv), 1, dhhv_p))
+    c_all = stacked(triton_common.states_to_kernel_layout(matC_all, dhqk, (dhqk_p, dhhv_p)).reshape(-1, dhhv_p))
+    n_all = triton_common.states_to_kernel_layout(vecN_all, dhqk, (dhqk_p,)).astype(jnp.float32)  # (BNH, NC+1, DHQK_p)
 
-    operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=_swizzled(operand_dtype))
+    operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
     out_cols = 128 // out_dtype.itemsize
     w, stages = tiles.warpgroups, tiles.stages
     kernel = functools.partial(
@@ -516,7 +330,7 @@ def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all,
             operand((stages, parts, ROWS, tiles.block_v)),  # V or C_{k-1}
             plgpu.SMEM((len(_GATE_ROWS), chunk), jnp.float32),  # gates
             plgpu.SMEM((dhqk_p,), jnp.float32),  # n_{k-1}
-            plgpu.SMEM((w, ROWS, out_cols), out_dtype, transforms=_swizzled(out_dtype)),  # h staging
+            plgpu.SMEM((w, ROWS, out_cols), out_dtype, transforms=common.swizzled(out_dtype)),  # h staging
             plgpu.SMEM((w, ROWS), jnp.float32),  # den staging
             plgpu.Barrier(num_barriers=w),  # Q loaded
             plgpu.Barrier(num_barriers=2),  # gates, n loaded

@@ -1,0 +1,229 @@
+"""What the Mosaic GPU kernels share: the tile geometry (64-row wgmma tiles, shared-memory budget, warpgroups and
+buffers), float32 inputs as bf16 operand parts, the wgmma products (a `jnp.dot` each when interpreted), and the
+helpers for the wgmma register layout.
+
+Each kernel has one program per (batch·head, chunk, row tile x column tile), FlashAttention-3 style: `warpgroups`
+compute warpgroups of 64 rows each (the rows they own, loaded once) and one memory warpgroup that streams the
+other operand's 64-row tiles into two rings of `stages` buffers with TMA. The first ring holds the tiles whose
+scores the rows take, the second first the 64-row slices of a state, then the tiles the scores multiply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+ROWS = 64  # rows of a compute warpgroup (wgmma's M), rows of a ring step, head-dim granule
+CHUNK_SIZES = (64, 128, 256)
+MAX_HEAD_DIM = 256  # a TMA box side, and the accumulator's registers (64 x 256 float32 per warpgroup)
+SHARED_MEMORY_BYTES = 227 * 1024  # per block on Hopper
+_RESERVED_BYTES = 4096  # barriers, cross-warp reduction scratch, alignment
+COMPUTE_REGISTERS, MEMORY_REGISTERS = 232, 40  # per thread, as FlashAttention-3 splits them
+# bf16 parts of float32 operands, the first that fits: 3 carry float32's 24 bits; 2 (16 bits, about 1e-5 relative
+# per product) where 3 do not fit in shared memory (DHQK 256).
+FLOAT32_PARTS = (3, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """A launch: compute warpgroups (64 rows each), output columns per program, buffers in flight per ring."""
+
+    warpgroups: int
+    block_v: int
+    stages: int
+
+
+def swizzled(dtype) -> tuple:
+    """Tiling and 128-byte swizzle of a shared-memory tile whose rows are multiples of 128 bytes."""
+    columns = 128 // jnp.dtype(dtype).itemsize
+    return plgpu.TilingTransform((8, columns)), plgpu.SwizzleTransform(128)
+
+
+def shared_bytes(tiles: Tiles, chunk: int, dhqk: int, parts: int, gate_rows: int) -> int:
+    """Shared memory of one program, 16-bit operands: the owned rows (warpgroups, P, 64, DHQK), the two rings
+    (stages, P, 64, DHQK) and (stages, P, 64, block_v), `gate_rows` float32 rows of the chunk, a (DHQK,) float32
+    vector and the output staging (warpgroups, 64, 128 bytes + a float32)."""
+    w, bv = tiles.warpgroups, tiles.block_v
+    owned = w * parts * ROWS * dhqk * 2
+    rings = tiles.stages * parts * ROWS * (dhqk + bv) * 2
+    small = gate_rows * chunk * 4 + dhqk * 4 + w * ROWS * (128 + 4)
+    return owned + rings + small + _RESERVED_BYTES
+
+
+def kernel_tiles(name: str, chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...], gate_rows: int):
+    """(operand parts, Tiles) for padded head dims: the first of `parts` that fits, two warpgroups, the widest
+    column tile (at most 256) and the most buffers (up to 4) that fit in shared memory, preferring at least two
+    buffers; ValueError naming kernel `name` if nothing fits."""
+    widths = [bv for bv in range(min(dhhv, MAX_HEAD_DIM), 0, -ROWS) if dhhv % bv == 0]
+    for count in parts:
+        for min_stages in (2, 1):
+            for warpgroups in (2, 1):
+                if warpgroups * ROWS > chunk:
+                    continue
+                for block_v in widths:
+                    for stages in range(4, min_stages - 1, -1):
+                        tiles = Tiles(warpgroups, block_v, stages)
+                        if shared_bytes(tiles, chunk, dhqk, count, gate_rows) <= SHARED_MEMORY_BYTES:
+                            return count, tiles
+    raise ValueError(f"no Mosaic GPU tiling of {name} fits in shared memory for DHQK={dhqk}, DHHV={dhhv}.")
+
+
+def padded_dim(size: int) -> int:
+    """A head dim as the kernels run it: the next multiple of 64."""
+    return -(-size // ROWS) * ROWS
+
+
+def unsupported(name: str, chunk: int, dhqk: int, dtype) -> str | None:
+    """What kernel `name` does not run of the shape (chunks other than 64/128/256, DHQK > 256, float64), or None."""
+    if chunk not in CHUNK_SIZES:
+        return f"the mosaic_gpu {name} takes chunk_size in {CHUNK_SIZES}; got {chunk}."
+    if padded_dim(dhqk) > MAX_HEAD_DIM:
+        return f"the mosaic_gpu {name} takes DHQK <= {MAX_HEAD_DIM}; got {dhqk}."
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+        return f"the mosaic_gpu {name} takes bfloat16, float16 or float32 inputs; got {jnp.dtype(dtype)}."
+    return None
+
+
+def operand_dtype(dtype):
+    """The wgmma operand dtype of inputs of `dtype`: their own if 16-bit, else bf16 (in parts)."""
+    return dtype if jnp.dtype(dtype).itemsize == 2 else jnp.bfloat16
+
+
+def operand_parts(dtype) -> tuple[int, ...]:
+    """The part counts `kernel_tiles` may choose for inputs of `dtype`."""
+    return (1,) if jnp.dtype(dtype).itemsize == 2 else FLOAT32_PARTS
+
+
+def split_parts(x: jax.Array, parts: int, dtype) -> list[jax.Array]:
+    """x as `parts` wgmma operands of `dtype` that sum to it, inside the kernel (the gated scores): [x] for 16-bit
+    inputs; for float32 inputs bf16 parts, each the rounding of what the previous ones leave (3 parts: 24 bits of
+    mantissa, float32's own). Mosaic GPU keeps every rounding; the inputs are split by XLA (`split_operand`)."""
+    if parts == 1:
+        return [x.astype(dtype)]
+    rest, split = x.astype(jnp.float32), []
+    for _ in range(parts):
+        split.append(rest.astype(dtype))
+        rest = rest - split[-1].astype(jnp.float32)
+    return split
+
+
+def split_operand(x: jax.Array, parts: int, dtype) -> jax.Array:
+    """An input array as the kernel's stacked operand parts, (P, ...) of `dtype`, computed by XLA before the launch.
+
+    Each part but the last keeps the leading 16 bits of what the previous ones leave (the bf16 bits, by a mask),
+    and the last is rounded: the parts sum to x exactly. A mask, not a rounding, because XLA on the GPU treats a
+    float32 -> bf16 -> float32 round trip as excess precision it may drop, which leaves every later part zero
+    (bf16 accuracy, seen on an H100); a masked value is exact in bf16, so the cast it gets has nothing to drop."""
+    if parts == 1:
+        return x.astype(dtype)[None]
+    rest, split = x.astype(jnp.float32), []
+    for _ in range(parts - 1):
+        bits = lax.bitcast_convert_type(rest, jnp.uint32) & jnp.uint32(0xFFFF0000)
+        leading = lax.bitcast_convert_type(bits, jnp.float32)
+        split.append(leading.astype(dtype))
+        rest = rest - leading
+    return jnp.stack([*split, rest.astype(dtype)])
+
+
+def read_tile(x):
+    """A tile's value: a ref read whole, an array as it is."""
+    return x if isinstance(x, jax.Array) else x[...]
+
+
+def part_products(parts: int) -> list[tuple[int, int]]:
+    """The part products (i, j) that carry float32's precision: i + j < parts (one for 16-bit inputs)."""
+    return [(i, j) for i in range(parts) for j in range(parts) if i + j < parts]
+
+
+def mma(acc: jax.Array, a, b, parts: int, interpret: bool, while_running=None) -> jax.Array:
+    """acc + A @ B accumulated in float32, A and B given by their parts (`split_parts`): Σ a(i) @ b(j) over the
+    products of order i + j < parts (all of float32's 24 bits: 6 bf16 products for 3 parts; one for 16-bit inputs).
+
+    a(i): part i of A (M, K), a ref in shared memory or a register array; b(j): part j of B (K, N), a ref in shared
+    memory. On the GPU each product is a `plgpu.wgmma` into acc, awaited before returning (the refs are indexed
+    inside the accumulator's scope, where static indices stay static); interpreted (wgmma has no CPU rule for
+    register operands) each is a `jnp.dot`. `while_running()`, if given, runs after the products are issued and
+    before they are awaited (barrier waits that overlap the tensor cores' work).
+    """
+    pairs = part_products(parts)
+    after_issue = while_running or (lambda: None)
+    if interpret:
+        for i, j in pairs:
+            acc = acc + jnp.dot(read_tile(a(i)), read_tile(b(j)), preferred_element_type=jnp.float32)
+        after_issue()
+        return acc
+
+    def issue(acc_ref):
+        for i, j in pairs:
+            plgpu.wgmma(acc_ref, a(i), b(j))
+        after_issue()
+
+    return pl.run_state(issue)(plgpu.ACC.init(acc))
+
+
+def row_vector(x):
+    """A (64,) vector along the rows of a wgmma tile, broadcast over (64, N) by the caller."""
+    return plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
+
+
+def zeros(columns: int) -> jax.Array:
+    """A (64, columns) float32 accumulator of zeros in the wgmma layout."""
+    return plgpu.layout_cast(jnp.zeros((ROWS, columns), jnp.float32), plgpu.Layout.WGMMA)
+
+
+def by_rows(x: jax.Array, shape) -> jax.Array:
+    """A (64,) per-row vector broadcast over the columns of `shape`."""
+    return lax.broadcast_in_dim(x, shape, [0])
+
+
+def by_columns(x: jax.Array, shape) -> jax.Array:
+    """A (N,) per-column vector broadcast over the rows of `shape`."""
+    return lax.broadcast_in_dim(x, shape, [1])
+
+
+def state_products(q_cols, c_rows, steps: int, block_v: int, parts: int, interpret: bool, ready, free, stages: int):
+    """Σ_e Q[:, e] @ C_{k-1}[e, :] over the `steps` 64-wide slices, (64, bDHHV) float32: slice e awaited on
+    `ready` and its buffer released on `free` (slot e % stages). With two or more buffers a slice's products are
+    issued before the previous slice's are awaited and released, so the tensor cores keep working while buffers
+    change hands; with one buffer (float32 inputs at large DHQK) each slice is released before the next is awaited,
+    as the next one loads into the same buffer. Interpreted, the products are `jnp.dot`s (`mma`) in the same order
+    of barrier waits and releases."""
+    pipelined = stages >= 2
+    products = part_products(parts)
+
+    def slices(multiply, wait_previous, wait_all):
+        for e in range(steps):
+            plgpu.barrier_wait(ready.at[e % stages])
+            multiply(e)
+            if not pipelined:
+                wait_all()
+                plgpu.barrier_arrive(free.at[e % stages])
+            elif e > 0:
+                wait_previous()  # the previous slice's products are done
+                plgpu.barrier_arrive(free.at[(e - 1) % stages])
+        if pipelined:
+            wait_all()
+            plgpu.barrier_arrive(free.at[(steps - 1) % stages])
+
+    if interpret:
+        acc = [zeros(block_v)]
+
+        def multiply(e):
+            acc[0] = mma(acc[0], q_cols(e), c_rows(e), parts, interpret)  # (64, 64) @ (64, bDHHV)
+
+        slices(multiply, lambda: None, lambda: None)
+        return acc[0]
+
+    def issue(acc_ref):
+        def multiply(e):
+            for i, j in products:
+                plgpu.wgmma(acc_ref, q_cols(e)(i), c_rows(e)(j))  # (64, 64) @ (64, bDHHV)
+
+        slices(multiply, lambda: plgpu.wgmma_wait(len(products)), lambda: plgpu.wgmma_wait(0))
+
+    return pl.run_state(issue)(plgpu.ACC.init(zeros(block_v)))

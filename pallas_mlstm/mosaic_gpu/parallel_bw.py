@@ -1,0 +1,295 @@
+"""Parallel backward kernels in Pallas Mosaic GPU (Hopper), so far dV: the gradient of every chunk's values.
+
+Same arrays, output and math as pallas_mlstm.pallas_triton.parallel_bw_dV (its jnp twin: xla_kernels.parallel_bw_dV):
+
+    dV = (K ⊙ e^{a − m_k}) dC_k + Σ_{query tiles at or below the diagonal} (s·K Qᵀ ⊙ e^{D̃ − m}ᵀ / (den + eps)) dH
+
+The forward's H kernel (parallel_fw.py) run backwards in time: one program per (batch·head, chunk, key tile x DHHV
+tile), compute warpgroups of 64 key rows each (K, loaded once), and a memory warpgroup that streams, with TMA, the
+query tiles Q into one ring and into the other first the 64-row slices of dC_k, then the query tiles' dH. Each
+compute warpgroup takes acc = K dC_k slice by slice (`common.state_products`), scales its rows by e^{a − m_k}, then
+for each query tile from its own diagonal to the chunk's end acc += (s·K Qᵀ ⊙ gates) dH. The rings start at the
+program's first diagonal; a second warpgroup, one tile further down, awaits and releases the first query tile
+unused. Per program, in shared memory:
+
+    K        (warpgroups, P, 64, DHQK)  the program's key rows, loaded once
+    Q        (stages, P, 64, DHQK)      a query tile per step
+    dH       (stages, P, 64, bDHHV)     a query tile's dH per step, or a 64-row slice of the state dC_k
+    gates    (6, L) float32             the chunk's gate rows (_GATE_ROWS), loaded once
+    out      (warpgroups, 64, E)        the staging tile of dV (E = 128 bytes of output dtype)
+
+Shapes, dtypes and parts as the forward's kernel (`common.kernel_tiles`, float32 inputs as bf16 operand parts);
+dH and dC_k are rounded to the operand dtype before the launch, as the Triton kernel rounds them before its dots.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_mlstm.gates import chunked, log_input_gate
+from pallas_mlstm.kernel_call import KernelCall
+from pallas_mlstm.mosaic_gpu import common
+from pallas_mlstm.mosaic_gpu.common import ROWS
+from pallas_mlstm.pallas_triton import common as triton_common
+
+NAME = "mlstm_chunkwise__parallel_bw_dV"
+# b_t, m_t, last reset (float), log input gate, e^{a_j − m_k} (a key's decay to the chunk's end), s/(den_t + eps)
+_GATE_ROWS = ("b", "m", "r", "i", "inter", "dh_scale")
+_B, _M, _R, _I, _INTER, _DH_SCALE = range(len(_GATE_ROWS))
+
+
+def kernel_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]) -> tuple[int, common.Tiles]:
+    """The operand parts and the launch for padded head dims (`common.kernel_tiles`)."""
+    return common.kernel_tiles(NAME, chunk, dhqk, dhhv, parts, len(_GATE_ROWS))
+
+
+def supports(chunk: int, dhqk: int, dtype) -> bool:
+    """True for the shapes this kernel runs."""
+    return common.unsupported(NAME, chunk, dhqk, dtype) is None
+
+
+def _kernel(
+    k_gmem,  # (P, BNH·S, DHQK_p)
+    q_gmem,  # (P, BNH·S, DHQK_p)
+    dh_gmem,  # (P, BNH·S, DHHV_p)
+    dc_gmem,  # (P, BNH·(NC+1)·DHQK_p, DHHV_p): dC_k of head bh at rows (bh·(NC+1) + k)·DHQK_p
+    g_gmem,  # (BNH, NC, 6, L) float32
+    dv_gmem,  # (BNH, S, DHHV_p) out
+    k_smem,
+    q_smem,
+    dh_smem,
+    g_smem,
+    o_smem,
+    k_bar,
+    g_bar,
+    q_bar,
+    dh_bar,
+    q_free_bar,
+    dh_free_bar,
+    *,
+    tiles: common.Tiles,
+    chunk: int,
+    num_chunks: int,
+    interpret: bool,
+):
+    parts, dhqk = k_smem.shape[1], k_smem.shape[-1]
+    block_v, stages, warpgroups = tiles.block_v, tiles.stages, tiles.warpgroups
+    state_steps = dhqk // ROWS  # 64-row slices of dC_k, the first steps of the dH ring
+    v_tiles = dh_gmem.shape[-1] // block_v
+    bh, c, kv = lax.axis_index("bh"), lax.axis_index("c"), lax.axis_index("kv")
+    seq_row0 = (bh * num_chunks + c) * chunk  # row of the chunk's first step in Q, K, dH
+    ik, iv = kv // v_tiles, kv % v_tiles
+    kv_start = ik * (warpgroups * ROWS)  # in-chunk position of the program's first key row
+    first_q = kv_start // ROWS  # the first query tile: the first warpgroup's diagonal
+    columns = pl.ds(iv * block_v, block_v)
+    q_steps = chunk // ROWS - first_q  # query tiles from the first diagonal to the chunk's end
+    dh_steps = state_steps + q_steps  # the dH ring: dC_k slices, then the query tiles' dH
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == warpgroups)
+    def _memory():
+        plgpu.set_max_registers(common.MEMORY_REGISTERS, action="decrease")
+        plgpu.copy_gmem_to_smem(g_gmem.at[bh, c], g_smem, g_bar.at[0])  # (6, L)
+        for w in range(warpgroups):
+            rows = pl.ds(seq_row0 + kv_start + w * ROWS, ROWS)
+            plgpu.copy_gmem_to_smem(k_gmem.at[:, rows], k_smem.at[w], k_bar.at[w])  # (P, 64, DHQK_p)
+
+        def load_q(j):  # query tile first_q + j into its slot of the Q ring
+            q_rows = pl.ds(seq_row0 + (first_q + j) * ROWS, ROWS)
+            slot = j % stages
+            plgpu.copy_gmem_to_smem(q_gmem.at[:, q_rows], q_smem.at[slot], q_bar.at[slot])  # (P, 64, DHQK_p)
+
+        def load_dh(t):  # step t of the dH ring: a 64-row slice of dC_k, then the query tiles' dH
+            slot = t % stages
+
+            @pl.when(t < state_steps)
+            def _state():
+                state_rows = pl.ds((bh * (num_chunks + 1) + c + 1) * dhqk + t * ROWS, ROWS)
+                dc_tile = dc_gmem.at[:, state_rows, columns]  # (P, 64, bDHHV)
+                plgpu.copy_gmem_to_smem(dc_tile, dh_smem.at[slot], dh_bar.at[slot])
+
+            @pl.when(t >= state_steps)
+            def _dh():
+                q_rows = pl.ds(seq_row0 + (first_q + t - state_steps) * ROWS, ROWS)
+                plgpu.copy_gmem_to_smem(
+                    dh_gmem.at[:, q_rows, columns], dh_smem.at[slot], dh_bar.at[slot]
+                )  # (P, 64, bDHHV)
+
+        for j in range(stages):
+            pl.when(j < q_steps)(functools.partial(load_q, j))
+        for t in range(stages):
+            pl.when(t < dh_steps)(functools.partial(load_dh, t))
+
+        @pl.loop(0, dh_steps - stages)
+        def _refill(t):
+            # a query tile's slot frees as soon as its scores are computed, before the step's dH tile
+            j = t - state_steps
+
+            @pl.when((j >= 0) & (j + stages < q_steps))
+            def _next_query():
+                plgpu.barrier_wait(q_free_bar.at[j % stages])
+                load_q(j + stages)
+
+            plgpu.barrier_wait(dh_free_bar.at[t % stages])
+            load_dh(t + stages)
+
+        # observe the releases the refills did not wait for (the interpreter checks that each one is awaited)
+        @pl.loop(jnp.maximum(q_steps - stages, 0), q_steps)
+        def _drain_queries(j):
+            plgpu.barrier_wait(q_free_bar.at[j % stages])
+
+        @pl.loop(jnp.maximum(dh_steps - stages, 0), dh_steps)
+        def _drain_dh(t):
+            plgpu.barrier_wait(dh_free_bar.at[t % stages])
+
+    @pl.when(wg < warpgroups)
+    def _compute():
+        plgpu.set_max_registers(common.COMPUTE_REGISTERS, action="increase")
+        row0 = kv_start + wg * ROWS  # in-chunk position of this warpgroup's first key row
+        k_tile = lambda p: k_smem.at[wg, p]  # (64, DHQK_p): part p of this warpgroup's K
+        plgpu.barrier_wait(g_bar.at[0])
+        plgpu.barrier_wait(k_bar.at[wg])
+        gate_row = lambda g, start: plgpu.load(g_smem.at[g, pl.ds(start, ROWS)], layout=plgpu.Layout.WGMMA.reduce(1))
+        gate_col = lambda g, start: plgpu.load(g_smem.at[g, pl.ds(start, ROWS)], layout=plgpu.Layout.WGMMA.reduce(0))
+        vec_b_kv, vec_i_kv, vec_inter = gate_row(_B, row0), gate_row(_I, row0), gate_row(_INTER, row0)  # (64,)
+
+        # inter-chunk: (K ⊙ e^{a − m_k}) dC_k
+        k_cols = lambda e: lambda p: k_tile(p).at[:, pl.ds(e * ROWS, ROWS)]  # (64, 64): columns e of K
+        dc_rows = lambda e: lambda p: dh_smem.at[e % stages, p]  # (64, bDHHV): rows e of dC_k
+        acc = common.state_products(
+            k_cols, dc_rows, state_steps, block_v, parts, interpret, dh_bar, dh_free_bar, stages
+        )
+        acc = acc * common.by_rows(vec_inter, acc.shape)
+
+        @pl.loop(0, wg)
+        def _skip(j):  # query tiles above this warpgroup's diagonal, loaded for the previous one
+            plgpu.barrier_wait(q_bar.at[j % stages])
+            plgpu.barrier_arrive(q_free_bar.at[j % stages])
+            plgpu.barrier_wait(dh_bar.at[(state_steps + j) % stages])
+            plgpu.barrier_arrive(dh_free_bar.at[(state_steps + j) % stages])
+
+        plgpu.barrier_wait(q_bar.at[wg % stages])
+
+        def query_step(j, acc):
+            q_slot, dh_slot = j % stages, (state_steps + j) % stages
+            q_start = (first_q + j) * ROWS  # in-chunk position of the query tile
+            q_t = lambda p: q_smem.at[q_slot, p].transpose((1, 0))  # (DHQK_p, 64)
+            scores = common.mma(common.zeros(ROWS), k_tile, q_t, parts, interpret)  # (64, DHQK_p) @ (DHQK_p, 64)
+            plgpu.barrier_arrive(q_free_bar.at[q_slot])
+            vec_b_q, vec_m_q = gate_col(_B, q_start), gate_col(_M, q_start)  # (64,)
+            vec_r_q = gate_col(_R, q_start).astype(jnp.int32)  # (64,): last reset in the chunk, −1 if none
+            dh_scale = gate_col(_DH_SCALE, q_start)  # (64,)
+            shape = scores.shape  # (key rows, query columns)
+            log_decay = (
+                common.by_columns(vec_b_q, shape) - common.by_rows(vec_b_kv, shape) + common.by_rows(vec_i_kv, shape)
+            ) - common.by_columns(vec_m_q, shape)
+            kv_pos = row0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+            q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+            valid = (kv_pos <= q_pos) & (kv_pos >= common.by_columns(vec_r_q, shape))
+            decay = jnp.exp(jnp.where(valid, log_decay, -jnp.inf))
+            weights = scores * common.by_columns(dh_scale, shape) * decay  # (64, 64) float32
+            plgpu.barrier_wait(dh_bar.at[dh_slot])
+            w_parts = common.split_parts(weights, parts, dh_smem.dtype)
+            dh_tile = lambda p: dh_smem.at[dh_slot, p]  # (64, bDHHV)
+
+            def next_query():  # awaited while this step's product runs
+                pl.when(j + 1 < q_steps)(lambda: plgpu.barrier_wait(q_bar.at[(j + 1) % stages]))
+
+            acc = common.mma(acc, w_parts.__getitem__, dh_tile, parts, interpret, next_query)  # (64, 64) @ (64, bDHHV)
+            plgpu.barrier_arrive(dh_free_bar.at[dh_slot])
+            return acc
+
+        acc = lax.fori_loop(wg, q_steps, query_step, acc)
+
+        rows = pl.ds(c * chunk + row0, ROWS)
+        out_cols = o_smem.shape[-1]
+        for t in range(block_v // out_cols):
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile has left o_smem
+            o_smem[wg] = acc[:, t * out_cols : (t + 1) * out_cols].astype(o_smem.dtype)  # (64, E)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], dv_gmem.at[bh, rows, pl.ds(iv * block_v + t * out_cols, out_cols)])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _kernel_gates(call: KernelCall, vecI, chunk_gates, scaM_all, vecN_out, vecM_out, qk_scale: float):
+    """The gate rows of every chunk, (BNH, NC, 6, L) float32 (_GATE_ROWS)."""
+    chunk = call.chunk_size
+    vecA, vecB, vecR = chunk_gates  # (B, NH, NC, L)
+    if vecR is None:
+        vecR = jnp.full(vecB.shape, -1, jnp.int32)
+    m_next = scaM_all[..., 1:, None].astype(jnp.float32)  # (B, NH, NC, 1): m_k at the chunk's end
+    rows = (
+        vecB,
+        chunked(vecM_out, chunk),
+        vecR,
+        chunked(log_input_gate(vecI, call.input_gate), chunk),
+        jnp.exp(vecA.astype(jnp.float32) - m_next),
+        qk_scale / (chunked(vecN_out, chunk).astype(jnp.float32) + call.eps),
+    )
+    gates = jnp.stack([x.astype(jnp.float32) for x in rows], axis=-2)  # (B, NH, NC, 6, L)
+    return gates.reshape(-1, *gates.shape[2:])
+
+
+def parallel_bw_dV(
+    call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
+):
+    """The launcher of `mlstm_chunkwise__parallel_bw_dV` in Mosaic GPU (same arrays and output as the Triton
+    launcher): dV (B, NH, S, DHHV) in call.output_dtype. chunk_gates = (vecA, vecB, vecR or None), chunk_states =
+    (matC_all, vecN_all, scaM_all) (only scaM_all read). Trusts `call` (chunk_size, qk_scale, eps, output_dtype,
+    input_gate, interpret); ValueError for the shapes `common.unsupported` names."""
+    batch, heads, seq_len, dhqk = matQ.shape
+    dhhv = matV.shape[-1]
+    chunk = call.chunk_size
+    problem = common.unsupported(NAME, chunk, dhqk, matQ.dtype)
+    if problem is not None:
+        raise ValueError(problem)
+    num_chunks, bnh = seq_len // chunk, batch * heads
+    dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
+    operand_dtype = common.operand_dtype(matQ.dtype)
+    parts, tiles = kernel_tiles(chunk, dhqk_p, dhhv_p, common.operand_parts(matQ.dtype))
+    out_dtype = jnp.dtype(call.output_dtype)
+
+    gates = _kernel_gates(call, vecI, chunk_gates, chunk_states[2], vecN_out, vecM_out, call.scale_for(dhqk))
+    stacked = lambda x: common.split_operand(x, parts, operand_dtype)  # (P, ...)
+    rows = lambda x, size: triton_common.pad_axis(x.reshape(bnh * seq_len, x.shape[-1]), 1, size)
+    k, q = stacked(rows(matK, dhqk_p)), stacked(rows(matQ, dhqk_p))
+    dh = stacked(rows(matDeltaH.astype(matQ.dtype), dhhv_p))
+    dc_all = stacked(
+        triton_common.states_to_kernel_layout(matDeltaC_states, dhqk, (dhqk_p, dhhv_p)).reshape(-1, dhhv_p)
+    )
+
+    operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
+    out_cols = 128 // out_dtype.itemsize
+    w, stages = tiles.warpgroups, tiles.stages
+    kernel = functools.partial(_kernel, tiles=tiles, chunk=chunk, num_chunks=num_chunks, interpret=call.interpret)
+    dv = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((bnh, seq_len, dhhv_p), out_dtype),
+        scratch_types=(
+            operand((w, parts, ROWS, dhqk_p)),  # K
+            operand((stages, parts, ROWS, dhqk_p)),  # Q
+            operand((stages, parts, ROWS, tiles.block_v)),  # dH or dC_k
+            plgpu.SMEM((len(_GATE_ROWS), chunk), jnp.float32),  # gates
+            plgpu.SMEM((w, ROWS, out_cols), out_dtype, transforms=common.swizzled(out_dtype)),  # dV staging
+            plgpu.Barrier(num_barriers=w),  # K loaded
+            plgpu.Barrier(num_barriers=1),  # gates loaded
+            plgpu.Barrier(num_barriers=stages),  # Q loaded
+            plgpu.Barrier(num_barriers=stages),  # dH / dC_k loaded
+            plgpu.Barrier(num_arrivals=w, num_barriers=stages),  # Q buffers free again
+            plgpu.Barrier(num_arrivals=w, num_barriers=stages),  # dH buffers free again
+        ),
+        grid=(bnh, num_chunks, (chunk // (w * ROWS)) * (dhhv_p // tiles.block_v)),
+        grid_names=("bh", "c", "kv"),
+        num_threads=w + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=parts == 1),  # float32 inputs: IEEE exp and division
+        interpret=plgpu.InterpretGPUParams() if call.interpret else None,
+        kernel_name=NAME,
+    )(k, q, dh, dc_all, gates)
+    return dv[:, :, :dhhv].reshape(batch, heads, seq_len, dhhv)
