@@ -55,21 +55,28 @@ def _run_cli(tmp_path, *arguments, timeout=120, on_cpu=True):
     )
 
 
-def _run_cli_without_oracles(*arguments):
-    """`python -m pallas_mlstm ARGUMENTS` in a process where `import reference` fails, as from a wheel."""
+def _help_without_oracles(commands) -> dict:
+    """`python -m pallas_mlstm COMMAND --help` for each of `commands`, in one process where `import reference`
+    fails (as from a wheel): {command: CompletedProcess}, each with its own exit code and output."""
     program = (
-        "import sys; sys.modules['reference'] = None; from pallas_mlstm.__main__ import main; "
-        f"sys.argv = ['{PROGRAM}', *{list(arguments)!r}]; main()"
+        "import contextlib, io, json, sys; sys.modules['reference'] = None; from pallas_mlstm.__main__ import main\n"
+        "results = {}\n"
+        f"for command in {list(commands)!r}:\n"
+        "    out, err, code = io.StringIO(), io.StringIO(), 0\n"
+        "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+        "        try:\n"
+        "            main([command, '--help'])\n"
+        "        except SystemExit as exit:\n"
+        "            code = exit.code or 0\n"
+        "    results[command] = [code, out.getvalue(), err.getvalue()]\n"
+        "print(json.dumps(results))\n"
     )
-    return subprocess.run(
-        [sys.executable, "-c", program],
-        cwd=REPO_ROOT,
-        env=_environment(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    done = subprocess.run(
+        [sys.executable, "-c", program], cwd=REPO_ROOT, env=_environment(), capture_output=True, text=True, timeout=120
     )
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    return {command: subprocess.CompletedProcess([command, "--help"], *results[command]) for command in commands}
 
 
 @pytest.fixture
@@ -143,23 +150,32 @@ def test_help_lists_the_subcommands(run_main):
     assert result.stdout.startswith(f"usage: {PROGRAM} {{{','.join(COMMANDS)}}}")
 
 
+# each command and a flag its help must list
+HELP_FLAGS = {
+    "check": "--check_shape",
+    "bench": "--shapes",
+    "tune": "--configs_out",
+    "step_bench": "--step_batches",
+    "kernel_times": "--kernel_shapes",
+}
+
+
+@pytest.fixture(scope="module")
+def help_without_oracles():
+    return _help_without_oracles(HELP_FLAGS)
+
+
 @pytest.mark.parametrize("with_oracles", [True, False], ids=["source-tree", "without-oracles"])
-@pytest.mark.parametrize(
-    "command, flag",
-    [
-        ("check", "--check_shape"),
-        ("bench", "--shapes"),
-        ("tune", "--configs_out"),
-        ("step_bench", "--step_batches"),
-        ("kernel_times", "--kernel_shapes"),
-    ],
-)
-def test_subcommand_help_lists_its_flags_for_users(run_main, command, flag, with_oracles):
+@pytest.mark.parametrize("command", HELP_FLAGS)
+def test_subcommand_help_lists_its_flags_for_users(request, run_main, command, with_oracles):
     """Every --help works, also where the oracles (the source tree's reference/ package) cannot be imported (a
-    fresh process, as from a wheel)."""
-    result = run_main(command, "--help") if with_oracles else _run_cli_without_oracles(command, "--help")
+    fresh process, as from a wheel: one for every command)."""
+    if with_oracles:
+        result = run_main(command, "--help")
+    else:
+        result = request.getfixturevalue("help_without_oracles")[command]
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"usage: {PROGRAM} {command} [--flags]") and flag in result.stdout
+    assert result.stdout.startswith(f"usage: {PROGRAM} {command} [--flags]") and HELP_FLAGS[command] in result.stdout
     assert "--[no]traceback" in result.stdout
     assert not [word for word in NOT_FOR_USERS if word in result.stdout.lower()]
 
