@@ -1,10 +1,11 @@
 """Sharded-vs-unsharded cases of `mlstm_chunkwise`, run in a process of its own with 4 CPU devices.
 
-tests/test_sharding.py runs `python -m tests.sharding_cases BACKEND SEED CASE...` with
-XLA_FLAGS=--xla_force_host_platform_device_count=4 and reads one JSON line per case from stdout:
-relative errors of every output and gradient against one device and (unless the case has a plain
-tolerance) against float64 (of the sharded and of the one-device result), the output shardings, and the
-collectives of the compiled program (or the error a case expects).
+tests/test_sharding.py runs `python -m tests.sharding_cases SEED RUN...` once per session, with
+XLA_FLAGS=--xla_force_host_platform_device_count=4; a RUN is BACKEND/CASE, or "documents_and_steps". It reads one
+JSON line per run from stdout: for a case, relative errors of every output and gradient against one device and
+(unless the case has a plain tolerance) against float64 (of the sharded and of the one-device result), the output
+shardings, and the collectives of the compiled program (or the error a case expects); for documents_and_steps,
+that it passed. A run that raises reports its traceback ("crash") and the next runs go on.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import json
 import re
 import sys
+import traceback
 import warnings
 
 import jax
@@ -239,15 +241,89 @@ def run_case(name: str, backend: str) -> dict:
     return result
 
 
+def documents_and_steps() -> dict:
+    """Packed documents (`segment_ids`) under batch x sequence sharding, with documents that straddle the shard edge
+    and one that starts on it; decoding steps with B and NH sharded; unsplit inputs inside jax.set_mesh (Explicit and
+    Auto axes); the default chunk under Explicit sequence sharding: each equal to one device (AssertionError if
+    not), on the xla backend."""
+    batch, heads, seq_len, dk, dv = 2, 2, 128, 16, 16
+    mesh = jax.make_mesh((2, 2), ("data", "seq"))
+    q, k, v, i, f, *_ = mlstm_inputs(jax.random.PRNGKey(3), batch, heads, seq_len, dk, dv, jnp.float32)
+    ids = np.zeros((batch, seq_len), np.int32)
+    ids[0, 20:] += 1  # documents 20-49 and 50-69 straddle the shard edge at 64
+    ids[0, 50:] += 1
+    ids[0, 70:] += 1
+    ids[1, 64:] += 1  # a document starting exactly at the shard edge
+    ids = jnp.asarray(ids)
+    w = jax.random.normal(jax.random.PRNGKey(4), (batch, heads, seq_len, dv), jnp.float32)
+
+    def loss(q, k, v, i, f, ids):
+        h = pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, chunk_size=16, backend="xla", segment_ids=ids)
+        return jnp.sum(w * h)
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))
+    one_value, one_grads = jax.jit(grad)(q, k, v, i, f, ids)
+    seq = NamedSharding(mesh, P("data", None, "seq"))
+    put = lambda x: jax.device_put(x, seq if x.ndim >= 3 else NamedSharding(mesh, P("data", "seq")))
+    value, grads = jax.jit(grad)(*map(put, (q, k, v, i, f, ids)))
+    assert abs(float(value) - float(one_value)) <= 1e-5 * abs(float(one_value)), (value, one_value)
+    for g, e in zip(grads, one_grads):
+        assert rel_err(g, e) <= 1e-5, rel_err(g, e)
+
+    # decoding steps with B and NH sharded
+    mesh2 = jax.make_mesh((2, 2), ("data", "heads"))
+    q1, k1, v1 = (x[:, :, 0] for x in (q, k, v))
+    c = jax.random.normal(jax.random.PRNGKey(5), (batch, heads, dk, dv), jnp.float32)
+    n = jax.random.normal(jax.random.PRNGKey(6), (batch, heads, dk), jnp.float32)
+    m = jnp.zeros((batch, heads), jnp.float32)
+    args = (q1, k1, v1, i[:, :, 0], f[:, :, 0], c, n, m)
+    step = jax.jit(lambda *a: pallas_mlstm.mlstm_recurrent_step(*a, backend="xla"))
+    expected = step(*args)
+    actual = step(*(jax.device_put(x, NamedSharding(mesh2, P("data", "heads"))) for x in args))
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        assert rel_err(a, e) <= 1e-6, rel_err(a, e)
+
+    # unsplit inputs inside jax.set_mesh, on Explicit and on Auto axes: placed whole on the mesh, and uncommitted
+    def plain(q, k, v, i, f):
+        return jnp.sum(w * pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, chunk_size=16, backend="xla"))
+
+    plain_grad = jax.value_and_grad(plain, argnums=(0, 1, 2, 3, 4))
+    one_value, one_grads = jax.jit(plain_grad)(q, k, v, i, f)
+    for kind in (AxisType.Explicit, AxisType.Auto):
+        mesh3 = jax.make_mesh((2, 2), ("data", "seq"), axis_types=(kind, kind))
+        for inputs in ((q, k, v, i, f), jax.device_put((q, k, v, i, f), NamedSharding(mesh3, P()))):
+            with jax.set_mesh(mesh3):
+                value, grads = jax.jit(plain_grad)(*inputs)
+            assert abs(float(value) - float(one_value)) <= 1e-6 * abs(float(one_value)), (kind, value, one_value)
+            for g, e in zip(grads, one_grads):
+                assert rel_err(g, e) <= 1e-6, (kind, rel_err(g, e))
+
+    # no chunk_size with S split over Explicit axes: the default (128 for S = 128) halved to divide a shard of 64
+    mesh4 = jax.make_mesh((2, 2), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
+    split = lambda x: jax.device_put(x, NamedSharding(mesh4, P("data", None, "seq")))
+    default = jax.jit(lambda *a: pallas_mlstm.mlstm_chunkwise(*a, backend="xla"))(*map(split, (q, k, v, i, f)))
+    expected = pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, chunk_size=64, backend="xla")
+    assert rel_err(default, expected) <= 1e-6, rel_err(default, expected)
+    return {"passed": True}
+
+
 def main(argv: list[str]) -> None:
     if jax.device_count() != 4:
         raise SystemExit(
             f"needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=4); got {jax.device_count()}"
         )
-    backend, seed, names = argv[0], argv[1], argv[2:]
+    seed, runs = argv[0], argv[1:]
     test_flags.FLAGS([sys.argv[0], f"--seed={seed}"])
-    for name in names:
-        print(json.dumps(run_case(name, backend)), flush=True)
+    for run in runs:
+        try:
+            if run == "documents_and_steps":
+                result = documents_and_steps()
+            else:
+                backend, name = run.split("/")
+                result = run_case(name, backend)
+        except Exception:
+            result = {"crash": traceback.format_exc()[-6000:]}
+        print(json.dumps({**result, "run": run}), flush=True)
 
 
 if __name__ == "__main__":

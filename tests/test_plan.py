@@ -25,14 +25,14 @@ from tests.helpers import CUDA_DEVICE, case_key, lower_for_cuda, mlstm_inputs
 
 _PACKAGE = pathlib.Path(pallas_mlstm.__file__).parent
 # The kernels the mosaic backend runs in Mosaic GPU (the others are Triton's)
-MOSAIC_KERNELS = ["parallel_fw_Hintra", "parallel_bw_dV"]
+MOSAIC_KERNELS = ["parallel_fw_Hintra"]
 
 
 def test_backends_are_registered_objects_and_none_picks_by_priority():
     assert pallas_mlstm.BACKENDS == ("triton", "interpret", "xla", "mosaic", "mosaic_interpret")
     assert get_backend(None).name == ("triton" if jax.default_backend() == "gpu" else "xla")
     assert registered("interpret").kernels is registered("triton").kernels and registered("interpret").interpret
-    # mosaic: Triton's kernels but the forward's H kernel and dV, picked only when named; its interpreter runs
+    # mosaic: Triton's kernels but those of MOSAIC_KERNELS, picked only when named; its interpreter runs
     # unpartitioned
     mosaic, triton = registered("mosaic").kernels, registered("triton").kernels
     assert [k for k in CHUNKWISE_KERNELS if getattr(mosaic, k) is not getattr(triton, k)] == MOSAIC_KERNELS
@@ -175,7 +175,7 @@ def test_kernel_backends_run_a_kernel_of_another_backend():
 def test_backend_none_follows_a_tuned_configs_kernel_backends(monkeypatch, tmp_path):
     """A tuned config that runs parallel_fw_Hintra in Mosaic GPU: backend=None on an H100 (lowered without one)
     takes it, so the program holds one Mosaic GPU kernel; backend="mosaic", whose kernel it is, takes it too and
-    runs its two (the forward's H kernel and dV);
+    runs its own (MOSAIC_KERNELS);
     backend="triton", named, passes the entry over (it was measured with another kernel) and stays all Triton."""
     if jax.default_backend() == "gpu" and not mosaic_gpu.available():
         pytest.skip("a GPU other than Hopper: the tuned Mosaic GPU kernel cannot run on it")

@@ -2,11 +2,13 @@
 
 The second GPU backend, next to pallas_mlstm.pallas_triton (Pallas lowered to Triton, which JAX 0.11 deprecates),
 registered as backend="mosaic" (a Hopper GPU) and backend="mosaic_interpret" (Mosaic GPU's interpreter on the CPU,
-for tests). Kernels move over one at a time. In Mosaic GPU wherever they take the shape (chunk 64, 128 or 256,
-DHQK up to 256, 16-bit or float32 inputs), else as the Triton kernel: `parallel_fw_Hintra`, the forward's largest
-kernel (parallel_fw.py), and `parallel_bw_dV` (parallel_bw.py), which share common.py. Every other kernel is
-still the Triton backend's, with its launchers and launch config (`TritonLaunch`, which the Mosaic GPU kernels
-ignore: they pick their own tiles).
+for tests). Kernels move over one at a time: `parallel_fw_Hintra`, the forward's largest kernel, runs in Mosaic GPU
+(parallel_fw.py) wherever that kernel takes the shape (chunk 64, 128 or 256, DHQK up to 256, 16-bit or float32
+inputs) and as the Triton kernel otherwise; every other kernel is still the Triton backend's, with its launchers and
+launch config (`TritonLaunch`, which the Mosaic GPU kernels ignore: they pick their own tiles). parallel_bw.py holds
+the next one, dV, checked on the CPU (interpreted against its twin, lowered for cuda) but not yet compiled or timed
+on a GPU: it joins KERNELS, behind a shape check like `parallel_fw_Hintra`'s, once it is. common.py holds what
+the kernels share.
 """
 
 import os
@@ -26,8 +28,8 @@ INTERPRETER_THREADS = 4
 
 def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all):
     """The forward's H kernel: Mosaic GPU where `parallel_fw.supports` the shape, else the Triton launcher (same
-    arrays and outputs). The kernel modules are imported on the first call: Mosaic GPU's Pallas module takes about
-    a third of a second to import, which `import pallas_mlstm` should not pay on machines that never run it."""
+    arrays and outputs). The kernel's module is imported here, on the first call: Mosaic GPU's Pallas module takes
+    about a third of a second to import, which `import pallas_mlstm` should not pay on machines that never run it."""
     from pallas_mlstm.mosaic_gpu import parallel_fw
 
     if parallel_fw.supports(call.chunk_size, matQ.shape[-1], matQ.dtype):
@@ -37,25 +39,13 @@ def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all,
     return launcher(call, matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all)
 
 
-def parallel_bw_dV(call: KernelCall, matQ, *arrays):
-    """The backward's dV kernel: Mosaic GPU where `parallel_bw.supports` the shape, else the Triton launcher
-    (same arrays and output; imported on the first call, as `parallel_fw_Hintra`)."""
-    from pallas_mlstm.mosaic_gpu import parallel_bw
-
-    if parallel_bw.supports(call.chunk_size, matQ.shape[-1], matQ.dtype):
-        launcher = parallel_bw.parallel_bw_dV
-    else:
-        launcher = pallas_triton.KERNELS.parallel_bw_dV
-    return launcher(call, matQ, *arrays)
-
-
 KERNELS = KernelSet(
     recurrent_fw_C=pallas_triton.KERNELS.recurrent_fw_C,
     parallel_fw_Hintra=parallel_fw_Hintra,
     recurrent_bw_dC=pallas_triton.KERNELS.recurrent_bw_dC,
     parallel_bw_dQ=pallas_triton.KERNELS.parallel_bw_dQ,
     parallel_bw_dK=pallas_triton.KERNELS.parallel_bw_dK,
-    parallel_bw_dV=parallel_bw_dV,
+    parallel_bw_dV=pallas_triton.KERNELS.parallel_bw_dV,
     recurrent_step=pallas_triton.KERNELS.recurrent_step,
 )
 
@@ -79,4 +69,4 @@ def interpreter_available() -> bool:
     return cpu_worker_threads() >= INTERPRETER_THREADS
 
 
-__all__ = ["HOPPER", "KERNELS", "available", "interpreter_available", "parallel_bw_dV", "parallel_fw_Hintra"]
+__all__ = ["HOPPER", "KERNELS", "available", "interpreter_available", "parallel_fw_Hintra"]
