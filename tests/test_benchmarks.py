@@ -1,5 +1,7 @@
 """The bench, kernel-timer and tune runs at the tiny CPU shape (records, table, disclaimer) and tune's search stages
-(reading tuned configs: tests/test_config.py)."""
+(reading tuned configs: tests/test_config.py). bench runs as a user runs it, a fresh process that starts one worker
+process per implementation; kernel_times and tune run `python -m pallas_mlstm`'s main in this process (its flags
+restored after), which shares this process's compiled programs."""
 
 import json
 import os
@@ -8,9 +10,13 @@ import sys
 
 import jax
 import pytest
+from absl.testing import flagsaver
 
+import pallas_mlstm.__main__ as cli
+import pallas_mlstm.check  # noqa: F401  (every command's flags exist before flagsaver saves them)
+import pallas_mlstm.config  # noqa: F401
 from pallas_mlstm.accuracy import BENCH_TOLERANCE
-from pallas_mlstm.benchmarks import sweep
+from pallas_mlstm.benchmarks import impls, kernel_times, runner, step_bench, sweep  # noqa: F401
 from pallas_mlstm.benchmarks.shapes import resolve_shapes
 from pallas_mlstm.config import ChunkwiseConfig, shape_class
 
@@ -69,23 +75,20 @@ def test_bench_records_and_disclaimer(bench_run):
     assert "median ms" in stdout and "interpret" in stdout  # the table
 
 
+def _run_command(*arguments) -> None:
+    """`python -m pallas_mlstm ARGUMENTS` in this process, its flags restored after; fails on a non-zero exit."""
+    with flagsaver.flagsaver():
+        try:
+            cli.main(list(arguments))
+        except SystemExit as exit:
+            assert not exit.code, f"{arguments[0]} exited with {exit.code}"
+
+
 def _kernel_times(tmp_path, *flags):
-    """Runs `python -m pallas_mlstm.benchmarks.kernel_times` in interpret mode at the tiny shape; returns its rows."""
+    """Runs `python -m pallas_mlstm kernel_times` in interpret mode at the tiny shape; returns its rows."""
     rows_path = tmp_path / "rows.json"
-    command = [
-        sys.executable,
-        "-m",
-        "pallas_mlstm.benchmarks.kernel_times",
-        "--kernel_interpret",
-        "--kernel_shapes=tiny",
-        "--kernel_chunk=32",
-        "--kernel_calls=1",
-        f"--kernel_json={rows_path}",
-        *flags,
-    ]
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])}
-    finished = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stdout + finished.stderr
+    flags = ("--kernel_interpret", "--kernel_shapes=tiny", "--kernel_chunk=32", "--kernel_calls=1", *flags)
+    _run_command("kernel_times", *flags, f"--kernel_json={rows_path}")
     with open(rows_path) as file:
         return json.load(file)
 
@@ -133,20 +136,14 @@ def test_tune_stages_offer_the_kernel_defaults():
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="CPU smoke run of tune (interpret, tiny shape)")
 def test_tune_smoke_writes_an_entry(tmp_path):
     configs_path = tmp_path / "configs.json"
-    command = [
-        sys.executable,
-        "-m",
-        "pallas_mlstm",
+    _run_command(
         "tune",
         "--tune_backend=interpret",
         "--shapes=tiny",
         f"--configs_out={configs_path}",
         "--time_budget_s=1",  # the start config and one candidate (the budget counts from one on)
         "--calls=2",
-    ]
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])}
-    finished = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stdout + finished.stderr
+    )
     entry = json.loads(configs_path.read_text())["configs"][jax.devices()[0].device_kind][shape_class(256, 32, 32)]
     assert entry["configs_timed"] >= 2 and entry["fwbw_ms"] > 0 and entry["backend"] == "interpret"
     ChunkwiseConfig(**entry["config"])  # the stored fields are the config's
