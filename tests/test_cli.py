@@ -30,29 +30,14 @@ COMMANDS = ("check", "bench", "tune", "step_bench", "kernel_times")
 ON_CPU = pytest.mark.skipif(jax.default_backend() == "gpu", reason="what the command says on a machine without a GPU")
 
 
-def _environment(on_cpu=True, **extra):
-    platforms = {"JAX_PLATFORMS": "cpu"} if on_cpu else {}
+def _environment(**extra):
+    """The environment of a fresh `python -m pallas_mlstm` process on the CPU, this checkout importable."""
     return {
         **os.environ,
-        **platforms,
+        "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
         **extra,
     }
-
-
-def _run_cli(tmp_path, *arguments, timeout=120, on_cpu=True):
-    """Runs `python -m pallas_mlstm ARGUMENTS` (on the CPU unless not on_cpu), with the user's tuned configs at
-    tmp_path."""
-    environment = _environment(on_cpu, **{config.TUNED_CONFIGS_ENV: str(tmp_path / "user_tuned_configs.json")})
-    return subprocess.run(
-        [sys.executable, "-m", "pallas_mlstm", *arguments],
-        cwd=REPO_ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def _help_without_oracles(commands) -> dict:
@@ -125,18 +110,11 @@ def _assert_one_line_usage_error(result, command: str, expected: str):
     ],
     ids=["exponential", "sigmoid"],
 )
-def test_check_command_runs_and_passes(tmp_path, arguments, expected):
-    """`check` at a small shape prints its table and passes on this machine (its GPU too), for each cell."""
-    result = _run_cli(
-        tmp_path,
-        "check",
-        *arguments,
-        "--check_shape=1,2,64,16,32",
-        "--check_chunk_size=16",
-        "--check_repeats=1",
-        timeout=600,
-        on_cpu=False,
-    )
+def test_check_command_runs_and_passes(run_main, monkeypatch, tmp_path, arguments, expected):
+    """`check` at a small shape prints its table and passes on this machine (its GPU too), for each cell (the user's
+    tuned configs aside)."""
+    monkeypatch.setenv(config.TUNED_CONFIGS_ENV, str(tmp_path / "user_tuned_configs.json"))
+    result = run_main("check", *arguments, "--check_shape=1,2,64,16,32", "--check_chunk_size=16", "--check_repeats=1")
     assert result.returncode == 0, result.stdout + result.stderr
     assert expected in result.stdout and "FAIL" not in result.stdout
 
