@@ -11,6 +11,7 @@ scores the rows take, the second first the 64-row slices of a state, then the ti
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -227,3 +228,40 @@ def state_products(q_cols, c_rows, steps: int, block_v: int, parts: int, interpr
         slices(multiply, lambda: plgpu.wgmma_wait(len(products)), lambda: plgpu.wgmma_wait(0))
 
     return pl.run_state(issue)(plgpu.ACC.init(zeros(block_v)))
+
+
+def stream_rings(load_scored, load_product, scored_steps, product_steps, state_steps: int, stages: int, free_bars):
+    """The memory warpgroup's loop over its two rings of `stages` buffers (slot = step % stages).
+
+    The scored ring holds `scored_steps` tiles whose scores the owned rows take; the product ring first the
+    `state_steps` 64-row slices of a state, then the `scored_steps` tiles the scores multiply (product_steps in
+    all). `load_scored(j)` / `load_product(t)` start step j / t's TMA copy into its slot; `free_bars` = (scored,
+    product) are the barriers on which the compute warpgroups release a slot. The first `stages` steps of each ring
+    load at once; then each step refills the slot its predecessor `stages` back frees. A scored slot frees as soon
+    as its scores are computed, before the step's product tile, so the next scored tile loads while the product
+    runs. Last, the releases no refill waited for are awaited (the interpreter checks that each one is)."""
+    scored_free, product_free = free_bars
+    for j in range(stages):
+        pl.when(j < scored_steps)(functools.partial(load_scored, j))
+    for t in range(stages):
+        pl.when(t < product_steps)(functools.partial(load_product, t))
+
+    @pl.loop(0, product_steps - stages)
+    def _refill(t):
+        j = t - state_steps  # the scored step paired with product step t
+
+        @pl.when((j >= 0) & (j + stages < scored_steps))
+        def _next_scored():
+            plgpu.barrier_wait(scored_free.at[j % stages])
+            load_scored(j + stages)
+
+        plgpu.barrier_wait(product_free.at[t % stages])
+        load_product(t + stages)
+
+    @pl.loop(jnp.maximum(scored_steps - stages, 0), scored_steps)
+    def _drain_scored(j):
+        plgpu.barrier_wait(scored_free.at[j % stages])
+
+    @pl.loop(jnp.maximum(product_steps - stages, 0), product_steps)
+    def _drain_product(t):
+        plgpu.barrier_wait(product_free.at[t % stages])

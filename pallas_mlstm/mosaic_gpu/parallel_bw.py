@@ -121,32 +121,7 @@ def _kernel(
                     dh_gmem.at[:, q_rows, columns], dh_smem.at[slot], dh_bar.at[slot]
                 )  # (P, 64, bDHHV)
 
-        for j in range(stages):
-            pl.when(j < q_steps)(functools.partial(load_q, j))
-        for t in range(stages):
-            pl.when(t < dh_steps)(functools.partial(load_dh, t))
-
-        @pl.loop(0, dh_steps - stages)
-        def _refill(t):
-            # a query tile's slot frees as soon as its scores are computed, before the step's dH tile
-            j = t - state_steps
-
-            @pl.when((j >= 0) & (j + stages < q_steps))
-            def _next_query():
-                plgpu.barrier_wait(q_free_bar.at[j % stages])
-                load_q(j + stages)
-
-            plgpu.barrier_wait(dh_free_bar.at[t % stages])
-            load_dh(t + stages)
-
-        # observe the releases the refills did not wait for (the interpreter checks that each one is awaited)
-        @pl.loop(jnp.maximum(q_steps - stages, 0), q_steps)
-        def _drain_queries(j):
-            plgpu.barrier_wait(q_free_bar.at[j % stages])
-
-        @pl.loop(jnp.maximum(dh_steps - stages, 0), dh_steps)
-        def _drain_dh(t):
-            plgpu.barrier_wait(dh_free_bar.at[t % stages])
+        common.stream_rings(load_q, load_dh, q_steps, dh_steps, state_steps, stages, (q_free_bar, dh_free_bar))
 
     @pl.when(wg < warpgroups)
     def _compute():

@@ -152,32 +152,7 @@ def _kernel(
                 v_tile = v_gmem.at[:, pl.ds(seq_row0 + (t - state_steps) * ROWS, ROWS), columns]  # (P, 64, bDHHV)
                 plgpu.copy_gmem_to_smem(v_tile, v_smem.at[slot], v_bar.at[slot])
 
-        for j in range(stages):
-            pl.when(j < key_steps)(functools.partial(load_k, j))
-        for t in range(stages):
-            pl.when(t < v_steps)(functools.partial(load_v, t))
-
-        @pl.loop(0, v_steps - stages)
-        def _refill(t):
-            # a key tile's slot frees as soon as its scores are computed, before the step's value tile
-            j = t - state_steps
-
-            @pl.when((j >= 0) & (j + stages < key_steps))
-            def _next_key():
-                plgpu.barrier_wait(k_free_bar.at[j % stages])
-                load_k(j + stages)
-
-            plgpu.barrier_wait(v_free_bar.at[t % stages])
-            load_v(t + stages)
-
-        # observe the releases the refills did not wait for (the interpreter checks that each one is awaited)
-        @pl.loop(jnp.maximum(key_steps - stages, 0), key_steps)
-        def _drain_keys(j):
-            plgpu.barrier_wait(k_free_bar.at[j % stages])
-
-        @pl.loop(jnp.maximum(v_steps - stages, 0), v_steps)
-        def _drain_values(t):
-            plgpu.barrier_wait(v_free_bar.at[t % stages])
+        common.stream_rings(load_k, load_v, key_steps, v_steps, state_steps, stages, (k_free_bar, v_free_bar))
 
     @pl.when(wg < warpgroups)
     def _compute():
