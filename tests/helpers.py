@@ -134,6 +134,8 @@ def outputs_and_grads(make_loss, fn, weights_key, inputs):
     return outputs, grads
 
 
+# The kernels the mosaic backend runs in Mosaic GPU, in CHUNKWISE_KERNELS' order (its others are Triton's)
+MOSAIC_KERNELS = ["parallel_fw_Hintra", "parallel_bw_dV"]
 CUDA_DEVICE = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
 
 

@@ -21,11 +21,9 @@ from pallas_mlstm.config import TUNED_CONFIGS_ENV, ChunkwiseConfig, shape_class
 from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS
 from pallas_mlstm.plan import launches_for, make_chunking
 from pallas_mlstm.registry import get_backend, kernel_alternatives, registered, with_kernel_backends
-from tests.helpers import CUDA_DEVICE, case_key, lower_for_cuda, mlstm_inputs
+from tests.helpers import CUDA_DEVICE, MOSAIC_KERNELS, case_key, lower_for_cuda, mlstm_inputs
 
 _PACKAGE = pathlib.Path(pallas_mlstm.__file__).parent
-# The kernels the mosaic backend runs in Mosaic GPU (the others are Triton's)
-MOSAIC_KERNELS = ["parallel_fw_Hintra"]
 
 
 def test_backends_are_registered_objects_and_none_picks_by_priority():

@@ -39,13 +39,29 @@ def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all,
     return launcher(call, matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all)
 
 
+def parallel_bw_dV(
+    call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
+):
+    """The backward's dV kernel: Mosaic GPU where `parallel_bw.supports` the shape, else the Triton launcher (same
+    arrays and output); imported on the first call, as `parallel_fw_Hintra`'s."""
+    from pallas_mlstm.mosaic_gpu import parallel_bw
+
+    if parallel_bw.supports(call.chunk_size, matQ.shape[-1], matQ.dtype):
+        launcher = parallel_bw.parallel_bw_dV
+    else:
+        launcher = pallas_triton.KERNELS.parallel_bw_dV
+    return launcher(
+        call, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
+    )
+
+
 KERNELS = KernelSet(
     recurrent_fw_C=pallas_triton.KERNELS.recurrent_fw_C,
     parallel_fw_Hintra=parallel_fw_Hintra,
     recurrent_bw_dC=pallas_triton.KERNELS.recurrent_bw_dC,
     parallel_bw_dQ=pallas_triton.KERNELS.parallel_bw_dQ,
     parallel_bw_dK=pallas_triton.KERNELS.parallel_bw_dK,
-    parallel_bw_dV=pallas_triton.KERNELS.parallel_bw_dV,
+    parallel_bw_dV=parallel_bw_dV,
     recurrent_step=pallas_triton.KERNELS.recurrent_step,
 )
 
@@ -69,4 +85,11 @@ def interpreter_available() -> bool:
     return cpu_worker_threads() >= INTERPRETER_THREADS
 
 
-__all__ = ["HOPPER", "KERNELS", "available", "interpreter_available", "parallel_fw_Hintra"]
+__all__ = [
+    "HOPPER",
+    "KERNELS",
+    "available",
+    "interpreter_available",
+    "parallel_bw_dV",
+    "parallel_fw_Hintra",
+]
