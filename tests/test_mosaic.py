@@ -1,7 +1,7 @@
-"""The Mosaic GPU kernels (pallas_mlstm/mosaic_gpu: parallel_fw_Hintra, parallel_bw_dV) against their jnp twins: in
-Mosaic GPU's interpret mode (shared memory, TMA copies, barriers and warpgroups simulated on the CPU; the matmuls as
-jnp.dot), compiled on a Hopper GPU, and lowered for one without it. `python -m pallas_mlstm.benchmarks.mosaic_check`
-also times them."""
+"""The Mosaic GPU kernels (pallas_mlstm/mosaic_gpu: recurrent_fw_C, parallel_fw_Hintra, parallel_bw_dV) against their
+jnp twins: in Mosaic GPU's interpret mode (shared memory, TMA copies, barriers and warpgroups simulated on the CPU;
+the matmuls as jnp.dot), compiled on a Hopper GPU, and lowered for one without it.
+`python -m pallas_mlstm.benchmarks.mosaic_check` also times them."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from pallas_mlstm.accuracy import KERNEL_TWIN_TOLERANCE, rel_err
 from pallas_mlstm.gates import chunkwise_log_gates, compute_chunkwise_reset_gates
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common as mosaic_common
-from pallas_mlstm.mosaic_gpu import parallel_bw, parallel_fw
+from pallas_mlstm.mosaic_gpu import parallel_bw, parallel_fw, recurrent_fw
+from pallas_mlstm.states import state_buffer_dtype
 from tests import flags as test_flags
 from tests.helpers import case_key, extreme_gates, mlstm_inputs, skip_unless_available
 
@@ -38,6 +39,17 @@ CASES = {
     "bf16-tiles": (1, 1, 512, 128, 512, 256, jnp.bfloat16, "exponential", True, False),
     "one-buffer-f32": (1, 1, 128, 192, 64, 64, jnp.float32, "exponential", True, False),
 }
+
+
+def _recurrent_arrays(case: str):
+    """The states kernel's arrays: k, v in the case's dtype, the gates f, i and float32 initial states."""
+    batch, heads, seq_len, dhqk, dhhv, _, dtype, _, _, extreme = CASES[case]
+    _, k, v, i, f, c0, n0, m0 = mlstm_inputs(
+        case_key("mosaic", case), batch, heads, seq_len, dhqk, dhhv, jnp.float32, with_initial=True
+    )
+    if extreme:
+        i, f = extreme_gates(i, f)
+    return k.astype(dtype), v.astype(dtype), f, i, c0, n0, m0
 
 
 def _arrays(case: str):
@@ -72,6 +84,7 @@ def _backward_arrays(case: str):
 # the twin does (parallel_bw_dV, as the Triton kernel, rounds the gated scores times 1/(den + eps) once where the twin
 # rounds each factor; at bf16 both are within 3e-3 of float64 on "bf16-tiles", the kernel the nearer).
 KERNELS = {
+    "recurrent_fw_C": (recurrent_fw.recurrent_fw_C, xla_kernels.recurrent_fw_C, _recurrent_arrays, True),
     "parallel_fw_Hintra": (parallel_fw.parallel_fw_Hintra, xla_kernels.parallel_fw_Hintra, _arrays, True),
     "parallel_bw_dV": (parallel_bw.parallel_bw_dV, xla_kernels.parallel_bw_dV, _backward_arrays, False),
 }
@@ -90,7 +103,14 @@ def test_kernel_matches_twin(kernel, case, mode):
     launcher, twin, arrays, rounds_as_twin = KERNELS[kernel]
     args = jax.jit(functools.partial(arrays, case))()
     interpret = mode == "mosaic_interpret"
-    call = KernelCall(chunk_size=chunk, eps=1e-6, input_gate=input_gate, normalize=normalize, interpret=interpret)
+    call = KernelCall(
+        chunk_size=chunk,
+        eps=1e-6,
+        input_gate=input_gate,
+        normalize=normalize,
+        states_dtype=state_buffer_dtype(dtype),  # 16-bit inputs: C states stored in bf16, the last one in float32
+        interpret=interpret,
+    )
     expected = jax.tree.leaves(jax.jit(lambda *a: twin(call, *a))(*args))
     actual = jax.tree.leaves(jax.jit(lambda *a: launcher(call, *a))(*args))
     if interpret and (rounds_as_twin or dtype == jnp.float32):
@@ -119,12 +139,14 @@ def test_lowers_for_hopper(kernel, dtype):
         spec((batch, heads, num_chunks + 1), jnp.float32),
     )
     q, v, vec = seq(dhqk), seq(dhhv), seq(dt=jnp.float32)
+    initial = (spec((batch, heads, dhqk, dhhv), jnp.float32), spec((batch, heads, dhqk), jnp.float32))
     args = {
+        "recurrent_fw_C": (q, v, vec, vec, *initial, spec((batch, heads), jnp.float32)),
         "parallel_fw_Hintra": (q, q, v, vec, vec, *states),
         "parallel_bw_dV": (q, q, v, vec, (gates(), gates(), gates(jnp.int32)), states, vec, vec, v, states[0]),
     }[kernel]
     launcher = KERNELS[kernel][0]
-    call = KernelCall(chunk_size=chunk, eps=1e-6, output_dtype=dtype)
+    call = KernelCall(chunk_size=chunk, eps=1e-6, output_dtype=dtype, states_dtype=state_buffer_dtype(dtype))
     h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
     with use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
         lowered = jax.jit(lambda *a: launcher(call, *a)).trace(*args)
@@ -140,6 +162,18 @@ def test_lowers_for_hopper(kernel, dtype):
 def test_refuses_unsupported_shapes(chunk, dhqk, dtype, match):
     with pytest.raises(ValueError, match=match):
         parallel_fw.check_shapes(chunk, dhqk, dtype)
+
+
+def test_states_kernel_takes_any_head_dims_and_chunks_of_64_rows():
+    """recurrent_fw_C runs 64 time steps per ring step: chunk · save_states_every_nth_chunk in multiples of 64, any
+    head dims (tiles of 64 DHQK rows); the mosaic backend runs the Triton kernel for the rest."""
+    assert recurrent_fw.unsupported(64 * 5, jnp.bfloat16) is None
+    assert "multiples of 64" in recurrent_fw.unsupported(32, jnp.bfloat16)
+    assert "inputs" in recurrent_fw.unsupported(128, jnp.float64)
+    call = KernelCall(chunk_size=32, save_states_every_nth_chunk=2)
+    assert recurrent_fw.supports(call, jnp.float32) and not recurrent_fw.supports(
+        KernelCall(chunk_size=32), jnp.float32
+    )
 
 
 @pytest.mark.parametrize("parts", [3, 2])

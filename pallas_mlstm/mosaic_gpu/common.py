@@ -23,7 +23,7 @@ ROWS = 64  # rows of a compute warpgroup (wgmma's M), rows of a ring step, head-
 CHUNK_SIZES = (64, 128, 256)
 MAX_HEAD_DIM = 256  # a TMA box side, and the accumulator's registers (64 x 256 float32 per warpgroup)
 SHARED_MEMORY_BYTES = 227 * 1024  # per block on Hopper
-_RESERVED_BYTES = 4096  # barriers, cross-warp reduction scratch, alignment
+RESERVED_BYTES = 4096  # barriers, cross-warp reduction scratch, alignment
 COMPUTE_REGISTERS, MEMORY_REGISTERS = 232, 40  # per thread, as FlashAttention-3 splits them
 # bf16 parts of float32 operands, the first that fits: 3 carry float32's 24 bits; 2 (16 bits, about 1e-5 relative
 # per product) where 3 do not fit in shared memory (DHQK 256).
@@ -53,7 +53,7 @@ def shared_bytes(tiles: Tiles, chunk: int, dhqk: int, parts: int, gate_rows: int
     owned = w * parts * ROWS * dhqk * 2
     rings = tiles.stages * parts * ROWS * (dhqk + bv) * 2
     small = gate_rows * chunk * 4 + dhqk * 4 + w * ROWS * (128 + 4)
-    return owned + rings + small + _RESERVED_BYTES
+    return owned + rings + small + RESERVED_BYTES
 
 
 def kernel_tiles(name: str, chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...], gate_rows: int):

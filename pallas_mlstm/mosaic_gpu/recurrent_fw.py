@@ -1,0 +1,322 @@
+"""The recurrent forward kernel in Pallas Mosaic GPU (Hopper): the C and n states at every chunk boundary.
+
+Same arrays, outputs and math as pallas_mlstm.pallas_triton.recurrent_fw (its jnp twin: xla_kernels.recurrent_fw_C):
+
+    C_k = d_k C_{k-1} + (K_k ⊙ e^{a − m_k})ᵀ V_k,   n_k = d_k n_{k-1} + Σ_j K_kj e^{a_j − m_k}
+    d_k = e^{g_k + m_{k-1} − m_k}
+
+m_k, one number per chunk, and the two gate factors are computed by XLA before the launch (a scan over the chunks);
+the kernel carries C and n in registers from chunk to chunk. One program per (batch·head, DHQK tile x DHHV tile):
+compute warpgroups of 64 DHQK rows each (one, as `kernel_tiles` picks, which says why), and a memory warpgroup that
+streams the sequence with TMA, 64 time steps per ring slot: each warpgroup's 64 columns of K, the DHHV tile of V and
+the steps' gate factors, `stages` slots ahead of the compute. Per step a compute warpgroup scales its K slice's rows
+by e^{a − m_k} in shared memory (rounded to the operand dtype, as the Triton kernel rounds them before its dot),
+adds them to n's (64, 64) tile (n is its column sums, taken at a chunk's end), then takes C += (K ⊙ w)ᵀ V with
+wgmma (K's slice read transposed). At a chunk's last step it stores C_k in the states
+dtype and n_k with TMA. Per program, in shared memory:
+
+    K      (stages, warpgroups, P, 64, 64)  each warpgroup's 64 columns of 64 time steps
+    V      (stages, P, 64, bDHHV)           the same time steps' DHHV tile
+    gates  (stages, 2, 64) float32          e^{a − m_k} of the steps, and the chunk's decay on its first step (else 1)
+    out    (warpgroups, 64, E)              staging of C_k (E = 128 bytes of the states dtype), and of n_k
+
+Float32 inputs run as bf16 operand parts (`common.split_operand`), as in the parallel kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_mlstm.gates import chunk_max_state, compute_chunkwise_log_gates_vecB_vecA, tracks_max_state
+from pallas_mlstm.kernel_call import KernelCall
+from pallas_mlstm.mosaic_gpu import common
+from pallas_mlstm.mosaic_gpu.common import ROWS
+from pallas_mlstm.pallas_triton import common as triton_common
+from pallas_mlstm.states import acc_dtype, join_states
+
+NAME = "mlstm_chunkwise__recurrent_fw_C"
+_W, _DECAY = range(2)  # the gate rows of a ring slot
+_BLOCK_V = (128, 64)  # DHHV tiles, widest first: C (64 x 128) float32 is 64 registers a thread
+# Registers per thread of the compute and memory warpgroups: 128 x (216 + 40) leaves room for a second program on
+# an SM (65,536 registers)
+_COMPUTE_REGISTERS, _MEMORY_REGISTERS = 216, 40
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentTiles:
+    """A launch: compute warpgroups (64 DHQK rows each), the DHHV tile, buffers in flight."""
+
+    warpgroups: int
+    block_v: int
+    stages: int
+
+
+def shared_bytes(tiles: RecurrentTiles, parts: int, c_itemsize: int) -> int:
+    """Shared memory of one program: the ring (K slices, V tile, gate rows per slot) and the staging of C and n."""
+    w = tiles.warpgroups
+    slot = parts * ROWS * (w * ROWS + tiles.block_v) * 2 + 2 * ROWS * 4
+    staging = w * ROWS * (128 + 4) + (w * ROWS * 128 if c_itemsize != 4 else 0)  # C, n, and C_last in float32
+    return tiles.stages * slot + staging + common.RESERVED_BYTES
+
+
+def kernel_tiles(dhqk: int, dhhv: int, parts: tuple[int, ...], c_itemsize: int) -> tuple[int, RecurrentTiles]:
+    """(operand parts, tiles) for padded head dims: one compute warpgroup (n's column sums reduce across warps
+    through the one scratch buffer Mosaic GPU gives a program, which two warpgroups would race on; seen on an
+    H100), the widest DHHV tile of _BLOCK_V, and the most buffers (up to 4) that fit in half an SM's shared memory,
+    so that two programs share an SM; else in all of it."""
+    for budget in (common.SHARED_MEMORY_BYTES // 2, common.SHARED_MEMORY_BYTES):
+        for count in parts:
+            for block_v in [bv for bv in _BLOCK_V if dhhv % bv == 0]:
+                for stages in range(4, 1, -1):
+                    tiles = RecurrentTiles(1, block_v, stages)
+                    if shared_bytes(tiles, count, c_itemsize) <= budget:
+                        return count, tiles
+    raise ValueError(f"no Mosaic GPU tiling of {NAME} fits in shared memory for DHQK={dhqk}, DHHV={dhhv}.")
+
+
+def unsupported(chunk: int, dtype) -> str | None:
+    """What this kernel does not run (a chunk, times save_states_every_nth_chunk, not a multiple of 64; float64),
+    or None: any head dims (padded to multiples of 64)."""
+    if chunk % ROWS:
+        return f"the mosaic_gpu {NAME} takes chunk_size * save_states_every_nth_chunk in multiples of 64; got {chunk}."
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+        return f"the mosaic_gpu {NAME} takes bfloat16, float16 or float32 inputs; got {jnp.dtype(dtype)}."
+    return None
+
+
+def supports(call: KernelCall, dtype) -> bool:
+    """True for the calls this kernel runs."""
+    return unsupported(call.chunk_size * call.save_states_every_nth_chunk, dtype) is None
+
+
+def _kernel(
+    k_gmem,  # (P, BNH·S, DHQK_p)
+    v_gmem,  # (P, BNH·S, DHHV_p)
+    g_gmem,  # (BNH·steps, 2, 64) float32: per ring step e^{a − m_k}, and the decay (first step of a chunk, else 1)
+    *refs,  # c0 (BNH, DHQK_p, DHHV_p), n0 (BNH, 64, DHQK_p: n_0 in row 0) float32 where given; outputs; scratch
+    tiles: RecurrentTiles,
+    steps_per_chunk: int,
+    num_chunks: int,
+    has_initial: bool,
+    writes_last: bool,
+    interpret: bool,
+):
+    c0_gmem, n0_gmem = refs[:2] if has_initial else (None, None)
+    refs = refs[2:] if has_initial else refs
+    c_gmem, n_gmem = refs[:2]  # (BNH·(NC+1)·DHQK_p, DHHV_p) states dtype, (BNH·(NC+1), DHQK_p) float32
+    last_gmem = refs[2] if writes_last else None  # (BNH·DHQK_p, DHHV_p) float32
+    refs = refs[3:] if writes_last else refs[2:]
+    k_smem, v_smem, g_smem, c_stage, n_stage, *last_stage, k_bar, v_bar, g_bar, free_bar = refs
+    w, block_v, stages = tiles.warpgroups, tiles.block_v, tiles.stages
+    parts = k_smem.shape[2]
+    dhqk = n_gmem.shape[-1]
+    steps = num_chunks * steps_per_chunk
+    seq_len = steps * ROWS
+    bh, iq, iv = lax.axis_index("bh"), lax.axis_index("q"), lax.axis_index("v")
+    columns = pl.ds(iv * block_v, block_v)
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == w)
+    def _memory():
+        plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
+
+        def load(s):  # ring step s: 64 time steps of K (each warpgroup's columns), of V, and their gate rows
+            slot = s % stages
+            rows = pl.ds(bh * seq_len + s * ROWS, ROWS)
+            plgpu.copy_gmem_to_smem(g_gmem.at[bh * steps + s], g_smem.at[slot], g_bar.at[slot])  # (2, 64)
+            for u in range(w):
+                k_cols = pl.ds((iq * w + u) * ROWS, ROWS)
+                plgpu.copy_gmem_to_smem(
+                    k_gmem.at[:, rows, k_cols], k_smem.at[slot, u], k_bar.at[slot * w + u]
+                )  # (P, 64, 64)
+            plgpu.copy_gmem_to_smem(v_gmem.at[:, rows, columns], v_smem.at[slot], v_bar.at[slot])  # (P, 64, bDHHV)
+
+        for s in range(min(stages, steps)):
+            load(s)
+
+        @pl.loop(0, steps - stages)
+        def _refill(s):
+            plgpu.barrier_wait(free_bar.at[s % stages])
+            load(s + stages)
+
+        @pl.loop(max(steps - stages, 0), steps)
+        def _drain(s):
+            plgpu.barrier_wait(free_bar.at[s % stages])
+
+    @pl.when(wg < w)
+    def _compute():
+        plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+        dhqk_row0 = (iq * w + wg) * ROWS  # this warpgroup's first DHQK row
+
+        def store_c(c_out, stage, c):  # c (64, bDHHV) float32 to rows `c_out` of a (rows, DHHV_p) output
+            out_cols = stage.shape[-1]
+            for t in range(block_v // out_cols):
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile has left the staging
+                stage[wg] = c[:, t * out_cols : (t + 1) * out_cols].astype(stage.dtype)  # (64, E)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(stage.at[wg], c_out.at[:, pl.ds(iv * block_v + t * out_cols, out_cols)])
+
+        def store_state(index, c, n_tile):  # state `index` (0: the initial one) of this program's tile
+            state = bh * (num_chunks + 1) + index
+            store_c(c_gmem.at[pl.ds(state * dhqk + dhqk_row0, ROWS)], c_stage, c)
+
+            @pl.when(iv == 0)  # every DHHV tile computes n; the first one stores it
+            def _n():
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                n_stage[wg] = jnp.sum(n_tile, axis=0)  # (64,): n, the column sums
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(n_stage.at[wg], n_gmem.at[state, pl.ds(dhqk_row0, ROWS)])
+
+        if has_initial:
+            c = plgpu.load(
+                c0_gmem.at[bh, pl.ds(dhqk_row0, ROWS), columns], layout=plgpu.Layout.WGMMA, optimized=False
+            )  # (64, bDHHV)
+            n_tile = plgpu.load(
+                n0_gmem.at[bh, :, pl.ds(dhqk_row0, ROWS)], layout=plgpu.Layout.WGMMA, optimized=False
+            )  # (64, 64): n_0 in row 0, zeros below
+        else:
+            c, n_tile = common.zeros(block_v), common.zeros(ROWS)
+        store_state(0, c, n_tile)
+
+        def step(s, carry):
+            c, n_tile = carry  # n = the column sums of n_tile (64, 64)
+            slot = s % stages
+            k_slice = lambda p: k_smem.at[slot, wg, p]  # (64 steps, 64 DHQK columns)
+            plgpu.barrier_wait(g_bar.at[slot])
+            decay = plgpu.load(g_smem.at[slot, _DECAY], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,), one value
+            c, n_tile = c * common.by_rows(decay, c.shape), n_tile * common.by_rows(decay, n_tile.shape)
+            weights = plgpu.load(g_smem.at[slot, _W], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,) e^{a − m_k}
+            plgpu.barrier_wait(k_bar.at[slot * w + wg])
+            k = functools.reduce(
+                jnp.add, [plgpu.load(k_slice(p), layout=plgpu.Layout.WGMMA).astype(jnp.float32) for p in range(parts)]
+            )  # (64, 64) float32: the parts summed
+            k_weighted = k * common.by_rows(weights, k.shape)  # (64, 64) float32
+            n_tile = n_tile + k_weighted
+            for p, part in enumerate(common.split_parts(k_weighted, parts, k_smem.dtype)):
+                k_slice(p)[...] = part
+            plgpu.commit_smem()  # the weighted slice is visible to wgmma
+            plgpu.barrier_wait(v_bar.at[slot])
+            k_t = lambda p: k_slice(p).transpose((1, 0))  # (64 DHQK, 64 steps)
+            c = common.mma(c, k_t, lambda p: v_smem.at[slot, p], parts, interpret)  # (64, 64) @ (64, bDHHV)
+            plgpu.barrier_arrive(free_bar.at[slot])
+            last_step = s % steps_per_chunk == steps_per_chunk - 1
+            pl.when(last_step)(lambda: store_state(s // steps_per_chunk + 1, c, n_tile))
+            return c, n_tile
+
+        c, _ = lax.fori_loop(0, steps, step, (c, n_tile))
+        if writes_last:  # the last state at full precision, when the states are stored narrower
+            store_c(last_gmem.at[pl.ds(bh * dhqk + dhqk_row0, ROWS)], last_stage[0], c)
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _step_gates(call: KernelCall, vecF, vecI, scaM_initial, chunk: int):
+    """The gate rows of every ring step, (B·NH·steps, 2, 64) float32 (e^{a − m_k}; the chunk's decay on its first
+    step, else 1), and the m states (B, NH, NC+1)."""
+    dtype = jnp.float32
+    vecB, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk, input_gate=call.input_gate)
+    vecA, scaG = vecA.astype(dtype), vecB[..., -1].astype(dtype)  # (B, NH, NC, L), (B, NH, NC)
+    m_initial = jnp.zeros(scaG.shape[:2], dtype) if scaM_initial is None else scaM_initial.astype(dtype)
+    if tracks_max_state(call.input_gate):
+        step = lambda m, x: (chunk_max_state(x[0], m, x[1]),) * 2
+        _, m_next = lax.scan(step, m_initial, (jnp.moveaxis(scaG, 2, 0), jnp.moveaxis(vecA, 2, 0)))
+        m_next = jnp.moveaxis(m_next, 0, 2)  # (B, NH, NC)
+    else:  # the sigmoid gate: m stays at its initial value
+        m_next = jnp.broadcast_to(m_initial[..., None], scaG.shape)
+    m_all = jnp.concatenate([m_initial[..., None], m_next], axis=-1)  # (B, NH, NC+1)
+    weights = jnp.exp(vecA - m_next[..., None])  # (B, NH, NC, L)
+    decay = jnp.exp(scaG + m_all[..., :-1] - m_next)  # (B, NH, NC)
+    first_step = jnp.arange(chunk) < ROWS  # (L,): the chunk's first ring step
+    decay_rows = jnp.where(first_step, decay[..., None], 1.0)  # (B, NH, NC, L)
+    rows = jnp.stack([weights, decay_rows], axis=-2)  # (B, NH, NC, 2, L)
+    steps = rows.reshape(*rows.shape[:3], 2, chunk // ROWS, ROWS).swapaxes(3, 4)  # (B, NH, NC, L/64, 2, 64)
+    return steps.reshape(-1, 2, ROWS), m_all
+
+
+def recurrent_fw_C(call: KernelCall, matK, matV, vecF, vecI, matC_initial, vecN_initial, scaMinter_initial):
+    """The launcher of `mlstm_chunkwise__recurrent_fw_C` in Mosaic GPU (same arrays and outputs as the Triton
+    launcher). Trusts `call` (chunk_size, save_states_every_nth_chunk, states_dtype, input_gate, interpret);
+    ValueError for what `unsupported` names."""
+    batch, heads, seq_len, dhqk = matK.shape
+    dhhv = matV.shape[-1]
+    chunk = call.chunk_size * call.save_states_every_nth_chunk
+    problem = unsupported(chunk, matK.dtype)
+    if problem is not None:
+        raise ValueError(problem)
+    num_chunks, bnh = seq_len // chunk, batch * heads
+    dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
+    state_dtype = acc_dtype(matK.dtype)
+    c_dtype = state_dtype if call.states_dtype is None else jnp.dtype(call.states_dtype)
+    writes_last = c_dtype != state_dtype
+    operand_dtype = common.operand_dtype(matK.dtype)
+    parts, tiles = kernel_tiles(dhqk_p, dhhv_p, common.operand_parts(matK.dtype), c_dtype.itemsize)
+
+    gates, m_all = _step_gates(call, vecF, vecI, scaMinter_initial, chunk)
+    stacked = lambda x, size: common.split_operand(
+        triton_common.pad_axis(x.reshape(bnh * seq_len, x.shape[-1]), 1, size), parts, operand_dtype
+    )  # (P, BNH·S, size)
+    inputs = [stacked(matK, dhqk_p), stacked(matV, dhhv_p), gates]
+    has_initial = matC_initial is not None
+    if has_initial:
+        c0 = triton_common.pad_axis(triton_common.pad_axis(matC_initial.reshape(bnh, dhqk, dhhv), 1, dhqk_p), 2, dhhv_p)
+        n0 = jnp.zeros((bnh, dhqk), state_dtype) if vecN_initial is None else vecN_initial.reshape(bnh, dhqk)
+        n0_rows = jnp.zeros((bnh, ROWS, dhqk_p), jnp.float32).at[:, 0, :dhqk].set(n0.astype(jnp.float32))
+        inputs += [c0.astype(jnp.float32), n0_rows]
+
+    w, stages = tiles.warpgroups, tiles.stages
+    staging = lambda dtype: plgpu.SMEM((w, ROWS, 128 // dtype.itemsize), dtype, transforms=common.swizzled(dtype))
+    operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
+    out_type = [
+        jax.ShapeDtypeStruct((bnh * (num_chunks + 1) * dhqk_p, dhhv_p), c_dtype),
+        jax.ShapeDtypeStruct((bnh * (num_chunks + 1), dhqk_p), jnp.float32),
+    ]
+    if writes_last:
+        out_type.append(jax.ShapeDtypeStruct((bnh * dhqk_p, dhhv_p), jnp.float32))
+    kernel = functools.partial(
+        _kernel,
+        tiles=tiles,
+        steps_per_chunk=chunk // ROWS,
+        num_chunks=num_chunks,
+        has_initial=has_initial,
+        writes_last=writes_last,
+        interpret=call.interpret,
+    )
+    outs = plgpu.kernel(
+        kernel,
+        out_type=tuple(out_type),
+        scratch_types=(
+            operand((stages, w, parts, ROWS, ROWS)),  # K slices
+            operand((stages, parts, ROWS, tiles.block_v)),  # V tiles
+            plgpu.SMEM((stages, 2, ROWS), jnp.float32),  # gate rows
+            staging(c_dtype),  # C_k staging
+            plgpu.SMEM((w, ROWS), jnp.float32),  # n_k staging
+            *([staging(jnp.dtype(jnp.float32))] if writes_last else []),  # last C staging
+            plgpu.Barrier(num_barriers=stages * w),  # K slice loaded, per (slot, warpgroup)
+            plgpu.Barrier(num_barriers=stages),  # V loaded
+            plgpu.Barrier(num_barriers=stages),  # gate rows loaded
+            plgpu.Barrier(num_arrivals=w, num_barriers=stages),  # slot free again
+        ),
+        grid=(bnh, dhqk_p // (w * ROWS), dhhv_p // tiles.block_v),
+        grid_names=("bh", "q", "v"),
+        num_threads=w + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=parts == 1),  # float32 inputs: IEEE exp
+        interpret=plgpu.InterpretGPUParams() if call.interpret else None,
+        kernel_name=NAME,
+    )(*inputs)
+    c_all = outs[0].reshape(bnh, num_chunks + 1, dhqk_p, dhhv_p)[:, :, :dhqk, :dhhv]
+    n_all = outs[1].reshape(bnh, num_chunks + 1, dhqk_p)[:, :, :dhqk]
+    states = (
+        join_states(c_all.reshape(batch, heads, num_chunks + 1, dhqk, dhhv)),
+        join_states(n_all.reshape(batch, heads, num_chunks + 1, dhqk).astype(state_dtype)),
+        m_all.astype(state_dtype),
+    )
+    if not writes_last:
+        return states
+    return (*states, outs[2].reshape(bnh, dhqk_p, dhhv_p)[:, :dhqk, :dhhv].reshape(batch, heads, dhqk, dhhv))
