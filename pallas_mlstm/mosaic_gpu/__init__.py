@@ -2,13 +2,13 @@
 
 The second GPU backend, next to pallas_mlstm.pallas_triton (Pallas lowered to Triton, which JAX 0.11 deprecates),
 registered as backend="mosaic" (a Hopper GPU) and backend="mosaic_interpret" (Mosaic GPU's interpreter on the CPU,
-for tests). Kernels move over one at a time: `parallel_fw_Hintra`, the forward's largest kernel, runs in Mosaic GPU
-(parallel_fw.py) wherever that kernel takes the shape (chunk 64, 128 or 256, DHQK up to 256, 16-bit or float32
-inputs) and as the Triton kernel otherwise; every other kernel is still the Triton backend's, with its launchers and
-launch config (`TritonLaunch`, which the Mosaic GPU kernels ignore: they pick their own tiles). parallel_bw.py holds
-the next one, dV, checked on the CPU (interpreted against its twin, lowered for cuda) but not yet compiled or timed
-on a GPU: it joins KERNELS, behind a shape check like `parallel_fw_Hintra`'s, once it is. common.py holds what
-the kernels share.
+for tests). Kernels move over one at a time, each once it has passed the GPU tests and beaten the Triton kernel on a
+Hopper GPU: the forward's H kernel (parallel_fw.py) and the backward's dV kernel (parallel_bw.py) run in Mosaic GPU
+wherever they take the shape (chunk 64, 128 or 256, DHQK up to 256, 16-bit or float32 inputs) and as the Triton
+kernels otherwise. Every other kernel is still the Triton backend's, with its launchers and launch config
+(`TritonLaunch`, which the Mosaic GPU kernels ignore: they pick their own tiles). recurrent_fw.py holds the next one,
+the forward's states kernel: checked interpreted against its twin and lowered for cuda, not yet in KERNELS.
+common.py holds what the kernels share.
 """
 
 import os
