@@ -3,16 +3,16 @@ forward's outputs against the jnp twin and the Triton launcher (tests/test_mosai
 
     PYTHONPATH=. python3 -m pallas_mlstm.benchmarks.mosaic_check --out mosaic_fw.json
 
-Timing first, of each kernel of --kernels (recurrent_fw_C, parallel_fw_Hintra, parallel_bw_dV): 7b, tfla-paper,
-small-heads and odd-heads in bfloat16 at the card's tuned chunk size (the default chunk where none is tuned), on
-kernel_times' inputs (chained through the Triton kernels, 16-bit state buffers) with its FLOP count; median ms of
---calls calls after a warm-up (benchmarks/timing.py), Triton at its tuned launch; TFLOP/s; mosaic / triton; and the
-relative difference of their outputs. Then correctness on small shapes and 7b-short, bfloat16 and float32, each
-cell: the largest relative error of the three outputs (h, vecN_out, vecM_out) against the twin (xla_kernels) and
-against the Triton launcher, on inputs chained through the twins (float32 states) as tests/test_kernels.py builds
-them, with Triton's kernel-twin bound as the mark. Each row is caught and reported on its own (a compile error's
-first lines); rows left when --budget_s is spent are skipped. Prints a table at the end and rewrites the JSON
-(--out) after every row. About 7 minutes with the defaults.
+Timing first, of each kernel of --kernels (recurrent_fw_C, parallel_fw_Hintra, parallel_bw_dV, parallel_bw_dK): 7b,
+tfla-paper, small-heads and odd-heads in bfloat16 at the card's tuned chunk size (the default chunk where none is
+tuned), on kernel_times' inputs (chained through the Triton kernels, 16-bit state buffers) with its FLOP count;
+median ms of --calls calls after a warm-up (benchmarks/timing.py), Triton at its tuned launch; TFLOP/s; mosaic /
+triton; and the relative difference of their outputs. Then correctness on small shapes and 7b-short, bfloat16 and
+float32, each cell: the largest relative error of the three outputs (h, vecN_out, vecM_out) against the twin
+(xla_kernels) and against the Triton launcher, on inputs chained through the twins (float32 states) as
+tests/test_kernels.py builds them, with Triton's kernel-twin bound as the mark. Each row is caught and reported on
+its own (a compile error's first lines); rows left when --budget_s is spent are skipped. Prints a table at the end
+and rewrites the JSON (--out) after every row. About 7 minutes with the defaults.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pallas_mlstm.config import tuned_config
 from pallas_mlstm.device import device_properties
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common as mosaic_common
-from pallas_mlstm.mosaic_gpu import parallel_bw, parallel_fw, recurrent_fw
+from pallas_mlstm.mosaic_gpu import parallel_bw, parallel_bw_dk, parallel_fw, recurrent_fw
 from pallas_mlstm.plan import default_chunk_size
 
 CELLS = {"exponential": ("exponential", True), "sigmoid": ("sigmoid", True), "sigmoid-unnormalised": ("sigmoid", False)}
@@ -75,16 +75,24 @@ def _mosaic(call: KernelCall):
     return jax.jit(lambda *a: parallel_fw.parallel_fw_Hintra(call, *a))
 
 
-def _mosaic_dv(call: KernelCall):
-    """The Mosaic GPU dV launcher on kernel_times' upstream-order arguments (q, k, v, i, vecA, vecB, C, n, m states,
-    vecN_out, vecM_out, dH, dC states)."""
+def _mosaic_backward(launcher):
+    """A Mosaic GPU backward launcher (from a KernelCall) on kernel_times' upstream-order arguments (q, k, v, i,
+    vecA, vecB, C, n, m states, vecN_out, vecM_out, dH, dC states)."""
 
-    def launch(*args):
-        q, k, v, i, vec_a, vec_b, *states, n_out, m_out, dh, dc_states = args
-        gates = (vec_a, vec_b, None)
-        return parallel_bw.parallel_bw_dV(call, q, k, v, i, gates, tuple(states), n_out, m_out, dh, dc_states)
+    def bind(call: KernelCall):
+        def launch(*args):
+            q, k, v, i, vec_a, vec_b, *states, n_out, m_out, dh, dc_states = args
+            gates = (vec_a, vec_b, None)
+            return launcher(call, q, k, v, i, gates, tuple(states), n_out, m_out, dh, dc_states)
 
-    return jax.jit(launch)
+        return jax.jit(launch)
+
+    return bind
+
+
+def _dk_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]):
+    count, stages = parallel_bw_dk.kernel_tiles(chunk, dhqk, dhhv, parts)
+    return count, mosaic_common.Tiles(warpgroups=1, block_v=dhqk, stages=stages)
 
 
 def _mosaic_states(call: KernelCall):
@@ -102,7 +110,8 @@ def _states_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]):
 KERNELS = {
     "recurrent_fw_C": (_mosaic_states, _states_tiles),
     "parallel_fw_Hintra": (_mosaic, parallel_fw.kernel_tiles),
-    "parallel_bw_dV": (_mosaic_dv, parallel_bw.kernel_tiles),
+    "parallel_bw_dV": (_mosaic_backward(parallel_bw.parallel_bw_dV), parallel_bw.kernel_tiles),
+    "parallel_bw_dK": (_mosaic_backward(parallel_bw_dk.parallel_bw_dK), _dk_tiles),
 }
 
 

@@ -15,7 +15,7 @@ unused. Per program, in shared memory:
     K        (warpgroups, P, 64, DHQK)  the program's key rows, loaded once
     Q        (stages, P, 64, DHQK)      a query tile per step
     dH       (stages, P, 64, bDHHV)     a query tile's dH per step, or a 64-row slice of the state dC_k
-    gates    (6, L) float32             the chunk's gate rows (_GATE_ROWS), loaded once
+    gates    (6, L) float32             the chunk's gate rows (GATE_ROWS), loaded once
     out      (warpgroups, 64, E)        the staging tile of dV (E = 128 bytes of output dtype)
 
 Shapes, dtypes and parts as the forward's kernel (`common.kernel_tiles`, float32 inputs as bf16 operand parts);
@@ -40,13 +40,13 @@ from pallas_mlstm.pallas_triton import common as triton_common
 
 NAME = "mlstm_chunkwise__parallel_bw_dV"
 # b_t, m_t, last reset (float), log input gate, e^{a_j − m_k} (a key's decay to the chunk's end), s/(den_t + eps)
-_GATE_ROWS = ("b", "m", "r", "i", "inter", "dh_scale")
-_B, _M, _R, _I, _INTER, _DH_SCALE = range(len(_GATE_ROWS))
+GATE_ROWS = ("b", "m", "r", "i", "inter", "dh_scale")
+_B, _M, _R, _I, _INTER, _DH_SCALE = range(len(GATE_ROWS))
 
 
 def kernel_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]) -> tuple[int, common.Tiles]:
     """The operand parts and the launch for padded head dims (`common.kernel_tiles`)."""
-    return common.kernel_tiles(NAME, chunk, dhqk, dhhv, parts, len(_GATE_ROWS))
+    return common.kernel_tiles(NAME, chunk, dhqk, dhhv, parts, len(GATE_ROWS))
 
 
 def supports(chunk: int, dhqk: int, dtype) -> bool:
@@ -192,8 +192,8 @@ def _kernel(
         plgpu.wait_smem_to_gmem(0)
 
 
-def _kernel_gates(call: KernelCall, vecI, chunk_gates, scaM_all, vecN_out, vecM_out, qk_scale: float):
-    """The gate rows of every chunk, (BNH, NC, 6, L) float32 (_GATE_ROWS)."""
+def kernel_gates(call: KernelCall, vecI, chunk_gates, scaM_all, vecN_out, vecM_out, qk_scale: float):
+    """The gate rows of every chunk, (BNH, NC, 6, L) float32 (GATE_ROWS)."""
     chunk = call.chunk_size
     vecA, vecB, vecR = chunk_gates  # (B, NH, NC, L)
     if vecR is None:
@@ -230,7 +230,7 @@ def parallel_bw_dV(
     parts, tiles = kernel_tiles(chunk, dhqk_p, dhhv_p, common.operand_parts(matQ.dtype))
     out_dtype = jnp.dtype(call.output_dtype)
 
-    gates = _kernel_gates(call, vecI, chunk_gates, chunk_states[2], vecN_out, vecM_out, call.scale_for(dhqk))
+    gates = kernel_gates(call, vecI, chunk_gates, chunk_states[2], vecN_out, vecM_out, call.scale_for(dhqk))
     stacked = lambda x: common.split_operand(x, parts, operand_dtype)  # (P, ...)
     rows = lambda x, size: triton_common.pad_axis(x.reshape(bnh * seq_len, x.shape[-1]), 1, size)
     k, q = stacked(rows(matK, dhqk_p)), stacked(rows(matQ, dhqk_p))
@@ -250,7 +250,7 @@ def parallel_bw_dV(
             operand((w, parts, ROWS, dhqk_p)),  # K
             operand((stages, parts, ROWS, dhqk_p)),  # Q
             operand((stages, parts, ROWS, tiles.block_v)),  # dH or dC_k
-            plgpu.SMEM((len(_GATE_ROWS), chunk), jnp.float32),  # gates
+            plgpu.SMEM((len(GATE_ROWS), chunk), jnp.float32),  # gates
             plgpu.SMEM((w, ROWS, out_cols), out_dtype, transforms=common.swizzled(out_dtype)),  # dV staging
             plgpu.Barrier(num_barriers=w),  # K loaded
             plgpu.Barrier(num_barriers=1),  # gates loaded
