@@ -1,4 +1,4 @@
-"""The Mosaic GPU kernels (pallas_mlstm/mosaic_gpu: recurrent_fw_C, parallel_fw_Hintra, parallel_bw_dV, parallel_bw_dK)
+"""The Mosaic GPU kernels (pallas_mlstm/mosaic_gpu: recurrent_fw_C, parallel_fw_Hintra, parallel_bw_dV/dK/dQ)
 against their jnp twins: in Mosaic GPU's interpret mode (shared memory, TMA copies, barriers and warpgroups simulated
 on the CPU; the matmuls as jnp.dot), compiled on a Hopper GPU, and lowered for one without it.
 `python -m pallas_mlstm.benchmarks.mosaic_check` also times them."""
@@ -17,7 +17,7 @@ from pallas_mlstm.accuracy import KERNEL_TWIN_TOLERANCE, rel_err
 from pallas_mlstm.gates import chunkwise_log_gates, compute_chunkwise_reset_gates
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common as mosaic_common
-from pallas_mlstm.mosaic_gpu import parallel_bw, parallel_bw_dk, parallel_fw, recurrent_fw
+from pallas_mlstm.mosaic_gpu import parallel_bw, parallel_bw_sliced, parallel_fw, recurrent_fw
 from pallas_mlstm.states import state_buffer_dtype
 from tests import flags as test_flags
 from tests.helpers import case_key, extreme_gates, mlstm_inputs, skip_unless_available
@@ -81,14 +81,15 @@ def _backward_arrays(case: str):
 
 
 # Each Mosaic GPU kernel: its launcher, the twin's, the arrays it takes, and whether it rounds 16-bit operands where
-# the twin does (dV and dK, as the Triton kernels, round the gated scores times 1/(den + eps) once where the twin
-# rounds each factor; at bf16 both are within 3e-3 of float64 on "bf16-tiles", the kernel the nearer: dK 1.8e-3,
-# its twin 2.4e-3).
+# the twin does (dV, dK and dQ, as the Triton kernels, round the gated scores times 1/(den + eps) once where the twin
+# rounds each factor; at bf16 both are within 3e-3 of float64 on "bf16-tiles", the kernel the nearer: dK and dQ
+# 1.8e-3, their twins 2.4e-3).
 KERNELS = {
     "recurrent_fw_C": (recurrent_fw.recurrent_fw_C, xla_kernels.recurrent_fw_C, _recurrent_arrays, True),
     "parallel_fw_Hintra": (parallel_fw.parallel_fw_Hintra, xla_kernels.parallel_fw_Hintra, _arrays, True),
     "parallel_bw_dV": (parallel_bw.parallel_bw_dV, xla_kernels.parallel_bw_dV, _backward_arrays, False),
-    "parallel_bw_dK": (parallel_bw_dk.parallel_bw_dK, xla_kernels.parallel_bw_dK, _backward_arrays, False),
+    "parallel_bw_dK": (parallel_bw_sliced.parallel_bw_dK, xla_kernels.parallel_bw_dK, _backward_arrays, False),
+    "parallel_bw_dQ": (parallel_bw_sliced.parallel_bw_dQ, xla_kernels.parallel_bw_dQ, _backward_arrays, False),
 }
 
 
@@ -147,11 +148,11 @@ def test_lowers_for_hopper(kernel, dtype):
         "parallel_fw_Hintra": (q, q, v, vec, vec, *states),
         "parallel_bw_dV": (q, q, v, vec, (gates(), gates(), gates(jnp.int32)), states, vec, vec, v, states[0]),
     }
-    args["parallel_bw_dK"] = args["parallel_bw_dV"]
+    args["parallel_bw_dK"] = args["parallel_bw_dQ"] = args["parallel_bw_dV"]
     args = args[kernel]
-    if kernel == "parallel_bw_dK" and dtype == jnp.float32:  # 512 V columns in 3 or 2 float32 parts overflow shared
-        assert not parallel_bw_dk.supports(chunk, dhqk, dhhv, dtype)  # memory: the shape is the Triton kernel's
-        return
+    if kernel in ("parallel_bw_dK", "parallel_bw_dQ") and dtype == jnp.float32:  # 512 owned columns in 3 or 2
+        assert not parallel_bw_sliced.supports(chunk, dhqk, dhhv, dtype)  # float32 parts overflow shared memory:
+        return  # the shape is the Triton kernel's
     launcher = KERNELS[kernel][0]
     call = KernelCall(chunk_size=chunk, eps=1e-6, output_dtype=dtype, states_dtype=state_buffer_dtype(dtype))
     h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")

@@ -8,8 +8,8 @@ wherever they take the shape (chunk 64, 128 or 256, DHQK up to 256, 16-bit or fl
 kernels otherwise. Every other kernel is still the Triton backend's, with its launchers and launch config
 (`TritonLaunch`, which the Mosaic GPU kernels ignore: they pick their own tiles). Two more wait for a GPU run
 before they join KERNELS: recurrent_fw.py, the forward's states kernel (compiled once on an H100, where two compute
-warpgroups raced; it now runs one), and parallel_bw_dk.py, the backward's dK kernel (checked interpreted against
-its twin and lowered for cuda). common.py holds what the kernels share.
+warpgroups raced; it now runs one), and parallel_bw_sliced.py, the backward's dK and dQ kernels (one pipeline;
+checked interpreted against their twins and lowered for cuda). common.py holds what the kernels share.
 """
 
 import os

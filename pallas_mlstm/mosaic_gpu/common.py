@@ -239,7 +239,7 @@ def stream_rings(load_scored, load_product, scored_steps, product_steps, state_s
     product) are the barriers on which the compute warpgroups release a slot. The first `stages` steps of each ring
     load at once; then each step refills the slot its predecessor `stages` back frees. A scored slot frees as soon
     as its scores are computed, before the step's product tile, so the next scored tile loads while the product
-    runs. Last, the releases no refill waited for are awaited (the interpreter checks that each one is)."""
+    runs. Last, the releases no refill waited for are awaited (`await_last_releases`)."""
     scored_free, product_free = free_bars
     for j in range(stages):
         pl.when(j < scored_steps)(functools.partial(load_scored, j))
@@ -258,10 +258,14 @@ def stream_rings(load_scored, load_product, scored_steps, product_steps, state_s
         plgpu.barrier_wait(product_free.at[t % stages])
         load_product(t + stages)
 
-    @pl.loop(jnp.maximum(scored_steps - stages, 0), scored_steps)
-    def _drain_scored(j):
-        plgpu.barrier_wait(scored_free.at[j % stages])
+    await_last_releases(scored_free, scored_steps, stages)
+    await_last_releases(product_free, product_steps, stages)
 
-    @pl.loop(jnp.maximum(product_steps - stages, 0), product_steps)
-    def _drain_product(t):
-        plgpu.barrier_wait(product_free.at[t % stages])
+
+def await_last_releases(free, steps, stages: int):
+    """Awaits the releases of a ring's last `stages` steps (on `free`, slot = step % stages), which no refill
+    waited for: the interpreter checks that each release is awaited."""
+
+    @pl.loop(jnp.maximum(steps - stages, 0), steps)
+    def _drain(s):
+        plgpu.barrier_wait(free.at[s % stages])

@@ -192,21 +192,24 @@ def _kernel(
         plgpu.wait_smem_to_gmem(0)
 
 
-def kernel_gates(call: KernelCall, vecI, chunk_gates, scaM_all, vecN_out, vecM_out, qk_scale: float):
-    """The gate rows of every chunk, (BNH, NC, 6, L) float32 (GATE_ROWS)."""
+def kernel_gates(
+    call: KernelCall, vecI, chunk_gates, scaM_all, vecN_out, vecM_out, qk_scale: float, queries_inter: bool = False
+):
+    """The gate rows of every chunk, (BNH, NC, 6, L) float32 (GATE_ROWS). The inter row is a key's decay to the
+    chunk's end, e^{a_j − m_k}, or with `queries_inter` (dQ) a query's factor on the start state,
+    e^{b_t + m_{k-1} − m_t} · s/(den_t + eps) (0 after a reset in the chunk)."""
     chunk = call.chunk_size
     vecA, vecB, vecR = chunk_gates  # (B, NH, NC, L)
     if vecR is None:
         vecR = jnp.full(vecB.shape, -1, jnp.int32)
-    m_next = scaM_all[..., 1:, None].astype(jnp.float32)  # (B, NH, NC, 1): m_k at the chunk's end
-    rows = (
-        vecB,
-        chunked(vecM_out, chunk),
-        vecR,
-        chunked(log_input_gate(vecI, call.input_gate), chunk),
-        jnp.exp(vecA.astype(jnp.float32) - m_next),
-        qk_scale / (chunked(vecN_out, chunk).astype(jnp.float32) + call.eps),
-    )
+    vecM = chunked(vecM_out, chunk).astype(jnp.float32)  # (B, NH, NC, L)
+    dh_scale = qk_scale / (chunked(vecN_out, chunk).astype(jnp.float32) + call.eps)
+    if queries_inter:
+        m_prev = scaM_all[..., :-1, None].astype(jnp.float32)  # (B, NH, NC, 1): m_{k-1} at the chunk's start
+        inter = jnp.where(vecR < 0, jnp.exp(vecB.astype(jnp.float32) + m_prev - vecM), 0.0) * dh_scale
+    else:
+        inter = jnp.exp(vecA.astype(jnp.float32) - scaM_all[..., 1:, None].astype(jnp.float32))
+    rows = (vecB, vecM, vecR, chunked(log_input_gate(vecI, call.input_gate), chunk), inter, dh_scale)
     gates = jnp.stack([x.astype(jnp.float32) for x in rows], axis=-2)  # (B, NH, NC, 6, L)
     return gates.reshape(-1, *gates.shape[2:])
 

@@ -146,9 +146,7 @@ def _kernel(
             plgpu.barrier_wait(free_bar.at[s % stages])
             load(s + stages)
 
-        @pl.loop(max(steps - stages, 0), steps)
-        def _drain(s):
-            plgpu.barrier_wait(free_bar.at[s % stages])
+        common.await_last_releases(free_bar, steps, stages)
 
     @pl.when(wg < w)
     def _compute():

@@ -1,0 +1,356 @@
+"""The backward's dK and dQ kernels in Pallas Mosaic GPU (Hopper): one pipeline, its score contraction over DHHV
+streamed in slices.
+
+Same arrays, outputs and math as pallas_mlstm.pallas_triton.parallel_bw_dK / _dQ (jnp twins:
+xla_kernels.parallel_bw_dK / _dQ), each with the row dots Σ_d x·dX of its unrounded gradient:
+
+    dK = (V dC_kᵀ) ⊙ e^{a − m_k} + Σ_{query tiles from the diagonal on} (V dHᵀ ⊙ e^{D̃ − m}ᵀ · s/(den + eps)) Q
+    dQ = (dH C_{k-1}ᵀ) ⊙ e^{b + m_{k-1} − m} · s/(den + eps)
+         + Σ_{key tiles up to the diagonal} (dH Vᵀ ⊙ e^{D̃ − m} · s/(den + eps)) K
+
+The scores contract over DHHV (512 at the 7B widths), too wide for the H and dV kernels' pipeline of whole 64-row
+tiles. One program per (batch·head, chunk, tile of 64 owned rows): one compute warpgroup that owns 64 rows of V
+(dK: keys) or of dH (dQ: queries), loaded once slice by slice, and a memory warpgroup that streams with TMA into one
+ring the (64, bS) slices of first the state (dC_k for dK, C_{k-1} for dQ; 64 DHQK rows at a time, so that each
+64-row block gives one 64-column block of the gradient with no transpose), then of each other tile's dH (dK) or V
+(dQ); into the other ring the other tiles' Q (dK) or K (dQ), (64, DHQK). The compute warpgroup takes the
+inter-chunk term block by block, scales its rows by the gate row `inter`, then for each other tile sums the scores
+over the slices, gates them and adds (gated scores) @ the tile. Per program, in shared memory:
+
+    owned    (S, P, 64, bS)            the owned rows, S = DHHV / bS slices, loaded once
+    slices   (stages, P, 64, bS)       a 64-row slice of the state, or an other tile's slice
+    tiles    (stages, P, 64, DHQK)     an other tile's Q or K
+    gates    (6, L) float32            the chunk's gate rows (parallel_bw.GATE_ROWS), loaded once
+    out      (64, E), (64,) float32    the staging of the gradient (E = 128 bytes of output dtype) and of the row dots
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_mlstm.kernel_call import KernelCall
+from pallas_mlstm.mosaic_gpu import common, parallel_bw
+from pallas_mlstm.mosaic_gpu.common import ROWS
+from pallas_mlstm.pallas_triton import common as triton_common
+
+_B, _M, _R, _I, _INTER, _DH_SCALE = range(len(parallel_bw.GATE_ROWS))
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What distinguishes the two kernels: the owned rows are keys (dK: own V, stream dH and Q, the state dC_k)
+    or queries (dQ: own dH, stream V and K, the state C_{k-1})."""
+
+    name: str
+    owns_keys: bool
+
+
+DK = Variant("mlstm_chunkwise__parallel_bw_dK", owns_keys=True)
+DQ = Variant("mlstm_chunkwise__parallel_bw_dQ", owns_keys=False)
+
+
+def _slice_width(dhhv: int) -> int:
+    """The DHHV slice of the score contraction: 128 where it divides DHHV, else 64."""
+    return 128 if dhhv % 128 == 0 else ROWS
+
+
+def shared_bytes(stages: int, chunk: int, dhqk: int, dhhv: int, parts: int) -> int:
+    """Shared memory of one program: the owned rows, the two rings, the gate rows and the staging."""
+    owned = parts * ROWS * dhhv * 2
+    rings = stages * parts * ROWS * (_slice_width(dhhv) + dhqk) * 2
+    small = len(parallel_bw.GATE_ROWS) * chunk * 4 + ROWS * (128 + 4)
+    return owned + rings + small + common.RESERVED_BYTES
+
+
+def kernel_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]) -> tuple[int, int]:
+    """(operand parts, stages) for padded head dims: the first of `parts` (float32's precision first, as
+    `common.kernel_tiles`) and the most buffers (4 down to 1) that fit in shared memory; ValueError if none does."""
+    for count in parts:
+        for stages in range(4, 0, -1):
+            if shared_bytes(stages, chunk, dhqk, dhhv, count) <= common.SHARED_MEMORY_BYTES:
+                return count, stages
+    raise ValueError(f"no Mosaic GPU tiling of the dQ/dK kernels fits in shared memory for DHQK={dhqk}, DHHV={dhhv}.")
+
+
+def unsupported(chunk: int, dhqk: int, dhhv: int, dtype) -> str | None:
+    """What these kernels do not run (`common.unsupported`'s shapes, and shapes whose rows do not fit in shared
+    memory: float32 inputs at the 7B widths), or None."""
+    problem = common.unsupported("parallel_bw_dQ/dK", chunk, dhqk, dtype)
+    if problem is not None:
+        return problem
+    try:
+        kernel_tiles(chunk, common.padded_dim(dhqk), common.padded_dim(dhhv), common.operand_parts(dtype))
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def supports(chunk: int, dhqk: int, dhhv: int, dtype) -> bool:
+    """True for the shapes these kernels run."""
+    return unsupported(chunk, dhqk, dhhv, dtype) is None
+
+
+def _kernel(
+    own_gmem,  # (P, BNH·S, DHHV_p): V (dK) or dH (dQ)
+    streamed_gmem,  # (P, BNH·S, DHHV_p): dH (dK) or V (dQ)
+    tiles_gmem,  # (P, BNH·S, DHQK_p): Q (dK) or K (dQ)
+    state_gmem,  # (P, BNH·(NC+1)·DHQK_p, DHHV_p): dC (dK) or C (dQ) of head bh, state k at rows (bh·(NC+1) + k)·DHQK_p
+    g_gmem,  # (BNH, NC, 6, L) float32
+    x_gmem,  # (BNH·S, DHQK_p): K (dK) or Q (dQ) as given, for the row dots
+    out_gmem,  # (BNH·S, DHQK_p) out: dK or dQ
+    dots_gmem,  # (BNH, S) float32 out
+    own_smem,
+    sl_smem,
+    t_smem,
+    g_smem,
+    o_smem,
+    dots_smem,
+    own_bar,
+    g_bar,
+    sl_bar,
+    t_bar,
+    sl_free_bar,
+    t_free_bar,
+    *,
+    variant: Variant,
+    stages: int,
+    chunk: int,
+    num_chunks: int,
+    interpret: bool,
+):
+    num_slices, parts, _, width = own_smem.shape
+    dhqk = t_smem.shape[-1]
+    state_steps = (dhqk // ROWS) * num_slices  # the state's slices: (64-row block, DHHV slice) pairs, first in the ring
+    bh, c, ot = lax.axis_index("bh"), lax.axis_index("c"), lax.axis_index("ot")
+    seq_row0 = (bh * num_chunks + c) * chunk  # row of the chunk's first step
+    row0 = ot * ROWS  # in-chunk position of the owned rows
+    # the other tiles: queries from the diagonal to the chunk's end (dK), keys from its start to the diagonal (dQ)
+    first_other, other_steps = (ot, chunk // ROWS - ot) if variant.owns_keys else (0, ot + 1)
+    state_index = c + 1 if variant.owns_keys else c  # dC_k at the chunk's end, C_{k-1} at its start
+    slice_steps = state_steps + other_steps * num_slices
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == 1)
+    def _memory():
+        plgpu.set_max_registers(common.MEMORY_REGISTERS, action="decrease")
+        plgpu.copy_gmem_to_smem(g_gmem.at[bh, c], g_smem, g_bar.at[0])  # (6, L)
+        for u in range(num_slices):
+            rows, cols = pl.ds(seq_row0 + row0, ROWS), pl.ds(u * width, width)
+            plgpu.copy_gmem_to_smem(own_gmem.at[:, rows, cols], own_smem.at[u], own_bar.at[u])  # (P, 64, bS)
+
+        def load_slice(s):  # ring step s: a slice of the state, then of the other tiles
+            slot = s % stages
+
+            @pl.when(s < state_steps)
+            def _state():
+                block, u = s // num_slices, s % num_slices
+                rows = pl.ds((bh * (num_chunks + 1) + state_index) * dhqk + block * ROWS, ROWS)
+                tile = state_gmem.at[:, rows, pl.ds(u * width, width)]  # (P, 64, bS)
+                plgpu.copy_gmem_to_smem(tile, sl_smem.at[slot], sl_bar.at[slot])
+
+            @pl.when(s >= state_steps)
+            def _other():
+                j, u = (s - state_steps) // num_slices, (s - state_steps) % num_slices
+                rows = pl.ds(seq_row0 + (first_other + j) * ROWS, ROWS)
+                tile = streamed_gmem.at[:, rows, pl.ds(u * width, width)]  # (P, 64, bS)
+                plgpu.copy_gmem_to_smem(tile, sl_smem.at[slot], sl_bar.at[slot])
+
+        def load_tile(j):  # other tile j's Q or K
+            rows = pl.ds(seq_row0 + (first_other + j) * ROWS, ROWS)
+            plgpu.copy_gmem_to_smem(tiles_gmem.at[:, rows], t_smem.at[j % stages], t_bar.at[j % stages])
+
+        def refill_slice(s):  # once step s's slot is free again, load step s + stages into it
+            @pl.when(s + stages < slice_steps)
+            def _():
+                plgpu.barrier_wait(sl_free_bar.at[s % stages])
+                load_slice(s + stages)
+
+        for s in range(stages):
+            pl.when(s < slice_steps)(functools.partial(load_slice, s))
+            pl.when(s < other_steps)(functools.partial(load_tile, s))
+        for s in range(state_steps):  # the compute warpgroup's order: the state, then per other tile slices and tile
+            refill_slice(s)
+
+        @pl.loop(0, other_steps)
+        def _other_tile(j):
+            for u in range(num_slices):
+                refill_slice(state_steps + j * num_slices + u)
+
+            @pl.when(j + stages < other_steps)
+            def _():
+                plgpu.barrier_wait(t_free_bar.at[j % stages])
+                load_tile(j + stages)
+
+        common.await_last_releases(sl_free_bar, slice_steps, stages)
+        common.await_last_releases(t_free_bar, other_steps, stages)
+
+    @pl.when(wg == 0)
+    def _compute():
+        plgpu.set_max_registers(common.COMPUTE_REGISTERS, action="increase")
+        plgpu.barrier_wait(g_bar.at[0])
+        for u in range(num_slices):
+            plgpu.barrier_wait(own_bar.at[u])
+        gate_row = lambda g, start: plgpu.load(g_smem.at[g, pl.ds(start, ROWS)], layout=plgpu.Layout.WGMMA.reduce(1))
+        gate_col = lambda g, start: plgpu.load(g_smem.at[g, pl.ds(start, ROWS)], layout=plgpu.Layout.WGMMA.reduce(0))
+        own_slice = lambda u: lambda p: own_smem.at[u, p]  # (64, bS): slice u of the owned rows
+        slice_t = lambda slot: lambda p: sl_smem.at[slot, p].transpose((1, 0))  # (bS, 64)
+
+        def slices_product(first_step):  # Σ_u owned[:, u] @ (ring slice first_step + u)ᵀ, (64, 64) float32
+            acc = common.zeros(ROWS)
+            for u in range(num_slices):
+                slot = (first_step + u) % stages
+                plgpu.barrier_wait(sl_bar.at[slot])
+                acc = common.mma(acc, own_slice(u), slice_t(slot), parts, interpret)  # (64, bS) @ (bS, 64)
+                plgpu.barrier_arrive(sl_free_bar.at[slot])
+            return acc
+
+        # inter-chunk: owned rows @ stateᵀ, one 64-column block per 64-row block of the state
+        blocks = [slices_product(block * num_slices) for block in range(dhqk // ROWS)]
+        acc = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)  # (64, DHQK_p)
+        acc = acc * common.by_rows(gate_row(_INTER, row0), acc.shape)
+
+        # the owned rows' gates, along the rows; the other tile's along the columns
+        by_own, by_other = common.by_rows, common.by_columns
+        own_gates = {g: gate_row(g, row0) for g in ((_B, _I) if variant.owns_keys else (_B, _M, _R, _DH_SCALE))}
+
+        def other_step(j, acc):
+            other_start = (first_other + j) * ROWS  # in-chunk position of the other tile
+            scores = slices_product(state_steps + j * num_slices)  # (owned rows, other rows)
+            other_gates = {
+                g: gate_col(g, other_start) for g in ((_B, _M, _R, _DH_SCALE) if variant.owns_keys else (_B, _I))
+            }
+            query, key = (other_gates, own_gates) if variant.owns_keys else (own_gates, other_gates)
+            by_query, by_key = (by_other, by_own) if variant.owns_keys else (by_own, by_other)
+            shape = scores.shape
+            log_decay = (by_query(query[_B], shape) - by_key(key[_B], shape) + by_key(key[_I], shape)) - by_query(
+                query[_M], shape
+            )
+            own_pos = row0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+            other_pos = other_start + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+            q_pos, kv_pos = (other_pos, own_pos) if variant.owns_keys else (own_pos, other_pos)
+            valid = (kv_pos <= q_pos) & (kv_pos >= by_query(query[_R].astype(jnp.int32), shape))
+            decay = jnp.exp(jnp.where(valid, log_decay, -jnp.inf))
+            weights = scores * by_query(query[_DH_SCALE], shape) * decay  # (64, 64) float32
+            w_parts = common.split_parts(weights, parts, t_smem.dtype)
+            slot = j % stages
+            plgpu.barrier_wait(t_bar.at[slot])
+            acc = common.mma(acc, w_parts.__getitem__, lambda p: t_smem.at[slot, p], parts, interpret)  # @ (64, DHQK)
+            plgpu.barrier_arrive(t_free_bar.at[slot])
+            return acc
+
+        acc = lax.fori_loop(0, other_steps, other_step, acc)
+
+        rows = pl.ds(seq_row0 + row0, ROWS)
+        x = plgpu.load(x_gmem.at[rows], layout=plgpu.Layout.WGMMA, optimized=False).astype(jnp.float32)
+        dots_smem[...] = jnp.sum(x * acc, axis=1)  # (64,): Σ_d x·dx before dx is rounded
+        out_cols = o_smem.shape[-1]
+        for t in range(dhqk // out_cols):
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile has left o_smem
+            o_smem[...] = acc[:, t * out_cols : (t + 1) * out_cols].astype(o_smem.dtype)  # (64, E)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[rows, pl.ds(t * out_cols, out_cols)])
+        plgpu.copy_smem_to_gmem(dots_smem, dots_gmem.at[bh, pl.ds(c * chunk + row0, ROWS)])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _launch(
+    variant: Variant,
+    call: KernelCall,
+    matQ,
+    matK,
+    matV,
+    vecI,
+    chunk_gates,
+    chunk_states,
+    vecN_out,
+    vecM_out,
+    matDeltaH,
+    matDeltaC_states,
+):
+    """Either kernel on the launchers' arrays: (dX (B, NH, S, DHQK) in call.output_dtype, Σ_d x·dX (B, NH, S))."""
+    batch, heads, seq_len, dhqk = matQ.shape
+    dhhv = matV.shape[-1]
+    chunk = call.chunk_size
+    problem = unsupported(chunk, dhqk, dhhv, matQ.dtype)
+    if problem is not None:
+        raise ValueError(problem)
+    num_chunks, bnh = seq_len // chunk, batch * heads
+    dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
+    operand_dtype = common.operand_dtype(matQ.dtype)
+    parts, stages = kernel_tiles(chunk, dhqk_p, dhhv_p, common.operand_parts(matQ.dtype))
+    width = _slice_width(dhhv_p)
+    out_dtype = jnp.dtype(call.output_dtype)
+
+    scale = call.scale_for(dhqk)
+    gates = parallel_bw.kernel_gates(
+        call, vecI, chunk_gates, chunk_states[2], vecN_out, vecM_out, scale, queries_inter=not variant.owns_keys
+    )
+    rows = lambda x, size: triton_common.pad_axis(x.reshape(bnh * seq_len, x.shape[-1]), 1, size)
+    stacked = lambda x: common.split_operand(x, parts, operand_dtype)  # (P, ...)
+    v, dh = stacked(rows(matV, dhhv_p)), stacked(rows(matDeltaH.astype(matQ.dtype), dhhv_p))
+    state = matDeltaC_states if variant.owns_keys else chunk_states[0]
+    state = stacked(triton_common.states_to_kernel_layout(state, dhqk, (dhqk_p, dhhv_p)).reshape(-1, dhhv_p))
+    own, streamed = (v, dh) if variant.owns_keys else (dh, v)
+    tiles, x = (matQ, matK) if variant.owns_keys else (matK, matQ)
+
+    operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
+    kernel = functools.partial(
+        _kernel, variant=variant, stages=stages, chunk=chunk, num_chunks=num_chunks, interpret=call.interpret
+    )
+    grad, dots = plgpu.kernel(
+        kernel,
+        out_type=(
+            jax.ShapeDtypeStruct((bnh * seq_len, dhqk_p), out_dtype),
+            jax.ShapeDtypeStruct((bnh, seq_len), jnp.float32),
+        ),
+        scratch_types=(
+            operand((dhhv_p // width, parts, ROWS, width)),  # owned rows, slice by slice
+            operand((stages, parts, ROWS, width)),  # state / other tiles' slices
+            operand((stages, parts, ROWS, dhqk_p)),  # other tiles' Q or K
+            plgpu.SMEM((len(parallel_bw.GATE_ROWS), chunk), jnp.float32),  # gates
+            plgpu.SMEM((ROWS, 128 // out_dtype.itemsize), out_dtype, transforms=common.swizzled(out_dtype)),  # dX
+            plgpu.SMEM((ROWS,), jnp.float32),  # row dots
+            plgpu.Barrier(num_barriers=dhhv_p // width),  # owned slices loaded
+            plgpu.Barrier(num_barriers=1),  # gates loaded
+            plgpu.Barrier(num_barriers=stages),  # slice loaded
+            plgpu.Barrier(num_barriers=stages),  # tile loaded
+            plgpu.Barrier(num_barriers=stages),  # slice buffers free again
+            plgpu.Barrier(num_barriers=stages),  # tile buffers free again
+        ),
+        grid=(bnh, num_chunks, chunk // ROWS),
+        grid_names=("bh", "c", "ot"),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=parts == 1),  # float32 inputs: IEEE exp and division
+        interpret=plgpu.InterpretGPUParams() if call.interpret else None,
+        kernel_name=variant.name,
+    )(own, streamed, stacked(rows(tiles, dhqk_p)), state, gates, rows(x, dhqk_p))
+    return grad[:, :dhqk].reshape(batch, heads, seq_len, dhqk), dots.reshape(batch, heads, seq_len)
+
+
+def parallel_bw_dK(
+    call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
+):
+    """The launcher of `mlstm_chunkwise__parallel_bw_dK` in Mosaic GPU (same arrays and outputs as the Triton
+    launcher): (dK (B, NH, S, DHQK) in call.output_dtype, Σ_d k·dK (B, NH, S) float32 of the unrounded dK). Trusts
+    `call` (chunk_size, qk_scale, eps, output_dtype, input_gate, interpret); ValueError for what `unsupported`
+    names."""
+    arrays = (matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states)
+    return _launch(DK, call, *arrays)
+
+
+def parallel_bw_dQ(
+    call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
+):
+    """The launcher of `mlstm_chunkwise__parallel_bw_dQ` in Mosaic GPU (same arrays and outputs as the Triton
+    launcher): (dQ (B, NH, S, DHQK) in call.output_dtype, Σ_d q·dQ (B, NH, S) float32 of the unrounded dQ). Trusts
+    `call` as parallel_bw_dK; reads the forward's C states (chunk_states[0]) where dK reads the dC states."""
+    arrays = (matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states)
+    return _launch(DQ, call, *arrays)
