@@ -1,7 +1,7 @@
-"""The Mosaic GPU kernels (pallas_mlstm/mosaic_gpu: recurrent_fw_C, parallel_fw_Hintra, parallel_bw_dV/dK/dQ)
-against their jnp twins: in Mosaic GPU's interpret mode (shared memory, TMA copies, barriers and warpgroups simulated
-on the CPU; the matmuls as jnp.dot), compiled on a Hopper GPU, and lowered for one without it.
-`python -m pallas_mlstm.benchmarks.mosaic_check` also times them."""
+"""The Mosaic GPU kernels (pallas_mlstm/mosaic_gpu: recurrent_fw_C, parallel_fw_Hintra, recurrent_bw_dC,
+parallel_bw_dV/dK/dQ) against their jnp twins: in Mosaic GPU's interpret mode (shared memory, TMA copies, barriers
+and warpgroups simulated on the CPU; the matmuls as jnp.dot), compiled on a Hopper GPU, and lowered for one without
+it. `python -m pallas_mlstm.benchmarks.mosaic_check` also times them."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pallas_mlstm.accuracy import KERNEL_TWIN_TOLERANCE, rel_err
 from pallas_mlstm.gates import chunkwise_log_gates, compute_chunkwise_reset_gates
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common as mosaic_common
-from pallas_mlstm.mosaic_gpu import parallel_bw, parallel_bw_sliced, parallel_fw, recurrent_fw
+from pallas_mlstm.mosaic_gpu import parallel_bw, parallel_bw_sliced, parallel_fw, recurrent_bw, recurrent_fw
 from pallas_mlstm.states import state_buffer_dtype
 from tests import flags as test_flags
 from tests.helpers import case_key, extreme_gates, mlstm_inputs, skip_unless_available
@@ -65,15 +65,30 @@ def _arrays(case: str):
     return (*(x.astype(dtype) for x in (q, k, v)), i, f, *states)
 
 
-def _backward_arrays(case: str):
-    """The backward kernels' arrays (as chunkwise's backward passes them), chained through the twins: q, k, v, i,
-    (vecA, vecB, vecR), the forward's float32 states, vecN_out, vecM_out, dH and the dC states."""
+def _backward_chain(case: str):
+    """The forward's arrays chained through the twins, with vecN_out, vecM_out, a dH and a last state's gradient."""
     *_, chunk, dtype, input_gate, normalize, _ = CASES[case]
     q, k, v, i, f, *states = _arrays(case)
     call = KernelCall(chunk_size=chunk, eps=1e-6, input_gate=input_gate, normalize=normalize)
     _, n_out, m_out = xla_kernels.parallel_fw_Hintra(call, q, k, v, i, f, *states)
     dh = jax.random.normal(case_key("mosaic-dh", case), v.shape, dtype)
     dc_last = jax.random.normal(case_key("mosaic-dc", case), states[0].shape[:2] + (q.shape[-1], v.shape[-1]))
+    return q, k, v, i, f, states, n_out, m_out, dh, dc_last
+
+
+def _states_backward_arrays(case: str):
+    """The states backward kernel's arrays: q, f, the forward's m states, vecM_out, dH, vecN_out, the last state's
+    gradient and the forward's float32 C states."""
+    q, _, _, _, f, states, n_out, m_out, dh, dc_last = _backward_chain(case)
+    return q, f, states[2], m_out, dh, n_out, dc_last, states[0]
+
+
+def _backward_arrays(case: str):
+    """The parallel backward kernels' arrays (as chunkwise's backward passes them), chained through the twins: q, k,
+    v, i, (vecA, vecB, vecR), the forward's float32 states, vecN_out, vecM_out, dH and the dC states."""
+    *_, chunk, _, input_gate, normalize, _ = CASES[case]
+    q, k, v, i, f, states, n_out, m_out, dh, dc_last = _backward_chain(case)
+    call = KernelCall(chunk_size=chunk, eps=1e-6, input_gate=input_gate, normalize=normalize)
     dc_states = xla_kernels.recurrent_bw_dC(call, q, f, states[2], m_out, dh, n_out, dc_last, states[0])[0]
     _, vec_a = chunkwise_log_gates(i, f, chunk, input_gate)
     vec_b, vec_r = compute_chunkwise_reset_gates(f, chunk)
@@ -81,11 +96,13 @@ def _backward_arrays(case: str):
 
 
 # Each Mosaic GPU kernel: its launcher, the twin's, the arrays it takes, and whether it rounds 16-bit operands where
-# the twin does (dV, dK and dQ, as the Triton kernels, round the gated scores times 1/(den + eps) once where the twin
-# rounds each factor; at bf16 both are within 3e-3 of float64 on "bf16-tiles", the kernel the nearer: dK and dQ
-# 1.8e-3, their twins 2.4e-3).
+# the twin does. dV, dK and dQ, as the Triton kernels, round the gated scores times 1/(den + eps) once where the twin
+# rounds each factor; the states backward rounds q·s·e^{b + m_{k-1} − m}/(den + eps) once where the twin rounds q̄ and
+# dH/(den + eps) apart. At bf16 on "bf16-tiles", against float64, the kernel is the nearer for each gradient: dK and
+# dQ 1.8e-3 (twins 2.4e-3), dC 5.9e-4 (twin 8.1e-4); <dC, C> 6.5e-4 (twin 2.7e-4).
 KERNELS = {
     "recurrent_fw_C": (recurrent_fw.recurrent_fw_C, xla_kernels.recurrent_fw_C, _recurrent_arrays, True),
+    "recurrent_bw_dC": (recurrent_bw.recurrent_bw_dC, xla_kernels.recurrent_bw_dC, _states_backward_arrays, False),
     "parallel_fw_Hintra": (parallel_fw.parallel_fw_Hintra, xla_kernels.parallel_fw_Hintra, _arrays, True),
     "parallel_bw_dV": (parallel_bw.parallel_bw_dV, xla_kernels.parallel_bw_dV, _backward_arrays, False),
     "parallel_bw_dK": (parallel_bw_sliced.parallel_bw_dK, xla_kernels.parallel_bw_dK, _backward_arrays, False),
@@ -145,6 +162,7 @@ def test_lowers_for_hopper(kernel, dtype):
     initial = (spec((batch, heads, dhqk, dhhv), jnp.float32), spec((batch, heads, dhqk), jnp.float32))
     args = {
         "recurrent_fw_C": (q, v, vec, vec, *initial, spec((batch, heads), jnp.float32)),
+        "recurrent_bw_dC": (q, vec, states[2], vec, v, vec, initial[0], states[0]),
         "parallel_fw_Hintra": (q, q, v, vec, vec, *states),
         "parallel_bw_dV": (q, q, v, vec, (gates(), gates(), gates(jnp.int32)), states, vec, vec, v, states[0]),
     }

@@ -6,10 +6,11 @@ for tests). Kernels move over one at a time, each once it has passed the GPU tes
 Hopper GPU: the forward's H kernel (parallel_fw.py) and the backward's dV kernel (parallel_bw.py) run in Mosaic GPU
 wherever they take the shape (chunk 64, 128 or 256, DHQK up to 256, 16-bit or float32 inputs) and as the Triton
 kernels otherwise. Every other kernel is still the Triton backend's, with its launchers and launch config
-(`TritonLaunch`, which the Mosaic GPU kernels ignore: they pick their own tiles). Two more wait for a GPU run
+(`TritonLaunch`, which the Mosaic GPU kernels ignore: they pick their own tiles). Four more wait for a GPU run
 before they join KERNELS: recurrent_fw.py, the forward's states kernel (compiled once on an H100, where two compute
-warpgroups raced; it now runs one), and parallel_bw_sliced.py, the backward's dK and dQ kernels (one pipeline;
-checked interpreted against their twins and lowered for cuda). common.py holds what the kernels share.
+warpgroups raced; it now runs one), recurrent_bw.py, the backward's (the same pipeline backwards in time), and
+parallel_bw_sliced.py, the backward's dK and dQ kernels (one pipeline); checked interpreted against their twins and
+lowered for cuda. common.py holds what the kernels share.
 """
 
 import os

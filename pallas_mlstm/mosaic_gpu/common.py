@@ -269,3 +269,43 @@ def await_last_releases(free, steps, stages: int):
     @pl.loop(jnp.maximum(steps - stages, 0), steps)
     def _drain(s):
         plgpu.barrier_wait(free.at[s % stages])
+
+
+def stream_ring(load, free, steps: int, stages: int):
+    """The memory warpgroup's loop over one ring of `stages` buffers (slot = step % stages) for `steps` steps:
+    `load(s)` starts step s's TMA copies; the first `stages` load at once, then each step refills the slot its
+    predecessor `stages` back frees (`free`), and last the releases no refill waited for are awaited."""
+    for s in range(min(stages, steps)):
+        load(s)
+
+    @pl.loop(0, steps - stages)
+    def _refill(s):
+        plgpu.barrier_wait(free.at[s % stages])
+        load(s + stages)
+
+    await_last_releases(free, steps, stages)
+
+
+def weight_rows_in_place(slice_part, parts: int, weights: jax.Array) -> jax.Array:
+    """Scales the rows of a (64, 64) operand slice in shared memory, given by its parts (`slice_part(p)`), by
+    `weights` (64,): the parts summed in float32, scaled, split again into the same parts (`split_parts`), stored
+    back and made visible to wgmma. Returns the scaled slice, (64, 64) float32."""
+    x = functools.reduce(
+        jnp.add, [plgpu.load(slice_part(p), layout=plgpu.Layout.WGMMA).astype(jnp.float32) for p in range(parts)]
+    )
+    x = x * by_rows(weights, x.shape)
+    for p, part in enumerate(split_parts(x, parts, slice_part(0).dtype)):
+        slice_part(p)[...] = part
+    plgpu.commit_smem()
+    return x
+
+
+def store_staged(out, stage, tile: jax.Array, column0):
+    """Stores `tile` (64, N) float32 into `out` (64 rows of an output, from column `column0`) in its dtype, through
+    the staging buffer `stage` (64, E), E = 128 bytes of it, one piece after the other with TMA."""
+    columns = stage.shape[-1]
+    for t in range(tile.shape[1] // columns):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous piece has left the staging
+        stage[...] = tile[:, t * columns : (t + 1) * columns].astype(stage.dtype)  # (64, E)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(stage, out.at[:, pl.ds(column0 + t * columns, columns)])

@@ -138,32 +138,16 @@ def _kernel(
                 )  # (P, 64, 64)
             plgpu.copy_gmem_to_smem(v_gmem.at[:, rows, columns], v_smem.at[slot], v_bar.at[slot])  # (P, 64, bDHHV)
 
-        for s in range(min(stages, steps)):
-            load(s)
-
-        @pl.loop(0, steps - stages)
-        def _refill(s):
-            plgpu.barrier_wait(free_bar.at[s % stages])
-            load(s + stages)
-
-        common.await_last_releases(free_bar, steps, stages)
+        common.stream_ring(load, free_bar, steps, stages)
 
     @pl.when(wg < w)
     def _compute():
         plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
         dhqk_row0 = (iq * w + wg) * ROWS  # this warpgroup's first DHQK row
 
-        def store_c(c_out, stage, c):  # c (64, bDHHV) float32 to rows `c_out` of a (rows, DHHV_p) output
-            out_cols = stage.shape[-1]
-            for t in range(block_v // out_cols):
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile has left the staging
-                stage[wg] = c[:, t * out_cols : (t + 1) * out_cols].astype(stage.dtype)  # (64, E)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(stage.at[wg], c_out.at[:, pl.ds(iv * block_v + t * out_cols, out_cols)])
-
         def store_state(index, c, n_tile):  # state `index` (0: the initial one) of this program's tile
             state = bh * (num_chunks + 1) + index
-            store_c(c_gmem.at[pl.ds(state * dhqk + dhqk_row0, ROWS)], c_stage, c)
+            common.store_staged(c_gmem.at[pl.ds(state * dhqk + dhqk_row0, ROWS)], c_stage.at[wg], c, iv * block_v)
 
             @pl.when(iv == 0)  # every DHHV tile computes n; the first one stores it
             def _n():
@@ -192,14 +176,7 @@ def _kernel(
             c, n_tile = c * common.by_rows(decay, c.shape), n_tile * common.by_rows(decay, n_tile.shape)
             weights = plgpu.load(g_smem.at[slot, _W], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,) e^{a − m_k}
             plgpu.barrier_wait(k_bar.at[slot * w + wg])
-            k = functools.reduce(
-                jnp.add, [plgpu.load(k_slice(p), layout=plgpu.Layout.WGMMA).astype(jnp.float32) for p in range(parts)]
-            )  # (64, 64) float32: the parts summed
-            k_weighted = k * common.by_rows(weights, k.shape)  # (64, 64) float32
-            n_tile = n_tile + k_weighted
-            for p, part in enumerate(common.split_parts(k_weighted, parts, k_smem.dtype)):
-                k_slice(p)[...] = part
-            plgpu.commit_smem()  # the weighted slice is visible to wgmma
+            n_tile = n_tile + common.weight_rows_in_place(k_slice, parts, weights)  # K ⊙ e^{a − m_k}, (64, 64)
             plgpu.barrier_wait(v_bar.at[slot])
             k_t = lambda p: k_slice(p).transpose((1, 0))  # (64 DHQK, 64 steps)
             c = common.mma(c, k_t, lambda p: v_smem.at[slot, p], parts, interpret)  # (64, 64) @ (64, bDHHV)
@@ -210,7 +187,8 @@ def _kernel(
 
         c, _ = lax.fori_loop(0, steps, step, (c, n_tile))
         if writes_last:  # the last state at full precision, when the states are stored narrower
-            store_c(last_gmem.at[pl.ds(bh * dhqk + dhqk_row0, ROWS)], last_stage[0], c)
+            last_rows = last_gmem.at[pl.ds(bh * dhqk + dhqk_row0, ROWS)]
+            common.store_staged(last_rows, last_stage[0].at[wg], c, iv * block_v)
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -230,11 +208,18 @@ def _step_gates(call: KernelCall, vecF, vecI, scaM_initial, chunk: int):
     m_all = jnp.concatenate([m_initial[..., None], m_next], axis=-1)  # (B, NH, NC+1)
     weights = jnp.exp(vecA - m_next[..., None])  # (B, NH, NC, L)
     decay = jnp.exp(scaG + m_all[..., :-1] - m_next)  # (B, NH, NC)
+    return step_rows(weights, decay), m_all
+
+
+def step_rows(weights, decay) -> jax.Array:
+    """The ring steps' gate rows, (B·NH·steps, 2, 64) float32, in the chunks' order as given: a per-time-step weight
+    (B, NH, NC, L), and the chunk's decay (B, NH, NC) on its first ring step, 1 on the others."""
+    chunk = weights.shape[-1]
     first_step = jnp.arange(chunk) < ROWS  # (L,): the chunk's first ring step
     decay_rows = jnp.where(first_step, decay[..., None], 1.0)  # (B, NH, NC, L)
-    rows = jnp.stack([weights, decay_rows], axis=-2)  # (B, NH, NC, 2, L)
+    rows = jnp.stack([weights, decay_rows], axis=-2).astype(jnp.float32)  # (B, NH, NC, 2, L)
     steps = rows.reshape(*rows.shape[:3], 2, chunk // ROWS, ROWS).swapaxes(3, 4)  # (B, NH, NC, L/64, 2, 64)
-    return steps.reshape(-1, 2, ROWS), m_all
+    return steps.reshape(-1, 2, ROWS)
 
 
 def recurrent_fw_C(call: KernelCall, matK, matV, vecF, vecI, matC_initial, vecN_initial, scaMinter_initial):

@@ -1,0 +1,240 @@
+"""The recurrent backward kernel in Pallas Mosaic GPU (Hopper): the gradients dC of the states at every chunk
+boundary, last to first.
+
+Same arrays, outputs and math as pallas_mlstm.pallas_triton.recurrent_bw (its jnp twin: xla_kernels.recurrent_bw_dC):
+
+    dC_k = d_k dC_{k+1} + (Q_k ⊙ w)ᵀ dH_k,   w_t = s·e^{b_t + m_{k-1} − m_t} / (den_t + eps)
+    d_k = e^{g_k + m_{k-1} − m_k}
+
+and <dC_k, C_k> per boundary where the forward's states are given. The forward states kernel (recurrent_fw.py) run
+backwards in time, with its tiles: one program per (batch·head, DHQK tile of 64 x DHHV tile), one compute
+warpgroup that carries dC in registers from the last chunk to the first, and a memory warpgroup that streams each
+chunk's Q slice, dH tile and gate rows with TMA, 64 time steps per ring slot. Per step the compute warpgroup scales
+its Q slice's rows by w in shared memory (rounded to the operand dtype, as the Triton kernel rounds q̄ before its
+dot), then takes dC += (Q ⊙ w)ᵀ dH with wgmma; at a chunk's last step it stores dC_k and the row sums of
+dC_k ⊙ C_k (summed by XLA over the tiles). Per program, in shared memory:
+
+    Q      (stages, P, 64, 64)         the program's 64 DHQK columns of 64 time steps
+    dH     (stages, P, 64, bDHHV)      the same time steps' DHHV tile
+    gates  (stages, 2, 64) float32     w of the steps, and the chunk's decay on its first step (else 1)
+    out    (1, 64, E), (1, 64)         staging of dC_k (E = 128 bytes of the states dtype) and of the row sums
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_mlstm.gates import chunked, compute_chunkwise_vecB
+from pallas_mlstm.kernel_call import KernelCall
+from pallas_mlstm.mosaic_gpu import common, recurrent_fw
+from pallas_mlstm.mosaic_gpu.common import ROWS
+from pallas_mlstm.pallas_triton import common as triton_common
+from pallas_mlstm.states import acc_dtype, join_states
+
+NAME = "mlstm_chunkwise__recurrent_bw_dC"
+_W, _DECAY = range(2)  # the gate rows of a ring slot
+
+
+def unsupported(chunk: int, dtype) -> str | None:
+    """What this kernel does not run (as recurrent_fw.unsupported), or None."""
+    problem = recurrent_fw.unsupported(chunk, dtype)
+    return None if problem is None else problem.replace(recurrent_fw.NAME, NAME)
+
+
+def supports(call: KernelCall, dtype) -> bool:
+    """True for the calls this kernel runs."""
+    return unsupported(call.chunk_size * call.save_states_every_nth_chunk, dtype) is None
+
+
+def _kernel(
+    q_gmem,  # (P, BNH·S, DHQK_p)
+    dh_gmem,  # (P, BNH·S, DHHV_p)
+    g_gmem,  # (BNH·steps, 2, 64) float32, the steps in processing order (last chunk first)
+    *refs,  # dC_last (BNH, DHQK_p, DHHV_p) float32 and C states where given; outputs; scratch
+    tiles: recurrent_fw.RecurrentTiles,
+    steps_per_chunk: int,
+    num_chunks: int,
+    has_last: bool,
+    has_states: bool,
+    writes_first: bool,
+    interpret: bool,
+):
+    inputs = [has_last, has_states]
+    last_gmem = refs[0] if has_last else None  # (BNH, DHQK_p, DHHV_p) float32
+    c_gmem = refs[sum(inputs[:1])] if has_states else None  # (BNH·(NC+1)·DHQK_p, DHHV_p)
+    refs = refs[sum(inputs) :]
+    dc_gmem = refs[0]  # (BNH·(NC+1)·DHQK_p, DHHV_p) states dtype
+    dots_gmem = refs[1] if has_states else None  # (BNH·(NC+1), DHHV_p / bDHHV, DHQK_p) float32
+    first_gmem = refs[1 + has_states] if writes_first else None  # (BNH·DHQK_p, DHHV_p) float32
+    refs = refs[1 + has_states + writes_first :]
+    q_smem, dh_smem, g_smem, c_stage, dots_stage, *first_stage, q_bar, dh_bar, g_bar, free_bar = refs
+    block_v, stages = tiles.block_v, tiles.stages
+    parts = q_smem.shape[1]
+    steps = num_chunks * steps_per_chunk
+    chunk = steps_per_chunk * ROWS
+    seq_len = steps * ROWS
+    bh, iq, iv = lax.axis_index("bh"), lax.axis_index("q"), lax.axis_index("v")
+    columns = pl.ds(iv * block_v, block_v)
+    dhqk_row0 = iq * ROWS  # the program's first DHQK row
+    wg = lax.axis_index("wg")
+
+    def step_row(s):  # the sequence row of ring step s's first time step: the chunks from the last to the first
+        return bh * seq_len + (num_chunks - 1 - s // steps_per_chunk) * chunk + (s % steps_per_chunk) * ROWS
+
+    @pl.when(wg == 1)
+    def _memory():
+        plgpu.set_max_registers(common.MEMORY_REGISTERS, action="decrease")
+
+        def load(s):  # ring step s: 64 time steps of Q (the program's columns), of dH, and their gate rows
+            slot = s % stages
+            rows = pl.ds(step_row(s), ROWS)
+            plgpu.copy_gmem_to_smem(g_gmem.at[bh * steps + s], g_smem.at[slot], g_bar.at[slot])  # (2, 64)
+            q_tile = q_gmem.at[:, rows, pl.ds(dhqk_row0, ROWS)]  # (P, 64, 64)
+            plgpu.copy_gmem_to_smem(q_tile, q_smem.at[slot], q_bar.at[slot])
+            plgpu.copy_gmem_to_smem(dh_gmem.at[:, rows, columns], dh_smem.at[slot], dh_bar.at[slot])  # (P, 64, bV)
+
+        common.stream_ring(load, free_bar, steps, stages)
+
+    @pl.when(wg == 0)
+    def _compute():
+        plgpu.set_max_registers(common.COMPUTE_REGISTERS, action="increase")
+        dhqk_size = q_gmem.shape[-1]
+
+        def store_state(index, dc):  # dC_index of this program's tile, and the row sums of dC_index ⊙ C_index
+            state = bh * (num_chunks + 1) + index
+            rows = pl.ds(state * dhqk_size + dhqk_row0, ROWS)
+            common.store_staged(dc_gmem.at[rows], c_stage.at[0], dc, iv * block_v)
+            if has_states:
+                c = plgpu.load(c_gmem.at[rows, columns], layout=plgpu.Layout.WGMMA, optimized=False)  # (64, bDHHV)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                dots_stage[0] = jnp.sum(dc * c.astype(jnp.float32), axis=1)  # (64,)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(dots_stage.at[0], dots_gmem.at[state, iv, pl.ds(dhqk_row0, ROWS)])
+
+        if has_last:
+            dc = plgpu.load(
+                last_gmem.at[bh, pl.ds(dhqk_row0, ROWS), columns], layout=plgpu.Layout.WGMMA, optimized=False
+            )  # (64, bDHHV)
+        else:
+            dc = common.zeros(block_v)
+        store_state(num_chunks, dc)
+
+        def step(s, dc):
+            slot = s % stages
+            q_slice = lambda p: q_smem.at[slot, p]  # (64 steps, 64 DHQK columns)
+            plgpu.barrier_wait(g_bar.at[slot])
+            decay = plgpu.load(g_smem.at[slot, _DECAY], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,), one value
+            dc = dc * common.by_rows(decay, dc.shape)
+            weights = plgpu.load(g_smem.at[slot, _W], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,) w of the steps
+            plgpu.barrier_wait(q_bar.at[slot])
+            common.weight_rows_in_place(q_slice, parts, weights)  # Q ⊙ w, (64, 64)
+            plgpu.barrier_wait(dh_bar.at[slot])
+            q_t = lambda p: q_slice(p).transpose((1, 0))  # (64 DHQK, 64 steps)
+            dc = common.mma(dc, q_t, lambda p: dh_smem.at[slot, p], parts, interpret)  # (64, 64) @ (64, bDHHV)
+            plgpu.barrier_arrive(free_bar.at[slot])
+            last_step = s % steps_per_chunk == steps_per_chunk - 1
+            pl.when(last_step)(lambda: store_state(num_chunks - 1 - s // steps_per_chunk, dc))
+            return dc
+
+        dc = lax.fori_loop(0, steps, step, dc)
+        if writes_first:  # dC_0 at full precision, when the states are stored narrower
+            first_rows = first_gmem.at[pl.ds(bh * dhqk_size + dhqk_row0, ROWS)]
+            common.store_staged(first_rows, first_stage[0].at[0], dc, iv * block_v)
+        plgpu.wait_smem_to_gmem(0)
+
+
+def recurrent_bw_dC(
+    call: KernelCall, matQ, vecF, scaM_inter, vecM_combine, matDeltaH, vecN_out, matDeltaC_last, matC_states
+):
+    """The launcher of `mlstm_chunkwise__recurrent_bw_dC` in Mosaic GPU (same arrays and outputs as the Triton
+    launcher). Trusts `call` (chunk_size, save_states_every_nth_chunk, qk_scale, eps, states_dtype, interpret);
+    ValueError for what `unsupported` names."""
+    batch, heads, seq_len, dhqk = matQ.shape
+    dhhv = matDeltaH.shape[-1]
+    chunk = call.chunk_size * call.save_states_every_nth_chunk
+    problem = unsupported(chunk, matQ.dtype)
+    if problem is not None:
+        raise ValueError(problem)
+    num_chunks, bnh = seq_len // chunk, batch * heads
+    dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
+    state_dtype = acc_dtype(matQ.dtype)
+    c_dtype = state_dtype if call.states_dtype is None else jnp.dtype(call.states_dtype)
+    writes_first = c_dtype != state_dtype
+    operand_dtype = common.operand_dtype(matQ.dtype)
+    parts, tiles = recurrent_fw.kernel_tiles(dhqk_p, dhhv_p, common.operand_parts(matQ.dtype), c_dtype.itemsize)
+
+    vecB = compute_chunkwise_vecB(vecF, chunk).astype(jnp.float32)  # (B, NH, NC, L), −∞ from a reset on
+    m_prev, m_next = (scaM_inter[..., :-1].astype(jnp.float32), scaM_inter[..., 1:].astype(jnp.float32))
+    weights = (
+        call.scale_for(dhqk)
+        * jnp.exp(vecB + m_prev[..., None] - chunked(vecM_combine, chunk).astype(jnp.float32))
+        / (chunked(vecN_out, chunk).astype(jnp.float32) + call.eps)
+    )  # (B, NH, NC, L)
+    decay = jnp.exp(vecB[..., -1] + m_prev - m_next)  # (B, NH, NC)
+    gates = recurrent_fw.step_rows(weights[:, :, ::-1], decay[:, :, ::-1])  # the last chunk first
+    stacked = lambda x, size: common.split_operand(
+        triton_common.pad_axis(x.reshape(bnh * seq_len, x.shape[-1]), 1, size), parts, operand_dtype
+    )  # (P, BNH·S, size)
+    inputs = [stacked(matQ, dhqk_p), stacked(matDeltaH.astype(matQ.dtype), dhhv_p), gates]
+    has_last, has_states = matDeltaC_last is not None, matC_states is not None
+    if has_last:
+        dc_last = matDeltaC_last.reshape(bnh, dhqk, dhhv).astype(jnp.float32)
+        inputs.append(triton_common.pad_axis(triton_common.pad_axis(dc_last, 1, dhqk_p), 2, dhhv_p))
+    if has_states:
+        inputs.append(triton_common.states_to_kernel_layout(matC_states, dhqk, (dhqk_p, dhhv_p)).reshape(-1, dhhv_p))
+
+    stages = tiles.stages
+    staging = lambda dtype: plgpu.SMEM((1, ROWS, 128 // dtype.itemsize), dtype, transforms=common.swizzled(dtype))
+    operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
+    out_type = [jax.ShapeDtypeStruct((bnh * (num_chunks + 1) * dhqk_p, dhhv_p), c_dtype)]
+    if has_states:
+        out_type.append(jax.ShapeDtypeStruct((bnh * (num_chunks + 1), dhhv_p // tiles.block_v, dhqk_p), jnp.float32))
+    if writes_first:
+        out_type.append(jax.ShapeDtypeStruct((bnh * dhqk_p, dhhv_p), jnp.float32))
+    kernel = functools.partial(
+        _kernel,
+        tiles=tiles,
+        steps_per_chunk=chunk // ROWS,
+        num_chunks=num_chunks,
+        has_last=has_last,
+        has_states=has_states,
+        writes_first=writes_first,
+        interpret=call.interpret,
+    )
+    outs = plgpu.kernel(
+        kernel,
+        out_type=tuple(out_type),
+        scratch_types=(
+            operand((stages, parts, ROWS, ROWS)),  # Q slices
+            operand((stages, parts, ROWS, tiles.block_v)),  # dH tiles
+            plgpu.SMEM((stages, 2, ROWS), jnp.float32),  # gate rows
+            staging(c_dtype),  # dC_k staging
+            plgpu.SMEM((1, ROWS), jnp.float32),  # row sums staging
+            *([staging(jnp.dtype(jnp.float32))] if writes_first else []),  # dC_0 staging
+            plgpu.Barrier(num_barriers=stages),  # Q slice loaded
+            plgpu.Barrier(num_barriers=stages),  # dH loaded
+            plgpu.Barrier(num_barriers=stages),  # gate rows loaded
+            plgpu.Barrier(num_barriers=stages),  # slot free again
+        ),
+        grid=(bnh, dhqk_p // ROWS, dhhv_p // tiles.block_v),
+        grid_names=("bh", "q", "v"),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=parts == 1),  # float32 inputs: IEEE exp
+        interpret=plgpu.InterpretGPUParams() if call.interpret else None,
+        kernel_name=NAME,
+    )(*inputs)
+    dc_all = outs[0].reshape(bnh, num_chunks + 1, dhqk_p, dhhv_p)[:, :, :dhqk, :dhhv]
+    results = [join_states(dc_all.reshape(batch, heads, num_chunks + 1, dhqk, dhhv))]
+    if has_states:
+        results.append(jnp.sum(outs[1], axis=(1, 2)).reshape(batch, heads, num_chunks + 1).astype(state_dtype))
+    if writes_first:
+        first = outs[-1].reshape(bnh, dhqk_p, dhhv_p)[:, :dhqk, :dhhv]
+        results.append(first.reshape(batch, heads, dhqk, dhhv))
+    return results[0] if len(results) == 1 else tuple(results)
