@@ -119,10 +119,13 @@ def kernel_cases(shape, chunk: int, interpret: bool = False) -> list[KernelCase]
     )
     states = fw_c({})(k, v, i, f)[:3]
     _, n_out, m_out = fw_h({})(q, k, v, i, f, *states)
-    bw_c = lambda launch: jax.jit(
-        lambda *a: p.recurrent_bw_dC(*a, chunk_size=chunk, matC_states=states[0], **narrow, **launch)
+    bw_c = (
+        lambda launch: jax.jit(  # arguments: q, f, m states, vecM_out, dH, vecN_out, then the C states
+            lambda *a: p.recurrent_bw_dC(*a[:-1], chunk_size=chunk, matC_states=a[-1], **narrow, **launch)
+        )
     )
-    dc_states = bw_c({})(q, f, states[2], m_out, dh, n_out)[0]
+    bw_c_args = (q, f, states[2], m_out, dh, n_out, states[0])
+    dc_states = bw_c({})(*bw_c_args)[0]
     vec_b, vec_a = gates({})(i, f)
     bw_args = (q, k, v, i, vec_a, vec_b, *states, n_out, m_out, dh, dc_states)
 
@@ -138,7 +141,7 @@ def kernel_cases(shape, chunk: int, interpret: bool = False) -> list[KernelCase]
         KernelCase("gates (vecB, vecA)", gates, (i, f), 0),
         KernelCase("recurrent_fw_C", fw_c, (k, v, i, f), inter),
         KernelCase("parallel_fw_Hintra", fw_h, (q, k, v, i, f, *states), inter + intra),
-        KernelCase("recurrent_bw_dC", bw_c, (q, f, states[2], m_out, dh, n_out), inter),
+        KernelCase("recurrent_bw_dC", bw_c, bw_c_args, inter),
         *(KernelCase(f"parallel_bw_{name}", parallel_bw(name), bw_args, inter + intra) for name in ("dQ", "dK", "dV")),
     ]
 

@@ -3,16 +3,16 @@ forward's outputs against the jnp twin and the Triton launcher (tests/test_mosai
 
     PYTHONPATH=. python3 -m pallas_mlstm.benchmarks.mosaic_check --out mosaic_fw.json
 
-Timing first, of each kernel of --kernels (recurrent_fw_C, parallel_fw_Hintra, parallel_bw_dV, parallel_bw_dK,
-parallel_bw_dQ): 7b, tfla-paper, small-heads and odd-heads in bfloat16 at the card's tuned chunk size (the default
-chunk where none is tuned), on kernel_times' inputs (chained through the Triton kernels, 16-bit state buffers) with
-its FLOP count; median ms of --calls calls after a warm-up (benchmarks/timing.py), Triton at its tuned launch;
-TFLOP/s; mosaic / triton; and the relative difference of their outputs. Then correctness on small shapes and
-7b-short, bfloat16 and float32, each cell: the largest relative error of the three outputs (h, vecN_out, vecM_out)
-against the twin (xla_kernels) and against the Triton launcher, on inputs chained through the twins (float32 states)
-as tests/test_kernels.py builds them, with Triton's kernel-twin bound as the mark. Each row is caught and reported
-on its own (a compile error's first lines); rows left when --budget_s is spent are skipped. Prints a table at the
-end and rewrites the JSON (--out) after every row. About 7 minutes with the defaults.
+Timing first, of each kernel of --kernels (recurrent_fw_C, recurrent_bw_dC, parallel_fw_Hintra, parallel_bw_dV,
+parallel_bw_dK, parallel_bw_dQ): 7b, tfla-paper, small-heads and odd-heads in bfloat16 at the card's tuned chunk
+size (the default chunk where none is tuned), on kernel_times' inputs (chained through the Triton kernels, 16-bit
+state buffers) with its FLOP count; median ms of --calls calls after a warm-up (benchmarks/timing.py), Triton at its
+tuned launch; TFLOP/s; mosaic / triton; and the relative difference of their outputs. Then correctness on small
+shapes and 7b-short, bfloat16 and float32, each cell: the largest relative error of the three outputs (h, vecN_out,
+vecM_out) against the twin (xla_kernels) and against the Triton launcher, on inputs chained through the twins
+(float32 states) as tests/test_kernels.py builds them, with Triton's kernel-twin bound as the mark. Each row is
+caught and reported on its own (a compile error's first lines); rows left when --budget_s is spent are skipped.
+Prints a table at the end and rewrites the JSON (--out) after every row. About 7 minutes with the defaults.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pallas_mlstm.config import tuned_config
 from pallas_mlstm.device import device_properties
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common as mosaic_common
-from pallas_mlstm.mosaic_gpu import parallel_bw, parallel_bw_sliced, parallel_fw, recurrent_fw
+from pallas_mlstm.mosaic_gpu import parallel_bw, parallel_bw_sliced, parallel_fw, recurrent_bw, recurrent_fw
 from pallas_mlstm.plan import default_chunk_size
 
 CELLS = {"exponential": ("exponential", True), "sigmoid": ("sigmoid", True), "sigmoid-unnormalised": ("sigmoid", False)}
@@ -101,6 +101,14 @@ def _mosaic_states(call: KernelCall):
     return jax.jit(lambda k, v, i, f: recurrent_fw.recurrent_fw_C(call, k, v, f, i, None, None, None))
 
 
+def _mosaic_states_backward(call: KernelCall):
+    """The Mosaic GPU states backward launcher on kernel_times' arguments (q, f, m states, vecM_out, dH, vecN_out,
+    C states), with its bf16 state buffers."""
+    call = dataclasses.replace(call, states_dtype="bfloat16")
+    launch = lambda q, f, m, m_out, dh, n_out, c: recurrent_bw.recurrent_bw_dC(call, q, f, m, m_out, dh, n_out, None, c)
+    return jax.jit(launch)
+
+
 def _states_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]):
     del chunk  # the states kernel steps through any chunk 64 rows at a time
     return recurrent_fw.kernel_tiles(dhqk, dhhv, parts, c_itemsize=2)
@@ -109,6 +117,7 @@ def _states_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]):
 # The timed kernels: their Mosaic GPU launcher (from a KernelCall, on kernel_times' arguments) and tile choice.
 KERNELS = {
     "recurrent_fw_C": (_mosaic_states, _states_tiles),
+    "recurrent_bw_dC": (_mosaic_states_backward, _states_tiles),
     "parallel_fw_Hintra": (_mosaic, parallel_fw.kernel_tiles),
     "parallel_bw_dV": (_mosaic_backward(parallel_bw.parallel_bw_dV), parallel_bw.kernel_tiles),
     "parallel_bw_dK": (_mosaic_backward(parallel_bw_sliced.parallel_bw_dK), _sliced_tiles),
