@@ -139,9 +139,9 @@ MOSAIC_KERNELS = ["parallel_fw_Hintra", "parallel_bw_dV"]
 CUDA_DEVICE = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
 
 
-def lower_for_cuda(mesh: AbstractMesh, lead_spec: tuple, backend: str | None = "triton") -> str:
+def lower_for_cuda(mesh: AbstractMesh, lead_spec: tuple, backend: str | None = "triton", chunk_size: int = 64) -> str:
     """StableHLO of forward + backward of `backend` on bf16 inputs sharded over `mesh` of CUDA_DEVICE (an H100 as
-    JAX describes one without it: no GPU needed), chunk 64."""
+    JAX describes one without it: no GPU needed), at `chunk_size`."""
     batch, heads, seq_len = 4, 2, 512
     shapes = (
         (batch, heads, seq_len, 64),
@@ -158,7 +158,9 @@ def lower_for_cuda(mesh: AbstractMesh, lead_spec: tuple, backend: str | None = "
     ]
 
     def fwbw(*arrays):
-        loss = lambda *a: jnp.sum(pallas_mlstm.mlstm_chunkwise(*a, backend=backend, chunk_size=64).astype(jnp.float32))
+        loss = lambda *a: jnp.sum(
+            pallas_mlstm.mlstm_chunkwise(*a, backend=backend, chunk_size=chunk_size).astype(jnp.float32)
+        )
         return jax.grad(loss, argnums=tuple(range(5)))(*arrays)
 
     with use_abstract_mesh(mesh):

@@ -170,6 +170,17 @@ def test_kernel_backends_run_a_kernel_of_another_backend():
     )
 
 
+def test_mosaic_backend_runs_the_triton_kernels_for_shapes_its_own_do_not_take():
+    """Chunk 32 is no Mosaic GPU kernel's: backend="mosaic" lowers (for an H100, without one) to Triton's kernels
+    alone, as many as the Triton backend's."""
+    if jax.default_backend() == "gpu" and not mosaic_gpu.available():
+        pytest.skip("a GPU other than Hopper: backend='mosaic' cannot run on it")
+    mesh = AbstractMesh((1,), ("b",), axis_types=(AxisType.Explicit,), abstract_device=CUDA_DEVICE)
+    mosaic, triton = (lower_for_cuda(mesh, (None,), backend=b, chunk_size=32) for b in ("mosaic", "triton"))
+    assert mosaic.count("stablehlo.custom_call @mosaic_gpu") == 0
+    assert mosaic.count("__gpu$xla.gpu.triton") == triton.count("__gpu$xla.gpu.triton") > 0
+
+
 def test_backend_none_follows_a_tuned_configs_kernel_backends(monkeypatch, tmp_path):
     """A tuned config that runs parallel_fw_Hintra in Mosaic GPU: backend=None on an H100 (lowered without one)
     takes it, so the program holds one Mosaic GPU kernel; backend="mosaic", whose kernel it is, takes it too and
