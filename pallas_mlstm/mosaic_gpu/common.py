@@ -292,7 +292,7 @@ def weight_rows_in_place(slice_part, parts: int, weights: jax.Array) -> jax.Arra
     back and made visible to wgmma. Returns the scaled slice, (64, 64) float32."""
     x = functools.reduce(
         jnp.add, [plgpu.load(slice_part(p), layout=plgpu.Layout.WGMMA).astype(jnp.float32) for p in range(parts)]
-    )
+    )  # (64, 64)
     x = x * by_rows(weights, x.shape)
     for p, part in enumerate(split_parts(x, parts, slice_part(0).dtype)):
         slice_part(p)[...] = part

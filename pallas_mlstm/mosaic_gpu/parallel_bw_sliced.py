@@ -164,7 +164,8 @@ def _kernel(
 
         def load_tile(j):  # other tile j's Q or K
             rows = pl.ds(seq_row0 + (first_other + j) * ROWS, ROWS)
-            plgpu.copy_gmem_to_smem(tiles_gmem.at[:, rows], t_smem.at[j % stages], t_bar.at[j % stages])
+            tile = tiles_gmem.at[:, rows]  # (P, 64, DHQK_p)
+            plgpu.copy_gmem_to_smem(tile, t_smem.at[j % stages], t_bar.at[j % stages])
 
         def refill_slice(s):  # once step s's slot is free again, load step s + stages into it
             @pl.when(s + stages < slice_steps)
@@ -197,6 +198,7 @@ def _kernel(
         plgpu.barrier_wait(g_bar.at[0])
         for u in range(num_slices):
             plgpu.barrier_wait(own_bar.at[u])
+        # gate g of the 64 steps from `start`, (64,), along the rows or along the columns of a (64, 64) tile
         gate_row = lambda g, start: plgpu.load(g_smem.at[g, pl.ds(start, ROWS)], layout=plgpu.Layout.WGMMA.reduce(1))
         gate_col = lambda g, start: plgpu.load(g_smem.at[g, pl.ds(start, ROWS)], layout=plgpu.Layout.WGMMA.reduce(0))
         own_slice = lambda u: lambda p: own_smem.at[u, p]  # (64, bS): slice u of the owned rows
@@ -248,7 +250,7 @@ def _kernel(
         acc = lax.fori_loop(0, other_steps, other_step, acc)
 
         rows = pl.ds(seq_row0 + row0, ROWS)
-        x = plgpu.load(x_gmem.at[rows], layout=plgpu.Layout.WGMMA, optimized=False).astype(jnp.float32)
+        x = plgpu.load(x_gmem.at[rows], layout=plgpu.Layout.WGMMA, optimized=False).astype(jnp.float32)  # (64, DHQK_p)
         dots_smem[...] = jnp.sum(x * acc, axis=1)  # (64,): Σ_d x·dx before dx is rounded
         out_cols = o_smem.shape[-1]
         for t in range(dhqk // out_cols):
