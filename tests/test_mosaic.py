@@ -41,25 +41,27 @@ CASES = {
 }
 
 
-def _recurrent_arrays(case: str):
-    """The states kernel's arrays: k, v in the case's dtype, the gates f, i and float32 initial states."""
-    batch, heads, seq_len, dhqk, dhhv, _, dtype, _, _, extreme = CASES[case]
-    _, k, v, i, f, c0, n0, m0 = mlstm_inputs(
+def _inputs(case: str):
+    """The case's q, k, v, i, f and initial states in float32 (its extreme gates where it has them)."""
+    batch, heads, seq_len, dhqk, dhhv, *_, extreme = CASES[case]
+    q, k, v, i, f, c0, n0, m0 = mlstm_inputs(
         case_key("mosaic", case), batch, heads, seq_len, dhqk, dhhv, jnp.float32, with_initial=True
     )
-    if extreme:
-        i, f = extreme_gates(i, f)
+    i, f = extreme_gates(i, f) if extreme else (i, f)
+    return q, k, v, i, f, c0, n0, m0
+
+
+def _recurrent_arrays(case: str):
+    """The states kernel's arrays: k, v in the case's dtype, the gates f, i and float32 initial states."""
+    dtype = CASES[case][6]
+    _, k, v, i, f, c0, n0, m0 = _inputs(case)
     return k.astype(dtype), v.astype(dtype), f, i, c0, n0, m0
 
 
 def _arrays(case: str):
     """The kernel's arrays: q, k, v, gates, and float32 states chained through the twin's recurrent_fw_C."""
-    batch, heads, seq_len, dhqk, dhhv, chunk, dtype, input_gate, _, extreme = CASES[case]
-    q, k, v, i, f, c0, n0, m0 = mlstm_inputs(
-        case_key("mosaic", case), batch, heads, seq_len, dhqk, dhhv, jnp.float32, with_initial=True
-    )
-    if extreme:
-        i, f = extreme_gates(i, f)
+    *_, chunk, dtype, input_gate, _, _ = CASES[case]
+    q, k, v, i, f, c0, n0, m0 = _inputs(case)
     gate = {} if input_gate == "exponential" else {"input_gate": input_gate}
     states = xla_kernels.mlstm_chunkwise__recurrent_fw_C(k, v, f, i, c0, n0, m0, chunk_size=chunk, **gate)
     return (*(x.astype(dtype) for x in (q, k, v)), i, f, *states)
@@ -186,8 +188,9 @@ def test_lowers_for_hopper(kernel, dtype):
     [(32, 64, jnp.bfloat16, "chunk_size"), (128, 320, jnp.bfloat16, "DHQK"), (128, 64, jnp.int8, "inputs")],
 )
 def test_refuses_unsupported_shapes(chunk, dhqk, dtype, match):
-    with pytest.raises(ValueError, match=match):
-        parallel_fw.check_shapes(chunk, dhqk, dtype)
+    problem = parallel_fw.unsupported(chunk, dhqk, dtype)
+    with pytest.raises(ValueError, match=match):  # as the launchers raise it
+        mosaic_common.launch_dims(problem, (1, 1, 256, dhqk), 64, chunk)
 
 
 def test_states_kernel_takes_any_head_dims_and_chunks_of_64_rows():

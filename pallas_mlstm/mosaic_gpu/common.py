@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_mlstm.pallas_triton.common import pad_axis, states_to_kernel_layout
 
 ROWS = 64  # rows of a compute warpgroup (wgmma's M), rows of a ring step, head-dim granule
 CHUNK_SIZES = (64, 128, 256)
@@ -309,3 +312,68 @@ def store_staged(out, stage, tile: jax.Array, column0):
         stage[...] = tile[:, t * columns : (t + 1) * columns].astype(stage.dtype)  # (64, E)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(stage, out.at[:, pl.ds(column0 + t * columns, columns)])
+
+
+class LaunchDims(NamedTuple):
+    """A launcher's sizes: the inputs' (B, NH, S, DHQK) and DHHV, the chunks it steps by, B·NH, the padded dims."""
+
+    batch: int
+    heads: int
+    seq_len: int
+    dhqk: int
+    dhhv: int
+    num_chunks: int
+    bnh: int
+    dhqk_p: int
+    dhhv_p: int
+
+
+def launch_dims(problem: str | None, qk_shape: tuple, dhhv: int, chunk: int) -> LaunchDims:
+    """The sizes of a launch on inputs of (B, NH, S, DHQK) `qk_shape` and `dhhv` at `chunk`; ValueError(problem)
+    where the kernel's own check named one."""
+    if problem is not None:
+        raise ValueError(problem)
+    batch, heads, seq_len, dhqk = qk_shape
+    return LaunchDims(
+        batch, heads, seq_len, dhqk, dhhv, seq_len // chunk, batch * heads, padded_dim(dhqk), padded_dim(dhhv)
+    )
+
+
+def sequence_rows(x: jax.Array, size: int) -> jax.Array:
+    """A (B, NH, S, D) input as (B·NH·S, size) rows, D zero-padded to `size`."""
+    return pad_axis(x.reshape(-1, x.shape[-1]), 1, size)
+
+
+def states_rows(mat_all: jax.Array, dims: LaunchDims) -> jax.Array:
+    """(B, NH, (NC+1)·DHQK, DHHV) chunk states as (B·NH·(NC+1)·DHQK_p, DHHV_p) rows, zero-padded: state k of head
+    bh at rows (bh·(NC+1) + k)·DHQK_p."""
+    layout = states_to_kernel_layout(mat_all, dims.dhqk, (dims.dhqk_p, dims.dhhv_p))
+    return layout.reshape(-1, dims.dhhv_p)
+
+
+def one_state(mat: jax.Array, dims: LaunchDims) -> jax.Array:
+    """A (B, NH, DHQK, DHHV) state as (B·NH, DHQK_p, DHHV_p) float32, zero-padded."""
+    x = mat.reshape(dims.bnh, dims.dhqk, dims.dhhv).astype(jnp.float32)
+    return pad_axis(pad_axis(x, 1, dims.dhqk_p), 2, dims.dhhv_p)
+
+
+def sequence_operand(x: jax.Array, size: int, parts: int, dtype) -> jax.Array:
+    """A (B, NH, S, D) input as the kernels' operand parts, (P, B·NH·S, size) of `dtype` (`split_operand`)."""
+    return split_operand(sequence_rows(x, size), parts, dtype)
+
+
+def launch(body, *, name: str, compute_warpgroups: int, parts: int, interpret: bool, **kernel_args):
+    """`plgpu.kernel` of a kernel body (its static keyword arguments and `interpret` bound by the caller's
+    functools.partial or here) with what every kernel of this package shares: `compute_warpgroups` warpgroups and
+    the memory one, named "wg"; the fast approximate exp and division for 16-bit operands only (parts == 1: float32
+    inputs keep IEEE ones); Mosaic GPU's interpreter where `interpret`. `kernel_args`: out_type, scratch_types,
+    grid, grid_names."""
+    return plgpu.kernel(
+        body,
+        num_threads=compute_warpgroups + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=parts == 1),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name=name,
+        **kernel_args,
+    )

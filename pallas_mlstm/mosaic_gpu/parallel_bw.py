@@ -36,7 +36,7 @@ from pallas_mlstm.gates import chunked, log_input_gate
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common
 from pallas_mlstm.mosaic_gpu.common import ROWS
-from pallas_mlstm.pallas_triton import common as triton_common
+from pallas_mlstm.pallas_triton.common import inter_chunk_decay
 
 NAME = "mlstm_chunkwise__parallel_bw_dV"
 # b_t, m_t, last reset (float), log input gate, e^{a_j − m_k} (a key's decay to the chunk's end), s/(den_t + eps)
@@ -206,7 +206,7 @@ def kernel_gates(
     dh_scale = qk_scale / (chunked(vecN_out, chunk).astype(jnp.float32) + call.eps)
     if queries_inter:
         m_prev = scaM_all[..., :-1, None].astype(jnp.float32)  # (B, NH, NC, 1): m_{k-1} at the chunk's start
-        inter = jnp.where(vecR < 0, jnp.exp(vecB.astype(jnp.float32) + m_prev - vecM), 0.0) * dh_scale
+        inter = inter_chunk_decay(vecB.astype(jnp.float32), vecR, m_prev, vecM) * dh_scale
     else:
         inter = jnp.exp(vecA.astype(jnp.float32) - scaM_all[..., 1:, None].astype(jnp.float32))
     rows = (vecB, vecM, vecR, chunked(log_input_gate(vecI, call.input_gate), chunk), inter, dh_scale)
@@ -221,33 +221,29 @@ def parallel_bw_dV(
     launcher): dV (B, NH, S, DHHV) in call.output_dtype. chunk_gates = (vecA, vecB, vecR or None), chunk_states =
     (matC_all, vecN_all, scaM_all) (only scaM_all read). Trusts `call` (chunk_size, qk_scale, eps, output_dtype,
     input_gate, interpret); ValueError for the shapes `common.unsupported` names."""
-    batch, heads, seq_len, dhqk = matQ.shape
-    dhhv = matV.shape[-1]
     chunk = call.chunk_size
-    problem = common.unsupported(NAME, chunk, dhqk, matQ.dtype)
-    if problem is not None:
-        raise ValueError(problem)
-    num_chunks, bnh = seq_len // chunk, batch * heads
-    dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
+    problem = common.unsupported(NAME, chunk, matQ.shape[-1], matQ.dtype)
+    dims = common.launch_dims(problem, matQ.shape, matV.shape[-1], chunk)
+    batch, heads, seq_len, dhqk, dhhv, num_chunks, bnh, dhqk_p, dhhv_p = dims
     operand_dtype = common.operand_dtype(matQ.dtype)
     parts, tiles = kernel_tiles(chunk, dhqk_p, dhhv_p, common.operand_parts(matQ.dtype))
     out_dtype = jnp.dtype(call.output_dtype)
 
     gates = kernel_gates(call, vecI, chunk_gates, chunk_states[2], vecN_out, vecM_out, call.scale_for(dhqk))
-    stacked = lambda x: common.split_operand(x, parts, operand_dtype)  # (P, ...)
-    rows = lambda x, size: triton_common.pad_axis(x.reshape(bnh * seq_len, x.shape[-1]), 1, size)
-    k, q = stacked(rows(matK, dhqk_p)), stacked(rows(matQ, dhqk_p))
-    dh = stacked(rows(matDeltaH.astype(matQ.dtype), dhhv_p))
-    dc_all = stacked(
-        triton_common.states_to_kernel_layout(matDeltaC_states, dhqk, (dhqk_p, dhhv_p)).reshape(-1, dhhv_p)
-    )
+    operand_of = lambda x, size: common.sequence_operand(x, size, parts, operand_dtype)  # (P, BNH·S, size)
+    k, q, dh = operand_of(matK, dhqk_p), operand_of(matQ, dhqk_p), operand_of(matDeltaH.astype(matQ.dtype), dhhv_p)
+    dc_all = common.split_operand(common.states_rows(matDeltaC_states, dims), parts, operand_dtype)  # (P, rows, DHHV_p)
 
     operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
     out_cols = 128 // out_dtype.itemsize
     w, stages = tiles.warpgroups, tiles.stages
     kernel = functools.partial(_kernel, tiles=tiles, chunk=chunk, num_chunks=num_chunks, interpret=call.interpret)
-    dv = plgpu.kernel(
+    dv = common.launch(
         kernel,
+        name=NAME,
+        compute_warpgroups=w,
+        parts=parts,
+        interpret=call.interpret,
         out_type=jax.ShapeDtypeStruct((bnh, seq_len, dhhv_p), out_dtype),
         scratch_types=(
             operand((w, parts, ROWS, dhqk_p)),  # K
@@ -264,10 +260,5 @@ def parallel_bw_dV(
         ),
         grid=(bnh, num_chunks, (chunk // (w * ROWS)) * (dhhv_p // tiles.block_v)),
         grid_names=("bh", "c", "kv"),
-        num_threads=w + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=parts == 1),  # float32 inputs: IEEE exp and division
-        interpret=plgpu.InterpretGPUParams() if call.interpret else None,
-        kernel_name=NAME,
     )(k, q, dh, dc_all, gates)
     return dv[:, :, :dhhv].reshape(batch, heads, seq_len, dhhv)

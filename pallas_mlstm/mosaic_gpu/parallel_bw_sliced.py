@@ -38,7 +38,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common, parallel_bw
 from pallas_mlstm.mosaic_gpu.common import ROWS
-from pallas_mlstm.pallas_triton import common as triton_common
 
 _B, _M, _R, _I, _INTER, _DH_SCALE = range(len(parallel_bw.GATE_ROWS))
 
@@ -277,14 +276,10 @@ def _launch(
     matDeltaC_states,
 ):
     """Either kernel on the launchers' arrays: (dX (B, NH, S, DHQK) in call.output_dtype, Σ_d x·dX (B, NH, S))."""
-    batch, heads, seq_len, dhqk = matQ.shape
-    dhhv = matV.shape[-1]
     chunk = call.chunk_size
-    problem = unsupported(chunk, dhqk, dhhv, matQ.dtype)
-    if problem is not None:
-        raise ValueError(problem)
-    num_chunks, bnh = seq_len // chunk, batch * heads
-    dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
+    problem = unsupported(chunk, matQ.shape[-1], matV.shape[-1], matQ.dtype)
+    dims = common.launch_dims(problem, matQ.shape, matV.shape[-1], chunk)
+    batch, heads, seq_len, dhqk, dhhv, num_chunks, bnh, dhqk_p, dhhv_p = dims
     operand_dtype = common.operand_dtype(matQ.dtype)
     parts, stages = kernel_tiles(chunk, dhqk_p, dhhv_p, common.operand_parts(matQ.dtype))
     width = _slice_width(dhhv_p)
@@ -294,11 +289,10 @@ def _launch(
     gates = parallel_bw.kernel_gates(
         call, vecI, chunk_gates, chunk_states[2], vecN_out, vecM_out, scale, queries_inter=not variant.owns_keys
     )
-    rows = lambda x, size: triton_common.pad_axis(x.reshape(bnh * seq_len, x.shape[-1]), 1, size)
-    stacked = lambda x: common.split_operand(x, parts, operand_dtype)  # (P, ...)
-    v, dh = stacked(rows(matV, dhhv_p)), stacked(rows(matDeltaH.astype(matQ.dtype), dhhv_p))
+    operand_of = lambda x, size: common.sequence_operand(x, size, parts, operand_dtype)  # (P, BNH·S, size)
+    v, dh = operand_of(matV, dhhv_p), operand_of(matDeltaH.astype(matQ.dtype), dhhv_p)
     state = matDeltaC_states if variant.owns_keys else chunk_states[0]
-    state = stacked(triton_common.states_to_kernel_layout(state, dhqk, (dhqk_p, dhhv_p)).reshape(-1, dhhv_p))
+    state = common.split_operand(common.states_rows(state, dims), parts, operand_dtype)  # (P, rows, DHHV_p)
     own, streamed = (v, dh) if variant.owns_keys else (dh, v)
     tiles, x = (matQ, matK) if variant.owns_keys else (matK, matQ)
 
@@ -306,8 +300,12 @@ def _launch(
     kernel = functools.partial(
         _kernel, variant=variant, stages=stages, chunk=chunk, num_chunks=num_chunks, interpret=call.interpret
     )
-    grad, dots = plgpu.kernel(
+    grad, dots = common.launch(
         kernel,
+        name=variant.name,
+        compute_warpgroups=1,
+        parts=parts,
+        interpret=call.interpret,
         out_type=(
             jax.ShapeDtypeStruct((bnh * seq_len, dhqk_p), out_dtype),
             jax.ShapeDtypeStruct((bnh, seq_len), jnp.float32),
@@ -328,12 +326,7 @@ def _launch(
         ),
         grid=(bnh, num_chunks, chunk // ROWS),
         grid_names=("bh", "c", "ot"),
-        num_threads=2,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=parts == 1),  # float32 inputs: IEEE exp and division
-        interpret=plgpu.InterpretGPUParams() if call.interpret else None,
-        kernel_name=variant.name,
-    )(own, streamed, stacked(rows(tiles, dhqk_p)), state, gates, rows(x, dhqk_p))
+    )(own, streamed, operand_of(tiles, dhqk_p), state, gates, common.sequence_rows(x, dhqk_p))
     return grad[:, :dhqk].reshape(batch, heads, seq_len, dhqk), dots.reshape(batch, heads, seq_len)
 
 

@@ -63,21 +63,14 @@ def kernel_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]) -> tu
     return common.kernel_tiles(NAME, chunk, dhqk, dhhv, parts, len(_GATE_ROWS))
 
 
-def _unsupported(chunk: int, dhqk: int, dtype) -> str | None:
+def unsupported(chunk: int, dhqk: int, dtype) -> str | None:
     """What this kernel does not run of the shape (chunks other than 64/128/256, DHQK > 256, float64), or None."""
     return common.unsupported(NAME, chunk, dhqk, dtype)
 
 
 def supports(chunk: int, dhqk: int, dtype) -> bool:
     """True for the shapes this kernel runs."""
-    return _unsupported(chunk, dhqk, dtype) is None
-
-
-def check_shapes(chunk: int, dhqk: int, dtype) -> None:
-    """ValueError for a shape this kernel does not run."""
-    problem = _unsupported(chunk, dhqk, dtype)
-    if problem is not None:
-        raise ValueError(problem)
+    return unsupported(chunk, dhqk, dtype) is None
 
 
 def _kernel(
@@ -259,25 +252,20 @@ def _kernel_gates(call: KernelCall, vecI, vecF, scaM_all, qk_scale: float):
 def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all):
     """The launcher of `mlstm_chunkwise__parallel_fw_Hintra` in Mosaic GPU (same arrays and outputs as the Triton
     launcher): (matH_out (B,NH,S,DHHV), vecN_out (B,NH,S), vecM_out (B,NH,S)). Trusts `call` (chunk_size,
-    qk_scale, eps, output_dtype, input_gate, normalize, interpret); ValueError for the shapes `check_shapes`
-    refuses."""
-    batch, heads, seq_len, dhqk = matQ.shape
-    dhhv = matV.shape[-1]
+    qk_scale, eps, output_dtype, input_gate, normalize, interpret); ValueError for what `unsupported` names."""
     chunk = call.chunk_size
-    check_shapes(chunk, dhqk, matQ.dtype)
-    num_chunks, bnh = seq_len // chunk, batch * heads
-    dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
+    problem = unsupported(chunk, matQ.shape[-1], matQ.dtype)
+    dims = common.launch_dims(problem, matQ.shape, matV.shape[-1], chunk)
+    batch, heads, seq_len, dhqk, dhhv, num_chunks, bnh, dhqk_p, dhhv_p = dims
     operand_dtype = common.operand_dtype(matQ.dtype)
     parts, tiles = kernel_tiles(chunk, dhqk_p, dhhv_p, common.operand_parts(matQ.dtype))
     qk_scale = call.scale_for(dhqk)
     out_dtype = jnp.dtype(call.output_dtype)
 
     gates, vecM_out = _kernel_gates(call, vecI, vecF, scaM_all, qk_scale)
-    stacked = lambda x: common.split_operand(x, parts, operand_dtype)  # (P, ...)
-    q = stacked(triton_common.pad_axis(matQ.reshape(bnh * seq_len, dhqk), 1, dhqk_p))
-    k = stacked(triton_common.pad_axis(matK.reshape(bnh * seq_len, dhqk), 1, dhqk_p))
-    v = stacked(triton_common.pad_axis(matV.reshape(bnh * seq_len, dhhv), 1, dhhv_p))
-    c_all = stacked(triton_common.states_to_kernel_layout(matC_all, dhqk, (dhqk_p, dhhv_p)).reshape(-1, dhhv_p))
+    operand_of = lambda x, size: common.sequence_operand(x, size, parts, operand_dtype)  # (P, BNH·S, size)
+    q, k, v = operand_of(matQ, dhqk_p), operand_of(matK, dhqk_p), operand_of(matV, dhhv_p)
+    c_all = common.split_operand(common.states_rows(matC_all, dims), parts, operand_dtype)  # (P, rows, DHHV_p)
     n_all = triton_common.states_to_kernel_layout(vecN_all, dhqk, (dhqk_p,)).astype(jnp.float32)  # (BNH, NC+1, DHQK_p)
 
     operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
@@ -293,8 +281,12 @@ def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all,
         normalize=bool(call.normalize),
         interpret=call.interpret,
     )
-    h, den = plgpu.kernel(
+    h, den = common.launch(
         kernel,
+        name=NAME,
+        compute_warpgroups=w,
+        parts=parts,
+        interpret=call.interpret,
         out_type=(
             jax.ShapeDtypeStruct((bnh, seq_len, dhhv_p), out_dtype),
             jax.ShapeDtypeStruct((bnh, seq_len), jnp.float32),
@@ -316,11 +308,6 @@ def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all,
         ),
         grid=(bnh, num_chunks, (chunk // (w * ROWS)) * (dhhv_p // tiles.block_v)),
         grid_names=("bh", "c", "qv"),
-        num_threads=w + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=parts == 1),  # float32 inputs: IEEE exp and division
-        interpret=plgpu.InterpretGPUParams() if call.interpret else None,
-        kernel_name=NAME,
     )(q, k, v, c_all, n_all, gates)
     matH_out = h[:, :, :dhhv].reshape(batch, heads, seq_len, dhhv)
     return matH_out, den.reshape(batch, heads, seq_len), vecM_out

@@ -14,15 +14,13 @@ its Q slice's rows by w in shared memory (rounded to the operand dtype, as the T
 dot), then takes dC += (Q ⊙ w)ᵀ dH with wgmma; at a chunk's last step it stores dC_k and the row sums of
 dC_k ⊙ C_k (summed by XLA over the tiles). Per program, in shared memory:
 
-    Q      (stages, P, 64, 64)         the program's 64 DHQK columns of 64 time steps
+    Q      (stages, 1, P, 64, 64)      the program's 64 DHQK columns of 64 time steps
     dH     (stages, P, 64, bDHHV)      the same time steps' DHHV tile
     gates  (stages, 2, 64) float32     w of the steps, and the chunk's decay on its first step (else 1)
     out    (1, 64, E), (1, 64)         staging of dC_k (E = 128 bytes of the states dtype) and of the row sums
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +32,7 @@ from pallas_mlstm.gates import chunked, compute_chunkwise_vecB
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common, recurrent_fw
 from pallas_mlstm.mosaic_gpu.common import ROWS
-from pallas_mlstm.pallas_triton import common as triton_common
-from pallas_mlstm.states import acc_dtype, join_states
+from pallas_mlstm.states import join_states
 
 NAME = "mlstm_chunkwise__recurrent_bw_dC"
 _W, _DECAY = range(2)  # the gate rows of a ring slot
@@ -75,7 +72,7 @@ def _kernel(
     refs = refs[1 + has_states + writes_first :]
     q_smem, dh_smem, g_smem, c_stage, dots_stage, *first_stage, q_bar, dh_bar, g_bar, free_bar = refs
     block_v, stages = tiles.block_v, tiles.stages
-    parts = q_smem.shape[1]
+    parts = q_smem.shape[2]
     steps = num_chunks * steps_per_chunk
     chunk = steps_per_chunk * ROWS
     seq_len = steps * ROWS
@@ -96,7 +93,7 @@ def _kernel(
             rows = pl.ds(step_row(s), ROWS)
             plgpu.copy_gmem_to_smem(g_gmem.at[bh * steps + s], g_smem.at[slot], g_bar.at[slot])  # (2, 64)
             q_tile = q_gmem.at[:, rows, pl.ds(dhqk_row0, ROWS)]  # (P, 64, 64)
-            plgpu.copy_gmem_to_smem(q_tile, q_smem.at[slot], q_bar.at[slot])
+            plgpu.copy_gmem_to_smem(q_tile, q_smem.at[slot, 0], q_bar.at[slot])
             plgpu.copy_gmem_to_smem(dh_gmem.at[:, rows, columns], dh_smem.at[slot], dh_bar.at[slot])  # (P, 64, bV)
 
         common.stream_ring(load, free_bar, steps, stages)
@@ -127,7 +124,7 @@ def _kernel(
 
         def step(s, dc):
             slot = s % stages
-            q_slice = lambda p: q_smem.at[slot, p]  # (64 steps, 64 DHQK columns)
+            q_slice = lambda p: q_smem.at[slot, 0, p]  # (64 steps, 64 DHQK columns)
             plgpu.barrier_wait(g_bar.at[slot])
             decay = plgpu.load(g_smem.at[slot, _DECAY], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,), one value
             dc = dc * common.by_rows(decay, dc.shape)
@@ -155,19 +152,10 @@ def recurrent_bw_dC(
     """The launcher of `mlstm_chunkwise__recurrent_bw_dC` in Mosaic GPU (same arrays and outputs as the Triton
     launcher). Trusts `call` (chunk_size, save_states_every_nth_chunk, qk_scale, eps, states_dtype, interpret);
     ValueError for what `unsupported` names."""
-    batch, heads, seq_len, dhqk = matQ.shape
-    dhhv = matDeltaH.shape[-1]
     chunk = call.chunk_size * call.save_states_every_nth_chunk
-    problem = unsupported(chunk, matQ.dtype)
-    if problem is not None:
-        raise ValueError(problem)
-    num_chunks, bnh = seq_len // chunk, batch * heads
-    dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
-    state_dtype = acc_dtype(matQ.dtype)
-    c_dtype = state_dtype if call.states_dtype is None else jnp.dtype(call.states_dtype)
-    writes_first = c_dtype != state_dtype
-    operand_dtype = common.operand_dtype(matQ.dtype)
-    parts, tiles = recurrent_fw.kernel_tiles(dhqk_p, dhhv_p, common.operand_parts(matQ.dtype), c_dtype.itemsize)
+    dims = common.launch_dims(unsupported(chunk, matQ.dtype), matQ.shape, matDeltaH.shape[-1], chunk)
+    batch, heads, seq_len, dhqk, dhhv, num_chunks, bnh, dhqk_p, dhhv_p = dims
+    state_dtype, c_dtype, writes_first, operand_dtype, parts, tiles = recurrent_fw.states_launch(call, matQ.dtype, dims)
 
     vecB = compute_chunkwise_vecB(vecF, chunk).astype(jnp.float32)  # (B, NH, NC, L), −∞ from a reset on
     m_prev, m_next = (scaM_inter[..., :-1].astype(jnp.float32), scaM_inter[..., 1:].astype(jnp.float32))
@@ -178,57 +166,22 @@ def recurrent_bw_dC(
     )  # (B, NH, NC, L)
     decay = jnp.exp(vecB[..., -1] + m_prev - m_next)  # (B, NH, NC)
     gates = recurrent_fw.step_rows(weights[:, :, ::-1], decay[:, :, ::-1])  # the last chunk first
-    stacked = lambda x, size: common.split_operand(
-        triton_common.pad_axis(x.reshape(bnh * seq_len, x.shape[-1]), 1, size), parts, operand_dtype
-    )  # (P, BNH·S, size)
-    inputs = [stacked(matQ, dhqk_p), stacked(matDeltaH.astype(matQ.dtype), dhhv_p), gates]
+    operand_of = lambda x, size: common.sequence_operand(x, size, parts, operand_dtype)  # (P, BNH·S, size)
+    inputs = [operand_of(matQ, dhqk_p), operand_of(matDeltaH.astype(matQ.dtype), dhhv_p), gates]
     has_last, has_states = matDeltaC_last is not None, matC_states is not None
     if has_last:
-        dc_last = matDeltaC_last.reshape(bnh, dhqk, dhhv).astype(jnp.float32)
-        inputs.append(triton_common.pad_axis(triton_common.pad_axis(dc_last, 1, dhqk_p), 2, dhhv_p))
+        inputs.append(common.one_state(matDeltaC_last, dims))  # (BNH, DHQK_p, DHHV_p) float32
     if has_states:
-        inputs.append(triton_common.states_to_kernel_layout(matC_states, dhqk, (dhqk_p, dhhv_p)).reshape(-1, dhhv_p))
+        inputs.append(common.states_rows(matC_states, dims))  # (BNH·(NC+1)·DHQK_p, DHHV_p)
 
-    stages = tiles.stages
-    staging = lambda dtype: plgpu.SMEM((1, ROWS, 128 // dtype.itemsize), dtype, transforms=common.swizzled(dtype))
-    operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
     out_type = [jax.ShapeDtypeStruct((bnh * (num_chunks + 1) * dhqk_p, dhhv_p), c_dtype)]
     if has_states:
         out_type.append(jax.ShapeDtypeStruct((bnh * (num_chunks + 1), dhhv_p // tiles.block_v, dhqk_p), jnp.float32))
     if writes_first:
         out_type.append(jax.ShapeDtypeStruct((bnh * dhqk_p, dhhv_p), jnp.float32))
-    kernel = functools.partial(
-        _kernel,
-        tiles=tiles,
-        steps_per_chunk=chunk // ROWS,
-        num_chunks=num_chunks,
-        has_last=has_last,
-        has_states=has_states,
-        writes_first=writes_first,
-        interpret=call.interpret,
-    )
-    outs = plgpu.kernel(
-        kernel,
-        out_type=tuple(out_type),
-        scratch_types=(
-            operand((stages, parts, ROWS, ROWS)),  # Q slices
-            operand((stages, parts, ROWS, tiles.block_v)),  # dH tiles
-            plgpu.SMEM((stages, 2, ROWS), jnp.float32),  # gate rows
-            staging(c_dtype),  # dC_k staging
-            plgpu.SMEM((1, ROWS), jnp.float32),  # row sums staging
-            *([staging(jnp.dtype(jnp.float32))] if writes_first else []),  # dC_0 staging
-            plgpu.Barrier(num_barriers=stages),  # Q slice loaded
-            plgpu.Barrier(num_barriers=stages),  # dH loaded
-            plgpu.Barrier(num_barriers=stages),  # gate rows loaded
-            plgpu.Barrier(num_barriers=stages),  # slot free again
-        ),
-        grid=(bnh, dhqk_p // ROWS, dhhv_p // tiles.block_v),
-        grid_names=("bh", "q", "v"),
-        num_threads=2,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=parts == 1),  # float32 inputs: IEEE exp
-        interpret=plgpu.InterpretGPUParams() if call.interpret else None,
-        kernel_name=NAME,
+    flags = dict(has_last=has_last, has_states=has_states, writes_first=writes_first)
+    outs = recurrent_fw.launch_states_kernel(
+        _kernel, NAME, dims, chunk, tiles, parts, operand_dtype, c_dtype, out_type, writes_first, call, flags
     )(*inputs)
     dc_all = outs[0].reshape(bnh, num_chunks + 1, dhqk_p, dhhv_p)[:, :, :dhqk, :dhhv]
     results = [join_states(dc_all.reshape(batch, heads, num_chunks + 1, dhqk, dhhv))]

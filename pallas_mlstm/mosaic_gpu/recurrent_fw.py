@@ -38,7 +38,6 @@ from pallas_mlstm.gates import chunk_max_state, compute_chunkwise_log_gates_vecB
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common
 from pallas_mlstm.mosaic_gpu.common import ROWS
-from pallas_mlstm.pallas_triton import common as triton_common
 from pallas_mlstm.states import acc_dtype, join_states
 
 NAME = "mlstm_chunkwise__recurrent_fw_C"
@@ -211,6 +210,61 @@ def _step_gates(call: KernelCall, vecF, vecI, scaM_initial, chunk: int):
     return step_rows(weights, decay), m_all
 
 
+def scratch_types(tiles: RecurrentTiles, parts: int, operand_dtype, c_dtype, full_precision_copy: bool) -> tuple:
+    """The states kernels' shared memory and barriers (this module's docstring): per ring slot each warpgroup's
+    (64, 64) slice of the first operand (K, or Q backwards), the second's (64, bDHHV) tile (V, or dH) and the gate
+    rows; the staging of a state (in `c_dtype`), of a (64,) float32 vector per warpgroup, and, with
+    `full_precision_copy`, of a float32 state."""
+    w, stages = tiles.warpgroups, tiles.stages
+    operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
+    staging = lambda dtype: plgpu.SMEM((w, ROWS, 128 // dtype.itemsize), dtype, transforms=common.swizzled(dtype))
+    return (
+        operand((stages, w, parts, ROWS, ROWS)),  # first operand's slices
+        operand((stages, parts, ROWS, tiles.block_v)),  # second operand's tiles
+        plgpu.SMEM((stages, 2, ROWS), jnp.float32),  # gate rows
+        staging(jnp.dtype(c_dtype)),  # state staging
+        plgpu.SMEM((w, ROWS), jnp.float32),  # vector staging
+        *([staging(jnp.dtype(jnp.float32))] if full_precision_copy else []),  # float32 state staging
+        plgpu.Barrier(num_barriers=stages * w),  # slice loaded, per (slot, warpgroup)
+        plgpu.Barrier(num_barriers=stages),  # tile loaded
+        plgpu.Barrier(num_barriers=stages),  # gate rows loaded
+        plgpu.Barrier(num_arrivals=w, num_barriers=stages),  # slot free again
+    )
+
+
+def states_launch(call: KernelCall, dtype, dims: common.LaunchDims) -> tuple:
+    """What both states kernels derive from the call and the inputs' dtype: (the states' dtype, the stored states'
+    dtype (`call.states_dtype`, else the former), whether they are stored narrower (then the kernel also outputs a
+    float32 copy of the state it ends on), the operand dtype, the operand parts, the tiles)."""
+    state_dtype = acc_dtype(dtype)
+    c_dtype = state_dtype if call.states_dtype is None else jnp.dtype(call.states_dtype)
+    operand_dtype = common.operand_dtype(dtype)
+    parts, tiles = kernel_tiles(dims.dhqk_p, dims.dhhv_p, common.operand_parts(dtype), c_dtype.itemsize)
+    return state_dtype, c_dtype, c_dtype != state_dtype, operand_dtype, parts, tiles
+
+
+def launch_states_kernel(
+    body, name, dims, chunk, tiles, parts, operand_dtype, c_dtype, out_type, full_precision_copy, call, flags
+):
+    """A states kernel's launch (forwards or backwards in time): `body` with its tiles, steps per chunk, number of
+    chunks, `call.interpret` and `flags` (dict of static flags) bound; a program per (batch·head, DHQK tile, DHHV
+    tile); `scratch_types` (a float32 state staging with `full_precision_copy`)."""
+    kernel = functools.partial(
+        body, tiles=tiles, steps_per_chunk=chunk // ROWS, num_chunks=dims.num_chunks, interpret=call.interpret, **flags
+    )
+    return common.launch(
+        kernel,
+        name=name,
+        compute_warpgroups=tiles.warpgroups,
+        parts=parts,
+        interpret=call.interpret,
+        out_type=tuple(out_type),
+        scratch_types=scratch_types(tiles, parts, operand_dtype, c_dtype, full_precision_copy),
+        grid=(dims.bnh, dims.dhqk_p // (tiles.warpgroups * ROWS), dims.dhhv_p // tiles.block_v),
+        grid_names=("bh", "q", "v"),
+    )
+
+
 def step_rows(weights, decay) -> jax.Array:
     """The ring steps' gate rows, (B·NH·steps, 2, 64) float32, in the chunks' order as given: a per-time-step weight
     (B, NH, NC, L), and the chunk's decay (B, NH, NC) on its first ring step, 1 on the others."""
@@ -226,72 +280,29 @@ def recurrent_fw_C(call: KernelCall, matK, matV, vecF, vecI, matC_initial, vecN_
     """The launcher of `mlstm_chunkwise__recurrent_fw_C` in Mosaic GPU (same arrays and outputs as the Triton
     launcher). Trusts `call` (chunk_size, save_states_every_nth_chunk, states_dtype, input_gate, interpret);
     ValueError for what `unsupported` names."""
-    batch, heads, seq_len, dhqk = matK.shape
-    dhhv = matV.shape[-1]
     chunk = call.chunk_size * call.save_states_every_nth_chunk
-    problem = unsupported(chunk, matK.dtype)
-    if problem is not None:
-        raise ValueError(problem)
-    num_chunks, bnh = seq_len // chunk, batch * heads
-    dhqk_p, dhhv_p = common.padded_dim(dhqk), common.padded_dim(dhhv)
-    state_dtype = acc_dtype(matK.dtype)
-    c_dtype = state_dtype if call.states_dtype is None else jnp.dtype(call.states_dtype)
-    writes_last = c_dtype != state_dtype
-    operand_dtype = common.operand_dtype(matK.dtype)
-    parts, tiles = kernel_tiles(dhqk_p, dhhv_p, common.operand_parts(matK.dtype), c_dtype.itemsize)
+    dims = common.launch_dims(unsupported(chunk, matK.dtype), matK.shape, matV.shape[-1], chunk)
+    batch, heads, seq_len, dhqk, dhhv, num_chunks, bnh, dhqk_p, dhhv_p = dims
+    state_dtype, c_dtype, writes_last, operand_dtype, parts, tiles = states_launch(call, matK.dtype, dims)
 
     gates, m_all = _step_gates(call, vecF, vecI, scaMinter_initial, chunk)
-    stacked = lambda x, size: common.split_operand(
-        triton_common.pad_axis(x.reshape(bnh * seq_len, x.shape[-1]), 1, size), parts, operand_dtype
-    )  # (P, BNH·S, size)
-    inputs = [stacked(matK, dhqk_p), stacked(matV, dhhv_p), gates]
+    operand_of = lambda x, size: common.sequence_operand(x, size, parts, operand_dtype)  # (P, BNH·S, size)
+    inputs = [operand_of(matK, dhqk_p), operand_of(matV, dhhv_p), gates]
     has_initial = matC_initial is not None
     if has_initial:
-        c0 = triton_common.pad_axis(triton_common.pad_axis(matC_initial.reshape(bnh, dhqk, dhhv), 1, dhqk_p), 2, dhhv_p)
         n0 = jnp.zeros((bnh, dhqk), state_dtype) if vecN_initial is None else vecN_initial.reshape(bnh, dhqk)
         n0_rows = jnp.zeros((bnh, ROWS, dhqk_p), jnp.float32).at[:, 0, :dhqk].set(n0.astype(jnp.float32))
-        inputs += [c0.astype(jnp.float32), n0_rows]
+        inputs += [common.one_state(matC_initial, dims), n0_rows]
 
-    w, stages = tiles.warpgroups, tiles.stages
-    staging = lambda dtype: plgpu.SMEM((w, ROWS, 128 // dtype.itemsize), dtype, transforms=common.swizzled(dtype))
-    operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
     out_type = [
         jax.ShapeDtypeStruct((bnh * (num_chunks + 1) * dhqk_p, dhhv_p), c_dtype),
         jax.ShapeDtypeStruct((bnh * (num_chunks + 1), dhqk_p), jnp.float32),
     ]
     if writes_last:
         out_type.append(jax.ShapeDtypeStruct((bnh * dhqk_p, dhhv_p), jnp.float32))
-    kernel = functools.partial(
-        _kernel,
-        tiles=tiles,
-        steps_per_chunk=chunk // ROWS,
-        num_chunks=num_chunks,
-        has_initial=has_initial,
-        writes_last=writes_last,
-        interpret=call.interpret,
-    )
-    outs = plgpu.kernel(
-        kernel,
-        out_type=tuple(out_type),
-        scratch_types=(
-            operand((stages, w, parts, ROWS, ROWS)),  # K slices
-            operand((stages, parts, ROWS, tiles.block_v)),  # V tiles
-            plgpu.SMEM((stages, 2, ROWS), jnp.float32),  # gate rows
-            staging(c_dtype),  # C_k staging
-            plgpu.SMEM((w, ROWS), jnp.float32),  # n_k staging
-            *([staging(jnp.dtype(jnp.float32))] if writes_last else []),  # last C staging
-            plgpu.Barrier(num_barriers=stages * w),  # K slice loaded, per (slot, warpgroup)
-            plgpu.Barrier(num_barriers=stages),  # V loaded
-            plgpu.Barrier(num_barriers=stages),  # gate rows loaded
-            plgpu.Barrier(num_arrivals=w, num_barriers=stages),  # slot free again
-        ),
-        grid=(bnh, dhqk_p // (w * ROWS), dhhv_p // tiles.block_v),
-        grid_names=("bh", "q", "v"),
-        num_threads=w + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=parts == 1),  # float32 inputs: IEEE exp
-        interpret=plgpu.InterpretGPUParams() if call.interpret else None,
-        kernel_name=NAME,
+    flags = dict(has_initial=has_initial, writes_last=writes_last)
+    outs = launch_states_kernel(
+        _kernel, NAME, dims, chunk, tiles, parts, operand_dtype, c_dtype, out_type, writes_last, call, flags
     )(*inputs)
     c_all = outs[0].reshape(bnh, num_chunks + 1, dhqk_p, dhhv_p)[:, :, :dhqk, :dhhv]
     n_all = outs[1].reshape(bnh, num_chunks + 1, dhqk_p)[:, :, :dhqk]
