@@ -171,7 +171,7 @@ def test_lowers_for_hopper(kernel, dtype):
     args["parallel_bw_dK"] = args["parallel_bw_dQ"] = args["parallel_bw_dV"]
     args = args[kernel]
     if kernel in ("parallel_bw_dK", "parallel_bw_dQ") and dtype == jnp.float32:  # 512 owned columns in 3 or 2
-        assert not parallel_bw_sliced.supports(chunk, dhqk, dhhv, dtype)  # float32 parts overflow shared memory:
+        assert parallel_bw_sliced.unsupported(chunk, dhqk, dhhv, dtype)  # float32 parts overflow shared memory:
         return  # the shape is the Triton kernel's
     launcher = KERNELS[kernel][0]
     call = KernelCall(chunk_size=chunk, eps=1e-6, output_dtype=dtype, states_dtype=state_buffer_dtype(dtype))
@@ -199,10 +199,9 @@ def test_states_kernel_takes_any_head_dims_and_chunks_of_64_rows():
     assert recurrent_fw.unsupported(64 * 5, jnp.bfloat16) is None
     assert "multiples of 64" in recurrent_fw.unsupported(32, jnp.bfloat16)
     assert "inputs" in recurrent_fw.unsupported(128, jnp.float64)
-    call = KernelCall(chunk_size=32, save_states_every_nth_chunk=2)
-    assert recurrent_fw.supports(call, jnp.float32) and not recurrent_fw.supports(
-        KernelCall(chunk_size=32), jnp.float32
-    )
+    keys = jnp.zeros((1, 1, 128, 64), jnp.float32)
+    assert recurrent_fw.supports(KernelCall(chunk_size=32, save_states_every_nth_chunk=2), keys)
+    assert not recurrent_fw.supports(KernelCall(chunk_size=32), keys)
 
 
 @pytest.mark.parametrize("parts", [3, 2])

@@ -13,6 +13,7 @@ parallel_bw_sliced.py, the backward's dK and dQ kernels (one pipeline); checked 
 lowered for cuda. common.py holds what the kernels share.
 """
 
+import importlib
 import os
 
 import jax
@@ -28,42 +29,30 @@ HOPPER = (9, 0)
 INTERPRETER_THREADS = 4
 
 
-def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all):
-    """The forward's H kernel: Mosaic GPU where `parallel_fw.supports` the shape, else the Triton launcher (same
-    arrays and outputs). The kernel's module is imported here, on the first call: Mosaic GPU's Pallas module takes
-    about a third of a second to import, which `import pallas_mlstm` should not pay on machines that never run it."""
-    from pallas_mlstm.mosaic_gpu import parallel_fw
+def mosaic_where_supported(module: str, kernel: str):
+    """The launcher of `kernel` in this backend: the Mosaic GPU one of pallas_mlstm.mosaic_gpu.`module` where that
+    module `supports` the call, else the Triton backend's (same arguments and outputs). The module is imported on
+    the first call: Mosaic GPU's Pallas module takes about a third of a second to import, which `import
+    pallas_mlstm` should not pay on machines that never run it."""
 
-    if parallel_fw.supports(call.chunk_size, matQ.shape[-1], matQ.dtype):
-        launcher = parallel_fw.parallel_fw_Hintra
-    else:
-        launcher = pallas_triton.KERNELS.parallel_fw_Hintra
-    return launcher(call, matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all)
+    def launcher(call: KernelCall, *arrays):
+        mosaic = importlib.import_module(f"{__name__}.{module}")
+        if mosaic.supports(call, *arrays):
+            return getattr(mosaic, kernel)(call, *arrays)
+        return getattr(pallas_triton.KERNELS, kernel)(call, *arrays)
 
-
-def parallel_bw_dV(
-    call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
-):
-    """The backward's dV kernel: Mosaic GPU where `parallel_bw.supports` the shape, else the Triton launcher (same
-    arrays and output); imported on the first call, as `parallel_fw_Hintra`'s."""
-    from pallas_mlstm.mosaic_gpu import parallel_bw
-
-    if parallel_bw.supports(call.chunk_size, matQ.shape[-1], matQ.dtype):
-        launcher = parallel_bw.parallel_bw_dV
-    else:
-        launcher = pallas_triton.KERNELS.parallel_bw_dV
-    return launcher(
-        call, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
-    )
+    launcher.__name__ = launcher.__qualname__ = kernel
+    launcher.__doc__ = f"{kernel}: Mosaic GPU ({module}.py) where it supports the call, else Triton's."
+    return launcher
 
 
 KERNELS = KernelSet(
     recurrent_fw_C=pallas_triton.KERNELS.recurrent_fw_C,
-    parallel_fw_Hintra=parallel_fw_Hintra,
+    parallel_fw_Hintra=mosaic_where_supported("parallel_fw", "parallel_fw_Hintra"),
     recurrent_bw_dC=pallas_triton.KERNELS.recurrent_bw_dC,
     parallel_bw_dQ=pallas_triton.KERNELS.parallel_bw_dQ,
     parallel_bw_dK=pallas_triton.KERNELS.parallel_bw_dK,
-    parallel_bw_dV=parallel_bw_dV,
+    parallel_bw_dV=mosaic_where_supported("parallel_bw", "parallel_bw_dV"),
     recurrent_step=pallas_triton.KERNELS.recurrent_step,
 )
 
@@ -92,6 +81,5 @@ __all__ = [
     "KERNELS",
     "available",
     "interpreter_available",
-    "parallel_bw_dV",
-    "parallel_fw_Hintra",
+    "mosaic_where_supported",
 ]

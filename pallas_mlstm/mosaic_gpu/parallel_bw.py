@@ -49,9 +49,9 @@ def kernel_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]) -> tu
     return common.kernel_tiles(NAME, chunk, dhqk, dhhv, parts, len(GATE_ROWS))
 
 
-def supports(chunk: int, dhqk: int, dtype) -> bool:
-    """True for the shapes this kernel runs."""
-    return common.unsupported(NAME, chunk, dhqk, dtype) is None
+def supports(call: KernelCall, matQ, *arrays) -> bool:
+    """True for the calls this kernel runs (it takes `parallel_bw_dV`'s arguments)."""
+    return common.unsupported(NAME, call.chunk_size, matQ.shape[-1], matQ.dtype) is None
 
 
 def _kernel(

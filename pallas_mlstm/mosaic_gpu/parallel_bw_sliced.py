@@ -91,9 +91,9 @@ def unsupported(chunk: int, dhqk: int, dhhv: int, dtype) -> str | None:
     return None
 
 
-def supports(chunk: int, dhqk: int, dhhv: int, dtype) -> bool:
-    """True for the shapes these kernels run."""
-    return unsupported(chunk, dhqk, dhhv, dtype) is None
+def supports(call: KernelCall, matQ, matK, matV, *arrays) -> bool:
+    """True for the calls these kernels run (they take `parallel_bw_dK`'s arguments)."""
+    return unsupported(call.chunk_size, matQ.shape[-1], matV.shape[-1], matQ.dtype) is None
 
 
 def _kernel(

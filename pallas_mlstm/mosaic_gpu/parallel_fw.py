@@ -68,9 +68,9 @@ def unsupported(chunk: int, dhqk: int, dtype) -> str | None:
     return common.unsupported(NAME, chunk, dhqk, dtype)
 
 
-def supports(chunk: int, dhqk: int, dtype) -> bool:
-    """True for the shapes this kernel runs."""
-    return unsupported(chunk, dhqk, dtype) is None
+def supports(call: KernelCall, matQ, *arrays) -> bool:
+    """True for the calls this kernel runs (it takes `parallel_fw_Hintra`'s arguments)."""
+    return unsupported(call.chunk_size, matQ.shape[-1], matQ.dtype) is None
 
 
 def _kernel(

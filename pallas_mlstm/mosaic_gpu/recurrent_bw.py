@@ -44,9 +44,9 @@ def unsupported(chunk: int, dtype) -> str | None:
     return None if problem is None else problem.replace(recurrent_fw.NAME, NAME)
 
 
-def supports(call: KernelCall, dtype) -> bool:
-    """True for the calls this kernel runs."""
-    return unsupported(call.chunk_size * call.save_states_every_nth_chunk, dtype) is None
+def supports(call: KernelCall, matQ, *arrays) -> bool:
+    """True for the calls this kernel runs (it takes `recurrent_bw_dC`'s arguments)."""
+    return unsupported(call.chunk_size * call.save_states_every_nth_chunk, matQ.dtype) is None
 
 
 def _kernel(

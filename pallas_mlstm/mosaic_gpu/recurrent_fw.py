@@ -90,9 +90,9 @@ def unsupported(chunk: int, dtype) -> str | None:
     return None
 
 
-def supports(call: KernelCall, dtype) -> bool:
-    """True for the calls this kernel runs."""
-    return unsupported(call.chunk_size * call.save_states_every_nth_chunk, dtype) is None
+def supports(call: KernelCall, matK, *arrays) -> bool:
+    """True for the calls this kernel runs (it takes `recurrent_fw_C`'s arguments)."""
+    return unsupported(call.chunk_size * call.save_states_every_nth_chunk, matK.dtype) is None
 
 
 def _kernel(
