@@ -50,8 +50,8 @@ KERNELS = KernelSet(
     recurrent_fw_C=pallas_triton.KERNELS.recurrent_fw_C,
     parallel_fw_Hintra=mosaic_where_supported("parallel_fw", "parallel_fw_Hintra"),
     recurrent_bw_dC=pallas_triton.KERNELS.recurrent_bw_dC,
-    parallel_bw_dQ=pallas_triton.KERNELS.parallel_bw_dQ,
-    parallel_bw_dK=pallas_triton.KERNELS.parallel_bw_dK,
+    parallel_bw_dQ=mosaic_where_supported("parallel_bw_sliced", "parallel_bw_dQ"),
+    parallel_bw_dK=mosaic_where_supported("parallel_bw_sliced", "parallel_bw_dK"),
     parallel_bw_dV=mosaic_where_supported("parallel_bw", "parallel_bw_dV"),
     recurrent_step=pallas_triton.KERNELS.recurrent_step,
 )
