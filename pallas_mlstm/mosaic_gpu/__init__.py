@@ -2,15 +2,14 @@
 
 The second GPU backend, next to pallas_mlstm.pallas_triton (Pallas lowered to Triton, which JAX 0.11 deprecates),
 registered as backend="mosaic" (a Hopper GPU) and backend="mosaic_interpret" (Mosaic GPU's interpreter on the CPU,
-for tests). Kernels move over one at a time, each once it has passed the GPU tests and beaten the Triton kernel on a
-Hopper GPU: the forward's H kernel (parallel_fw.py) and the backward's dV kernel (parallel_bw.py) run in Mosaic GPU
-wherever they take the shape (chunk 64, 128 or 256, DHQK up to 256, 16-bit or float32 inputs) and as the Triton
-kernels otherwise. Every other kernel is still the Triton backend's, with its launchers and launch config
-(`TritonLaunch`, which the Mosaic GPU kernels ignore: they pick their own tiles). Four more wait for a GPU run
-before they join KERNELS: recurrent_fw.py, the forward's states kernel (compiled once on an H100, where two compute
-warpgroups raced; it now runs one), recurrent_bw.py, the backward's (the same pipeline backwards in time), and
-parallel_bw_sliced.py, the backward's dK and dQ kernels (one pipeline); checked interpreted against their twins and
-lowered for cuda. common.py holds what the kernels share.
+for tests). A kernel joins KERNELS once it has passed the GPU tests and beaten the Triton kernel on a Hopper GPU
+(`python -m pallas_mlstm.benchmarks.mosaic_check`): the forward's H kernel (parallel_fw.py) and the backward's dV
+(parallel_bw.py), dK and dQ kernels (parallel_bw_sliced.py) run in Mosaic GPU wherever their module `supports` the
+call (chunk 64, 128 or 256, DHQK up to 256, 16-bit or float32 inputs; dK and dQ not float32 at the 7B widths) and
+as the Triton kernels otherwise (`mosaic_where_supported`). The two states kernels, recurrent_fw.py (forwards in
+time) and recurrent_bw.py (backwards), pass the GPU tests but ran slower than Triton's at most shapes, so this
+backend runs Triton's, with their launchers and launch config (`TritonLaunch`, which the Mosaic GPU kernels ignore:
+they pick their own tiles). common.py holds what the kernels share.
 """
 
 import importlib
