@@ -10,7 +10,7 @@ BACKEND = flags.DEFINE_list(
 )
 SEED = flags.DEFINE_integer("seed", 0, "Base seed of the random inputs (each case derives its own).")
 GPU_SHAPES = flags.DEFINE_bool(
-    "gpu_shapes", True, "On a GPU, also check the benchmark shapes (benchmarks/README.md; triton backend)."
+    "gpu_shapes", True, "On a GPU, also check the benchmark shapes (benchmarks/README.md; triton and mosaic backends)."
 )
 
 FLAGS = flags.FLAGS

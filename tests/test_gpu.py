@@ -1,6 +1,6 @@
 """GPU-only checks at the benchmark shapes (benchmarks/README.md): accuracy, every output written, no races.
 
-Skipped without a GPU. On the GPU machine: `pytest tests --backend=triton`.
+Skipped without a GPU. On the GPU machine: `pytest tests --backend=triton` (and `--backend=mosaic` on a Hopper GPU).
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import pallas_mlstm
 from pallas_mlstm.accuracy import GPU_SHAPES_TOLERANCE, mlstm_inputs, rel_err
 from pallas_mlstm.benchmarks.shapes import GPU_DEFAULT_SHAPES, SHAPES
 from tests import flags as test_flags
-from tests.helpers import case_key
+from tests.helpers import case_key, skip_unless_available
 
 BENCHMARK_SHAPES = {  # (B, NH, S, DHQK, DHHV) of the bench's default GPU shapes
     name: tuple(SHAPES[name].dims().values()) for name in GPU_DEFAULT_SHAPES
 }
 CHUNK = 128
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="GPU-only: needs the triton backend")
+pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="GPU-only: needs the triton or mosaic backend")
 
 
 def _poison_free_device_memory(num_bytes: int) -> None:
@@ -43,10 +43,12 @@ def _fwbw(backend):
     return jax.jit(fwbw)
 
 
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
 @pytest.mark.parametrize("shape", BENCHMARK_SHAPES)
-def test_benchmark_shape_accurate_complete_and_deterministic(shape):
-    if "triton" not in test_flags.BACKEND.value or not test_flags.GPU_SHAPES.value:
-        pytest.skip("run with --backend=triton (and --gpu_shapes) to check the benchmark shapes")
+def test_benchmark_shape_accurate_complete_and_deterministic(shape, backend):
+    if backend not in test_flags.BACKEND.value or not test_flags.GPU_SHAPES.value:
+        pytest.skip(f"run with --backend={backend} (and --gpu_shapes) to check the benchmark shapes")
+    skip_unless_available(backend)
     batch, heads, seq_len, dhqk, dhhv = BENCHMARK_SHAPES[shape]
     key = case_key("gpu", shape)
     q, k, v, i, f, *_ = mlstm_inputs(key, batch, heads, seq_len, dhqk, dhhv, jnp.bfloat16)
@@ -54,7 +56,7 @@ def test_benchmark_shape_accurate_complete_and_deterministic(shape):
     # Reference: the xla backend (jnp twins, checked against the float64 oracles on CPU) in float32.
     h_ref, grads_ref = _fwbw("xla")(*(x.astype(jnp.float32) for x in (q, k, v)), i, f, w)
     h_ref, grads_ref = jax.device_get((h_ref, grads_ref))
-    run = _fwbw("triton")
+    run = _fwbw(backend)
     outputs = []
     for _ in range(2):
         _poison_free_device_memory(8 << 30)
