@@ -121,7 +121,7 @@ IMPLEMENTATIONS = {
         ),
         Implementation(
             "mosaic",
-            "pallas_mlstm, Pallas Mosaic GPU (Hopper) in the forward's H and backward's dQ, dK, dV kernels",
+            "pallas_mlstm, Pallas Mosaic GPU (Hopper) for the forward's H and backward's dV kernels, else Triton",
             MLSTM,
             None,
             True,
