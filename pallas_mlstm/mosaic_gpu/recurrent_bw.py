@@ -155,7 +155,9 @@ def recurrent_bw_dC(
     chunk = call.chunk_size * call.save_states_every_nth_chunk
     dims = common.launch_dims(unsupported(chunk, matQ.dtype), matQ.shape, matDeltaH.shape[-1], chunk)
     batch, heads, seq_len, dhqk, dhhv, num_chunks, bnh, dhqk_p, dhhv_p = dims
-    state_dtype, c_dtype, writes_first, operand_dtype, parts, tiles = recurrent_fw.states_launch(call, matQ.dtype, dims)
+    state_dtype, c_dtype, writes_first, operand_dtype, parts, tiles = recurrent_fw.states_launch(
+        call, matQ.dtype, dims, warpgroups=1
+    )
 
     vecB = compute_chunkwise_vecB(vecF, chunk).astype(jnp.float32)  # (B, NH, NC, L), −∞ from a reset on
     m_prev, m_next = (scaM_inter[..., :-1].astype(jnp.float32), scaM_inter[..., 1:].astype(jnp.float32))

@@ -7,13 +7,15 @@ Same arrays, outputs and math as pallas_mlstm.pallas_triton.recurrent_fw (its jn
 
 m_k, one number per chunk, and the two gate factors are computed by XLA before the launch (a scan over the chunks);
 the kernel carries C and n in registers from chunk to chunk. One program per (batch·head, DHQK tile x DHHV tile):
-compute warpgroups of 64 DHQK rows each (one, as `kernel_tiles` picks, which says why), and a memory warpgroup that
+compute warpgroups of 64 DHQK rows each (`kernel_tiles` picks how many), and a memory warpgroup that
 streams the sequence with TMA, 64 time steps per ring slot: each warpgroup's 64 columns of K, the DHHV tile of V and
 the steps' gate factors, `stages` slots ahead of the compute. Per step a compute warpgroup scales its K slice's rows
 by e^{a − m_k} in shared memory (rounded to the operand dtype, as the Triton kernel rounds them before its dot),
 adds them to n's (64, 64) tile (n is its column sums, taken at a chunk's end), then takes C += (K ⊙ w)ᵀ V with
 wgmma (K's slice read transposed). At a chunk's last step it stores C_k in the states
-dtype and n_k with TMA. Per program, in shared memory:
+dtype and n_k with TMA. n's column sums reduce across the warps of a warpgroup through the one scratch buffer Mosaic
+GPU gives a program, so two compute warpgroups take turns there (the `turn` barriers): reducing at once, they raced
+on an H100 (a wrong n, which the interpreter, having no such buffer, cannot show). Per program, in shared memory:
 
     K      (stages, warpgroups, P, 64, 64)  each warpgroup's 64 columns of 64 time steps
     V      (stages, P, 64, bDHHV)           the same time steps' DHHV tile
@@ -43,9 +45,13 @@ from pallas_mlstm.states import acc_dtype, join_states
 NAME = "mlstm_chunkwise__recurrent_fw_C"
 _W, _DECAY = range(2)  # the gate rows of a ring slot
 _BLOCK_V = (128, 64)  # DHHV tiles, widest first: C (64 x 128) float32 is 64 registers a thread
-# Registers per thread of the compute and memory warpgroups: 128 x (216 + 40) leaves room for a second program on
-# an SM (65,536 registers)
+# Registers per thread of the compute and memory warpgroups: 128 x (216 + 40) leaves room for a second program of
+# one compute warpgroup on an SM (65,536 registers)
 _COMPUTE_REGISTERS, _MEMORY_REGISTERS = 216, 40
+# Two compute warpgroups (128 DHQK rows per program, each V tile read half as often) where DHQK_p is a multiple of
+# 128. The first two-warpgroup kernel (its n raced) ran the 7b shape in 0.80x of Triton's time on an H100, where one
+# warpgroup ran it in 1.01x on an H200; at smaller shapes neither beat Triton's. To be timed (mosaic_check).
+_TWO_WARPGROUPS_ROWS = 2 * ROWS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,16 +71,23 @@ def shared_bytes(tiles: RecurrentTiles, parts: int, c_itemsize: int) -> int:
     return tiles.stages * slot + staging + common.RESERVED_BYTES
 
 
-def kernel_tiles(dhqk: int, dhhv: int, parts: tuple[int, ...], c_itemsize: int) -> tuple[int, RecurrentTiles]:
-    """(operand parts, tiles) for padded head dims: one compute warpgroup (n's column sums reduce across warps
-    through the one scratch buffer Mosaic GPU gives a program, which two warpgroups would race on; seen on an
-    H100), the widest DHHV tile of _BLOCK_V, and the most buffers (up to 4) that fit in half an SM's shared memory,
-    so that two programs share an SM; else in all of it."""
-    for budget in (common.SHARED_MEMORY_BYTES // 2, common.SHARED_MEMORY_BYTES):
+def compute_warpgroups(dhqk: int) -> int:
+    """The forward states kernel's compute warpgroups for padded DHQK `dhqk`: two where it is a multiple of 128."""
+    return 2 if dhqk % _TWO_WARPGROUPS_ROWS == 0 else 1
+
+
+def kernel_tiles(
+    dhqk: int, dhhv: int, parts: tuple[int, ...], c_itemsize: int, warpgroups: int = 1
+) -> tuple[int, RecurrentTiles]:
+    """(operand parts, tiles) for padded head dims and `warpgroups` compute warpgroups: the widest DHHV tile of
+    _BLOCK_V, and the most buffers (up to 4) that fit in half an SM's shared memory, so that two programs of one
+    compute warpgroup share an SM; else (and for two, whose registers fill an SM) in all of it."""
+    half, whole = common.SHARED_MEMORY_BYTES // 2, common.SHARED_MEMORY_BYTES
+    for budget in (half, whole) if warpgroups == 1 else (whole,):
         for count in parts:
             for block_v in [bv for bv in _BLOCK_V if dhhv % bv == 0]:
                 for stages in range(4, 1, -1):
-                    tiles = RecurrentTiles(1, block_v, stages)
+                    tiles = RecurrentTiles(warpgroups, block_v, stages)
                     if shared_bytes(tiles, count, c_itemsize) <= budget:
                         return count, tiles
     raise ValueError(f"no Mosaic GPU tiling of {NAME} fits in shared memory for DHQK={dhqk}, DHHV={dhhv}.")
@@ -112,8 +125,10 @@ def _kernel(
     c_gmem, n_gmem = refs[:2]  # (BNH·(NC+1)·DHQK_p, DHHV_p) states dtype, (BNH·(NC+1), DHQK_p) float32
     last_gmem = refs[2] if writes_last else None  # (BNH·DHQK_p, DHHV_p) float32
     refs = refs[3:] if writes_last else refs[2:]
-    k_smem, v_smem, g_smem, c_stage, n_stage, *last_stage, k_bar, v_bar, g_bar, free_bar = refs
     w, block_v, stages = tiles.warpgroups, tiles.block_v, tiles.stages
+    turn_bar = refs[-1] if w > 1 else None  # with two compute warpgroups: whose turn at the reduction scratch
+    refs = refs[:-1] if w > 1 else refs
+    k_smem, v_smem, g_smem, c_stage, n_stage, *last_stage, k_bar, v_bar, g_bar, free_bar = refs
     parts = k_smem.shape[2]
     dhqk = n_gmem.shape[-1]
     steps = num_chunks * steps_per_chunk
@@ -150,9 +165,13 @@ def _kernel(
 
             @pl.when(iv == 0)  # every DHHV tile computes n; the first one stores it
             def _n():
+                if w > 1:  # this warpgroup's turn at the reduction scratch: after the previous warpgroup's sums
+                    pl.when((wg > 0) | (index > 0))(lambda: plgpu.barrier_wait(turn_bar.at[wg]))
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 n_stage[wg] = jnp.sum(n_tile, axis=0)  # (64,): n, the column sums
-                plgpu.commit_smem()
+                plgpu.commit_smem()  # (a warpgroup barrier: every thread is past the reduction)
+                if w > 1:
+                    plgpu.barrier_arrive(turn_bar.at[(wg + 1) % w])
                 plgpu.copy_smem_to_gmem(n_stage.at[wg], n_gmem.at[state, pl.ds(dhqk_row0, ROWS)])
 
         if has_initial:
@@ -185,6 +204,8 @@ def _kernel(
             return c, n_tile
 
         c, _ = lax.fori_loop(0, steps, step, (c, n_tile))
+        if w > 1:  # the last warpgroup's last turn, which no other waited for
+            pl.when((iv == 0) & (wg == 0))(lambda: plgpu.barrier_wait(turn_bar.at[0]))
         if writes_last:  # the last state at full precision, when the states are stored narrower
             last_rows = last_gmem.at[pl.ds(bh * dhqk + dhqk_row0, ROWS)]
             common.store_staged(last_rows, last_stage[0].at[wg], c, iv * block_v)
@@ -229,17 +250,19 @@ def scratch_types(tiles: RecurrentTiles, parts: int, operand_dtype, c_dtype, ful
         plgpu.Barrier(num_barriers=stages),  # tile loaded
         plgpu.Barrier(num_barriers=stages),  # gate rows loaded
         plgpu.Barrier(num_arrivals=w, num_barriers=stages),  # slot free again
+        *([plgpu.Barrier(num_barriers=w)] if w > 1 else []),  # a compute warpgroup's turn at the reduction scratch
     )
 
 
-def states_launch(call: KernelCall, dtype, dims: common.LaunchDims) -> tuple:
-    """What both states kernels derive from the call and the inputs' dtype: (the states' dtype, the stored states'
-    dtype (`call.states_dtype`, else the former), whether they are stored narrower (then the kernel also outputs a
-    float32 copy of the state it ends on), the operand dtype, the operand parts, the tiles)."""
+def states_launch(call: KernelCall, dtype, dims: common.LaunchDims, warpgroups: int) -> tuple:
+    """What both states kernels derive from the call, the inputs' dtype and their compute `warpgroups`: (the
+    states' dtype, the stored states' dtype (`call.states_dtype`, else the former), whether they are stored
+    narrower (then the kernel also outputs a float32 copy of the state it ends on), the operand dtype, the operand
+    parts, the tiles)."""
     state_dtype = acc_dtype(dtype)
     c_dtype = state_dtype if call.states_dtype is None else jnp.dtype(call.states_dtype)
     operand_dtype = common.operand_dtype(dtype)
-    parts, tiles = kernel_tiles(dims.dhqk_p, dims.dhhv_p, common.operand_parts(dtype), c_dtype.itemsize)
+    parts, tiles = kernel_tiles(dims.dhqk_p, dims.dhhv_p, common.operand_parts(dtype), c_dtype.itemsize, warpgroups)
     return state_dtype, c_dtype, c_dtype != state_dtype, operand_dtype, parts, tiles
 
 
@@ -283,7 +306,8 @@ def recurrent_fw_C(call: KernelCall, matK, matV, vecF, vecI, matC_initial, vecN_
     chunk = call.chunk_size * call.save_states_every_nth_chunk
     dims = common.launch_dims(unsupported(chunk, matK.dtype), matK.shape, matV.shape[-1], chunk)
     batch, heads, seq_len, dhqk, dhhv, num_chunks, bnh, dhqk_p, dhhv_p = dims
-    state_dtype, c_dtype, writes_last, operand_dtype, parts, tiles = states_launch(call, matK.dtype, dims)
+    warpgroups = compute_warpgroups(dims.dhqk_p)
+    state_dtype, c_dtype, writes_last, operand_dtype, parts, tiles = states_launch(call, matK.dtype, dims, warpgroups)
 
     gates, m_all = _step_gates(call, vecF, vecI, scaMinter_initial, chunk)
     operand_of = lambda x, size: common.sequence_operand(x, size, parts, operand_dtype)  # (P, BNH·S, size)
