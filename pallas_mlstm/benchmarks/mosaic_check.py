@@ -114,15 +114,10 @@ def _states_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]):
     return recurrent_fw.kernel_tiles(dhqk, dhhv, parts, 2, recurrent_fw.compute_warpgroups(dhqk))
 
 
-def _states_backward_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]):
-    del chunk
-    return recurrent_fw.kernel_tiles(dhqk, dhhv, parts, 2, warpgroups=1)
-
-
 # The timed kernels: their Mosaic GPU launcher (from a KernelCall, on kernel_times' arguments) and tile choice.
 KERNELS = {
     "recurrent_fw_C": (_mosaic_states, _states_tiles),
-    "recurrent_bw_dC": (_mosaic_states_backward, _states_backward_tiles),
+    "recurrent_bw_dC": (_mosaic_states_backward, _states_tiles),
     "parallel_fw_Hintra": (_mosaic, parallel_fw.kernel_tiles),
     "parallel_bw_dV": (_mosaic_backward(parallel_bw.parallel_bw_dV), parallel_bw.kernel_tiles),
     "parallel_bw_dK": (_mosaic_backward(parallel_bw_sliced.parallel_bw_dK), _sliced_tiles),

@@ -7,17 +7,20 @@ Same arrays, outputs and math as pallas_mlstm.pallas_triton.recurrent_bw (its jn
     d_k = e^{g_k + m_{k-1} − m_k}
 
 and <dC_k, C_k> per boundary where the forward's states are given. The forward states kernel (recurrent_fw.py) run
-backwards in time, with its tiles: one program per (batch·head, DHQK tile of 64 x DHHV tile), one compute
-warpgroup that carries dC in registers from the last chunk to the first, and a memory warpgroup that streams each
-chunk's Q slice, dH tile and gate rows with TMA, 64 time steps per ring slot. Per step the compute warpgroup scales
-its Q slice's rows by w in shared memory (rounded to the operand dtype, as the Triton kernel rounds q̄ before its
+backwards in time, with its tiles: one program per (batch·head, DHQK tile x DHHV tile), compute warpgroups of 64
+DHQK rows each that carry dC in registers from the last chunk to the first, and a memory warpgroup that streams
+each chunk's Q slices, dH tile and gate rows with TMA, 64 time steps per ring slot. Per step a compute warpgroup
+scales its Q slice's rows by w in shared memory (rounded to the operand dtype, as the Triton kernel rounds q̄ before its
 dot), then takes dC += (Q ⊙ w)ᵀ dH with wgmma; at a chunk's last step it stores dC_k and the row sums of
 dC_k ⊙ C_k (summed by XLA over the tiles). Per program, in shared memory:
 
-    Q      (stages, 1, P, 64, 64)      the program's 64 DHQK columns of 64 time steps
-    dH     (stages, P, 64, bDHHV)      the same time steps' DHHV tile
-    gates  (stages, 2, 64) float32     w of the steps, and the chunk's decay on its first step (else 1)
-    out    (1, 64, E), (1, 64)         staging of dC_k (E = 128 bytes of the states dtype) and of the row sums
+    Q      (stages, warpgroups, P, 64, 64)  each warpgroup's 64 DHQK columns of 64 time steps
+    dH     (stages, P, 64, bDHHV)           the same time steps' DHHV tile
+    gates  (stages, 2, 64) float32          w of the steps, and the chunk's decay on its first step (else 1)
+    out    (warpgroups, 64, E), (.., 64)    staging of dC_k (E = 128 bytes of the states dtype) and of the row sums
+
+The row sums reduce within each warp (over a row's columns), so, unlike the forward's n, the warpgroups need no
+turns.
 """
 
 from __future__ import annotations
@@ -71,48 +74,49 @@ def _kernel(
     first_gmem = refs[1 + has_states] if writes_first else None  # (BNH·DHQK_p, DHHV_p) float32
     refs = refs[1 + has_states + writes_first :]
     q_smem, dh_smem, g_smem, c_stage, dots_stage, *first_stage, q_bar, dh_bar, g_bar, free_bar = refs
-    block_v, stages = tiles.block_v, tiles.stages
+    w, block_v, stages = tiles.warpgroups, tiles.block_v, tiles.stages
     parts = q_smem.shape[2]
     steps = num_chunks * steps_per_chunk
     chunk = steps_per_chunk * ROWS
     seq_len = steps * ROWS
     bh, iq, iv = lax.axis_index("bh"), lax.axis_index("q"), lax.axis_index("v")
     columns = pl.ds(iv * block_v, block_v)
-    dhqk_row0 = iq * ROWS  # the program's first DHQK row
     wg = lax.axis_index("wg")
 
     def step_row(s):  # the sequence row of ring step s's first time step: the chunks from the last to the first
         return bh * seq_len + (num_chunks - 1 - s // steps_per_chunk) * chunk + (s % steps_per_chunk) * ROWS
 
-    @pl.when(wg == 1)
+    @pl.when(wg == w)
     def _memory():
         plgpu.set_max_registers(common.MEMORY_REGISTERS, action="decrease")
 
-        def load(s):  # ring step s: 64 time steps of Q (the program's columns), of dH, and their gate rows
+        def load(s):  # ring step s: 64 time steps of Q (each warpgroup's columns), of dH, and their gate rows
             slot = s % stages
             rows = pl.ds(step_row(s), ROWS)
             plgpu.copy_gmem_to_smem(g_gmem.at[bh * steps + s], g_smem.at[slot], g_bar.at[slot])  # (2, 64)
-            q_tile = q_gmem.at[:, rows, pl.ds(dhqk_row0, ROWS)]  # (P, 64, 64)
-            plgpu.copy_gmem_to_smem(q_tile, q_smem.at[slot, 0], q_bar.at[slot])
+            for u in range(w):
+                q_tile = q_gmem.at[:, rows, pl.ds((iq * w + u) * ROWS, ROWS)]  # (P, 64, 64)
+                plgpu.copy_gmem_to_smem(q_tile, q_smem.at[slot, u], q_bar.at[slot * w + u])
             plgpu.copy_gmem_to_smem(dh_gmem.at[:, rows, columns], dh_smem.at[slot], dh_bar.at[slot])  # (P, 64, bV)
 
         common.stream_ring(load, free_bar, steps, stages)
 
-    @pl.when(wg == 0)
+    @pl.when(wg < w)
     def _compute():
         plgpu.set_max_registers(common.COMPUTE_REGISTERS, action="increase")
         dhqk_size = q_gmem.shape[-1]
+        dhqk_row0 = (iq * w + wg) * ROWS  # this warpgroup's first DHQK row
 
         def store_state(index, dc):  # dC_index of this program's tile, and the row sums of dC_index ⊙ C_index
             state = bh * (num_chunks + 1) + index
             rows = pl.ds(state * dhqk_size + dhqk_row0, ROWS)
-            common.store_staged(dc_gmem.at[rows], c_stage.at[0], dc, iv * block_v)
+            common.store_staged(dc_gmem.at[rows], c_stage.at[wg], dc, iv * block_v)
             if has_states:
                 c = plgpu.load(c_gmem.at[rows, columns], layout=plgpu.Layout.WGMMA, optimized=False)  # (64, bDHHV)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                dots_stage[0] = jnp.sum(dc * c.astype(jnp.float32), axis=1)  # (64,)
+                dots_stage[wg] = jnp.sum(dc * c.astype(jnp.float32), axis=1)  # (64,)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(dots_stage.at[0], dots_gmem.at[state, iv, pl.ds(dhqk_row0, ROWS)])
+                plgpu.copy_smem_to_gmem(dots_stage.at[wg], dots_gmem.at[state, iv, pl.ds(dhqk_row0, ROWS)])
 
         if has_last:
             dc = plgpu.load(
@@ -124,12 +128,12 @@ def _kernel(
 
         def step(s, dc):
             slot = s % stages
-            q_slice = lambda p: q_smem.at[slot, 0, p]  # (64 steps, 64 DHQK columns)
+            q_slice = lambda p: q_smem.at[slot, wg, p]  # (64 steps, 64 DHQK columns)
             plgpu.barrier_wait(g_bar.at[slot])
             decay = plgpu.load(g_smem.at[slot, _DECAY], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,), one value
             dc = dc * common.by_rows(decay, dc.shape)
             weights = plgpu.load(g_smem.at[slot, _W], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,) w of the steps
-            plgpu.barrier_wait(q_bar.at[slot])
+            plgpu.barrier_wait(q_bar.at[slot * w + wg])
             common.weight_rows_in_place(q_slice, parts, weights)  # Q ⊙ w, (64, 64)
             plgpu.barrier_wait(dh_bar.at[slot])
             q_t = lambda p: q_slice(p).transpose((1, 0))  # (64 DHQK, 64 steps)
@@ -142,7 +146,7 @@ def _kernel(
         dc = lax.fori_loop(0, steps, step, dc)
         if writes_first:  # dC_0 at full precision, when the states are stored narrower
             first_rows = first_gmem.at[pl.ds(bh * dhqk_size + dhqk_row0, ROWS)]
-            common.store_staged(first_rows, first_stage[0].at[0], dc, iv * block_v)
+            common.store_staged(first_rows, first_stage[0].at[wg], dc, iv * block_v)
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -156,7 +160,7 @@ def recurrent_bw_dC(
     dims = common.launch_dims(unsupported(chunk, matQ.dtype), matQ.shape, matDeltaH.shape[-1], chunk)
     batch, heads, seq_len, dhqk, dhhv, num_chunks, bnh, dhqk_p, dhhv_p = dims
     state_dtype, c_dtype, writes_first, operand_dtype, parts, tiles = recurrent_fw.states_launch(
-        call, matQ.dtype, dims, warpgroups=1
+        call, matQ.dtype, dims, recurrent_fw.compute_warpgroups(dims.dhqk_p)
     )
 
     vecB = compute_chunkwise_vecB(vecF, chunk).astype(jnp.float32)  # (B, NH, NC, L), −∞ from a reset on
@@ -183,7 +187,7 @@ def recurrent_bw_dC(
         out_type.append(jax.ShapeDtypeStruct((bnh * dhqk_p, dhhv_p), jnp.float32))
     flags = dict(has_last=has_last, has_states=has_states, writes_first=writes_first)
     outs = recurrent_fw.launch_states_kernel(
-        _kernel, NAME, dims, chunk, tiles, parts, operand_dtype, c_dtype, out_type, writes_first, call, flags
+        _kernel, NAME, dims, chunk, tiles, parts, operand_dtype, c_dtype, out_type, writes_first, False, call, flags
     )(*inputs)
     dc_all = outs[0].reshape(bnh, num_chunks + 1, dhqk_p, dhhv_p)[:, :, :dhqk, :dhhv]
     results = [join_states(dc_all.reshape(batch, heads, num_chunks + 1, dhqk, dhhv))]

@@ -48,9 +48,10 @@ _BLOCK_V = (128, 64)  # DHHV tiles, widest first: C (64 x 128) float32 is 64 reg
 # Registers per thread of the compute and memory warpgroups: 128 x (216 + 40) leaves room for a second program of
 # one compute warpgroup on an SM (65,536 registers)
 _COMPUTE_REGISTERS, _MEMORY_REGISTERS = 216, 40
-# Two compute warpgroups (128 DHQK rows per program, each V tile read half as often) where DHQK_p is a multiple of
-# 128. The first two-warpgroup kernel (its n raced) ran the 7b shape in 0.80x of Triton's time on an H100, where one
-# warpgroup ran it in 1.01x on an H200; at smaller shapes neither beat Triton's. To be timed (mosaic_check).
+# Two compute warpgroups (128 DHQK rows per program, each V or dH tile read half as often) where DHQK_p is a
+# multiple of 128. The first two-warpgroup forward kernel (its n raced) ran the 7b shape in 0.80x of Triton's time
+# on an H100, where one warpgroup ran it in 1.01x on an H200; at smaller shapes neither beat Triton's. To be timed
+# (mosaic_check).
 _TWO_WARPGROUPS_ROWS = 2 * ROWS
 
 
@@ -72,7 +73,7 @@ def shared_bytes(tiles: RecurrentTiles, parts: int, c_itemsize: int) -> int:
 
 
 def compute_warpgroups(dhqk: int) -> int:
-    """The forward states kernel's compute warpgroups for padded DHQK `dhqk`: two where it is a multiple of 128."""
+    """Both states kernels' compute warpgroups for padded DHQK `dhqk`: two where it is a multiple of 128."""
     return 2 if dhqk % _TWO_WARPGROUPS_ROWS == 0 else 1
 
 
@@ -231,11 +232,13 @@ def _step_gates(call: KernelCall, vecF, vecI, scaM_initial, chunk: int):
     return step_rows(weights, decay), m_all
 
 
-def scratch_types(tiles: RecurrentTiles, parts: int, operand_dtype, c_dtype, full_precision_copy: bool) -> tuple:
+def scratch_types(
+    tiles: RecurrentTiles, parts: int, operand_dtype, c_dtype, full_precision_copy: bool, turns: bool
+) -> tuple:
     """The states kernels' shared memory and barriers (this module's docstring): per ring slot each warpgroup's
     (64, 64) slice of the first operand (K, or Q backwards), the second's (64, bDHHV) tile (V, or dH) and the gate
     rows; the staging of a state (in `c_dtype`), of a (64,) float32 vector per warpgroup, and, with
-    `full_precision_copy`, of a float32 state."""
+    `full_precision_copy`, of a float32 state; with `turns` and two warpgroups, their turn barriers."""
     w, stages = tiles.warpgroups, tiles.stages
     operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
     staging = lambda dtype: plgpu.SMEM((w, ROWS, 128 // dtype.itemsize), dtype, transforms=common.swizzled(dtype))
@@ -250,7 +253,7 @@ def scratch_types(tiles: RecurrentTiles, parts: int, operand_dtype, c_dtype, ful
         plgpu.Barrier(num_barriers=stages),  # tile loaded
         plgpu.Barrier(num_barriers=stages),  # gate rows loaded
         plgpu.Barrier(num_arrivals=w, num_barriers=stages),  # slot free again
-        *([plgpu.Barrier(num_barriers=w)] if w > 1 else []),  # a compute warpgroup's turn at the reduction scratch
+        *([plgpu.Barrier(num_barriers=w)] if turns and w > 1 else []),  # a warpgroup's turn at the reduction scratch
     )
 
 
@@ -267,11 +270,11 @@ def states_launch(call: KernelCall, dtype, dims: common.LaunchDims, warpgroups: 
 
 
 def launch_states_kernel(
-    body, name, dims, chunk, tiles, parts, operand_dtype, c_dtype, out_type, full_precision_copy, call, flags
+    body, name, dims, chunk, tiles, parts, operand_dtype, c_dtype, out_type, full_precision_copy, turns, call, flags
 ):
     """A states kernel's launch (forwards or backwards in time): `body` with its tiles, steps per chunk, number of
     chunks, `call.interpret` and `flags` (dict of static flags) bound; a program per (batch·head, DHQK tile, DHHV
-    tile); `scratch_types` (a float32 state staging with `full_precision_copy`)."""
+    tile); `scratch_types` (a float32 state staging with `full_precision_copy`, turn barriers with `turns`)."""
     kernel = functools.partial(
         body, tiles=tiles, steps_per_chunk=chunk // ROWS, num_chunks=dims.num_chunks, interpret=call.interpret, **flags
     )
@@ -282,7 +285,7 @@ def launch_states_kernel(
         parts=parts,
         interpret=call.interpret,
         out_type=tuple(out_type),
-        scratch_types=scratch_types(tiles, parts, operand_dtype, c_dtype, full_precision_copy),
+        scratch_types=scratch_types(tiles, parts, operand_dtype, c_dtype, full_precision_copy, turns),
         grid=(dims.bnh, dims.dhqk_p // (tiles.warpgroups * ROWS), dims.dhhv_p // tiles.block_v),
         grid_names=("bh", "q", "v"),
     )
@@ -326,7 +329,7 @@ def recurrent_fw_C(call: KernelCall, matK, matV, vecF, vecI, matC_initial, vecN_
         out_type.append(jax.ShapeDtypeStruct((bnh * dhqk_p, dhhv_p), jnp.float32))
     flags = dict(has_initial=has_initial, writes_last=writes_last)
     outs = launch_states_kernel(
-        _kernel, NAME, dims, chunk, tiles, parts, operand_dtype, c_dtype, out_type, writes_last, call, flags
+        _kernel, NAME, dims, chunk, tiles, parts, operand_dtype, c_dtype, out_type, writes_last, True, call, flags
     )(*inputs)
     c_all = outs[0].reshape(bnh, num_chunks + 1, dhqk_p, dhhv_p)[:, :, :dhqk, :dhhv]
     n_all = outs[1].reshape(bnh, num_chunks + 1, dhqk_p)[:, :, :dhqk]
