@@ -186,9 +186,9 @@ def recurrent_bw_dC(
     if writes_first:
         out_type.append(jax.ShapeDtypeStruct((bnh * dhqk_p, dhhv_p), jnp.float32))
     flags = dict(has_last=has_last, has_states=has_states, writes_first=writes_first)
-    outs = recurrent_fw.launch_states_kernel(
-        _kernel, NAME, dims, chunk, tiles, parts, operand_dtype, c_dtype, out_type, writes_first, False, call, flags
-    )(*inputs)
+    scratch = recurrent_fw.scratch_types(tiles, parts, operand_dtype, c_dtype, writes_first, turns=False)
+    launch = recurrent_fw.launch_states_kernel(_kernel, NAME, dims, chunk, tiles, parts, scratch, out_type, call, flags)
+    outs = launch(*inputs)
     dc_all = outs[0].reshape(bnh, num_chunks + 1, dhqk_p, dhhv_p)[:, :, :dhqk, :dhhv]
     results = [join_states(dc_all.reshape(batch, heads, num_chunks + 1, dhqk, dhhv))]
     if has_states:

@@ -269,12 +269,10 @@ def states_launch(call: KernelCall, dtype, dims: common.LaunchDims, warpgroups: 
     return state_dtype, c_dtype, c_dtype != state_dtype, operand_dtype, parts, tiles
 
 
-def launch_states_kernel(
-    body, name, dims, chunk, tiles, parts, operand_dtype, c_dtype, out_type, full_precision_copy, turns, call, flags
-):
+def launch_states_kernel(body, name, dims, chunk, tiles, parts, scratch, out_type, call, flags):
     """A states kernel's launch (forwards or backwards in time): `body` with its tiles, steps per chunk, number of
     chunks, `call.interpret` and `flags` (dict of static flags) bound; a program per (batch·head, DHQK tile, DHHV
-    tile); `scratch_types` (a float32 state staging with `full_precision_copy`, turn barriers with `turns`)."""
+    tile); `scratch` its `scratch_types`."""
     kernel = functools.partial(
         body, tiles=tiles, steps_per_chunk=chunk // ROWS, num_chunks=dims.num_chunks, interpret=call.interpret, **flags
     )
@@ -285,7 +283,7 @@ def launch_states_kernel(
         parts=parts,
         interpret=call.interpret,
         out_type=tuple(out_type),
-        scratch_types=scratch_types(tiles, parts, operand_dtype, c_dtype, full_precision_copy, turns),
+        scratch_types=scratch,
         grid=(dims.bnh, dims.dhqk_p // (tiles.warpgroups * ROWS), dims.dhhv_p // tiles.block_v),
         grid_names=("bh", "q", "v"),
     )
@@ -328,9 +326,8 @@ def recurrent_fw_C(call: KernelCall, matK, matV, vecF, vecI, matC_initial, vecN_
     if writes_last:
         out_type.append(jax.ShapeDtypeStruct((bnh * dhqk_p, dhhv_p), jnp.float32))
     flags = dict(has_initial=has_initial, writes_last=writes_last)
-    outs = launch_states_kernel(
-        _kernel, NAME, dims, chunk, tiles, parts, operand_dtype, c_dtype, out_type, writes_last, True, call, flags
-    )(*inputs)
+    scratch = scratch_types(tiles, parts, operand_dtype, c_dtype, full_precision_copy=writes_last, turns=True)
+    outs = launch_states_kernel(_kernel, NAME, dims, chunk, tiles, parts, scratch, out_type, call, flags)(*inputs)
     c_all = outs[0].reshape(bnh, num_chunks + 1, dhqk_p, dhhv_p)[:, :, :dhqk, :dhhv]
     n_all = outs[1].reshape(bnh, num_chunks + 1, dhqk_p)[:, :, :dhqk]
     states = (
