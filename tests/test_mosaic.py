@@ -14,6 +14,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from pallas_mlstm import xla_kernels
 from pallas_mlstm.accuracy import KERNEL_TWIN_TOLERANCE, rel_err
+from pallas_mlstm.device import device_properties
 from pallas_mlstm.gates import chunkwise_log_gates, compute_chunkwise_reset_gates
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common as mosaic_common
@@ -199,9 +200,28 @@ def test_states_kernel_takes_any_head_dims_and_chunks_of_64_rows():
     assert recurrent_fw.unsupported(64 * 5, jnp.bfloat16) is None
     assert "multiples of 64" in recurrent_fw.unsupported(32, jnp.bfloat16)
     assert "inputs" in recurrent_fw.unsupported(128, jnp.float64)
-    keys = jnp.zeros((1, 1, 128, 64), jnp.float32)
-    assert recurrent_fw.supports(KernelCall(chunk_size=32, save_states_every_nth_chunk=2), keys)
-    assert not recurrent_fw.supports(KernelCall(chunk_size=32), keys)
+    keys, values = jnp.zeros((1, 1, 128, 64), jnp.float32), jnp.zeros((1, 1, 128, 64), jnp.float32)
+    interpreted = dict(chunk_size=32, interpret=True)  # interpreted, the grid's size does not matter
+    assert recurrent_fw.supports(KernelCall(**interpreted, save_states_every_nth_chunk=2), keys, values)
+    assert not recurrent_fw.supports(KernelCall(**interpreted), keys, values)
+
+
+@pytest.mark.parametrize(
+    "batch, heads, dhqk, dhhv, programs",
+    [(8, 8, 256, 512, 512), (8, 16, 128, 256, 256), (4, 16, 128, 128, 64), (4, 8, 96, 192, 96)],
+    ids=["7b", "tfla-paper", "small-heads", "odd-heads"],
+)
+def test_states_kernels_run_where_their_grid_fills_the_card(batch, heads, dhqk, dhhv, programs):
+    """Compiled, both states kernels take a call whose grid has a program for each of an H100's or H200's 132 SMs
+    (the card's count on a GPU, that count off one) and leave the others to Triton's kernel; interpreted, every
+    call they can run."""
+    qk = jax.ShapeDtypeStruct((batch, heads, 256, dhqk), jnp.bfloat16)
+    vh = jax.ShapeDtypeStruct((batch, heads, 256, dhhv), jnp.bfloat16)
+    for interpret in (False, True):
+        call = KernelCall(chunk_size=128, interpret=interpret)
+        expected = interpret or programs >= (device_properties().core_count or 132)
+        assert recurrent_fw.supports(call, qk, vh) is expected, (interpret, programs)
+        assert recurrent_bw.supports(call, qk, None, None, None, vh) is expected, (interpret, programs)
 
 
 @pytest.mark.parametrize("parts", [3, 2])

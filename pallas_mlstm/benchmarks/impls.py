@@ -121,7 +121,7 @@ IMPLEMENTATIONS = {
         ),
         Implementation(
             "mosaic",
-            "pallas_mlstm, Pallas Mosaic GPU (Hopper) for the forward's H and backward's dV kernels, else Triton",
+            "pallas_mlstm, Pallas Mosaic GPU (Hopper) kernels where they take the shape, else Triton's",
             MLSTM,
             None,
             True,

@@ -4,12 +4,15 @@ The second GPU backend, next to pallas_mlstm.pallas_triton (Pallas lowered to Tr
 registered as backend="mosaic" (a Hopper GPU) and backend="mosaic_interpret" (Mosaic GPU's interpreter on the CPU,
 for tests). A kernel joins KERNELS once it has passed the GPU tests and beaten the Triton kernel on a Hopper GPU
 (`python -m pallas_mlstm.benchmarks.mosaic_check`) and the GPU test files have passed with it in the backend: the
-forward's H kernel (parallel_fw.py) and the backward's dV kernel (parallel_bw.py) run in Mosaic GPU wherever their
-module `supports` the call (chunk 64, 128 or 256, DHQK up to 256, 16-bit or float32 inputs) and as the Triton kernels
-otherwise (`mosaic_where_supported`). The backward's dK and dQ kernels (parallel_bw_sliced.py) pass
-tests/test_mosaic.py compiled on an H200 and beat Triton's at most shapes; they join once the GPU test files have run
-with them. The two states kernels, recurrent_fw.py (forwards in time) and recurrent_bw.py (backwards), pass it too
-but ran slower than Triton's at most shapes. The kernels not in KERNELS are Triton's here, with their launchers and
+forward's H kernel (parallel_fw.py) and the backward's dV kernel (parallel_bw.py), dK and dQ kernels
+(parallel_bw_sliced.py) run in Mosaic GPU wherever their module `supports` the call (chunk 64, 128 or 256, DHQK up
+to 256, 16-bit or float32 inputs) and as the Triton kernels otherwise (`mosaic_where_supported`). dQ is the
+exception to the rule: 1.11x Triton's time at the 7b shape on an H200 (0.66-0.83x at the others,
+results/h200-mosaic-check.json); it stays because the backward as a whole gains. The two states
+kernels, recurrent_fw.py (forwards in time) and recurrent_bw.py (backwards), pass tests/test_mosaic.py compiled on
+an H200 too; with two compute warpgroups they beat Triton's at the 7b and tfla-paper shapes and lose where they
+launch fewer programs than the GPU has SMs (results/h200-mosaic-check-states.json), so they wait for a rule that
+picks them by shape. The kernels not in KERNELS are Triton's here, with their launchers and
 launch config (`TritonLaunch`, which the Mosaic GPU kernels ignore: they pick their own tiles). common.py holds what
 the kernels share.
 """
@@ -48,11 +51,11 @@ def mosaic_where_supported(module: str, kernel: str):
 
 
 KERNELS = KernelSet(
-    recurrent_fw_C=pallas_triton.KERNELS.recurrent_fw_C,
+    recurrent_fw_C=mosaic_where_supported("recurrent_fw", "recurrent_fw_C"),
     parallel_fw_Hintra=mosaic_where_supported("parallel_fw", "parallel_fw_Hintra"),
-    recurrent_bw_dC=pallas_triton.KERNELS.recurrent_bw_dC,
-    parallel_bw_dQ=pallas_triton.KERNELS.parallel_bw_dQ,
-    parallel_bw_dK=pallas_triton.KERNELS.parallel_bw_dK,
+    recurrent_bw_dC=mosaic_where_supported("recurrent_bw", "recurrent_bw_dC"),
+    parallel_bw_dQ=mosaic_where_supported("parallel_bw_sliced", "parallel_bw_dQ"),
+    parallel_bw_dK=mosaic_where_supported("parallel_bw_sliced", "parallel_bw_dK"),
     parallel_bw_dV=mosaic_where_supported("parallel_bw", "parallel_bw_dV"),
     recurrent_step=pallas_triton.KERNELS.recurrent_step,
 )

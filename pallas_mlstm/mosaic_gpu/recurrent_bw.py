@@ -47,9 +47,10 @@ def unsupported(chunk: int, dtype) -> str | None:
     return None if problem is None else problem.replace(recurrent_fw.NAME, NAME)
 
 
-def supports(call: KernelCall, matQ, *arrays) -> bool:
-    """True for the calls this kernel runs (it takes `recurrent_bw_dC`'s arguments)."""
-    return unsupported(call.chunk_size * call.save_states_every_nth_chunk, matQ.dtype) is None
+def supports(call: KernelCall, matQ, vecF, scaM_inter, vecM_combine, matDeltaH, *arrays) -> bool:
+    """True for the calls this kernel runs and where it pays (it takes `recurrent_bw_dC`'s arguments): the
+    forward's rule, `recurrent_fw.takes_and_fills_the_card`."""
+    return recurrent_fw.takes_and_fills_the_card(call, matQ, matDeltaH.shape[-1])
 
 
 def _kernel(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -36,10 +37,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_mlstm.device import device_properties
 from pallas_mlstm.gates import chunk_max_state, compute_chunkwise_log_gates_vecB_vecA, tracks_max_state
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common
 from pallas_mlstm.mosaic_gpu.common import ROWS
+from pallas_mlstm.pallas_triton.launch_defaults import DEFAULT_CORE_COUNT
 from pallas_mlstm.states import acc_dtype, join_states
 
 NAME = "mlstm_chunkwise__recurrent_fw_C"
@@ -104,9 +107,26 @@ def unsupported(chunk: int, dtype) -> str | None:
     return None
 
 
-def supports(call: KernelCall, matK, *arrays) -> bool:
-    """True for the calls this kernel runs (it takes `recurrent_fw_C`'s arguments)."""
-    return unsupported(call.chunk_size * call.save_states_every_nth_chunk, matK.dtype) is None
+def supports(call: KernelCall, matK, matV, *arrays) -> bool:
+    """True for the calls this kernel runs and where it pays (it takes `recurrent_fw_C`'s arguments)."""
+    return takes_and_fills_the_card(call, matK, matV.shape[-1])
+
+
+def takes_and_fills_the_card(call: KernelCall, qk, dhhv: int) -> bool:
+    """Both states kernels' rule, for inputs (B, NH, S, DHQK) `qk` and `dhhv`: `unsupported` names no problem and,
+    compiled, the launch has a program for every SM of the card (DEFAULT_CORE_COUNT where JAX's device is not a
+    GPU). Each program walks its tile of the state through every chunk in turn; with fewer programs than SMs the
+    Triton kernel, whose tiles shrink to keep the SMs busy, ran faster (on an H200 at 64 and 96 programs, slower at
+    256 and 512: docs/performance.md). Interpreted (for tests) the kernel runs wherever it can."""
+    chunk = call.chunk_size * call.save_states_every_nth_chunk
+    if unsupported(chunk, qk.dtype) is not None:
+        return False
+    if call.interpret:
+        return True
+    dims = common.launch_dims(None, qk.shape, dhhv, chunk)
+    *_, tiles = states_launch(call, qk.dtype, dims, compute_warpgroups(dims.dhqk_p))
+    programs = math.prod(states_grid(dims, tiles))
+    return programs >= (device_properties().core_count or DEFAULT_CORE_COUNT)
 
 
 def _kernel(
@@ -284,9 +304,14 @@ def launch_states_kernel(body, name, dims, chunk, tiles, parts, scratch, out_typ
         interpret=call.interpret,
         out_type=tuple(out_type),
         scratch_types=scratch,
-        grid=(dims.bnh, dims.dhqk_p // (tiles.warpgroups * ROWS), dims.dhhv_p // tiles.block_v),
+        grid=states_grid(dims, tiles),
         grid_names=("bh", "q", "v"),
     )
+
+
+def states_grid(dims: common.LaunchDims, tiles: RecurrentTiles) -> tuple[int, int, int]:
+    """A states kernel's programs: (batch·head, DHQK tile, DHHV tile)."""
+    return dims.bnh, dims.dhqk_p // (tiles.warpgroups * ROWS), dims.dhhv_p // tiles.block_v
 
 
 def step_rows(weights, decay) -> jax.Array:
