@@ -2,19 +2,20 @@
 
 The second GPU backend, next to pallas_mlstm.pallas_triton (Pallas lowered to Triton, which JAX 0.11 deprecates),
 registered as backend="mosaic" (a Hopper GPU) and backend="mosaic_interpret" (Mosaic GPU's interpreter on the CPU,
-for tests). A kernel joins KERNELS once it has passed the GPU tests and beaten the Triton kernel on a Hopper GPU
-(`python -m pallas_mlstm.benchmarks.mosaic_check`) and the GPU test files have passed with it in the backend: the
-forward's H kernel (parallel_fw.py) and the backward's dV kernel (parallel_bw.py), dK and dQ kernels
-(parallel_bw_sliced.py) run in Mosaic GPU wherever their module `supports` the call (chunk 64, 128 or 256, DHQK up
-to 256, 16-bit or float32 inputs) and as the Triton kernels otherwise (`mosaic_where_supported`). dQ is the
-exception to the rule: 1.11x Triton's time at the 7b shape on an H200 (0.66-0.83x at the others,
-results/h200-mosaic-check.json); it stays because the backward as a whole gains. The two states
-kernels, recurrent_fw.py (forwards in time) and recurrent_bw.py (backwards), pass tests/test_mosaic.py compiled on
-an H200 too; with two compute warpgroups they beat Triton's at the 7b and tfla-paper shapes and lose where they
-launch fewer programs than the GPU has SMs (results/h200-mosaic-check-states.json), so they wait for a rule that
-picks them by shape. The kernels not in KERNELS are Triton's here, with their launchers and
-launch config (`TritonLaunch`, which the Mosaic GPU kernels ignore: they pick their own tiles). common.py holds what
-the kernels share.
+for tests). A kernel joins KERNELS once it has passed the GPU tests, beaten the Triton kernel on a Hopper GPU
+(`python -m pallas_mlstm.benchmarks.mosaic_check`) and the GPU test files have passed with it in the backend. Each
+runs wherever its module `supports` the call, and the Triton kernel otherwise (`mosaic_where_supported`):
+
+- the forward's H kernel (parallel_fw.py), the backward's dV kernel (parallel_bw.py) and its dK and dQ kernels
+  (parallel_bw_sliced.py) at chunk 64, 128 or 256, DHQK up to 256, 16-bit or float32 inputs. dQ is the exception
+  to the rule: 1.11x Triton's time at the 7b shape on an H200 (0.66-0.83x at the others,
+  results/h200-mosaic-check.json); it stays because the backward as a whole gains;
+- the two states kernels, recurrent_fw.py (forwards in time) and recurrent_bw.py (backwards), where their grid has
+  a program for every SM of the card (`recurrent_fw.takes_and_fills_the_card`): on an H200 they beat Triton's
+  there and lost where the grid was smaller (results/h200-mosaic-check-states.json).
+
+The Triton kernels run with their launchers and launch config (`TritonLaunch`, which the Mosaic GPU kernels ignore:
+they pick their own tiles). common.py holds what the Mosaic GPU kernels share.
 """
 
 import importlib
