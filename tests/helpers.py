@@ -135,17 +135,7 @@ def outputs_and_grads(make_loss, fn, weights_key, inputs):
 
 
 # The kernels the mosaic backend runs in Mosaic GPU, in CHUNKWISE_KERNELS' order (its others are Triton's)
-MOSAIC_KERNELS = [
-    "recurrent_fw_C",
-    "parallel_fw_Hintra",
-    "recurrent_bw_dC",
-    "parallel_bw_dQ",
-    "parallel_bw_dK",
-    "parallel_bw_dV",
-]
-# Those of them that lower_for_cuda's shape gets in Mosaic GPU: the states kernels take only grids that fill the
-# card (recurrent_fw.takes_and_fills_the_card), and its grid has 8 programs
-MOSAIC_KERNELS_LOWERED = [kernel for kernel in MOSAIC_KERNELS if not kernel.startswith("recurrent")]
+MOSAIC_KERNELS = ["parallel_fw_Hintra", "parallel_bw_dQ", "parallel_bw_dK", "parallel_bw_dV"]
 CUDA_DEVICE = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
 
 

@@ -10,9 +10,10 @@ runs wherever its module `supports` the call, and the Triton kernel otherwise (`
   (parallel_bw_sliced.py) at chunk 64, 128 or 256, DHQK up to 256, 16-bit or float32 inputs. dQ is the exception
   to the rule: 1.11x Triton's time at the 7b shape on an H200 (0.66-0.83x at the others,
   results/h200-mosaic-check.json); it stays because the backward as a whole gains;
-- the two states kernels, recurrent_fw.py (forwards in time) and recurrent_bw.py (backwards), where their grid has
-  a program for every SM of the card (`recurrent_fw.takes_and_fills_the_card`): on an H200 they beat Triton's
-  there and lost where the grid was smaller (results/h200-mosaic-check-states.json).
+- not yet: the two states kernels, recurrent_fw.py (forwards in time) and recurrent_bw.py (backwards). They pass
+  tests/test_mosaic.py compiled on an H200 and beat Triton's where their grid has a program for every SM of the
+  card, losing where it is smaller (results/h200-mosaic-check-states.json); their `supports` says so
+  (`recurrent_fw.takes_and_fills_the_card`). They join once the GPU test files have run with them.
 
 The Triton kernels run with their launchers and launch config (`TritonLaunch`, which the Mosaic GPU kernels ignore:
 they pick their own tiles). common.py holds what the Mosaic GPU kernels share.
@@ -52,9 +53,9 @@ def mosaic_where_supported(module: str, kernel: str):
 
 
 KERNELS = KernelSet(
-    recurrent_fw_C=mosaic_where_supported("recurrent_fw", "recurrent_fw_C"),
+    recurrent_fw_C=pallas_triton.KERNELS.recurrent_fw_C,
     parallel_fw_Hintra=mosaic_where_supported("parallel_fw", "parallel_fw_Hintra"),
-    recurrent_bw_dC=mosaic_where_supported("recurrent_bw", "recurrent_bw_dC"),
+    recurrent_bw_dC=pallas_triton.KERNELS.recurrent_bw_dC,
     parallel_bw_dQ=mosaic_where_supported("parallel_bw_sliced", "parallel_bw_dQ"),
     parallel_bw_dK=mosaic_where_supported("parallel_bw_sliced", "parallel_bw_dK"),
     parallel_bw_dV=mosaic_where_supported("parallel_bw", "parallel_bw_dV"),
