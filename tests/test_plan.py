@@ -16,7 +16,7 @@ from jax.sharding import AbstractMesh, AxisType, use_abstract_mesh
 import pallas_mlstm
 from pallas_mlstm import mosaic_gpu
 from pallas_mlstm.accuracy import rel_err
-from pallas_mlstm.benchmarks.sweep import _backend_stage
+from pallas_mlstm.benchmarks.sweep import _backend_stages
 from pallas_mlstm.config import TUNED_CONFIGS_ENV, ChunkwiseConfig, shape_class
 from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS
 from pallas_mlstm.plan import launches_for, make_chunking
@@ -156,14 +156,22 @@ def test_kernel_backends_run_a_kernel_of_another_backend():
     assert with_kernel_backends(triton, (("parallel_fw_Hintra", "triton"),)) is triton
     alternatives = [(kernel, "mosaic") for kernel in MOSAIC_KERNELS]
     here = alternatives if mosaic_gpu.available() else []
-    assert kernel_alternatives(triton) == here and len(_backend_stage("triton")(ChunkwiseConfig(), None)) == len(here)
+    assert kernel_alternatives(triton) == here and len(_backend_stages("triton")) == len(here)
     mesh = AbstractMesh((1,), ("b",), axis_types=(AxisType.Explicit,), abstract_device=CUDA_DEVICE)
     with use_abstract_mesh(mesh):
         mixed = with_kernel_backends(triton, hintra)
         assert kernel_alternatives(triton) == alternatives
-        assert _backend_stage("triton")(ChunkwiseConfig(chunk_size=64), None) == [
-            ChunkwiseConfig(chunk_size=64, kernel_backends=(choice,)) for choice in alternatives
-        ]
+        stages = _backend_stages("triton")
+    # tune's first stages: one per kernel, each switching that kernel's backend over the best so far, so that
+    # switches add up (and a kernel the start config ran in Mosaic GPU is tried in Triton again)
+    assert [name for name, _ in stages] == [f"{kernel} in mosaic" for kernel, _ in alternatives]
+    best = ChunkwiseConfig(chunk_size=64)
+    for (_, candidates_of), choice in zip(stages, alternatives):
+        (best,) = candidates_of(best, None)
+        assert choice in best.kernel_backends and best.chunk_size == 64
+    assert best.kernel_backends == tuple(sorted(alternatives))
+    (back,) = stages[0][1](best, None)
+    assert dict(back.kernel_backends) == dict(alternatives[1:])
     assert mixed.name == "triton (parallel_fw_Hintra: mosaic)" and mixed.priority is None
     assert mixed.kernels == dataclasses.replace(
         triton.kernels, parallel_fw_Hintra=mosaic_gpu.KERNELS.parallel_fw_Hintra

@@ -1,10 +1,11 @@
 """`python -m pallas_mlstm tune`: measure launch configs of the triton backend; keep the best per card and shape class.
 
 A coordinate descent in stages, each varying a few fields of the best config so far (a pruned grid, not the
-full product). The first runs each kernel that another backend can run in the same call (on a Hopper GPU:
-parallel_fw_Hintra in Mosaic GPU) from that backend (`ChunkwiseConfig.kernel_backends`), which `backend=None`
-then follows on this card; it comes first because it moves the time most and a time budget may end the search
-early. The next four set the shared knobs, upstream's flat launch fields, for all kernels at once:
+full product). The first ones, one per kernel that another backend can run in the same call (on a Hopper GPU:
+those backend="mosaic" runs in Mosaic GPU), switch that kernel's backend (`ChunkwiseConfig.kernel_backends`),
+which `backend=None` then follows on this card; they come first because they move the time most and a time
+budget may end the search early. The next four set the shared knobs, upstream's flat launch fields, for all
+kernels at once:
 
 1. chunk size {64, 128, 256} with the sequence tiles (siz_b_L_parallel, siz_b_L_loop) of L_TILE_PAIRS;
 2. head tiles siz_b_DH_parallel × siz_b_DH_loop in {32, 64, 128}², up to the padded head dims;
@@ -37,6 +38,7 @@ import pathlib
 import shlex
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -151,22 +153,28 @@ def _kernel_stage(kernel: str):
     return candidates
 
 
-def _backend_stage(backend: str):
-    """The stage that runs, over the best so far, each kernel that another backend can run under `backend`
-    (`registry.kernel_alternatives`: on a Hopper GPU the triton backend's parallel_fw_Hintra in Mosaic GPU)."""
+def _backend_stages(backend: str) -> list[tuple[str, Callable]]:
+    """One stage per kernel that another backend can run under `backend` (`registry.kernel_alternatives`: on a
+    Hopper GPU the triton backend's kernels that backend="mosaic" runs in Mosaic GPU), each trying the best so far
+    with that kernel's backend switched (to the other one, or back where the start config had it there), so that
+    every kernel ends on the faster of the two, given the kernels before it."""
 
-    def candidates(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
-        del shape
-        choices = dict(best.kernel_backends)
-        return [
-            dataclasses.replace(best, kernel_backends={**choices, kernel: other})
-            for kernel, other in registry.kernel_alternatives(registry.registered(backend))
-        ]
+    def switch(kernel: str, other: str):
+        def candidates(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
+            del shape
+            choices = dict(best.kernel_backends)
+            switched = (
+                {k: b for k, b in choices.items() if k != kernel} if kernel in choices else {**choices, kernel: other}
+            )
+            return [dataclasses.replace(best, kernel_backends=switched)]
 
-    return candidates
+        return candidates
+
+    alternatives = registry.kernel_alternatives(registry.registered(backend))
+    return [(f"{kernel} in {other}", switch(kernel, other)) for kernel, other in alternatives]
 
 
-# After `_backend_stage` (which `tune_shape` runs first), the shared knobs (chunk size, then every kernel's tiles,
+# After `_backend_stages` (which `tune_shape` runs first), the shared knobs (chunk size, then every kernel's tiles,
 # warps and stages at once, as upstream's flat launch fields name them), then each kernel's own launch in turn.
 STAGES = (
     ("chunk and sequence tiles", _sequence_stage),
@@ -239,7 +247,7 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
     timings = {start: start_ms}
     best, best_fwbw, best_bytes = start, start_fwbw, start_bytes
     complete = True
-    for stage, candidates_of in (("kernel backends", _backend_stage(backend)), *STAGES):
+    for stage, candidates_of in (*_backend_stages(backend), *STAGES):
         for config in candidates_of(best, shape):
             if config in timings:
                 continue
