@@ -190,14 +190,15 @@ def test_mosaic_backend_runs_the_triton_kernels_for_shapes_its_own_do_not_take()
 
 
 def test_backend_none_follows_a_tuned_configs_kernel_backends(monkeypatch, tmp_path):
-    """A tuned config that runs parallel_fw_Hintra in Mosaic GPU: backend=None on an H100 (lowered without one)
-    takes it, so the program holds one Mosaic GPU kernel; backend="mosaic", whose kernel it is, takes it too and
-    runs its own (MOSAIC_KERNELS);
-    backend="triton", named, passes the entry over (it was measured with another kernel) and stays all Triton."""
+    """A tuned config that runs two kernels in Mosaic GPU (H and dV): backend=None on an H100 (lowered without one)
+    takes it, so the program holds those two Mosaic GPU kernels; backend="mosaic", whose kernels they are, takes it
+    too and runs its own (MOSAIC_KERNELS);
+    backend="triton", named, passes the entry over (it was measured with other kernels) and stays all Triton."""
     if jax.default_backend() == "gpu" and not mosaic_gpu.available():
         pytest.skip("a GPU other than Hopper: the tuned Mosaic GPU kernel cannot run on it")
     tuned = tmp_path / "tuned_configs.json"
-    stored = {"chunk_size": 64, "siz_b_L_parallel": 32, "kernel_backends": {"parallel_fw_Hintra": "mosaic"}}
+    tuned_backends = {"parallel_fw_Hintra": "mosaic", "parallel_bw_dV": "mosaic"}
+    stored = {"chunk_size": 64, "siz_b_L_parallel": 32, "kernel_backends": tuned_backends}
     # the lowering runs on this CPU, so the tuned entry is looked up for its device_kind
     configs = {jax.devices()[0].device_kind: {shape_class(512, 64, 128): {"config": stored}}}
     tuned.write_text(json.dumps({"configs": configs}))
@@ -207,7 +208,7 @@ def test_backend_none_follows_a_tuned_configs_kernel_backends(monkeypatch, tmp_p
     monkeypatch.setattr(pallas_mlstm.api, "make_chunking", lambda *a: planned.append(a[1]) or make_chunking(*a))
     mesh = AbstractMesh((1,), ("b",), axis_types=(AxisType.Explicit,), abstract_device=CUDA_DEVICE)
     for backend, mosaic_kernels, config in (
-        (None, 1, ChunkwiseConfig(**stored)),
+        (None, len(tuned_backends), ChunkwiseConfig(**stored)),
         ("mosaic", len(MOSAIC_KERNELS), ChunkwiseConfig(**stored)),
         ("triton", 0, ChunkwiseConfig()),
     ):
