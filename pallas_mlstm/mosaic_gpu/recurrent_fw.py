@@ -52,9 +52,8 @@ _BLOCK_V = (128, 64)  # DHHV tiles, widest first: C (64 x 128) float32 is 64 reg
 # one compute warpgroup on an SM (65,536 registers)
 _COMPUTE_REGISTERS, _MEMORY_REGISTERS = 216, 40
 # Two compute warpgroups (128 DHQK rows per program, each V or dH tile read half as often) where DHQK_p is a
-# multiple of 128. The first two-warpgroup forward kernel (its n raced) ran the 7b shape in 0.80x of Triton's time
-# on an H100, where one warpgroup ran it in 1.01x on an H200; at smaller shapes neither beat Triton's. To be timed
-# (mosaic_check).
+# multiple of 128: on an H200 the forward ran the 7b shape in 0.92x of Triton's time and the backward in 0.75x, where
+# one warpgroup ran them in 1.01x and 1.15x (results/h200-mosaic-check-states.json, results/h200-mosaic-check.json).
 _TWO_WARPGROUPS_ROWS = 2 * ROWS
 
 
