@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import pytest
@@ -168,3 +169,21 @@ def test_tune_keeps_no_candidate_that_needs_more_memory(monkeypatch):
     assert entry["config"]["chunk_size"] == 128 and entry["complete"]
     assert entry["fwbw_ms"] == 1.5 and entry["default_fwbw_ms"] == 3.0
     assert entry["temp_bytes"] == entry["default_temp_bytes"] == 1000
+
+
+def test_a_jax_triton_without_its_nvidia_backend_is_named(monkeypatch):
+    """jax-triton, where Triton's NVIDIA backend does not import, runs on stand-ins that fail later with an error
+    naming no cause; the peers' factories name it first (the import's own error, or a version mismatch), and pass
+    where jax-triton has the real backend."""
+    triton_lib = types.ModuleType("jax_triton.triton_lib")
+    monkeypatch.setitem(sys.modules, "jax_triton.triton_lib", triton_lib)
+    triton_lib.cb = types.ModuleType("triton.backends.nvidia.compiler")  # the real backend: nothing to say
+    impls.require_jax_triton_nvidia_backend()
+    triton_lib.cb = types.SimpleNamespace(CUDABackend=object)  # jax-triton's stand-ins
+    monkeypatch.setitem(sys.modules, "triton.backends.nvidia.compiler", None)  # its import fails
+    with pytest.raises(RuntimeError, match=r"no usable Triton NVIDIA backend here: ModuleNotFoundError: .*compiler"):
+        impls.require_jax_triton_nvidia_backend()
+    for name in ("triton.backends.nvidia.compiler", "triton.backends.nvidia.driver"):  # they import, wrong version
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    with pytest.raises(RuntimeError, match="it imports, but lacks what this jax-triton takes"):
+        impls.require_jax_triton_nvidia_backend()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import types
 from collections.abc import Callable
 
 import jax
@@ -73,9 +74,27 @@ def _pallas_mlstm_forward(backend: str, input_gate: str = "exponential") -> Call
     return make
 
 
+def require_jax_triton_nvidia_backend() -> None:
+    """RuntimeError naming the cause where jax-triton has no Triton NVIDIA backend to compile with. jax-triton
+    catches that failure when it is imported and puts stand-ins in the backend's place, whose first use fails with
+    "'_Stub' object has no attribute 'backend'", naming no cause; this repeats the imports to name it."""
+    triton_lib = importlib.import_module("jax_triton.triton_lib")
+    if not isinstance(getattr(triton_lib, "cb", None), types.SimpleNamespace):  # the real backend module
+        return
+    try:
+        importlib.import_module("triton.backends.nvidia.compiler")
+        importlib.import_module("triton.backends.nvidia.driver")
+    except Exception as error:
+        cause = f"{type(error).__name__}: {error}"
+    else:
+        cause = "it imports, but lacks what this jax-triton takes from it (another Triton version?)"
+    raise RuntimeError(f"jax-triton found no usable Triton NVIDIA backend here: {cause}")
+
+
 def _tfla_jax_triton_forward(chunk_size):
     # Triton 3.6's LLVM aborts (SLPVectorizer assertion) on these kernels unless this is set before import.
     os.environ["DISABLE_LLVM_OPT"] = "1"
+    require_jax_triton_nvidia_backend()
     from mlstm_kernels.jax.chunkwise.triton_xl_chunk import mlstm_chunkwise__xl_chunk
 
     return lambda q, k, v, i, f: mlstm_chunkwise__xl_chunk(
@@ -85,6 +104,7 @@ def _tfla_jax_triton_forward(chunk_size):
 
 def _tfla_siging_jax_triton_forward(chunk_size):
     os.environ["DISABLE_LLVM_OPT"] = "1"  # as for _tfla_jax_triton_forward
+    require_jax_triton_nvidia_backend()
     from mlstm_kernels.jax.chunkwise.triton_xl_chunk_siging import mlstm_siging_chunkwise__xl_chunk
 
     return lambda q, k, v, i, f: mlstm_siging_chunkwise__xl_chunk(
