@@ -175,6 +175,8 @@ def test_a_jax_triton_without_its_nvidia_backend_is_named(monkeypatch):
     """jax-triton, where Triton's NVIDIA backend does not import, runs on stand-ins that fail later with an error
     naming no cause; the peers' factories name it first (the import's own error, or a version mismatch), and pass
     where jax-triton has the real backend."""
+    monkeypatch.setitem(sys.modules, "jax_triton.triton_lib", None)  # no such module: the peer's import speaks
+    impls.require_jax_triton_nvidia_backend()
     triton_lib = types.ModuleType("jax_triton.triton_lib")
     monkeypatch.setitem(sys.modules, "jax_triton.triton_lib", triton_lib)
     triton_lib.cb = types.ModuleType("triton.backends.nvidia.compiler")  # the real backend: nothing to say

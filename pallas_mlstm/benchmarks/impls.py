@@ -78,7 +78,10 @@ def require_jax_triton_nvidia_backend() -> None:
     """RuntimeError naming the cause where jax-triton has no Triton NVIDIA backend to compile with. jax-triton
     catches that failure when it is imported and puts stand-ins in the backend's place, whose first use fails with
     "'_Stub' object has no attribute 'backend'", naming no cause; this repeats the imports to name it."""
-    triton_lib = importlib.import_module("jax_triton.triton_lib")
+    try:
+        triton_lib = importlib.import_module("jax_triton.triton_lib")
+    except ImportError:  # a jax-triton laid out otherwise, or none: importing the peer reports its own problem
+        return
     if not isinstance(getattr(triton_lib, "cb", None), types.SimpleNamespace):  # the real backend module
         return
     try:
