@@ -164,7 +164,7 @@ def test_kernel_backends_run_a_kernel_of_another_backend():
         stages = _backend_stages("triton")
     # tune's first stages: one per kernel, each switching that kernel's backend over the best so far, so that
     # switches add up (and a kernel the start config ran in Mosaic GPU is tried in Triton again)
-    assert [name for name, _ in stages] == [f"{kernel} in mosaic" for kernel, _ in alternatives]
+    assert [name for name, _ in stages] == [f"{kernel}: triton or mosaic" for kernel, _ in alternatives]
     best = ChunkwiseConfig(chunk_size=64)
     for (_, candidates_of), choice in zip(stages, alternatives):
         (best,) = candidates_of(best, None)

@@ -163,15 +163,14 @@ def _backend_stages(backend: str) -> list[tuple[str, Callable]]:
         def candidates(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
             del shape
             choices = dict(best.kernel_backends)
-            switched = (
-                {k: b for k, b in choices.items() if k != kernel} if kernel in choices else {**choices, kernel: other}
-            )
+            back = choices.get(kernel) == other  # the start config ran it there: try it in `backend` again
+            switched = {k: b for k, b in choices.items() if k != kernel} if back else {**choices, kernel: other}
             return [dataclasses.replace(best, kernel_backends=switched)]
 
         return candidates
 
     alternatives = registry.kernel_alternatives(registry.registered(backend))
-    return [(f"{kernel} in {other}", switch(kernel, other)) for kernel, other in alternatives]
+    return [(f"{kernel}: {backend} or {other}", switch(kernel, other)) for kernel, other in alternatives]
 
 
 # After `_backend_stages` (which `tune_shape` runs first), the shared knobs (chunk size, then every kernel's tiles,

@@ -7,12 +7,14 @@ for tests). A kernel joins KERNELS once it has passed the GPU tests, beaten the 
 runs wherever its module `supports` the call, and the Triton kernel otherwise (`mosaic_where_supported`):
 
 - the forward's H kernel (parallel_fw.py), the backward's dV kernel (parallel_bw.py) and its dK and dQ kernels
-  (parallel_bw_sliced.py) at chunk 64, 128 or 256, DHQK up to 256, 16-bit or float32 inputs. dQ is the exception
+  (parallel_bw_sliced.py) at chunk 64, 128 or 256, DHQK up to 256, 16-bit or float32 inputs (dQ and dK: not
+  float32 at DHQK 256 x DHHV 512, whose tiles do not fit in shared memory). dQ is the exception
   to the rule: 1.11x Triton's time at the 7b shape on an H200 (0.66-0.83x at the others,
   results/h200-mosaic-check.json); it stays because the backward as a whole gains;
 - not yet: the two states kernels, recurrent_fw.py (forwards in time) and recurrent_bw.py (backwards). They pass
   tests/test_mosaic.py compiled on an H200 and beat Triton's where their grid has a program for every SM of the
-  card, losing where it is smaller (results/h200-mosaic-check-states.json); their `supports` says so
+  card; with fewer programs the forward lost, and the backward lost at 64 and won at 96
+  (results/h200-mosaic-check-states.json). Their `supports` takes only grids that fill the card
   (`recurrent_fw.takes_and_fills_the_card`). They join once the GPU test files have run with them.
 
 The Triton kernels run with their launchers and launch config (`TritonLaunch`, which the Mosaic GPU kernels ignore:

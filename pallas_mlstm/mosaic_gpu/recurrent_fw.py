@@ -114,9 +114,10 @@ def supports(call: KernelCall, matK, matV, *arrays) -> bool:
 def takes_and_fills_the_card(call: KernelCall, qk, dhhv: int) -> bool:
     """Both states kernels' rule, for inputs (B, NH, S, DHQK) `qk` and `dhhv`: `unsupported` names no problem and,
     compiled, the launch has a program for every SM of the card (DEFAULT_CORE_COUNT where JAX's device is not a
-    GPU). Each program walks its tile of the state through every chunk in turn; with fewer programs than SMs the
-    Triton kernel, whose tiles shrink to keep the SMs busy, ran faster (on an H200 at 64 and 96 programs, slower at
-    256 and 512: docs/performance.md). Interpreted (for tests) the kernel runs wherever it can."""
+    GPU). Each program walks its tile of the state through every chunk in turn, so with fewer programs than SMs
+    some SMs idle. On an H200 both kernels beat Triton's at 256 and 512 programs and lost at 64; at 96 the forward
+    lost and the backward won (docs/performance.md): one rule for both, which gives up that one win. Interpreted
+    (for tests) the kernel runs wherever it can."""
     chunk = call.chunk_size * call.save_states_every_nth_chunk
     if unsupported(chunk, qk.dtype) is not None:
         return False
