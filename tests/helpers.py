@@ -135,7 +135,17 @@ def outputs_and_grads(make_loss, fn, weights_key, inputs):
 
 
 # The kernels the mosaic backend runs in Mosaic GPU, in CHUNKWISE_KERNELS' order (its others are Triton's)
-MOSAIC_KERNELS = ["parallel_fw_Hintra", "parallel_bw_dQ", "parallel_bw_dK", "parallel_bw_dV"]
+MOSAIC_KERNELS = [
+    "recurrent_fw_C",
+    "parallel_fw_Hintra",
+    "recurrent_bw_dC",
+    "parallel_bw_dQ",
+    "parallel_bw_dK",
+    "parallel_bw_dV",
+]
+# Those of them lower_for_cuda's program holds: its grids are too small for the states kernels, which run in Mosaic
+# GPU only where their grid has a program for every SM (mosaic_gpu.recurrent_fw.takes_and_fills_the_card)
+MOSAIC_KERNELS_LOWERED = ["parallel_fw_Hintra", "parallel_bw_dQ", "parallel_bw_dK", "parallel_bw_dV"]
 CUDA_DEVICE = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
 
 

@@ -21,7 +21,7 @@ from pallas_mlstm.config import TUNED_CONFIGS_ENV, ChunkwiseConfig, shape_class
 from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS
 from pallas_mlstm.plan import launches_for, make_chunking
 from pallas_mlstm.registry import get_backend, kernel_alternatives, registered, with_kernel_backends
-from tests.helpers import CUDA_DEVICE, MOSAIC_KERNELS, case_key, lower_for_cuda, mlstm_inputs
+from tests.helpers import CUDA_DEVICE, MOSAIC_KERNELS, MOSAIC_KERNELS_LOWERED, case_key, lower_for_cuda, mlstm_inputs
 
 _PACKAGE = pathlib.Path(pallas_mlstm.__file__).parent
 
@@ -192,7 +192,7 @@ def test_mosaic_backend_runs_the_triton_kernels_for_shapes_its_own_do_not_take()
 def test_backend_none_follows_a_tuned_configs_kernel_backends(monkeypatch, tmp_path):
     """A tuned config that runs two kernels in Mosaic GPU (H and dV): backend=None on an H100 (lowered without one)
     takes it, so the program holds those two Mosaic GPU kernels; backend="mosaic", whose kernels they are, takes it
-    too and runs its own (MOSAIC_KERNELS);
+    too and runs its own (MOSAIC_KERNELS_LOWERED: the states kernels' grids are too small there);
     backend="triton", named, passes the entry over (it was measured with other kernels) and stays all Triton."""
     if jax.default_backend() == "gpu" and not mosaic_gpu.available():
         pytest.skip("a GPU other than Hopper: the tuned Mosaic GPU kernel cannot run on it")
@@ -209,7 +209,7 @@ def test_backend_none_follows_a_tuned_configs_kernel_backends(monkeypatch, tmp_p
     mesh = AbstractMesh((1,), ("b",), axis_types=(AxisType.Explicit,), abstract_device=CUDA_DEVICE)
     for backend, mosaic_kernels, config in (
         (None, len(tuned_backends), ChunkwiseConfig(**stored)),
-        ("mosaic", len(MOSAIC_KERNELS), ChunkwiseConfig(**stored)),
+        ("mosaic", len(MOSAIC_KERNELS_LOWERED), ChunkwiseConfig(**stored)),
         ("triton", 0, ChunkwiseConfig()),
     ):
         planned.clear()

@@ -11,11 +11,10 @@ runs wherever its module `supports` the call, and the Triton kernel otherwise (`
   float32 at DHQK 256 x DHHV 512, whose tiles do not fit in shared memory). dQ is the exception
   to the rule: 1.11x Triton's time at the 7b shape on an H200 (0.66-0.83x at the others,
   results/h200-mosaic-check.json); it stays because the backward as a whole gains;
-- not yet: the two states kernels, recurrent_fw.py (forwards in time) and recurrent_bw.py (backwards). They pass
-  tests/test_mosaic.py compiled on an H200 and beat Triton's where their grid has a program for every SM of the
-  card; with fewer programs the forward lost, and the backward lost at 64 and won at 96
-  (results/h200-mosaic-check-states.json). Their `supports` takes only grids that fill the card
-  (`recurrent_fw.takes_and_fills_the_card`). They join once the GPU test files have run with them.
+- the two states kernels, recurrent_fw.py (forwards in time) and recurrent_bw.py (backwards), only where their grid
+  has a program for every SM of the card (`recurrent_fw.takes_and_fills_the_card`, their `supports`): each program
+  walks its tile of the state through every chunk in turn, and with fewer programs the forward lost to Triton's on
+  an H200 (results/h200-mosaic-check-states.json).
 
 The Triton kernels run with their launchers and launch config (`TritonLaunch`, which the Mosaic GPU kernels ignore:
 they pick their own tiles). common.py holds what the Mosaic GPU kernels share.
@@ -55,9 +54,9 @@ def mosaic_where_supported(module: str, kernel: str):
 
 
 KERNELS = KernelSet(
-    recurrent_fw_C=pallas_triton.KERNELS.recurrent_fw_C,
+    recurrent_fw_C=mosaic_where_supported("recurrent_fw", "recurrent_fw_C"),
     parallel_fw_Hintra=mosaic_where_supported("parallel_fw", "parallel_fw_Hintra"),
-    recurrent_bw_dC=pallas_triton.KERNELS.recurrent_bw_dC,
+    recurrent_bw_dC=mosaic_where_supported("recurrent_bw", "recurrent_bw_dC"),
     parallel_bw_dQ=mosaic_where_supported("parallel_bw_sliced", "parallel_bw_dQ"),
     parallel_bw_dK=mosaic_where_supported("parallel_bw_sliced", "parallel_bw_dK"),
     parallel_bw_dV=mosaic_where_supported("parallel_bw", "parallel_bw_dV"),
