@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import sys
 import types
 from collections.abc import Callable
 
@@ -90,7 +91,11 @@ def require_jax_triton_nvidia_backend() -> None:
     except Exception as error:
         cause = f"{type(error).__name__}: {error}"
     else:
-        cause = "it imports, but lacks what this jax-triton takes from it (another Triton version?)"
+        triton_version = getattr(sys.modules.get("triton"), "__version__", "unknown")
+        cause = (
+            f"it imports, but lacks what this jax-triton takes from it (Triton {triton_version}; jax-triton 0.4.1 "
+            "needs Triton >= 3.7, jax-triton 0.3.1 runs with Triton 3.6)"
+        )
     raise RuntimeError(f"jax-triton found no usable Triton NVIDIA backend here: {cause}")
 
 
