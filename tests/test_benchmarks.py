@@ -5,6 +5,7 @@ restored after), which shares this process's compiled programs."""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import types
@@ -16,9 +17,10 @@ from absl.testing import flagsaver
 import pallas_mlstm.__main__ as cli
 import pallas_mlstm.check  # noqa: F401  (every command's flags exist before flagsaver saves them)
 import pallas_mlstm.config  # noqa: F401
+from pallas_mlstm import mosaic_gpu
 from pallas_mlstm.accuracy import BENCH_TOLERANCE
-from pallas_mlstm.benchmarks import impls, kernel_times, runner, step_bench, sweep  # noqa: F401
-from pallas_mlstm.benchmarks.shapes import resolve_shapes
+from pallas_mlstm.benchmarks import impls, kernel_times, mosaic_check, runner, step_bench, sweep  # noqa: F401
+from pallas_mlstm.benchmarks.shapes import Shape, resolve_shapes
 from pallas_mlstm.config import ChunkwiseConfig, shape_class
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,3 +194,42 @@ def test_a_jax_triton_without_its_nvidia_backend_is_named(monkeypatch):
     )
     with pytest.raises(RuntimeError, match=lacks):
         impls.require_jax_triton_nvidia_backend()
+
+
+def test_mosaic_check_times_a_kernel_against_another_revision(tmp_path, monkeypatch):
+    """mosaic_check --baseline: another revision's Mosaic GPU kernel modules load beside this one's (importing one
+    another; this revision's names are put back), and a timing row runs Triton's, this revision's and that
+    revision's launchers on the same inputs, rounds interleaved. Interpreted, with a copy of this revision (its
+    common.py marked) as the baseline: the two Mosaic GPU launchers give the same outputs."""
+    if not mosaic_gpu.interpreter_available():
+        pytest.skip(f"Mosaic GPU's interpreter needs {mosaic_gpu.INTERPRETER_THREADS} CPU worker threads")
+    folder = tmp_path / "pallas_mlstm" / "mosaic_gpu"
+    folder.mkdir(parents=True)
+    for name in mosaic_check.KERNEL_MODULES:
+        text = (pathlib.Path(mosaic_gpu.__file__).parent / f"{name}.py").read_text()
+        (folder / f"{name}.py").write_text(text + ("\nREVISION_MARK = True\n" if name == "common" else ""))
+    current = mosaic_check.current_modules()
+    baseline = mosaic_check.load_revision(tmp_path)
+    assert list(baseline) == list(mosaic_check.KERNEL_MODULES)
+    assert baseline["parallel_bw"].common is baseline["common"] and baseline["common"].REVISION_MARK
+    assert baseline["recurrent_bw"].recurrent_fw is baseline["recurrent_fw"]
+    assert mosaic_check.current_modules() == current and not hasattr(current["common"], "REVISION_MARK")
+    with pytest.raises(ValueError, match="--baseline: .* is not a directory"):
+        mosaic_check.load_revision(tmp_path / "elsewhere")
+
+    monkeypatch.setitem(mosaic_check.SHAPES, "tiny", Shape("tiny", 1, 2, 128, 64, 64, why="a test"))
+    row = mosaic_check.timing_row("tiny", "parallel_bw_dV", calls=1, rounds=2, baseline=baseline, interpret=True)
+    assert not [key for key in row if key.endswith("error")], row
+    assert all(row[f"{name}_ms"] > 0 for name in ("triton", "mosaic", "baseline")), row
+    assert row["mosaic_vs_baseline"] == 0 and row["mosaic_vs_triton"] < 1e-2, row
+    assert 0 <= row["mosaic_faster_rounds"] <= row["rounds"] == 2
+
+
+def test_mosaic_check_runs_interpreted(tmp_path):
+    """mosaic_check --interpret on the CPU: the correctness rows run in the interpreters and meet Triton's bound."""
+    if not mosaic_gpu.interpreter_available():
+        pytest.skip(f"Mosaic GPU's interpreter needs {mosaic_gpu.INTERPRETER_THREADS} CPU worker threads")
+    out = tmp_path / "mosaic_check.json"
+    mosaic_check.main(["--interpret", "--shapes=", "--cases=L64-d64x64", "--cells=exponential", f"--out={out}"])
+    rows = [row for row in json.loads(out.read_text()) if row["step"] == "correctness"]
+    assert [row["dtype"] for row in rows] == ["bfloat16", "float32"] and all(row["ok"] for row in rows), rows

@@ -1,18 +1,25 @@
-"""The Mosaic GPU kernels on a Hopper GPU: each one's time against the Triton launcher's in the same run, and the
-forward's outputs against the jnp twin and the Triton launcher (tests/test_mosaic.py checks each kernel's).
+"""The Mosaic GPU kernels on a Hopper GPU: each one's time against the Triton launcher's (and, with --baseline,
+against another revision of itself) in the same run, and the forward's outputs against the jnp twin and the Triton
+launcher (tests/test_mosaic.py checks each kernel's).
 
     PYTHONPATH=. python3 -m pallas_mlstm.benchmarks.mosaic_check --out mosaic_fw.json
 
 Timing first, of each kernel of --kernels (recurrent_fw_C, recurrent_bw_dC, parallel_fw_Hintra, parallel_bw_dV,
 parallel_bw_dK, parallel_bw_dQ): 7b, tfla-paper, small-heads and odd-heads in bfloat16 at the card's tuned chunk
 size (the default chunk where none is tuned), on kernel_times' inputs (chained through the Triton kernels, 16-bit
-state buffers) with its FLOP count; median ms of --calls calls after a warm-up (benchmarks/timing.py), Triton at its
-tuned launch; TFLOP/s; mosaic / triton; and the relative difference of their outputs. Then correctness on small
-shapes and 7b-short, bfloat16 and float32, each cell: the largest relative error of the three outputs (h, vecN_out,
-vecM_out) against the twin (xla_kernels) and against the Triton launcher, on inputs chained through the twins
-(float32 states) as tests/test_kernels.py builds them, with Triton's kernel-twin bound as the mark. Each row is
-caught and reported on its own (a compile error's first lines); rows left when --budget_s is spent are skipped.
-Prints a table at the end and rewrites the JSON (--out) after every row. About 7 minutes with the defaults.
+state buffers) with its FLOP count. After a warm-up, --rounds rounds each time every launcher over --calls calls
+issued back to back (benchmarks/timing.py's pipelined_ms: the GPU stays busy, so a card that idles at a low clock
+between calls does not slow the first kernels of each), the launchers' turns interleaved; the medians over rounds
+are kept. Triton runs at its tuned launch. Reported: ms, TFLOP/s, mosaic / triton, and the relative difference of
+their outputs; with --baseline DIR (a directory holding another revision's pallas_mlstm package, e.g. from
+`git archive REV pallas_mlstm | tar -x -C DIR`), the same for that revision's Mosaic GPU kernel, with the rounds
+in which the current one was faster. Then correctness on small shapes and 7b-short, bfloat16 and float32, each
+cell: the largest relative error of the three outputs (h, vecN_out, vecM_out) against the twin (xla_kernels) and
+against the Triton launcher, on inputs chained through the twins (float32 states) as tests/test_kernels.py builds
+them, with Triton's kernel-twin bound as the mark. Each row is caught and reported on its own (a compile error's
+first lines); rows left when --budget_s is spent are skipped. Prints a table at the end and rewrites the JSON
+(--out) after every row. About 7 minutes with the defaults. --interpret runs it all in the interpreters on the CPU
+(a check of the script; its times mean nothing).
 """
 
 from __future__ import annotations
@@ -20,7 +27,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib
+import importlib.util
 import json
+import pathlib
+import statistics
 import sys
 import time
 import traceback
@@ -31,12 +42,12 @@ import jax.numpy as jnp
 from pallas_mlstm import accuracy, pallas_triton, xla_kernels
 from pallas_mlstm.benchmarks.kernel_times import kernel_cases
 from pallas_mlstm.benchmarks.shapes import SHAPES, Shape
-from pallas_mlstm.benchmarks.timing import median_ms
+from pallas_mlstm.benchmarks.timing import pipelined_ms
 from pallas_mlstm.config import tuned_config
 from pallas_mlstm.device import device_properties
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common as mosaic_common
-from pallas_mlstm.mosaic_gpu import parallel_bw, parallel_bw_sliced, parallel_fw, recurrent_bw, recurrent_fw
+from pallas_mlstm.mosaic_gpu import parallel_bw, parallel_bw_sliced, parallel_fw, recurrent_fw
 from pallas_mlstm.plan import default_chunk_size
 
 CELLS = {"exponential": ("exponential", True), "sigmoid": ("sigmoid", True), "sigmoid-unnormalised": ("sigmoid", False)}
@@ -71,15 +82,20 @@ def _max_rel_err(outputs, expected) -> float:
     return max(accuracy.rel_err(a, b) for a, b in zip(outputs, expected))
 
 
-def _mosaic(call: KernelCall):
-    return jax.jit(lambda *a: parallel_fw.parallel_fw_Hintra(call, *a))
+def _mosaic(call: KernelCall, modules=None):
+    """The Mosaic GPU H launcher on kernel_times' arguments (`modules`: the kernel modules, this revision's if
+    None)."""
+    modules = modules or current_modules()
+    return jax.jit(lambda *a: modules["parallel_fw"].parallel_fw_Hintra(call, *a))
 
 
-def _mosaic_backward(launcher):
-    """A Mosaic GPU backward launcher (from a KernelCall) on kernel_times' upstream-order arguments (q, k, v, i,
-    vecA, vecB, C, n, m states, vecN_out, vecM_out, dH, dC states)."""
+def _mosaic_backward(module: str, kernel: str):
+    """A Mosaic GPU backward launcher (from the kernel modules and a KernelCall) on kernel_times' upstream-order
+    arguments (q, k, v, i, vecA, vecB, C, n, m states, vecN_out, vecM_out, dH, dC states)."""
 
-    def bind(call: KernelCall):
+    def bind(call: KernelCall, modules):
+        launcher = getattr(modules[module], kernel)
+
         def launch(*args):
             q, k, v, i, vec_a, vec_b, *states, n_out, m_out, dh, dc_states = args
             gates = (vec_a, vec_b, None)
@@ -95,18 +111,18 @@ def _sliced_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]):
     return count, mosaic_common.Tiles(warpgroups=1, block_v=dhqk, stages=stages)
 
 
-def _mosaic_states(call: KernelCall):
+def _mosaic_states(call: KernelCall, modules):
     """The Mosaic GPU states launcher on kernel_times' arguments (k, v, i, f), with its bf16 state buffers."""
     call = dataclasses.replace(call, states_dtype="bfloat16")
-    return jax.jit(lambda k, v, i, f: recurrent_fw.recurrent_fw_C(call, k, v, f, i, None, None, None))
+    return jax.jit(lambda k, v, i, f: modules["recurrent_fw"].recurrent_fw_C(call, k, v, f, i, None, None, None))
 
 
-def _mosaic_states_backward(call: KernelCall):
+def _mosaic_states_backward(call: KernelCall, modules):
     """The Mosaic GPU states backward launcher on kernel_times' arguments (q, f, m states, vecM_out, dH, vecN_out,
     C states), with its bf16 state buffers."""
     call = dataclasses.replace(call, states_dtype="bfloat16")
-    launch = lambda q, f, m, m_out, dh, n_out, c: recurrent_bw.recurrent_bw_dC(call, q, f, m, m_out, dh, n_out, None, c)
-    return jax.jit(launch)
+    backward = modules["recurrent_bw"].recurrent_bw_dC
+    return jax.jit(lambda q, f, m, m_out, dh, n_out, c: backward(call, q, f, m, m_out, dh, n_out, None, c))
 
 
 def _states_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]):
@@ -114,15 +130,52 @@ def _states_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]):
     return recurrent_fw.kernel_tiles(dhqk, dhhv, parts, 2, recurrent_fw.compute_warpgroups(dhqk))
 
 
-# The timed kernels: their Mosaic GPU launcher (from a KernelCall, on kernel_times' arguments) and tile choice.
+# The timed kernels: their Mosaic GPU launcher (from a KernelCall and the kernel modules, on kernel_times'
+# arguments) and tile choice.
 KERNELS = {
     "recurrent_fw_C": (_mosaic_states, _states_tiles),
     "recurrent_bw_dC": (_mosaic_states_backward, _states_tiles),
     "parallel_fw_Hintra": (_mosaic, parallel_fw.kernel_tiles),
-    "parallel_bw_dV": (_mosaic_backward(parallel_bw.parallel_bw_dV), parallel_bw.kernel_tiles),
-    "parallel_bw_dK": (_mosaic_backward(parallel_bw_sliced.parallel_bw_dK), _sliced_tiles),
-    "parallel_bw_dQ": (_mosaic_backward(parallel_bw_sliced.parallel_bw_dQ), _sliced_tiles),
+    "parallel_bw_dV": (_mosaic_backward("parallel_bw", "parallel_bw_dV"), parallel_bw.kernel_tiles),
+    "parallel_bw_dK": (_mosaic_backward("parallel_bw_sliced", "parallel_bw_dK"), _sliced_tiles),
+    "parallel_bw_dQ": (_mosaic_backward("parallel_bw_sliced", "parallel_bw_dQ"), _sliced_tiles),
 }
+# pallas_mlstm.mosaic_gpu's kernel modules, each after those it imports
+KERNEL_MODULES = ("common", "parallel_fw", "parallel_bw", "parallel_bw_sliced", "recurrent_fw", "recurrent_bw")
+
+
+def current_modules() -> dict:
+    """This revision's kernel modules by name."""
+    return {name: importlib.import_module(f"pallas_mlstm.mosaic_gpu.{name}") for name in KERNEL_MODULES}
+
+
+def load_revision(directory) -> dict:
+    """The kernel modules of another revision's pallas_mlstm package in `directory` (DIR/pallas_mlstm/mosaic_gpu/),
+    by name, beside this revision's: each is executed while its siblings' names in pallas_mlstm.mosaic_gpu point at
+    that revision's, so that they import one another; the rest of pallas_mlstm is this revision's. Names are put
+    back afterwards. A module the revision lacks is left out."""
+    package = importlib.import_module("pallas_mlstm.mosaic_gpu")
+    folder = pathlib.Path(directory) / "pallas_mlstm" / "mosaic_gpu"
+    if not folder.is_dir():
+        raise ValueError(f"--baseline: {folder} is not a directory; make it with git archive REV pallas_mlstm.")
+    saved = {name: (sys.modules[f"{package.__name__}.{name}"], getattr(package, name)) for name in current_modules()}
+    loaded = {}
+    try:
+        for name in KERNEL_MODULES:
+            path = folder / f"{name}.py"
+            if not path.is_file():
+                continue
+            spec = importlib.util.spec_from_file_location(f"{package.__name__}.{name}", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            setattr(package, name, module)
+            spec.loader.exec_module(module)
+            loaded[name] = module
+    finally:
+        for name, (module, attribute) in saved.items():
+            sys.modules[f"{package.__name__}.{name}"] = module
+            setattr(package, name, attribute)
+    return loaded
 
 
 def _tiles(dhqk: int, dhhv: int, chunk: int, dtype, kernel: str = "parallel_fw_Hintra") -> str:
@@ -144,32 +197,47 @@ def _timed_chunk(shape: Shape, kernel: str) -> tuple[int, dict]:
     return config.chunk_size, config.kernel_launches().get(kernel, {})
 
 
-def timing_row(shape_name: str, kernel: str, calls: int) -> dict:
-    """Both launchers of `kernel` on the same inputs: median ms, TFLOP/s, mosaic / triton, and their outputs'
-    difference."""
+def timing_row(shape_name: str, kernel: str, calls: int, rounds: int, baseline=None, interpret=False) -> dict:
+    """The launchers of `kernel` on the same inputs (Triton's, this revision's Mosaic GPU one and, given, the
+    `baseline` revision's), their rounds interleaved: median ms, TFLOP/s, ratios, and their outputs' difference."""
     shape = SHAPES[shape_name]
-    row = dict(step="timing", case=shape_name, kernel=kernel, dtype="bfloat16")
+    row = dict(step="timing", case=shape_name, kernel=kernel, dtype="bfloat16", rounds=rounds, calls=calls)
     try:
         chunk, launch = _timed_chunk(shape, kernel)
         tiles = _tiles(shape.DHQK, shape.DHHV, chunk, jnp.bfloat16, kernel)
         row.update(chunk=chunk, triton_launch=launch, mosaic_tiles=tiles)
-        case = next(c for c in kernel_cases(shape, chunk) if c.name == kernel)
+        case = next(c for c in kernel_cases(shape, chunk, interpret) if c.name == kernel)
     except Exception as error:
         row["error"] = _error_text(error)
         traceback.print_exc()
         return row
     row["tflop"] = case.flops / 1e12
-    triton = case.make(launch)
-    mosaic = KERNELS[kernel][0](KernelCall(chunk_size=chunk, eps=EPS, output_dtype=jnp.bfloat16))
-    _attempt(row, "triton_ms", lambda: median_ms(triton, [case.args], calls))
-    _attempt(row, "mosaic_ms", lambda: median_ms(mosaic, [case.args], calls))
-    for name in ("triton", "mosaic"):
-        if f"{name}_ms" in row:
-            row[f"{name}_tflops"] = case.flops / row[f"{name}_ms"] / 1e9
-    if "mosaic_ms" in row and "triton_ms" in row:
-        row["mosaic_over_triton"] = row["mosaic_ms"] / row["triton_ms"]
-        outputs = lambda fn: jax.tree.leaves(fn(*case.args))
-        _attempt(row, "mosaic_vs_triton", lambda: _max_rel_err(outputs(mosaic), outputs(triton)))
+    call = KernelCall(chunk_size=chunk, eps=EPS, output_dtype=jnp.bfloat16, interpret=interpret)
+    make_mosaic = KERNELS[kernel][0]
+    launchers = {"triton": lambda: case.make(launch), "mosaic": lambda: make_mosaic(call, current_modules())}
+    if baseline is not None:
+        launchers["baseline"] = lambda: make_mosaic(call, baseline)
+    outputs = {}  # name: (jitted launcher, outputs of its first call, which compiles it)
+    for name, make in launchers.items():
+        try:
+            function = make()
+            outputs[name] = (function, jax.tree.leaves(jax.block_until_ready(function(*case.args))))
+        except Exception as error:
+            row[f"{name}_error"] = _error_text(error)
+            traceback.print_exc()
+    times = {name: [] for name in outputs}
+    for _ in range(rounds):
+        for name, (function, _) in outputs.items():
+            times[name].append(pipelined_ms(function, case.args, calls))
+    for name, ms in times.items():
+        row[f"{name}_ms"] = statistics.median(ms)
+        row[f"{name}_tflops"] = case.flops / row[f"{name}_ms"] / 1e9
+    for other in ("triton", "baseline"):
+        if "mosaic" in outputs and other in outputs:
+            row[f"mosaic_over_{other}"] = row["mosaic_ms"] / row[f"{other}_ms"]
+            row[f"mosaic_vs_{other}"] = _max_rel_err(outputs["mosaic"][1], outputs[other][1])
+    if "mosaic" in times and "baseline" in times:
+        row["mosaic_faster_rounds"] = sum(a < b for a, b in zip(times["mosaic"], times["baseline"]))
     return row
 
 
@@ -185,7 +253,7 @@ def _inputs(shape: tuple, dtype, input_gate: str):
     return (*(x.astype(dtype) for x in (q, k, v)), i, f, *states)
 
 
-def correctness_row(case: str, dtype, cell: str) -> dict:
+def correctness_row(case: str, dtype, cell: str, interpret: bool = False) -> dict:
     """Mosaic vs the twin and vs Triton at one case, dtype and cell."""
     shape = CASES[case]
     input_gate, normalize = CELLS[cell]
@@ -193,7 +261,9 @@ def correctness_row(case: str, dtype, cell: str) -> dict:
     try:
         row["mosaic_tiles"] = _tiles(*shape[3:], dtype)
         args = _inputs(shape, dtype, input_gate)
-        call = KernelCall(chunk_size=shape[-1], eps=EPS, input_gate=input_gate, normalize=normalize)
+        call = KernelCall(
+            chunk_size=shape[-1], eps=EPS, input_gate=input_gate, normalize=normalize, interpret=interpret
+        )
         mosaic = _mosaic(call)(*args)
         twin = jax.jit(lambda *a: xla_kernels.parallel_fw_Hintra(call, *a))(*args)
     except Exception as error:
@@ -219,7 +289,13 @@ def _result(row: dict) -> str:
         mosaic = f"mosaic {get('mosaic_ms', '.3f')} ms {get('mosaic_tflops', '.0f')} TFLOP/s"
         triton = f"triton {get('triton_ms', '.3f')} ms {get('triton_tflops', '.0f')}"
         ratio = f"ratio {get('mosaic_over_triton', '.2f')} | diff {get('mosaic_vs_triton', '.1e')}"
-        return f"{mosaic} | {triton} | {ratio}" + (f"  {errors}" if errors else "")
+        baseline = ""
+        if "baseline_ms" in row:
+            faster = f"faster in {get('mosaic_faster_rounds', 'd')}/{row['rounds']} rounds"
+            baseline = (
+                f" | baseline {get('baseline_ms', '.3f')} ms, ratio {get('mosaic_over_baseline', '.2f')}, {faster}"
+            )
+        return f"{mosaic} | {triton} | {ratio}{baseline}" + (f"  {errors}" if errors else "")
     return row.get("note", "")
 
 
@@ -235,7 +311,10 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the rows to this JSON file")
-    parser.add_argument("--calls", type=int, default=30, help="timed calls per launcher (median kept)")
+    parser.add_argument("--calls", type=int, default=20, help="calls per launcher and round, back to back")
+    parser.add_argument("--rounds", type=int, default=10, help="timed rounds per launcher (median kept)")
+    parser.add_argument("--baseline", help="a directory holding another revision's pallas_mlstm package, timed too")
+    parser.add_argument("--interpret", action="store_true", help="run in the interpreters on the CPU (no times)")
     parser.add_argument("--budget_s", type=float, default=390, help="skip the rows left after this many seconds")
     parser.add_argument("--kernels", default=",".join(KERNELS), help=f"timed kernels among {', '.join(KERNELS)}")
     parser.add_argument("--shapes", default=",".join(TIMED_SHAPES), help="timed shapes (benchmarks/shapes.py), or ''")
@@ -255,13 +334,14 @@ def main(argv=None) -> None:
         command=" ".join(["python -m pallas_mlstm.benchmarks.mosaic_check", *(sys.argv[1:] if argv is None else argv)]),
     )
     print(json.dumps(header), flush=True)
+    baseline = None if args.baseline is None else load_revision(args.baseline)
     todo = [
-        lambda s=s, k=k: timing_row(s, k, args.calls)
+        lambda s=s, k=k: timing_row(s, k, args.calls, args.rounds, baseline, args.interpret)
         for k in filter(None, args.kernels.split(","))
         for s in filter(None, args.shapes.split(","))
     ]
     todo += [
-        lambda case=case, dtype=dtype, cell=cell: correctness_row(case, dtype, cell)
+        lambda case=case, dtype=dtype, cell=cell: correctness_row(case, dtype, cell, args.interpret)
         for case in filter(None, args.cases.split(","))
         for dtype in DTYPES
         for cell in filter(None, args.cells.split(","))
