@@ -8,18 +8,17 @@ Timing first, of each kernel of --kernels (recurrent_fw_C, recurrent_bw_dC, para
 parallel_bw_dK, parallel_bw_dQ): 7b, tfla-paper, small-heads and odd-heads in bfloat16 at the card's tuned chunk
 size (the default chunk where none is tuned), on kernel_times' inputs (chained through the Triton kernels, 16-bit
 state buffers) with its FLOP count. After a warm-up, --rounds rounds each time every launcher over --calls calls
-issued back to back (benchmarks/timing.py's pipelined_ms: the GPU stays busy, so a card that idles at a low clock
-between calls does not slow the first kernels of each), the launchers' turns interleaved; the medians over rounds
-are kept. Triton runs at its tuned launch. Reported: ms, TFLOP/s, mosaic / triton, and the relative difference of
-their outputs; with --baseline DIR (a directory holding another revision's pallas_mlstm package, e.g. from
-`git archive REV pallas_mlstm | tar -x -C DIR`), the same for that revision's Mosaic GPU kernel, with the rounds
-in which the current one was faster. Then correctness on small shapes and 7b-short, bfloat16 and float32, each
-cell: the largest relative error of the three outputs (h, vecN_out, vecM_out) against the twin (xla_kernels) and
-against the Triton launcher, on inputs chained through the twins (float32 states) as tests/test_kernels.py builds
-them, with Triton's kernel-twin bound as the mark. Each row is caught and reported on its own (a compile error's
-first lines); rows left when --budget_s is spent are skipped. Prints a table at the end and rewrites the JSON
-(--out) after every row. About 7 minutes with the defaults. --interpret runs it all in the interpreters on the CPU
-(a check of the script; its times mean nothing).
+issued back to back (benchmarks/timing.py's pipelined_ms: the host waits once, after the last), the launchers taking
+turns in alternating order; the medians over rounds are kept. Triton runs at its tuned launch. Reported: ms,
+TFLOP/s, mosaic / triton, and the relative difference of their outputs; with --baseline DIR (a directory holding
+another revision's pallas_mlstm package, e.g. from `git archive REV pallas_mlstm | tar -x -C DIR`), the same for
+that revision's Mosaic GPU kernel, with the rounds in which the current one was faster. Then correctness on small
+shapes and 7b-short, bfloat16 and float32, each cell: the largest relative error of the three outputs (h, vecN_out,
+vecM_out) against the twin (xla_kernels) and against the Triton launcher, on inputs chained through the twins
+(float32 states) as tests/test_kernels.py builds them, with Triton's kernel-twin bound as the mark. Each row is
+caught and reported on its own (a compile error's first lines); rows left when --budget_s is spent are skipped.
+Prints a table at the end and rewrites the JSON (--out) after every row. --interpret runs it all in the interpreters
+on the CPU (a check of the script; its times mean nothing).
 """
 
 from __future__ import annotations
@@ -85,7 +84,7 @@ def _max_rel_err(outputs, expected) -> float:
 def _mosaic(call: KernelCall, modules=None):
     """The Mosaic GPU H launcher on kernel_times' arguments (`modules`: the kernel modules, this revision's if
     None)."""
-    modules = modules or current_modules()
+    modules = current_modules() if modules is None else modules
     return jax.jit(lambda *a: modules["parallel_fw"].parallel_fw_Hintra(call, *a))
 
 
@@ -156,8 +155,9 @@ def load_revision(directory) -> dict:
     back afterwards. A module the revision lacks is left out."""
     package = importlib.import_module("pallas_mlstm.mosaic_gpu")
     folder = pathlib.Path(directory) / "pallas_mlstm" / "mosaic_gpu"
+    how = f"make it with: mkdir -p {directory} && git archive REV pallas_mlstm | tar -x -C {directory}"
     if not folder.is_dir():
-        raise ValueError(f"--baseline: {folder} is not a directory; make it with git archive REV pallas_mlstm.")
+        raise ValueError(f"--baseline: {folder} is not a directory; {how}")
     saved = {name: (sys.modules[f"{package.__name__}.{name}"], getattr(package, name)) for name in current_modules()}
     loaded = {}
     try:
@@ -175,6 +175,8 @@ def load_revision(directory) -> dict:
         for name, (module, attribute) in saved.items():
             sys.modules[f"{package.__name__}.{name}"] = module
             setattr(package, name, attribute)
+    if not loaded:
+        raise ValueError(f"--baseline: {folder} holds none of {', '.join(KERNEL_MODULES)}; {how}")
     return loaded
 
 
@@ -217,28 +219,43 @@ def timing_row(shape_name: str, kernel: str, calls: int, rounds: int, baseline=N
     launchers = {"triton": lambda: case.make(launch), "mosaic": lambda: make_mosaic(call, current_modules())}
     if baseline is not None:
         launchers["baseline"] = lambda: make_mosaic(call, baseline)
-    outputs = {}  # name: (jitted launcher, outputs of its first call, which compiles it)
+    compiled = {}  # name: (jitted launcher, the outputs of its first call, which compiles it)
     for name, make in launchers.items():
         try:
             function = make()
-            outputs[name] = (function, jax.tree.leaves(jax.block_until_ready(function(*case.args))))
+            compiled[name] = (function, jax.tree.leaves(jax.block_until_ready(function(*case.args))))
         except Exception as error:
             row[f"{name}_error"] = _error_text(error)
             traceback.print_exc()
-    times = {name: [] for name in outputs}
-    for _ in range(rounds):
-        for name, (function, _) in outputs.items():
-            times[name].append(pipelined_ms(function, case.args, calls))
+    times = {name: [] for name in compiled}
+    try:
+        for index in range(rounds):  # each round in the other order than the last, so neither side always goes first
+            for name in list(compiled)[:: 1 if index % 2 == 0 else -1]:
+                times[name].append(pipelined_ms(compiled[name][0], case.args, calls))
+    except Exception as error:
+        row["rounds_error"] = _error_text(error)
+        traceback.print_exc()
+        return row
     for name, ms in times.items():
         row[f"{name}_ms"] = statistics.median(ms)
         row[f"{name}_tflops"] = case.flops / row[f"{name}_ms"] / 1e9
     for other in ("triton", "baseline"):
-        if "mosaic" in outputs and other in outputs:
+        if "mosaic" in compiled and other in compiled:
             row[f"mosaic_over_{other}"] = row["mosaic_ms"] / row[f"{other}_ms"]
-            row[f"mosaic_vs_{other}"] = _max_rel_err(outputs["mosaic"][1], outputs[other][1])
+            _attempt(row, f"mosaic_vs_{other}", lambda other=other: _output_difference(compiled, other))
     if "mosaic" in times and "baseline" in times:
         row["mosaic_faster_rounds"] = sum(a < b for a, b in zip(times["mosaic"], times["baseline"]))
     return row
+
+
+def _output_difference(compiled: dict, other: str) -> float:
+    """The largest relative difference between the mosaic launcher's outputs and `other`'s; ValueError where they
+    differ in number or shape."""
+    mosaic, theirs = compiled["mosaic"][1], compiled[other][1]
+    shapes = [x.shape for x in mosaic], [x.shape for x in theirs]
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"mosaic's outputs have shapes {shapes[0]}, {other}'s {shapes[1]}: not comparable.")
+    return _max_rel_err(mosaic, theirs)
 
 
 def _inputs(shape: tuple, dtype, input_gate: str):
@@ -314,13 +331,20 @@ def main(argv=None) -> None:
     parser.add_argument("--calls", type=int, default=20, help="calls per launcher and round, back to back")
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds per launcher (median kept)")
     parser.add_argument("--baseline", help="a directory holding another revision's pallas_mlstm package, timed too")
-    parser.add_argument("--interpret", action="store_true", help="run in the interpreters on the CPU (no times)")
+    parser.add_argument(
+        "--interpret",
+        action="store_true",
+        help="run in the interpreters on the CPU (a check of the script: its times mean nothing)",
+    )
     parser.add_argument("--budget_s", type=float, default=390, help="skip the rows left after this many seconds")
     parser.add_argument("--kernels", default=",".join(KERNELS), help=f"timed kernels among {', '.join(KERNELS)}")
     parser.add_argument("--shapes", default=",".join(TIMED_SHAPES), help="timed shapes (benchmarks/shapes.py), or ''")
     parser.add_argument("--cases", default=",".join(CASES), help=f"correctness cases among {', '.join(CASES)}, or ''")
     parser.add_argument("--cells", default=",".join(CELLS), help=f"cells among {', '.join(CELLS)}")
     args = parser.parse_args(argv)
+    for flag in ("calls", "rounds"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1; got {getattr(args, flag)}")
 
     start = time.perf_counter()
     device = jax.devices()[0]
