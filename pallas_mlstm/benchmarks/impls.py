@@ -10,9 +10,9 @@ for fixed random `weights` of the output's shape, passed as its first argument.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import os
-import sys
 import types
 from collections.abc import Callable
 
@@ -75,6 +75,14 @@ def _pallas_mlstm_forward(backend: str, input_gate: str = "exponential") -> Call
     return make
 
 
+def _version(distribution: str) -> str:
+    """The installed version of `distribution`, or "unknown"."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def require_jax_triton_nvidia_backend() -> None:
     """RuntimeError naming the cause where jax-triton has no Triton NVIDIA backend to compile with. jax-triton
     catches that failure when it is imported and puts stand-ins in the backend's place, whose first use fails with
@@ -91,10 +99,10 @@ def require_jax_triton_nvidia_backend() -> None:
     except Exception as error:
         cause = f"{type(error).__name__}: {error}"
     else:
-        triton_version = getattr(sys.modules.get("triton"), "__version__", "unknown")
+        versions = f"Triton {_version('triton')}, jax-triton {_version('jax-triton')}"
         cause = (
-            f"it imports, but lacks what this jax-triton takes from it (Triton {triton_version}; jax-triton 0.4.1 "
-            "needs Triton >= 3.7, jax-triton 0.3.1 runs with Triton 3.6)"
+            f"it imports, but lacks what this jax-triton takes from it ({versions}; jax-triton 0.4.1 takes TMA_TF32, "
+            "which Triton 3.6 lacks, and jax-triton 0.3.1 runs with Triton 3.6)"
         )
     raise RuntimeError(f"jax-triton found no usable Triton NVIDIA backend here: {cause}")
 
