@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_mlstm
 from pallas_mlstm import accuracy
+from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS
 from pallas_mlstm.registry import registered
 from tests import flags as test_flags
 
@@ -134,15 +135,9 @@ def outputs_and_grads(make_loss, fn, weights_key, inputs):
     return outputs, grads
 
 
-# The kernels the mosaic backend runs in Mosaic GPU, in CHUNKWISE_KERNELS' order (its others are Triton's)
-MOSAIC_KERNELS = [
-    "recurrent_fw_C",
-    "parallel_fw_Hintra",
-    "recurrent_bw_dC",
-    "parallel_bw_dQ",
-    "parallel_bw_dK",
-    "parallel_bw_dV",
-]
+# The kernels the mosaic backend runs in Mosaic GPU where they take the call: every chunkwise one (the decoding step
+# is Triton's)
+MOSAIC_KERNELS = list(CHUNKWISE_KERNELS)
 # Those of them lower_for_cuda's program holds: its grids are too small for the states kernels, which run in Mosaic
 # GPU only where their grid has a program for every SM (mosaic_gpu.recurrent_fw.takes_and_fills_the_card)
 MOSAIC_KERNELS_LOWERED = ["parallel_fw_Hintra", "parallel_bw_dQ", "parallel_bw_dK", "parallel_bw_dV"]
