@@ -106,8 +106,8 @@ def _mosaic_backward(module: str, kernel: str):
 
 
 def _sliced_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]):
-    count, stages = parallel_bw_sliced.kernel_tiles(chunk, dhqk, dhhv, parts)
-    return count, mosaic_common.Tiles(warpgroups=1, block_v=dhqk, stages=stages)
+    count, tiles = parallel_bw_sliced.kernel_tiles(chunk, dhqk, dhhv, parts)
+    return count, mosaic_common.Tiles(warpgroups=tiles.warpgroups, block_v=dhqk, stages=tiles.stages)
 
 
 def _mosaic_states(call: KernelCall, modules):

@@ -7,10 +7,10 @@ for tests). A kernel joins KERNELS once it has passed the GPU tests, beaten the 
 runs wherever its module `supports` the call, and the Triton kernel otherwise (`mosaic_where_supported`):
 
 - the forward's H kernel (parallel_fw.py), the backward's dV kernel (parallel_bw.py) and its dK and dQ kernels
-  (parallel_bw_sliced.py) at chunk 64, 128 or 256, DHQK up to 256, 16-bit or float32 inputs (dQ and dK: not
-  float32 at DHQK 256 x DHHV 512, whose tiles do not fit in shared memory). dQ is the exception
-  to the rule: 1.11x Triton's time at the 7b shape on an H200 (0.66-0.83x at the others,
-  results/h200-mosaic-check.json); it stays because the backward as a whole gains;
+  (parallel_bw_sliced.py) at chunk 64, 128 or 256, DHQK up to 256, 16-bit or float32 inputs. On an H100 dK and
+  dQ take 0.56-0.81x Triton's time (results/h100-ab-dkdq-variants.json); their previous version, one compute
+  warpgroup per 64 rows, took 1.11x at the 7b shape for dQ on an H200 (results/h200-mosaic-check.json), where
+  the current one has not run;
 - the two states kernels, recurrent_fw.py (forwards in time) and recurrent_bw.py (backwards), only where their grid
   has a program for every SM of the card (`recurrent_fw.takes_and_fills_the_card`, their `supports`): each program
   walks its tile of the state through every chunk in turn, and with fewer programs the forward lost to Triton's on

@@ -9,19 +9,22 @@ xla_kernels.parallel_bw_dK / _dQ), each with the row dots Σ_d x·dX of its unro
          + Σ_{key tiles up to the diagonal} (dH Vᵀ ⊙ e^{D̃ − m} · s/(den + eps)) K
 
 The scores contract over DHHV (512 at the 7B widths), too wide for the H and dV kernels' pipeline of whole 64-row
-tiles. One program per (batch·head, chunk, tile of 64 owned rows): one compute warpgroup that owns 64 rows of V
-(dK: keys) or of dH (dQ: queries), loaded once slice by slice, and a memory warpgroup that streams with TMA into one
-ring the (64, bS) slices of first the state (dC_k for dK, C_{k-1} for dQ; 64 DHQK rows at a time, so that each
-64-row block gives one 64-column block of the gradient with no transpose), then of each other tile's dH (dK) or V
-(dQ); into the other ring the other tiles' Q (dK) or K (dQ), (64, DHQK). The compute warpgroup takes the
-inter-chunk term block by block, scales its rows by the gate row `inter`, then for each other tile sums the scores
-over the slices, gates them and adds (gated scores) @ the tile. Per program, in shared memory:
+tiles. One program per (batch·head, chunk, 64·W owned rows): W compute warpgroups (two where the chunk has 128
+rows and two buffers fit, else one), each owning 64 rows of V (dK: keys) or of dH (dQ: queries), loaded once slice
+by slice, and a memory warpgroup that streams with TMA into one ring the (64, bS) slices of first the state (dC_k
+for dK, C_{k-1} for dQ; 64 DHQK rows at a time, so that each 64-row block gives one 64-column block of the
+gradient with no transpose), then of each other tile's dH (dK) or V (dQ); into the other ring the other tiles' Q
+(dK) or K (dQ) in column blocks of 128 (64 where 128 does not divide DHQK). Both warpgroups take every streamed
+buffer, so the state and the other tiles are read once for 128 owned rows; a warpgroup passes (awaits and frees)
+the other tile on the other's diagonal that it has no part of. Each takes the inter-chunk term block by block,
+scales its rows by the gate row `inter`, then for each other tile sums the scores over the slices, gates them and
+adds (gated scores) @ the tile's blocks. Per program, in shared memory:
 
-    owned    (S, P, 64, bS)            the owned rows, S = DHHV / bS slices, loaded once
+    owned    (W, S, P, 64, bS)         the owned rows, S = DHHV / bS slices, loaded once
     slices   (stages, P, 64, bS)       a 64-row slice of the state, or an other tile's slice
-    tiles    (stages, P, 64, DHQK)     an other tile's Q or K
+    tiles    (stages, P, 64, 128)      a column block of an other tile's Q or K
     gates    (6, L) float32            the chunk's gate rows (parallel_bw.GATE_ROWS), loaded once
-    out      (64, E), (64,) float32    the staging of the gradient (E = 128 bytes of output dtype) and of the row dots
+    out      (W, 64, E), (W, 64) f32   the staging of the gradient (E = 128 bytes of output dtype) and of the row dots
 """
 
 from __future__ import annotations
@@ -60,21 +63,40 @@ def _slice_width(dhhv: int) -> int:
     return 128 if dhhv % 128 == 0 else ROWS
 
 
-def shared_bytes(stages: int, chunk: int, dhqk: int, dhhv: int, parts: int) -> int:
+def _tile_columns(dhqk: int) -> int:
+    """The columns of one Q (dK) or K (dQ) block in the ring: 128 where they divide DHQK, else 64."""
+    return 128 if dhqk % 128 == 0 else ROWS
+
+
+@dataclasses.dataclass(frozen=True)
+class SlicedTiles:
+    """A launch: compute warpgroups (64 owned rows each), buffers per ring."""
+
+    warpgroups: int
+    stages: int
+
+
+def shared_bytes(tiles: SlicedTiles, chunk: int, dhqk: int, dhhv: int, parts: int) -> int:
     """Shared memory of one program: the owned rows, the two rings, the gate rows and the staging."""
-    owned = parts * ROWS * dhhv * 2
-    rings = stages * parts * ROWS * (_slice_width(dhhv) + dhqk) * 2
-    small = len(parallel_bw.GATE_ROWS) * chunk * 4 + ROWS * (128 + 4)
+    w = tiles.warpgroups
+    owned = w * parts * ROWS * dhhv * 2
+    rings = tiles.stages * parts * ROWS * (_slice_width(dhhv) + _tile_columns(dhqk)) * 2
+    small = len(parallel_bw.GATE_ROWS) * chunk * 4 + w * ROWS * (128 + 4)
     return owned + rings + small + common.RESERVED_BYTES
 
 
-def kernel_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]) -> tuple[int, int]:
-    """(operand parts, stages) for padded head dims: the first of `parts` (float32's precision first, as
-    `common.kernel_tiles`) and the most buffers (4 down to 1) that fit in shared memory; ValueError if none does."""
+def kernel_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]) -> tuple[int, SlicedTiles]:
+    """(operand parts, SlicedTiles) for padded head dims: the first of `parts` (float32's precision first, as
+    `common.kernel_tiles`), two warpgroups where the chunk has 128 rows and two buffers fit, else one, and the most
+    buffers (4 down to 1) that fit in shared memory; ValueError if none does."""
     for count in parts:
-        for stages in range(4, 0, -1):
-            if shared_bytes(stages, chunk, dhqk, dhhv, count) <= common.SHARED_MEMORY_BYTES:
-                return count, stages
+        for warpgroups, min_stages in ((2, 2), (1, 1)):
+            if warpgroups * ROWS > chunk:
+                continue
+            for stages in range(4, min_stages - 1, -1):
+                tiles = SlicedTiles(warpgroups, stages)
+                if shared_bytes(tiles, chunk, dhqk, dhhv, count) <= common.SHARED_MEMORY_BYTES:
+                    return count, tiles
     raise ValueError(f"no Mosaic GPU tiling of the dQ/dK kernels fits in shared memory for DHQK={dhqk}, DHHV={dhhv}.")
 
 
@@ -119,30 +141,37 @@ def _kernel(
     t_free_bar,
     *,
     variant: Variant,
+    dhqk: int,
     stages: int,
     chunk: int,
     num_chunks: int,
     interpret: bool,
 ):
-    num_slices, parts, _, width = own_smem.shape
-    dhqk = t_smem.shape[-1]
+    warpgroups, num_slices, parts, _, width = own_smem.shape
+    tile_cols = t_smem.shape[-1]
+    col_blocks = dhqk // tile_cols  # ring steps per other tile in the tiles ring
     state_steps = (dhqk // ROWS) * num_slices  # the state's slices: (64-row block, DHHV slice) pairs, first in the ring
     bh, c, ot = lax.axis_index("bh"), lax.axis_index("c"), lax.axis_index("ot")
     seq_row0 = (bh * num_chunks + c) * chunk  # row of the chunk's first step
-    row0 = ot * ROWS  # in-chunk position of the owned rows
-    # the other tiles: queries from the diagonal to the chunk's end (dK), keys from its start to the diagonal (dQ)
-    first_other, other_steps = (ot, chunk // ROWS - ot) if variant.owns_keys else (0, ot + 1)
+    first_tile = ot * warpgroups  # the program's first 64-row tile in the chunk (warpgroup 0's owned rows)
+    # the other tiles: queries from the first diagonal to the chunk's end (dK), keys from the chunk's start to the
+    # last diagonal (dQ)
+    first_other, other_steps = (
+        (first_tile, chunk // ROWS - first_tile) if variant.owns_keys else (0, first_tile + warpgroups)
+    )
     state_index = c + 1 if variant.owns_keys else c  # dC_k at the chunk's end, C_{k-1} at its start
     slice_steps = state_steps + other_steps * num_slices
     wg = lax.axis_index("wg")
 
-    @pl.when(wg == 1)
+    @pl.when(wg == warpgroups)
     def _memory():
         plgpu.set_max_registers(common.MEMORY_REGISTERS, action="decrease")
         plgpu.copy_gmem_to_smem(g_gmem.at[bh, c], g_smem, g_bar.at[0])  # (6, L)
-        for u in range(num_slices):
-            rows, cols = pl.ds(seq_row0 + row0, ROWS), pl.ds(u * width, width)
-            plgpu.copy_gmem_to_smem(own_gmem.at[:, rows, cols], own_smem.at[u], own_bar.at[u])  # (P, 64, bS)
+        for w in range(warpgroups):
+            for u in range(num_slices):
+                rows, cols = pl.ds(seq_row0 + (first_tile + w) * ROWS, ROWS), pl.ds(u * width, width)
+                tile = own_gmem.at[:, rows, cols]  # (P, 64, bS)
+                plgpu.copy_gmem_to_smem(tile, own_smem.at[w, u], own_bar.at[w * num_slices + u])
 
         def load_slice(s):  # ring step s: a slice of the state, then of the other tiles
             slot = s % stages
@@ -161,46 +190,45 @@ def _kernel(
                 tile = streamed_gmem.at[:, rows, pl.ds(u * width, width)]  # (P, 64, bS)
                 plgpu.copy_gmem_to_smem(tile, sl_smem.at[slot], sl_bar.at[slot])
 
-        def load_tile(j):  # other tile j's Q or K
-            rows = pl.ds(seq_row0 + (first_other + j) * ROWS, ROWS)
-            tile = tiles_gmem.at[:, rows]  # (P, 64, DHQK_p)
-            plgpu.copy_gmem_to_smem(tile, t_smem.at[j % stages], t_bar.at[j % stages])
+        def load_block(t):  # tiles ring step t: column block t % col_blocks of other tile t // col_blocks
+            rows = pl.ds(seq_row0 + (first_other + t // col_blocks) * ROWS, ROWS)
+            tile = tiles_gmem.at[:, rows, pl.ds((t % col_blocks) * tile_cols, tile_cols)]  # (P, 64, tile_cols)
+            plgpu.copy_gmem_to_smem(tile, t_smem.at[t % stages], t_bar.at[t % stages])
 
-        def refill_slice(s):  # once step s's slot is free again, load step s + stages into it
-            @pl.when(s + stages < slice_steps)
+        def refill(load, free, s, steps):  # once step s's slot is free again, load step s + stages into it
+            @pl.when(s + stages < steps)
             def _():
-                plgpu.barrier_wait(sl_free_bar.at[s % stages])
-                load_slice(s + stages)
+                plgpu.barrier_wait(free.at[s % stages])
+                load(s + stages)
 
+        block_steps = other_steps * col_blocks
         for s in range(stages):
             pl.when(s < slice_steps)(functools.partial(load_slice, s))
-            pl.when(s < other_steps)(functools.partial(load_tile, s))
-        for s in range(state_steps):  # the compute warpgroup's order: the state, then per other tile slices and tile
-            refill_slice(s)
+            pl.when(s < block_steps)(functools.partial(load_block, s))
+        for s in range(state_steps):  # the compute warpgroups' order: the state, then per other tile slices, blocks
+            refill(load_slice, sl_free_bar, s, slice_steps)
 
         @pl.loop(0, other_steps)
         def _other_tile(j):
             for u in range(num_slices):
-                refill_slice(state_steps + j * num_slices + u)
-
-            @pl.when(j + stages < other_steps)
-            def _():
-                plgpu.barrier_wait(t_free_bar.at[j % stages])
-                load_tile(j + stages)
+                refill(load_slice, sl_free_bar, state_steps + j * num_slices + u, slice_steps)
+            for b in range(col_blocks):
+                refill(load_block, t_free_bar, j * col_blocks + b, block_steps)
 
         common.await_last_releases(sl_free_bar, slice_steps, stages)
-        common.await_last_releases(t_free_bar, other_steps, stages)
+        common.await_last_releases(t_free_bar, block_steps, stages)
 
-    @pl.when(wg == 0)
+    @pl.when(wg < warpgroups)
     def _compute():
         plgpu.set_max_registers(common.COMPUTE_REGISTERS, action="increase")
+        row0 = (first_tile + wg) * ROWS  # in-chunk position of this warpgroup's owned rows
         plgpu.barrier_wait(g_bar.at[0])
         for u in range(num_slices):
-            plgpu.barrier_wait(own_bar.at[u])
+            plgpu.barrier_wait(own_bar.at[wg * num_slices + u])
         # gate g of the 64 steps from `start`, (64,), along the rows or along the columns of a (64, 64) tile
         gate_row = lambda g, start: plgpu.load(g_smem.at[g, pl.ds(start, ROWS)], layout=plgpu.Layout.WGMMA.reduce(1))
         gate_col = lambda g, start: plgpu.load(g_smem.at[g, pl.ds(start, ROWS)], layout=plgpu.Layout.WGMMA.reduce(0))
-        own_slice = lambda u: lambda p: own_smem.at[u, p]  # (64, bS): slice u of the owned rows
+        own_slice = lambda u: lambda p: own_smem.at[wg, u, p]  # (64, bS): slice u of this warpgroup's owned rows
         slice_t = lambda slot: lambda p: sl_smem.at[slot, p].transpose((1, 0))  # (bS, 64)
 
         def slices_product(first_step):  # Σ_u owned[:, u] @ (ring slice first_step + u)ᵀ, (64, 64) float32
@@ -212,16 +240,35 @@ def _kernel(
                 plgpu.barrier_arrive(sl_free_bar.at[slot])
             return acc
 
-        # inter-chunk: owned rows @ stateᵀ, one 64-column block per 64-row block of the state
+        def pass_other(j):  # an other tile this warpgroup has no part of (the other's diagonal): free its buffers
+            for u in range(num_slices):
+                slot = (state_steps + j * num_slices + u) % stages
+                plgpu.barrier_wait(sl_bar.at[slot])
+                plgpu.barrier_arrive(sl_free_bar.at[slot])
+            for b in range(col_blocks):
+                slot = (j * col_blocks + b) % stages
+                plgpu.barrier_wait(t_bar.at[slot])
+                plgpu.barrier_arrive(t_free_bar.at[slot])
+
+        # inter-chunk: owned rows @ stateᵀ, one 64-column block per 64-row block of the state, in column blocks
         blocks = [slices_product(block * num_slices) for block in range(dhqk // ROWS)]
-        acc = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)  # (64, DHQK_p)
-        acc = acc * common.by_rows(gate_row(_INTER, row0), acc.shape)
+        per_block = tile_cols // ROWS
+        inter = common.by_rows(gate_row(_INTER, row0), (ROWS, tile_cols))
+        accs = [
+            (
+                blocks[b * per_block]
+                if per_block == 1
+                else jnp.concatenate(blocks[b * per_block : (b + 1) * per_block], 1)
+            )
+            * inter
+            for b in range(col_blocks)
+        ]  # each (64, tile_cols)
 
         # the owned rows' gates, along the rows; the other tile's along the columns
         by_own, by_other = common.by_rows, common.by_columns
         own_gates = {g: gate_row(g, row0) for g in ((_B, _I) if variant.owns_keys else (_B, _M, _R, _DH_SCALE))}
 
-        def other_step(j, acc):
+        def other_step(j, accs):
             other_start = (first_other + j) * ROWS  # in-chunk position of the other tile
             scores = slices_product(state_steps + j * num_slices)  # (owned rows, other rows)
             other_gates = {
@@ -240,24 +287,38 @@ def _kernel(
             decay = jnp.exp(jnp.where(valid, log_decay, -jnp.inf))
             weights = scores * by_query(query[_DH_SCALE], shape) * decay  # (64, 64) float32
             w_parts = common.split_parts(weights, parts, t_smem.dtype)
-            slot = j % stages
-            plgpu.barrier_wait(t_bar.at[slot])
-            acc = common.mma(acc, w_parts.__getitem__, lambda p: t_smem.at[slot, p], parts, interpret)  # @ (64, DHQK)
-            plgpu.barrier_arrive(t_free_bar.at[slot])
-            return acc
+            accs = list(accs)
+            for b in range(col_blocks):
+                slot = (j * col_blocks + b) % stages
+                plgpu.barrier_wait(t_bar.at[slot])
+                block = lambda p, slot=slot: t_smem.at[slot, p]  # (64, tile_cols)
+                accs[b] = common.mma(accs[b], w_parts.__getitem__, block, parts, interpret)  # (64, 64) @ (64, cols)
+                plgpu.barrier_arrive(t_free_bar.at[slot])
+            return tuple(accs)
 
-        acc = lax.fori_loop(0, other_steps, other_step, acc)
+        # this warpgroup's other tiles: dK from its own diagonal on, dQ up to it; it passes the rest in ring order
+        first_own = wg if variant.owns_keys else 0
+        end_own = other_steps if variant.owns_keys else other_steps - (warpgroups - 1 - wg)
+        pl.loop(0, first_own)(pass_other)
+        accs = lax.fori_loop(first_own, end_own, other_step, tuple(accs))
+        pl.loop(end_own, other_steps)(pass_other)
 
         rows = pl.ds(seq_row0 + row0, ROWS)
-        x = plgpu.load(x_gmem.at[rows], layout=plgpu.Layout.WGMMA, optimized=False).astype(jnp.float32)  # (64, DHQK_p)
-        dots_smem[...] = jnp.sum(x * acc, axis=1)  # (64,): Σ_d x·dx before dx is rounded
+        dots = jnp.zeros((ROWS,), jnp.float32)
         out_cols = o_smem.shape[-1]
-        for t in range(dhqk // out_cols):
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile has left o_smem
-            o_smem[...] = acc[:, t * out_cols : (t + 1) * out_cols].astype(o_smem.dtype)  # (64, E)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[rows, pl.ds(t * out_cols, out_cols)])
-        plgpu.copy_smem_to_gmem(dots_smem, dots_gmem.at[bh, pl.ds(c * chunk + row0, ROWS)])
+        for b, acc in enumerate(accs):
+            columns = pl.ds(b * tile_cols, tile_cols)
+            x = plgpu.load(x_gmem.at[rows, columns], layout=plgpu.Layout.WGMMA, optimized=False)  # (64, tile_cols)
+            dots = dots + jnp.sum(x.astype(jnp.float32) * acc, axis=1)  # Σ_d x·dx before dx is rounded
+            for t in range(tile_cols // out_cols):
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile has left o_smem
+                o_smem[wg] = acc[:, t * out_cols : (t + 1) * out_cols].astype(o_smem.dtype)  # (64, E)
+                plgpu.commit_smem()
+                out_columns = pl.ds(b * tile_cols + t * out_cols, out_cols)
+                plgpu.copy_smem_to_gmem(o_smem.at[wg], out_gmem.at[rows, out_columns])
+        dots_smem[wg] = dots  # (64,)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dots_smem.at[wg], dots_gmem.at[bh, pl.ds(c * chunk + row0, ROWS)])
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -281,8 +342,9 @@ def _launch(
     dims = common.launch_dims(problem, matQ.shape, matV.shape[-1], chunk)
     batch, heads, seq_len, dhqk, dhhv, num_chunks, bnh, dhqk_p, dhhv_p = dims
     operand_dtype = common.operand_dtype(matQ.dtype)
-    parts, stages = kernel_tiles(chunk, dhqk_p, dhhv_p, common.operand_parts(matQ.dtype))
-    width = _slice_width(dhhv_p)
+    parts, tiles = kernel_tiles(chunk, dhqk_p, dhhv_p, common.operand_parts(matQ.dtype))
+    w, stages = tiles.warpgroups, tiles.stages
+    width, tile_cols = _slice_width(dhhv_p), _tile_columns(dhqk_p)
     out_dtype = jnp.dtype(call.output_dtype)
 
     scale = call.scale_for(dhqk)
@@ -298,12 +360,18 @@ def _launch(
 
     operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
     kernel = functools.partial(
-        _kernel, variant=variant, stages=stages, chunk=chunk, num_chunks=num_chunks, interpret=call.interpret
+        _kernel,
+        variant=variant,
+        dhqk=dhqk_p,
+        stages=stages,
+        chunk=chunk,
+        num_chunks=num_chunks,
+        interpret=call.interpret,
     )
     grad, dots = common.launch(
         kernel,
         name=variant.name,
-        compute_warpgroups=1,
+        compute_warpgroups=w,
         parts=parts,
         interpret=call.interpret,
         out_type=(
@@ -311,20 +379,20 @@ def _launch(
             jax.ShapeDtypeStruct((bnh, seq_len), jnp.float32),
         ),
         scratch_types=(
-            operand((dhhv_p // width, parts, ROWS, width)),  # owned rows, slice by slice
+            operand((w, dhhv_p // width, parts, ROWS, width)),  # each warpgroup's owned rows, slice by slice
             operand((stages, parts, ROWS, width)),  # state / other tiles' slices
-            operand((stages, parts, ROWS, dhqk_p)),  # other tiles' Q or K
+            operand((stages, parts, ROWS, tile_cols)),  # other tiles' Q or K, a column block at a time
             plgpu.SMEM((len(parallel_bw.GATE_ROWS), chunk), jnp.float32),  # gates
-            plgpu.SMEM((ROWS, 128 // out_dtype.itemsize), out_dtype, transforms=common.swizzled(out_dtype)),  # dX
-            plgpu.SMEM((ROWS,), jnp.float32),  # row dots
-            plgpu.Barrier(num_barriers=dhhv_p // width),  # owned slices loaded
+            plgpu.SMEM((w, ROWS, 128 // out_dtype.itemsize), out_dtype, transforms=common.swizzled(out_dtype)),  # dX
+            plgpu.SMEM((w, ROWS), jnp.float32),  # row dots
+            plgpu.Barrier(num_barriers=w * (dhhv_p // width)),  # owned slices loaded
             plgpu.Barrier(num_barriers=1),  # gates loaded
             plgpu.Barrier(num_barriers=stages),  # slice loaded
-            plgpu.Barrier(num_barriers=stages),  # tile loaded
-            plgpu.Barrier(num_barriers=stages),  # slice buffers free again
-            plgpu.Barrier(num_barriers=stages),  # tile buffers free again
+            plgpu.Barrier(num_barriers=stages),  # tile block loaded
+            plgpu.Barrier(num_arrivals=w, num_barriers=stages),  # slice buffers free again
+            plgpu.Barrier(num_arrivals=w, num_barriers=stages),  # tile block buffers free again
         ),
-        grid=(bnh, num_chunks, chunk // ROWS),
+        grid=(bnh, num_chunks, chunk // (w * ROWS)),
         grid_names=("bh", "c", "ot"),
     )(own, streamed, operand_of(tiles, dhqk_p), state, gates, common.sequence_rows(x, dhqk_p))
     return grad[:, :dhqk].reshape(batch, heads, seq_len, dhqk), dots.reshape(batch, heads, seq_len)
