@@ -144,24 +144,28 @@ def part_products(parts: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(parts) for j in range(parts) if i + j < parts]
 
 
-def mma(acc: jax.Array, a, b, parts: int, interpret: bool) -> jax.Array:
+def mma(acc: jax.Array, a, b, parts: int, interpret: bool, while_running=None) -> jax.Array:
     """acc + A @ B accumulated in float32, A and B given by their parts (`split_parts`): Σ a(i) @ b(j) over the
     products of order i + j < parts (all of float32's 24 bits: 6 bf16 products for 3 parts; one for 16-bit inputs).
 
     a(i): part i of A (M, K), a ref in shared memory or a register array; b(j): part j of B (K, N), a ref in shared
     memory. On the GPU each product is a `plgpu.wgmma` into acc, awaited before returning (the refs are indexed
     inside the accumulator's scope, where static indices stay static); interpreted (wgmma has no CPU rule for
-    register operands) each is a `jnp.dot`.
+    register operands) each is a `jnp.dot`. `while_running()`, if given, runs after the products are issued and
+    before they are awaited (barrier waits that overlap the tensor cores' work).
     """
     pairs = part_products(parts)
+    after_issue = while_running or (lambda: None)
     if interpret:
         for i, j in pairs:
             acc = acc + jnp.dot(read_tile(a(i)), read_tile(b(j)), preferred_element_type=jnp.float32)
+        after_issue()
         return acc
 
     def issue(acc_ref):
         for i, j in pairs:
             plgpu.wgmma(acc_ref, a(i), b(j))
+        after_issue()
 
     return pl.run_state(issue)(plgpu.ACC.init(acc))
 
