@@ -35,7 +35,7 @@ needs_mosaic_flag = pytest.mark.skipif(
 # "bf16-tiles": two query tiles and two DHHV tiles per chunk, three buffers for up to 6 steps;
 # "one-buffer-f32": float32 at DHQK 192 fits one buffer (stages=1): each C_{k-1} slice released before the next;
 # "wide-qk": DHQK 256, the 7B widths' (dK/dQ: two warpgroups, each Q or K tile in two column blocks);
-# "7b-widths-f32": float32 at DHQK 256 x DHHV 512 (dK/dQ: two bf16 parts, where three do not fit, and one buffer).
+# "7b-widths-f32": float32 at DHQK 256 x DHHV 512 (the parallel kernels: two bf16 parts, where three do not fit).
 CASES = {
     "2wg-f32": (1, 2, 256, 64, 128, 128, jnp.float32, "exponential", True, False),
     "resets-padded-sigmoid-unnormalised-f32": (2, 1, 128, 48, 80, 64, jnp.float32, "sigmoid", False, True),
@@ -44,9 +44,17 @@ CASES = {
     "wide-qk": (1, 1, 256, 256, 128, 128, jnp.bfloat16, "exponential", True, False),
     "7b-widths-f32": (1, 1, 128, 256, 512, 64, jnp.float32, "exponential", False, False),
 }
-# float32 cases whose parallel kernels split each input into two bf16 parts, where three do not fit in shared
-# memory: 16 bits of mantissa, so they round where the twin does not (docs/numerics.md: about 1e-5).
-TWO_PART_CASES = {"7b-widths-f32"}
+
+
+def _operand_parts(kernel: str, case: str) -> int:
+    """The bf16 parts the kernel splits the case's float32 inputs into: its own tile choice."""
+    *_, dhqk, dhhv, chunk, dtype, _, _, _ = CASES[case]
+    dhqk_p, dhhv_p = mosaic_common.padded_dim(dhqk), mosaic_common.padded_dim(dhhv)
+    parts = mosaic_common.operand_parts(dtype)
+    if kernel.startswith("recurrent"):  # the case's states are stored in float32
+        return recurrent_fw.kernel_tiles(dhqk_p, dhhv_p, parts, 4, recurrent_fw.compute_warpgroups(dhqk_p))[0]
+    tiles = {"parallel_fw_Hintra": parallel_fw.kernel_tiles, "parallel_bw_dV": parallel_bw.kernel_tiles}
+    return tiles.get(kernel, parallel_bw_sliced.kernel_tiles)(chunk, dhqk_p, dhhv_p, parts)[0]
 
 
 def _inputs(case: str):
@@ -144,8 +152,8 @@ def test_kernel_matches_twin(kernel, case, mode):
     )
     expected = jax.tree.leaves(jax.jit(lambda *a: twin(call, *a))(*args))
     actual = jax.tree.leaves(jax.jit(lambda *a: launcher(call, *a))(*args))
-    if dtype == jnp.float32:
-        rounds_as_twin = not (case in TWO_PART_CASES and kernel.startswith("parallel"))  # three parts: float32's bits
+    if dtype == jnp.float32:  # three bf16 parts carry float32's 24 bits; two, where three do not fit, carry 16
+        rounds_as_twin = _operand_parts(kernel, case) == 3
     if interpret and rounds_as_twin:
         tolerance = KERNEL_TWIN_TOLERANCE["mosaic_interpret", "float32"]
     else:

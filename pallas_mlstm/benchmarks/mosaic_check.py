@@ -107,7 +107,8 @@ def _mosaic_backward(module: str, kernel: str):
 
 def _sliced_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]):
     count, tiles = parallel_bw_sliced.kernel_tiles(chunk, dhqk, dhhv, parts)
-    return count, mosaic_common.Tiles(warpgroups=tiles.warpgroups, block_v=dhqk, stages=tiles.stages)
+    block = parallel_bw_sliced.tile_columns(dhqk)  # the Q/K column blocks of the tiles ring
+    return count, mosaic_common.Tiles(warpgroups=tiles.warpgroups, block_v=block, stages=tiles.stages)
 
 
 def _mosaic_states(call: KernelCall, modules):

@@ -22,7 +22,7 @@ early still cannot store worse than that. The start's forward output must pass t
 float32 reference; every other candidate's output and gradients must agree with the start's within the bench's
 tolerance before its time counts. The score is the median forward+backward time; a faster candidate that needs
 more than TEMP_MEMORY_SLACK above the start's temporary device memory (XLA's memory analysis of the compiled
-forward+backward) is not kept, so a tuned entry does not trade memory for speed. The winner and the start are
+forward+backward) is not kept, so a tuned entry trades at most that much memory for speed. The winner and the start are
 timed once more at the end, and the winner goes, with both times (`fwbw_ms`, `default_fwbw_ms`: the start's),
 to `--configs_out` (by default the user's file, `pallas_mlstm.config.user_tuned_configs_path`, which
 `tuned_config` reads over the packaged configs) under the card's `device_kind` and

@@ -7,7 +7,9 @@ for tests). A kernel joins KERNELS once it has passed the GPU tests, beaten the 
 runs wherever its module `supports` the call, and the Triton kernel otherwise (`mosaic_where_supported`):
 
 - the forward's H kernel (parallel_fw.py), the backward's dV kernel (parallel_bw.py) and its dK and dQ kernels
-  (parallel_bw_sliced.py) at chunk 64, 128 or 256, DHQK up to 256, 16-bit or float32 inputs. On an H100 dK and
+  (parallel_bw_sliced.py) at chunk 64, 128 or 256, DHQK up to 256, 16-bit or float32 inputs (dK and dQ in
+  float32 at DHQK 256 x DHHV 512, two operand parts, have run interpreted only, test_mosaic's 7b-widths-f32
+  case; the rest of the kernels and shapes passed the GPU test files). On an H100 dK and
   dQ take 0.56-0.81x Triton's time (results/h100-ab-dkdq-variants.json); their previous version, one compute
   warpgroup per 64 rows, took 1.11x at the 7b shape for dQ on an H200 (results/h200-mosaic-check.json), where
   the current one has not run;

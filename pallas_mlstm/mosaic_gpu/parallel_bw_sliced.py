@@ -9,12 +9,12 @@ xla_kernels.parallel_bw_dK / _dQ), each with the row dots Σ_d x·dX of its unro
          + Σ_{key tiles up to the diagonal} (dH Vᵀ ⊙ e^{D̃ − m} · s/(den + eps)) K
 
 The scores contract over DHHV (512 at the 7B widths), too wide for the H and dV kernels' pipeline of whole 64-row
-tiles. One program per (batch·head, chunk, 64·W owned rows): W compute warpgroups (two where the chunk has 128
-rows and two buffers fit, else one), each owning 64 rows of V (dK: keys) or of dH (dQ: queries), loaded once slice
+tiles. One program per (batch·head, chunk, 64·W owned rows): W compute warpgroups (two where the chunk has at least
+128 rows and two buffers fit, else one), each owning 64 rows of V (dK: keys) or of dH (dQ: queries), loaded once slice
 by slice, and a memory warpgroup that streams with TMA into one ring the (64, bS) slices of first the state (dC_k
 for dK, C_{k-1} for dQ; 64 DHQK rows at a time, so that each 64-row block gives one 64-column block of the
 gradient with no transpose), then of each other tile's dH (dK) or V (dQ); into the other ring the other tiles' Q
-(dK) or K (dQ) in column blocks of 128 (64 where 128 does not divide DHQK). Both warpgroups take every streamed
+(dK) or K (dQ) in column blocks of bT = 128 (64 where 128 does not divide DHQK). Both warpgroups take every streamed
 buffer, so the state and the other tiles are read once for 128 owned rows; a warpgroup passes (awaits and frees)
 the other tile on the other's diagonal that it has no part of. Each takes the inter-chunk term block by block,
 scales its rows by the gate row `inter`, then for each other tile sums the scores over the slices, gates them and
@@ -22,7 +22,7 @@ adds (gated scores) @ the tile's blocks. Per program, in shared memory:
 
     owned    (W, S, P, 64, bS)         the owned rows, S = DHHV / bS slices, loaded once
     slices   (stages, P, 64, bS)       a 64-row slice of the state, or an other tile's slice
-    tiles    (stages, P, 64, 128)      a column block of an other tile's Q or K
+    tiles    (stages, P, 64, bT)       a column block of an other tile's Q or K
     gates    (6, L) float32            the chunk's gate rows (parallel_bw.GATE_ROWS), loaded once
     out      (W, 64, E), (W, 64) f32   the staging of the gradient (E = 128 bytes of output dtype) and of the row dots
 """
@@ -63,7 +63,7 @@ def _slice_width(dhhv: int) -> int:
     return 128 if dhhv % 128 == 0 else ROWS
 
 
-def _tile_columns(dhqk: int) -> int:
+def tile_columns(dhqk: int) -> int:
     """The columns of one Q (dK) or K (dQ) block in the ring: 128 where they divide DHQK, else 64."""
     return 128 if dhqk % 128 == 0 else ROWS
 
@@ -80,14 +80,14 @@ def shared_bytes(tiles: SlicedTiles, chunk: int, dhqk: int, dhhv: int, parts: in
     """Shared memory of one program: the owned rows, the two rings, the gate rows and the staging."""
     w = tiles.warpgroups
     owned = w * parts * ROWS * dhhv * 2
-    rings = tiles.stages * parts * ROWS * (_slice_width(dhhv) + _tile_columns(dhqk)) * 2
+    rings = tiles.stages * parts * ROWS * (_slice_width(dhhv) + tile_columns(dhqk)) * 2
     small = len(parallel_bw.GATE_ROWS) * chunk * 4 + w * ROWS * (128 + 4)
     return owned + rings + small + common.RESERVED_BYTES
 
 
 def kernel_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]) -> tuple[int, SlicedTiles]:
     """(operand parts, SlicedTiles) for padded head dims: the first of `parts` (float32's precision first, as
-    `common.kernel_tiles`), two warpgroups where the chunk has 128 rows and two buffers fit, else one, and the most
+    `common.kernel_tiles`), two warpgroups where the chunk has 128 rows or more and two buffers fit, else one, the most
     buffers (4 down to 1) that fit in shared memory; ValueError if none does."""
     for count in parts:
         for warpgroups, min_stages in ((2, 2), (1, 1)):
@@ -101,8 +101,8 @@ def kernel_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]) -> tu
 
 
 def unsupported(chunk: int, dhqk: int, dhhv: int, dtype) -> str | None:
-    """What these kernels do not run (`common.unsupported`'s shapes, and shapes whose rows do not fit in shared
-    memory: float32 inputs at the 7B widths), or None."""
+    """What these kernels do not run (`common.unsupported`'s shapes, and shapes whose owned rows and one buffer per
+    ring do not fit in shared memory, e.g. float32 inputs with DHHV above 512 at DHQK 256), or None."""
     problem = common.unsupported("parallel_bw_dQ/dK", chunk, dhqk, dtype)
     if problem is not None:
         return problem
@@ -342,9 +342,9 @@ def _launch(
     dims = common.launch_dims(problem, matQ.shape, matV.shape[-1], chunk)
     batch, heads, seq_len, dhqk, dhhv, num_chunks, bnh, dhqk_p, dhhv_p = dims
     operand_dtype = common.operand_dtype(matQ.dtype)
-    parts, tiles = kernel_tiles(chunk, dhqk_p, dhhv_p, common.operand_parts(matQ.dtype))
-    w, stages = tiles.warpgroups, tiles.stages
-    width, tile_cols = _slice_width(dhhv_p), _tile_columns(dhqk_p)
+    parts, launch = kernel_tiles(chunk, dhqk_p, dhhv_p, common.operand_parts(matQ.dtype))
+    w, stages = launch.warpgroups, launch.stages
+    width, tile_cols = _slice_width(dhhv_p), tile_columns(dhqk_p)
     out_dtype = jnp.dtype(call.output_dtype)
 
     scale = call.scale_for(dhqk)
@@ -356,7 +356,7 @@ def _launch(
     state = matDeltaC_states if variant.owns_keys else chunk_states[0]
     state = common.split_operand(common.states_rows(state, dims), parts, operand_dtype)  # (P, rows, DHHV_p)
     own, streamed = (v, dh) if variant.owns_keys else (dh, v)
-    tiles, x = (matQ, matK) if variant.owns_keys else (matK, matQ)
+    other, x = (matQ, matK) if variant.owns_keys else (matK, matQ)  # the other tiles' Q or K; the row dots' x
 
     operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
     kernel = functools.partial(
@@ -394,7 +394,7 @@ def _launch(
         ),
         grid=(bnh, num_chunks, chunk // (w * ROWS)),
         grid_names=("bh", "c", "ot"),
-    )(own, streamed, operand_of(tiles, dhqk_p), state, gates, common.sequence_rows(x, dhqk_p))
+    )(own, streamed, operand_of(other, dhqk_p), state, gates, common.sequence_rows(x, dhqk_p))
     return grad[:, :dhqk].reshape(batch, heads, seq_len, dhqk), dots.reshape(batch, heads, seq_len)
 
 
