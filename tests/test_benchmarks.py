@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 import types
 
 import jax
@@ -153,6 +154,24 @@ def test_tune_smoke_writes_an_entry(tmp_path):
     assert entry["configs_timed"] >= 2 and entry["fwbw_ms"] > 0 and entry["backend"] == "interpret"
     ChunkwiseConfig(**entry["config"])  # the stored fields are the config's
     assert entry["temp_bytes"] <= entry["default_temp_bytes"] * (1 + sweep.TEMP_MEMORY_SLACK)
+
+
+def test_tune_shares_its_budget_among_the_shapes(monkeypatch, tmp_path):
+    """With two shapes and --time_budget_s=100, the first may search until about 50 s from the start and the second
+    gets what is left (about 100 s, as the first here returns at once), not the first everything."""
+    start, deadlines = time.monotonic(), []
+
+    def tune_shape(shape, backend, calls, deadline):
+        deadlines.append(deadline - start)
+        return {"config": {}, "fwbw_ms": 1.0, "default_fwbw_ms": 1.0, "complete": True}
+
+    monkeypatch.setattr(sweep, "tune_shape", tune_shape)
+    configs_path = tmp_path / "configs.json"
+    _run_command(
+        "tune", "--tune_backend=interpret", "--shapes=tiny,tiny-packed", f"--configs_out={configs_path}",
+        "--time_budget_s=100",
+    )  # fmt: skip
+    assert len(deadlines) == 2 and 45 < deadlines[0] < 51 and 95 < deadlines[1] < 101, deadlines
 
 
 def test_tune_keeps_no_candidate_that_needs_more_memory(monkeypatch):

@@ -88,7 +88,8 @@ CONFIGS_OUT = flags.DEFINE_string(
 TIME_BUDGET_S = flags.DEFINE_integer(
     "time_budget_s",
     480,
-    "No new candidate starts after this many seconds; the best so far is stored, marked incomplete.",
+    "No new candidate starts after this many seconds; the best so far is stored, marked incomplete. Each shape "
+    "gets an equal share of what is left when it starts.",
     lower_bound=1,
 )
 
@@ -351,11 +352,13 @@ def main_tune(argv: list[str]) -> None:
             runner.say(warning)
     deadline = time.monotonic() + TIME_BUDGET_S.value
     refused = []
-    for shape in shapes:
-        if time.monotonic() > deadline:
+    for index, shape in enumerate(shapes):
+        now = time.monotonic()
+        if now > deadline:
             runner.say(f"time budget spent: {shape.name} not tuned.")
             continue
-        entry = tune_shape(shape, backend, runner.CALLS.value, deadline)
+        shape_deadline = now + (deadline - now) / (len(shapes) - index)  # an equal share of what is left
+        entry = tune_shape(shape, backend, runner.CALLS.value, shape_deadline)
         if entry is None:
             refused.append(shape.name)
             continue
