@@ -164,6 +164,17 @@ def test_kernel_matches_twin(kernel, case, mode):
         assert rel_err(out, ref) <= tolerance, f"{kernel} output {index}: {rel_err(out, ref):.2e}"
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_float32_runs_in_three_parts_where_they_fit(kernel):
+    """float32 inputs run as three bf16 parts (float32's 24 bits) in every float32 case but the parallel kernels' at
+    the 7B widths, whose tiles fit only two. A tile choice that gives up a part for anything else fails here; the
+    twin bound would not catch it (two parts land about 8e-6 from the twin at these shapes, under its 1e-5)."""
+    for case, (*_, dtype, _, _, _) in CASES.items():
+        if dtype == jnp.float32:
+            expected = 2 if case == "7b-widths-f32" and kernel.startswith("parallel") else 3
+            assert _operand_parts(kernel, case) == expected, case
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_lowers_for_hopper(kernel, dtype):
