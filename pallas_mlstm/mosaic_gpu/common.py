@@ -50,7 +50,7 @@ def swizzled(dtype) -> tuple:
 
 def shared_bytes(tiles: Tiles, chunk: int, dhqk: int, parts: int, gate_rows: int) -> int:
     """Shared memory of one program, 16-bit operands: the owned rows (warpgroups, P, 64, DHQK), the two rings
-    (stages, P, 64, DHQK) and (stages, P, 64, block_v), `gate_rows` float32 rows of the chunk, a (DHQK,) float32
+    (stages, P, 64, DHQK) and (stages, P, 64, block_v), `gate_rows` 32-bit rows of the chunk, a (DHQK,) float32
     vector and the output staging (warpgroups, 64, 128 bytes + a float32)."""
     w, bv = tiles.warpgroups, tiles.block_v
     owned = w * parts * ROWS * dhqk * 2
@@ -355,6 +355,52 @@ def one_state(mat: jax.Array, dims: LaunchDims) -> jax.Array:
     """A (B, NH, DHQK, DHHV) state as (B·NH, DHQK_p, DHHV_p) float32, zero-padded."""
     x = mat.reshape(dims.bnh, dims.dhqk, dims.dhhv).astype(jnp.float32)
     return pad_axis(pad_axis(x, 1, dims.dhqk_p), 2, dims.dhhv_p)
+
+
+def chunk_rows(x: jax.Array, dims: LaunchDims) -> jax.Array:
+    """A per-step gate, (B, NH, S) or (B, NH, NC, L), as the kernels' (B·NH, NC, L) rows: float32, or int32 for
+    integer gates (the last resets). A reshape, not a copy, for a gate that has one of these dtypes already: the
+    kernels take the gate arrays the Triton launchers take and nothing made from them, so they need no more memory."""
+    dtype = jnp.int32 if jnp.issubdtype(x.dtype, jnp.integer) else jnp.float32
+    return x.reshape(dims.bnh, dims.num_chunks, -1).astype(dtype)
+
+
+RESETS = -1  # the gate index of the last-reset row (int32) in `gate_readers`
+
+
+def load_gate_rows(rows_gmem, resets_gmem, rows_smem, resets_smem, bars, bh, c):
+    """The memory warpgroup's copies of chunk c of head bh's gate rows (`chunk_rows`), one TMA copy each: float32
+    row g from rows_gmem[g] into rows_smem[g] (barrier g), the last resets into resets_smem (the last barrier)."""
+    for g, row in enumerate(rows_gmem):
+        plgpu.copy_gmem_to_smem(row.at[bh, c], rows_smem.at[g], bars.at[g])  # (L,)
+    plgpu.copy_gmem_to_smem(resets_gmem.at[bh, c], resets_smem, bars.at[len(rows_gmem)])  # (L,) int32
+
+
+def await_gate_rows(bars, float_rows: int):
+    """A compute warpgroup's wait for the copies of `load_gate_rows` (`float_rows` float32 rows and the resets)."""
+    for g in range(float_rows + 1):
+        plgpu.barrier_wait(bars.at[g])
+
+
+def gate_readers(rows_smem, resets_smem):
+    """(along_rows, along_columns): each read(g, start) gives the 64 steps from `start` of float32 gate row g, or
+    of the last resets (int32) for g = RESETS, as a (64,) vector in the wgmma layout that broadcasts along the rows
+    (`by_rows`) or the columns (`by_columns`) of a (64, 64) tile."""
+
+    def reader(dim):
+        def read(g, start):
+            ref = resets_smem if g == RESETS else rows_smem.at[g]
+            return plgpu.load(ref.at[pl.ds(start, ROWS)], layout=plgpu.Layout.WGMMA.reduce(dim))  # (64,)
+
+        return read
+
+    return reader(1), reader(0)
+
+
+def start_state_decay(vec_b, vec_r, m_prev, vec_m):
+    """e^{b_t + m_{k-1} − m_t}, the chunk's start state's decay to step t, or 0 after a reset in the chunk
+    (vec_r >= 0): (64,) from the steps' gate vectors and m_{k-1}, a scalar."""
+    return jnp.where(vec_r < 0, jnp.exp(vec_b + m_prev - vec_m), 0.0)
 
 
 def sequence_operand(x: jax.Array, size: int, parts: int, dtype) -> jax.Array:

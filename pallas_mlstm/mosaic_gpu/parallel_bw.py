@@ -15,11 +15,13 @@ unused. Per program, in shared memory:
     K        (warpgroups, P, 64, DHQK)  the program's key rows, loaded once
     Q        (stages, P, 64, DHQK)      a query tile per step
     dH       (stages, P, 64, bDHHV)     a query tile's dH per step, or a 64-row slice of the state dC_k
-    gates    (6, L) float32             the chunk's gate rows (GATE_ROWS), loaded once
+    gates    (5, L) float32, (L,) int32 the chunk's gate rows (GATE_ROWS) and last resets, loaded once
     out      (warpgroups, 64, E)        the staging tile of dV (E = 128 bytes of output dtype)
 
 Shapes, dtypes and parts as the forward's kernel (`common.kernel_tiles`, float32 inputs as bf16 operand parts);
 dH and dC_k are rounded to the operand dtype before the launch, as the Triton kernel rounds them before its dots.
+The gates are the arrays the Triton launchers take (`kernel_gates`); the decays and 1/(den + eps) made from them
+are computed in the kernel (`key_decay`, `dh_scale`, `common.start_state_decay`), as Triton's are.
 """
 
 from __future__ import annotations
@@ -32,21 +34,21 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_mlstm.gates import chunked, log_input_gate
+from pallas_mlstm.gates import log_input_gate
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common
 from pallas_mlstm.mosaic_gpu.common import ROWS
-from pallas_mlstm.pallas_triton.common import inter_chunk_decay
 
 NAME = "mlstm_chunkwise__parallel_bw_dV"
-# b_t, m_t, last reset (float), log input gate, e^{a_j − m_k} (a key's decay to the chunk's end), s/(den_t + eps)
-GATE_ROWS = ("b", "m", "r", "i", "inter", "dh_scale")
-_B, _M, _R, _I, _INTER, _DH_SCALE = range(len(GATE_ROWS))
+# float32 rows: b_t, m_t, the log input gate, a_t (a step's log decay to the chunk's end), den_t (vecN_out); the
+# last resets (int32) beside them
+GATE_ROWS = ("b", "m", "i", "a", "den")
+B_ROW, M_ROW, I_ROW, A_ROW, DEN_ROW = range(len(GATE_ROWS))
 
 
 def kernel_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]) -> tuple[int, common.Tiles]:
     """The operand parts and the launch for padded head dims (`common.kernel_tiles`)."""
-    return common.kernel_tiles(NAME, chunk, dhqk, dhhv, parts, len(GATE_ROWS))
+    return common.kernel_tiles(NAME, chunk, dhqk, dhhv, parts, len(GATE_ROWS) + 1)
 
 
 def supports(call: KernelCall, matQ, *arrays) -> bool:
@@ -59,12 +61,19 @@ def _kernel(
     q_gmem,  # (P, BNH·S, DHQK_p)
     dh_gmem,  # (P, BNH·S, DHHV_p)
     dc_gmem,  # (P, BNH·(NC+1)·DHQK_p, DHHV_p): dC_k of head bh at rows (bh·(NC+1) + k)·DHQK_p
-    g_gmem,  # (BNH, NC, 6, L) float32
+    b_gmem,  # (BNH, NC, L) float32, and m, i, a, den alike (GATE_ROWS)
+    m_gmem,
+    i_gmem,
+    a_gmem,
+    den_gmem,
+    r_gmem,  # (BNH, NC, L) int32: the last resets
+    m_states_gmem,  # (BNH, NC+1) float32: m_k of the states
     dv_gmem,  # (BNH, S, DHHV_p) out
     k_smem,
     q_smem,
     dh_smem,
     g_smem,
+    r_smem,
     o_smem,
     k_bar,
     g_bar,
@@ -76,6 +85,8 @@ def _kernel(
     tiles: common.Tiles,
     chunk: int,
     num_chunks: int,
+    qk_scale: float,
+    eps: float,
     interpret: bool,
 ):
     parts, dhqk = k_smem.shape[1], k_smem.shape[-1]
@@ -95,7 +106,7 @@ def _kernel(
     @pl.when(wg == warpgroups)
     def _memory():
         plgpu.set_max_registers(common.MEMORY_REGISTERS, action="decrease")
-        plgpu.copy_gmem_to_smem(g_gmem.at[bh, c], g_smem, g_bar.at[0])  # (6, L)
+        common.load_gate_rows((b_gmem, m_gmem, i_gmem, a_gmem, den_gmem), r_gmem, g_smem, r_smem, g_bar, bh, c)
         for w in range(warpgroups):
             rows = pl.ds(seq_row0 + kv_start + w * ROWS, ROWS)
             plgpu.copy_gmem_to_smem(k_gmem.at[:, rows], k_smem.at[w], k_bar.at[w])  # (P, 64, DHQK_p)
@@ -128,11 +139,11 @@ def _kernel(
         plgpu.set_max_registers(common.COMPUTE_REGISTERS, action="increase")
         row0 = kv_start + wg * ROWS  # in-chunk position of this warpgroup's first key row
         k_tile = lambda p: k_smem.at[wg, p]  # (64, DHQK_p): part p of this warpgroup's K
-        plgpu.barrier_wait(g_bar.at[0])
+        common.await_gate_rows(g_bar, len(GATE_ROWS))
         plgpu.barrier_wait(k_bar.at[wg])
-        gate_row = lambda g, start: plgpu.load(g_smem.at[g, pl.ds(start, ROWS)], layout=plgpu.Layout.WGMMA.reduce(1))
-        gate_col = lambda g, start: plgpu.load(g_smem.at[g, pl.ds(start, ROWS)], layout=plgpu.Layout.WGMMA.reduce(0))
-        vec_b_kv, vec_i_kv, vec_inter = gate_row(_B, row0), gate_row(_I, row0), gate_row(_INTER, row0)  # (64,)
+        gate_row, gate_col = common.gate_readers(g_smem, r_smem)
+        vec_b_kv, vec_i_kv = gate_row(B_ROW, row0), gate_row(I_ROW, row0)  # (64,)
+        vec_inter = key_decay(gate_row(A_ROW, row0), m_states_gmem[bh, c + 1])  # (64,)
 
         # inter-chunk: (K ⊙ e^{a − m_k}) dC_k
         k_cols = lambda e: lambda p: k_tile(p).at[:, pl.ds(e * ROWS, ROWS)]  # (64, 64): columns e of K
@@ -157,9 +168,9 @@ def _kernel(
             q_t = lambda p: q_smem.at[q_slot, p].transpose((1, 0))  # (DHQK_p, 64)
             scores = common.mma(common.zeros(ROWS), k_tile, q_t, parts, interpret)  # (64, DHQK_p) @ (DHQK_p, 64)
             plgpu.barrier_arrive(q_free_bar.at[q_slot])
-            vec_b_q, vec_m_q = gate_col(_B, q_start), gate_col(_M, q_start)  # (64,)
-            vec_r_q = gate_col(_R, q_start).astype(jnp.int32)  # (64,): last reset in the chunk, −1 if none
-            dh_scale = gate_col(_DH_SCALE, q_start)  # (64,)
+            vec_b_q, vec_m_q = gate_col(B_ROW, q_start), gate_col(M_ROW, q_start)  # (64,)
+            vec_r_q = gate_col(common.RESETS, q_start)  # (64,) int32: last reset in the chunk, −1 if none
+            vec_dh_scale = dh_scale(gate_col(DEN_ROW, q_start), qk_scale, eps)  # (64,)
             shape = scores.shape  # (key rows, query columns)
             log_decay = (
                 common.by_columns(vec_b_q, shape) - common.by_rows(vec_b_kv, shape) + common.by_rows(vec_i_kv, shape)
@@ -168,7 +179,7 @@ def _kernel(
             q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
             valid = (kv_pos <= q_pos) & (kv_pos >= common.by_columns(vec_r_q, shape))
             decay = jnp.exp(jnp.where(valid, log_decay, -jnp.inf))
-            weights = scores * common.by_columns(dh_scale, shape) * decay  # (64, 64) float32
+            weights = scores * common.by_columns(vec_dh_scale, shape) * decay  # (64, 64) float32
             plgpu.barrier_wait(dh_bar.at[dh_slot])
             w_parts = common.split_parts(weights, parts, dh_smem.dtype)
             dh_tile = lambda p: dh_smem.at[dh_slot, p]  # (64, bDHHV)
@@ -192,26 +203,25 @@ def _kernel(
         plgpu.wait_smem_to_gmem(0)
 
 
-def kernel_gates(
-    call: KernelCall, vecI, chunk_gates, scaM_all, vecN_out, vecM_out, qk_scale: float, queries_inter: bool = False
-):
-    """The gate rows of every chunk, (BNH, NC, 6, L) float32 (GATE_ROWS). The inter row is a key's decay to the
-    chunk's end, e^{a_j − m_k}, or with `queries_inter` (dQ) a query's factor on the start state,
-    e^{b_t + m_{k-1} − m_t} · s/(den_t + eps) (0 after a reset in the chunk)."""
-    chunk = call.chunk_size
+def kernel_gates(call: KernelCall, vecI, chunk_gates, vecN_out, vecM_out, scaM_all, dims: common.LaunchDims):
+    """The gate arrays of the backward kernels, those the Triton launchers take: the rows (GATE_ROWS) and the last
+    resets (B·NH, NC, L) (`common.chunk_rows`; no resets: −1, as Triton's), and the states' m (B·NH, NC+1) float32."""
     vecA, vecB, vecR = chunk_gates  # (B, NH, NC, L)
     if vecR is None:
         vecR = jnp.full(vecB.shape, -1, jnp.int32)
-    vecM = chunked(vecM_out, chunk).astype(jnp.float32)  # (B, NH, NC, L)
-    dh_scale = qk_scale / (chunked(vecN_out, chunk).astype(jnp.float32) + call.eps)
-    if queries_inter:
-        m_prev = scaM_all[..., :-1, None].astype(jnp.float32)  # (B, NH, NC, 1): m_{k-1} at the chunk's start
-        inter = inter_chunk_decay(vecB.astype(jnp.float32), vecR, m_prev, vecM) * dh_scale
-    else:
-        inter = jnp.exp(vecA.astype(jnp.float32) - scaM_all[..., 1:, None].astype(jnp.float32))
-    rows = (vecB, vecM, vecR, chunked(log_input_gate(vecI, call.input_gate), chunk), inter, dh_scale)
-    gates = jnp.stack([x.astype(jnp.float32) for x in rows], axis=-2)  # (B, NH, NC, 6, L)
-    return gates.reshape(-1, *gates.shape[2:])
+    rows = (vecB, vecM_out, log_input_gate(vecI, call.input_gate), vecA, vecN_out)
+    m_states = scaM_all.reshape(dims.bnh, dims.num_chunks + 1).astype(jnp.float32)
+    return tuple(common.chunk_rows(x, dims) for x in rows), common.chunk_rows(vecR, dims), m_states
+
+
+def key_decay(vec_a, m_k):
+    """e^{a_j − m_k}, key j's decay to the chunk's end state: (64,) from the keys' a and m_k, a scalar."""
+    return jnp.exp(vec_a - m_k)
+
+
+def dh_scale(vec_den, qk_scale: float, eps: float):
+    """s/(den_t + eps), a query's factor on its dH: (64,) from the queries' den (vecN_out)."""
+    return qk_scale / (vec_den + eps)
 
 
 def parallel_bw_dV(
@@ -229,7 +239,7 @@ def parallel_bw_dV(
     parts, tiles = kernel_tiles(chunk, dhqk_p, dhhv_p, common.operand_parts(matQ.dtype))
     out_dtype = jnp.dtype(call.output_dtype)
 
-    gates = kernel_gates(call, vecI, chunk_gates, chunk_states[2], vecN_out, vecM_out, call.scale_for(dhqk))
+    gate_rows, resets, m_states = kernel_gates(call, vecI, chunk_gates, vecN_out, vecM_out, chunk_states[2], dims)
     operand_of = lambda x, size: common.sequence_operand(x, size, parts, operand_dtype)  # (P, BNH·S, size)
     k, q, dh = operand_of(matK, dhqk_p), operand_of(matQ, dhqk_p), operand_of(matDeltaH.astype(matQ.dtype), dhhv_p)
     dc_all = common.split_operand(common.states_rows(matDeltaC_states, dims), parts, operand_dtype)  # (P, rows, DHHV_p)
@@ -237,7 +247,15 @@ def parallel_bw_dV(
     operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
     out_cols = 128 // out_dtype.itemsize
     w, stages = tiles.warpgroups, tiles.stages
-    kernel = functools.partial(_kernel, tiles=tiles, chunk=chunk, num_chunks=num_chunks, interpret=call.interpret)
+    kernel = functools.partial(
+        _kernel,
+        tiles=tiles,
+        chunk=chunk,
+        num_chunks=num_chunks,
+        qk_scale=call.scale_for(dhqk),
+        eps=call.eps,
+        interpret=call.interpret,
+    )
     dv = common.launch(
         kernel,
         name=NAME,
@@ -249,10 +267,11 @@ def parallel_bw_dV(
             operand((w, parts, ROWS, dhqk_p)),  # K
             operand((stages, parts, ROWS, dhqk_p)),  # Q
             operand((stages, parts, ROWS, tiles.block_v)),  # dH or dC_k
-            plgpu.SMEM((len(GATE_ROWS), chunk), jnp.float32),  # gates
+            plgpu.SMEM((len(GATE_ROWS), chunk), jnp.float32),  # gate rows
+            plgpu.SMEM((chunk,), jnp.int32),  # last resets
             plgpu.SMEM((w, ROWS, out_cols), out_dtype, transforms=common.swizzled(out_dtype)),  # dV staging
             plgpu.Barrier(num_barriers=w),  # K loaded
-            plgpu.Barrier(num_barriers=1),  # gates loaded
+            plgpu.Barrier(num_barriers=len(GATE_ROWS) + 1),  # gate rows, last resets loaded
             plgpu.Barrier(num_barriers=stages),  # Q loaded
             plgpu.Barrier(num_barriers=stages),  # dH / dC_k loaded
             plgpu.Barrier(num_arrivals=w, num_barriers=stages),  # Q buffers free again
@@ -260,5 +279,5 @@ def parallel_bw_dV(
         ),
         grid=(bnh, num_chunks, (chunk // (w * ROWS)) * (dhhv_p // tiles.block_v)),
         grid_names=("bh", "c", "kv"),
-    )(k, q, dh, dc_all, gates)
+    )(k, q, dh, dc_all, *gate_rows, resets, m_states)
     return dv[:, :, :dhhv].reshape(batch, heads, seq_len, dhhv)

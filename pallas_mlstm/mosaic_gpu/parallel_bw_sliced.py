@@ -17,13 +17,13 @@ gradient with no transpose), then of each other tile's dH (dK) or V (dQ); into t
 (dK) or K (dQ) in column blocks of bT = 128 (64 where 128 does not divide DHQK). Both warpgroups take every streamed
 buffer, so the state and the other tiles are read once for 128 owned rows; a warpgroup passes (awaits and frees)
 the other tile on the other's diagonal that it has no part of. Each takes the inter-chunk term block by block,
-scales its rows by the gate row `inter`, then for each other tile sums the scores over the slices, gates them and
-adds (gated scores) @ the tile's blocks. Per program, in shared memory:
+scales its rows by the inter-chunk decay (times s/(den + eps) for dQ), then for each other tile sums the scores
+over the slices, gates them and adds (gated scores) @ the tile's blocks. Per program, in shared memory:
 
     owned    (W, S, P, 64, bS)         the owned rows, S = DHHV / bS slices, loaded once
     slices   (stages, P, 64, bS)       a 64-row slice of the state, or an other tile's slice
     tiles    (stages, P, 64, bT)       a column block of an other tile's Q or K
-    gates    (6, L) float32            the chunk's gate rows (parallel_bw.GATE_ROWS), loaded once
+    gates    (5, L) f32, (L,) int32    the chunk's gate rows (parallel_bw.GATE_ROWS) and last resets, loaded once
     out      (W, 64, E), (W, 64) f32   the staging of the gradient (E = 128 bytes of output dtype) and of the row dots
 """
 
@@ -41,8 +41,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common, parallel_bw
 from pallas_mlstm.mosaic_gpu.common import ROWS
-
-_B, _M, _R, _I, _INTER, _DH_SCALE = range(len(parallel_bw.GATE_ROWS))
+from pallas_mlstm.mosaic_gpu.parallel_bw import A_ROW, B_ROW, DEN_ROW, GATE_ROWS, I_ROW, M_ROW, dh_scale, key_decay
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +80,7 @@ def shared_bytes(tiles: SlicedTiles, chunk: int, dhqk: int, dhhv: int, parts: in
     w = tiles.warpgroups
     owned = w * parts * ROWS * dhhv * 2
     rings = tiles.stages * parts * ROWS * (_slice_width(dhhv) + tile_columns(dhqk)) * 2
-    small = len(parallel_bw.GATE_ROWS) * chunk * 4 + w * ROWS * (128 + 4)
+    small = (len(GATE_ROWS) + 1) * chunk * 4 + w * ROWS * (128 + 4)
     return owned + rings + small + common.RESERVED_BYTES
 
 
@@ -123,7 +122,13 @@ def _kernel(
     streamed_gmem,  # (P, BNH·S, DHHV_p): dH (dK) or V (dQ)
     tiles_gmem,  # (P, BNH·S, DHQK_p): Q (dK) or K (dQ)
     state_gmem,  # (P, BNH·(NC+1)·DHQK_p, DHHV_p): dC (dK) or C (dQ) of head bh, state k at rows (bh·(NC+1) + k)·DHQK_p
-    g_gmem,  # (BNH, NC, 6, L) float32
+    b_gmem,  # (BNH, NC, L) float32, and m, i, a, den alike (GATE_ROWS)
+    m_gmem,
+    i_gmem,
+    a_gmem,
+    den_gmem,
+    r_gmem,  # (BNH, NC, L) int32: the last resets
+    m_states_gmem,  # (BNH, NC+1) float32: m_k of the states
     x_gmem,  # (BNH·S, DHQK_p): K (dK) or Q (dQ) as given, for the row dots
     out_gmem,  # (BNH·S, DHQK_p) out: dK or dQ
     dots_gmem,  # (BNH, S) float32 out
@@ -131,6 +136,7 @@ def _kernel(
     sl_smem,
     t_smem,
     g_smem,
+    r_smem,
     o_smem,
     dots_smem,
     own_bar,
@@ -145,6 +151,8 @@ def _kernel(
     stages: int,
     chunk: int,
     num_chunks: int,
+    qk_scale: float,
+    eps: float,
     interpret: bool,
 ):
     warpgroups, num_slices, parts, _, width = own_smem.shape
@@ -166,7 +174,7 @@ def _kernel(
     @pl.when(wg == warpgroups)
     def _memory():
         plgpu.set_max_registers(common.MEMORY_REGISTERS, action="decrease")
-        plgpu.copy_gmem_to_smem(g_gmem.at[bh, c], g_smem, g_bar.at[0])  # (6, L)
+        common.load_gate_rows((b_gmem, m_gmem, i_gmem, a_gmem, den_gmem), r_gmem, g_smem, r_smem, g_bar, bh, c)
         for w in range(warpgroups):
             for u in range(num_slices):
                 rows, cols = pl.ds(seq_row0 + (first_tile + w) * ROWS, ROWS), pl.ds(u * width, width)
@@ -222,12 +230,20 @@ def _kernel(
     def _compute():
         plgpu.set_max_registers(common.COMPUTE_REGISTERS, action="increase")
         row0 = (first_tile + wg) * ROWS  # in-chunk position of this warpgroup's owned rows
-        plgpu.barrier_wait(g_bar.at[0])
+        common.await_gate_rows(g_bar, len(GATE_ROWS))
         for u in range(num_slices):
             plgpu.barrier_wait(own_bar.at[wg * num_slices + u])
-        # gate g of the 64 steps from `start`, (64,), along the rows or along the columns of a (64, 64) tile
-        gate_row = lambda g, start: plgpu.load(g_smem.at[g, pl.ds(start, ROWS)], layout=plgpu.Layout.WGMMA.reduce(1))
-        gate_col = lambda g, start: plgpu.load(g_smem.at[g, pl.ds(start, ROWS)], layout=plgpu.Layout.WGMMA.reduce(0))
+        # the gates of the 64 steps from `start`, (64,) each, along the rows or along the columns of a (64, 64) tile
+        gate_row, gate_col = common.gate_readers(g_smem, r_smem)
+        key_gates = lambda read, start: {"b": read(B_ROW, start), "i": read(I_ROW, start)}
+        query_gates = lambda read, start: {
+            "b": read(B_ROW, start),
+            "m": read(M_ROW, start),
+            "r": read(common.RESETS, start),  # int32: last reset in the chunk, −1 if none
+            "dh_scale": dh_scale(read(DEN_ROW, start), qk_scale, eps),
+        }
+        own_gates = (key_gates if variant.owns_keys else query_gates)(gate_row, row0)
+        other_gates_at = functools.partial(query_gates if variant.owns_keys else key_gates, gate_col)
         own_slice = lambda u: lambda p: own_smem.at[wg, u, p]  # (64, bS): slice u of this warpgroup's owned rows
         slice_t = lambda slot: lambda p: sl_smem.at[slot, p].transpose((1, 0))  # (bS, 64)
 
@@ -253,7 +269,12 @@ def _kernel(
         # inter-chunk: owned rows @ stateᵀ, one 64-column block per 64-row block of the state, in column blocks
         blocks = [slices_product(block * num_slices) for block in range(dhqk // ROWS)]
         per_block = tile_cols // ROWS
-        inter = common.by_rows(gate_row(_INTER, row0), (ROWS, tile_cols))
+        if variant.owns_keys:  # e^{a − m_k}
+            vec_inter = key_decay(gate_row(A_ROW, row0), m_states_gmem[bh, c + 1])
+        else:  # e^{b + m_{k-1} − m} · s/(den + eps)
+            start_decay = common.start_state_decay(own_gates["b"], own_gates["r"], m_states_gmem[bh, c], own_gates["m"])
+            vec_inter = start_decay * own_gates["dh_scale"]
+        inter = common.by_rows(vec_inter, (ROWS, tile_cols))
         accs = [
             (
                 blocks[b * per_block]
@@ -264,28 +285,25 @@ def _kernel(
             for b in range(col_blocks)
         ]  # each (64, tile_cols)
 
-        # the owned rows' gates, along the rows; the other tile's along the columns
+        # the owned rows' gates go along the rows; the other tile's along the columns
         by_own, by_other = common.by_rows, common.by_columns
-        own_gates = {g: gate_row(g, row0) for g in ((_B, _I) if variant.owns_keys else (_B, _M, _R, _DH_SCALE))}
 
         def other_step(j, accs):
             other_start = (first_other + j) * ROWS  # in-chunk position of the other tile
             scores = slices_product(state_steps + j * num_slices)  # (owned rows, other rows)
-            other_gates = {
-                g: gate_col(g, other_start) for g in ((_B, _M, _R, _DH_SCALE) if variant.owns_keys else (_B, _I))
-            }
+            other_gates = other_gates_at(other_start)
             query, key = (other_gates, own_gates) if variant.owns_keys else (own_gates, other_gates)
             by_query, by_key = (by_other, by_own) if variant.owns_keys else (by_own, by_other)
             shape = scores.shape
-            log_decay = (by_query(query[_B], shape) - by_key(key[_B], shape) + by_key(key[_I], shape)) - by_query(
-                query[_M], shape
+            log_decay = (by_query(query["b"], shape) - by_key(key["b"], shape) + by_key(key["i"], shape)) - by_query(
+                query["m"], shape
             )
             own_pos = row0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
             other_pos = other_start + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
             q_pos, kv_pos = (other_pos, own_pos) if variant.owns_keys else (own_pos, other_pos)
-            valid = (kv_pos <= q_pos) & (kv_pos >= by_query(query[_R].astype(jnp.int32), shape))
+            valid = (kv_pos <= q_pos) & (kv_pos >= by_query(query["r"], shape))
             decay = jnp.exp(jnp.where(valid, log_decay, -jnp.inf))
-            weights = scores * by_query(query[_DH_SCALE], shape) * decay  # (64, 64) float32
+            weights = scores * by_query(query["dh_scale"], shape) * decay  # (64, 64) float32
             w_parts = common.split_parts(weights, parts, t_smem.dtype)
             accs = list(accs)
             for b in range(col_blocks):
@@ -347,9 +365,8 @@ def _launch(
     width, tile_cols = _slice_width(dhhv_p), tile_columns(dhqk_p)
     out_dtype = jnp.dtype(call.output_dtype)
 
-    scale = call.scale_for(dhqk)
-    gates = parallel_bw.kernel_gates(
-        call, vecI, chunk_gates, chunk_states[2], vecN_out, vecM_out, scale, queries_inter=not variant.owns_keys
+    gate_rows, resets, m_states = parallel_bw.kernel_gates(
+        call, vecI, chunk_gates, vecN_out, vecM_out, chunk_states[2], dims
     )
     operand_of = lambda x, size: common.sequence_operand(x, size, parts, operand_dtype)  # (P, BNH·S, size)
     v, dh = operand_of(matV, dhhv_p), operand_of(matDeltaH.astype(matQ.dtype), dhhv_p)
@@ -366,6 +383,8 @@ def _launch(
         stages=stages,
         chunk=chunk,
         num_chunks=num_chunks,
+        qk_scale=call.scale_for(dhqk),
+        eps=call.eps,
         interpret=call.interpret,
     )
     grad, dots = common.launch(
@@ -382,11 +401,12 @@ def _launch(
             operand((w, dhhv_p // width, parts, ROWS, width)),  # each warpgroup's owned rows, slice by slice
             operand((stages, parts, ROWS, width)),  # state / other tiles' slices
             operand((stages, parts, ROWS, tile_cols)),  # other tiles' Q or K, a column block at a time
-            plgpu.SMEM((len(parallel_bw.GATE_ROWS), chunk), jnp.float32),  # gates
+            plgpu.SMEM((len(GATE_ROWS), chunk), jnp.float32),  # gate rows
+            plgpu.SMEM((chunk,), jnp.int32),  # last resets
             plgpu.SMEM((w, ROWS, 128 // out_dtype.itemsize), out_dtype, transforms=common.swizzled(out_dtype)),  # dX
             plgpu.SMEM((w, ROWS), jnp.float32),  # row dots
             plgpu.Barrier(num_barriers=w * (dhhv_p // width)),  # owned slices loaded
-            plgpu.Barrier(num_barriers=1),  # gates loaded
+            plgpu.Barrier(num_barriers=len(GATE_ROWS) + 1),  # gate rows, last resets loaded
             plgpu.Barrier(num_barriers=stages),  # slice loaded
             plgpu.Barrier(num_barriers=stages),  # tile block loaded
             plgpu.Barrier(num_arrivals=w, num_barriers=stages),  # slice buffers free again
@@ -394,7 +414,7 @@ def _launch(
         ),
         grid=(bnh, num_chunks, chunk // (w * ROWS)),
         grid_names=("bh", "c", "ot"),
-    )(own, streamed, operand_of(other, dhqk_p), state, gates, common.sequence_rows(x, dhqk_p))
+    )(own, streamed, operand_of(other, dhqk_p), state, *gate_rows, resets, m_states, common.sequence_rows(x, dhqk_p))
     return grad[:, :dhqk].reshape(batch, heads, seq_len, dhqk), dots.reshape(batch, heads, seq_len)
 
 

@@ -10,12 +10,13 @@ accumulators in registers. Per program, in shared memory:
     Q        (warpgroups, P, 64, DHQK)  the program's query rows, loaded once
     K        (stages, P, 64, DHQK)      a key tile per step
     V        (stages, P, 64, bDHHV)     a value tile per step, or a 64-row slice of the state C_{k-1}
-    gates    (5, L) float32             the chunk's gate rows (_GATE_ROWS), loaded once
+    gates    (3, L) float32, (L,) int32 the chunk's gate rows (_GATE_ROWS) and last resets, loaded once
     n        (DHQK,) float32            the state n_{k-1}
     out      (warpgroups, 64, E)        the staging tile of h (E = 128 bytes of output dtype); den (warpgroups, 64)
 
 In global memory the launcher passes Q, K, V as (P, B·NH·S, D) and the states C as (P, B·NH·(NC+1)·DHQK, DHHV)
-(16-bit, 3-D: the TMA copies take rows of them), n (B·NH, NC+1, DHQK) and the gate rows (B·NH, NC, 5, L).
+(16-bit, 3-D: the TMA copies take rows of them), n (B·NH, NC+1, DHQK), the gate rows and last resets (B·NH, NC, L)
+each, and the states' m (B·NH, NC+1).
 
 The memory warpgroup fills two rings of buffers. The V ring holds DHQK/64 "state steps" (C_{k-1} in 64-row slices) and
 then the value tiles of the key steps up to the causal diagonal; the K ring holds the key tiles. Each compute
@@ -28,8 +29,9 @@ persistent grid of one program per SM prefetching its next item, 1.9x slower at 
 16-bit inputs; float32 inputs run as three bf16 parts that sum to them (`split_operand`, `split_parts`) and every
 product as the six part products that carry float32's precision (`mma`), where wgmma's own float32 mode would be TF32
 (two parts where three do not fit: DHQK 256, ~1e-5).
-The gate rows, the inter-chunk decay among them, are computed before the launch as the Triton launcher's are;
-with 16-bit inputs the in-kernel exp and division are the fast approximate ones (as Triton's).
+The launcher passes the gate arrays the Triton launcher passes (no stack of them: no more memory than Triton's);
+the inter-chunk decay is computed in the kernel, as Triton's is. With 16-bit inputs the in-kernel exp and division
+are the fast approximate ones (as Triton's).
 
 Shapes: chunk 64, 128 or 256; head dims zero-padded to multiples of 64 (DHQK at most 256): odd-heads' DHQK 96 runs
 as 128, its DHHV 192 as it is. Gates are float32 (float64 inputs are refused: ValueError). `KernelCall.launch` and
@@ -47,20 +49,20 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_mlstm.gates import chunked, compute_chunkwise_reset_gates, compute_chunkwise_vecM, log_input_gate
+from pallas_mlstm.gates import compute_chunkwise_reset_gates, compute_chunkwise_vecM, log_input_gate
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common
 from pallas_mlstm.mosaic_gpu.common import ROWS
 from pallas_mlstm.pallas_triton import common as triton_common
 
 NAME = "mlstm_chunkwise__parallel_fw_Hintra"
-_GATE_ROWS = ("b", "m", "r", "i", "inter")  # b_t, m_t, last reset (float), log input gate, s·e^{b_t + m_{k-1} − m_t}
-_B, _M, _R, _I, _INTER = range(len(_GATE_ROWS))
+_GATE_ROWS = ("b", "m", "i")  # float32: b_t, m_t, the log input gate; the last resets (int32) beside them
+_B, _M, _I = range(len(_GATE_ROWS))
 
 
 def kernel_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]) -> tuple[int, common.Tiles]:
     """The operand parts and the launch for padded head dims (`common.kernel_tiles`)."""
-    return common.kernel_tiles(NAME, chunk, dhqk, dhhv, parts, len(_GATE_ROWS))
+    return common.kernel_tiles(NAME, chunk, dhqk, dhhv, parts, len(_GATE_ROWS) + 1)
 
 
 def unsupported(chunk: int, dhqk: int, dtype) -> str | None:
@@ -79,18 +81,24 @@ def _kernel(
     v_gmem,  # (P, BNH·S, DHHV_p)
     c_gmem,  # (P, BNH·(NC+1)·DHQK_p, DHHV_p): C_k of head bh at rows (bh·(NC+1) + k)·DHQK_p
     n_gmem,  # (BNH, NC+1, DHQK_p) float32
-    g_gmem,  # (BNH, NC, 5, L) float32
+    b_gmem,  # (BNH, NC, L) float32, and m, i alike (_GATE_ROWS)
+    m_gmem,
+    i_gmem,
+    r_gmem,  # (BNH, NC, L) int32: the last resets
+    m_states_gmem,  # (BNH, NC+1) float32: m_k of the states
     h_gmem,  # (BNH, S, DHHV_p) out
     den_gmem,  # (BNH, S) float32
     q_smem,
     k_smem,
     v_smem,
     g_smem,
+    r_smem,
     n_smem,
     o_smem,
     den_smem,
     q_bar,
-    aux_bar,
+    g_bar,
+    n_bar,
     k_bar,
     v_bar,
     k_free_bar,
@@ -120,8 +128,8 @@ def _kernel(
     @pl.when(wg == warpgroups)
     def _memory():
         plgpu.set_max_registers(common.MEMORY_REGISTERS, action="decrease")
-        plgpu.copy_gmem_to_smem(g_gmem.at[bh, c], g_smem, aux_bar.at[0])  # (5, L)
-        plgpu.copy_gmem_to_smem(n_gmem.at[bh, c], n_smem, aux_bar.at[1])  # (DHQK_p,)
+        common.load_gate_rows((b_gmem, m_gmem, i_gmem), r_gmem, g_smem, r_smem, g_bar, bh, c)
+        plgpu.copy_gmem_to_smem(n_gmem.at[bh, c], n_smem, n_bar.at[0])  # (DHQK_p,)
         for w in range(warpgroups):
             rows = pl.ds(seq_row0 + q_start + w * ROWS, ROWS)
             plgpu.copy_gmem_to_smem(q_gmem.at[:, rows], q_smem.at[w], q_bar.at[w])  # (P, 64, DHQK_p)
@@ -153,13 +161,14 @@ def _kernel(
         row0 = q_start + wg * ROWS  # in-chunk position of this warpgroup's first query row
         own_steps = row0 // ROWS + 1  # key tiles up to this warpgroup's diagonal
         q_tile = lambda p: q_smem.at[wg, p]  # (64, DHQK_p): part p of this warpgroup's Q
-        plgpu.barrier_wait(aux_bar.at[0])
-        plgpu.barrier_wait(aux_bar.at[1])
+        common.await_gate_rows(g_bar, len(_GATE_ROWS))
+        plgpu.barrier_wait(n_bar.at[0])
         plgpu.barrier_wait(q_bar.at[wg])
-        gate_row = lambda g, start: plgpu.load(g_smem.at[g, pl.ds(start, ROWS)], layout=plgpu.Layout.WGMMA.reduce(1))
-        gate_col = lambda g, start: plgpu.load(g_smem.at[g, pl.ds(start, ROWS)], layout=plgpu.Layout.WGMMA.reduce(0))
-        vec_b, vec_m, vec_inter = gate_row(_B, row0), gate_row(_M, row0), gate_row(_INTER, row0)  # (64,)
-        vec_r = gate_row(_R, row0).astype(jnp.int32)  # (64,): last reset in the chunk, −1 if none
+        gate_row, gate_col = common.gate_readers(g_smem, r_smem)
+        vec_b, vec_m = gate_row(_B, row0), gate_row(_M, row0)  # (64,)
+        vec_r = gate_row(common.RESETS, row0)  # (64,) int32: last reset in the chunk, −1 if none
+        m_prev = m_states_gmem[bh, c]  # m_{k-1}, a scalar
+        vec_inter = qk_scale * common.start_state_decay(vec_b, vec_r, m_prev, vec_m)  # (64,)
 
         # inter-chunk: q̄ C_{k-1} and q̄ · n_{k-1}, with q̄ = q·inter (inter = s·e^{b + m_{k-1} − m}, 0 after a reset)
         q_dot_n = common.row_vector(jnp.zeros((ROWS,), jnp.float32))
@@ -235,18 +244,15 @@ def _kernel(
         plgpu.wait_smem_to_gmem(0)
 
 
-def _kernel_gates(call: KernelCall, vecI, vecF, scaM_all, qk_scale: float):
-    """The gate rows of every chunk (BNH, NC, 5, L) float32 (_GATE_ROWS), and vecM_out (B, NH, S)."""
+def _kernel_gates(call: KernelCall, vecI, vecF, scaM_all, dims: common.LaunchDims):
+    """The gate arrays of the kernel: the rows (b, m, i) and the last resets (B·NH, NC, L) (`common.chunk_rows`),
+    the states' m (B·NH, NC+1) float32; and vecM_out (B, NH, S)."""
     chunk = call.chunk_size
     vecB, vecR = compute_chunkwise_reset_gates(vecF, chunk)  # (B, NH, NC, L)
     vecM_out = compute_chunkwise_vecM(vecB, vecR, vecI, scaM_all, input_gate=call.input_gate)
-    vec_m = chunked(vecM_out, chunk)
-    m_prev = scaM_all[..., :-1, None].astype(vecB.dtype)  # (B, NH, NC, 1)
-    inter = qk_scale * triton_common.inter_chunk_decay(vecB, vecR, m_prev, vec_m)
-    log_i = chunked(log_input_gate(vecI, call.input_gate), chunk)
-    rows = (vecB, vec_m, vecR.astype(vecB.dtype), log_i, inter)
-    gates = jnp.stack(rows, axis=-2)  # (B, NH, NC, 5, L)
-    return gates.reshape(-1, *gates.shape[2:]), vecM_out
+    rows = tuple(common.chunk_rows(x, dims) for x in (vecB, vecM_out, log_input_gate(vecI, call.input_gate)))
+    m_states = scaM_all.reshape(dims.bnh, dims.num_chunks + 1).astype(jnp.float32)
+    return rows, common.chunk_rows(vecR, dims), m_states, vecM_out
 
 
 def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all):
@@ -262,7 +268,7 @@ def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all,
     qk_scale = call.scale_for(dhqk)
     out_dtype = jnp.dtype(call.output_dtype)
 
-    gates, vecM_out = _kernel_gates(call, vecI, vecF, scaM_all, qk_scale)
+    gate_rows, resets, m_states, vecM_out = _kernel_gates(call, vecI, vecF, scaM_all, dims)
     operand_of = lambda x, size: common.sequence_operand(x, size, parts, operand_dtype)  # (P, BNH·S, size)
     q, k, v = operand_of(matQ, dhqk_p), operand_of(matK, dhqk_p), operand_of(matV, dhhv_p)
     c_all = common.split_operand(common.states_rows(matC_all, dims), parts, operand_dtype)  # (P, rows, DHHV_p)
@@ -295,12 +301,14 @@ def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all,
             operand((w, parts, ROWS, dhqk_p)),  # Q
             operand((stages, parts, ROWS, dhqk_p)),  # K
             operand((stages, parts, ROWS, tiles.block_v)),  # V or C_{k-1}
-            plgpu.SMEM((len(_GATE_ROWS), chunk), jnp.float32),  # gates
+            plgpu.SMEM((len(_GATE_ROWS), chunk), jnp.float32),  # gate rows
+            plgpu.SMEM((chunk,), jnp.int32),  # last resets
             plgpu.SMEM((dhqk_p,), jnp.float32),  # n_{k-1}
             plgpu.SMEM((w, ROWS, out_cols), out_dtype, transforms=common.swizzled(out_dtype)),  # h staging
             plgpu.SMEM((w, ROWS), jnp.float32),  # den staging
             plgpu.Barrier(num_barriers=w),  # Q loaded
-            plgpu.Barrier(num_barriers=2),  # gates, n loaded
+            plgpu.Barrier(num_barriers=len(_GATE_ROWS) + 1),  # gate rows, last resets loaded
+            plgpu.Barrier(num_barriers=1),  # n loaded
             plgpu.Barrier(num_barriers=stages),  # K loaded
             plgpu.Barrier(num_barriers=stages),  # V / C loaded
             plgpu.Barrier(num_arrivals=w, num_barriers=stages),  # K buffers free again
@@ -308,6 +316,6 @@ def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all,
         ),
         grid=(bnh, num_chunks, (chunk // (w * ROWS)) * (dhhv_p // tiles.block_v)),
         grid_names=("bh", "c", "qv"),
-    )(q, k, v, c_all, n_all, gates)
+    )(q, k, v, c_all, n_all, *gate_rows, resets, m_states)
     matH_out = h[:, :, :dhhv].reshape(batch, heads, seq_len, dhhv)
     return matH_out, den.reshape(batch, heads, seq_len), vecM_out
