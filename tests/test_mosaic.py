@@ -52,7 +52,7 @@ def _operand_parts(kernel: str, case: str) -> int:
     dhqk_p, dhhv_p = mosaic_common.padded_dim(dhqk), mosaic_common.padded_dim(dhhv)
     parts = mosaic_common.operand_parts(dtype)
     if kernel.startswith("recurrent"):  # the case's states are stored in float32
-        return recurrent_fw.kernel_tiles(dhqk_p, dhhv_p, parts, 4, recurrent_fw.compute_warpgroups(dhqk_p))[0]
+        return recurrent_fw.kernel_tiles(dhqk_p, dhhv_p, parts, 4, recurrent_fw.compute_warpgroups(dhqk_p), chunk)[0]
     tiles = {"parallel_fw_Hintra": parallel_fw.kernel_tiles, "parallel_bw_dV": parallel_bw.kernel_tiles}
     return tiles.get(kernel, parallel_bw_sliced.kernel_tiles)(chunk, dhqk_p, dhhv_p, parts)[0]
 

@@ -126,8 +126,7 @@ def _mosaic_states_backward(call: KernelCall, modules):
 
 
 def _states_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]):
-    del chunk  # the states kernels step through any chunk 64 rows at a time
-    return recurrent_fw.kernel_tiles(dhqk, dhhv, parts, 2, recurrent_fw.compute_warpgroups(dhqk))
+    return recurrent_fw.kernel_tiles(dhqk, dhhv, parts, 2, recurrent_fw.compute_warpgroups(dhqk), chunk)
 
 
 # The timed kernels: their Mosaic GPU launcher (from a KernelCall and the kernel modules, on kernel_times'

@@ -75,30 +75,30 @@ def _kernel(
     first_gmem = refs[1 + has_states] if writes_first else None  # (BNH·DHQK_p, DHHV_p) float32
     refs = refs[1 + has_states + writes_first :]
     q_smem, dh_smem, g_smem, c_stage, dots_stage, *first_stage, q_bar, dh_bar, g_bar, free_bar = refs
-    w, block_v, stages = tiles.warpgroups, tiles.block_v, tiles.stages
+    w, block_v, stages, t = tiles.warpgroups, tiles.block_v, tiles.stages, tiles.step_rows
     parts = q_smem.shape[2]
     steps = num_chunks * steps_per_chunk
-    chunk = steps_per_chunk * ROWS
-    seq_len = steps * ROWS
+    chunk = steps_per_chunk * t
+    seq_len = steps * t
     bh, iq, iv = lax.axis_index("bh"), lax.axis_index("q"), lax.axis_index("v")
     columns = pl.ds(iv * block_v, block_v)
     wg = lax.axis_index("wg")
 
     def step_row(s):  # the sequence row of ring step s's first time step: the chunks from the last to the first
-        return bh * seq_len + (num_chunks - 1 - s // steps_per_chunk) * chunk + (s % steps_per_chunk) * ROWS
+        return bh * seq_len + (num_chunks - 1 - s // steps_per_chunk) * chunk + (s % steps_per_chunk) * t
 
     @pl.when(wg == w)
     def _memory():
         plgpu.set_max_registers(common.MEMORY_REGISTERS, action="decrease")
 
-        def load(s):  # ring step s: 64 time steps of Q (each warpgroup's columns), of dH, and their gate rows
+        def load(s):  # ring step s: T time steps of Q (each warpgroup's columns), of dH, and their gate rows
             slot = s % stages
-            rows = pl.ds(step_row(s), ROWS)
-            plgpu.copy_gmem_to_smem(g_gmem.at[bh * steps + s], g_smem.at[slot], g_bar.at[slot])  # (2, 64)
+            rows = pl.ds(step_row(s), t)
+            plgpu.copy_gmem_to_smem(g_gmem.at[bh * steps + s], g_smem.at[slot], g_bar.at[slot])  # (2, T)
             for u in range(w):
-                q_tile = q_gmem.at[:, rows, pl.ds((iq * w + u) * ROWS, ROWS)]  # (P, 64, 64)
+                q_tile = q_gmem.at[:, rows, pl.ds((iq * w + u) * ROWS, ROWS)]  # (P, T, 64)
                 plgpu.copy_gmem_to_smem(q_tile, q_smem.at[slot, u], q_bar.at[slot * w + u])
-            plgpu.copy_gmem_to_smem(dh_gmem.at[:, rows, columns], dh_smem.at[slot], dh_bar.at[slot])  # (P, 64, bV)
+            plgpu.copy_gmem_to_smem(dh_gmem.at[:, rows, columns], dh_smem.at[slot], dh_bar.at[slot])  # (P, T, bV)
 
         common.stream_ring(load, free_bar, steps, stages)
 
@@ -129,16 +129,18 @@ def _kernel(
 
         def step(s, dc):
             slot = s % stages
-            q_slice = lambda p: q_smem.at[slot, wg, p]  # (64 steps, 64 DHQK columns)
+            q_slice = lambda p: q_smem.at[slot, wg, p]  # (T steps, 64 DHQK columns)
             plgpu.barrier_wait(g_bar.at[slot])
-            decay = plgpu.load(g_smem.at[slot, _DECAY], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,), one value
+            decay = plgpu.load(g_smem.at[slot, _DECAY, pl.ds(0, ROWS)], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,)
             dc = dc * common.by_rows(decay, dc.shape)
-            weights = plgpu.load(g_smem.at[slot, _W], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,) w of the steps
             plgpu.barrier_wait(q_bar.at[slot * w + wg])
-            common.weight_rows_in_place(q_slice, parts, weights)  # Q ⊙ w, (64, 64)
+            for h in range(t // ROWS):  # Q ⊙ w, 64 time steps at a time
+                steps_h = pl.ds(h * ROWS, ROWS)
+                weights = plgpu.load(g_smem.at[slot, _W, steps_h], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,)
+                common.weight_rows_in_place(lambda p, steps_h=steps_h: q_slice(p).at[steps_h], parts, weights)
             plgpu.barrier_wait(dh_bar.at[slot])
-            q_t = lambda p: q_slice(p).transpose((1, 0))  # (64 DHQK, 64 steps)
-            dc = common.mma(dc, q_t, lambda p: dh_smem.at[slot, p], parts, interpret)  # (64, 64) @ (64, bDHHV)
+            q_t = lambda p: q_slice(p).transpose((1, 0))  # (64 DHQK, T steps)
+            dc = common.mma(dc, q_t, lambda p: dh_smem.at[slot, p], parts, interpret)  # (64, T) @ (T, bDHHV)
             plgpu.barrier_arrive(free_bar.at[slot])
             last_step = s % steps_per_chunk == steps_per_chunk - 1
             pl.when(last_step)(lambda: store_state(num_chunks - 1 - s // steps_per_chunk, dc))
@@ -172,7 +174,7 @@ def recurrent_bw_dC(
         / (chunked(vecN_out, chunk).astype(jnp.float32) + call.eps)
     )  # (B, NH, NC, L)
     decay = jnp.exp(vecB[..., -1] + m_prev - m_next)  # (B, NH, NC)
-    gates = recurrent_fw.step_rows(weights[:, :, ::-1], decay[:, :, ::-1])  # the last chunk first
+    gates = recurrent_fw.ring_gates(weights[:, :, ::-1], decay[:, :, ::-1], tiles.step_rows)  # the last chunk first
     operand_of = lambda x, size: common.sequence_operand(x, size, parts, operand_dtype)  # (P, BNH·S, size)
     inputs = [operand_of(matQ, dhqk_p), operand_of(matDeltaH.astype(matQ.dtype), dhhv_p), gates]
     has_last, has_states = matDeltaC_last is not None, matC_states is not None

@@ -48,6 +48,9 @@ from pallas_mlstm.states import acc_dtype, join_states
 NAME = "mlstm_chunkwise__recurrent_fw_C"
 _W, _DECAY = range(2)  # the gate rows of a ring slot
 _BLOCK_V = (128, 64)  # DHHV tiles, widest first: C (64 x 128) float32 is 64 registers a thread
+# Time steps per ring buffer, most first: each buffer is one wgmma over its steps and one wait for it, so fewer,
+# longer steps wait less often
+_STEP_ROWS = (128, ROWS)
 # Registers per thread of the compute and memory warpgroups: 128 x (216 + 40) leaves room for a second program of
 # one compute warpgroup on an SM (65,536 registers)
 _COMPUTE_REGISTERS, _MEMORY_REGISTERS = 216, 40
@@ -59,17 +62,18 @@ _TWO_WARPGROUPS_ROWS = 2 * ROWS
 
 @dataclasses.dataclass(frozen=True)
 class RecurrentTiles:
-    """A launch: compute warpgroups (64 DHQK rows each), the DHHV tile, buffers in flight."""
+    """A launch: compute warpgroups (64 DHQK rows each), the DHHV tile, buffers in flight, time steps per buffer."""
 
     warpgroups: int
     block_v: int
     stages: int
+    step_rows: int
 
 
 def shared_bytes(tiles: RecurrentTiles, parts: int, c_itemsize: int) -> int:
     """Shared memory of one program: the ring (K slices, V tile, gate rows per slot) and the staging of C and n."""
-    w = tiles.warpgroups
-    slot = parts * ROWS * (w * ROWS + tiles.block_v) * 2 + 2 * ROWS * 4
+    w, t = tiles.warpgroups, tiles.step_rows
+    slot = parts * t * (w * ROWS + tiles.block_v) * 2 + 2 * t * 4
     staging = w * ROWS * (128 + 4) + (w * ROWS * 128 if c_itemsize != 4 else 0)  # C, n, and C_last in float32
     return tiles.stages * slot + staging + common.RESERVED_BYTES
 
@@ -80,19 +84,21 @@ def compute_warpgroups(dhqk: int) -> int:
 
 
 def kernel_tiles(
-    dhqk: int, dhhv: int, parts: tuple[int, ...], c_itemsize: int, warpgroups: int = 1
+    dhqk: int, dhhv: int, parts: tuple[int, ...], c_itemsize: int, warpgroups: int, chunk: int
 ) -> tuple[int, RecurrentTiles]:
-    """(operand parts, tiles) for padded head dims and `warpgroups` compute warpgroups: the widest DHHV tile of
-    _BLOCK_V, and the most buffers (up to 4) that fit in half an SM's shared memory, so that two programs of one
+    """(operand parts, tiles) for padded head dims, `warpgroups` compute warpgroups and chunks of `chunk` time
+    steps: the widest DHHV tile of _BLOCK_V, the most time steps per buffer (_STEP_ROWS) that divide the chunk, and
+    the most buffers (up to 4, at least 2) that fit in half an SM's shared memory, so that two programs of one
     compute warpgroup share an SM; else (and for two, whose registers fill an SM) in all of it."""
     half, whole = common.SHARED_MEMORY_BYTES // 2, common.SHARED_MEMORY_BYTES
     for budget in (half, whole) if warpgroups == 1 else (whole,):
         for count in parts:
-            for block_v in [bv for bv in _BLOCK_V if dhhv % bv == 0]:
-                for stages in range(4, 1, -1):
-                    tiles = RecurrentTiles(warpgroups, block_v, stages)
-                    if shared_bytes(tiles, count, c_itemsize) <= budget:
-                        return count, tiles
+            for step_rows in [t for t in _STEP_ROWS if chunk % t == 0]:
+                for block_v in [bv for bv in _BLOCK_V if dhhv % bv == 0]:
+                    for stages in range(4, 1, -1):
+                        tiles = RecurrentTiles(warpgroups, block_v, stages, step_rows)
+                        if shared_bytes(tiles, count, c_itemsize) <= budget:
+                            return count, tiles
     raise ValueError(f"no Mosaic GPU tiling of {NAME} fits in shared memory for DHQK={dhqk}, DHHV={dhhv}.")
 
 
@@ -132,7 +138,7 @@ def takes_and_fills_the_card(call: KernelCall, qk, dhhv: int) -> bool:
 def _kernel(
     k_gmem,  # (P, BNH·S, DHQK_p)
     v_gmem,  # (P, BNH·S, DHHV_p)
-    g_gmem,  # (BNH·steps, 2, 64) float32: per ring step e^{a − m_k}, and the decay (first step of a chunk, else 1)
+    g_gmem,  # (BNH·steps, 2, T) float32: per ring step e^{a − m_k}, and the decay (first step of a chunk, else 1)
     *refs,  # c0 (BNH, DHQK_p, DHHV_p), n0 (BNH, 64, DHQK_p: n_0 in row 0) float32 where given; outputs; scratch
     tiles: RecurrentTiles,
     steps_per_chunk: int,
@@ -146,14 +152,14 @@ def _kernel(
     c_gmem, n_gmem = refs[:2]  # (BNH·(NC+1)·DHQK_p, DHHV_p) states dtype, (BNH·(NC+1), DHQK_p) float32
     last_gmem = refs[2] if writes_last else None  # (BNH·DHQK_p, DHHV_p) float32
     refs = refs[3:] if writes_last else refs[2:]
-    w, block_v, stages = tiles.warpgroups, tiles.block_v, tiles.stages
+    w, block_v, stages, t = tiles.warpgroups, tiles.block_v, tiles.stages, tiles.step_rows
     turn_bar = refs[-1] if w > 1 else None  # with two compute warpgroups: whose turn at the reduction scratch
     refs = refs[:-1] if w > 1 else refs
     k_smem, v_smem, g_smem, c_stage, n_stage, *last_stage, k_bar, v_bar, g_bar, free_bar = refs
     parts = k_smem.shape[2]
     dhqk = n_gmem.shape[-1]
     steps = num_chunks * steps_per_chunk
-    seq_len = steps * ROWS
+    seq_len = steps * t
     bh, iq, iv = lax.axis_index("bh"), lax.axis_index("q"), lax.axis_index("v")
     columns = pl.ds(iv * block_v, block_v)
     wg = lax.axis_index("wg")
@@ -162,16 +168,16 @@ def _kernel(
     def _memory():
         plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
 
-        def load(s):  # ring step s: 64 time steps of K (each warpgroup's columns), of V, and their gate rows
+        def load(s):  # ring step s: T time steps of K (each warpgroup's columns), of V, and their gate rows
             slot = s % stages
-            rows = pl.ds(bh * seq_len + s * ROWS, ROWS)
-            plgpu.copy_gmem_to_smem(g_gmem.at[bh * steps + s], g_smem.at[slot], g_bar.at[slot])  # (2, 64)
+            rows = pl.ds(bh * seq_len + s * t, t)
+            plgpu.copy_gmem_to_smem(g_gmem.at[bh * steps + s], g_smem.at[slot], g_bar.at[slot])  # (2, T)
             for u in range(w):
                 k_cols = pl.ds((iq * w + u) * ROWS, ROWS)
                 plgpu.copy_gmem_to_smem(
                     k_gmem.at[:, rows, k_cols], k_smem.at[slot, u], k_bar.at[slot * w + u]
-                )  # (P, 64, 64)
-            plgpu.copy_gmem_to_smem(v_gmem.at[:, rows, columns], v_smem.at[slot], v_bar.at[slot])  # (P, 64, bDHHV)
+                )  # (P, T, 64)
+            plgpu.copy_gmem_to_smem(v_gmem.at[:, rows, columns], v_smem.at[slot], v_bar.at[slot])  # (P, T, bDHHV)
 
         common.stream_ring(load, free_bar, steps, stages)
 
@@ -209,16 +215,19 @@ def _kernel(
         def step(s, carry):
             c, n_tile = carry  # n = the column sums of n_tile (64, 64)
             slot = s % stages
-            k_slice = lambda p: k_smem.at[slot, wg, p]  # (64 steps, 64 DHQK columns)
+            k_slice = lambda p: k_smem.at[slot, wg, p]  # (T steps, 64 DHQK columns)
             plgpu.barrier_wait(g_bar.at[slot])
-            decay = plgpu.load(g_smem.at[slot, _DECAY], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,), one value
+            decay = plgpu.load(g_smem.at[slot, _DECAY, pl.ds(0, ROWS)], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,)
             c, n_tile = c * common.by_rows(decay, c.shape), n_tile * common.by_rows(decay, n_tile.shape)
-            weights = plgpu.load(g_smem.at[slot, _W], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,) e^{a − m_k}
             plgpu.barrier_wait(k_bar.at[slot * w + wg])
-            n_tile = n_tile + common.weight_rows_in_place(k_slice, parts, weights)  # K ⊙ e^{a − m_k}, (64, 64)
+            for h in range(t // ROWS):  # K ⊙ e^{a − m_k}, 64 time steps at a time
+                steps_h = pl.ds(h * ROWS, ROWS)
+                weights = plgpu.load(g_smem.at[slot, _W, steps_h], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,)
+                k_rows = lambda p, steps_h=steps_h: k_slice(p).at[steps_h]  # (64 steps, 64 DHQK columns)
+                n_tile = n_tile + common.weight_rows_in_place(k_rows, parts, weights)  # (64, 64)
             plgpu.barrier_wait(v_bar.at[slot])
-            k_t = lambda p: k_slice(p).transpose((1, 0))  # (64 DHQK, 64 steps)
-            c = common.mma(c, k_t, lambda p: v_smem.at[slot, p], parts, interpret)  # (64, 64) @ (64, bDHHV)
+            k_t = lambda p: k_slice(p).transpose((1, 0))  # (64 DHQK, T steps)
+            c = common.mma(c, k_t, lambda p: v_smem.at[slot, p], parts, interpret)  # (64, T) @ (T, bDHHV)
             plgpu.barrier_arrive(free_bar.at[slot])
             last_step = s % steps_per_chunk == steps_per_chunk - 1
             pl.when(last_step)(lambda: store_state(s // steps_per_chunk + 1, c, n_tile))
@@ -233,9 +242,9 @@ def _kernel(
         plgpu.wait_smem_to_gmem(0)
 
 
-def _step_gates(call: KernelCall, vecF, vecI, scaM_initial, chunk: int):
-    """The gate rows of every ring step, (B·NH·steps, 2, 64) float32 (e^{a − m_k}; the chunk's decay on its first
-    step, else 1), and the m states (B, NH, NC+1)."""
+def _step_gates(call: KernelCall, vecF, vecI, scaM_initial, chunk: int, step_rows: int):
+    """The gate rows of every ring step of `step_rows` time steps, (B·NH·steps, 2, step_rows) float32 (e^{a − m_k};
+    the chunk's decay on its first step, else 1), and the m states (B, NH, NC+1)."""
     dtype = jnp.float32
     vecB, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk, input_gate=call.input_gate)
     vecA, scaG = vecA.astype(dtype), vecB[..., -1].astype(dtype)  # (B, NH, NC, L), (B, NH, NC)
@@ -249,23 +258,23 @@ def _step_gates(call: KernelCall, vecF, vecI, scaM_initial, chunk: int):
     m_all = jnp.concatenate([m_initial[..., None], m_next], axis=-1)  # (B, NH, NC+1)
     weights = jnp.exp(vecA - m_next[..., None])  # (B, NH, NC, L)
     decay = jnp.exp(scaG + m_all[..., :-1] - m_next)  # (B, NH, NC)
-    return step_rows(weights, decay), m_all
+    return ring_gates(weights, decay, step_rows), m_all
 
 
 def scratch_types(
     tiles: RecurrentTiles, parts: int, operand_dtype, c_dtype, full_precision_copy: bool, turns: bool
 ) -> tuple:
     """The states kernels' shared memory and barriers (this module's docstring): per ring slot each warpgroup's
-    (64, 64) slice of the first operand (K, or Q backwards), the second's (64, bDHHV) tile (V, or dH) and the gate
-    rows; the staging of a state (in `c_dtype`), of a (64,) float32 vector per warpgroup, and, with
-    `full_precision_copy`, of a float32 state; with `turns` and two warpgroups, their turn barriers."""
-    w, stages = tiles.warpgroups, tiles.stages
+    (T, 64) slice of the first operand (K, or Q backwards), the second's (T, bDHHV) tile (V, or dH) and the gate
+    rows (T = tiles.step_rows); the staging of a state (in `c_dtype`), of a (64,) float32 vector per warpgroup,
+    and, with `full_precision_copy`, of a float32 state; with `turns` and two warpgroups, their turn barriers."""
+    w, stages, t = tiles.warpgroups, tiles.stages, tiles.step_rows
     operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
     staging = lambda dtype: plgpu.SMEM((w, ROWS, 128 // dtype.itemsize), dtype, transforms=common.swizzled(dtype))
     return (
-        operand((stages, w, parts, ROWS, ROWS)),  # first operand's slices
-        operand((stages, parts, ROWS, tiles.block_v)),  # second operand's tiles
-        plgpu.SMEM((stages, 2, ROWS), jnp.float32),  # gate rows
+        operand((stages, w, parts, t, ROWS)),  # first operand's slices
+        operand((stages, parts, t, tiles.block_v)),  # second operand's tiles
+        plgpu.SMEM((stages, 2, t), jnp.float32),  # gate rows
         staging(jnp.dtype(c_dtype)),  # state staging
         plgpu.SMEM((w, ROWS), jnp.float32),  # vector staging
         *([staging(jnp.dtype(jnp.float32))] if full_precision_copy else []),  # float32 state staging
@@ -285,7 +294,10 @@ def states_launch(call: KernelCall, dtype, dims: common.LaunchDims, warpgroups: 
     state_dtype = acc_dtype(dtype)
     c_dtype = state_dtype if call.states_dtype is None else jnp.dtype(call.states_dtype)
     operand_dtype = common.operand_dtype(dtype)
-    parts, tiles = kernel_tiles(dims.dhqk_p, dims.dhhv_p, common.operand_parts(dtype), c_dtype.itemsize, warpgroups)
+    chunk = dims.seq_len // dims.num_chunks
+    parts, tiles = kernel_tiles(
+        dims.dhqk_p, dims.dhhv_p, common.operand_parts(dtype), c_dtype.itemsize, warpgroups, chunk
+    )
     return state_dtype, c_dtype, c_dtype != state_dtype, operand_dtype, parts, tiles
 
 
@@ -294,7 +306,12 @@ def launch_states_kernel(body, name, dims, chunk, tiles, parts, scratch, out_typ
     chunks, `call.interpret` and `flags` (dict of static flags) bound; a program per (batch·head, DHQK tile, DHHV
     tile); `scratch` its `scratch_types`."""
     kernel = functools.partial(
-        body, tiles=tiles, steps_per_chunk=chunk // ROWS, num_chunks=dims.num_chunks, interpret=call.interpret, **flags
+        body,
+        tiles=tiles,
+        steps_per_chunk=chunk // tiles.step_rows,
+        num_chunks=dims.num_chunks,
+        interpret=call.interpret,
+        **flags,
     )
     return common.launch(
         kernel,
@@ -314,15 +331,16 @@ def states_grid(dims: common.LaunchDims, tiles: RecurrentTiles) -> tuple[int, in
     return dims.bnh, dims.dhqk_p // (tiles.warpgroups * ROWS), dims.dhhv_p // tiles.block_v
 
 
-def step_rows(weights, decay) -> jax.Array:
-    """The ring steps' gate rows, (B·NH·steps, 2, 64) float32, in the chunks' order as given: a per-time-step weight
-    (B, NH, NC, L), and the chunk's decay (B, NH, NC) on its first ring step, 1 on the others."""
+def ring_gates(weights, decay, step_rows: int) -> jax.Array:
+    """The gate rows of ring steps of `step_rows` time steps, (B·NH·steps, 2, step_rows) float32, in the chunks'
+    order as given: a per-time-step weight (B, NH, NC, L), and the chunk's decay (B, NH, NC) on its first ring step,
+    1 on the others."""
     chunk = weights.shape[-1]
-    first_step = jnp.arange(chunk) < ROWS  # (L,): the chunk's first ring step
+    first_step = jnp.arange(chunk) < step_rows  # (L,): the chunk's first ring step
     decay_rows = jnp.where(first_step, decay[..., None], 1.0)  # (B, NH, NC, L)
     rows = jnp.stack([weights, decay_rows], axis=-2).astype(jnp.float32)  # (B, NH, NC, 2, L)
-    steps = rows.reshape(*rows.shape[:3], 2, chunk // ROWS, ROWS).swapaxes(3, 4)  # (B, NH, NC, L/64, 2, 64)
-    return steps.reshape(-1, 2, ROWS)
+    steps = rows.reshape(*rows.shape[:3], 2, chunk // step_rows, step_rows).swapaxes(3, 4)  # (.., L/T, 2, T)
+    return steps.reshape(-1, 2, step_rows)
 
 
 def recurrent_fw_C(call: KernelCall, matK, matV, vecF, vecI, matC_initial, vecN_initial, scaMinter_initial):
@@ -335,7 +353,7 @@ def recurrent_fw_C(call: KernelCall, matK, matV, vecF, vecI, matC_initial, vecN_
     warpgroups = compute_warpgroups(dims.dhqk_p)
     state_dtype, c_dtype, writes_last, operand_dtype, parts, tiles = states_launch(call, matK.dtype, dims, warpgroups)
 
-    gates, m_all = _step_gates(call, vecF, vecI, scaMinter_initial, chunk)
+    gates, m_all = _step_gates(call, vecF, vecI, scaMinter_initial, chunk, tiles.step_rows)
     operand_of = lambda x, size: common.sequence_operand(x, size, parts, operand_dtype)  # (P, BNH·S, size)
     inputs = [operand_of(matK, dhqk_p), operand_of(matV, dhhv_p), gates]
     has_initial = matC_initial is not None
