@@ -9,6 +9,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
@@ -128,6 +129,19 @@ KERNELS = {
 }
 
 
+# Interpreted, a 16-bit output that rounds where the twin rounds can still land one rounding step from the twin's
+# value wherever the float32 sums before the rounding (in another order than the twin's) straddle a rounding
+# boundary: about 1e-7 / 2^-8, some 1e-5 of the values (the states kernel's bf16 C at "bf16-tiles", 128 steps a
+# product: 8 of 196,608). Such outputs may differ from the twin's by one step in at most this fraction of values.
+_ROUNDING_STEP_FRACTION = 1e-3
+
+
+def _rounding_steps(out: jax.Array, ref: jax.Array) -> np.ndarray:
+    """The 16-bit values of `out` as steps from `ref`'s (adjacent values of one sign are one apart in their bits)."""
+    bits = lambda x: np.asarray(x).view(np.int16).astype(np.int32)
+    return np.abs(bits(out) - bits(ref))
+
+
 @needs_mosaic_flag
 @pytest.mark.parametrize("mode", _MODES or ["mosaic_interpret"])
 @pytest.mark.parametrize("case", CASES)
@@ -135,8 +149,9 @@ KERNELS = {
 def test_kernel_matches_twin(kernel, case, mode):
     """Interpreted, the interpreter's float32 bound where the rounding points are the twin's (float32 inputs in
     three parts, and 16-bit ones for a kernel that rounds as its twin), else the compiled bound of the case's
-    dtype. Compiled, the backend's kernel-twin bound of the case's dtype (float32 inputs run as bf16 parts:
-    split_operand)."""
+    dtype; 16-bit outputs where the rounding points are the twin's: at most one rounding step from the twin's
+    values (_ROUNDING_STEP_FRACTION). Compiled, the backend's kernel-twin bound of the case's dtype (float32 inputs
+    run as bf16 parts: split_operand)."""
     skip_unless_available(mode)
     *_, chunk, dtype, input_gate, normalize, _ = CASES[case]
     launcher, twin, arrays, rounds_as_twin = KERNELS[kernel]
@@ -161,7 +176,12 @@ def test_kernel_matches_twin(kernel, case, mode):
     assert len(actual) == len(expected)
     for index, (out, ref) in enumerate(zip(actual, expected)):
         assert out.shape == ref.shape and out.dtype == ref.dtype, (kernel, index)
-        assert rel_err(out, ref) <= tolerance, f"{kernel} output {index}: {rel_err(out, ref):.2e}"
+        if interpret and rounds_as_twin and out.dtype.itemsize == 2:
+            steps = _rounding_steps(out, ref)
+            stepped = float(np.mean(steps > 0))
+            assert steps.max() <= 1 and stepped <= _ROUNDING_STEP_FRACTION, (kernel, index, steps.max(), stepped)
+        else:
+            assert rel_err(out, ref) <= tolerance, f"{kernel} output {index}: {rel_err(out, ref):.2e}"
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

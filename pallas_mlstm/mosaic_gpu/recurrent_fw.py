@@ -49,7 +49,9 @@ NAME = "mlstm_chunkwise__recurrent_fw_C"
 _W, _DECAY = range(2)  # the gate rows of a ring slot
 _BLOCK_V = (128, 64)  # DHHV tiles, widest first: C (64 x 128) float32 is 64 registers a thread
 # Time steps per ring buffer, most first: each buffer is one wgmma over its steps and one wait for it, so fewer,
-# longer steps wait less often
+# longer steps wait less often. 128 only where a chunk has two or more of them: on an H100, 128 against 64 took
+# 0.95x (forward) and 0.97x (backward) of the time at chunk 256, 1.01x at chunk 128, where one buffer is the
+# whole chunk (results/h100-ab-states-variants.json)
 _STEP_ROWS = (128, ROWS)
 # Registers per thread of the compute and memory warpgroups: 128 x (216 + 40) leaves room for a second program of
 # one compute warpgroup on an SM (65,536 registers)
@@ -87,13 +89,14 @@ def kernel_tiles(
     dhqk: int, dhhv: int, parts: tuple[int, ...], c_itemsize: int, warpgroups: int, chunk: int
 ) -> tuple[int, RecurrentTiles]:
     """(operand parts, tiles) for padded head dims, `warpgroups` compute warpgroups and chunks of `chunk` time
-    steps: the widest DHHV tile of _BLOCK_V, the most time steps per buffer (_STEP_ROWS) that divide the chunk, and
-    the most buffers (up to 4, at least 2) that fit in half an SM's shared memory, so that two programs of one
-    compute warpgroup share an SM; else (and for two, whose registers fill an SM) in all of it."""
+    steps: the widest DHHV tile of _BLOCK_V, the most time steps per buffer (_STEP_ROWS) that split the chunk into
+    two or more buffers (64 at chunk 64), and the most buffers (up to 4, at least 2) that fit in half an SM's shared
+    memory, so that two programs of one compute warpgroup share an SM; else (and for two, whose registers fill an
+    SM) in all of it."""
     half, whole = common.SHARED_MEMORY_BYTES // 2, common.SHARED_MEMORY_BYTES
     for budget in (half, whole) if warpgroups == 1 else (whole,):
         for count in parts:
-            for step_rows in [t for t in _STEP_ROWS if chunk % t == 0]:
+            for step_rows in [t for t in _STEP_ROWS if t == ROWS or (chunk % t == 0 and chunk // t >= 2)]:
                 for block_v in [bv for bv in _BLOCK_V if dhhv % bv == 0]:
                     for stages in range(4, 1, -1):
                         tiles = RecurrentTiles(warpgroups, block_v, stages, step_rows)
