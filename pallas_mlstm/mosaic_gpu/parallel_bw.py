@@ -106,10 +106,11 @@ def _kernel(
     @pl.when(wg == warpgroups)
     def _memory():
         plgpu.set_max_registers(common.MEMORY_REGISTERS, action="decrease")
-        common.load_gate_rows((b_gmem, m_gmem, i_gmem, a_gmem, den_gmem), r_gmem, g_smem, r_smem, g_bar, bh, c)
         for w in range(warpgroups):
             rows = pl.ds(seq_row0 + kv_start + w * ROWS, ROWS)
             plgpu.copy_gmem_to_smem(k_gmem.at[:, rows], k_smem.at[w], k_bar.at[w])  # (P, 64, DHQK_p)
+        gate_rows = (b_gmem, m_gmem, i_gmem, a_gmem, den_gmem)
+        common.load_gate_rows(gate_rows, r_gmem, g_smem, r_smem, g_bar, bh, c)  # used after dC_k's products
 
         def load_q(j):  # query tile first_q + j into its slot of the Q ring
             q_rows = pl.ds(seq_row0 + (first_q + j) * ROWS, ROWS)
@@ -139,11 +140,8 @@ def _kernel(
         plgpu.set_max_registers(common.COMPUTE_REGISTERS, action="increase")
         row0 = kv_start + wg * ROWS  # in-chunk position of this warpgroup's first key row
         k_tile = lambda p: k_smem.at[wg, p]  # (64, DHQK_p): part p of this warpgroup's K
-        common.await_gate_rows(g_bar, len(GATE_ROWS))
+        m_k = m_states_gmem[bh, c + 1]  # a scalar: read first, used after the state's products
         plgpu.barrier_wait(k_bar.at[wg])
-        gate_row, gate_col = common.gate_readers(g_smem, r_smem)
-        vec_b_kv, vec_i_kv = gate_row(B_ROW, row0), gate_row(I_ROW, row0)  # (64,)
-        vec_inter = key_decay(gate_row(A_ROW, row0), m_states_gmem[bh, c + 1])  # (64,)
 
         # inter-chunk: (K ⊙ e^{a − m_k}) dC_k
         k_cols = lambda e: lambda p: k_tile(p).at[:, pl.ds(e * ROWS, ROWS)]  # (64, 64): columns e of K
@@ -151,7 +149,10 @@ def _kernel(
         acc = common.state_products(
             k_cols, dc_rows, state_steps, block_v, parts, interpret, dh_bar, dh_free_bar, stages
         )
-        acc = acc * common.by_rows(vec_inter, acc.shape)
+        common.await_gate_rows(g_bar, len(GATE_ROWS))
+        gate_row, gate_col = common.gate_readers(g_smem, r_smem)
+        vec_b_kv, vec_i_kv = gate_row(B_ROW, row0), gate_row(I_ROW, row0)  # (64,)
+        acc = acc * common.by_rows(key_decay(gate_row(A_ROW, row0), m_k), acc.shape)
 
         @pl.loop(0, wg)
         def _skip(j):  # query tiles above this warpgroup's diagonal, loaded for the previous one

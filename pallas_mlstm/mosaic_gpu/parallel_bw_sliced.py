@@ -174,7 +174,6 @@ def _kernel(
     @pl.when(wg == warpgroups)
     def _memory():
         plgpu.set_max_registers(common.MEMORY_REGISTERS, action="decrease")
-        common.load_gate_rows((b_gmem, m_gmem, i_gmem, a_gmem, den_gmem), r_gmem, g_smem, r_smem, g_bar, bh, c)
         for w in range(warpgroups):
             for u in range(num_slices):
                 rows, cols = pl.ds(seq_row0 + (first_tile + w) * ROWS, ROWS), pl.ds(u * width, width)
@@ -213,6 +212,8 @@ def _kernel(
         for s in range(stages):
             pl.when(s < slice_steps)(functools.partial(load_slice, s))
             pl.when(s < block_steps)(functools.partial(load_block, s))
+        gate_rows = (b_gmem, m_gmem, i_gmem, a_gmem, den_gmem)
+        common.load_gate_rows(gate_rows, r_gmem, g_smem, r_smem, g_bar, bh, c)  # used after the state's products
         for s in range(state_steps):  # the compute warpgroups' order: the state, then per other tile slices, blocks
             refill(load_slice, sl_free_bar, s, slice_steps)
 
@@ -230,20 +231,9 @@ def _kernel(
     def _compute():
         plgpu.set_max_registers(common.COMPUTE_REGISTERS, action="increase")
         row0 = (first_tile + wg) * ROWS  # in-chunk position of this warpgroup's owned rows
-        common.await_gate_rows(g_bar, len(GATE_ROWS))
+        m_state = m_states_gmem[bh, state_index]  # m_k (dK) or m_{k-1} (dQ), a scalar: read first, used later
         for u in range(num_slices):
             plgpu.barrier_wait(own_bar.at[wg * num_slices + u])
-        # the gates of the 64 steps from `start`, (64,) each, along the rows or along the columns of a (64, 64) tile
-        gate_row, gate_col = common.gate_readers(g_smem, r_smem)
-        key_gates = lambda read, start: {"b": read(B_ROW, start), "i": read(I_ROW, start)}
-        query_gates = lambda read, start: {
-            "b": read(B_ROW, start),
-            "m": read(M_ROW, start),
-            "r": read(common.RESETS, start),  # int32: last reset in the chunk, −1 if none
-            "dh_scale": dh_scale(read(DEN_ROW, start), qk_scale, eps),
-        }
-        own_gates = (key_gates if variant.owns_keys else query_gates)(gate_row, row0)
-        other_gates_at = functools.partial(query_gates if variant.owns_keys else key_gates, gate_col)
         own_slice = lambda u: lambda p: own_smem.at[wg, u, p]  # (64, bS): slice u of this warpgroup's owned rows
         slice_t = lambda slot: lambda p: sl_smem.at[slot, p].transpose((1, 0))  # (bS, 64)
 
@@ -269,10 +259,23 @@ def _kernel(
         # inter-chunk: owned rows @ stateᵀ, one 64-column block per 64-row block of the state, in column blocks
         blocks = [slices_product(block * num_slices) for block in range(dhqk // ROWS)]
         per_block = tile_cols // ROWS
+
+        # the gates of the 64 steps from `start`, (64,) each, along the rows or along the columns of a (64, 64) tile
+        common.await_gate_rows(g_bar, len(GATE_ROWS))
+        gate_row, gate_col = common.gate_readers(g_smem, r_smem)
+        key_gates = lambda read, start: {"b": read(B_ROW, start), "i": read(I_ROW, start)}
+        query_gates = lambda read, start: {
+            "b": read(B_ROW, start),
+            "m": read(M_ROW, start),
+            "r": read(common.RESETS, start),  # int32: last reset in the chunk, −1 if none
+            "dh_scale": dh_scale(read(DEN_ROW, start), qk_scale, eps),
+        }
+        own_gates = (key_gates if variant.owns_keys else query_gates)(gate_row, row0)
+        other_gates_at = functools.partial(query_gates if variant.owns_keys else key_gates, gate_col)
         if variant.owns_keys:  # e^{a − m_k}
-            vec_inter = key_decay(gate_row(A_ROW, row0), m_states_gmem[bh, c + 1])
+            vec_inter = key_decay(gate_row(A_ROW, row0), m_state)
         else:  # e^{b + m_{k-1} − m} · s/(den + eps)
-            start_decay = common.start_state_decay(own_gates["b"], own_gates["r"], m_states_gmem[bh, c], own_gates["m"])
+            start_decay = common.start_state_decay(own_gates["b"], own_gates["r"], m_state, own_gates["m"])
             vec_inter = start_decay * own_gates["dh_scale"]
         inter = common.by_rows(vec_inter, (ROWS, tile_cols))
         accs = [

@@ -128,11 +128,11 @@ def _kernel(
     @pl.when(wg == warpgroups)
     def _memory():
         plgpu.set_max_registers(common.MEMORY_REGISTERS, action="decrease")
-        common.load_gate_rows((b_gmem, m_gmem, i_gmem), r_gmem, g_smem, r_smem, g_bar, bh, c)
         plgpu.copy_gmem_to_smem(n_gmem.at[bh, c], n_smem, n_bar.at[0])  # (DHQK_p,)
         for w in range(warpgroups):
             rows = pl.ds(seq_row0 + q_start + w * ROWS, ROWS)
             plgpu.copy_gmem_to_smem(q_gmem.at[:, rows], q_smem.at[w], q_bar.at[w])  # (P, 64, DHQK_p)
+        common.load_gate_rows((b_gmem, m_gmem, i_gmem), r_gmem, g_smem, r_smem, g_bar, bh, c)  # used after C_{k-1}
 
         def load_k(j):  # key tile j into its slot of the K ring
             kv_rows = pl.ds(seq_row0 + j * ROWS, ROWS)
@@ -161,14 +161,9 @@ def _kernel(
         row0 = q_start + wg * ROWS  # in-chunk position of this warpgroup's first query row
         own_steps = row0 // ROWS + 1  # key tiles up to this warpgroup's diagonal
         q_tile = lambda p: q_smem.at[wg, p]  # (64, DHQK_p): part p of this warpgroup's Q
-        common.await_gate_rows(g_bar, len(_GATE_ROWS))
+        m_prev = m_states_gmem[bh, c]  # m_{k-1}, a scalar: read first, used after the state's products
         plgpu.barrier_wait(n_bar.at[0])
         plgpu.barrier_wait(q_bar.at[wg])
-        gate_row, gate_col = common.gate_readers(g_smem, r_smem)
-        vec_b, vec_m = gate_row(_B, row0), gate_row(_M, row0)  # (64,)
-        vec_r = gate_row(common.RESETS, row0)  # (64,) int32: last reset in the chunk, −1 if none
-        m_prev = m_states_gmem[bh, c]  # m_{k-1}, a scalar
-        vec_inter = qk_scale * common.start_state_decay(vec_b, vec_r, m_prev, vec_m)  # (64,)
 
         # inter-chunk: q̄ C_{k-1} and q̄ · n_{k-1}, with q̄ = q·inter (inter = s·e^{b + m_{k-1} − m}, 0 after a reset)
         q_dot_n = common.row_vector(jnp.zeros((ROWS,), jnp.float32))
@@ -181,6 +176,11 @@ def _kernel(
         q_cols = lambda e: lambda p: q_tile(p).at[:, pl.ds(e * ROWS, ROWS)]  # (64, 64): columns e of Q
         c_rows = lambda e: lambda p: v_smem.at[e % stages, p]  # (64, bDHHV): rows e of C_{k-1}
         acc = common.state_products(q_cols, c_rows, state_steps, block_v, parts, interpret, v_bar, v_free_bar, stages)
+        common.await_gate_rows(g_bar, len(_GATE_ROWS))
+        gate_row, gate_col = common.gate_readers(g_smem, r_smem)
+        vec_b, vec_m = gate_row(_B, row0), gate_row(_M, row0)  # (64,)
+        vec_r = gate_row(common.RESETS, row0)  # (64,) int32: last reset in the chunk, −1 if none
+        vec_inter = qk_scale * common.start_state_decay(vec_b, vec_r, m_prev, vec_m)  # (64,)
         acc = acc * common.by_rows(vec_inter, acc.shape)
         den = q_dot_n * vec_inter
 
