@@ -9,14 +9,14 @@ Same arrays, outputs and math as pallas_mlstm.pallas_triton.recurrent_bw (its jn
 and <dC_k, C_k> per boundary where the forward's states are given. The forward states kernel (recurrent_fw.py) run
 backwards in time, with its tiles: one program per (batch·head, DHQK tile x DHHV tile), compute warpgroups of 64
 DHQK rows each that carry dC in registers from the last chunk to the first, and a memory warpgroup that streams
-each chunk's Q slices, dH tile and gate rows with TMA, 64 time steps per ring slot. Per step a compute warpgroup
+each chunk's Q slices, dH tile and gate rows with TMA, T time steps per ring slot (as the forward's). Per step a compute warpgroup
 scales its Q slice's rows by w in shared memory (rounded to the operand dtype, as the Triton kernel rounds q̄ before its
 dot), then takes dC += (Q ⊙ w)ᵀ dH with wgmma; at a chunk's last step it stores dC_k and the row sums of
 dC_k ⊙ C_k (summed by XLA over the tiles). Per program, in shared memory:
 
-    Q      (stages, warpgroups, P, 64, 64)  each warpgroup's 64 DHQK columns of 64 time steps
-    dH     (stages, P, 64, bDHHV)           the same time steps' DHHV tile
-    gates  (stages, 2, 64) float32          w of the steps, and the chunk's decay on its first step (else 1)
+    Q      (stages, warpgroups, P, T, 64)   each warpgroup's 64 DHQK columns of T time steps
+    dH     (stages, P, T, bDHHV)            the same time steps' DHHV tile
+    gates  (stages, 2, T) float32           w of the steps, and the chunk's decay on its first step (else 1)
     out    (warpgroups, 64, E), (.., 64)    staging of dC_k (E = 128 bytes of the states dtype) and of the row sums
 
 The row sums reduce within each warp (over a row's columns), so, unlike the forward's n, the warpgroups need no
