@@ -8,11 +8,11 @@ Same arrays, outputs and math as pallas_mlstm.pallas_triton.recurrent_bw (its jn
 
 and <dC_k, C_k> per boundary where the forward's states are given. The forward states kernel (recurrent_fw.py) run
 backwards in time, with its tiles: one program per (batch·head, DHQK tile x DHHV tile), compute warpgroups of 64
-DHQK rows each that carry dC in registers from the last chunk to the first, and a memory warpgroup that streams
-each chunk's Q slices, dH tile and gate rows with TMA, T time steps per ring slot (as the forward's). Per step a compute warpgroup
-scales its Q slice's rows by w in shared memory (rounded to the operand dtype, as the Triton kernel rounds q̄ before its
-dot), then takes dC += (Q ⊙ w)ᵀ dH with wgmma; at a chunk's last step it stores dC_k and the row sums of
-dC_k ⊙ C_k (summed by XLA over the tiles). Per program, in shared memory:
+DHQK rows each that carry dC in registers from the last chunk to the first, and a memory warpgroup that streams each
+chunk's Q slices, dH tile and gate rows with TMA, T time steps per ring slot (as the forward's). Per step a compute
+warpgroup scales its Q slice's rows by w in shared memory (rounded to the operand dtype, as the Triton kernel rounds
+q̄ before its dot), then takes dC += (Q ⊙ w)ᵀ dH with wgmma; at a chunk's last step it stores dC_k and the row sums
+of dC_k ⊙ C_k (summed by XLA over the tiles). Per program, in shared memory:
 
     Q      (stages, warpgroups, P, T, 64)   each warpgroup's 64 DHQK columns of T time steps
     dH     (stages, P, T, bDHHV)            the same time steps' DHHV tile

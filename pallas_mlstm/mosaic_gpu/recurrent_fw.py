@@ -7,16 +7,16 @@ Same arrays, outputs and math as pallas_mlstm.pallas_triton.recurrent_fw (its jn
 
 m_k, one number per chunk, and the two gate factors are computed by XLA before the launch (a scan over the chunks);
 the kernel carries C and n in registers from chunk to chunk. One program per (batch·head, DHQK tile x DHHV tile):
-compute warpgroups of 64 DHQK rows each (`kernel_tiles` picks how many), and a memory warpgroup that
-streams the sequence with TMA, T time steps per ring slot (`kernel_tiles`: 128 at chunk 256, else 64): each
-warpgroup's 64 columns of K, the DHHV tile of V and
-the steps' gate factors, `stages` slots ahead of the compute. Per step a compute warpgroup scales its K slice's rows
-by e^{a − m_k} in shared memory (64 steps at a time) (rounded to the operand dtype, as the Triton kernel rounds them before its dot),
-adds them to n's (64, 64) tile (n is its column sums, taken at a chunk's end), then takes C += (K ⊙ w)ᵀ V with
-wgmma (K's slice read transposed). At a chunk's last step it stores C_k in the states
-dtype and n_k with TMA. n's column sums reduce across the warps of a warpgroup through the one scratch buffer Mosaic
-GPU gives a program, so two compute warpgroups take turns there (the `turn` barriers): reducing at once, they raced
-on an H100 (a wrong n, which the interpreter, having no such buffer, cannot show). Per program, in shared memory:
+compute warpgroups of 64 DHQK rows each (`kernel_tiles` picks how many), and a memory warpgroup that streams the
+sequence with TMA, T time steps per ring slot (`kernel_tiles`: 128 at chunk 256, else 64): each warpgroup's 64
+columns of K, the DHHV tile of V and the steps' gate factors, `stages` slots ahead of the compute. Per step a
+compute warpgroup scales its K slice's rows by e^{a − m_k} in shared memory (64 steps at a time) (rounded to the
+operand dtype, as the Triton kernel rounds them before its dot), adds them to n's (64, 64) tile (n is its column
+sums, taken at a chunk's end), then takes C += (K ⊙ w)ᵀ V with wgmma (K's slice read transposed). At a chunk's last
+step it stores C_k in the states dtype and n_k with TMA. n's column sums reduce across the warps of a warpgroup
+through the one scratch buffer Mosaic GPU gives a program, so two compute warpgroups take turns there (the `turn`
+barriers): reducing at once, they raced on an H100 (a wrong n, which the interpreter, having no such buffer, cannot
+show). Per program, in shared memory:
 
     K      (stages, warpgroups, P, T, 64)   each warpgroup's 64 columns of T time steps
     V      (stages, P, T, bDHHV)            the same time steps' DHHV tile
