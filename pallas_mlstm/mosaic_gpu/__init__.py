@@ -7,16 +7,16 @@ for tests). A kernel joins KERNELS once it has passed the GPU tests, beaten the 
 runs wherever its module `supports` the call, and the Triton kernel otherwise (`mosaic_where_supported`):
 
 - the forward's H kernel (parallel_fw.py), the backward's dV kernel (parallel_bw.py) and its dK and dQ kernels
-  (parallel_bw_sliced.py) at chunk 64, 128 or 256, DHQK up to 256, 16-bit or float32 inputs (float32 at DHQK
-  256 x DHHV 512 in two operand parts, test_mosaic's 7b-widths-f32 case). They read the gate arrays the Triton
-  launchers read and compute the decays from them, as Triton's kernels do (no more memory than Triton's for them;
-  results/h100-ab-gate-arrays.json). On an H100 dK and dQ take 0.56-0.81x Triton's time
-  (results/h100-ab-dkdq-variants.json);
+  (parallel_bw_sliced.py) at chunk 64, 128 or 256, DHQK up to 256, 16-bit or float32 inputs (float32 at DHQK 256 x
+  DHHV 512 in two operand parts, test_mosaic's 7b-widths-f32 case). They read the gate arrays the Triton launchers
+  read and compute the decays from them, as Triton's kernels do (results/h100-ab-gate-arrays.json; peak memory of
+  the whole op 0-7.8 MiB above Triton's on an H200, results/h200-bench-mosaic.json). On an H100 dK and dQ take
+  0.56-0.81x Triton's time (results/h100-ab-dkdq-variants.json);
 - the two states kernels, recurrent_fw.py (forwards in time) and recurrent_bw.py (backwards), only where their grid
   has a program for every SM of the card (`recurrent_fw.takes_and_fills_the_card`, their `supports`): each program
   walks its tile of the state through every chunk in turn, and with fewer programs the forward lost to Triton's on
-  an H200 (results/h200-mosaic-check-states.json). A ring buffer holds 128 time steps at chunk 256, 64 otherwise
-  (results/h100-ab-states-variants.json).
+  an H200 (results/h200-mosaic-check-states.json). A ring buffer holds 128 time steps where a states chunk holds two
+  such, 64 otherwise (results/h100-ab-states-variants.json).
 
 The Triton kernels run with their launchers and launch config (`TritonLaunch`, which the Mosaic GPU kernels ignore:
 they pick their own tiles). common.py holds what the Mosaic GPU kernels share.

@@ -20,8 +20,8 @@ unused. Per program, in shared memory:
 
 Shapes, dtypes and parts as the forward's kernel (`common.kernel_tiles`, float32 inputs as bf16 operand parts);
 dH and dC_k are rounded to the operand dtype before the launch, as the Triton kernel rounds them before its dots.
-The gates are the arrays the Triton launchers take (`kernel_gates`); the decays and 1/(den + eps) made from them
-are computed in the kernel (`key_decay`, `dh_scale`, `common.start_state_decay`), as Triton's are.
+The gates are the arrays the Triton launchers take (`kernel_gates`); the decays and s/(den + eps) made from them
+are computed in the kernel (`key_decay`, `dh_scale`), as Triton's are.
 """
 
 from __future__ import annotations

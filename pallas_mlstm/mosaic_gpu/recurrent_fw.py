@@ -8,15 +8,15 @@ Same arrays, outputs and math as pallas_mlstm.pallas_triton.recurrent_fw (its jn
 m_k, one number per chunk, and the two gate factors are computed by XLA before the launch (a scan over the chunks);
 the kernel carries C and n in registers from chunk to chunk. One program per (batch·head, DHQK tile x DHHV tile):
 compute warpgroups of 64 DHQK rows each (`kernel_tiles` picks how many), and a memory warpgroup that streams the
-sequence with TMA, T time steps per ring slot (`kernel_tiles`: 128 at chunk 256, else 64): each warpgroup's 64
-columns of K, the DHHV tile of V and the steps' gate factors, `stages` slots ahead of the compute. Per step a
-compute warpgroup scales its K slice's rows by e^{a − m_k} in shared memory (64 steps at a time) (rounded to the
-operand dtype, as the Triton kernel rounds them before its dot), adds them to n's (64, 64) tile (n is its column
-sums, taken at a chunk's end), then takes C += (K ⊙ w)ᵀ V with wgmma (K's slice read transposed). At a chunk's last
-step it stores C_k in the states dtype and n_k with TMA. n's column sums reduce across the warps of a warpgroup
-through the one scratch buffer Mosaic GPU gives a program, so two compute warpgroups take turns there (the `turn`
-barriers): reducing at once, they raced on an H100 (a wrong n, which the interpreter, having no such buffer, cannot
-show). Per program, in shared memory:
+sequence with TMA, T time steps per ring slot (`kernel_tiles`: 128 where the chunk holds two such, else 64): each
+warpgroup's 64 columns of K, the DHHV tile of V and the steps' gate factors, `stages` slots ahead of the compute.
+Per step a compute warpgroup scales its K slice's rows by e^{a − m_k} in shared memory (64 steps at a time) (rounded
+to the operand dtype, as the Triton kernel rounds them before its dot), adds them to n's (64, 64) tile (n is its
+column sums, taken at a chunk's end), then takes C += (K ⊙ w)ᵀ V with wgmma (K's slice read transposed). At a
+chunk's last step it stores C_k in the states dtype and n_k with TMA. n's column sums reduce across the warps of a
+warpgroup through the one scratch buffer Mosaic GPU gives a program, so two compute warpgroups take turns there (the
+`turn` barriers): reducing at once, they raced on an H100 (a wrong n, which the interpreter, having no such buffer,
+cannot show). Per program, in shared memory:
 
     K      (stages, warpgroups, P, T, 64)   each warpgroup's 64 columns of T time steps
     V      (stages, P, T, bDHHV)            the same time steps' DHHV tile
@@ -50,9 +50,10 @@ NAME = "mlstm_chunkwise__recurrent_fw_C"
 _W, _DECAY = range(2)  # the gate rows of a ring slot
 _BLOCK_V = (128, 64)  # DHHV tiles, widest first: C (64 x 128) float32 is 64 registers a thread
 # Time steps per ring buffer, most first: each buffer is one wgmma over its steps and one wait for it, so fewer,
-# longer steps wait less often. 128 only where a chunk has two or more of them: on an H100, 128 against 64 took
-# 0.95x (forward) and 0.97x (backward) of the time at chunk 256, 1.01x at chunk 128, where one buffer is the
-# whole chunk (results/h100-ab-states-variants.json)
+# longer steps wait less often. 128 only where a states chunk (chunk_size x save_states_every_nth_chunk) holds two
+# or more of them, and never at the cost of a narrower DHHV tile: on an H100, 128 against 64 took 0.95x (forward)
+# and 0.97x (backward) of the time at 7b (chunk 256), 0.96-1.01x at chunk 128 (1.01x at tfla-paper), where one
+# buffer is the whole chunk (results/h100-ab-states-variants.json)
 _STEP_ROWS = (128, ROWS)
 # Registers per thread of the compute and memory warpgroups: 128 x (216 + 40) leaves room for a second program of
 # one compute warpgroup on an SM (65,536 registers)
@@ -89,16 +90,16 @@ def compute_warpgroups(dhqk: int) -> int:
 def kernel_tiles(
     dhqk: int, dhhv: int, parts: tuple[int, ...], c_itemsize: int, warpgroups: int, chunk: int
 ) -> tuple[int, RecurrentTiles]:
-    """(operand parts, tiles) for padded head dims, `warpgroups` compute warpgroups and chunks of `chunk` time
-    steps: the widest DHHV tile of _BLOCK_V, the most time steps per buffer (_STEP_ROWS) that split the chunk into
-    two or more buffers (64 at chunk 64), and the most buffers (up to 4, at least 2) that fit in half an SM's shared
-    memory, so that two programs of one compute warpgroup share an SM; else (and for two, whose registers fill an
-    SM) in all of it."""
+    """(operand parts, tiles) for padded head dims, `warpgroups` compute warpgroups and chunks of `chunk` time steps:
+    the widest DHHV tile of _BLOCK_V, then the most time steps per buffer (_STEP_ROWS) that split the chunk into
+    two or more buffers (64 where none does), and the most buffers (up to 4, at least 2) that fit in half an SM's
+    shared memory, so that two programs of one compute warpgroup share an SM; else (and for two, whose registers
+    fill an SM) in all of it."""
     half, whole = common.SHARED_MEMORY_BYTES // 2, common.SHARED_MEMORY_BYTES
     for budget in (half, whole) if warpgroups == 1 else (whole,):
         for count in parts:
-            for step_rows in [t for t in _STEP_ROWS if t == ROWS or (chunk % t == 0 and chunk // t >= 2)]:
-                for block_v in [bv for bv in _BLOCK_V if dhhv % bv == 0]:
+            for block_v in [bv for bv in _BLOCK_V if dhhv % bv == 0]:
+                for step_rows in [t for t in _STEP_ROWS if t == ROWS or (chunk % t == 0 and chunk // t >= 2)]:
                     for stages in range(4, 1, -1):
                         tiles = RecurrentTiles(warpgroups, block_v, stages, step_rows)
                         if shared_bytes(tiles, count, c_itemsize) <= budget:
