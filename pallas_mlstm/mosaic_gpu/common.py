@@ -368,12 +368,21 @@ def chunk_rows(x: jax.Array, dims: LaunchDims) -> jax.Array:
 RESETS = -1  # the gate index of the last-reset row (int32) in `gate_readers`
 
 
-def load_gate_rows(rows_gmem, resets_gmem, rows_smem, resets_smem, bars, bh, c):
-    """The memory warpgroup's copies of chunk c of head bh's gate rows (`chunk_rows`), one TMA copy each: float32
-    row g from rows_gmem[g] into rows_smem[g] (barrier g), the last resets into resets_smem (the last barrier)."""
-    for g, row in enumerate(rows_gmem):
+class GateArrays(NamedTuple):
+    """A parallel kernel's gate inputs, one operand (a pytree: the kernel gets them as refs alike): float32 rows
+    (B·NH, NC, L) each (`chunk_rows`), the last resets (B·NH, NC, L) int32, the states' m (B·NH, NC+1) float32."""
+
+    rows: tuple
+    resets: jax.Array
+    m_states: jax.Array
+
+
+def load_gate_rows(gates_gmem: GateArrays, rows_smem, resets_smem, bars, bh, c):
+    """The memory warpgroup's copies of chunk c of head bh's gate rows, one TMA copy each: float32 row g into
+    rows_smem[g] (barrier g), the last resets into resets_smem (the last barrier)."""
+    for g, row in enumerate(gates_gmem.rows):
         plgpu.copy_gmem_to_smem(row.at[bh, c], rows_smem.at[g], bars.at[g])  # (L,)
-    plgpu.copy_gmem_to_smem(resets_gmem.at[bh, c], resets_smem, bars.at[len(rows_gmem)])  # (L,) int32
+    plgpu.copy_gmem_to_smem(gates_gmem.resets.at[bh, c], resets_smem, bars.at[len(gates_gmem.rows)])  # (L,) int32
 
 
 def await_gate_rows(bars, float_rows: int):

@@ -61,13 +61,7 @@ def _kernel(
     q_gmem,  # (P, BNH·S, DHQK_p)
     dh_gmem,  # (P, BNH·S, DHHV_p)
     dc_gmem,  # (P, BNH·(NC+1)·DHQK_p, DHHV_p): dC_k of head bh at rows (bh·(NC+1) + k)·DHQK_p
-    b_gmem,  # (BNH, NC, L) float32, and m, i, a, den alike (GATE_ROWS)
-    m_gmem,
-    i_gmem,
-    a_gmem,
-    den_gmem,
-    r_gmem,  # (BNH, NC, L) int32: the last resets
-    m_states_gmem,  # (BNH, NC+1) float32: m_k of the states
+    gates_gmem,  # common.GateArrays: rows GATE_ROWS, the last resets, the states' m
     dv_gmem,  # (BNH, S, DHHV_p) out
     k_smem,
     q_smem,
@@ -109,8 +103,7 @@ def _kernel(
         for w in range(warpgroups):
             rows = pl.ds(seq_row0 + kv_start + w * ROWS, ROWS)
             plgpu.copy_gmem_to_smem(k_gmem.at[:, rows], k_smem.at[w], k_bar.at[w])  # (P, 64, DHQK_p)
-        gate_rows = (b_gmem, m_gmem, i_gmem, a_gmem, den_gmem)
-        common.load_gate_rows(gate_rows, r_gmem, g_smem, r_smem, g_bar, bh, c)  # used after dC_k's products
+        common.load_gate_rows(gates_gmem, g_smem, r_smem, g_bar, bh, c)  # used after dC_k's products
 
         def load_q(j):  # query tile first_q + j into its slot of the Q ring
             q_rows = pl.ds(seq_row0 + (first_q + j) * ROWS, ROWS)
@@ -140,7 +133,7 @@ def _kernel(
         plgpu.set_max_registers(common.COMPUTE_REGISTERS, action="increase")
         row0 = kv_start + wg * ROWS  # in-chunk position of this warpgroup's first key row
         k_tile = lambda p: k_smem.at[wg, p]  # (64, DHQK_p): part p of this warpgroup's K
-        m_k = m_states_gmem[bh, c + 1]  # a scalar: read first, used after the state's products
+        m_k = gates_gmem.m_states[bh, c + 1]  # a scalar: read first, used after the state's products
         plgpu.barrier_wait(k_bar.at[wg])
 
         # inter-chunk: (K ⊙ e^{a − m_k}) dC_k
@@ -205,14 +198,14 @@ def _kernel(
 
 
 def kernel_gates(call: KernelCall, vecI, chunk_gates, vecN_out, vecM_out, scaM_all, dims: common.LaunchDims):
-    """The gate arrays of the backward kernels, those the Triton launchers take: the rows (GATE_ROWS) and the last
-    resets (B·NH, NC, L) (`common.chunk_rows`; no resets: −1, as Triton's), and the states' m (B·NH, NC+1) float32."""
+    """The gate arrays of the backward kernels (`common.GateArrays`), those the Triton launchers take: the rows
+    (GATE_ROWS), the last resets (no resets: −1, as Triton's) and the states' m."""
     vecA, vecB, vecR = chunk_gates  # (B, NH, NC, L)
     if vecR is None:
         vecR = jnp.full(vecB.shape, -1, jnp.int32)
     rows = (vecB, vecM_out, log_input_gate(vecI, call.input_gate), vecA, vecN_out)
     m_states = scaM_all.reshape(dims.bnh, dims.num_chunks + 1).astype(jnp.float32)
-    return tuple(common.chunk_rows(x, dims) for x in rows), common.chunk_rows(vecR, dims), m_states
+    return common.GateArrays(tuple(common.chunk_rows(x, dims) for x in rows), common.chunk_rows(vecR, dims), m_states)
 
 
 def key_decay(vec_a, m_k):
@@ -240,7 +233,7 @@ def parallel_bw_dV(
     parts, tiles = kernel_tiles(chunk, dhqk_p, dhhv_p, common.operand_parts(matQ.dtype))
     out_dtype = jnp.dtype(call.output_dtype)
 
-    gate_rows, resets, m_states = kernel_gates(call, vecI, chunk_gates, vecN_out, vecM_out, chunk_states[2], dims)
+    gates = kernel_gates(call, vecI, chunk_gates, vecN_out, vecM_out, chunk_states[2], dims)
     operand_of = lambda x, size: common.sequence_operand(x, size, parts, operand_dtype)  # (P, BNH·S, size)
     k, q, dh = operand_of(matK, dhqk_p), operand_of(matQ, dhqk_p), operand_of(matDeltaH.astype(matQ.dtype), dhhv_p)
     dc_all = common.split_operand(common.states_rows(matDeltaC_states, dims), parts, operand_dtype)  # (P, rows, DHHV_p)
@@ -280,5 +273,5 @@ def parallel_bw_dV(
         ),
         grid=(bnh, num_chunks, (chunk // (w * ROWS)) * (dhhv_p // tiles.block_v)),
         grid_names=("bh", "c", "kv"),
-    )(k, q, dh, dc_all, *gate_rows, resets, m_states)
+    )(k, q, dh, dc_all, gates)
     return dv[:, :, :dhhv].reshape(batch, heads, seq_len, dhhv)

@@ -122,13 +122,7 @@ def _kernel(
     streamed_gmem,  # (P, BNH·S, DHHV_p): dH (dK) or V (dQ)
     tiles_gmem,  # (P, BNH·S, DHQK_p): Q (dK) or K (dQ)
     state_gmem,  # (P, BNH·(NC+1)·DHQK_p, DHHV_p): dC (dK) or C (dQ) of head bh, state k at rows (bh·(NC+1) + k)·DHQK_p
-    b_gmem,  # (BNH, NC, L) float32, and m, i, a, den alike (GATE_ROWS)
-    m_gmem,
-    i_gmem,
-    a_gmem,
-    den_gmem,
-    r_gmem,  # (BNH, NC, L) int32: the last resets
-    m_states_gmem,  # (BNH, NC+1) float32: m_k of the states
+    gates_gmem,  # common.GateArrays: rows parallel_bw.GATE_ROWS, the last resets, the states' m
     x_gmem,  # (BNH·S, DHQK_p): K (dK) or Q (dQ) as given, for the row dots
     out_gmem,  # (BNH·S, DHQK_p) out: dK or dQ
     dots_gmem,  # (BNH, S) float32 out
@@ -212,8 +206,7 @@ def _kernel(
         for s in range(stages):
             pl.when(s < slice_steps)(functools.partial(load_slice, s))
             pl.when(s < block_steps)(functools.partial(load_block, s))
-        gate_rows = (b_gmem, m_gmem, i_gmem, a_gmem, den_gmem)
-        common.load_gate_rows(gate_rows, r_gmem, g_smem, r_smem, g_bar, bh, c)  # used after the state's products
+        common.load_gate_rows(gates_gmem, g_smem, r_smem, g_bar, bh, c)  # used after the state's products
         for s in range(state_steps):  # the compute warpgroups' order: the state, then per other tile slices, blocks
             refill(load_slice, sl_free_bar, s, slice_steps)
 
@@ -231,7 +224,7 @@ def _kernel(
     def _compute():
         plgpu.set_max_registers(common.COMPUTE_REGISTERS, action="increase")
         row0 = (first_tile + wg) * ROWS  # in-chunk position of this warpgroup's owned rows
-        m_state = m_states_gmem[bh, state_index]  # m_k (dK) or m_{k-1} (dQ), a scalar: read first, used later
+        m_state = gates_gmem.m_states[bh, state_index]  # m_k (dK) or m_{k-1} (dQ), a scalar: read first, used later
         for u in range(num_slices):
             plgpu.barrier_wait(own_bar.at[wg * num_slices + u])
         own_slice = lambda u: lambda p: own_smem.at[wg, u, p]  # (64, bS): slice u of this warpgroup's owned rows
@@ -368,9 +361,7 @@ def _launch(
     width, tile_cols = _slice_width(dhhv_p), tile_columns(dhqk_p)
     out_dtype = jnp.dtype(call.output_dtype)
 
-    gate_rows, resets, m_states = parallel_bw.kernel_gates(
-        call, vecI, chunk_gates, vecN_out, vecM_out, chunk_states[2], dims
-    )
+    gates = parallel_bw.kernel_gates(call, vecI, chunk_gates, vecN_out, vecM_out, chunk_states[2], dims)
     operand_of = lambda x, size: common.sequence_operand(x, size, parts, operand_dtype)  # (P, BNH·S, size)
     v, dh = operand_of(matV, dhhv_p), operand_of(matDeltaH.astype(matQ.dtype), dhhv_p)
     state = matDeltaC_states if variant.owns_keys else chunk_states[0]
@@ -417,7 +408,7 @@ def _launch(
         ),
         grid=(bnh, num_chunks, chunk // (w * ROWS)),
         grid_names=("bh", "c", "ot"),
-    )(own, streamed, operand_of(other, dhqk_p), state, *gate_rows, resets, m_states, common.sequence_rows(x, dhqk_p))
+    )(own, streamed, operand_of(other, dhqk_p), state, gates, common.sequence_rows(x, dhqk_p))
     return grad[:, :dhqk].reshape(batch, heads, seq_len, dhqk), dots.reshape(batch, heads, seq_len)
 
 

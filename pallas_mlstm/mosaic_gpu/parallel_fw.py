@@ -81,11 +81,7 @@ def _kernel(
     v_gmem,  # (P, BNH·S, DHHV_p)
     c_gmem,  # (P, BNH·(NC+1)·DHQK_p, DHHV_p): C_k of head bh at rows (bh·(NC+1) + k)·DHQK_p
     n_gmem,  # (BNH, NC+1, DHQK_p) float32
-    b_gmem,  # (BNH, NC, L) float32, and m, i alike (_GATE_ROWS)
-    m_gmem,
-    i_gmem,
-    r_gmem,  # (BNH, NC, L) int32: the last resets
-    m_states_gmem,  # (BNH, NC+1) float32: m_k of the states
+    gates_gmem,  # common.GateArrays: rows _GATE_ROWS, the last resets, the states' m
     h_gmem,  # (BNH, S, DHHV_p) out
     den_gmem,  # (BNH, S) float32
     q_smem,
@@ -132,7 +128,7 @@ def _kernel(
         for w in range(warpgroups):
             rows = pl.ds(seq_row0 + q_start + w * ROWS, ROWS)
             plgpu.copy_gmem_to_smem(q_gmem.at[:, rows], q_smem.at[w], q_bar.at[w])  # (P, 64, DHQK_p)
-        common.load_gate_rows((b_gmem, m_gmem, i_gmem), r_gmem, g_smem, r_smem, g_bar, bh, c)  # used after C_{k-1}
+        common.load_gate_rows(gates_gmem, g_smem, r_smem, g_bar, bh, c)  # used after C_{k-1}
 
         def load_k(j):  # key tile j into its slot of the K ring
             kv_rows = pl.ds(seq_row0 + j * ROWS, ROWS)
@@ -161,7 +157,7 @@ def _kernel(
         row0 = q_start + wg * ROWS  # in-chunk position of this warpgroup's first query row
         own_steps = row0 // ROWS + 1  # key tiles up to this warpgroup's diagonal
         q_tile = lambda p: q_smem.at[wg, p]  # (64, DHQK_p): part p of this warpgroup's Q
-        m_prev = m_states_gmem[bh, c]  # m_{k-1}, a scalar: read first, used after the state's products
+        m_prev = gates_gmem.m_states[bh, c]  # m_{k-1}, a scalar: read first, used after the state's products
         plgpu.barrier_wait(n_bar.at[0])
         plgpu.barrier_wait(q_bar.at[wg])
 
@@ -245,14 +241,14 @@ def _kernel(
 
 
 def _kernel_gates(call: KernelCall, vecI, vecF, scaM_all, dims: common.LaunchDims):
-    """The gate arrays of the kernel: the rows (b, m, i) and the last resets (B·NH, NC, L) (`common.chunk_rows`),
-    the states' m (B·NH, NC+1) float32; and vecM_out (B, NH, S)."""
+    """The gate arrays of the kernel (`common.GateArrays`: the rows _GATE_ROWS, the last resets, the states' m) and
+    vecM_out (B, NH, S)."""
     chunk = call.chunk_size
     vecB, vecR = compute_chunkwise_reset_gates(vecF, chunk)  # (B, NH, NC, L)
     vecM_out = compute_chunkwise_vecM(vecB, vecR, vecI, scaM_all, input_gate=call.input_gate)
     rows = tuple(common.chunk_rows(x, dims) for x in (vecB, vecM_out, log_input_gate(vecI, call.input_gate)))
     m_states = scaM_all.reshape(dims.bnh, dims.num_chunks + 1).astype(jnp.float32)
-    return rows, common.chunk_rows(vecR, dims), m_states, vecM_out
+    return common.GateArrays(rows, common.chunk_rows(vecR, dims), m_states), vecM_out
 
 
 def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all):
@@ -268,7 +264,7 @@ def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all,
     qk_scale = call.scale_for(dhqk)
     out_dtype = jnp.dtype(call.output_dtype)
 
-    gate_rows, resets, m_states, vecM_out = _kernel_gates(call, vecI, vecF, scaM_all, dims)
+    gates, vecM_out = _kernel_gates(call, vecI, vecF, scaM_all, dims)
     operand_of = lambda x, size: common.sequence_operand(x, size, parts, operand_dtype)  # (P, BNH·S, size)
     q, k, v = operand_of(matQ, dhqk_p), operand_of(matK, dhqk_p), operand_of(matV, dhhv_p)
     c_all = common.split_operand(common.states_rows(matC_all, dims), parts, operand_dtype)  # (P, rows, DHHV_p)
@@ -316,6 +312,6 @@ def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all,
         ),
         grid=(bnh, num_chunks, (chunk // (w * ROWS)) * (dhhv_p // tiles.block_v)),
         grid_names=("bh", "c", "qv"),
-    )(q, k, v, c_all, n_all, *gate_rows, resets, m_states)
+    )(q, k, v, c_all, n_all, gates)
     matH_out = h[:, :, :dhhv].reshape(batch, heads, seq_len, dhhv)
     return matH_out, den.reshape(batch, heads, seq_len), vecM_out
