@@ -305,13 +305,19 @@ def weight_rows_in_place(slice_part, parts: int, weights: jax.Array) -> jax.Arra
 
 def store_staged(out, stage, tile: jax.Array, column0):
     """Stores `tile` (64, N) float32 into `out` (64 rows of an output, from column `column0`) in its dtype, through
-    the staging buffer `stage` (64, E), E = 128 bytes of it, one piece after the other with TMA."""
-    columns = stage.shape[-1]
-    for t in range(tile.shape[1] // columns):
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous piece has left the staging
-        stage[...] = tile[:, t * columns : (t + 1) * columns].astype(stage.dtype)  # (64, E)
+    the staging buffers `stage` (buffers, 64, E), E = 128 bytes of it: piece t of the N/E through buffer t % buffers,
+    one TMA copy (and copy group) each. With a buffer for every piece, no piece waits for another's copy: the only
+    wait is the first, for this thread's earlier copies to have read their staging (a previous call's, long done
+    when calls are a chunk apart); with fewer, a piece waits for the copy that last read its buffer."""
+    buffers, columns = stage.shape[0], stage.shape[-1]
+    pieces = tile.shape[1] // columns
+    for first in range(0, pieces, buffers):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the earlier copies have left the staging
+        for t in range(first, min(first + buffers, pieces)):
+            stage[t % buffers] = tile[:, t * columns : (t + 1) * columns].astype(stage.dtype)  # (64, E)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(stage, out.at[:, pl.ds(column0 + t * columns, columns)])
+        for t in range(first, min(first + buffers, pieces)):
+            plgpu.copy_smem_to_gmem(stage.at[t % buffers], out.at[:, pl.ds(column0 + t * columns, columns)])
 
 
 class LaunchDims(NamedTuple):

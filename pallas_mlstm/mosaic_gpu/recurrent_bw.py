@@ -17,7 +17,8 @@ of dC_k ⊙ C_k (summed by XLA over the tiles). Per program, in shared memory:
     Q      (stages, warpgroups, P, T, 64)   each warpgroup's 64 DHQK columns of T time steps
     dH     (stages, P, T, bDHHV)            the same time steps' DHHV tile
     gates  (stages, 2, T) float32           w of the steps, and the chunk's decay on its first step (else 1)
-    out    (warpgroups, 64, E), (.., 64)    staging of dC_k (E = 128 bytes of the states dtype) and of the row sums
+    out    (warpgroups, bDHHV/E, 64, E)     staging of dC_k (E = 128 bytes of the states dtype, a buffer per TMA copy)
+           (warpgroups, 64) float32         and of the row sums
 
 The row sums reduce within each warp (over a row's columns), so, unlike the forward's n, the warpgroups need no
 turns.
@@ -77,6 +78,8 @@ def _kernel(
     q_smem, dh_smem, g_smem, c_stage, dots_stage, *first_stage, q_bar, dh_bar, g_bar, free_bar = refs
     w, block_v, stages, t = tiles.warpgroups, tiles.block_v, tiles.stages, tiles.step_rows
     parts = q_smem.shape[2]
+    pieces = block_v // c_stage.shape[-1]  # the TMA copies (copy groups) of a state's tile
+    dhqk_size = q_gmem.shape[-1]
     steps = num_chunks * steps_per_chunk
     chunk = steps_per_chunk * t
     seq_len = steps * t
@@ -105,16 +108,18 @@ def _kernel(
     @pl.when(wg < w)
     def _compute():
         plgpu.set_max_registers(common.COMPUTE_REGISTERS, action="increase")
-        dhqk_size = q_gmem.shape[-1]
         dhqk_row0 = (iq * w + wg) * ROWS  # this warpgroup's first DHQK row
 
+        def state_rows(index):  # the rows of this warpgroup's tile of state `index` in dC (and C)
+            return pl.ds((bh * (num_chunks + 1) + index) * dhqk_size + dhqk_row0, ROWS)
+
         def store_state(index, dc):  # dC_index of this program's tile, and the row sums of dC_index ⊙ C_index
-            state = bh * (num_chunks + 1) + index
-            rows = pl.ds(state * dhqk_size + dhqk_row0, ROWS)
+            rows, state = state_rows(index), bh * (num_chunks + 1) + index
+            if has_states:  # C_index, in L2 since the chunk's first step: loaded first, used after dC's copies
+                c = plgpu.load(c_gmem.at[rows, columns], layout=plgpu.Layout.WGMMA, optimized=False)  # (64, bDHHV)
             common.store_staged(dc_gmem.at[rows], c_stage.at[wg], dc, iv * block_v)
             if has_states:
-                c = plgpu.load(c_gmem.at[rows, columns], layout=plgpu.Layout.WGMMA, optimized=False)  # (64, bDHHV)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                plgpu.wait_smem_to_gmem(pieces, wait_read_only=True)  # the last row sums' copy, not dC's, has read it
                 dots_stage[wg] = jnp.sum(dc * c.astype(jnp.float32), axis=1)  # (64,)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(dots_stage.at[wg], dots_gmem.at[state, iv, pl.ds(dhqk_row0, ROWS)])
@@ -129,6 +134,10 @@ def _kernel(
 
         def step(s, dc):
             slot = s % stages
+            chunk_index = num_chunks - 1 - s // steps_per_chunk
+            if has_states and not interpret:  # C_{chunk_index} into L2 at the chunk's first step, read at its last
+                first_step = s % steps_per_chunk == 0
+                plgpu.async_prefetch(c_gmem.at[state_rows(chunk_index), columns], predicate=first_step)
             q_slice = lambda p: q_smem.at[slot, wg, p]  # (T steps, 64 DHQK columns)
             plgpu.barrier_wait(g_bar.at[slot])
             decay = plgpu.load(g_smem.at[slot, _DECAY, pl.ds(0, ROWS)], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,)
@@ -143,14 +152,14 @@ def _kernel(
             dc = common.mma(dc, q_t, lambda p: dh_smem.at[slot, p], parts, interpret)  # (64, T) @ (T, bDHHV)
             plgpu.barrier_arrive(free_bar.at[slot])
             last_step = s % steps_per_chunk == steps_per_chunk - 1
-            pl.when(last_step)(lambda: store_state(num_chunks - 1 - s // steps_per_chunk, dc))
+            pl.when(last_step)(lambda: store_state(chunk_index, dc))
             return dc
 
         dc = lax.fori_loop(0, steps, step, dc)
         if writes_first:  # dC_0 at full precision, when the states are stored narrower
             first_rows = first_gmem.at[pl.ds(bh * dhqk_size + dhqk_row0, ROWS)]
             common.store_staged(first_rows, first_stage[0].at[wg], dc, iv * block_v)
-        plgpu.wait_smem_to_gmem(0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the copies have read their staging: safe to exit
 
 
 def recurrent_bw_dC(

@@ -21,7 +21,8 @@ cannot show). Per program, in shared memory:
     K      (stages, warpgroups, P, T, 64)   each warpgroup's 64 columns of T time steps
     V      (stages, P, T, bDHHV)            the same time steps' DHHV tile
     gates  (stages, 2, T) float32           e^{a − m_k} of the steps, and the chunk's decay on its first step (else 1)
-    out    (warpgroups, 64, E)              staging of C_k (E = 128 bytes of the states dtype), and of n_k
+    out    (warpgroups, bDHHV/E, 64, E)     staging of C_k (E = 128 bytes of the states dtype: one TMA copy each, so
+                                            a chunk's copies never wait for one another), and (warpgroups, 64) of n_k
 
 Float32 inputs run as bf16 operand parts (`common.split_operand`), as in the parallel kernels.
 """
@@ -66,19 +67,22 @@ _TWO_WARPGROUPS_ROWS = 2 * ROWS
 
 @dataclasses.dataclass(frozen=True)
 class RecurrentTiles:
-    """A launch: compute warpgroups (64 DHQK rows each), the DHHV tile, buffers in flight, time steps per buffer."""
+    """A launch: compute warpgroups (64 DHQK rows each), the DHHV tile, buffers in flight, time steps per buffer,
+    and staging buffers of a state (`common.store_staged`: one per TMA copy, or one)."""
 
     warpgroups: int
     block_v: int
     stages: int
     step_rows: int
+    staging_buffers: int
 
 
 def shared_bytes(tiles: RecurrentTiles, parts: int, c_itemsize: int) -> int:
-    """Shared memory of one program: the ring (K slices, V tile, gate rows per slot) and the staging of C and n."""
+    """Shared memory of one program: the ring (K slices, V tile, gate rows per slot) and the staging of C (128
+    bytes of a row per buffer) and n, and of the last C in float32 (one buffer) where the states are narrower."""
     w, t = tiles.warpgroups, tiles.step_rows
     slot = parts * t * (w * ROWS + tiles.block_v) * 2 + 2 * t * 4
-    staging = w * ROWS * (128 + 4) + (w * ROWS * 128 if c_itemsize != 4 else 0)  # C, n, and C_last in float32
+    staging = w * ROWS * (tiles.staging_buffers * 128 + 4) + (w * ROWS * 128 if c_itemsize != 4 else 0)
     return tiles.stages * slot + staging + common.RESERVED_BYTES
 
 
@@ -94,16 +98,18 @@ def kernel_tiles(
     the widest DHHV tile of _BLOCK_V, then the most time steps per buffer (_STEP_ROWS) that split the chunk into
     two or more buffers (64 where none does), and the most buffers (up to 4, at least 2) that fit in half an SM's
     shared memory, so that two programs of one compute warpgroup share an SM; else (and for two, whose registers
-    fill an SM) in all of it."""
+    fill an SM) in all of it. Last, a staging buffer per TMA copy of a state where that fits beside those tiles,
+    else one."""
     half, whole = common.SHARED_MEMORY_BYTES // 2, common.SHARED_MEMORY_BYTES
     for budget in (half, whole) if warpgroups == 1 else (whole,):
         for count in parts:
             for block_v in [bv for bv in _BLOCK_V if dhhv % bv == 0]:
                 for step_rows in [t for t in _STEP_ROWS if t == ROWS or (chunk % t == 0 and chunk // t >= 2)]:
                     for stages in range(4, 1, -1):
-                        tiles = RecurrentTiles(warpgroups, block_v, stages, step_rows)
-                        if shared_bytes(tiles, count, c_itemsize) <= budget:
-                            return count, tiles
+                        for staging in (block_v * c_itemsize // 128, 1):
+                            tiles = RecurrentTiles(warpgroups, block_v, stages, step_rows, staging)
+                            if shared_bytes(tiles, count, c_itemsize) <= budget:
+                                return count, tiles
     raise ValueError(f"no Mosaic GPU tiling of {NAME} fits in shared memory for DHQK={dhqk}, DHHV={dhhv}.")
 
 
@@ -163,6 +169,7 @@ def _kernel(
     k_smem, v_smem, g_smem, c_stage, n_stage, *last_stage, k_bar, v_bar, g_bar, free_bar = refs
     parts = k_smem.shape[2]
     dhqk = n_gmem.shape[-1]
+    pieces = block_v // c_stage.shape[-1]  # the TMA copies (copy groups) of a state's tile
     steps = num_chunks * steps_per_chunk
     seq_len = steps * t
     bh, iq, iv = lax.axis_index("bh"), lax.axis_index("q"), lax.axis_index("v")
@@ -199,7 +206,7 @@ def _kernel(
             def _n():
                 if w > 1:  # this warpgroup's turn at the reduction scratch: after the previous warpgroup's sums
                     pl.when((wg > 0) | (index > 0))(lambda: plgpu.barrier_wait(turn_bar.at[wg]))
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                plgpu.wait_smem_to_gmem(pieces, wait_read_only=True)  # n_{index-1}'s copy, not C_index's, has read it
                 n_stage[wg] = jnp.sum(n_tile, axis=0)  # (64,): n, the column sums
                 plgpu.commit_smem()  # (a warpgroup barrier: every thread is past the reduction)
                 if w > 1:
@@ -244,7 +251,7 @@ def _kernel(
         if writes_last:  # the last state at full precision, when the states are stored narrower
             last_rows = last_gmem.at[pl.ds(bh * dhqk + dhqk_row0, ROWS)]
             common.store_staged(last_rows, last_stage[0].at[wg], c, iv * block_v)
-        plgpu.wait_smem_to_gmem(0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the copies have read their staging: safe to exit
 
 
 def _step_gates(call: KernelCall, vecF, vecI, scaM_initial, chunk: int, step_rows: int):
@@ -271,18 +278,23 @@ def scratch_types(
 ) -> tuple:
     """The states kernels' shared memory and barriers (this module's docstring): per ring slot each warpgroup's
     (T, 64) slice of the first operand (K, or Q backwards), the second's (T, bDHHV) tile (V, or dH) and the gate
-    rows (T = tiles.step_rows); the staging of a state (in `c_dtype`), of a (64,) float32 vector per warpgroup,
-    and, with `full_precision_copy`, of a float32 state; with `turns` and two warpgroups, their turn barriers."""
+    rows (T = tiles.step_rows); the staging of a state (in `c_dtype`, a buffer per TMA copy, so that no copy
+    waits for another), of a (64,) float32 vector per warpgroup, and, with `full_precision_copy`, of a float32
+    state (one buffer: used once); with `turns` and two warpgroups, their turn barriers."""
     w, stages, t = tiles.warpgroups, tiles.stages, tiles.step_rows
     operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
-    staging = lambda dtype: plgpu.SMEM((w, ROWS, 128 // dtype.itemsize), dtype, transforms=common.swizzled(dtype))
+
+    def staging(dtype, buffers):  # (w, buffers, 64, E): E = 128 bytes of dtype
+        return plgpu.SMEM((w, buffers, ROWS, 128 // dtype.itemsize), dtype, transforms=common.swizzled(dtype))
+
+    c_dtype = jnp.dtype(c_dtype)
     return (
         operand((stages, w, parts, t, ROWS)),  # first operand's slices
         operand((stages, parts, t, tiles.block_v)),  # second operand's tiles
         plgpu.SMEM((stages, 2, t), jnp.float32),  # gate rows
-        staging(jnp.dtype(c_dtype)),  # state staging
+        staging(c_dtype, tiles.staging_buffers),  # state staging
         plgpu.SMEM((w, ROWS), jnp.float32),  # vector staging
-        *([staging(jnp.dtype(jnp.float32))] if full_precision_copy else []),  # float32 state staging
+        *([staging(jnp.dtype(jnp.float32), 1)] if full_precision_copy else []),  # float32 state staging
         plgpu.Barrier(num_barriers=stages * w),  # slice loaded, per (slot, warpgroup)
         plgpu.Barrier(num_barriers=stages),  # tile loaded
         plgpu.Barrier(num_barriers=stages),  # gate rows loaded
