@@ -193,6 +193,12 @@ def test_tune_keeps_no_candidate_that_needs_more_memory(monkeypatch):
     assert entry["config"]["chunk_size"] == 128 and entry["complete"]
     assert entry["fwbw_ms"] == 1.5 and entry["default_fwbw_ms"] == 3.0
     assert entry["temp_bytes"] == allowed and entry["default_temp_bytes"] == 1000
+    assert entry["calls"] == 34  # 2 calls asked for; MIN_TIMED_MS (100 ms) at the start's 3 ms a call
+
+
+def test_tune_times_small_shapes_over_more_calls():
+    """Each candidate is timed over at least MIN_TIMED_MS: more calls than asked where a call is short."""
+    assert sweep.timed_calls(10, 1.5) == 67 and sweep.timed_calls(10, 25.0) == 10 and sweep.timed_calls(200, 1.5) == 200
 
 
 def test_a_jax_triton_without_its_nvidia_backend_is_named(monkeypatch):

@@ -20,7 +20,8 @@ The search starts from the config `mlstm_chunkwise` runs on this card today (its
 the same compute capability, or else ChunkwiseConfig(), the heuristics), so that a search the time budget ends
 early still cannot store worse than that. The start's forward output must pass the bench's check against the
 float32 reference; every other candidate's output and gradients must agree with the start's within the bench's
-tolerance before its time counts. The score is the median forward+backward time; a faster candidate that needs
+tolerance before its time counts. The score is the median forward+backward time of `--calls` calls, or more where
+the start takes under MIN_TIMED_MS / calls a call (small shapes); a faster candidate that needs
 more than TEMP_MEMORY_SLACK above the start's temporary device memory (XLA's memory analysis of the compiled
 forward+backward) is not kept, so a tuned entry trades at most that much memory for speed. The winner and the start are
 timed once more at the end, and the winner goes, with both times (`fwbw_ms`, `default_fwbw_ms`: the start's),
@@ -34,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import pathlib
 import shlex
 import sys
@@ -222,6 +224,16 @@ def _evaluate(config, backend, input_sets, weights, expected, calls):
 TEMP_MEMORY_SLACK = 0.02
 
 
+# Each candidate is timed over at least this many milliseconds of calls: at about 1.5 ms a call (small-heads,
+# odd-heads on an H100), 10 calls timed one config to about ±0.1 ms, and the best candidate lost when timed again.
+MIN_TIMED_MS = 100.0
+
+
+def timed_calls(calls: int, start_ms: float) -> int:
+    """The calls that time each candidate: `calls`, or enough that they take MIN_TIMED_MS at the start's speed."""
+    return max(calls, math.ceil(MIN_TIMED_MS / start_ms))
+
+
 def _temp_bytes(fwbw, arguments) -> int:
     """The temporary device memory of the compiled forward+backward `fwbw` (a jitted function) on `arguments`."""
     return fwbw.lower(*arguments).compile().memory_analysis().temp_size_in_bytes
@@ -241,6 +253,8 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
     weights = runner.make_weights(probe, input_sets[0])
     argument_sets = [(weights, *inputs) for inputs in input_sets]
     start_ms, expected, start_fwbw = _evaluate(start, backend, input_sets, weights, None, calls)
+    calls = timed_calls(calls, start_ms)
+    start_ms = timing.median_ms(start_fwbw, argument_sets, calls)
     rel_err, reference_name = runner.check_forward(impls.MLSTM, input_sets[0], expected[0])
     if not rel_err <= accuracy.BENCH_TOLERANCE:
         runner.say(f"REFUSED {shape.name}: the start config's rel err {rel_err:.2e} against {reference_name}.")
