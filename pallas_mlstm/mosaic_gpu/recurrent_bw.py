@@ -16,7 +16,8 @@ of dC_k ⊙ C_k (summed by XLA over the tiles). Per program, in shared memory:
 
     Q      (stages, warpgroups, P, T, 64)   each warpgroup's 64 DHQK columns of T time steps
     dH     (stages, P, T, bDHHV)            the same time steps' DHHV tile
-    gates  (stages, 2, T) float32           w of the steps, and the chunk's decay on its first step (else 1)
+    gates  (stages, T) float32              w of the steps (the chunk's decay d_k: a scalar read from global memory at
+                                            its first step)
     out    (warpgroups, bDHHV/E, 64, E)     staging of dC_k (E = 128 bytes of the states dtype, a buffer per TMA copy)
            (warpgroups, 64) float32         and of the row sums
 
@@ -39,7 +40,6 @@ from pallas_mlstm.mosaic_gpu.common import ROWS
 from pallas_mlstm.states import join_states
 
 NAME = "mlstm_chunkwise__recurrent_bw_dC"
-_W, _DECAY = range(2)  # the gate rows of a ring slot
 
 
 def unsupported(chunk: int, dtype) -> str | None:
@@ -57,7 +57,8 @@ def supports(call: KernelCall, matQ, vecF, scaM_inter, vecM_combine, matDeltaH, 
 def _kernel(
     q_gmem,  # (P, BNH·S, DHQK_p)
     dh_gmem,  # (P, BNH·S, DHHV_p)
-    g_gmem,  # (BNH·steps, 2, 64) float32, the steps in processing order (last chunk first)
+    g_gmem,  # (BNH·steps, T) float32: per ring step w of its time steps, in processing order (last chunk first)
+    decay_gmem,  # (BNH, NC) float32: d_k of each chunk, in processing order
     *refs,  # dC_last (BNH, DHQK_p, DHHV_p) float32 and C states where given; outputs; scratch
     tiles: recurrent_fw.RecurrentTiles,
     steps_per_chunk: int,
@@ -97,7 +98,7 @@ def _kernel(
         def load(s):  # ring step s: T time steps of Q (each warpgroup's columns), of dH, and their gate rows
             slot = s % stages
             rows = pl.ds(step_row(s), t)
-            plgpu.copy_gmem_to_smem(g_gmem.at[bh * steps + s], g_smem.at[slot], g_bar.at[slot])  # (2, T)
+            plgpu.copy_gmem_to_smem(g_gmem.at[bh * steps + s], g_smem.at[slot], g_bar.at[slot])  # (T,)
             for u in range(w):
                 q_tile = q_gmem.at[:, rows, pl.ds((iq * w + u) * ROWS, ROWS)]  # (P, T, 64)
                 plgpu.copy_gmem_to_smem(q_tile, q_smem.at[slot, u], q_bar.at[slot * w + u])
@@ -135,17 +136,16 @@ def _kernel(
         def step(s, dc):
             slot = s % stages
             chunk_index = num_chunks - 1 - s // steps_per_chunk
+            first_step = s % steps_per_chunk == 0
             if has_states and not interpret:  # C_{chunk_index} into L2 at the chunk's first step, read at its last
-                first_step = s % steps_per_chunk == 0
                 plgpu.async_prefetch(c_gmem.at[state_rows(chunk_index), columns], predicate=first_step)
             q_slice = lambda p: q_smem.at[slot, wg, p]  # (T steps, 64 DHQK columns)
+            dc = dc * jnp.where(first_step, decay_gmem[bh, s // steps_per_chunk], 1.0)  # d_k at the chunk's start
             plgpu.barrier_wait(g_bar.at[slot])
-            decay = plgpu.load(g_smem.at[slot, _DECAY, pl.ds(0, ROWS)], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,)
-            dc = dc * common.by_rows(decay, dc.shape)
             plgpu.barrier_wait(q_bar.at[slot * w + wg])
             for h in range(t // ROWS):  # Q ⊙ w, 64 time steps at a time
                 steps_h = pl.ds(h * ROWS, ROWS)
-                weights = plgpu.load(g_smem.at[slot, _W, steps_h], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,)
+                weights = plgpu.load(g_smem.at[slot, steps_h], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,)
                 common.weight_rows_in_place(lambda p, steps_h=steps_h: q_slice(p).at[steps_h], parts, weights)
             plgpu.barrier_wait(dh_bar.at[slot])
             q_t = lambda p: q_slice(p).transpose((1, 0))  # (64 DHQK, T steps)
@@ -185,7 +185,7 @@ def recurrent_bw_dC(
     decay = jnp.exp(vecB[..., -1] + m_prev - m_next)  # (B, NH, NC)
     gates = recurrent_fw.ring_gates(weights[:, :, ::-1], decay[:, :, ::-1], tiles.step_rows)  # the last chunk first
     operand_of = lambda x, size: common.sequence_operand(x, size, parts, operand_dtype)  # (P, BNH·S, size)
-    inputs = [operand_of(matQ, dhqk_p), operand_of(matDeltaH.astype(matQ.dtype), dhhv_p), gates]
+    inputs = [operand_of(matQ, dhqk_p), operand_of(matDeltaH.astype(matQ.dtype), dhhv_p), *gates]
     has_last, has_states = matDeltaC_last is not None, matC_states is not None
     if has_last:
         inputs.append(common.one_state(matDeltaC_last, dims))  # (BNH, DHQK_p, DHHV_p) float32

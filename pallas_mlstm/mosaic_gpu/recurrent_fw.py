@@ -20,7 +20,8 @@ cannot show). Per program, in shared memory:
 
     K      (stages, warpgroups, P, T, 64)   each warpgroup's 64 columns of T time steps
     V      (stages, P, T, bDHHV)            the same time steps' DHHV tile
-    gates  (stages, 2, T) float32           e^{a − m_k} of the steps, and the chunk's decay on its first step (else 1)
+    gates  (stages, T) float32              e^{a − m_k} of the steps (the chunk's decay d_k: a scalar read from global
+                                            memory at its first step)
     out    (warpgroups, bDHHV/E, 64, E)     staging of C_k (E = 128 bytes of the states dtype: one TMA copy each, so
                                             a chunk's copies never wait for one another), and (warpgroups, 64) of n_k
 
@@ -48,7 +49,6 @@ from pallas_mlstm.pallas_triton.launch_defaults import DEFAULT_CORE_COUNT
 from pallas_mlstm.states import acc_dtype, join_states
 
 NAME = "mlstm_chunkwise__recurrent_fw_C"
-_W, _DECAY = range(2)  # the gate rows of a ring slot
 _BLOCK_V = (128, 64)  # DHHV tiles, widest first: C (64 x 128) float32 is 64 registers a thread
 # Time steps per ring buffer, most first: each buffer is one wgmma over its steps and one wait for it, so fewer,
 # longer steps wait less often. 128 only where a states chunk (chunk_size x save_states_every_nth_chunk) holds two
@@ -81,7 +81,7 @@ def shared_bytes(tiles: RecurrentTiles, parts: int, c_itemsize: int) -> int:
     """Shared memory of one program: the ring (K slices, V tile, gate rows per slot) and the staging of C (128
     bytes of a row per buffer) and n, and of the last C in float32 (one buffer) where the states are narrower."""
     w, t = tiles.warpgroups, tiles.step_rows
-    slot = parts * t * (w * ROWS + tiles.block_v) * 2 + 2 * t * 4
+    slot = parts * t * (w * ROWS + tiles.block_v) * 2 + t * 4
     staging = w * ROWS * (tiles.staging_buffers * 128 + 4) + (w * ROWS * 128 if c_itemsize != 4 else 0)
     return tiles.stages * slot + staging + common.RESERVED_BYTES
 
@@ -149,7 +149,8 @@ def takes_and_fills_the_card(call: KernelCall, qk, dhhv: int) -> bool:
 def _kernel(
     k_gmem,  # (P, BNH·S, DHQK_p)
     v_gmem,  # (P, BNH·S, DHHV_p)
-    g_gmem,  # (BNH·steps, 2, T) float32: per ring step e^{a − m_k}, and the decay (first step of a chunk, else 1)
+    g_gmem,  # (BNH·steps, T) float32: per ring step e^{a − m_k} of its time steps
+    decay_gmem,  # (BNH, NC) float32: d_k of each chunk
     *refs,  # c0 (BNH, DHQK_p, DHHV_p), n0 (BNH, 64, DHQK_p: n_0 in row 0) float32 where given; outputs; scratch
     tiles: RecurrentTiles,
     steps_per_chunk: int,
@@ -183,7 +184,7 @@ def _kernel(
         def load(s):  # ring step s: T time steps of K (each warpgroup's columns), of V, and their gate rows
             slot = s % stages
             rows = pl.ds(bh * seq_len + s * t, t)
-            plgpu.copy_gmem_to_smem(g_gmem.at[bh * steps + s], g_smem.at[slot], g_bar.at[slot])  # (2, T)
+            plgpu.copy_gmem_to_smem(g_gmem.at[bh * steps + s], g_smem.at[slot], g_bar.at[slot])  # (T,)
             for u in range(w):
                 k_cols = pl.ds((iq * w + u) * ROWS, ROWS)
                 plgpu.copy_gmem_to_smem(
@@ -228,13 +229,13 @@ def _kernel(
             c, n_tile = carry  # n = the column sums of n_tile (64, 64)
             slot = s % stages
             k_slice = lambda p: k_smem.at[slot, wg, p]  # (T steps, 64 DHQK columns)
+            decay = jnp.where(s % steps_per_chunk == 0, decay_gmem[bh, s // steps_per_chunk], 1.0)  # d_k at its start
+            c, n_tile = c * decay, n_tile * decay
             plgpu.barrier_wait(g_bar.at[slot])
-            decay = plgpu.load(g_smem.at[slot, _DECAY, pl.ds(0, ROWS)], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,)
-            c, n_tile = c * common.by_rows(decay, c.shape), n_tile * common.by_rows(decay, n_tile.shape)
             plgpu.barrier_wait(k_bar.at[slot * w + wg])
             for h in range(t // ROWS):  # K ⊙ e^{a − m_k}, 64 time steps at a time
                 steps_h = pl.ds(h * ROWS, ROWS)
-                weights = plgpu.load(g_smem.at[slot, _W, steps_h], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,)
+                weights = plgpu.load(g_smem.at[slot, steps_h], layout=plgpu.Layout.WGMMA.reduce(1))  # (64,)
                 k_rows = lambda p, steps_h=steps_h: k_slice(p).at[steps_h]  # (64 steps, 64 DHQK columns)
                 n_tile = n_tile + common.weight_rows_in_place(k_rows, parts, weights)  # (64, 64)
             plgpu.barrier_wait(v_bar.at[slot])
@@ -255,8 +256,7 @@ def _kernel(
 
 
 def _step_gates(call: KernelCall, vecF, vecI, scaM_initial, chunk: int, step_rows: int):
-    """The gate rows of every ring step of `step_rows` time steps, (B·NH·steps, 2, step_rows) float32 (e^{a − m_k};
-    the chunk's decay on its first step, else 1), and the m states (B, NH, NC+1)."""
+    """`ring_gates` of e^{a − m_k} and the chunks' decays d_k, and the m states (B, NH, NC+1)."""
     dtype = jnp.float32
     vecB, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk, input_gate=call.input_gate)
     vecA, scaG = vecA.astype(dtype), vecB[..., -1].astype(dtype)  # (B, NH, NC, L), (B, NH, NC)
@@ -291,7 +291,7 @@ def scratch_types(
     return (
         operand((stages, w, parts, t, ROWS)),  # first operand's slices
         operand((stages, parts, t, tiles.block_v)),  # second operand's tiles
-        plgpu.SMEM((stages, 2, t), jnp.float32),  # gate rows
+        plgpu.SMEM((stages, t), jnp.float32),  # gate row
         staging(c_dtype, tiles.staging_buffers),  # state staging
         plgpu.SMEM((w, ROWS), jnp.float32),  # vector staging
         *([staging(jnp.dtype(jnp.float32), 1)] if full_precision_copy else []),  # float32 state staging
@@ -348,16 +348,12 @@ def states_grid(dims: common.LaunchDims, tiles: RecurrentTiles) -> tuple[int, in
     return dims.bnh, dims.dhqk_p // (tiles.warpgroups * ROWS), dims.dhhv_p // tiles.block_v
 
 
-def ring_gates(weights, decay, step_rows: int) -> jax.Array:
-    """The gate rows of ring steps of `step_rows` time steps, (B·NH·steps, 2, step_rows) float32, in the chunks'
-    order as given: a per-time-step weight (B, NH, NC, L), and the chunk's decay (B, NH, NC) on its first ring step,
-    1 on the others."""
-    chunk = weights.shape[-1]
-    first_step = jnp.arange(chunk) < step_rows  # (L,): the chunk's first ring step
-    decay_rows = jnp.where(first_step, decay[..., None], 1.0)  # (B, NH, NC, L)
-    rows = jnp.stack([weights, decay_rows], axis=-2).astype(jnp.float32)  # (B, NH, NC, 2, L)
-    steps = rows.reshape(*rows.shape[:3], 2, chunk // step_rows, step_rows).swapaxes(3, 4)  # (.., L/T, 2, T)
-    return steps.reshape(-1, 2, step_rows)
+def ring_gates(weights, decay, step_rows: int) -> tuple[jax.Array, jax.Array]:
+    """A states kernel's gate arrays, float32, the chunks in the order given: a weight per time step (B, NH, NC, L)
+    as the rows of ring steps of `step_rows` time steps, (B·NH·NC·L/T, T), and each chunk's decay (B, NH, NC) as
+    (B·NH, NC), which the kernel reads once per chunk (one float a time step in all, as Triton's kernel reads)."""
+    weights = weights.astype(jnp.float32)
+    return weights.reshape(-1, step_rows), decay.astype(jnp.float32).reshape(-1, decay.shape[-1])
 
 
 def recurrent_fw_C(call: KernelCall, matK, matV, vecF, vecI, matC_initial, vecN_initial, scaMinter_initial):
@@ -372,7 +368,7 @@ def recurrent_fw_C(call: KernelCall, matK, matV, vecF, vecI, matC_initial, vecN_
 
     gates, m_all = _step_gates(call, vecF, vecI, scaMinter_initial, chunk, tiles.step_rows)
     operand_of = lambda x, size: common.sequence_operand(x, size, parts, operand_dtype)  # (P, BNH·S, size)
-    inputs = [operand_of(matK, dhqk_p), operand_of(matV, dhhv_p), gates]
+    inputs = [operand_of(matK, dhqk_p), operand_of(matV, dhhv_p), *gates]
     has_initial = matC_initial is not None
     if has_initial:
         n0 = jnp.zeros((bnh, dhqk), state_dtype) if vecN_initial is None else vecN_initial.reshape(bnh, dhqk)
