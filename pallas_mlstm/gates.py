@@ -133,3 +133,17 @@ def compute_chunkwise_vecM(
 def chunk_max_state(scaG: jax.Array, m_prev: jax.Array, vecA: jax.Array) -> jax.Array:
     """m_k = max(g_k + m_{k-1}, max_j a_j), floored at MIN_LOG_SCALE: (..., ) from g, m (...) and a (..., L)."""
     return jnp.maximum(jnp.maximum(scaG + m_prev, jnp.max(vecA, axis=-1)), MIN_LOG_SCALE)
+
+
+def chunk_max_states(scaG: jax.Array, m_initial: jax.Array, vecA: jax.Array) -> jax.Array:
+    """`chunk_max_state` of every chunk, (..., NC) from g (..., NC), m_0 (...) and a (..., NC, L), in log depth:
+    each chunk maps m to max(m + g_k, ã_k), ã_k = max(max_j a_j, MIN_LOG_SCALE), and such maps compose to
+    another, (g, ã) then (g', ã') to (g + g', max(ã + g', ã')), so an associative scan gives every m_k at once
+    (a scan over the chunks takes one dependent step per chunk). The same numbers up to the order of the sums of g."""
+
+    def compose(first, then):
+        return first[0] + then[0], jnp.maximum(first[1] + then[0], then[1])
+
+    floors = jnp.maximum(jnp.max(vecA, axis=-1), MIN_LOG_SCALE)  # (..., NC)
+    scaG_sums, floors = lax.associative_scan(compose, (scaG, floors), axis=-1)
+    return jnp.maximum(m_initial[..., None] + scaG_sums, floors)

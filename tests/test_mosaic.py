@@ -16,7 +16,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 from pallas_mlstm import xla_kernels
 from pallas_mlstm.accuracy import KERNEL_TWIN_TOLERANCE, rel_err
 from pallas_mlstm.device import device_properties
-from pallas_mlstm.gates import chunkwise_log_gates, compute_chunkwise_reset_gates
+from pallas_mlstm.gates import chunk_max_state, chunk_max_states, chunkwise_log_gates, compute_chunkwise_reset_gates
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common as mosaic_common
 from pallas_mlstm.mosaic_gpu import parallel_bw, parallel_bw_sliced, parallel_fw, recurrent_bw, recurrent_fw
@@ -243,6 +243,21 @@ def test_refuses_unsupported_shapes(chunk, dhqk, dtype, match):
     problem = parallel_fw.unsupported(chunk, dhqk, dtype)
     with pytest.raises(ValueError, match=match):  # as the launchers raise it
         mosaic_common.launch_dims(problem, (1, 1, 256, dhqk), 64, chunk)
+
+
+def test_max_states_in_log_depth_match_the_scan_over_chunks():
+    """The states launcher's m_k (gates.chunk_max_states, an associative scan) against the scan over the chunks of
+    gates.chunk_max_state, on gates that decay by up to 40 a chunk, hard resets (g = −∞), chunks whose log input
+    gates all lie below the floor, and initial m of either sign: equal up to the order of the sums of g."""
+    key = jax.random.split(jax.random.PRNGKey(7), 3)
+    scaG = -40.0 * jax.random.uniform(key[0], (2, 3, 37))
+    scaG = scaG.at[:, :, ::5].set(-jnp.inf)  # a reset every fifth chunk
+    vecA = 30.0 * jax.random.normal(key[1], (2, 3, 37, 16))
+    vecA = vecA.at[:, :, 3::7].set(-jnp.inf)  # chunks with nothing above the floor
+    m_initial = 50.0 * jax.random.normal(key[2], (2, 3))
+    step = lambda m, x: (chunk_max_state(x[0], m, x[1]),) * 2
+    _, expected = jax.lax.scan(step, m_initial, (jnp.moveaxis(scaG, 2, 0), jnp.moveaxis(vecA, 2, 0)))
+    np.testing.assert_allclose(chunk_max_states(scaG, m_initial, vecA), jnp.moveaxis(expected, 0, 2), rtol=1e-6)
 
 
 def test_states_kernel_takes_any_head_dims_and_chunks_of_64_rows():

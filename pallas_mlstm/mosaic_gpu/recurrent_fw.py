@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_mlstm.device import device_properties
-from pallas_mlstm.gates import chunk_max_state, compute_chunkwise_log_gates_vecB_vecA, tracks_max_state
+from pallas_mlstm.gates import chunk_max_states, compute_chunkwise_log_gates_vecB_vecA, tracks_max_state
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common
 from pallas_mlstm.mosaic_gpu.common import ROWS
@@ -262,9 +262,7 @@ def _step_gates(call: KernelCall, vecF, vecI, scaM_initial, chunk: int, step_row
     vecA, scaG = vecA.astype(dtype), vecB[..., -1].astype(dtype)  # (B, NH, NC, L), (B, NH, NC)
     m_initial = jnp.zeros(scaG.shape[:2], dtype) if scaM_initial is None else scaM_initial.astype(dtype)
     if tracks_max_state(call.input_gate):
-        step = lambda m, x: (chunk_max_state(x[0], m, x[1]),) * 2
-        _, m_next = lax.scan(step, m_initial, (jnp.moveaxis(scaG, 2, 0), jnp.moveaxis(vecA, 2, 0)))
-        m_next = jnp.moveaxis(m_next, 0, 2)  # (B, NH, NC)
+        m_next = chunk_max_states(scaG, m_initial, vecA)  # (B, NH, NC)
     else:  # the sigmoid gate: m stays at its initial value
         m_next = jnp.broadcast_to(m_initial[..., None], scaG.shape)
     m_all = jnp.concatenate([m_initial[..., None], m_next], axis=-1)  # (B, NH, NC+1)
