@@ -5,14 +5,17 @@ Same arrays, outputs and math as pallas_mlstm.pallas_triton.recurrent_fw (its jn
     C_k = d_k C_{k-1} + (K_k ⊙ e^{a − m_k})ᵀ V_k,   n_k = d_k n_{k-1} + Σ_j K_kj e^{a_j − m_k}
     d_k = e^{g_k + m_{k-1} − m_k}
 
-m_k, one number per chunk, and the two gate factors are computed by XLA before the launch (a scan over the chunks);
-the kernel carries C and n in registers from chunk to chunk. One program per (batch·head, DHQK tile x DHHV tile):
+m_k, one number per chunk, and the two gate factors are computed by XLA before the launch (m by an associative scan,
+`gates.chunk_max_states`: a scan over the chunks, one XLA step each, took 30-45% of the launcher's time on an
+H100, results/h100-ncu-states-forward.json); the kernel carries C and n in registers from chunk to chunk. One
+program per (batch·head, DHQK tile x DHHV tile):
 compute warpgroups of 64 DHQK rows each (`kernel_tiles` picks how many), and a memory warpgroup that streams the
 sequence with TMA, T time steps per ring slot (`kernel_tiles`: 128 where the chunk holds two such, else 64): each
-warpgroup's 64 columns of K, the DHHV tile of V and the steps' gate factors, `stages` slots ahead of the compute.
-Per step a compute warpgroup scales its K slice's rows by e^{a − m_k} in shared memory (64 steps at a time) (rounded
-to the operand dtype, as the Triton kernel rounds them before its dot), adds them to n's (64, 64) tile (n is its
-column sums, taken at a chunk's end), then takes C += (K ⊙ w)ᵀ V with wgmma (K's slice read transposed). At a
+warpgroup's 64 columns of K, the DHHV tile of V and the steps' weights, `stages` slots ahead of the compute. At a
+chunk's first step C and n are scaled by d_k (a scalar read from global memory). Per step a compute warpgroup
+scales its K slice's rows by e^{a − m_k} in shared memory (64 steps at a time) (rounded to the operand dtype, as the
+Triton kernel rounds them before its dot), adds them to n's (64, 64) tile (n is its column sums, taken at a
+chunk's end), then takes C += (K ⊙ w)ᵀ V with wgmma (K's slice read transposed). At a
 chunk's last step it stores C_k in the states dtype and n_k with TMA. n's column sums reduce across the warps of a
 warpgroup through the one scratch buffer Mosaic GPU gives a program, so two compute warpgroups take turns there (the
 `turn` barriers): reducing at once, they raced on an H100 (a wrong n, which the interpreter, having no such buffer,
