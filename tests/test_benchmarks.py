@@ -263,6 +263,22 @@ def test_mosaic_check_times_a_kernel_against_another_revision(tmp_path, monkeypa
     assert 0 <= row["mosaic_faster_rounds"] <= row["rounds"] == 3
 
 
+def test_mosaic_check_times_the_whole_op_in_turns():
+    """mosaic_check's op rows: the forward with backend "mosaic_interpret" and "interpret" on the same inputs, in
+    interleaved rounds, with their times, ratio, rounds won and the outputs' difference; an unknown mode is refused."""
+    if not mosaic_gpu.interpreter_available():
+        pytest.skip(
+            f"Mosaic GPU's interpreter needs {mosaic_gpu.INTERPRETER_THREADS} CPU worker threads: pass"
+            " --backend=mosaic_interpret (which sets PJRT_NPROC)"
+        )
+    row = mosaic_check.op_row("tiny", "fw", calls=1, rounds=2, interpret=True)
+    assert not [key for key in row if key.endswith("error")], row
+    assert row["triton_ms"] > 0 and row["mosaic_ms"] > 0 and row["mosaic_over_triton"] > 0, row
+    assert row["mosaic_vs_triton"] < 1e-2 and 0 <= row["mosaic_faster_rounds"] <= row["rounds"] == 2, row
+    with pytest.raises(SystemExit):
+        mosaic_check.main(["--ops=fw,backward", "--shapes=", "--cases="])
+
+
 def test_mosaic_check_runs_interpreted(tmp_path):
     """mosaic_check --interpret on the CPU: the correctness rows run in the interpreters and meet Triton's bound."""
     if not mosaic_gpu.interpreter_available():

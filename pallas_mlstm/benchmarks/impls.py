@@ -58,7 +58,10 @@ class TimedCallables:
     forward_backward: Callable  # (weights, *inputs) -> gradients with respect to the inputs
 
 
-def _pallas_mlstm_forward(backend: str, input_gate: str = "exponential") -> Callable[[int | None], Callable]:
+def pallas_mlstm_forward(backend: str, input_gate: str = "exponential") -> Callable[[int | None], Callable]:
+    """The bench's pallas_mlstm forward on `backend`: a function of the chunk size (None: the card's default) that
+    makes (q, k, v, i, f) -> h, bf16 kernels."""
+
     def make(chunk_size):
         return lambda q, k, v, i, f: pallas_mlstm.mlstm_chunkwise(
             q,
@@ -152,7 +155,7 @@ IMPLEMENTATIONS = {
             True,
             (),
             True,
-            _pallas_mlstm_forward("triton"),
+            pallas_mlstm_forward("triton"),
             backend="triton",
         ),
         Implementation(
@@ -163,7 +166,7 @@ IMPLEMENTATIONS = {
             True,
             (),
             True,
-            _pallas_mlstm_forward("mosaic"),
+            pallas_mlstm_forward("mosaic"),
             backend="mosaic",
         ),
         Implementation(
@@ -174,7 +177,7 @@ IMPLEMENTATIONS = {
             True,
             (),
             False,
-            _pallas_mlstm_forward("interpret"),
+            pallas_mlstm_forward("interpret"),
             backend="interpret",
         ),
         Implementation(
@@ -185,7 +188,7 @@ IMPLEMENTATIONS = {
             True,
             (),
             False,
-            _pallas_mlstm_forward("xla"),
+            pallas_mlstm_forward("xla"),
             backend="xla",
         ),
         Implementation(
@@ -216,7 +219,7 @@ IMPLEMENTATIONS = {
             True,
             (),
             True,
-            _pallas_mlstm_forward("triton", "sigmoid"),
+            pallas_mlstm_forward("triton", "sigmoid"),
             backend="triton",
         ),
         Implementation(
@@ -227,7 +230,7 @@ IMPLEMENTATIONS = {
             True,
             (),
             False,
-            _pallas_mlstm_forward("xla", "sigmoid"),
+            pallas_mlstm_forward("xla", "sigmoid"),
             backend="xla",
         ),
         Implementation(

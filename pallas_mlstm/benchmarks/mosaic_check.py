@@ -12,7 +12,9 @@ issued back to back (benchmarks/timing.py's pipelined_ms: the host waits once, a
 turns in alternating order; the medians over rounds are kept. Triton runs at its tuned launch. Reported: ms,
 TFLOP/s, mosaic / triton, and the relative difference of their outputs; with --baseline DIR (a directory holding
 another revision's pallas_mlstm package, e.g. from `git archive REV pallas_mlstm | tar -x -C DIR`), the same for
-that revision's Mosaic GPU kernel, with the rounds in which the current one was faster. Then correctness on small
+that revision's Mosaic GPU kernel, with the rounds in which the current one was faster. With --ops=fw,fwbw, the
+whole op too (`op_row`: backend="mosaic" against "triton" as the bench calls them, at --shapes, their rounds
+interleaved, so that the ratio does not take the drift between the bench's separate runs). Then correctness on small
 shapes and 7b-short, bfloat16 and float32, each cell: the largest relative error of the three outputs (h, vecN_out,
 vecM_out) against the twin (xla_kernels) and against the Triton launcher, on inputs chained through the twins
 (float32 states) as tests/test_kernels.py builds them, with Triton's kernel-twin bound as the mark. Each row is
@@ -39,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_mlstm import accuracy, pallas_triton, xla_kernels
+from pallas_mlstm.benchmarks import impls, runner
 from pallas_mlstm.benchmarks.kernel_times import kernel_cases
 from pallas_mlstm.benchmarks.shapes import SHAPES, Shape
 from pallas_mlstm.benchmarks.timing import pipelined_ms
@@ -58,6 +61,7 @@ CASES = {
     "L128-d96x192-padded": (2, 1, 256, 96, 192, 128),
 }
 TIMED_SHAPES = ("7b", "tfla-paper", "small-heads", "odd-heads")
+OP_MODES = ("fw", "fwbw")  # the whole op as the bench times it: the forward, and forward + backward
 DTYPES = (jnp.bfloat16, jnp.float32)
 EPS = 1e-6
 
@@ -219,33 +223,82 @@ def timing_row(shape_name: str, kernel: str, calls: int, rounds: int, baseline=N
     launchers = {"triton": lambda: case.make(launch), "mosaic": lambda: make_mosaic(call, current_modules())}
     if baseline is not None:
         launchers["baseline"] = lambda: make_mosaic(call, baseline)
-    compiled = {}  # name: (jitted launcher, the outputs of its first call, which compiles it)
-    for name, make in launchers.items():
-        try:
-            function = make()
-            compiled[name] = (function, jax.tree.leaves(jax.block_until_ready(function(*case.args))))
-        except Exception as error:
-            row[f"{name}_error"] = _error_text(error)
-            traceback.print_exc()
-    times = {name: [] for name in compiled}
-    try:
-        for index in range(rounds):  # each round in the other order than the last, so neither side always goes first
-            for name in list(compiled)[:: 1 if index % 2 == 0 else -1]:
-                times[name].append(pipelined_ms(compiled[name][0], case.args, calls))
-    except Exception as error:
-        row["rounds_error"] = _error_text(error)
-        traceback.print_exc()
+    compiled = _compile(launchers, case.args, row)
+    times = _interleaved_times(compiled, case.args, calls, rounds, row)
+    if times is None:
         return row
     for name, ms in times.items():
         row[f"{name}_ms"] = statistics.median(ms)
         row[f"{name}_tflops"] = case.flops / row[f"{name}_ms"] / 1e9
-    for other in ("triton", "baseline"):
-        if "mosaic" in compiled and other in compiled:
-            row[f"mosaic_over_{other}"] = row["mosaic_ms"] / row[f"{other}_ms"]
-            _attempt(row, f"mosaic_vs_{other}", lambda other=other: _output_difference(compiled, other))
+    _compare(row, compiled, times, ("triton", "baseline"))
     if "mosaic" in times and "baseline" in times:
         row["mosaic_faster_rounds"] = sum(a < b for a, b in zip(times["mosaic"], times["baseline"]))
     return row
+
+
+def op_row(shape_name: str, mode: str, calls: int, rounds: int, interpret: bool = False) -> dict:
+    """The whole op as the bench times it (`mode`: fw, or fwbw the gradients of a weighted sum of h) with
+    backend="mosaic" against backend="triton" (interpreted: "mosaic_interpret" against "interpret"), on the same
+    inputs, their rounds interleaved as in `timing_row`: each one's median ms, mosaic / triton, the rounds mosaic
+    was faster, and their outputs' difference. A ratio the two take in turns, where the bench times each alone."""
+    shape = SHAPES[shape_name]
+    row = dict(step="op", case=shape_name, kernel=f"op {mode}", dtype="bfloat16", rounds=rounds, calls=calls)
+    backends = (
+        {"triton": "interpret", "mosaic": "mosaic_interpret"} if interpret else {"triton": "triton", "mosaic": "mosaic"}
+    )
+    inputs = runner.make_inputs(impls.MLSTM, shape, seed=0)
+    forward_of = lambda backend: impls.pallas_mlstm_forward(backend)(None)  # at the card's default chunk
+    make = lambda backend: runner.function_of(impls.timed_callables(forward_of(backend), len(inputs)), mode)
+    arguments = inputs if mode == "fw" else (runner.make_weights(forward_of(backends["triton"]), inputs), *inputs)
+    compiled = _compile({name: lambda b=backend: make(b) for name, backend in backends.items()}, arguments, row)
+    times = _interleaved_times(compiled, arguments, calls, rounds, row)
+    if times is None:
+        return row
+    for name, ms in times.items():
+        row[f"{name}_ms"] = statistics.median(ms)
+    _compare(row, compiled, times, ("triton",))
+    if "mosaic" in times and "triton" in times:
+        row["mosaic_faster_rounds"] = sum(a < b for a, b in zip(times["mosaic"], times["triton"]))
+    return row
+
+
+def _compile(launchers: dict, arguments, row: dict) -> dict:
+    """{name: (jitted launcher, the outputs of its first call, which compiles it)} of `launchers` ({name: a
+    function that makes one}); a launcher that fails is left out, its error in row[f"{name}_error"]."""
+    compiled = {}
+    for name, make in launchers.items():
+        try:
+            function = make()
+            compiled[name] = (function, jax.tree.leaves(jax.block_until_ready(function(*arguments))))
+        except Exception as error:
+            row[f"{name}_error"] = _error_text(error)
+            traceback.print_exc()
+    return compiled
+
+
+def _interleaved_times(compiled: dict, arguments, calls: int, rounds: int, row: dict) -> dict | None:
+    """Each compiled launcher's time per round (`pipelined_ms` over `calls` calls), the launchers taking turns,
+    each round in the other order than the last so that none always goes first; None (the error in
+    row["rounds_error"]) if a round fails."""
+    times = {name: [] for name in compiled}
+    try:
+        for index in range(rounds):
+            for name in list(compiled)[:: 1 if index % 2 == 0 else -1]:
+                times[name].append(pipelined_ms(compiled[name][0], arguments, calls))
+    except Exception as error:
+        row["rounds_error"] = _error_text(error)
+        traceback.print_exc()
+        return None
+    return times
+
+
+def _compare(row: dict, compiled: dict, times: dict, others: tuple[str, ...]) -> None:
+    """row's mosaic_over_X (ratio of median times) and mosaic_vs_X (outputs' difference) for each X of `others`
+    timed beside mosaic."""
+    for other in others:
+        if "mosaic" in times and other in times:
+            row[f"mosaic_over_{other}"] = row["mosaic_ms"] / row[f"{other}_ms"]
+            _attempt(row, f"mosaic_vs_{other}", lambda other=other: _output_difference(compiled, other))
 
 
 def _output_difference(compiled: dict, other: str) -> float:
@@ -301,11 +354,13 @@ def _result(row: dict) -> str:
     if row["step"] == "correctness":
         text = f"vs twin {row['vs_twin']:.1e}  vs triton {row.get('vs_triton', float('nan')):.1e}"
         return text + ("" if row["ok"] else "  ABOVE TRITON'S BOUND") + (f"  {errors}" if errors else "")
-    if row["step"] == "timing":
+    if row["step"] in ("timing", "op"):
         get = lambda key, fmt: format(row[key], fmt) if key in row else "-"
         mosaic = f"mosaic {get('mosaic_ms', '.3f')} ms {get('mosaic_tflops', '.0f')} TFLOP/s"
         triton = f"triton {get('triton_ms', '.3f')} ms {get('triton_tflops', '.0f')}"
         ratio = f"ratio {get('mosaic_over_triton', '.2f')} | diff {get('mosaic_vs_triton', '.1e')}"
+        if row["step"] == "op":
+            ratio += f" | mosaic faster in {get('mosaic_faster_rounds', 'd')}/{row['rounds']} rounds"
         baseline = ""
         if "baseline_ms" in row:
             faster = f"faster in {get('mosaic_faster_rounds', 'd')}/{row['rounds']} rounds"
@@ -339,12 +394,20 @@ def main(argv=None) -> None:
     parser.add_argument("--budget_s", type=float, default=390, help="skip the rows left after this many seconds")
     parser.add_argument("--kernels", default=",".join(KERNELS), help=f"timed kernels among {', '.join(KERNELS)}")
     parser.add_argument("--shapes", default=",".join(TIMED_SHAPES), help="timed shapes (benchmarks/shapes.py), or ''")
+    parser.add_argument(
+        "--ops",
+        default="",
+        help=f"whole-op rows ({', '.join(OP_MODES)}: backend mosaic against triton, rounds interleaved) at --shapes",
+    )
     parser.add_argument("--cases", default=",".join(CASES), help=f"correctness cases among {', '.join(CASES)}, or ''")
     parser.add_argument("--cells", default=",".join(CELLS), help=f"cells among {', '.join(CELLS)}")
     args = parser.parse_args(argv)
     for flag in ("calls", "rounds"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1; got {getattr(args, flag)}")
+    unknown_ops = [mode for mode in filter(None, args.ops.split(",")) if mode not in OP_MODES]
+    if unknown_ops:
+        parser.error(f"--ops takes {', '.join(OP_MODES)}; got {', '.join(unknown_ops)}")
 
     start = time.perf_counter()
     device = jax.devices()[0]
@@ -362,6 +425,11 @@ def main(argv=None) -> None:
     todo = [
         lambda s=s, k=k: timing_row(s, k, args.calls, args.rounds, baseline, args.interpret)
         for k in filter(None, args.kernels.split(","))
+        for s in filter(None, args.shapes.split(","))
+    ]
+    todo += [
+        lambda s=s, mode=mode: op_row(s, mode, args.calls, args.rounds, args.interpret)
+        for mode in filter(None, args.ops.split(","))
         for s in filter(None, args.shapes.split(","))
     ]
     todo += [
