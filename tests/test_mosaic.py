@@ -257,7 +257,9 @@ def test_max_states_in_log_depth_match_the_scan_over_chunks():
     m_initial = 50.0 * jax.random.normal(key[2], (2, 3))
     step = lambda m, x: (chunk_max_state(x[0], m, x[1]),) * 2
     _, expected = jax.lax.scan(step, m_initial, (jnp.moveaxis(scaG, 2, 0), jnp.moveaxis(vecA, 2, 0)))
-    np.testing.assert_allclose(chunk_max_states(scaG, m_initial, vecA), jnp.moveaxis(expected, 0, 2), rtol=1e-6)
+    np.testing.assert_allclose(
+        chunk_max_states(scaG, m_initial, vecA), jnp.moveaxis(expected, 0, 2), rtol=1e-6, atol=1e-5
+    )
 
 
 def test_states_kernel_takes_any_head_dims_and_chunks_of_64_rows():

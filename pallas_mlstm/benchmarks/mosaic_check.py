@@ -188,7 +188,10 @@ def _tiles(dhqk: int, dhhv: int, chunk: int, dtype, kernel: str = "parallel_fw_H
     parts = mosaic_common.operand_parts(dtype)
     kernel_tiles = KERNELS[kernel][1]
     count, tiles = kernel_tiles(chunk, mosaic_common.padded_dim(dhqk), mosaic_common.padded_dim(dhhv), parts)
-    return f"P={count} warpgroups={tiles.warpgroups} block_v={tiles.block_v} stages={tiles.stages}"
+    states = "".join(
+        f" {field}={getattr(tiles, field)}" for field in ("step_rows", "staging_buffers") if hasattr(tiles, field)
+    )
+    return f"P={count} warpgroups={tiles.warpgroups} block_v={tiles.block_v} stages={tiles.stages}{states}"
 
 
 def _timed_chunk(shape: Shape, kernel: str) -> tuple[int, dict]:

@@ -231,7 +231,7 @@ MIN_TIMED_MS = 100.0
 
 def timed_calls(calls: int, start_ms: float) -> int:
     """The calls that time each candidate: `calls`, or enough that they take MIN_TIMED_MS at the start's speed."""
-    return max(calls, math.ceil(MIN_TIMED_MS / start_ms))
+    return max(calls, math.ceil(MIN_TIMED_MS / max(start_ms, 1e-3)))
 
 
 def _temp_bytes(fwbw, arguments) -> int:
@@ -253,8 +253,9 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
     weights = runner.make_weights(probe, input_sets[0])
     argument_sets = [(weights, *inputs) for inputs in input_sets]
     start_ms, expected, start_fwbw = _evaluate(start, backend, input_sets, weights, None, calls)
-    calls = timed_calls(calls, start_ms)
-    start_ms = timing.median_ms(start_fwbw, argument_sets, calls)
+    if timed_calls(calls, start_ms) > calls:  # a short start: it, and every candidate, timed over more calls
+        calls = timed_calls(calls, start_ms)
+        start_ms = timing.median_ms(start_fwbw, argument_sets, calls)
     rel_err, reference_name = runner.check_forward(impls.MLSTM, input_sets[0], expected[0])
     if not rel_err <= accuracy.BENCH_TOLERANCE:
         runner.say(f"REFUSED {shape.name}: the start config's rel err {rel_err:.2e} against {reference_name}.")

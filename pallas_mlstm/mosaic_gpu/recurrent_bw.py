@@ -9,7 +9,7 @@ Same arrays, outputs and math as pallas_mlstm.pallas_triton.recurrent_bw (its jn
 and <dC_k, C_k> per boundary where the forward's states are given. The forward states kernel (recurrent_fw.py) run
 backwards in time, with its tiles: one program per (batch·head, DHQK tile x DHHV tile), compute warpgroups of 64
 DHQK rows each that carry dC in registers from the last chunk to the first, and a memory warpgroup that streams each
-chunk's Q slices, dH tile and gate rows with TMA, T time steps per ring slot (as the forward's). Per step a compute
+chunk's Q slices, dH tile and gate row with TMA, T time steps per ring slot (as the forward's). Per step a compute
 warpgroup scales its Q slice's rows by w in shared memory (rounded to the operand dtype, as the Triton kernel rounds
 q̄ before its dot), then takes dC += (Q ⊙ w)ᵀ dH with wgmma; at a chunk's last step it stores dC_k and the row sums
 of dC_k ⊙ C_k (summed by XLA over the tiles). Per program, in shared memory:
@@ -18,7 +18,7 @@ of dC_k ⊙ C_k (summed by XLA over the tiles). Per program, in shared memory:
     dH     (stages, P, T, bDHHV)            the same time steps' DHHV tile
     gates  (stages, T) float32              w of the steps (the chunk's decay d_k: a scalar read from global memory at
                                             its first step)
-    out    (warpgroups, bDHHV/E, 64, E)     staging of dC_k (E = 128 bytes of the states dtype, a buffer per TMA copy)
+    out    (warpgroups, buffers, 64, E)     staging of dC_k (E = 128 bytes of the states dtype; buffers as forwards)
            (warpgroups, 64) float32         and of the row sums
 
 The row sums reduce within each warp (over a row's columns), so, unlike the forward's n, the warpgroups need no
@@ -95,7 +95,7 @@ def _kernel(
     def _memory():
         plgpu.set_max_registers(common.MEMORY_REGISTERS, action="decrease")
 
-        def load(s):  # ring step s: T time steps of Q (each warpgroup's columns), of dH, and their gate rows
+        def load(s):  # ring step s: T time steps of Q (each warpgroup's columns), of dH, and their gate row
             slot = s % stages
             rows = pl.ds(step_row(s), t)
             plgpu.copy_gmem_to_smem(g_gmem.at[bh * steps + s], g_smem.at[slot], g_bar.at[slot])  # (T,)

@@ -6,8 +6,8 @@ Same arrays, outputs and math as pallas_mlstm.pallas_triton.recurrent_fw (its jn
     d_k = e^{g_k + m_{k-1} − m_k}
 
 m_k, one number per chunk, and the two gate factors are computed by XLA before the launch (m by an associative scan,
-`gates.chunk_max_states`: a scan over the chunks, one XLA step each, took 30-45% of the launcher's time on an
-H100, results/h100-ncu-states-forward.json); the kernel carries C and n in registers from chunk to chunk. One
+`gates.chunk_max_states`: a scan over the chunks, one XLA step each, took 23-38% of the launcher's time on an
+H100, results/h100-ab-states-launcher.json); the kernel carries C and n in registers from chunk to chunk. One
 program per (batch·head, DHQK tile x DHHV tile):
 compute warpgroups of 64 DHQK rows each (`kernel_tiles` picks how many), and a memory warpgroup that streams the
 sequence with TMA, T time steps per ring slot (`kernel_tiles`: 128 where the chunk holds two such, else 64): each
@@ -25,8 +25,9 @@ cannot show). Per program, in shared memory:
     V      (stages, P, T, bDHHV)            the same time steps' DHHV tile
     gates  (stages, T) float32              e^{a − m_k} of the steps (the chunk's decay d_k: a scalar read from global
                                             memory at its first step)
-    out    (warpgroups, bDHHV/E, 64, E)     staging of C_k (E = 128 bytes of the states dtype: one TMA copy each, so
-                                            a chunk's copies never wait for one another), and (warpgroups, 64) of n_k
+    out    (warpgroups, buffers, 64, E)     staging of C_k (E = 128 bytes of the states dtype): bDHHV/E buffers, one a
+                                            TMA copy, where they fit beside the ring (a chunk's copies never wait for
+                                            one another), else 1; and (warpgroups, 64) of n_k
 
 Float32 inputs run as bf16 operand parts (`common.split_operand`), as in the parallel kernels.
 """
@@ -81,7 +82,7 @@ class RecurrentTiles:
 
 
 def shared_bytes(tiles: RecurrentTiles, parts: int, c_itemsize: int) -> int:
-    """Shared memory of one program: the ring (K slices, V tile, gate rows per slot) and the staging of C (128
+    """Shared memory of one program: the ring (K slices, V tile, gate row per slot) and the staging of C (128
     bytes of a row per buffer) and n, and of the last C in float32 (one buffer) where the states are narrower."""
     w, t = tiles.warpgroups, tiles.step_rows
     slot = parts * t * (w * ROWS + tiles.block_v) * 2 + t * 4
@@ -184,7 +185,7 @@ def _kernel(
     def _memory():
         plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
 
-        def load(s):  # ring step s: T time steps of K (each warpgroup's columns), of V, and their gate rows
+        def load(s):  # ring step s: T time steps of K (each warpgroup's columns), of V, and their gate row
             slot = s % stages
             rows = pl.ds(bh * seq_len + s * t, t)
             plgpu.copy_gmem_to_smem(g_gmem.at[bh * steps + s], g_smem.at[slot], g_bar.at[slot])  # (T,)
@@ -298,7 +299,7 @@ def scratch_types(
         *([staging(jnp.dtype(jnp.float32), 1)] if full_precision_copy else []),  # float32 state staging
         plgpu.Barrier(num_barriers=stages * w),  # slice loaded, per (slot, warpgroup)
         plgpu.Barrier(num_barriers=stages),  # tile loaded
-        plgpu.Barrier(num_barriers=stages),  # gate rows loaded
+        plgpu.Barrier(num_barriers=stages),  # gate row loaded
         plgpu.Barrier(num_arrivals=w, num_barriers=stages),  # slot free again
         *([plgpu.Barrier(num_barriers=w)] if turns and w > 1 else []),  # a warpgroup's turn at the reduction scratch
     )
@@ -352,7 +353,8 @@ def states_grid(dims: common.LaunchDims, tiles: RecurrentTiles) -> tuple[int, in
 def ring_gates(weights, decay, step_rows: int) -> tuple[jax.Array, jax.Array]:
     """A states kernel's gate arrays, float32, the chunks in the order given: a weight per time step (B, NH, NC, L)
     as the rows of ring steps of `step_rows` time steps, (B·NH·NC·L/T, T), and each chunk's decay (B, NH, NC) as
-    (B·NH, NC), which the kernel reads once per chunk (one float a time step in all, as Triton's kernel reads)."""
+    (B·NH, NC), which the kernel applies at each chunk's first step (one float a time step in all, as Triton's
+    kernel reads)."""
     weights = weights.astype(jnp.float32)
     return weights.reshape(-1, step_rows), decay.astype(jnp.float32).reshape(-1, decay.shape[-1])
 
