@@ -12,6 +12,7 @@ import time
 import types
 
 import jax
+import jax.numpy as jnp
 import pytest
 from absl.testing import flagsaver
 
@@ -20,7 +21,7 @@ import pallas_mlstm.check  # noqa: F401  (every command's flags exist before fla
 import pallas_mlstm.config  # noqa: F401
 from pallas_mlstm import mosaic_gpu
 from pallas_mlstm.accuracy import BENCH_TOLERANCE
-from pallas_mlstm.benchmarks import impls, kernel_times, mosaic_check, runner, step_bench, sweep  # noqa: F401
+from pallas_mlstm.benchmarks import impls, kernel_times, mosaic_check, runner, step_bench, sweep, timing  # noqa: F401
 from pallas_mlstm.benchmarks.shapes import Shape, resolve_shapes
 from pallas_mlstm.config import ChunkwiseConfig, shape_class
 
@@ -263,16 +264,36 @@ def test_mosaic_check_times_a_kernel_against_another_revision(tmp_path, monkeypa
     assert 0 <= row["mosaic_faster_rounds"] <= row["rounds"] == 3
 
 
+def test_kernel_times_come_from_the_gpu_streams_of_a_trace():
+    """timing.kernel_ms sums a trace's GPU stream events by kernel name per call, most first, and leaves out the
+    derived lines that repeat them; a trace without a GPU stream (a CPU run, here a real one) gives None."""
+    trace = """
+    planes { name: "/device:GPU:0"
+      lines { name: "Stream #13(Compute)"
+        events { metadata_id: 1 duration_ps: 2000000 } events { metadata_id: 2 offset_ps: 3000000 duration_ps: 500000 }
+        events { metadata_id: 1 offset_ps: 4000000 duration_ps: 2000000 } }
+      lines { name: "XLA Ops" events { metadata_id: 2 duration_ps: 9000000 } }
+      event_metadata { key: 1 value { id: 1 name: "states_mosaic_gpu_kernel" } }
+      event_metadata { key: 2 value { id: 2 name: "loop_fusion" } } }
+    planes { name: "/host:CPU" }
+    """
+    ms = timing.kernel_ms(jax.profiler.ProfileData.from_text_proto(trace), calls=2)
+    assert ms == {"states_mosaic_gpu_kernel": 2e-3, "loop_fusion": 2.5e-4} and list(ms)[0] == "states_mosaic_gpu_kernel"
+    assert timing.device_kernel_ms(jax.jit(lambda x: x * 2), (jnp.ones(8),), calls=2) is None
+
+
 def test_mosaic_check_times_the_whole_op_in_turns():
     """mosaic_check's op rows: the forward with backend "mosaic_interpret" and "interpret" on the same inputs, in
-    interleaved rounds, with their times, ratio, rounds won and the outputs' difference; an unknown mode is refused."""
+    interleaved rounds, with their times, ratio, rounds won and the outputs' difference (and, profiled on the CPU,
+    no kernel times and no error); an unknown mode is refused."""
     if not mosaic_gpu.interpreter_available():
         pytest.skip(
             f"Mosaic GPU's interpreter needs {mosaic_gpu.INTERPRETER_THREADS} CPU worker threads: pass"
             " --backend=mosaic_interpret (which sets PJRT_NPROC)"
         )
-    row = mosaic_check.op_row("tiny", "fw", calls=1, rounds=2, interpret=True)
+    row = mosaic_check.op_row("tiny", "fw", calls=1, rounds=2, interpret=True, profile=True)
     assert not [key for key in row if key.endswith("error")], row
+    assert "mosaic_device_ms" not in row and "mosaic_kernels_ms" not in row  # no GPU trace on the CPU
     assert row["triton_ms"] > 0 and row["mosaic_ms"] > 0 and row["mosaic_over_triton"] > 0, row
     assert row["mosaic_vs_triton"] < 1e-2 and 0 <= row["mosaic_faster_rounds"] <= row["rounds"] == 2, row
     with pytest.raises(SystemExit):

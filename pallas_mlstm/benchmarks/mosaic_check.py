@@ -14,7 +14,8 @@ TFLOP/s, mosaic / triton, and the relative difference of their outputs; with --b
 another revision's pallas_mlstm package, e.g. from `git archive REV pallas_mlstm | tar -x -C DIR`), the same for
 that revision's Mosaic GPU kernel, with the rounds in which the current one was faster. With --ops=fw,fwbw, the
 whole op too (`op_row`: backend="mosaic" against "triton" as the bench calls them, at --shapes, their rounds
-interleaved, so that the ratio does not take the drift between the bench's separate runs). Then correctness on small
+interleaved, so that the ratio does not take the drift between the bench's separate runs). With --profile, each
+launcher's GPU time by kernel (`_profile`). Then correctness on small
 shapes and 7b-short, bfloat16 and float32, each cell: the largest relative error of the three outputs (h, vecN_out,
 vecM_out) against the twin (xla_kernels) and against the Triton launcher, on inputs chained through the twins
 (float32 states) as tests/test_kernels.py builds them, with Triton's kernel-twin bound as the mark. Each row is
@@ -41,10 +42,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_mlstm import accuracy, pallas_triton, xla_kernels
-from pallas_mlstm.benchmarks import impls, runner
+from pallas_mlstm.benchmarks import impls, runner, timing
 from pallas_mlstm.benchmarks.kernel_times import kernel_cases
 from pallas_mlstm.benchmarks.shapes import SHAPES, Shape
-from pallas_mlstm.benchmarks.timing import pipelined_ms
 from pallas_mlstm.config import tuned_config
 from pallas_mlstm.device import device_properties
 from pallas_mlstm.kernel_call import KernelCall
@@ -206,9 +206,12 @@ def _timed_chunk(shape: Shape, kernel: str) -> tuple[int, dict]:
     return config.chunk_size, config.kernel_launches().get(kernel, {})
 
 
-def timing_row(shape_name: str, kernel: str, calls: int, rounds: int, baseline=None, interpret=False) -> dict:
+def timing_row(
+    shape_name: str, kernel: str, calls: int, rounds: int, baseline=None, interpret=False, profile=False
+) -> dict:
     """The launchers of `kernel` on the same inputs (Triton's, this revision's Mosaic GPU one and, given, the
-    `baseline` revision's), their rounds interleaved: median ms, TFLOP/s, ratios, and their outputs' difference."""
+    `baseline` revision's), their rounds interleaved: median ms, TFLOP/s, ratios, and their outputs' difference;
+    with `profile`, each one's GPU time by kernel (`_profile`)."""
     shape = SHAPES[shape_name]
     row = dict(step="timing", case=shape_name, kernel=kernel, dtype="bfloat16", rounds=rounds, calls=calls)
     try:
@@ -234,16 +237,19 @@ def timing_row(shape_name: str, kernel: str, calls: int, rounds: int, baseline=N
         row[f"{name}_ms"] = statistics.median(ms)
         row[f"{name}_tflops"] = case.flops / row[f"{name}_ms"] / 1e9
     _compare(row, compiled, times, ("triton", "baseline"))
+    if profile:
+        _profile(row, compiled, case.args, calls)
     if "mosaic" in times and "baseline" in times:
         row["mosaic_faster_rounds"] = sum(a < b for a, b in zip(times["mosaic"], times["baseline"]))
     return row
 
 
-def op_row(shape_name: str, mode: str, calls: int, rounds: int, interpret: bool = False) -> dict:
+def op_row(shape_name: str, mode: str, calls: int, rounds: int, interpret: bool = False, profile=False) -> dict:
     """The whole op as the bench times it (`mode`: fw, or fwbw the gradients of a weighted sum of h) with
     backend="mosaic" against backend="triton" (interpreted: "mosaic_interpret" against "interpret"), on the same
     inputs, their rounds interleaved as in `timing_row`: each one's median ms, mosaic / triton, the rounds mosaic
-    was faster, and their outputs' difference. A ratio the two take in turns, where the bench times each alone."""
+    was faster, and their outputs' difference (with `profile`, each one's GPU time by kernel: `_profile`). A ratio
+    the two take in turns, where the bench times each alone."""
     shape = SHAPES[shape_name]
     row = dict(step="op", case=shape_name, kernel=f"op {mode}", dtype="bfloat16", rounds=rounds, calls=calls)
     backends = (
@@ -260,6 +266,8 @@ def op_row(shape_name: str, mode: str, calls: int, rounds: int, interpret: bool 
     for name, ms in times.items():
         row[f"{name}_ms"] = statistics.median(ms)
     _compare(row, compiled, times, ("triton",))
+    if profile:
+        _profile(row, compiled, arguments, calls)
     if "mosaic" in times and "triton" in times:
         row["mosaic_faster_rounds"] = sum(a < b for a, b in zip(times["mosaic"], times["triton"]))
     return row
@@ -287,12 +295,29 @@ def _interleaved_times(compiled: dict, arguments, calls: int, rounds: int, row: 
     try:
         for index in range(rounds):
             for name in list(compiled)[:: 1 if index % 2 == 0 else -1]:
-                times[name].append(pipelined_ms(compiled[name][0], arguments, calls))
+                times[name].append(timing.pipelined_ms(compiled[name][0], arguments, calls))
     except Exception as error:
         row["rounds_error"] = _error_text(error)
         traceback.print_exc()
         return None
     return times
+
+
+def _profile(row: dict, compiled: dict, arguments, calls: int, shown: int = 8) -> None:
+    """row[f"{name}_device_ms"], the GPU time per call of all the kernels each compiled launcher runs, and
+    row[f"{name}_kernels_ms"], the `shown` longest of them by name (the rest as "others"): `timing.device_kernel_ms`
+    over `calls` calls. Their sum below the launcher's time is the GPU idling between kernels; the kernels beside
+    the Mosaic GPU one are XLA's work around it. Nothing on the CPU (no GPU trace)."""
+    for name, (function, _) in compiled.items():
+        key = f"{name}_kernels_ms"
+        _attempt(row, key, lambda function=function: timing.device_kernel_ms(function, arguments, calls))
+        kernels = row.pop(key, None)
+        if kernels:
+            ranked = list(kernels.items())
+            row[f"{name}_device_ms"] = sum(kernels.values())
+            row[key] = dict(ranked[:shown]) | (
+                {"others": sum(ms for _, ms in ranked[shown:])} if ranked[shown:] else {}
+            )
 
 
 def _compare(row: dict, compiled: dict, times: dict, others: tuple[str, ...]) -> None:
@@ -364,6 +389,8 @@ def _result(row: dict) -> str:
         ratio = f"ratio {get('mosaic_over_triton', '.2f')} | diff {get('mosaic_vs_triton', '.1e')}"
         if row["step"] == "op":
             ratio += f" | mosaic faster in {get('mosaic_faster_rounds', 'd')}/{row['rounds']} rounds"
+        if "mosaic_device_ms" in row:
+            ratio += f" | GPU busy: mosaic {get('mosaic_device_ms', '.3f')} ms, triton {get('triton_device_ms', '.3f')}"
         baseline = ""
         if "baseline_ms" in row:
             faster = f"faster in {get('mosaic_faster_rounds', 'd')}/{row['rounds']} rounds"
@@ -395,6 +422,11 @@ def main(argv=None) -> None:
         help="run in the interpreters on the CPU (a check of the script: its times mean nothing)",
     )
     parser.add_argument("--budget_s", type=float, default=390, help="skip the rows left after this many seconds")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also each launcher's GPU time by kernel, from a jax.profiler trace (kernels_ms, device_ms)",
+    )
     parser.add_argument("--kernels", default=",".join(KERNELS), help=f"timed kernels among {', '.join(KERNELS)}")
     parser.add_argument("--shapes", default=",".join(TIMED_SHAPES), help="timed shapes (benchmarks/shapes.py), or ''")
     parser.add_argument(
@@ -426,12 +458,12 @@ def main(argv=None) -> None:
     print(json.dumps(header), flush=True)
     baseline = None if args.baseline is None else load_revision(args.baseline)
     todo = [
-        lambda s=s, k=k: timing_row(s, k, args.calls, args.rounds, baseline, args.interpret)
+        lambda s=s, k=k: timing_row(s, k, args.calls, args.rounds, baseline, args.interpret, args.profile)
         for k in filter(None, args.kernels.split(","))
         for s in filter(None, args.shapes.split(","))
     ]
     todo += [
-        lambda s=s, mode=mode: op_row(s, mode, args.calls, args.rounds, args.interpret)
+        lambda s=s, mode=mode: op_row(s, mode, args.calls, args.rounds, args.interpret, args.profile)
         for mode in filter(None, args.ops.split(","))
         for s in filter(None, args.shapes.split(","))
     ]
