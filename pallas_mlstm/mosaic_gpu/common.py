@@ -423,6 +423,16 @@ def sequence_operand(x: jax.Array, size: int, parts: int, dtype) -> jax.Array:
     return split_operand(sequence_rows(x, size), parts, dtype)
 
 
+def chunk_kernel(body, call, head_dim: int, chunk: int, num_chunks: int, /, **static):
+    """A parallel kernel's body with what the three launchers bind alike (the chunk, the number of chunks, the
+    call's scale of the scores for the inputs' DHQK `head_dim`, eps and `interpret`) and its own `static` keyword
+    arguments."""
+    qk_scale, eps, interpret = call.scale_for(head_dim), call.eps, call.interpret
+    return functools.partial(
+        body, chunk=chunk, num_chunks=num_chunks, qk_scale=qk_scale, eps=eps, interpret=interpret, **static
+    )
+
+
 def launch(body, *, name: str, compute_warpgroups: int, parts: int, interpret: bool, **kernel_args):
     """`plgpu.kernel` of a kernel body (its static keyword arguments and `interpret` bound by the caller's
     functools.partial or here) with what every kernel of this package shares: `compute_warpgroups` warpgroups and

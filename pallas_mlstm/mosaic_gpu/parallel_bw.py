@@ -26,8 +26,6 @@ are computed in the kernel (`key_decay`, `dh_scale`), as Triton's are.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -241,15 +239,7 @@ def parallel_bw_dV(
     operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
     out_cols = 128 // out_dtype.itemsize
     w, stages = tiles.warpgroups, tiles.stages
-    kernel = functools.partial(
-        _kernel,
-        tiles=tiles,
-        chunk=chunk,
-        num_chunks=num_chunks,
-        qk_scale=call.scale_for(dhqk),
-        eps=call.eps,
-        interpret=call.interpret,
-    )
+    kernel = common.chunk_kernel(_kernel, call, dhqk, chunk, num_chunks, tiles=tiles)
     dv = common.launch(
         kernel,
         name=NAME,

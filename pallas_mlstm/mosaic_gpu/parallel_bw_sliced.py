@@ -370,17 +370,7 @@ def _launch(
     other, x = (matQ, matK) if variant.owns_keys else (matK, matQ)  # the other tiles' Q or K; the row dots' x
 
     operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
-    kernel = functools.partial(
-        _kernel,
-        variant=variant,
-        dhqk=dhqk_p,
-        stages=stages,
-        chunk=chunk,
-        num_chunks=num_chunks,
-        qk_scale=call.scale_for(dhqk),
-        eps=call.eps,
-        interpret=call.interpret,
-    )
+    kernel = common.chunk_kernel(_kernel, call, dhqk, chunk, num_chunks, variant=variant, dhqk=dhqk_p, stages=stages)
     grad, dots = common.launch(
         kernel,
         name=variant.name,

@@ -41,8 +41,6 @@ dtype before the launch (a copy: pass 16-bit states with 16-bit inputs, as palla
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -261,7 +259,6 @@ def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all,
     batch, heads, seq_len, dhqk, dhhv, num_chunks, bnh, dhqk_p, dhhv_p = dims
     operand_dtype = common.operand_dtype(matQ.dtype)
     parts, tiles = kernel_tiles(chunk, dhqk_p, dhhv_p, common.operand_parts(matQ.dtype))
-    qk_scale = call.scale_for(dhqk)
     out_dtype = jnp.dtype(call.output_dtype)
 
     gates, vecM_out = _kernel_gates(call, vecI, vecF, scaM_all, dims)
@@ -273,16 +270,7 @@ def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all,
     operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
     out_cols = 128 // out_dtype.itemsize
     w, stages = tiles.warpgroups, tiles.stages
-    kernel = functools.partial(
-        _kernel,
-        tiles=tiles,
-        chunk=chunk,
-        num_chunks=num_chunks,
-        qk_scale=qk_scale,
-        eps=call.eps,
-        normalize=bool(call.normalize),
-        interpret=call.interpret,
-    )
+    kernel = common.chunk_kernel(_kernel, call, dhqk, chunk, num_chunks, tiles=tiles, normalize=bool(call.normalize))
     h, den = common.launch(
         kernel,
         name=NAME,
