@@ -131,7 +131,8 @@ def test_kernel_launch_sweep_agrees_across_launches(tmp_path):
 def test_tune_stages_offer_the_kernel_defaults():
     shape = resolve_shapes(["7b"])[0]
     first = sweep._sequence_stage(ChunkwiseConfig(), shape)
-    assert first[0] == ChunkwiseConfig(chunk_size=64)  # the chunk size alone, tiles left to the kernels
+    # every chunk size alone first (tiles left to the kernels), then with the tile pairs
+    assert first[:3] == [ChunkwiseConfig(chunk_size=c) for c in (64, 128, 256)]
     assert all(c.siz_b_L_parallel is None or c.siz_b_L_parallel <= c.chunk_size for c in first)
     assert ChunkwiseConfig(chunk_size=256, siz_b_L_parallel=128, siz_b_L_loop=128) in first
     heads = sweep._head_stage(ChunkwiseConfig(chunk_size=256), shape)

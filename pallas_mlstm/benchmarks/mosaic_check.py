@@ -14,8 +14,8 @@ TFLOP/s, mosaic / triton, and the relative difference of their outputs; with --b
 another revision's pallas_mlstm package, e.g. from `git archive REV pallas_mlstm | tar -x -C DIR`), the same for
 that revision's Mosaic GPU kernel, with the rounds in which the current one was faster. With --ops=fw,fwbw, the
 whole op too (`op_row`: backend="mosaic" against "triton" as the bench calls them, at --shapes, their rounds
-interleaved, so that the ratio does not take the drift between the bench's separate runs). With --profile, each
-launcher's GPU time by kernel (`_profile`). Then correctness on small
+interleaved, so that the ratio does not take the drift between the bench's separate runs; --op_chunks: mosaic's
+chunk sizes, a row each). With --profile, each launcher's GPU time by kernel (`_profile`). Then correctness on small
 shapes and 7b-short, bfloat16 and float32, each cell: the largest relative error of the three outputs (h, vecN_out,
 vecM_out) against the twin (xla_kernels) and against the Triton launcher, on inputs chained through the twins
 (float32 states) as tests/test_kernels.py builds them, with Triton's kernel-twin bound as the mark. Each row is
@@ -244,19 +244,24 @@ def timing_row(
     return row
 
 
-def op_row(shape_name: str, mode: str, calls: int, rounds: int, interpret: bool = False, profile=False) -> dict:
+def op_row(
+    shape_name: str, mode: str, calls: int, rounds: int, interpret: bool = False, profile=False, chunk=None
+) -> dict:
     """The whole op as the bench times it (`mode`: fw, or fwbw the gradients of a weighted sum of h) with
-    backend="mosaic" against backend="triton" (interpreted: "mosaic_interpret" against "interpret"), on the same
-    inputs, their rounds interleaved as in `timing_row`: each one's median ms, mosaic / triton, the rounds mosaic
-    was faster, and their outputs' difference (with `profile`, each one's GPU time by kernel: `_profile`). A ratio
-    the two take in turns, where the bench times each alone."""
+    backend="mosaic" at chunk size `chunk` (None: the card's default) against backend="triton" at the card's
+    default (interpreted: "mosaic_interpret" against "interpret"), on the same inputs, their rounds interleaved as
+    in `timing_row`: each one's median ms, mosaic / triton, the rounds mosaic was faster, and their outputs'
+    difference (with `profile`, each one's GPU time by kernel: `_profile`). A ratio the two take in turns, where
+    the bench times each alone."""
     shape = SHAPES[shape_name]
     row = dict(step="op", case=shape_name, kernel=f"op {mode}", dtype="bfloat16", rounds=rounds, calls=calls)
+    row["mosaic_chunk"] = chunk or "default"
     backends = (
         {"triton": "interpret", "mosaic": "mosaic_interpret"} if interpret else {"triton": "triton", "mosaic": "mosaic"}
     )
     inputs = runner.make_inputs(impls.MLSTM, shape, seed=0)
-    forward_of = lambda backend: impls.pallas_mlstm_forward(backend)(None)  # at the card's default chunk
+    chunks = {backends["triton"]: None, backends["mosaic"]: chunk}
+    forward_of = lambda backend: impls.pallas_mlstm_forward(backend)(chunks[backend])
     make = lambda backend: runner.function_of(impls.timed_callables(forward_of(backend), len(inputs)), mode)
     arguments = inputs if mode == "fw" else (runner.make_weights(forward_of(backends["triton"]), inputs), *inputs)
     compiled = _compile({name: lambda b=backend: make(b) for name, backend in backends.items()}, arguments, row)
@@ -434,6 +439,11 @@ def main(argv=None) -> None:
         default="",
         help=f"whole-op rows ({', '.join(OP_MODES)}: backend mosaic against triton, rounds interleaved) at --shapes",
     )
+    parser.add_argument(
+        "--op_chunks",
+        default="default",
+        help="chunk sizes of backend mosaic in the --ops rows, a row each ('default': the card's default)",
+    )
     parser.add_argument("--cases", default=",".join(CASES), help=f"correctness cases among {', '.join(CASES)}, or ''")
     parser.add_argument("--cells", default=",".join(CELLS), help=f"cells among {', '.join(CELLS)}")
     args = parser.parse_args(argv)
@@ -443,6 +453,10 @@ def main(argv=None) -> None:
     unknown_ops = [mode for mode in filter(None, args.ops.split(",")) if mode not in OP_MODES]
     if unknown_ops:
         parser.error(f"--ops takes {', '.join(OP_MODES)}; got {', '.join(unknown_ops)}")
+    op_chunks = [None if c == "default" else c for c in args.op_chunks.split(",")]
+    if any(c is not None and not (c.isdigit() and int(c) > 0) for c in op_chunks):
+        parser.error(f"--op_chunks takes positive integers or 'default'; got {args.op_chunks}")
+    op_chunks = [None if c is None else int(c) for c in op_chunks]
 
     start = time.perf_counter()
     device = jax.devices()[0]
@@ -463,9 +477,10 @@ def main(argv=None) -> None:
         for s in filter(None, args.shapes.split(","))
     ]
     todo += [
-        lambda s=s, mode=mode: op_row(s, mode, args.calls, args.rounds, args.interpret, args.profile)
+        lambda s=s, mode=mode, c=c: op_row(s, mode, args.calls, args.rounds, args.interpret, args.profile, c)
         for mode in filter(None, args.ops.split(","))
         for s in filter(None, args.shapes.split(","))
+        for c in op_chunks
     ]
     todo += [
         lambda case=case, dtype=dtype, cell=cell: correctness_row(case, dtype, cell, args.interpret)

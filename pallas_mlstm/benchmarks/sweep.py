@@ -11,7 +11,11 @@ kernels at once:
 2. head tiles siz_b_DH_parallel × siz_b_DH_loop in {32, 64, 128}², up to the padded head dims;
 3. num_warps_intra {4, 8} × num_stages_intra {1, 2, 3};
 4. num_warps_inter {4, 8} × num_stages_inter {1, 2, 3}.
-Every field may also stay None (each kernel's own default), and stage 1 starts with the chunk size alone.
+Every field may also stay None (each kernel's own default), and stage 1 first tries each chunk size alone (the
+kernels' own sequence tiles), then the tile pairs: Mosaic GPU kernels ignore those tiles, and with the backends
+chosen the chunk size itself can move the time most (an H100 at tfla-paper, every kernel in Mosaic GPU: chunk 256
+took 0.56x of Triton's time at 128, where chunk 128 had been tuned with Triton's kernels;
+results/h100-mosaic-ops-by-chunk.json), so a time budget should not end the stage before every chunk size ran.
 Then one stage per kernel tries that kernel's own launches (`kernel_times.LAUNCH_CANDIDATES`) in the config's
 per-kernel entries (`ChunkwiseConfig.kernels`), since the kernels differ in their best tiles; a kernel that
 another backend runs by then keeps its launch (the other backend picks its own tiles).
@@ -106,10 +110,9 @@ class CandidateRejected(Exception):
 def _sequence_stage(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
     return [
         dataclasses.replace(best, chunk_size=chunk, siz_b_L_parallel=parallel, siz_b_L_loop=loop)
-        for chunk in CHUNK_SIZES
-        if shape.S % chunk == 0
         for parallel, loop in L_TILE_PAIRS
-        if parallel is None or parallel <= chunk
+        for chunk in CHUNK_SIZES
+        if shape.S % chunk == 0 and (parallel is None or parallel <= chunk)
     ]
 
 
