@@ -286,19 +286,22 @@ def test_kernel_times_come_from_the_gpu_streams_of_a_trace():
 def test_mosaic_check_times_the_whole_op_in_turns():
     """mosaic_check's op rows: the forward with backend "mosaic_interpret" and "interpret" on the same inputs, in
     interleaved rounds, with their times, ratio, rounds won and the outputs' difference (and, profiled on the CPU,
-    no kernel times and no error); an unknown mode is refused."""
+    no kernel times and no error); mosaic at another chunk size than triton's; an unknown mode or chunk is refused."""
     if not mosaic_gpu.interpreter_available():
         pytest.skip(
             f"Mosaic GPU's interpreter needs {mosaic_gpu.INTERPRETER_THREADS} CPU worker threads: pass"
             " --backend=mosaic_interpret (which sets PJRT_NPROC)"
         )
-    row = mosaic_check.op_row("tiny", "fw", calls=1, rounds=2, interpret=True, profile=True)
+    row = mosaic_check.op_row("tiny", "fw", calls=1, rounds=2, interpret=True, profile=True, chunk=64)
     assert not [key for key in row if key.endswith("error")], row
     assert "mosaic_device_ms" not in row and "mosaic_kernels_ms" not in row  # no GPU trace on the CPU
     assert row["triton_ms"] > 0 and row["mosaic_ms"] > 0 and row["mosaic_over_triton"] > 0, row
-    assert row["mosaic_vs_triton"] < 1e-2 and 0 <= row["mosaic_faster_rounds"] <= row["rounds"] == 2, row
-    with pytest.raises(SystemExit):
-        mosaic_check.main(["--ops=fw,backward", "--shapes=", "--cases="])
+    assert 0 <= row["mosaic_faster_rounds"] <= row["rounds"] == 2, row
+    # chunk 64 against triton's 128 at S = 256: the same h up to the order of the sums, not the same bits
+    assert row["mosaic_chunk"] == 64 and 0 < row["mosaic_vs_triton"] < 1e-2, row
+    for flags in (["--ops=fw,backward"], ["--ops=fw", "--op_chunks=0"], ["--ops=fw", "--op_chunks=128,big"]):
+        with pytest.raises(SystemExit):
+            mosaic_check.main([*flags, "--shapes=", "--cases="])
 
 
 def test_mosaic_check_runs_interpreted(tmp_path):
