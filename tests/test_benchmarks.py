@@ -133,6 +133,7 @@ def test_tune_stages_offer_the_kernel_defaults():
     first = sweep._sequence_stage(ChunkwiseConfig(), shape)
     # every chunk size alone first (tiles left to the kernels), then with the tile pairs
     assert first[:3] == [ChunkwiseConfig(chunk_size=c) for c in (64, 128, 256)]
+    assert len(set(first)) == len(first) == 18  # 7 tile pairs x 3 chunks, less the pairs longer than the chunk
     assert all(c.siz_b_L_parallel is None or c.siz_b_L_parallel <= c.chunk_size for c in first)
     assert ChunkwiseConfig(chunk_size=256, siz_b_L_parallel=128, siz_b_L_loop=128) in first
     heads = sweep._head_stage(ChunkwiseConfig(chunk_size=256), shape)
@@ -283,7 +284,7 @@ def test_kernel_times_come_from_the_gpu_streams_of_a_trace():
     assert timing.device_kernel_ms(jax.jit(lambda x: x * 2), (jnp.ones(8),), calls=2) is None
 
 
-def test_mosaic_check_times_the_whole_op_in_turns():
+def test_mosaic_check_times_the_whole_op_in_turns(monkeypatch):
     """mosaic_check's op rows: the forward with backend "mosaic_interpret" and "interpret" on the same inputs, in
     interleaved rounds, with their times, ratio, rounds won and the outputs' difference (and, profiled on the CPU,
     no kernel times and no error); mosaic at another chunk size than triton's; an unknown mode or chunk is refused."""
@@ -292,14 +293,22 @@ def test_mosaic_check_times_the_whole_op_in_turns():
             f"Mosaic GPU's interpreter needs {mosaic_gpu.INTERPRETER_THREADS} CPU worker threads: pass"
             " --backend=mosaic_interpret (which sets PJRT_NPROC)"
         )
+    made = []  # (backend, chunk) of each forward op_row makes
+    forward_of = mosaic_check.impls.pallas_mlstm_forward
+    monkeypatch.setattr(
+        mosaic_check.impls,
+        "pallas_mlstm_forward",
+        lambda backend: lambda c: made.append((backend, c)) or forward_of(backend)(c),
+    )
     row = mosaic_check.op_row("tiny", "fw", calls=1, rounds=2, interpret=True, profile=True, chunk=64)
+    assert set(made) == {("interpret", None), ("mosaic_interpret", 64)}, made  # the chunk goes to mosaic alone
     assert not [key for key in row if key.endswith("error")], row
     assert "mosaic_device_ms" not in row and "mosaic_kernels_ms" not in row  # no GPU trace on the CPU
     assert row["triton_ms"] > 0 and row["mosaic_ms"] > 0 and row["mosaic_over_triton"] > 0, row
     assert 0 <= row["mosaic_faster_rounds"] <= row["rounds"] == 2, row
     # chunk 64 against triton's 128 at S = 256: the same h up to the order of the sums, not the same bits
     assert row["mosaic_chunk"] == 64 and 0 < row["mosaic_vs_triton"] < 1e-2, row
-    for flags in (["--ops=fw,backward"], ["--ops=fw", "--op_chunks=0"], ["--ops=fw", "--op_chunks=128,big"]):
+    for flags in (["--ops=fw,backward"], ["--ops=fw", "--op_chunks=0"], ["--ops=fw", "--op_chunks=128,96"]):
         with pytest.raises(SystemExit):
             mosaic_check.main([*flags, "--shapes=", "--cases="])
 

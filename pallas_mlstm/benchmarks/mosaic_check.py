@@ -442,7 +442,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--op_chunks",
         default="default",
-        help="chunk sizes of backend mosaic in the --ops rows, a row each ('default': the card's default)",
+        help="chunk sizes of backend mosaic in the --ops rows, a row each: 64, 128, 256 or 'default' (the card's own)",
     )
     parser.add_argument("--cases", default=",".join(CASES), help=f"correctness cases among {', '.join(CASES)}, or ''")
     parser.add_argument("--cells", default=",".join(CELLS), help=f"cells among {', '.join(CELLS)}")
@@ -453,10 +453,11 @@ def main(argv=None) -> None:
     unknown_ops = [mode for mode in filter(None, args.ops.split(",")) if mode not in OP_MODES]
     if unknown_ops:
         parser.error(f"--ops takes {', '.join(OP_MODES)}; got {', '.join(unknown_ops)}")
-    op_chunks = [None if c == "default" else c for c in args.op_chunks.split(",")]
-    if any(c is not None and not (c.isdigit() and int(c) > 0) for c in op_chunks):
-        parser.error(f"--op_chunks takes positive integers or 'default'; got {args.op_chunks}")
-    op_chunks = [None if c is None else int(c) for c in op_chunks]
+    chunk_names = {"default": None, **{str(chunk): chunk for chunk in mosaic_common.CHUNK_SIZES}}
+    op_chunks = [item.strip() for item in args.op_chunks.split(",")]
+    if not all(item in chunk_names for item in op_chunks):
+        parser.error(f"--op_chunks takes {', '.join(chunk_names)} (comma-separated); got {args.op_chunks!r}")
+    op_chunks = [chunk_names[item] for item in op_chunks]
 
     start = time.perf_counter()
     device = jax.devices()[0]

@@ -14,7 +14,7 @@ kernels at once:
 Every field may also stay None (each kernel's own default), and stage 1 first tries each chunk size alone (the
 kernels' own sequence tiles), then the tile pairs: Mosaic GPU kernels ignore those tiles, and with the backends
 chosen the chunk size itself can move the time most (an H100 at tfla-paper, every kernel in Mosaic GPU: chunk 256
-took 0.56x of Triton's time at 128, where chunk 128 had been tuned with Triton's kernels;
+took 0.56x of Triton's time, where chunk 128 had been tuned while Triton's states forward was faster;
 results/h100-mosaic-ops-by-chunk.json), so a time budget should not end the stage before every chunk size ran.
 Then one stage per kernel tries that kernel's own launches (`kernel_times.LAUNCH_CANDIDATES`) in the config's
 per-kernel entries (`ChunkwiseConfig.kernels`), since the kernels differ in their best tiles; a kernel that
