@@ -8,17 +8,17 @@ xla_kernels.parallel_bw_dK / _dQ), each with the row dots Σ_d x·dX of its unro
     dQ = (dH C_{k-1}ᵀ) ⊙ e^{b + m_{k-1} − m} · s/(den + eps)
          + Σ_{key tiles up to the diagonal} (dH Vᵀ ⊙ e^{D̃ − m} · s/(den + eps)) K
 
-The scores contract over DHHV (512 at the 7B widths), too wide for the H and dV kernels' pipeline of whole 64-row
-tiles. One program per (batch·head, chunk, 64·W owned rows): W compute warpgroups (two where the chunk has at least
-128 rows and two buffers fit, else one), each owning 64 rows of V (dK: keys) or of dH (dQ: queries), loaded once slice
-by slice, and a memory warpgroup that streams with TMA into one ring the (64, bS) slices of first the state (dC_k
-for dK, C_{k-1} for dQ; 64 DHQK rows at a time, so that each 64-row block gives one 64-column block of the
-gradient with no transpose), then of each other tile's dH (dK) or V (dQ); into the other ring the other tiles' Q
-(dK) or K (dQ) in column blocks of bT = 128 (64 where 128 does not divide DHQK). Both warpgroups take every streamed
-buffer, so the state and the other tiles are read once for 128 owned rows; a warpgroup passes (awaits and frees)
-the other tile on the other's diagonal that it has no part of. Each takes the inter-chunk term block by block,
-scales its rows by the inter-chunk decay (times s/(den + eps) for dQ), then for each other tile sums the scores
-over the slices, gates them and adds (gated scores) @ the tile's blocks. Per program, in shared memory:
+The scores contract over DHHV (512 at the 7B widths), too wide for the H and dV kernels' pipeline of whole 64-row tiles.
+One program per (batch·head, chunk, 64·W owned rows): W compute warpgroups (two where the chunk has at least 128 rows
+and two buffers fit, else one), each owning 64 rows of V (dK: keys) or of dH (dQ: queries), loaded once slice by slice
+(each slice awaited just before its first product), and a memory warpgroup that streams with TMA into one ring the (64,
+bS) slices of first the state (dC_k for dK, C_{k-1} for dQ; 64 DHQK rows at a time, so that each 64-row block gives one
+64-column block of the gradient with no transpose), then of each other tile's dH (dK) or V (dQ); into the other ring the
+other tiles' Q (dK) or K (dQ) in column blocks of bT = 128 (64 where 128 does not divide DHQK). Both warpgroups take
+every streamed buffer, so the state and the other tiles are read once for 128 owned rows; a warpgroup passes (awaits and
+frees) the other tile on the other's diagonal that it has no part of. Each takes the inter-chunk term block by block,
+scales its rows by the inter-chunk decay (times s/(den + eps) for dQ), then for each other tile sums the scores over the
+slices, gates them and adds (gated scores) @ the tile's blocks. Per program, in shared memory:
 
     owned    (W, S, P, 64, bS)         the owned rows, S = DHHV / bS slices, loaded once
     slices   (stages, P, 64, bS)       a 64-row slice of the state, or an other tile's slice
@@ -168,8 +168,9 @@ def _kernel(
     @pl.when(wg == warpgroups)
     def _memory():
         plgpu.set_max_registers(common.MEMORY_REGISTERS, action="decrease")
-        for w in range(warpgroups):
-            for u in range(num_slices):
+
+        def load_owned(u):  # slice u of every warpgroup's owned rows
+            for w in range(warpgroups):
                 rows, cols = pl.ds(seq_row0 + (first_tile + w) * ROWS, ROWS), pl.ds(u * width, width)
                 tile = own_gmem.at[:, rows, cols]  # (P, 64, bS)
                 plgpu.copy_gmem_to_smem(tile, own_smem.at[w, u], own_bar.at[w * num_slices + u])
@@ -202,9 +203,17 @@ def _kernel(
                 plgpu.barrier_wait(free.at[s % stages])
                 load(s + stages)
 
+        # the owned slices in the order the first product takes them, each followed by the ring's slice it meets
+        # there, so that its first step waits for two slices, not for every owned one (0.99x the time at 7b on an
+        # H100: results/h100-ab-dkdq-load-order.json)
         block_steps = other_steps * col_blocks
-        for s in range(stages):
+        for u in range(num_slices):
+            load_owned(u)
+            if u < stages:
+                pl.when(u < slice_steps)(functools.partial(load_slice, u))
+        for s in range(num_slices, stages):
             pl.when(s < slice_steps)(functools.partial(load_slice, s))
+        for s in range(stages):
             pl.when(s < block_steps)(functools.partial(load_block, s))
         common.load_gate_rows(gates_gmem, g_smem, r_smem, g_bar, bh, c)  # used after the state's products
         for s in range(state_steps):  # the compute warpgroups' order: the state, then per other tile slices, blocks
@@ -225,14 +234,15 @@ def _kernel(
         plgpu.set_max_registers(common.COMPUTE_REGISTERS, action="increase")
         row0 = (first_tile + wg) * ROWS  # in-chunk position of this warpgroup's owned rows
         m_state = gates_gmem.m_states[bh, state_index]  # m_k (dK) or m_{k-1} (dQ), a scalar: read first, used later
-        for u in range(num_slices):
-            plgpu.barrier_wait(own_bar.at[wg * num_slices + u])
+        rows = pl.ds(seq_row0 + row0, ROWS)  # this warpgroup's owned rows in the sequence
         own_slice = lambda u: lambda p: own_smem.at[wg, u, p]  # (64, bS): slice u of this warpgroup's owned rows
         slice_t = lambda slot: lambda p: sl_smem.at[slot, p].transpose((1, 0))  # (bS, 64)
 
-        def slices_product(first_step):  # Σ_u owned[:, u] @ (ring slice first_step + u)ᵀ, (64, 64) float32
+        def slices_product(first_step, first=False):  # Σ_u owned[:, u] @ (ring slice first_step + u)ᵀ, (64, 64) f32
             acc = common.zeros(ROWS)
             for u in range(num_slices):
+                if first:  # the program's first product: owned slice u has not been awaited yet
+                    plgpu.barrier_wait(own_bar.at[wg * num_slices + u])
                 slot = (first_step + u) % stages
                 plgpu.barrier_wait(sl_bar.at[slot])
                 acc = common.mma(acc, own_slice(u), slice_t(slot), parts, interpret)  # (64, bS) @ (bS, 64)
@@ -250,7 +260,7 @@ def _kernel(
                 plgpu.barrier_arrive(t_free_bar.at[slot])
 
         # inter-chunk: owned rows @ stateᵀ, one 64-column block per 64-row block of the state, in column blocks
-        blocks = [slices_product(block * num_slices) for block in range(dhqk // ROWS)]
+        blocks = [slices_product(block * num_slices, first=block == 0) for block in range(dhqk // ROWS)]
         per_block = tile_cols // ROWS
 
         # the gates of the 64 steps from `start`, (64,) each, along the rows or along the columns of a (64, 64) tile
@@ -317,7 +327,6 @@ def _kernel(
         accs = lax.fori_loop(first_own, end_own, other_step, tuple(accs))
         pl.loop(end_own, other_steps)(pass_other)
 
-        rows = pl.ds(seq_row0 + row0, ROWS)
         dots = jnp.zeros((ROWS,), jnp.float32)
         out_cols = o_smem.shape[-1]
         for b, acc in enumerate(accs):
