@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import pytest
 from absl.testing import flagsaver
 
+import pallas_mlstm
 import pallas_mlstm.__main__ as cli
 import pallas_mlstm.check  # noqa: F401  (every command's flags exist before flagsaver saves them)
 import pallas_mlstm.config  # noqa: F401
@@ -188,8 +189,9 @@ def test_tune_keeps_no_candidate_that_needs_more_memory(monkeypatch):
     monkeypatch.setattr(sweep.runner, "make_inputs", lambda *arguments: ())
     monkeypatch.setattr(sweep.runner, "make_weights", lambda *arguments: None)
     monkeypatch.setattr(sweep.runner, "check_forward", lambda *arguments: (0.0, "the reference"))
-    # the "compiled forward+backward" of a candidate is the candidate itself here
+    # the "compiled forward+backward" of a candidate, and its program, is the candidate itself here
     monkeypatch.setattr(sweep, "_evaluate", lambda config, *arguments: (milliseconds(config), (None,), config))
+    monkeypatch.setattr(sweep, "_program_key", lambda config, *arguments: config)
     monkeypatch.setattr(sweep, "_temp_bytes", lambda fwbw, arguments: memory(fwbw))
     monkeypatch.setattr(sweep.timing, "median_ms", lambda fwbw, argument_sets, calls: milliseconds(fwbw))
     entry = sweep.tune_shape(resolve_shapes(["tiny"])[0], "interpret", 2, deadline=float("inf"))
@@ -197,6 +199,79 @@ def test_tune_keeps_no_candidate_that_needs_more_memory(monkeypatch):
     assert entry["fwbw_ms"] == 1.5 and entry["default_fwbw_ms"] == 3.0
     assert entry["temp_bytes"] == allowed and entry["default_temp_bytes"] == 1000
     assert entry["calls"] == 34  # 2 calls asked for; MIN_TIMED_MS (100 ms) at the start's 3 ms a call
+
+
+def test_tune_times_each_program_once(monkeypatch):
+    """Candidates whose programs equal one already timed (here: every config of a chunk size, as with every kernel in
+    Mosaic GPU, which ignores the Triton tiles) are not timed again: the start and one config per chunk size."""
+    milliseconds = lambda config: 3.0 - (config.chunk_size or 0) / 128  # noqa: E731
+    timed = []
+
+    def evaluate(config, *arguments):
+        timed.append(config.chunk_size)
+        return milliseconds(config), (None,), config
+
+    monkeypatch.setattr(sweep.runner, "make_inputs", lambda *arguments: ())
+    monkeypatch.setattr(sweep.runner, "make_weights", lambda *arguments: None)
+    monkeypatch.setattr(sweep.runner, "check_forward", lambda *arguments: (0.0, "the reference"))
+    monkeypatch.setattr(sweep, "_evaluate", evaluate)
+    monkeypatch.setattr(sweep, "_program_key", lambda config, *arguments: config.chunk_size)
+    monkeypatch.setattr(sweep, "_temp_bytes", lambda fwbw, arguments: 1000)
+    monkeypatch.setattr(sweep.timing, "median_ms", lambda fwbw, argument_sets, calls: milliseconds(fwbw))
+    entry = sweep.tune_shape(resolve_shapes(["tiny"])[0], "interpret", 2, deadline=float("inf"))
+    assert timed == [None, *sweep.CHUNK_SIZES] and entry["configs_timed"] == len(timed)  # the start: heuristics
+    assert entry["config"]["chunk_size"] == 256 and entry["complete"]
+
+
+def _program_keys(backend, configs):
+    shape = resolve_shapes(["tiny"])[0]
+    inputs = runner.make_inputs(impls.MLSTM, shape, seed=0)
+    weights = runner.make_weights(lambda *arguments: pallas_mlstm.mlstm_chunkwise(*arguments, backend="xla"), inputs)
+    return [sweep._program_key(config, backend, weights, inputs) for config in configs]
+
+
+def test_tune_program_key_changes_with_what_the_kernels_run():
+    """The key differs where a kernel that runs reads the changed field (the interpreted Triton kernels' tiles, the
+    chunk size) and not where none does (backend xla reads no launch config)."""
+    default, tiles, chunk = _program_keys(
+        "interpret",
+        [
+            ChunkwiseConfig(chunk_size=64),
+            ChunkwiseConfig(chunk_size=64, siz_b_L_parallel=32),
+            ChunkwiseConfig(chunk_size=128),
+        ],
+    )
+    assert len({default, tiles, chunk}) == 3
+    xla_default, xla_tiles, xla_chunk = _program_keys(
+        "xla",
+        [
+            ChunkwiseConfig(chunk_size=64),
+            ChunkwiseConfig(chunk_size=64, siz_b_L_parallel=32, num_warps_intra=8, num_stages_intra=2),
+            ChunkwiseConfig(chunk_size=128),
+        ],
+    )
+    assert xla_default == xla_tiles != xla_chunk
+
+
+@pytest.mark.skipif(
+    not mosaic_gpu.interpreter_available(),
+    reason=f"backend mosaic_interpret needs PJRT_NPROC >= {mosaic_gpu.INTERPRETER_THREADS} (tests/conftest.py sets it "
+    "with --backend=mosaic_interpret)",
+)
+def test_tune_program_key_ignores_tiles_of_kernels_in_mosaic_gpu():
+    """With the parallel kernels in Mosaic GPU (interpreted), their Triton tiles change nothing; the states kernels'
+    warps, read by their Triton kernels, still do."""
+    parallel = ("parallel_fw_Hintra", "parallel_bw_dV", "parallel_bw_dK", "parallel_bw_dQ")
+    in_mosaic = tuple((kernel, "mosaic_interpret") for kernel in parallel)
+    default, tiles, warps = _program_keys(
+        "interpret",
+        [
+            ChunkwiseConfig(chunk_size=64, kernel_backends=in_mosaic),
+            ChunkwiseConfig(chunk_size=64, kernel_backends=in_mosaic, siz_b_L_parallel=32, siz_b_DH_loop=16),
+            ChunkwiseConfig(chunk_size=64, kernel_backends=in_mosaic, num_warps_inter=8, num_stages_inter=2),
+        ],
+    )
+    assert default == tiles != warps
 
 
 def test_tune_times_small_shapes_over_more_calls():

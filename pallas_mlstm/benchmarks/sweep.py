@@ -20,24 +20,26 @@ Then one stage per kernel tries that kernel's own launches (`kernel_times.LAUNCH
 per-kernel entries (`ChunkwiseConfig.kernels`), since the kernels differ in their best tiles; a kernel that
 another backend runs by then keeps its launch (the other backend picks its own tiles).
 
-The search starts from the config `mlstm_chunkwise` runs on this card today (its tuned entry, a tuned card's of
-the same compute capability, or else ChunkwiseConfig(), the heuristics), so that a search the time budget ends
-early still cannot store worse than that. The start's forward output must pass the bench's check against the
-float32 reference; every other candidate's output and gradients must agree with the start's within the bench's
-tolerance before its time counts. The score is the median forward+backward time of `--calls` calls, or more where
-the start takes under MIN_TIMED_MS / calls a call (small shapes); a faster candidate that needs
-more than TEMP_MEMORY_SLACK above the start's temporary device memory (XLA's memory analysis of the compiled
-forward+backward) is not kept, so a tuned entry trades at most that much memory for speed. The winner and the start are
-timed once more at the end, and the winner goes, with both times (`fwbw_ms`, `default_fwbw_ms`: the start's),
-to `--configs_out` (by default the user's file, `pallas_mlstm.config.user_tuned_configs_path`, which
-`tuned_config` reads over the packaged configs) under the card's `device_kind` and
-`pallas_mlstm.config.shape_class`.
+The search starts from the config `mlstm_chunkwise` runs on this card today (its tuned entry, a tuned card's of the
+same compute capability, or else ChunkwiseConfig(), the heuristics), so that a search the time budget ends early
+still cannot store worse than that. The start's forward output must pass the bench's check against the float32
+reference; every other candidate's output and gradients must agree with the start's within the bench's tolerance
+before its time counts, and a candidate whose programs equal those of a config already timed (`_program_key`: with
+every kernel in Mosaic GPU, for one, the Triton tiles change nothing) is not timed again. The score is the median
+forward+backward time of `--calls` calls, or more where the start takes under MIN_TIMED_MS / calls a call (small
+shapes); a faster candidate that needs more than TEMP_MEMORY_SLACK above the start's temporary device memory (XLA's
+memory analysis of the compiled forward+backward) is not kept, so a tuned entry trades at most that much memory for
+speed. The winner and the start are timed once more at the end, and the winner goes, with both times (`fwbw_ms`,
+`default_fwbw_ms`: the start's), to `--configs_out` (by default the user's file,
+`pallas_mlstm.config.user_tuned_configs_path`, which `tuned_config` reads over the packaged configs) under the
+card's `device_kind` and `pallas_mlstm.config.shape_class`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import pathlib
@@ -202,15 +204,31 @@ def describe(config: ChunkwiseConfig) -> str:
     return " ".join(f"{name}={value}" for name, value in values) or "heuristics"
 
 
+def _callables(config: ChunkwiseConfig, backend: str) -> impls.TimedCallables:
+    """The jitted forward and forward+backward of `mlstm_chunkwise` under `config` (bf16 kernel operands)."""
+    forward = lambda q, k, v, i, f: pallas_mlstm.mlstm_chunkwise(  # noqa: E731
+        q, k, v, i, f, backend=backend, config=config, autocast_kernel_dtype=jnp.bfloat16
+    )
+    return impls.timed_callables(forward, 5)
+
+
+def _program_key(config: ChunkwiseConfig, backend: str, weights, inputs) -> str:
+    """A digest of the programs `config` runs on these arguments: the jaxprs of its forward and forward+backward,
+    which hold every kernel with its launch parameters. Configs with equal keys compile to the same programs (with
+    every kernel in Mosaic GPU, for one, the Triton tiles change nothing), so tune times one of them. Tracing takes
+    about a second at the 7b shape, against some 15 s to compile and time a candidate."""
+    callables = _callables(config, backend)
+    forward = callables.forward.trace(*inputs).jaxpr
+    forward_backward = callables.forward_backward.trace(weights, *inputs).jaxpr
+    return hashlib.sha256(f"{forward}\n{forward_backward}".encode()).hexdigest()
+
+
 def _evaluate(config, backend, input_sets, weights, expected, calls):
     """Checks, then times, `config`: returns (median fwbw ms, (h, *gradients), its jitted fwbw).
 
     Raises CandidateRejected when h or a gradient differs from `expected` (None: nothing to compare with).
     """
-    forward = lambda q, k, v, i, f: pallas_mlstm.mlstm_chunkwise(  # noqa: E731
-        q, k, v, i, f, backend=backend, config=config, autocast_kernel_dtype=jnp.bfloat16
-    )
-    callables = impls.timed_callables(forward, 5)
+    callables = _callables(config, backend)
     results = (callables.forward(*input_sets[0]), *callables.forward_backward(weights, *input_sets[0]))
     if expected is not None:
         worst = max(accuracy.rel_err(result, ref) for result, ref in zip(results, expected))
@@ -269,6 +287,7 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
         f"memory, rel err {rel_err:.1e}"
     )
     timings = {start: start_ms}
+    programs = {_program_key(start, backend, weights, input_sets[0]): start}  # program digest: the config timed
     best, best_fwbw, best_bytes = start, start_fwbw, start_bytes
     complete = True
     for stage, candidates_of in (*_backend_stages(backend), *STAGES):
@@ -279,6 +298,12 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
                 complete = False
                 break
             try:
+                program = _program_key(config, backend, weights, input_sets[0])
+                if program in programs:
+                    same = describe(programs[program])
+                    runner.say(f"  {stage}: {describe(config)}: not timed, the same program as {same}")
+                    continue
+                programs[program] = config
                 timings[config], _, fwbw = _evaluate(config, backend, input_sets, weights, expected, calls)
             except Exception as error:  # compile failures (e.g. Triton out of shared memory), rejections
                 runner.say(f"  {stage}: {describe(config)}: skipped, {type(error).__name__}: {str(error)[:200]}")
