@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from absl.testing import flagsaver
+from jax.experimental import pallas as pl
 
 import pallas_mlstm
 import pallas_mlstm.__main__ as cli
@@ -221,6 +222,33 @@ def test_tune_times_each_program_once(monkeypatch):
     entry = sweep.tune_shape(resolve_shapes(["tiny"])[0], "interpret", 2, deadline=float("inf"))
     assert timed == [None, *sweep.CHUNK_SIZES] and entry["configs_timed"] == len(timed)  # the start: heuristics
     assert entry["config"]["chunk_size"] == 256 and entry["complete"]
+
+
+def test_jaxpr_digest_sees_what_printing_leaves_out():
+    """Two kernels that differ only in an input's index map print as the same jaxpr; their digests differ, and the
+    same kernel traced again has the same digest."""
+
+    def copy_block(index_map):
+        def kernel(x_ref, o_ref):
+            o_ref[...] = x_ref[...]
+
+        return pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+            grid=(2,),
+            in_specs=[pl.BlockSpec((8, 128), index_map)],
+            out_specs=pl.BlockSpec((8, 128), lambda i: (0, 0)),
+            interpret=True,
+        )
+
+    x = jax.ShapeDtypeStruct((16, 128), jnp.float32)
+    first, second, again = (
+        jax.jit(copy_block(index_map)).trace(x).jaxpr
+        for index_map in (lambda i: (0, 0), lambda i: (1, 0), lambda i: (0, 0))
+    )
+    assert str(first) == str(second)
+    assert sweep.jaxpr_digest(first) != sweep.jaxpr_digest(second)
+    assert sweep.jaxpr_digest(first) == sweep.jaxpr_digest(again)
 
 
 def _program_keys(backend, configs):

@@ -212,15 +212,41 @@ def _callables(config: ChunkwiseConfig, backend: str) -> impls.TimedCallables:
     return impls.timed_callables(forward, 5)
 
 
+def _pallas_call_details(jaxpr) -> list[str]:
+    """What printing `jaxpr` (a Jaxpr or ClosedJaxpr) leaves out of its pallas_calls, at any depth: each block
+    mapping's index map, transforms and buffering, and the scratch shapes (the printed grid mapping shows only the
+    grid and the block shapes)."""
+    details = []
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        mapping = eqn.params.get("grid_mapping") if eqn.primitive.name == "pallas_call" else None
+        if mapping is not None:
+            details.append(f"{mapping.grid_names} {mapping.scratch_avals}")
+            for block in mapping.block_mappings:
+                consts = getattr(block.index_map_jaxpr, "consts", ())
+                details.append(f"{block.index_map_jaxpr} {consts} {block.transforms} {block.pipeline_mode}")
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(getattr(item, "jaxpr", item), "eqns"):  # a sub-jaxpr: scan, cond, pjit, a kernel's body
+                    details += _pallas_call_details(item)
+    return details
+
+
+def jaxpr_digest(*jaxprs) -> str:
+    """A digest of traced programs: each jaxpr as printed (every operation, and of each kernel its body, grid,
+    block shapes and compiler parameters) and what printing leaves out of its kernels (`_pallas_call_details`)."""
+    text = "\n".join(f"{jaxpr}\n{_pallas_call_details(jaxpr)}" for jaxpr in jaxprs)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _program_key(config: ChunkwiseConfig, backend: str, weights, inputs) -> str:
-    """A digest of the programs `config` runs on these arguments: the jaxprs of its forward and forward+backward,
-    which hold every kernel with its launch parameters. Configs with equal keys compile to the same programs (with
-    every kernel in Mosaic GPU, for one, the Triton tiles change nothing), so tune times one of them. Tracing takes
-    about a second at the 7b shape, against some 15 s to compile and time a candidate."""
+    """A digest of the programs `config` runs on these arguments (`jaxpr_digest` of its forward and forward+backward).
+    Configs with equal keys run the same operations and kernels with the same launches (with every kernel in Mosaic
+    GPU, for one, the Triton tiles change nothing), so tune times one of them. Tracing both takes about two seconds
+    at the 7b shape, against some 15 s to compile and time a candidate."""
     callables = _callables(config, backend)
     forward = callables.forward.trace(*inputs).jaxpr
     forward_backward = callables.forward_backward.trace(weights, *inputs).jaxpr
-    return hashlib.sha256(f"{forward}\n{forward_backward}".encode()).hexdigest()
+    return jaxpr_digest(forward, forward_backward)
 
 
 def _evaluate(config, backend, input_sets, weights, expected, calls):
@@ -287,7 +313,7 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
         f"memory, rel err {rel_err:.1e}"
     )
     timings = {start: start_ms}
-    programs = {_program_key(start, backend, weights, input_sets[0]): start}  # program digest: the config timed
+    programs = {_program_key(start, backend, weights, input_sets[0]): start}  # digest: the first config tried
     best, best_fwbw, best_bytes = start, start_fwbw, start_bytes
     complete = True
     for stage, candidates_of in (*_backend_stages(backend), *STAGES):
@@ -301,7 +327,7 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
                 program = _program_key(config, backend, weights, input_sets[0])
                 if program in programs:
                     same = describe(programs[program])
-                    runner.say(f"  {stage}: {describe(config)}: not timed, the same program as {same}")
+                    runner.say(f"  {stage}: {describe(config)}: not tried, the same program as {same}")
                     continue
                 programs[program] = config
                 timings[config], _, fwbw = _evaluate(config, backend, input_sets, weights, expected, calls)
