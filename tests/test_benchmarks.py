@@ -224,6 +224,28 @@ def test_tune_times_each_program_once(monkeypatch):
     assert entry["config"]["chunk_size"] == 256 and entry["complete"]
 
 
+def test_tune_skips_a_candidate_that_fails_to_trace(monkeypatch, capsys):
+    """A candidate whose tracing raises (as a config a kernel refuses does) is skipped with its error, like one that
+    fails to compile; the search goes on and the others are timed."""
+    milliseconds = lambda config: 3.0 - (config.chunk_size or 0) / 128  # noqa: E731
+
+    def program_key(config, *arguments):
+        if config.chunk_size == 256:
+            raise ValueError("chunk 256 refused")
+        return config.chunk_size
+
+    monkeypatch.setattr(sweep.runner, "make_inputs", lambda *arguments: ())
+    monkeypatch.setattr(sweep.runner, "make_weights", lambda *arguments: None)
+    monkeypatch.setattr(sweep.runner, "check_forward", lambda *arguments: (0.0, "the reference"))
+    monkeypatch.setattr(sweep, "_evaluate", lambda config, *arguments: (milliseconds(config), (None,), config))
+    monkeypatch.setattr(sweep, "_program_key", program_key)
+    monkeypatch.setattr(sweep, "_temp_bytes", lambda fwbw, arguments: 1000)
+    monkeypatch.setattr(sweep.timing, "median_ms", lambda fwbw, argument_sets, calls: milliseconds(fwbw))
+    entry = sweep.tune_shape(resolve_shapes(["tiny"])[0], "interpret", 2, deadline=float("inf"))
+    assert entry["config"]["chunk_size"] == 128 and entry["configs_timed"] == 3  # the start, 64, 128
+    assert "skipped, ValueError: chunk 256 refused" in capsys.readouterr().out
+
+
 def test_jaxpr_digest_sees_what_printing_leaves_out():
     """Two kernels that differ only in an input's index map print as the same jaxpr; their digests differ, and the
     same kernel traced again has the same digest."""
