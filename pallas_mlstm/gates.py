@@ -81,19 +81,21 @@ def compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk_size, return_vecB_on
     return vecB if return_vecB_only else (vecB, vecA)
 
 
-def compute_chunkwise_reset_gates(vecF: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+def compute_chunkwise_reset_gates(
+    vecF: jax.Array, chunk_size: int, reset_dtype=jnp.int32
+) -> tuple[jax.Array, jax.Array]:
     """The in-chunk gates of the parallel kernels, exact across hard resets: (vecB, vecR), (B, NH, NC, L).
 
     vecB is the inclusive cumsum of log σ(f̃) with each reset counted as 0, so it stays finite;
-    vecR (int32) is the in-chunk position of the last reset at or before t, −1 where there is none. Key j
+    vecR (`reset_dtype`) is the in-chunk position of the last reset at or before t, −1 where there is none. Key j
     reaches query t inside a chunk iff vecR_t <= j <= t, with log decay vecB_t − vecB_j + ĩ_j; the chunk's
     start state reaches t iff vecR_t = −1, with log decay vecB_t.
     """
     log_f = chunk_log_forget(vecF, chunk_size)
     is_reset = jnp.isneginf(log_f)
     vecB = jnp.cumsum(jnp.where(is_reset, 0.0, log_f), axis=-1)
-    position = lax.broadcasted_iota(jnp.int32, log_f.shape, log_f.ndim - 1)
-    vecR = lax.cummax(jnp.where(is_reset, position, -1), axis=log_f.ndim - 1)
+    position = lax.broadcasted_iota(reset_dtype, log_f.shape, log_f.ndim - 1)
+    vecR = lax.cummax(jnp.where(is_reset, position, jnp.array(-1, reset_dtype)), axis=log_f.ndim - 1)
     return vecB, vecR
 
 

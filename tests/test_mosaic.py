@@ -262,6 +262,22 @@ def test_max_states_in_log_depth_match_the_scan_over_chunks():
     )
 
 
+def test_last_resets_in_the_kernels_dtype_equal_the_int32_ones():
+    """The parallel kernels take the last resets as common.RESETS_DTYPE (int16): every in-chunk position of the
+    largest chunk fits, and H's launcher, which makes them in that dtype, gets the int32 positions, resets at a
+    chunk's first and last step included."""
+    chunk = max(mosaic_common.CHUNK_SIZES)
+    assert chunk - 1 <= jnp.iinfo(mosaic_common.RESETS_DTYPE).max
+    f = jax.random.normal(jax.random.PRNGKey(3), (2, 3, 4 * chunk))
+    f = f.at[0, :, jnp.array([0, 17, chunk - 1, chunk, 3 * chunk - 1])].set(-jnp.inf)  # no reset in chunk 3
+    vec_b, vec_r = compute_chunkwise_reset_gates(f, chunk)
+    vec_b_small, vec_r_small = compute_chunkwise_reset_gates(f, chunk, mosaic_common.RESETS_DTYPE)
+    assert vec_r_small.dtype == mosaic_common.RESETS_DTYPE
+    np.testing.assert_array_equal(vec_r_small.astype(jnp.int32), vec_r)
+    np.testing.assert_array_equal(vec_b_small, vec_b)
+    assert int(vec_r[0, 0, 0, -1]) == chunk - 1 and int(vec_r[0, 0, 3, -1]) == -1
+
+
 def test_states_kernel_takes_any_head_dims_and_chunks_of_64_rows():
     """recurrent_fw_C runs 64 time steps per ring step: chunk · save_states_every_nth_chunk in multiples of 64, any
     head dims (tiles of 64 DHQK rows); the mosaic backend runs the Triton kernel for the rest."""

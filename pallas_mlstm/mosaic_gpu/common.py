@@ -26,6 +26,10 @@ ROWS = 64  # rows of a compute warpgroup (wgmma's M), rows of a ring step, head-
 CHUNK_SIZES = (64, 128, 256)
 MAX_HEAD_DIM = 256  # a TMA box side, and the accumulator's registers (64 x 256 float32 per warpgroup)
 SHARED_MEMORY_BYTES = 227 * 1024  # per block on Hopper
+# The last resets travel as int16 (a step index in the chunk or −1: chunks of at most 256 steps). H's launcher makes
+# them so; XLA computes them with the other gate arrays, before the states kernel, so they are live at the forward's
+# peak of memory, where int16 takes half of int32's bytes. The backward's launchers convert the int32 ones.
+RESETS_DTYPE = jnp.int16
 RESERVED_BYTES = 4096  # barriers, cross-warp reduction scratch, alignment
 COMPUTE_REGISTERS, MEMORY_REGISTERS = 232, 40  # per thread, as FlashAttention-3 splits them
 # bf16 parts of float32 operands, the first that fits: 3 carry float32's 24 bits; 2 (16 bits, about 1e-5 relative
@@ -50,12 +54,12 @@ def swizzled(dtype) -> tuple:
 
 def shared_bytes(tiles: Tiles, chunk: int, dhqk: int, parts: int, gate_rows: int) -> int:
     """Shared memory of one program, 16-bit operands: the owned rows (warpgroups, P, 64, DHQK), the two rings
-    (stages, P, 64, DHQK) and (stages, P, 64, block_v), `gate_rows` 32-bit rows of the chunk, a (DHQK,) float32
-    vector and the output staging (warpgroups, 64, 128 bytes + a float32)."""
+    (stages, P, 64, DHQK) and (stages, P, 64, block_v), `gate_rows` float32 rows of the chunk and its last resets, a
+    (DHQK,) float32 vector and the output staging (warpgroups, 64, 128 bytes + a float32)."""
     w, bv = tiles.warpgroups, tiles.block_v
     owned = w * parts * ROWS * dhqk * 2
     rings = tiles.stages * parts * ROWS * (dhqk + bv) * 2
-    small = gate_rows * chunk * 4 + dhqk * 4 + w * ROWS * (128 + 4)
+    small = gate_rows * chunk * 4 + gate_bytes_of_resets(chunk) + dhqk * 4 + w * ROWS * (128 + 4)
     return owned + rings + small + RESERVED_BYTES
 
 
@@ -364,19 +368,30 @@ def one_state(mat: jax.Array, dims: LaunchDims) -> jax.Array:
 
 
 def chunk_rows(x: jax.Array, dims: LaunchDims) -> jax.Array:
-    """A per-step gate, (B, NH, S) or (B, NH, NC, L), as the kernels' (B·NH, NC, L) rows: float32, or int32 for
-    integer gates (the last resets). A reshape, not a copy, for a gate that has one of these dtypes already: the
-    kernels take the gate arrays the Triton launchers take and nothing made from them, so they need no more memory."""
-    dtype = jnp.int32 if jnp.issubdtype(x.dtype, jnp.integer) else jnp.float32
-    return x.reshape(dims.bnh, dims.num_chunks, -1).astype(dtype)
+    """A per-step float gate, (B, NH, S) or (B, NH, NC, L), as the kernels' (B·NH, NC, L) float32 rows. A reshape,
+    not a copy, for a float32 gate: the kernels take the float gate arrays the Triton launchers take and nothing
+    made from them, so they need no more memory."""
+    return x.reshape(dims.bnh, dims.num_chunks, -1).astype(jnp.float32)
 
 
-RESETS = -1  # the gate index of the last-reset row (int32) in `gate_readers`
+RESETS = -1  # the gate index of the last-reset row in `gate_readers`
+
+
+def gate_bytes_of_resets(chunk: int) -> int:
+    """Shared memory of a chunk's last resets."""
+    return chunk * jnp.dtype(RESETS_DTYPE).itemsize
+
+
+def reset_rows(vecR: jax.Array, dims: LaunchDims) -> jax.Array:
+    """The last resets, (B, NH, NC, L) integers (−1: none in the chunk so far), as the kernels' (B·NH, NC, L)
+    RESETS_DTYPE rows."""
+    return vecR.reshape(dims.bnh, dims.num_chunks, -1).astype(RESETS_DTYPE)
 
 
 class GateArrays(NamedTuple):
     """A parallel kernel's gate inputs, one operand (a pytree: the kernel gets them as refs alike): float32 rows
-    (B·NH, NC, L) each (`chunk_rows`), the last resets (B·NH, NC, L) int32, the states' m (B·NH, NC+1) float32."""
+    (B·NH, NC, L) each (`chunk_rows`), the last resets (B·NH, NC, L) (`reset_rows`), the states' m (B·NH, NC+1)
+    float32."""
 
     rows: tuple
     resets: jax.Array
@@ -388,7 +403,7 @@ def load_gate_rows(gates_gmem: GateArrays, rows_smem, resets_smem, bars, bh, c):
     rows_smem[g] (barrier g), the last resets into resets_smem (the last barrier)."""
     for g, row in enumerate(gates_gmem.rows):
         plgpu.copy_gmem_to_smem(row.at[bh, c], rows_smem.at[g], bars.at[g])  # (L,)
-    plgpu.copy_gmem_to_smem(gates_gmem.resets.at[bh, c], resets_smem, bars.at[len(gates_gmem.rows)])  # (L,) int32
+    plgpu.copy_gmem_to_smem(gates_gmem.resets.at[bh, c], resets_smem, bars.at[len(gates_gmem.rows)])  # (L,) int16
 
 
 def await_gate_rows(bars, float_rows: int):
@@ -399,13 +414,15 @@ def await_gate_rows(bars, float_rows: int):
 
 def gate_readers(rows_smem, resets_smem):
     """(along_rows, along_columns): each read(g, start) gives the 64 steps from `start` of float32 gate row g, or
-    of the last resets (int32) for g = RESETS, as a (64,) vector in the wgmma layout that broadcasts along the rows
+    of the last resets (as int32) for g = RESETS, as a (64,) vector in the wgmma layout that broadcasts along the rows
     (`by_rows`) or the columns (`by_columns`) of a (64, 64) tile."""
 
     def reader(dim):
         def read(g, start):
-            ref = resets_smem if g == RESETS else rows_smem.at[g]
-            return plgpu.load(ref.at[pl.ds(start, ROWS)], layout=plgpu.Layout.WGMMA.reduce(dim))  # (64,)
+            layout = plgpu.Layout.WGMMA.reduce(dim)
+            if g == RESETS:
+                return plgpu.load(resets_smem.at[pl.ds(start, ROWS)], layout=layout).astype(jnp.int32)  # (64,)
+            return plgpu.load(rows_smem.at[g, pl.ds(start, ROWS)], layout=layout)  # (64,)
 
         return read
 

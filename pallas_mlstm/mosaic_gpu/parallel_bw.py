@@ -15,7 +15,7 @@ unused. Per program, in shared memory:
     K        (warpgroups, P, 64, DHQK)  the program's key rows, loaded once
     Q        (stages, P, 64, DHQK)      a query tile per step
     dH       (stages, P, 64, bDHHV)     a query tile's dH per step, or a 64-row slice of the state dC_k
-    gates    (5, L) float32, (L,) int32 the chunk's gate rows (GATE_ROWS) and last resets, loaded once
+    gates    (5, L) float32, (L,) int16 the chunk's gate rows (GATE_ROWS) and last resets, loaded once
     out      (warpgroups, 64, E)        the staging tile of dV (E = 128 bytes of output dtype)
 
 Shapes, dtypes and parts as the forward's kernel (`common.kernel_tiles`, float32 inputs as bf16 operand parts);
@@ -39,14 +39,14 @@ from pallas_mlstm.mosaic_gpu.common import ROWS
 
 NAME = "mlstm_chunkwise__parallel_bw_dV"
 # float32 rows: b_t, m_t, the log input gate, a_t (a step's log decay to the chunk's end), den_t (vecN_out); the
-# last resets (int32) beside them
+# last resets (int16) beside them
 GATE_ROWS = ("b", "m", "i", "a", "den")
 B_ROW, M_ROW, I_ROW, A_ROW, DEN_ROW = range(len(GATE_ROWS))
 
 
 def kernel_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]) -> tuple[int, common.Tiles]:
     """The operand parts and the launch for padded head dims (`common.kernel_tiles`)."""
-    return common.kernel_tiles(NAME, chunk, dhqk, dhhv, parts, len(GATE_ROWS) + 1)
+    return common.kernel_tiles(NAME, chunk, dhqk, dhhv, parts, len(GATE_ROWS))
 
 
 def supports(call: KernelCall, matQ, *arrays) -> bool:
@@ -200,10 +200,10 @@ def kernel_gates(call: KernelCall, vecI, chunk_gates, vecN_out, vecM_out, scaM_a
     (GATE_ROWS), the last resets (no resets: −1, as Triton's) and the states' m."""
     vecA, vecB, vecR = chunk_gates  # (B, NH, NC, L)
     if vecR is None:
-        vecR = jnp.full(vecB.shape, -1, jnp.int32)
+        vecR = jnp.full(vecB.shape, -1, common.RESETS_DTYPE)
     rows = (vecB, vecM_out, log_input_gate(vecI, call.input_gate), vecA, vecN_out)
     m_states = scaM_all.reshape(dims.bnh, dims.num_chunks + 1).astype(jnp.float32)
-    return common.GateArrays(tuple(common.chunk_rows(x, dims) for x in rows), common.chunk_rows(vecR, dims), m_states)
+    return common.GateArrays(tuple(common.chunk_rows(x, dims) for x in rows), common.reset_rows(vecR, dims), m_states)
 
 
 def key_decay(vec_a, m_k):
@@ -252,7 +252,7 @@ def parallel_bw_dV(
             operand((stages, parts, ROWS, dhqk_p)),  # Q
             operand((stages, parts, ROWS, tiles.block_v)),  # dH or dC_k
             plgpu.SMEM((len(GATE_ROWS), chunk), jnp.float32),  # gate rows
-            plgpu.SMEM((chunk,), jnp.int32),  # last resets
+            plgpu.SMEM((chunk,), common.RESETS_DTYPE),  # last resets
             plgpu.SMEM((w, ROWS, out_cols), out_dtype, transforms=common.swizzled(out_dtype)),  # dV staging
             plgpu.Barrier(num_barriers=w),  # K loaded
             plgpu.Barrier(num_barriers=len(GATE_ROWS) + 1),  # gate rows, last resets loaded

@@ -23,7 +23,7 @@ slices, gates them and adds (gated scores) @ the tile's blocks. Per program, in 
     owned    (W, S, P, 64, bS)         the owned rows, S = DHHV / bS slices, loaded once
     slices   (stages, P, 64, bS)       a 64-row slice of the state, or an other tile's slice
     tiles    (stages, P, 64, bT)       a column block of an other tile's Q or K
-    gates    (5, L) f32, (L,) int32    the chunk's gate rows (parallel_bw.GATE_ROWS) and last resets, loaded once
+    gates    (5, L) f32, (L,) int16    the chunk's gate rows (parallel_bw.GATE_ROWS) and last resets, loaded once
     out      (W, 64, E), (W, 64) f32   the staging of the gradient (E = 128 bytes of output dtype) and of the row dots
 """
 
@@ -80,7 +80,7 @@ def shared_bytes(tiles: SlicedTiles, chunk: int, dhqk: int, dhhv: int, parts: in
     w = tiles.warpgroups
     owned = w * parts * ROWS * dhhv * 2
     rings = tiles.stages * parts * ROWS * (_slice_width(dhhv) + tile_columns(dhqk)) * 2
-    small = (len(GATE_ROWS) + 1) * chunk * 4 + w * ROWS * (128 + 4)
+    small = len(GATE_ROWS) * chunk * 4 + common.gate_bytes_of_resets(chunk) + w * ROWS * (128 + 4)
     return owned + rings + small + common.RESERVED_BYTES
 
 
@@ -395,7 +395,7 @@ def _launch(
             operand((stages, parts, ROWS, width)),  # state / other tiles' slices
             operand((stages, parts, ROWS, tile_cols)),  # other tiles' Q or K, a column block at a time
             plgpu.SMEM((len(GATE_ROWS), chunk), jnp.float32),  # gate rows
-            plgpu.SMEM((chunk,), jnp.int32),  # last resets
+            plgpu.SMEM((chunk,), common.RESETS_DTYPE),  # last resets
             plgpu.SMEM((w, ROWS, 128 // out_dtype.itemsize), out_dtype, transforms=common.swizzled(out_dtype)),  # dX
             plgpu.SMEM((w, ROWS), jnp.float32),  # row dots
             plgpu.Barrier(num_barriers=w * (dhhv_p // width)),  # owned slices loaded

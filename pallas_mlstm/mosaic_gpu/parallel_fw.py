@@ -10,7 +10,7 @@ accumulators in registers. Per program, in shared memory:
     Q        (warpgroups, P, 64, DHQK)  the program's query rows, loaded once
     K        (stages, P, 64, DHQK)      a key tile per step
     V        (stages, P, 64, bDHHV)     a value tile per step, or a 64-row slice of the state C_{k-1}
-    gates    (3, L) float32, (L,) int32 the chunk's gate rows (_GATE_ROWS) and last resets, loaded once
+    gates    (3, L) float32, (L,) int16 the chunk's gate rows (_GATE_ROWS) and last resets, loaded once
     n        (DHQK,) float32            the state n_{k-1}
     out      (warpgroups, 64, E)        the staging tile of h (E = 128 bytes of output dtype); den (warpgroups, 64)
 
@@ -54,13 +54,13 @@ from pallas_mlstm.mosaic_gpu.common import ROWS
 from pallas_mlstm.pallas_triton import common as triton_common
 
 NAME = "mlstm_chunkwise__parallel_fw_Hintra"
-_GATE_ROWS = ("b", "m", "i")  # float32: b_t, m_t, the log input gate; the last resets (int32) beside them
+_GATE_ROWS = ("b", "m", "i")  # float32: b_t, m_t, the log input gate; the last resets (int16) beside them
 _B, _M, _I = range(len(_GATE_ROWS))
 
 
 def kernel_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]) -> tuple[int, common.Tiles]:
     """The operand parts and the launch for padded head dims (`common.kernel_tiles`)."""
-    return common.kernel_tiles(NAME, chunk, dhqk, dhhv, parts, len(_GATE_ROWS) + 1)
+    return common.kernel_tiles(NAME, chunk, dhqk, dhhv, parts, len(_GATE_ROWS))
 
 
 def unsupported(chunk: int, dhqk: int, dtype) -> str | None:
@@ -242,11 +242,11 @@ def _kernel_gates(call: KernelCall, vecI, vecF, scaM_all, dims: common.LaunchDim
     """The gate arrays of the kernel (`common.GateArrays`: the rows _GATE_ROWS, the last resets, the states' m) and
     vecM_out (B, NH, S)."""
     chunk = call.chunk_size
-    vecB, vecR = compute_chunkwise_reset_gates(vecF, chunk)  # (B, NH, NC, L)
+    vecB, vecR = compute_chunkwise_reset_gates(vecF, chunk, common.RESETS_DTYPE)  # (B, NH, NC, L)
     vecM_out = compute_chunkwise_vecM(vecB, vecR, vecI, scaM_all, input_gate=call.input_gate)
     rows = tuple(common.chunk_rows(x, dims) for x in (vecB, vecM_out, log_input_gate(vecI, call.input_gate)))
     m_states = scaM_all.reshape(dims.bnh, dims.num_chunks + 1).astype(jnp.float32)
-    return common.GateArrays(rows, common.chunk_rows(vecR, dims), m_states), vecM_out
+    return common.GateArrays(rows, common.reset_rows(vecR, dims), m_states), vecM_out
 
 
 def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all):
@@ -286,7 +286,7 @@ def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all,
             operand((stages, parts, ROWS, dhqk_p)),  # K
             operand((stages, parts, ROWS, tiles.block_v)),  # V or C_{k-1}
             plgpu.SMEM((len(_GATE_ROWS), chunk), jnp.float32),  # gate rows
-            plgpu.SMEM((chunk,), jnp.int32),  # last resets
+            plgpu.SMEM((chunk,), common.RESETS_DTYPE),  # last resets
             plgpu.SMEM((dhqk_p,), jnp.float32),  # n_{k-1}
             plgpu.SMEM((w, ROWS, out_cols), out_dtype, transforms=common.swizzled(out_dtype)),  # h staging
             plgpu.SMEM((w, ROWS), jnp.float32),  # den staging
