@@ -246,8 +246,34 @@ def tuned_config(
     too when the config's chunk size does not divide S. ValueError if a file is there but malformed.
     """
     del B, NH  # not part of the shape class
+    by_card, cards = _entries_by_card(shape_class(S, DHQK, DHHV), path, usable)
+    config = by_card.get(device_kind)
+    if config is None and compute_capability is not None:
+        like = _like_cards(by_card, cards, device_kind, compute_capability, core_count)
+        config = by_card[like[0]] if like else None
+    if config is None or (config.chunk_size is not None and S % config.chunk_size):
+        return None
+    return config
+
+
+def like_cards_configs(
+    device_kind: str, S: int, DHQK: int, DHHV: int, *, compute_capability: str | None, core_count: int | None = None
+) -> list[ChunkwiseConfig]:
+    """The tuned configs for this shape of the other cards of `compute_capability` (read as `tuned_config` reads
+    them), the nearest in SM count first; [] for an unknown compute capability. Those whose chunk size does not
+    divide S are left out."""
+    if compute_capability is None:
+        return []
+    by_card, cards = _entries_by_card(shape_class(S, DHQK, DHHV), None, None)
+    like = _like_cards(by_card, cards, device_kind, compute_capability, core_count)
+    configs = [by_card[kind] for kind in like]
+    return [config for config in configs if config.chunk_size is None or S % config.chunk_size == 0]
+
+
+def _entries_by_card(key: str, path, usable) -> tuple[dict[str, ChunkwiseConfig], dict[str, dict]]:
+    """({device_kind: its config for shape class `key`}, {device_kind: card properties}) from the file at `path`,
+    or (None) the packaged file and then the user's, whose entries win; entries `usable` rejects are left out."""
     paths = [PACKAGED_TUNED_CONFIGS_PATH, user_tuned_configs_path()] if path is None else [path]
-    key = shape_class(S, DHQK, DHHV)
     by_card, cards = {}, {}
     for config_path in paths:
         configs, file_cards = _tuned_file(config_path)
@@ -255,12 +281,15 @@ def tuned_config(
         for kind, entries in configs.items():
             if key in entries and (usable is None or usable(entries[key])):
                 by_card[kind] = entries[key]
-    config = by_card.get(device_kind)
-    if config is None and compute_capability is not None:
-        peers = [kind for kind in by_card if cards.get(kind, {}).get("compute_capability") == str(compute_capability)]
-        if peers:
-            nearest = min(peers, key=lambda kind: abs(cards[kind]["core_count"] - (core_count or 0)))
-            config = by_card[nearest]
-    if config is None or (config.chunk_size is not None and S % config.chunk_size):
-        return None
-    return config
+    return by_card, cards
+
+
+def _like_cards(by_card: dict, cards: dict, device_kind: str, compute_capability, core_count) -> list[str]:
+    """The cards of `by_card` other than `device_kind` whose compute capability is `compute_capability`, nearest in
+    SM count to `core_count` first."""
+    like = [
+        kind
+        for kind in by_card
+        if kind != device_kind and cards.get(kind, {}).get("compute_capability") == str(compute_capability)
+    ]
+    return sorted(like, key=lambda kind: abs(cards[kind]["core_count"] - (core_count or 0)))

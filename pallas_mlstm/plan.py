@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_mlstm.backend import Backend
-from pallas_mlstm.config import ChunkwiseConfig, tuned_config
+from pallas_mlstm.config import ChunkwiseConfig, like_cards_configs, tuned_config
 from pallas_mlstm.device import DeviceProperties, device_properties
 from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS, KernelCall
 
@@ -299,7 +299,6 @@ def tuned_config_for(
     properties: DeviceProperties, batch, heads, seq_len, dhqk, dhhv, usable=None
 ) -> ChunkwiseConfig | None:
     """The tuned config of the card `properties` describes for this shape, or None (`usable`: see `tuned_config`)."""
-    capability = None if properties.compute_capability is None else "{}.{}".format(*properties.compute_capability)
     return tuned_config(
         properties.device_kind,
         batch,
@@ -307,10 +306,28 @@ def tuned_config_for(
         seq_len,
         dhqk,
         dhhv,
-        compute_capability=capability,
+        compute_capability=_capability(properties),
         core_count=properties.core_count,
         usable=usable,
     )
+
+
+def like_cards_configs_for(properties: DeviceProperties, seq_len, dhqk, dhhv) -> list[ChunkwiseConfig]:
+    """The tuned configs for this shape of the other cards of the compute capability of the card `properties`
+    describes (`like_cards_configs`)."""
+    return like_cards_configs(
+        properties.device_kind,
+        seq_len,
+        dhqk,
+        dhhv,
+        compute_capability=_capability(properties),
+        core_count=properties.core_count,
+    )
+
+
+def _capability(properties: DeviceProperties) -> str | None:
+    """The card's compute capability as the tuned files write it ("9.0"), None if unknown."""
+    return None if properties.compute_capability is None else "{}.{}".format(*properties.compute_capability)
 
 
 def make_chunking(

@@ -224,6 +224,30 @@ def test_tune_times_each_program_once(monkeypatch):
     assert entry["config"]["chunk_size"] == 256 and entry["complete"]
 
 
+def test_tune_tries_the_entries_of_like_cards_first(monkeypatch):
+    """The entries tuned on other cards of this card's compute capability are the first candidates after the start,
+    each timed whole; the later stages do not time them again."""
+    milliseconds = lambda config: 3.0 - (config.chunk_size or 0) / 128  # noqa: E731
+    timed = []
+
+    def evaluate(config, *arguments):
+        timed.append(config.chunk_size)
+        return milliseconds(config), (None,), config
+
+    like_cards = [ChunkwiseConfig(chunk_size=256), ChunkwiseConfig(chunk_size=64)]
+    monkeypatch.setattr(sweep, "like_cards_configs_for", lambda *arguments: like_cards)
+    monkeypatch.setattr(sweep.runner, "make_inputs", lambda *arguments: ())
+    monkeypatch.setattr(sweep.runner, "make_weights", lambda *arguments: None)
+    monkeypatch.setattr(sweep.runner, "check_forward", lambda *arguments: (0.0, "the reference"))
+    monkeypatch.setattr(sweep, "_evaluate", evaluate)
+    monkeypatch.setattr(sweep, "_program_key", lambda config, *arguments: config.chunk_size)
+    monkeypatch.setattr(sweep, "_temp_bytes", lambda fwbw, arguments: 1000)
+    monkeypatch.setattr(sweep.timing, "median_ms", lambda fwbw, argument_sets, calls: milliseconds(fwbw))
+    entry = sweep.tune_shape(resolve_shapes(["tiny"])[0], "interpret", 2, deadline=float("inf"))
+    assert timed == [None, 256, 64, 128]  # the start, the two like cards' entries, then the chunk stage's new one
+    assert entry["config"]["chunk_size"] == 256 and entry["complete"]
+
+
 def test_tune_skips_a_candidate_that_fails_to_trace(monkeypatch, capsys):
     """A candidate whose tracing raises (as a config a kernel refuses does) is skipped with its error, like one that
     fails to compile; the search goes on and the others are timed."""

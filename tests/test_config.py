@@ -15,7 +15,7 @@ import pytest
 
 from pallas_mlstm import config as config_module
 from pallas_mlstm import plan
-from pallas_mlstm.config import ChunkwiseConfig, shape_class, tuned_config
+from pallas_mlstm.config import ChunkwiseConfig, like_cards_configs, shape_class, tuned_config
 from pallas_mlstm.device import DeviceProperties
 from pallas_mlstm.pallas_triton import common, launch_defaults
 from pallas_mlstm.pallas_triton.parallel_bw_dK import mlstm_chunkwise__parallel_bw_dK
@@ -349,6 +349,35 @@ def test_untuned_card_borrows_a_tuned_card_of_its_compute_capability(tmp_path):
     assert tuned_config("Card B", *shape, path=path, compute_capability="9.0", core_count=114, usable=not_128) == (
         ChunkwiseConfig(chunk_size=64)
     )
+
+
+def test_like_cards_configs_are_the_other_cards_of_the_compute_capability(tmp_path, monkeypatch):
+    """tune's first candidates: the entries of the other cards of this card's compute capability, nearest in SM count
+    first; none for an unknown capability, and none whose chunk size does not divide S."""
+    path = tmp_path / "tuned.json"
+    entry = lambda chunk: {"config": {"chunk_size": chunk}}  # noqa: E731
+    configs = {"Card A": entry(64), "Card B": entry(128), "Card C": entry(32), "Card E": entry(8192 * 2)}
+    cards = {"Card A": 132, "Card B": 114, "Card C": None, "Card E": 100}
+    path.write_text(
+        json.dumps(
+            {
+                "configs": {kind: {"dhqk256-dhhv512-long": config} for kind, config in configs.items()},
+                "cards": {
+                    kind: {"compute_capability": "8.0" if count is None else "9.0", "core_count": count or 108}
+                    for kind, count in cards.items()
+                },
+            }
+        )
+    )
+    monkeypatch.setattr(config_module, "PACKAGED_TUNED_CONFIGS_PATH", path)
+    monkeypatch.setattr(config_module, "user_tuned_configs_path", lambda: tmp_path / "absent.json")
+    like = lambda kind, capability, count=None: [  # noqa: E731
+        config.chunk_size
+        for config in like_cards_configs(kind, 8192, 256, 512, compute_capability=capability, core_count=count)
+    ]
+    assert like("Card B", "9.0", 114) == [64]  # not its own; Card E's chunk does not divide S
+    assert like("Card D", "9.0", 120) == [128, 64] and like("Card D", "9.0", 130) == [64, 128]
+    assert like("Card D", "8.0") == [32] and like("Card D", "8.9") == [] and like("Card D", None) == []
 
 
 def test_default_config_on_an_untuned_hopper_card(tmp_path, monkeypatch):

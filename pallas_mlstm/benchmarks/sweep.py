@@ -1,11 +1,13 @@
 """`python -m pallas_mlstm tune`: measure launch configs of the triton backend; keep the best per card and shape class.
 
 A coordinate descent in stages, each varying a few fields of the best config so far (a pruned grid, not the
-full product). The first ones, one per kernel that another backend can run in the same call (on a Hopper GPU:
-those backend="mosaic" runs in Mosaic GPU), switch that kernel's backend (`ChunkwiseConfig.kernel_backends`),
-which `backend=None` then follows on this card; they come first because they move the time most and a time
-budget may end the search early. The next four set the shared knobs, upstream's flat launch fields, for all
-kernels at once:
+full product). The first tries, whole, the entries tuned for the shape class on other cards of this card's compute
+capability (`like_cards_configs_for`: an H200 without Mosaic GPU entries of its own gets the H100's, which switch
+every kernel at once where the next stages switch one at a time). The next ones, one per kernel that another
+backend can run in the same call (on a Hopper GPU: those backend="mosaic" runs in Mosaic GPU), switch that
+kernel's backend (`ChunkwiseConfig.kernel_backends`), which `backend=None` then follows on this card; these come
+early because they move the time most and a time budget may end the search early. The next four set the shared
+knobs, upstream's flat launch fields, for all kernels at once:
 
 1. chunk size {64, 128, 256} with the sequence tiles (siz_b_L_parallel, siz_b_L_loop) of L_TILE_PAIRS;
 2. head tiles siz_b_DH_parallel × siz_b_DH_loop in {32, 64, 128}², up to the padded head dims;
@@ -65,7 +67,7 @@ from pallas_mlstm.config import (
 )
 from pallas_mlstm.device import device_properties
 from pallas_mlstm.pallas_triton.common import padded_dim
-from pallas_mlstm.plan import tuned_config_for
+from pallas_mlstm.plan import like_cards_configs_for, tuned_config_for
 
 CHUNK_SIZES = (64, 128, 256)
 # (parallel, loop); None: the kernels' own defaults
@@ -157,6 +159,16 @@ def _kernel_stage(kernel: str):
             for launch in kernel_times.LAUNCH_CANDIDATES[kernel]
             if launch
         ]
+
+    return candidates
+
+
+def _like_cards_stage(configs: list[ChunkwiseConfig]):
+    """The tuned entries of cards like this one (`like_cards_configs_for`), each tried whole."""
+
+    def candidates(best: ChunkwiseConfig, shape: Shape) -> list[ChunkwiseConfig]:
+        del shape
+        return [config for config in configs if config != best]
 
     return candidates
 
@@ -295,7 +307,9 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
     and the start wins unless the winner beats it again.
     """
     input_sets = [runner.make_inputs(impls.MLSTM, shape, seed) for seed in range(NUM_INPUT_SETS)]
-    start = tuned_config_for(device_properties(), *shape.dims().values()) or ChunkwiseConfig()
+    properties = device_properties()
+    start = tuned_config_for(properties, *shape.dims().values()) or ChunkwiseConfig()
+    like_cards = like_cards_configs_for(properties, shape.S, shape.DHQK, shape.DHHV)
     probe = lambda q, k, v, i, f: pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, backend=backend)  # noqa: E731
     weights = runner.make_weights(probe, input_sets[0])
     argument_sets = [(weights, *inputs) for inputs in input_sets]
@@ -316,7 +330,8 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
     programs = {_program_key(start, backend, weights, input_sets[0]): start}  # digest: the first config tried
     best, best_fwbw, best_bytes = start, start_fwbw, start_bytes
     complete = True
-    for stage, candidates_of in (*_backend_stages(backend), *STAGES):
+    stages = (("entries of cards like this one", _like_cards_stage(like_cards)), *_backend_stages(backend), *STAGES)
+    for stage, candidates_of in stages:
         for config in candidates_of(best, shape):
             if config in timings:
                 continue
