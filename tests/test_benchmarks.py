@@ -179,6 +179,21 @@ def test_tune_shares_its_budget_among_the_shapes(monkeypatch, tmp_path):
     assert len(deadlines) == 2 and 45 < deadlines[0] < 51 and 95 < deadlines[1] < 101, deadlines
 
 
+def _tune_without_compiling(monkeypatch, milliseconds, evaluate=None, program_key=None, memory=None) -> dict | None:
+    """`sweep.tune_shape` at the tiny shape with made-up measurements: a candidate's time is `milliseconds(config)`,
+    its "compiled forward+backward" the candidate itself (`evaluate` may also record it), its program
+    `program_key(config)` (default: the config) and its temporary memory `memory(config)` (default: 1000 bytes)."""
+    monkeypatch.setattr(sweep.runner, "make_inputs", lambda *arguments: ())
+    monkeypatch.setattr(sweep.runner, "make_weights", lambda *arguments: None)
+    monkeypatch.setattr(sweep.runner, "check_forward", lambda *arguments: (0.0, "the reference"))
+    evaluate = evaluate or (lambda config, *arguments: (milliseconds(config), (None,), config))
+    monkeypatch.setattr(sweep, "_evaluate", evaluate)
+    monkeypatch.setattr(sweep, "_program_key", lambda config, *arguments: (program_key or (lambda c: c))(config))
+    monkeypatch.setattr(sweep, "_temp_bytes", lambda fwbw, arguments: (memory or (lambda c: 1000))(fwbw))
+    monkeypatch.setattr(sweep.timing, "median_ms", lambda fwbw, argument_sets, calls: milliseconds(fwbw))
+    return sweep.tune_shape(resolve_shapes(["tiny"])[0], "interpret", 2, deadline=float("inf"))
+
+
 def test_tune_keeps_no_candidate_that_needs_more_memory(monkeypatch):
     """Three candidates faster than the start, in turn: the first needs more temporary memory than the start allows
     (TEMP_MEMORY_SLACK above it), the second just that much (kept), the third is faster still and within the slack
@@ -187,15 +202,7 @@ def test_tune_keeps_no_candidate_that_needs_more_memory(monkeypatch):
     milliseconds = lambda config: {64: 1.0, 128: 1.5, 256: 1.2}.get(config.chunk_size, 3.0)  # noqa: E731
     allowed = int(1000 * (1 + sweep.TEMP_MEMORY_SLACK))
     memory = lambda config: {64: allowed + 1, 128: allowed, 256: allowed + 10}.get(config.chunk_size, 1000)  # noqa: E731
-    monkeypatch.setattr(sweep.runner, "make_inputs", lambda *arguments: ())
-    monkeypatch.setattr(sweep.runner, "make_weights", lambda *arguments: None)
-    monkeypatch.setattr(sweep.runner, "check_forward", lambda *arguments: (0.0, "the reference"))
-    # the "compiled forward+backward" of a candidate, and its program, is the candidate itself here
-    monkeypatch.setattr(sweep, "_evaluate", lambda config, *arguments: (milliseconds(config), (None,), config))
-    monkeypatch.setattr(sweep, "_program_key", lambda config, *arguments: config)
-    monkeypatch.setattr(sweep, "_temp_bytes", lambda fwbw, arguments: memory(fwbw))
-    monkeypatch.setattr(sweep.timing, "median_ms", lambda fwbw, argument_sets, calls: milliseconds(fwbw))
-    entry = sweep.tune_shape(resolve_shapes(["tiny"])[0], "interpret", 2, deadline=float("inf"))
+    entry = _tune_without_compiling(monkeypatch, milliseconds, memory=memory)
     assert entry["config"]["chunk_size"] == 128 and entry["complete"]
     assert entry["fwbw_ms"] == 1.5 and entry["default_fwbw_ms"] == 3.0
     assert entry["temp_bytes"] == allowed and entry["default_temp_bytes"] == 1000
@@ -212,14 +219,8 @@ def test_tune_times_each_program_once(monkeypatch):
         timed.append(config.chunk_size)
         return milliseconds(config), (None,), config
 
-    monkeypatch.setattr(sweep.runner, "make_inputs", lambda *arguments: ())
-    monkeypatch.setattr(sweep.runner, "make_weights", lambda *arguments: None)
-    monkeypatch.setattr(sweep.runner, "check_forward", lambda *arguments: (0.0, "the reference"))
-    monkeypatch.setattr(sweep, "_evaluate", evaluate)
-    monkeypatch.setattr(sweep, "_program_key", lambda config, *arguments: config.chunk_size)
-    monkeypatch.setattr(sweep, "_temp_bytes", lambda fwbw, arguments: 1000)
-    monkeypatch.setattr(sweep.timing, "median_ms", lambda fwbw, argument_sets, calls: milliseconds(fwbw))
-    entry = sweep.tune_shape(resolve_shapes(["tiny"])[0], "interpret", 2, deadline=float("inf"))
+    chunk = lambda config: config.chunk_size  # noqa: E731
+    entry = _tune_without_compiling(monkeypatch, milliseconds, evaluate, program_key=chunk)
     assert timed == [None, *sweep.CHUNK_SIZES] and entry["configs_timed"] == len(timed)  # the start: heuristics
     assert entry["config"]["chunk_size"] == 256 and entry["complete"]
 
@@ -236,14 +237,8 @@ def test_tune_tries_the_entries_of_like_cards_first(monkeypatch):
 
     like_cards = [ChunkwiseConfig(chunk_size=256), ChunkwiseConfig(chunk_size=64)]
     monkeypatch.setattr(sweep, "like_cards_configs_for", lambda *arguments: like_cards)
-    monkeypatch.setattr(sweep.runner, "make_inputs", lambda *arguments: ())
-    monkeypatch.setattr(sweep.runner, "make_weights", lambda *arguments: None)
-    monkeypatch.setattr(sweep.runner, "check_forward", lambda *arguments: (0.0, "the reference"))
-    monkeypatch.setattr(sweep, "_evaluate", evaluate)
-    monkeypatch.setattr(sweep, "_program_key", lambda config, *arguments: config.chunk_size)
-    monkeypatch.setattr(sweep, "_temp_bytes", lambda fwbw, arguments: 1000)
-    monkeypatch.setattr(sweep.timing, "median_ms", lambda fwbw, argument_sets, calls: milliseconds(fwbw))
-    entry = sweep.tune_shape(resolve_shapes(["tiny"])[0], "interpret", 2, deadline=float("inf"))
+    chunk = lambda config: config.chunk_size  # noqa: E731
+    entry = _tune_without_compiling(monkeypatch, milliseconds, evaluate, program_key=chunk)
     assert timed == [None, 256, 64, 128]  # the start, the two like cards' entries, then the chunk stage's new one
     assert entry["config"]["chunk_size"] == 256 and entry["complete"]
 
@@ -253,19 +248,12 @@ def test_tune_skips_a_candidate_that_fails_to_trace(monkeypatch, capsys):
     fails to compile; the search goes on and the others are timed."""
     milliseconds = lambda config: 3.0 - (config.chunk_size or 0) / 128  # noqa: E731
 
-    def program_key(config, *arguments):
+    def program_key(config):
         if config.chunk_size == 256:
             raise ValueError("chunk 256 refused")
         return config.chunk_size
 
-    monkeypatch.setattr(sweep.runner, "make_inputs", lambda *arguments: ())
-    monkeypatch.setattr(sweep.runner, "make_weights", lambda *arguments: None)
-    monkeypatch.setattr(sweep.runner, "check_forward", lambda *arguments: (0.0, "the reference"))
-    monkeypatch.setattr(sweep, "_evaluate", lambda config, *arguments: (milliseconds(config), (None,), config))
-    monkeypatch.setattr(sweep, "_program_key", program_key)
-    monkeypatch.setattr(sweep, "_temp_bytes", lambda fwbw, arguments: 1000)
-    monkeypatch.setattr(sweep.timing, "median_ms", lambda fwbw, argument_sets, calls: milliseconds(fwbw))
-    entry = sweep.tune_shape(resolve_shapes(["tiny"])[0], "interpret", 2, deadline=float("inf"))
+    entry = _tune_without_compiling(monkeypatch, milliseconds, program_key=program_key)
     assert entry["config"]["chunk_size"] == 128 and entry["configs_timed"] == 3  # the start, 64, 128
     assert "skipped, ValueError: chunk 256 refused" in capsys.readouterr().out
 
