@@ -271,8 +271,9 @@ def like_cards_configs(
 
 
 def _entries_by_card(key: str, path, usable) -> tuple[dict[str, ChunkwiseConfig], dict[str, dict]]:
-    """({device_kind: its config for shape class `key`}, {device_kind: card properties}) from the file at `path`,
-    or (None) the packaged file and then the user's, whose entries win; entries `usable` rejects are left out."""
+    """({device_kind: its config for shape class `key`}, {device_kind: card properties}) from the file at `path`;
+    for path None, from the packaged file and then the user's, whose entries win. Entries `usable` rejects are left
+    out."""
     paths = [PACKAGED_TUNED_CONFIGS_PATH, user_tuned_configs_path()] if path is None else [path]
     by_card, cards = {}, {}
     for config_path in paths:

@@ -82,15 +82,18 @@ def compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk_size, return_vecB_on
 
 
 def compute_chunkwise_reset_gates(
-    vecF: jax.Array, chunk_size: int, reset_dtype=jnp.int32
+    vecF: jax.Array, chunk_size: int, reset_dtype: jnp.dtype = jnp.int32
 ) -> tuple[jax.Array, jax.Array]:
     """The in-chunk gates of the parallel kernels, exact across hard resets: (vecB, vecR), (B, NH, NC, L).
 
     vecB is the inclusive cumsum of log σ(f̃) with each reset counted as 0, so it stays finite;
     vecR (`reset_dtype`) is the in-chunk position of the last reset at or before t, −1 where there is none. Key j
     reaches query t inside a chunk iff vecR_t <= j <= t, with log decay vecB_t − vecB_j + ĩ_j; the chunk's
-    start state reaches t iff vecR_t = −1, with log decay vecB_t.
+    start state reaches t iff vecR_t = −1, with log decay vecB_t. ValueError if `reset_dtype` cannot hold every
+    in-chunk position.
     """
+    if chunk_size - 1 > jnp.iinfo(reset_dtype).max:
+        raise ValueError(f"reset_dtype {jnp.dtype(reset_dtype).name} cannot hold positions in chunks of {chunk_size}.")
     log_f = chunk_log_forget(vecF, chunk_size)
     is_reset = jnp.isneginf(log_f)
     vecB = jnp.cumsum(jnp.where(is_reset, 0.0, log_f), axis=-1)
@@ -112,7 +115,7 @@ def _segment_max(values: jax.Array, starts: jax.Array) -> jax.Array:
 
 def compute_chunkwise_vecM(
     vecB: jax.Array,  # (B, NH, NC, L), resets counted as 0 (compute_chunkwise_reset_gates)
-    vecR: jax.Array,  # (B, NH, NC, L) int32
+    vecR: jax.Array,  # (B, NH, NC, L) integers (compute_chunkwise_reset_gates)
     vecI: jax.Array,  # (B, NH, S)
     scaM_all: jax.Array,  # (B, NH, NC+1)
     *,

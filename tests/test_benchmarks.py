@@ -179,10 +179,15 @@ def test_tune_shares_its_budget_among_the_shapes(monkeypatch, tmp_path):
     assert len(deadlines) == 2 and 45 < deadlines[0] < 51 and 95 < deadlines[1] < 101, deadlines
 
 
-def _tune_without_compiling(monkeypatch, milliseconds, evaluate=None, program_key=None, memory=None) -> dict | None:
+def _tune_without_compiling(
+    monkeypatch, milliseconds, evaluate=None, program_key=None, memory=None, like_cards=()
+) -> dict | None:
     """`sweep.tune_shape` at the tiny shape with made-up measurements: a candidate's time is `milliseconds(config)`,
     its "compiled forward+backward" the candidate itself (`evaluate` may also record it), its program
-    `program_key(config)` (default: the config) and its temporary memory `memory(config)` (default: 1000 bytes)."""
+    `program_key(config)` (default: the config) and its temporary memory `memory(config)` (default: 1000 bytes).
+    The search starts from the heuristics, with `like_cards` as the entries of cards like this one."""
+    monkeypatch.setattr(sweep, "tuned_config_for", lambda *arguments: None)
+    monkeypatch.setattr(sweep, "like_cards_configs_for", lambda *arguments: list(like_cards))
     monkeypatch.setattr(sweep.runner, "make_inputs", lambda *arguments: ())
     monkeypatch.setattr(sweep.runner, "make_weights", lambda *arguments: None)
     monkeypatch.setattr(sweep.runner, "check_forward", lambda *arguments: (0.0, "the reference"))
@@ -236,9 +241,8 @@ def test_tune_tries_the_entries_of_like_cards_first(monkeypatch):
         return milliseconds(config), (None,), config
 
     like_cards = [ChunkwiseConfig(chunk_size=256), ChunkwiseConfig(chunk_size=64)]
-    monkeypatch.setattr(sweep, "like_cards_configs_for", lambda *arguments: like_cards)
     chunk = lambda config: config.chunk_size  # noqa: E731
-    entry = _tune_without_compiling(monkeypatch, milliseconds, evaluate, program_key=chunk)
+    entry = _tune_without_compiling(monkeypatch, milliseconds, evaluate, program_key=chunk, like_cards=like_cards)
     assert timed == [None, 256, 64, 128]  # the start, the two like cards' entries, then the chunk stage's new one
     assert entry["config"]["chunk_size"] == 256 and entry["complete"]
 

@@ -356,8 +356,14 @@ def test_like_cards_configs_are_the_other_cards_of_the_compute_capability(tmp_pa
     first; none for an unknown capability, and none whose chunk size does not divide S."""
     path = tmp_path / "tuned.json"
     entry = lambda chunk: {"config": {"chunk_size": chunk}}  # noqa: E731
-    configs = {"Card A": entry(64), "Card B": entry(128), "Card C": entry(32), "Card E": entry(8192 * 2)}
-    cards = {"Card A": 132, "Card B": 114, "Card C": None, "Card E": 100}
+    configs = {
+        "Card A": entry(64),
+        "Card B": entry(128),
+        "Card C": entry(32),
+        "Card E": entry(8192 * 2),
+        "Card F": entry(256),
+    }
+    cards = {"Card A": 132, "Card B": 114, "Card C": None, "Card E": 100, "Card F": 132}
     path.write_text(
         json.dumps(
             {
@@ -375,8 +381,9 @@ def test_like_cards_configs_are_the_other_cards_of_the_compute_capability(tmp_pa
         config.chunk_size
         for config in like_cards_configs(kind, 8192, 256, 512, compute_capability=capability, core_count=count)
     ]
-    assert like("Card B", "9.0", 114) == [64]  # not its own; Card E's chunk does not divide S
-    assert like("Card D", "9.0", 120) == [128, 64] and like("Card D", "9.0", 130) == [64, 128]
+    assert like("Card B", "9.0", 114) == [64, 256]  # not its own; Card E's chunk does not divide S
+    assert like("Card D", "9.0", 120) == [128, 64, 256]  # A and F as near: the first listed first
+    assert like("Card D", "9.0", 132) == [64, 256, 128]
     assert like("Card D", "8.0") == [32] and like("Card D", "8.9") == [] and like("Card D", None) == []
 
 

@@ -276,6 +276,17 @@ def test_last_resets_in_the_kernels_dtype_equal_the_int32_ones():
     np.testing.assert_array_equal(vec_r_small.astype(jnp.int32), vec_r)
     np.testing.assert_array_equal(vec_b_small, vec_b)
     assert int(vec_r[0, 0, 0, -1]) == chunk - 1 and int(vec_r[0, 0, 3, -1]) == -1
+    with pytest.raises(ValueError, match="reset_dtype int8"):
+        compute_chunkwise_reset_gates(f, chunk, jnp.int8)
+    # H's launcher makes them in that dtype: no int32 array converted on the way
+    dims = mosaic_common.launch_dims(None, (2, 3, 4 * chunk, 64), 64, chunk)
+    call = KernelCall(chunk_size=chunk)
+    make_gates = lambda f, i, m: parallel_fw._kernel_gates(call, i, f, m, dims)  # noqa: E731
+    jaxpr = jax.make_jaxpr(make_gates)(f, f, jnp.zeros((2, 3, 5)))
+    gates, _ = jax.eval_shape(make_gates, f, f, jnp.zeros((2, 3, 5)))
+    assert gates.resets.dtype == mosaic_common.RESETS_DTYPE
+    converts = [e for e in jaxpr.eqns if e.primitive.name == "convert_element_type"]
+    assert not [e for e in converts if e.params["new_dtype"] == mosaic_common.RESETS_DTYPE], converts
 
 
 def test_states_kernel_takes_any_head_dims_and_chunks_of_64_rows():

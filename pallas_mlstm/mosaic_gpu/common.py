@@ -54,19 +54,20 @@ def swizzled(dtype) -> tuple:
 
 def shared_bytes(tiles: Tiles, chunk: int, dhqk: int, parts: int, gate_rows: int) -> int:
     """Shared memory of one program, 16-bit operands: the owned rows (warpgroups, P, 64, DHQK), the two rings
-    (stages, P, 64, DHQK) and (stages, P, 64, block_v), `gate_rows` float32 rows of the chunk and its last resets, a
-    (DHQK,) float32 vector and the output staging (warpgroups, 64, 128 bytes + a float32)."""
+    (stages, P, 64, DHQK) and (stages, P, 64, block_v), `gate_rows` float32 rows of the chunk, its last resets
+    (`resets_shared_bytes`), a (DHQK,) float32 vector and the output staging (warpgroups, 64, 128 bytes + a float32)."""
     w, bv = tiles.warpgroups, tiles.block_v
     owned = w * parts * ROWS * dhqk * 2
     rings = tiles.stages * parts * ROWS * (dhqk + bv) * 2
-    small = gate_rows * chunk * 4 + gate_bytes_of_resets(chunk) + dhqk * 4 + w * ROWS * (128 + 4)
+    small = gate_rows * chunk * 4 + resets_shared_bytes(chunk) + dhqk * 4 + w * ROWS * (128 + 4)
     return owned + rings + small + RESERVED_BYTES
 
 
 def kernel_tiles(name: str, chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...], gate_rows: int):
     """(operand parts, Tiles) for padded head dims: the first of `parts` that fits, two warpgroups, the widest
     column tile (at most 256) and the most buffers (up to 4) that fit in shared memory, preferring at least two
-    buffers; ValueError naming kernel `name` if nothing fits."""
+    buffers (`gate_rows`: the kernel's float32 gate rows, beside its last resets); ValueError naming kernel `name`
+    if nothing fits."""
     widths = [bv for bv in range(min(dhhv, MAX_HEAD_DIM), 0, -ROWS) if dhhv % bv == 0]
     for count in parts:
         for min_stages in (2, 1):
@@ -377,7 +378,7 @@ def chunk_rows(x: jax.Array, dims: LaunchDims) -> jax.Array:
 RESETS = -1  # the gate index of the last-reset row in `gate_readers`
 
 
-def gate_bytes_of_resets(chunk: int) -> int:
+def resets_shared_bytes(chunk: int) -> int:
     """Shared memory of a chunk's last resets."""
     return chunk * jnp.dtype(RESETS_DTYPE).itemsize
 
@@ -403,7 +404,7 @@ def load_gate_rows(gates_gmem: GateArrays, rows_smem, resets_smem, bars, bh, c):
     rows_smem[g] (barrier g), the last resets into resets_smem (the last barrier)."""
     for g, row in enumerate(gates_gmem.rows):
         plgpu.copy_gmem_to_smem(row.at[bh, c], rows_smem.at[g], bars.at[g])  # (L,)
-    plgpu.copy_gmem_to_smem(gates_gmem.resets.at[bh, c], resets_smem, bars.at[len(gates_gmem.rows)])  # (L,) int16
+    plgpu.copy_gmem_to_smem(gates_gmem.resets.at[bh, c], resets_smem, bars.at[len(gates_gmem.rows)])  # (L,) resets
 
 
 def await_gate_rows(bars, float_rows: int):

@@ -80,7 +80,7 @@ def shared_bytes(tiles: SlicedTiles, chunk: int, dhqk: int, dhhv: int, parts: in
     w = tiles.warpgroups
     owned = w * parts * ROWS * dhhv * 2
     rings = tiles.stages * parts * ROWS * (_slice_width(dhhv) + tile_columns(dhqk)) * 2
-    small = len(GATE_ROWS) * chunk * 4 + common.gate_bytes_of_resets(chunk) + w * ROWS * (128 + 4)
+    small = len(GATE_ROWS) * chunk * 4 + common.resets_shared_bytes(chunk) + w * ROWS * (128 + 4)
     return owned + rings + small + common.RESERVED_BYTES
 
 
