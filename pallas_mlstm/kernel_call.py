@@ -59,3 +59,13 @@ class KernelSet:
     parallel_bw_dK: Callable[..., Any]
     parallel_bw_dV: Callable[..., Any]
     recurrent_step: Callable[..., Any]
+    # dK and dQ in one launch, (dK's call, dQ's call, *arrays) -> ((dK, Σ k·dK), (dQ, Σ q·dQ)), for this set's own
+    # parallel_bw_dK and parallel_bw_dQ; None: two launches
+    parallel_bw_dK_dQ: Callable[..., Any] | None = None
+
+    def dK_and_dQ(self, dk_call: KernelCall, dq_call: KernelCall, *arrays):
+        """((dK, Σ k·dK), (dQ, Σ q·dQ)) from the parallel backward's arrays: one launch where the set has one, else
+        parallel_bw_dK's and parallel_bw_dQ's."""
+        if self.parallel_bw_dK_dQ is not None:
+            return self.parallel_bw_dK_dQ(dk_call, dq_call, *arrays)
+        return self.parallel_bw_dK(dk_call, *arrays), self.parallel_bw_dQ(dq_call, *arrays)

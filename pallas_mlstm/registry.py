@@ -13,7 +13,7 @@ import jax.experimental.pallas.fuser  # noqa: F401  (see below)
 
 from pallas_mlstm import mosaic_gpu, pallas_triton, xla_kernels
 from pallas_mlstm.backend import Backend
-from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS
+from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS, KernelSet
 from pallas_mlstm.pallas_triton.common import gpu_available
 from pallas_mlstm.pallas_triton.launch import MIN_TILE, TritonLaunch, from_upstream
 
@@ -144,14 +144,27 @@ def with_kernel_backends(base: Backend, choices: tuple[tuple[str, str], ...], *,
         partitionable = partitionable and other.partitionable
     if not kernels:
         return base
+    mixed = dataclasses.replace(base.kernels, **kernels)
     return dataclasses.replace(
         base,
         name=f"{base.name} ({', '.join(taken)})",
-        kernels=dataclasses.replace(base.kernels, **kernels),
+        kernels=dataclasses.replace(mixed, parallel_bw_dK_dQ=_one_launch_dK_dQ(mixed)),
         priority=None,
         min_chunk=max(base.min_chunk, *(_BY_NAME[name].min_chunk for _, name in choices if name in _BY_NAME)),
         partitionable=partitionable,
     )
+
+
+def _one_launch_dK_dQ(kernels: KernelSet):
+    """The one-launch dK and dQ of the backend whose parallel_bw_dK and parallel_bw_dQ `kernels` holds both, or
+    None (`KernelSet.parallel_bw_dK_dQ`)."""
+    owners = (
+        backend.kernels
+        for backend in _REGISTERED
+        if backend.kernels.parallel_bw_dK is kernels.parallel_bw_dK
+        and backend.kernels.parallel_bw_dQ is kernels.parallel_bw_dQ
+    )
+    return next((owner.parallel_bw_dK_dQ for owner in owners if owner.parallel_bw_dK_dQ is not None), None)
 
 
 def kernel_alternatives(base: Backend) -> list[tuple[str, str]]:

@@ -141,6 +141,8 @@ MOSAIC_KERNELS = list(CHUNKWISE_KERNELS)
 # Those of them lower_for_cuda's program holds: its grids are too small for the states kernels, which run in Mosaic
 # GPU only where their grid has a program for every SM (mosaic_gpu.recurrent_fw.takes_and_fills_the_card)
 MOSAIC_KERNELS_LOWERED = ["parallel_fw_Hintra", "parallel_bw_dQ", "parallel_bw_dK", "parallel_bw_dV"]
+# their Mosaic GPU launches: dK and dQ run in one (mosaic_gpu.parallel_bw_sliced.parallel_bw_dK_dQ)
+MOSAIC_LAUNCHES_LOWERED = len(MOSAIC_KERNELS_LOWERED) - 1
 CUDA_DEVICE = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
 
 

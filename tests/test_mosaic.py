@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
-from pallas_mlstm import xla_kernels
+from pallas_mlstm import mosaic_gpu, xla_kernels
 from pallas_mlstm.accuracy import KERNEL_TWIN_TOLERANCE, rel_err
 from pallas_mlstm.device import device_properties
 from pallas_mlstm.gates import chunk_max_state, chunk_max_states, chunkwise_log_gates, compute_chunkwise_reset_gates
@@ -233,6 +233,57 @@ def test_lowers_for_hopper(kernel, dtype):
         text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
     assert f"mlstm_chunkwise__{kernel}" in text
+
+
+@needs_mosaic_flag
+@pytest.mark.parametrize("mode", _MODES or ["mosaic_interpret"])
+@pytest.mark.parametrize("case", ["2wg-f32", "resets-padded-sigmoid-unnormalised-f32", "bf16-tiles"])
+def test_dK_and_dQ_in_one_launch_equal_two_launches(case, mode):
+    """parallel_bw_dK_dQ runs each program of parallel_bw_dK and parallel_bw_dQ as they do: the same values, bit
+    for bit (16-bit outputs at "bf16-tiles")."""
+    skip_unless_available(mode)
+    *_, chunk, dtype, input_gate, normalize, _ = CASES[case]
+    args = jax.jit(functools.partial(_backward_arrays, case))()
+    call = KernelCall(
+        chunk_size=chunk,
+        eps=1e-6,
+        input_gate=input_gate,
+        normalize=normalize,
+        output_dtype=dtype,
+        interpret=mode == "mosaic_interpret",
+    )
+    one = jax.jit(lambda *a: parallel_bw_sliced.parallel_bw_dK_dQ(call, *a))(*args)
+    two = jax.jit(
+        lambda *a: (parallel_bw_sliced.parallel_bw_dK(call, *a), parallel_bw_sliced.parallel_bw_dQ(call, *a))
+    )(*args)
+    for out, ref in zip(jax.tree.leaves(one), jax.tree.leaves(two), strict=True):
+        assert out.dtype == ref.dtype and np.array_equal(np.asarray(out), np.asarray(ref))
+
+
+@pytest.mark.parametrize("dhqk, dhhv, launches", [(256, 512, 1), (96, 192, 2)], ids=["7b-widths", "padded"])
+def test_dK_and_dQ_lower_to_one_launch_where_no_head_dim_is_padded(dhqk, dhhv, launches):
+    """The backend's dK and dQ (bf16, lowered for cuda without a GPU): one Mosaic GPU kernel at the 7B head widths;
+    two where a head dim is zero-padded (`parallel_bw_sliced.supports_one_launch`: peak memory)."""
+    batch, heads, seq_len, chunk = 1, 2, 512, 256
+    spec = jax.ShapeDtypeStruct
+    seq = lambda *dims, dt=jnp.bfloat16: spec((batch, heads, seq_len, *dims), dt)
+    gates = lambda dt=jnp.float32: spec((batch, heads, seq_len // chunk, chunk), dt)
+    num_states = seq_len // chunk + 1
+    states = (
+        spec((batch, heads, num_states * dhqk, dhhv), jnp.bfloat16),
+        spec((batch, heads, num_states * dhqk), jnp.float32),
+        spec((batch, heads, num_states), jnp.float32),
+    )
+    q, v, vec = seq(dhqk), seq(dhhv), seq(dt=jnp.float32)
+    args = (q, q, v, vec, (gates(), gates(), gates(jnp.int32)), states, vec, vec, v, states[0])
+    call = KernelCall(chunk_size=chunk, eps=1e-6, output_dtype=jnp.bfloat16, states_dtype="bfloat16")
+    h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
+    with use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
+        lowered = jax.jit(lambda *a: mosaic_gpu.KERNELS.dK_and_dQ(call, call, *a)).trace(*args)
+        text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == launches
+    one_launch = "mlstm_chunkwise__parallel_bw_dK__mlstm_chunkwise__parallel_bw_dQ" in text
+    assert one_launch == (launches == 1)
 
 
 @pytest.mark.parametrize(

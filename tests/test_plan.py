@@ -21,7 +21,7 @@ from pallas_mlstm.config import TUNED_CONFIGS_ENV, ChunkwiseConfig, shape_class
 from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS
 from pallas_mlstm.plan import launches_for, make_chunking
 from pallas_mlstm.registry import get_backend, kernel_alternatives, registered, with_kernel_backends
-from tests.helpers import CUDA_DEVICE, MOSAIC_KERNELS, MOSAIC_KERNELS_LOWERED, case_key, lower_for_cuda, mlstm_inputs
+from tests.helpers import CUDA_DEVICE, MOSAIC_KERNELS, MOSAIC_LAUNCHES_LOWERED, case_key, lower_for_cuda, mlstm_inputs
 
 _PACKAGE = pathlib.Path(pallas_mlstm.__file__).parent
 
@@ -178,6 +178,22 @@ def test_kernel_backends_run_a_kernel_of_another_backend():
     )
 
 
+def test_dK_and_dQ_run_in_one_launch_only_where_one_backend_runs_both():
+    """KernelSet.parallel_bw_dK_dQ, the one launch of dK and dQ, follows the two kernels: a set whose dK and dQ are
+    mosaic's has mosaic's, one that mixes them (or runs both in Triton) has none and launches them apart."""
+    mosaic, triton = registered("mosaic"), registered("triton")
+    assert mosaic.kernels.parallel_bw_dK_dQ is not None and triton.kernels.parallel_bw_dK_dQ is None
+    mesh = AbstractMesh((1,), ("b",), axis_types=(AxisType.Explicit,), abstract_device=CUDA_DEVICE)
+    with use_abstract_mesh(mesh):  # an H100 as lowering sees one: mosaic's kernels can stand in
+        both = with_kernel_backends(triton, (("parallel_bw_dK", "mosaic"), ("parallel_bw_dQ", "mosaic")))
+        one = with_kernel_backends(triton, (("parallel_bw_dK", "mosaic"),))
+        mixed = with_kernel_backends(mosaic, (("parallel_bw_dQ", "triton"),))
+        other = with_kernel_backends(mosaic, (("parallel_bw_dV", "triton"),))
+    assert both.kernels.parallel_bw_dK_dQ is mosaic.kernels.parallel_bw_dK_dQ
+    assert one.kernels.parallel_bw_dK_dQ is None and mixed.kernels.parallel_bw_dK_dQ is None
+    assert other.kernels.parallel_bw_dK_dQ is mosaic.kernels.parallel_bw_dK_dQ
+
+
 def test_mosaic_backend_runs_the_triton_kernels_for_shapes_its_own_do_not_take():
     """Chunk 32 is no Mosaic GPU kernel's: backend="mosaic" lowers (for an H100, without one) to Triton's kernels
     alone, as many as the Triton backend's."""
@@ -209,7 +225,7 @@ def test_backend_none_follows_a_tuned_configs_kernel_backends(monkeypatch, tmp_p
     mesh = AbstractMesh((1,), ("b",), axis_types=(AxisType.Explicit,), abstract_device=CUDA_DEVICE)
     for backend, mosaic_kernels, config in (
         (None, len(tuned_backends), ChunkwiseConfig(**stored)),
-        ("mosaic", len(MOSAIC_KERNELS_LOWERED), ChunkwiseConfig(**stored)),
+        ("mosaic", MOSAIC_LAUNCHES_LOWERED, ChunkwiseConfig(**stored)),
         ("triton", 0, ChunkwiseConfig()),
     ):
         planned.clear()

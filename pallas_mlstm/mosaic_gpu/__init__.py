@@ -57,6 +57,16 @@ def mosaic_where_supported(module: str, kernel: str):
     return launcher
 
 
+def _dK_dQ_where_supported(dk_call: KernelCall, dq_call: KernelCall, *arrays):
+    """dK and dQ in one Mosaic GPU launch (parallel_bw_sliced.parallel_bw_dK_dQ) where it takes the call, else as
+    this backend's two launchers run them. The two calls differ only in their Triton launch, which Mosaic GPU
+    ignores."""
+    mosaic = importlib.import_module(f"{__name__}.parallel_bw_sliced")
+    if mosaic.supports_one_launch(dk_call, *arrays):
+        return mosaic.parallel_bw_dK_dQ(dk_call, *arrays)
+    return KERNELS.parallel_bw_dK(dk_call, *arrays), KERNELS.parallel_bw_dQ(dq_call, *arrays)
+
+
 KERNELS = KernelSet(
     recurrent_fw_C=mosaic_where_supported("recurrent_fw", "recurrent_fw_C"),
     parallel_fw_Hintra=mosaic_where_supported("parallel_fw", "parallel_fw_Hintra"),
@@ -65,6 +75,7 @@ KERNELS = KernelSet(
     parallel_bw_dK=mosaic_where_supported("parallel_bw_sliced", "parallel_bw_dK"),
     parallel_bw_dV=mosaic_where_supported("parallel_bw", "parallel_bw_dV"),
     recurrent_step=pallas_triton.KERNELS.recurrent_step,
+    parallel_bw_dK_dQ=_dK_dQ_where_supported,
 )
 
 

@@ -25,6 +25,10 @@ slices, gates them and adds (gated scores) @ the tile's blocks. Per program, in 
     tiles    (stages, P, 64, bT)       a column block of an other tile's Q or K
     gates    (5, L) f32, (L,) int16    the chunk's gate rows (parallel_bw.GATE_ROWS) and last resets, loaded once
     out      (W, 64, E), (W, 64) f32   the staging of the gradient (E = 128 bytes of output dtype) and of the row dots
+
+`parallel_bw_dK_dQ` runs both kernels in one launch, each dK program beside the dQ program of the same rows
+(`_variants_kernel`), so that the second of the two finds the chunk's Q, K, V and dH in L2 rather than reading them
+from DRAM again; the backward takes it where the backend runs both gradients (`KernelSet.dK_and_dQ`).
 """
 
 from __future__ import annotations
@@ -117,6 +121,15 @@ def supports(call: KernelCall, matQ, matK, matV, *arrays) -> bool:
     return unsupported(call.chunk_size, matQ.shape[-1], matV.shape[-1], matQ.dtype) is None
 
 
+def supports_one_launch(call: KernelCall, matQ, matK, matV, *arrays) -> bool:
+    """True for the calls `parallel_bw_dK_dQ` takes: those of `supports` whose head dims need no zero padding. With
+    padded head dims the one launch's forward + backward peak memory was 51 MB above two launches' (odd-heads, DHQK
+    96 run as 128, on an H100: results/h100-ab-dk-dq-one-launch.json), and above Triton's; at the shapes without
+    padding it was the same."""
+    dims_unpadded = all(common.padded_dim(d) == d for d in (matQ.shape[-1], matV.shape[-1]))
+    return dims_unpadded and supports(call, matQ, matK, matV)
+
+
 def _kernel(
     own_gmem,  # (P, BNH·S, DHHV_p): V (dK) or dH (dQ)
     streamed_gmem,  # (P, BNH·S, DHHV_p): dH (dK) or V (dQ)
@@ -148,12 +161,15 @@ def _kernel(
     qk_scale: float,
     eps: float,
     interpret: bool,
+    variants: int = 1,
 ):
     warpgroups, num_slices, parts, _, width = own_smem.shape
     tile_cols = t_smem.shape[-1]
     col_blocks = dhqk // tile_cols  # ring steps per other tile in the tiles ring
     state_steps = (dhqk // ROWS) * num_slices  # the state's slices: (64-row block, DHHV slice) pairs, first in the ring
     bh, c, ot = lax.axis_index("bh"), lax.axis_index("c"), lax.axis_index("ot")
+    if variants > 1:  # `_both_kernel`: programs variants·ot + v run variant v of owned rows ot
+        ot = ot // variants
     seq_row0 = (bh * num_chunks + c) * chunk  # row of the chunk's first step
     first_tile = ot * warpgroups  # the program's first 64-row tile in the chunk (warpgroup 0's owned rows)
     # the other tiles: queries from the first diagonal to the chunk's end (dK), keys from the chunk's start to the
@@ -345,8 +361,32 @@ def _kernel(
         plgpu.wait_smem_to_gmem(0)
 
 
+_INPUTS, _OUTPUTS = 6, 2  # a variant's gmem inputs and outputs in `_kernel`
+
+
+def _variants_kernel(*refs, variants: tuple[Variant, ...], **static):
+    """`_kernel` for one variant, or for dK and dQ in one launch: program (bh, c, 2·ot + v) runs variant v's program
+    ot, so the two programs of the same rows run side by side and read the chunk's Q, K, V and dH from DRAM once
+    between them (the second finds them in L2). refs: each variant's inputs, then each one's outputs, then the
+    scratch both share (their shapes are the same)."""
+    count = len(variants)
+    inputs, outputs, scratch = (
+        refs[: _INPUTS * count],
+        refs[_INPUTS * count : (_INPUTS + _OUTPUTS) * count],
+        refs[(_INPUTS + _OUTPUTS) * count :],
+    )
+    if count == 1:
+        _kernel(*inputs, *outputs, *scratch, variant=variants[0], **static)
+        return
+    which = lax.axis_index("ot") % count
+    for v, variant in enumerate(variants):
+        own_refs = (*inputs[_INPUTS * v : _INPUTS * (v + 1)], *outputs[_OUTPUTS * v : _OUTPUTS * (v + 1)], *scratch)
+        body = functools.partial(_kernel, *own_refs, variant=variant, variants=count, **static)
+        pl.when(which == v)(body)
+
+
 def _launch(
-    variant: Variant,
+    variants: tuple[Variant, ...],
     call: KernelCall,
     matQ,
     matK,
@@ -359,7 +399,8 @@ def _launch(
     matDeltaH,
     matDeltaC_states,
 ):
-    """Either kernel on the launchers' arrays: (dX (B, NH, S, DHQK) in call.output_dtype, Σ_d x·dX (B, NH, S))."""
+    """The kernels of `variants` (one, or DK and DQ in one launch) on the launchers' arrays: per variant, (dX (B, NH,
+    S, DHQK) in call.output_dtype, Σ_d x·dX (B, NH, S))."""
     chunk = call.chunk_size
     problem = unsupported(chunk, matQ.shape[-1], matV.shape[-1], matQ.dtype)
     dims = common.launch_dims(problem, matQ.shape, matV.shape[-1], chunk)
@@ -373,23 +414,29 @@ def _launch(
     gates = parallel_bw.kernel_gates(call, vecI, chunk_gates, vecN_out, vecM_out, chunk_states[2], dims)
     operand_of = lambda x, size: common.sequence_operand(x, size, parts, operand_dtype)  # (P, BNH·S, size)
     v, dh = operand_of(matV, dhhv_p), operand_of(matDeltaH.astype(matQ.dtype), dhhv_p)
-    state = matDeltaC_states if variant.owns_keys else chunk_states[0]
-    state = common.split_operand(common.states_rows(state, dims), parts, operand_dtype)  # (P, rows, DHHV_p)
-    own, streamed = (v, dh) if variant.owns_keys else (dh, v)
-    other, x = (matQ, matK) if variant.owns_keys else (matK, matQ)  # the other tiles' Q or K; the row dots' x
+
+    def inputs(variant):  # `_kernel`'s gmem inputs for `variant`
+        state = matDeltaC_states if variant.owns_keys else chunk_states[0]
+        state = common.split_operand(common.states_rows(state, dims), parts, operand_dtype)  # (P, rows, DHHV_p)
+        own, streamed = (v, dh) if variant.owns_keys else (dh, v)
+        other, x = (matQ, matK) if variant.owns_keys else (matK, matQ)  # the other tiles' Q or K; the row dots' x
+        return own, streamed, operand_of(other, dhqk_p), state, gates, common.sequence_rows(x, dhqk_p)
 
     operand = lambda shape: plgpu.SMEM(shape, operand_dtype, transforms=common.swizzled(operand_dtype))
-    kernel = common.chunk_kernel(_kernel, call, dhqk, chunk, num_chunks, variant=variant, dhqk=dhqk_p, stages=stages)
-    grad, dots = common.launch(
+    kernel = common.chunk_kernel(
+        _variants_kernel, call, dhqk, chunk, num_chunks, variants=variants, dhqk=dhqk_p, stages=stages
+    )
+    outputs = (
+        jax.ShapeDtypeStruct((bnh * seq_len, dhqk_p), out_dtype),
+        jax.ShapeDtypeStruct((bnh, seq_len), jnp.float32),
+    )
+    results = common.launch(
         kernel,
-        name=variant.name,
+        name="__".join(variant.name for variant in variants),
         compute_warpgroups=w,
         parts=parts,
         interpret=call.interpret,
-        out_type=(
-            jax.ShapeDtypeStruct((bnh * seq_len, dhqk_p), out_dtype),
-            jax.ShapeDtypeStruct((bnh, seq_len), jnp.float32),
-        ),
+        out_type=outputs * len(variants),
         scratch_types=(
             operand((w, dhhv_p // width, parts, ROWS, width)),  # each warpgroup's owned rows, slice by slice
             operand((stages, parts, ROWS, width)),  # state / other tiles' slices
@@ -405,10 +452,13 @@ def _launch(
             plgpu.Barrier(num_arrivals=w, num_barriers=stages),  # slice buffers free again
             plgpu.Barrier(num_arrivals=w, num_barriers=stages),  # tile block buffers free again
         ),
-        grid=(bnh, num_chunks, chunk // (w * ROWS)),
+        grid=(bnh, num_chunks, len(variants) * (chunk // (w * ROWS))),
         grid_names=("bh", "c", "ot"),
-    )(own, streamed, operand_of(other, dhqk_p), state, gates, common.sequence_rows(x, dhqk_p))
-    return grad[:, :dhqk].reshape(batch, heads, seq_len, dhqk), dots.reshape(batch, heads, seq_len)
+    )(*(array for variant in variants for array in inputs(variant)))
+    return tuple(
+        (grad[:, :dhqk].reshape(batch, heads, seq_len, dhqk), dots.reshape(batch, heads, seq_len))
+        for grad, dots in zip(results[::2], results[1::2], strict=True)
+    )
 
 
 def parallel_bw_dK(
@@ -419,7 +469,7 @@ def parallel_bw_dK(
     `call` (chunk_size, qk_scale, eps, output_dtype, input_gate, interpret); ValueError for what `unsupported`
     names."""
     arrays = (matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states)
-    return _launch(DK, call, *arrays)
+    return _launch((DK,), call, *arrays)[0]
 
 
 def parallel_bw_dQ(
@@ -429,4 +479,13 @@ def parallel_bw_dQ(
     launcher): (dQ (B, NH, S, DHQK) in call.output_dtype, Σ_d q·dQ (B, NH, S) float32 of the unrounded dQ). Trusts
     `call` as parallel_bw_dK; reads the forward's C states (chunk_states[0]) where dK reads the dC states."""
     arrays = (matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states)
-    return _launch(DQ, call, *arrays)
+    return _launch((DQ,), call, *arrays)[0]
+
+
+def parallel_bw_dK_dQ(
+    call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
+):
+    """dK and dQ in one launch (`_variants_kernel`): ((dK, Σ_d k·dK), (dQ, Σ_d q·dQ)) as parallel_bw_dK and
+    parallel_bw_dQ return them, for one `call` (both kernels' calls alike but for the name)."""
+    arrays = (matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states)
+    return _launch((DK, DQ), call, *arrays)
