@@ -12,7 +12,9 @@ runs wherever its module `supports` the call, and the Triton kernel otherwise (`
   read and compute the decays from them, as Triton's kernels do (results/h100-ab-gate-arrays.json; with the
   states kernels' gates below, peak memory of the whole op was 9 / 33 KiB above Triton's in the forward and
   below it in forward + backward at 7b / tfla-paper on an H100, results/h100-ab-states-launcher.json). On an
-  H100 dK and dQ take 0.56-0.81x Triton's time (results/h100-ab-dkdq-variants.json);
+  H100 dK and dQ take 0.56-0.81x Triton's time (results/h100-ab-dkdq-variants.json). Where both run here and no
+  head dim is padded, they run in one launch (`_dK_dQ_where_supported`): 0.96x / 0.87x the time of two at 7b /
+  tfla-paper on an H100 (results/h100-ab-dk-dq-one-launch.json);
 - the two states kernels, recurrent_fw.py (forwards in time) and recurrent_bw.py (backwards), only where their grid
   has a program for every SM of the card (`recurrent_fw.takes_and_fills_the_card`, their `supports`): each program
   walks its tile of the state through every chunk in turn, and with fewer programs the forward lost to Triton's on
