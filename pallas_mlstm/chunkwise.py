@@ -113,7 +113,8 @@ def _input_gradients(plan: Plan, inputs: Inputs, saved: ForwardOutputs, dh, dc_s
     dv = kernels.parallel_bw_dV(plan.call("parallel_bw_dV", output_dtype=dtype), *arrays)
     # Σ_d k·dk and Σ_d q·dq come from the kernels' float32 accumulators: dĩ and df̃ are built from them, and
     # bf16-rounded dK / dQ would carry their rounding into df̃'s sums.
-    dk_call, dq_call = (plan.call(kernel, output_dtype=dtype) for kernel in ("parallel_bw_dK", "parallel_bw_dQ"))
+    dk_call = plan.call("parallel_bw_dK", output_dtype=dtype)
+    dq_call = plan.call("parallel_bw_dQ", output_dtype=dtype)
     (dk, k_dk), (dq, q_dq) = kernels.dK_and_dQ(dk_call, dq_call, *arrays)
     return dq, dk, dv, q_dq, k_dk
 

@@ -200,12 +200,13 @@ def test_float32_runs_in_three_parts_where_they_fit(kernel):
             assert _operand_parts(kernel, case) == expected, case
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_lowers_for_hopper(kernel, dtype):
-    """The 7B head widths lower to one Mosaic GPU kernel for cuda without a GPU (compilation to sm_90a needs one):
-    every run, as tests/test_lowering.py lowers the Triton kernels, so that a kernel that cannot lower fails CI."""
-    batch, heads, seq_len, dhqk, dhhv, chunk = 1, 2, 512, 256, 512, 256
+_LOWERING_CHUNK = 256
+
+
+def _lowering_args(dtype, dhqk: int = 256, dhhv: int = 512) -> dict:
+    """Each kernel's argument shapes for lowering without a GPU: B 1, NH 2, S 512, chunk 256, the 7B head widths by
+    default."""
+    batch, heads, seq_len, chunk = 1, 2, 512, _LOWERING_CHUNK
     num_chunks = seq_len // chunk
     spec = jax.ShapeDtypeStruct
     seq = lambda *dims, dt=dtype: spec((batch, heads, seq_len, *dims), dt)
@@ -217,20 +218,32 @@ def test_lowers_for_hopper(kernel, dtype):
     )
     q, v, vec = seq(dhqk), seq(dhhv), seq(dt=jnp.float32)
     initial = (spec((batch, heads, dhqk, dhhv), jnp.float32), spec((batch, heads, dhqk), jnp.float32))
-    args = {
+    backward = (q, q, v, vec, (gates(), gates(), gates(jnp.int32)), states, vec, vec, v, states[0])
+    return {
         "recurrent_fw_C": (q, v, vec, vec, *initial, spec((batch, heads), jnp.float32)),
         "recurrent_bw_dC": (q, vec, states[2], vec, v, vec, initial[0], states[0]),
         "parallel_fw_Hintra": (q, q, v, vec, vec, *states),
-        "parallel_bw_dV": (q, q, v, vec, (gates(), gates(), gates(jnp.int32)), states, vec, vec, v, states[0]),
+        "parallel_bw_dV": backward,
+        "parallel_bw_dK": backward,
+        "parallel_bw_dQ": backward,
     }
-    args["parallel_bw_dK"] = args["parallel_bw_dQ"] = args["parallel_bw_dV"]
-    args = args[kernel]
-    launcher = KERNELS[kernel][0]
-    call = KernelCall(chunk_size=chunk, eps=1e-6, output_dtype=dtype, states_dtype=state_buffer_dtype(dtype))
+
+
+def _lowered_for_h100(function, args) -> str:
+    """StableHLO of `function` on `args` lowered for cuda under an H100 as JAX describes one, without a GPU."""
     h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
     with use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
-        lowered = jax.jit(lambda *a: launcher(call, *a)).trace(*args)
-        text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+        return jax.jit(function).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_lowers_for_hopper(kernel, dtype):
+    """The 7B head widths lower to one Mosaic GPU kernel for cuda without a GPU (compilation to sm_90a needs one):
+    every run, as tests/test_lowering.py lowers the Triton kernels, so that a kernel that cannot lower fails CI."""
+    launcher = KERNELS[kernel][0]
+    call = KernelCall(chunk_size=_LOWERING_CHUNK, eps=1e-6, output_dtype=dtype, states_dtype=state_buffer_dtype(dtype))
+    text = _lowered_for_h100(lambda *a: launcher(call, *a), _lowering_args(dtype)[kernel])
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
     assert f"mlstm_chunkwise__{kernel}" in text
 
@@ -264,23 +277,9 @@ def test_dK_and_dQ_in_one_launch_equal_two_launches(case, mode):
 def test_dK_and_dQ_lower_to_one_launch_where_no_head_dim_is_padded(dhqk, dhhv, launches):
     """The backend's dK and dQ (bf16, lowered for cuda without a GPU): one Mosaic GPU kernel at the 7B head widths;
     two where a head dim is zero-padded (`parallel_bw_sliced.supports_one_launch`: peak memory)."""
-    batch, heads, seq_len, chunk = 1, 2, 512, 256
-    spec = jax.ShapeDtypeStruct
-    seq = lambda *dims, dt=jnp.bfloat16: spec((batch, heads, seq_len, *dims), dt)
-    gates = lambda dt=jnp.float32: spec((batch, heads, seq_len // chunk, chunk), dt)
-    num_states = seq_len // chunk + 1
-    states = (
-        spec((batch, heads, num_states * dhqk, dhhv), jnp.bfloat16),
-        spec((batch, heads, num_states * dhqk), jnp.float32),
-        spec((batch, heads, num_states), jnp.float32),
-    )
-    q, v, vec = seq(dhqk), seq(dhhv), seq(dt=jnp.float32)
-    args = (q, q, v, vec, (gates(), gates(), gates(jnp.int32)), states, vec, vec, v, states[0])
-    call = KernelCall(chunk_size=chunk, eps=1e-6, output_dtype=jnp.bfloat16, states_dtype="bfloat16")
-    h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
-    with use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
-        lowered = jax.jit(lambda *a: mosaic_gpu.KERNELS.dK_and_dQ(call, call, *a)).trace(*args)
-        text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    call = KernelCall(chunk_size=_LOWERING_CHUNK, eps=1e-6, output_dtype=jnp.bfloat16, states_dtype="bfloat16")
+    args = _lowering_args(jnp.bfloat16, dhqk, dhhv)["parallel_bw_dK"]
+    text = _lowered_for_h100(lambda *a: mosaic_gpu.KERNELS.dK_and_dQ(call, call, *a), args)
     assert text.count("stablehlo.custom_call @mosaic_gpu") == launches
     one_launch = "mlstm_chunkwise__parallel_bw_dK__mlstm_chunkwise__parallel_bw_dQ" in text
     assert one_launch == (launches == 1)

@@ -28,7 +28,8 @@ slices, gates them and adds (gated scores) @ the tile's blocks. Per program, in 
 
 `parallel_bw_dK_dQ` runs both kernels in one launch, each dK program beside the dQ program of the same rows
 (`_variants_kernel`), so that the second of the two finds the chunk's Q, K, V and dH in L2 rather than reading them
-from DRAM again; the backward takes it where the backend runs both gradients (`KernelSet.dK_and_dQ`).
+from DRAM again; the backward takes it where the backend runs both gradients and no head dim is padded
+(`KernelSet.dK_and_dQ`, `supports_one_launch`).
 """
 
 from __future__ import annotations
@@ -161,15 +162,15 @@ def _kernel(
     qk_scale: float,
     eps: float,
     interpret: bool,
-    variants: int = 1,
+    variant_count: int = 1,
 ):
     warpgroups, num_slices, parts, _, width = own_smem.shape
     tile_cols = t_smem.shape[-1]
     col_blocks = dhqk // tile_cols  # ring steps per other tile in the tiles ring
     state_steps = (dhqk // ROWS) * num_slices  # the state's slices: (64-row block, DHHV slice) pairs, first in the ring
     bh, c, ot = lax.axis_index("bh"), lax.axis_index("c"), lax.axis_index("ot")
-    if variants > 1:  # `_both_kernel`: programs variants·ot + v run variant v of owned rows ot
-        ot = ot // variants
+    if variant_count > 1:  # `_variants_kernel`: program variant_count·ot + v runs variant v's program ot
+        ot = ot // variant_count
     seq_row0 = (bh * num_chunks + c) * chunk  # row of the chunk's first step
     first_tile = ot * warpgroups  # the program's first 64-row tile in the chunk (warpgroup 0's owned rows)
     # the other tiles: queries from the first diagonal to the chunk's end (dK), keys from the chunk's start to the
@@ -381,7 +382,7 @@ def _variants_kernel(*refs, variants: tuple[Variant, ...], **static):
     which = lax.axis_index("ot") % count
     for v, variant in enumerate(variants):
         own_refs = (*inputs[_INPUTS * v : _INPUTS * (v + 1)], *outputs[_OUTPUTS * v : _OUTPUTS * (v + 1)], *scratch)
-        body = functools.partial(_kernel, *own_refs, variant=variant, variants=count, **static)
+        body = functools.partial(_kernel, *own_refs, variant=variant, variant_count=count, **static)
         pl.when(which == v)(body)
 
 
@@ -486,6 +487,7 @@ def parallel_bw_dK_dQ(
     call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
 ):
     """dK and dQ in one launch (`_variants_kernel`): ((dK, Σ_d k·dK), (dQ, Σ_d q·dQ)) as parallel_bw_dK and
-    parallel_bw_dQ return them, for one `call` (both kernels' calls alike but for the name)."""
+    parallel_bw_dQ return them, for one `call` (the two kernels' calls differ only in their Triton launch, which Mosaic
+    GPU ignores)."""
     arrays = (matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states)
     return _launch((DK, DQ), call, *arrays)
