@@ -92,6 +92,7 @@ def recurrent_fw_C(call: KernelCall, matK, matV, vecF, vecI, matC_initial, vecN_
         m_next = chunk_max_state(g, m, a) if tracks_max else m
         decay = jnp.exp(g + m - m_next)
         k_weighted = k.astype(dtype) * jnp.exp(a - m_next[..., None])[..., None]
+        # (B, NH, DHQK, DHHV)
         c_next = decay[..., None, None] * c + _einsum("bhld,bhle->bhde", k_weighted, v, matK.dtype)
         n_next = decay[..., None] * n + jnp.sum(k_weighted, axis=-2)
         return (c_next, n_next, m_next), (c_next, n_next, m_next)
@@ -134,10 +135,10 @@ def parallel_fw_Hintra(call: KernelCall, matQ, matK, matV, vecI, vecF, matC_all,
 
     log_i = chunked(log_input_gate(vecI, call.input_gate), chunk_size)
     decay = _intra_chunk_decay(vecB, vecR, log_i, m)  # (B, NH, NC, L, L)
-    scores = _einsum("bhcld,bhcjd->bhclj", q, k, matQ.dtype) * qk_scale * decay
+    scores = _einsum("bhcld,bhcjd->bhclj", q, k, matQ.dtype) * qk_scale * decay  # (B, NH, NC, L, L)
     q_inter_scale = qk_scale * _inter_chunk_decay(vecB, vecR, m_prev, m)  # (B, NH, NC, L)
-    num = _einsum("bhcld,bhcde->bhcle", q, c_prev, matQ.dtype) * q_inter_scale[..., None]
-    num += _einsum("bhclj,bhcje->bhcle", scores, v, matQ.dtype)
+    num = _einsum("bhcld,bhcde->bhcle", q, c_prev, matQ.dtype) * q_inter_scale[..., None]  # (B, NH, NC, L, DHHV)
+    num += _einsum("bhclj,bhcje->bhcle", scores, v, matQ.dtype)  # (B, NH, NC, L, DHHV)
     den = jnp.sum(q.astype(dtype) * n_prev[..., None, :], axis=-1) * q_inter_scale + jnp.sum(scores, axis=-1)
     if call.normalize:
         den = jnp.maximum(jnp.abs(den), jnp.exp(-m))
@@ -269,8 +270,8 @@ def parallel_bw_dQ(
     )
     k, v = chunked(matK, call.chunk_size), chunked(matV, call.chunk_size)
     d_scores = _einsum("bhcle,bhcje->bhclj", g.dh_bar, v, matQ.dtype) * g.decay  # (B, NH, NC, L, L)
-    dq = _einsum("bhclj,bhcjd->bhcld", d_scores, k, matQ.dtype)
-    dq += _einsum("bhcle,bhcde->bhcld", g.dh_bar * g.q_inter[..., None], g.c_prev, matQ.dtype)
+    dq = _einsum("bhclj,bhcjd->bhcld", d_scores, k, matQ.dtype)  # (B, NH, NC, L, DHQK)
+    dq += _einsum("bhcle,bhcde->bhcld", g.dh_bar * g.q_inter[..., None], g.c_prev, matQ.dtype)  # (B, NH, NC, L, DHQK)
     dq = unchunked(dq * g.qk_scale)
     return _with_row_dots(dq, matQ, call.output_dtype)
 
@@ -283,8 +284,8 @@ def parallel_bw_dK(
     )
     q, v = chunked(matQ, call.chunk_size), chunked(matV, call.chunk_size)
     d_scores = _einsum("bhcle,bhcje->bhclj", g.dh_bar, v, matQ.dtype) * g.decay  # (B, NH, NC, L, L)
-    dk = _einsum("bhclj,bhcld->bhcjd", d_scores, q, matQ.dtype) * g.qk_scale
-    dk += _einsum("bhcje,bhcde->bhcjd", v, g.dc_next, matQ.dtype) * g.k_inter[..., None]
+    dk = _einsum("bhclj,bhcld->bhcjd", d_scores, q, matQ.dtype) * g.qk_scale  # (B, NH, NC, L, DHQK)
+    dk += _einsum("bhcje,bhcde->bhcjd", v, g.dc_next, matQ.dtype) * g.k_inter[..., None]  # (B, NH, NC, L, DHQK)
     return _with_row_dots(unchunked(dk), matK, call.output_dtype)
 
 
@@ -297,7 +298,8 @@ def parallel_bw_dV(
     )
     q, k = chunked(matQ, call.chunk_size), chunked(matK, call.chunk_size)
     scores = _einsum("bhcld,bhcjd->bhclj", q, k, matQ.dtype) * g.qk_scale * g.decay  # (B, NH, NC, L, L)
-    dv = _einsum("bhclj,bhcle->bhcje", scores, g.dh_bar, matQ.dtype)
+    dv = _einsum("bhclj,bhcle->bhcje", scores, g.dh_bar, matQ.dtype)  # (B, NH, NC, L, DHHV)
+    # (B, NH, NC, L, DHHV)
     dv += _einsum("bhcjd,bhcde->bhcje", k.astype(scores.dtype) * g.k_inter[..., None], g.dc_next, matQ.dtype)
     return unchunked(dv).astype(call.output_dtype)
 
@@ -315,10 +317,10 @@ parallel_bw_dV.__doc__ = "Gradient of v, (B, NH, S, DHHV)." + _PARALLEL_BW_LAUNC
 def recurrent_step(call: KernelCall, q, k, v, i, f, c, n, m):
     """One step of the cell in jnp: shapes and math of the step kernel (pallas_triton/recurrent_step.py),
     (h (B, NH, DHHV) in q's dtype, (c, n, m) in c's dtype). q, k (B, NH, DHQK), v (B, NH, DHHV), i, f (B, NH),
-    c (B, NH, DHQK, DHHV), n (B, NH, DHQK), m (B, NH). Uses call.eps, call.input_gate and call.normalize; the qk
-    scale is DHQK^-1/2, as in the step kernel (call.qk_scale and call.chunk_size are not read)."""
+    c (B, NH, DHQK, DHHV), n (B, NH, DHQK), m (B, NH). Uses call.eps, call.input_gate, call.normalize and the qk
+    scale `call.scale_for(DHQK)`, as the step kernel does (call.chunk_size is not read)."""
     dtype = c.dtype
-    q_scaled = q.astype(dtype) * q.shape[-1] ** -0.5
+    q_scaled = q.astype(dtype) * call.scale_for(q.shape[-1])
     log_f = jax.nn.log_sigmoid(f.astype(dtype))  # (B, NH)
     log_i = log_input_gate(i, call.input_gate).astype(dtype)  # (B, NH)
     m_new = jnp.maximum(jnp.maximum(log_f + m, log_i), MIN_LOG_SCALE) if tracks_max_state(call.input_gate) else m
@@ -327,7 +329,7 @@ def recurrent_step(call: KernelCall, q, k, v, i, f, c, n, m):
     k = k.astype(dtype)
     c = decay[..., None] * c + (weight * k)[..., :, None] * v.astype(dtype)[..., None, :]  # (B, NH, DHQK, DHHV)
     n = decay * n + weight * k  # (B, NH, DHQK)
-    num = jnp.einsum("bhd,bhde->bhe", q_scaled, c, precision=lax.Precision.HIGHEST)
+    num = jnp.einsum("bhd,bhde->bhe", q_scaled, c, precision=lax.Precision.HIGHEST)  # (B, NH, DHHV)
     if call.normalize:
         den = jnp.maximum(jnp.abs(jnp.sum(q_scaled * n, axis=-1)), jnp.exp(-m_new)) + call.eps
     else:  # h = q C: e^{−m} only undoes the states' scale

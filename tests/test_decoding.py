@@ -194,3 +194,25 @@ def _check_scanned_layer_stack(backend):
     for part, bound, ours_part, oracle_part in zip(("values", "gradients", "jvp"), bounds, got, expected):
         for leaf, (a, e) in enumerate(zip(jax.tree.leaves(ours_part), jax.tree.leaves(oracle_part))):
             assert rel_err(a, e) <= bound, f"{part}, leaf {leaf}: rel err {rel_err(a, e):.2e}"
+
+
+def test_xla_step_takes_the_calls_qk_scale_as_the_step_kernel():
+    """The XLA backend's step (the jnp twin) scales q by `KernelCall.qk_scale` where one is given, as the Triton
+    step kernel does (interpreted here), rather than by DHQK^-1/2."""
+    from pallas_mlstm import xla_kernels
+    from pallas_mlstm.kernel_call import KernelCall
+    from pallas_mlstm.pallas_triton import recurrent_step as triton_step  # the launcher
+
+    keys = jax.random.split(jax.random.key(3), 6)
+    q, k = (jax.random.normal(key, (B, NH, DHQK), jnp.float32) for key in keys[:2])
+    v = jax.random.normal(keys[2], (B, NH, DHHV), jnp.float32)
+    i, f = (jax.random.normal(key, (B, NH), jnp.float32) for key in keys[3:5])
+    c = jax.random.normal(keys[5], (B, NH, DHQK, DHHV), jnp.float32)
+    n, m = jnp.ones((B, NH, DHQK), jnp.float32), jnp.zeros((B, NH), jnp.float32)
+    scaled, unscaled = (KernelCall(chunk_size=1, qk_scale=s, eps=1e-6, interpret=True) for s in (0.3, None))
+    kernel_h, _ = triton_step(scaled, q, k, v, i, f, c, n, m)
+    twin_h, _ = xla_kernels.recurrent_step(scaled, q, k, v, i, f, c, n, m)
+    default_h, _ = xla_kernels.recurrent_step(unscaled, q, k, v, i, f, c, n, m)
+    bound, _ = ORACLE_TOLERANCE[("interpret", "float32")]
+    assert rel_err(twin_h, kernel_h) < bound
+    assert rel_err(default_h, kernel_h) > 1e-2  # the scale matters here: the check above can fail

@@ -163,13 +163,13 @@ def mma(acc: jax.Array, a, b, parts: int, interpret: bool, while_running=None) -
     after_issue = while_running or (lambda: None)
     if interpret:
         for i, j in pairs:
-            acc = acc + jnp.dot(read_tile(a(i)), read_tile(b(j)), preferred_element_type=jnp.float32)
+            acc = acc + jnp.dot(read_tile(a(i)), read_tile(b(j)), preferred_element_type=jnp.float32)  # (M, N)
         after_issue()
         return acc
 
     def issue(acc_ref):
         for i, j in pairs:
-            plgpu.wgmma(acc_ref, a(i), b(j))
+            plgpu.wgmma(acc_ref, a(i), b(j))  # (M, N) += (M, K) @ (K, N)
         after_issue()
 
     return pl.run_state(issue)(plgpu.ACC.init(acc))
@@ -321,7 +321,7 @@ def store_staged(out, stage, tile: jax.Array, column0):
         for t in range(first, min(first + buffers, pieces)):
             stage[t % buffers] = tile[:, t * columns : (t + 1) * columns].astype(stage.dtype)  # (64, E)
         plgpu.commit_smem()
-        for t in range(first, min(first + buffers, pieces)):
+        for t in range(first, min(first + buffers, pieces)):  # (64, E) each, to out's columns column0 + t·E on
             plgpu.copy_smem_to_gmem(stage.at[t % buffers], out.at[:, pl.ds(column0 + t * columns, columns)])
 
 

@@ -190,7 +190,7 @@ def _kernel(
         for t in range(block_v // out_cols):
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile has left o_smem
             o_smem[wg] = acc[:, t * out_cols : (t + 1) * out_cols].astype(o_smem.dtype)  # (64, E)
-            plgpu.commit_smem()
+            plgpu.commit_smem()  # then (64, E) to the dV rows' columns iv·block_v + t·E on
             plgpu.copy_smem_to_gmem(o_smem.at[wg], dv_gmem.at[bh, rows, pl.ds(iv * block_v + t * out_cols, out_cols)])
         plgpu.wait_smem_to_gmem(0)
 

@@ -355,10 +355,10 @@ def _kernel(
                 o_smem[wg] = acc[:, t * out_cols : (t + 1) * out_cols].astype(o_smem.dtype)  # (64, E)
                 plgpu.commit_smem()
                 out_columns = pl.ds(b * tile_cols + t * out_cols, out_cols)
-                plgpu.copy_smem_to_gmem(o_smem.at[wg], out_gmem.at[rows, out_columns])
+                plgpu.copy_smem_to_gmem(o_smem.at[wg], out_gmem.at[rows, out_columns])  # (64, E)
         dots_smem[wg] = dots  # (64,)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dots_smem.at[wg], dots_gmem.at[bh, pl.ds(c * chunk + row0, ROWS)])
+        plgpu.copy_smem_to_gmem(dots_smem.at[wg], dots_gmem.at[bh, pl.ds(c * chunk + row0, ROWS)])  # (64,)
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -405,10 +405,10 @@ def _launch(
     chunk = call.chunk_size
     problem = unsupported(chunk, matQ.shape[-1], matV.shape[-1], matQ.dtype)
     dims = common.launch_dims(problem, matQ.shape, matV.shape[-1], chunk)
-    batch, heads, seq_len, dhqk, dhhv, num_chunks, bnh, dhqk_p, dhhv_p = dims
+    batch, heads, seq_len, dhqk, _, num_chunks, bnh, dhqk_p, dhhv_p = dims
     operand_dtype = common.operand_dtype(matQ.dtype)
-    parts, launch = kernel_tiles(chunk, dhqk_p, dhhv_p, common.operand_parts(matQ.dtype))
-    w, stages = launch.warpgroups, launch.stages
+    parts, tiles = kernel_tiles(chunk, dhqk_p, dhhv_p, common.operand_parts(matQ.dtype))
+    w, stages = tiles.warpgroups, tiles.stages
     width, tile_cols = _slice_width(dhhv_p), tile_columns(dhqk_p)
     out_dtype = jnp.dtype(call.output_dtype)
 

@@ -226,14 +226,14 @@ def _kernel(
         for t in range(block_v // out_cols):
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile has left o_smem
             o_smem[wg] = h[:, t * out_cols : (t + 1) * out_cols].astype(o_smem.dtype)  # (64, E)
-            plgpu.commit_smem()
+            plgpu.commit_smem()  # then (64, E) to the H rows' columns iv·block_v + t·E on
             plgpu.copy_smem_to_gmem(o_smem.at[wg], h_gmem.at[bh, rows, pl.ds(iv * block_v + t * out_cols, out_cols)])
 
         @pl.when(iv == 0)
         def _den():
             den_smem[wg] = den  # (64,)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(den_smem.at[wg], den_gmem.at[bh, rows])
+            plgpu.copy_smem_to_gmem(den_smem.at[wg], den_gmem.at[bh, rows])  # (64,)
 
         plgpu.wait_smem_to_gmem(0)
 

@@ -68,10 +68,9 @@ def _kernel(
     writes_first: bool,
     interpret: bool,
 ):
-    inputs = [has_last, has_states]
     last_gmem = refs[0] if has_last else None  # (BNH, DHQK_p, DHHV_p) float32
-    c_gmem = refs[sum(inputs[:1])] if has_states else None  # (BNH·(NC+1)·DHQK_p, DHHV_p)
-    refs = refs[sum(inputs) :]
+    c_gmem = refs[int(has_last)] if has_states else None  # (BNH·(NC+1)·DHQK_p, DHHV_p)
+    refs = refs[has_last + has_states :]
     dc_gmem = refs[0]  # (BNH·(NC+1)·DHQK_p, DHHV_p) states dtype
     dots_gmem = refs[1] if has_states else None  # (BNH·(NC+1), DHHV_p / bDHHV, DHQK_p) float32
     first_gmem = refs[1 + has_states] if writes_first else None  # (BNH·DHQK_p, DHHV_p) float32
@@ -102,7 +101,7 @@ def _kernel(
             for u in range(w):
                 q_tile = q_gmem.at[:, rows, pl.ds((iq * w + u) * ROWS, ROWS)]  # (P, T, 64)
                 plgpu.copy_gmem_to_smem(q_tile, q_smem.at[slot, u], q_bar.at[slot * w + u])
-            plgpu.copy_gmem_to_smem(dh_gmem.at[:, rows, columns], dh_smem.at[slot], dh_bar.at[slot])  # (P, T, bV)
+            plgpu.copy_gmem_to_smem(dh_gmem.at[:, rows, columns], dh_smem.at[slot], dh_bar.at[slot])  # (P, T, bDHHV)
 
         common.stream_ring(load, free_bar, steps, stages)
 
@@ -123,7 +122,7 @@ def _kernel(
                 plgpu.wait_smem_to_gmem(pieces, wait_read_only=True)  # the last row sums' copy, not dC's, has read it
                 dots_stage[wg] = jnp.sum(dc * c.astype(jnp.float32), axis=1)  # (64,)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(dots_stage.at[wg], dots_gmem.at[state, iv, pl.ds(dhqk_row0, ROWS)])
+                plgpu.copy_smem_to_gmem(dots_stage.at[wg], dots_gmem.at[state, iv, pl.ds(dhqk_row0, ROWS)])  # (64,)
 
         if has_last:
             dc = plgpu.load(
@@ -170,7 +169,7 @@ def recurrent_bw_dC(
     ValueError for what `unsupported` names."""
     chunk = call.chunk_size * call.save_states_every_nth_chunk
     dims = common.launch_dims(unsupported(chunk, matQ.dtype), matQ.shape, matDeltaH.shape[-1], chunk)
-    batch, heads, seq_len, dhqk, dhhv, num_chunks, bnh, dhqk_p, dhhv_p = dims
+    batch, heads, _, dhqk, dhhv, num_chunks, bnh, dhqk_p, dhhv_p = dims
     state_dtype, c_dtype, writes_first, operand_dtype, parts, tiles = recurrent_fw.states_launch(
         call, matQ.dtype, dims, recurrent_fw.compute_warpgroups(dims.dhqk_p)
     )

@@ -216,7 +216,7 @@ def _kernel(
                 plgpu.commit_smem()  # (a warpgroup barrier: every thread is past the reduction)
                 if w > 1:
                     plgpu.barrier_arrive(turn_bar.at[(wg + 1) % w])
-                plgpu.copy_smem_to_gmem(n_stage.at[wg], n_gmem.at[state, pl.ds(dhqk_row0, ROWS)])
+                plgpu.copy_smem_to_gmem(n_stage.at[wg], n_gmem.at[state, pl.ds(dhqk_row0, ROWS)])  # (64,)
 
         if has_initial:
             c = plgpu.load(
@@ -365,7 +365,7 @@ def recurrent_fw_C(call: KernelCall, matK, matV, vecF, vecI, matC_initial, vecN_
     ValueError for what `unsupported` names."""
     chunk = call.chunk_size * call.save_states_every_nth_chunk
     dims = common.launch_dims(unsupported(chunk, matK.dtype), matK.shape, matV.shape[-1], chunk)
-    batch, heads, seq_len, dhqk, dhhv, num_chunks, bnh, dhqk_p, dhhv_p = dims
+    batch, heads, _, dhqk, dhhv, num_chunks, bnh, dhqk_p, dhhv_p = dims
     warpgroups = compute_warpgroups(dims.dhqk_p)
     state_dtype, c_dtype, writes_last, operand_dtype, parts, tiles = states_launch(call, matK.dtype, dims, warpgroups)
 

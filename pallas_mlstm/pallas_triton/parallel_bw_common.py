@@ -25,10 +25,6 @@ from pallas_mlstm.pallas_triton.launch import TritonLaunch
 TILES = ("LQ", "LKV", "DHQK", "DHHV")
 # The head dim of each (B·NH, S, D) input.
 HEAD_DIM_OF = {"q": "DHQK", "k": "DHQK", "v": "DHHV", "dh": "DHHV"}
-# BlockSpec roles of the inputs: "tile": the program's L tile of the chunk; "chunk": the whole chunk; "start" /
-# "end": the state at the chunk's start (C_{k-1}, m_{k-1}) / end (dC_k, m_k). A (B·NH, S, D) input's columns are
-# the grid's head-dim tile where D is the grid's head dim, else all of D.
-ROLES = ("tile", "chunk", "start", "end")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +34,9 @@ class BwKernel:
     `body` takes one ref per entry of `reads`, then its output ref(s), and the keywords qk_scale, eps, precision
     and block_<walked tile> for each tile its grid does not cover (e.g. block_lkv, block_dhhv for dQ).
     `grid` = (head dim, L tile) of the grid's first two axes: the output tile is (L tile rows, head-dim tile
-    columns). `reads`: (input, role) pairs, inputs named as `prepare` names them, roles from ROLES. `row_dots`:
-    the body writes a second output, the float32 Σ_d x·dx of its tile's rows (x = q for dQ, k for dK).
+    columns). `reads`: (input, role) pairs, inputs named as `prepare` names them, roles as `BwLayout.in_spec`
+    reads them. `row_dots`: the body writes a second output, the float32 Σ_d x·dx of its tile's rows (x = q for
+    dQ, k for dK).
     """
 
     name: str  # the pallas_call's name, as upstream's kernel function
@@ -85,18 +82,22 @@ class BwLayout:
 
     @property
     def bnh(self) -> int:
+        """B·NH: batch times heads."""
         return self.batch * self.heads
 
     @property
     def num_chunks(self) -> int:
+        """Chunks per sequence."""
         return self.seq_len // self.chunk_size
 
     @property
     def dhqk_p(self) -> int:
+        """DHQK as the kernels run it (`common.padded_dim`)."""
         return common.padded_dim(self.dhqk)
 
     @property
     def dhhv_p(self) -> int:
+        """DHHV as the kernels run it (`common.padded_dim`)."""
         return common.padded_dim(self.dhhv)
 
     def dim(self, tile: str) -> int:
@@ -153,7 +154,10 @@ class BwLayout:
         return pl.BlockSpec((None, None, 1), lambda d, l, cb: (cb // self.num_chunks, cb % self.num_chunks + offset, 0))
 
     def in_spec(self, name: str, role: str, grid: tuple[str, str], tiles: dict[str, int]) -> pl.BlockSpec:
-        """The BlockSpec of input `name` (as `prepare` names it) read in `role` by a kernel of grid (head, L)."""
+        """The BlockSpec of input `name` (as `prepare` names it) read in `role` by a kernel of grid (head, L). Roles:
+        "tile", the program's L tile of the chunk; "chunk", the whole chunk; "start" / "end", the state at the
+        chunk's start (C_{k-1}, m_{k-1}) / end (dC_k, m_k). A (B·NH, S, D) input's columns are the grid's head-dim
+        tile where D is the grid's head dim, else all of D."""
         head, rows = grid
         if role in ("start", "end"):
             offset = 0 if role == "start" else 1

@@ -45,7 +45,7 @@ def _parallel_bw_dk_kernel(
 
     # inter-chunk: (V dC_kᵀ) ⊙ e^{a − m_k}, (bLKV, DHHV) @ (DHHV, bDHQK)
     dk = common.dot_nt_tiled(v_ref, kv_tile, dc_ref, pl.ds(0, dc_ref.shape[0]), dhhv, block_dhhv, precision)
-    dk = dk * jnp.exp(a_ref[...].astype(dtype) - m_next)[:, None]
+    dk = dk * jnp.exp(a_ref[...].astype(dtype) - m_next)[:, None]  # a: (bLKV,)
 
     def q_step(q_tile, dk):
         q_start = common.tile_start(q_tile, block_lq)

@@ -43,7 +43,7 @@ def _parallel_bw_dv_kernel(
 
     # inter-chunk: (K ⊙ e^{a − m_k}) dC_k, (bLKV, DHQK) @ (DHQK, bDHHV)
     dv = common.dot_nn_tiled(k_ref, kv_tile, dc_ref, dhqk, block_dhqk, precision)
-    dv = dv * jnp.exp(a_ref[...].astype(dtype) - m_next)[:, None]
+    dv = dv * jnp.exp(a_ref[...].astype(dtype) - m_next)[:, None]  # a: (bLKV,)
 
     def q_step(q_tile, dv):
         q_start = common.tile_start(q_tile, block_lq)

@@ -58,14 +58,14 @@ def _recurrent_bw_kernel(
         chunk = num_chunks - 1 - step
         m_prev = m_all_ref[chunk].astype(dtype)  # ()
         m_next = m_all_ref[chunk + 1].astype(dtype)  # ()
-        decay = jnp.exp(g_ref[chunk].astype(dtype) + m_prev - m_next)
+        decay = jnp.exp(g_ref[chunk].astype(dtype) + m_prev - m_next)  # g: ()
 
         def sub_tile_update(t):
             in_chunk = pl.ds(common.tile_start(t, sub_tile), sub_tile)
             rows = pl.ds(common.tile_start(chunk, chunk_size) + common.tile_start(t, sub_tile), sub_tile)
             # q̄ / (den + eps): the denominator of dH̄ folded into the query weights, (sL,)
             log_weight = b_ref[chunk, in_chunk].astype(dtype) + m_prev - m_ref[chunk, in_chunk].astype(dtype)
-            q_weight = qk_scale * jnp.exp(log_weight) / (den_ref[chunk, in_chunk].astype(dtype) + eps)
+            q_weight = qk_scale * jnp.exp(log_weight) / (den_ref[chunk, in_chunk].astype(dtype) + eps)  # den: (sL,)
             q = q_ref[rows, :]  # (sL, bDHQK)
             q_bar = (q.astype(dtype) * q_weight[:, None]).astype(q.dtype)
             dh = dh_ref[rows, :]  # (sL, bDHHV)

@@ -58,8 +58,8 @@ def _recurrent_fw_kernel(
     def chunk_step(chunk, carry):
         c, n, m = carry
         sca_g = g_ref[chunk].astype(dtype)  # ()
-        # m_k = max(g + m_{k-1}, max a, MIN_LOG_SCALE): from vecA (L,); the floor keeps an empty state finite
-        if tracks_max:
+        # m_k = max(g + m_{k-1}, max a, MIN_LOG_SCALE); the floor keeps an empty state finite
+        if tracks_max:  # a_ref[chunk]: (L,)
             m_next = jnp.maximum(jnp.maximum(sca_g + m, jnp.max(a_ref[chunk].astype(dtype))), MIN_LOG_SCALE)
         else:  # the sigmoid gate: m stays at its initial value
             m_next = m
@@ -70,7 +70,7 @@ def _recurrent_fw_kernel(
             rows = pl.ds(common.tile_start(chunk, chunk_size) + common.tile_start(t, sub_tile), sub_tile)
             k = k_ref[rows, :]  # (sL, bDHQK)
             v = v_ref[rows, :]  # (sL, bDHHV)
-            k_weighted = k.astype(dtype) * jnp.exp(a_ref[chunk, in_chunk].astype(dtype) - m_next)[:, None]
+            k_weighted = k.astype(dtype) * jnp.exp(a_ref[chunk, in_chunk].astype(dtype) - m_next)[:, None]  # a: (sL,)
             # (bDHQK, sL) @ (sL, bDHHV)
             return common.dot(k_weighted.astype(k.dtype), v, precision, trans_a=True), jnp.sum(k_weighted, axis=0)
 
