@@ -265,27 +265,29 @@ _PARALLEL_BW_LAUNCHER_DOC = """
 def parallel_bw_dQ(
     call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
 ):
-    g = _parallel_bw_common(
+    shared = _parallel_bw_common(
         call, matQ, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
     )
     k, v = chunked(matK, call.chunk_size), chunked(matV, call.chunk_size)
-    d_scores = _einsum("bhcle,bhcje->bhclj", g.dh_bar, v, matQ.dtype) * g.decay  # (B, NH, NC, L, L)
+    d_scores = _einsum("bhcle,bhcje->bhclj", shared.dh_bar, v, matQ.dtype) * shared.decay  # (B, NH, NC, L, L)
     dq = _einsum("bhclj,bhcjd->bhcld", d_scores, k, matQ.dtype)  # (B, NH, NC, L, DHQK)
-    dq += _einsum("bhcle,bhcde->bhcld", g.dh_bar * g.q_inter[..., None], g.c_prev, matQ.dtype)  # (B, NH, NC, L, DHQK)
-    dq = unchunked(dq * g.qk_scale)
+    # (B, NH, NC, L, DHQK)
+    dq += _einsum("bhcle,bhcde->bhcld", shared.dh_bar * shared.q_inter[..., None], shared.c_prev, matQ.dtype)
+    dq = unchunked(dq * shared.qk_scale)
     return _with_row_dots(dq, matQ, call.output_dtype)
 
 
 def parallel_bw_dK(
     call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
 ):
-    g = _parallel_bw_common(
+    shared = _parallel_bw_common(
         call, matQ, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
     )
     q, v = chunked(matQ, call.chunk_size), chunked(matV, call.chunk_size)
-    d_scores = _einsum("bhcle,bhcje->bhclj", g.dh_bar, v, matQ.dtype) * g.decay  # (B, NH, NC, L, L)
-    dk = _einsum("bhclj,bhcld->bhcjd", d_scores, q, matQ.dtype) * g.qk_scale  # (B, NH, NC, L, DHQK)
-    dk += _einsum("bhcje,bhcde->bhcjd", v, g.dc_next, matQ.dtype) * g.k_inter[..., None]  # (B, NH, NC, L, DHQK)
+    d_scores = _einsum("bhcle,bhcje->bhclj", shared.dh_bar, v, matQ.dtype) * shared.decay  # (B, NH, NC, L, L)
+    dk = _einsum("bhclj,bhcld->bhcjd", d_scores, q, matQ.dtype) * shared.qk_scale  # (B, NH, NC, L, DHQK)
+    # (B, NH, NC, L, DHQK)
+    dk += _einsum("bhcje,bhcde->bhcjd", v, shared.dc_next, matQ.dtype) * shared.k_inter[..., None]
     return _with_row_dots(unchunked(dk), matK, call.output_dtype)
 
 
@@ -293,14 +295,14 @@ def parallel_bw_dV(
     call: KernelCall, matQ, matK, matV, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
 ):
     del matV
-    g = _parallel_bw_common(
+    shared = _parallel_bw_common(
         call, matQ, vecI, chunk_gates, chunk_states, vecN_out, vecM_out, matDeltaH, matDeltaC_states
     )
     q, k = chunked(matQ, call.chunk_size), chunked(matK, call.chunk_size)
-    scores = _einsum("bhcld,bhcjd->bhclj", q, k, matQ.dtype) * g.qk_scale * g.decay  # (B, NH, NC, L, L)
-    dv = _einsum("bhclj,bhcle->bhcje", scores, g.dh_bar, matQ.dtype)  # (B, NH, NC, L, DHHV)
+    scores = _einsum("bhcld,bhcjd->bhclj", q, k, matQ.dtype) * shared.qk_scale * shared.decay  # (B, NH, NC, L, L)
+    dv = _einsum("bhclj,bhcle->bhcje", scores, shared.dh_bar, matQ.dtype)  # (B, NH, NC, L, DHHV)
     # (B, NH, NC, L, DHHV)
-    dv += _einsum("bhcjd,bhcde->bhcje", k.astype(scores.dtype) * g.k_inter[..., None], g.dc_next, matQ.dtype)
+    dv += _einsum("bhcjd,bhcde->bhcje", k.astype(scores.dtype) * shared.k_inter[..., None], shared.dc_next, matQ.dtype)
     return unchunked(dv).astype(call.output_dtype)
 
 

@@ -223,7 +223,7 @@ def launch(spec: BwKernel, call: KernelCall, arrays: BwArrays):
     eps, output_dtype, input_gate, launch, allow_tf32, interpret). Returns its (B, NH, S, D) output, padding
     removed (D: the grid's head dim), and with `spec.row_dots` the row dots (B, NH, S) float32, summed here over
     the head-dim tiles."""
-    layout, x = prepare(call, arrays)
+    layout, converted = prepare(call, arrays)
     triton_launch = common.triton_launch(call)
     tiles = layout.tiles(triton_launch, spec.defaults)
     head, rows = spec.grid
@@ -260,7 +260,7 @@ def launch(spec: BwKernel, call: KernelCall, arrays: BwArrays):
         ),
         interpret=call.interpret,
         name=spec.name,
-    )(*(x[name] for name, _ in spec.reads))
+    )(*(converted[name] for name, _ in spec.reads))
     out_dim = layout.dhqk if head == "DHQK" else layout.dhhv
     grad = outs[0][:, :, :out_dim].reshape(layout.batch, layout.heads, layout.seq_len, out_dim)
     if not spec.row_dots:
