@@ -117,8 +117,8 @@ def dot_nt_tiled(a_ref, a_rows, b_ref, b_rows, depth: int, block: int, precision
 
     def tile(t):
         cols = pl.ds(tile_start(t, block), block)
-        a = a_ref[a_rows, cols]  # (len(a_rows), block)
-        return dot(a, b_ref[b_rows, cols].astype(a.dtype), precision, trans_b=True)  # @ (len(b_rows), block)ᵀ
+        a = a_ref[a_rows, cols]  # (a_rows.size, block)
+        return dot(a, b_ref[b_rows, cols].astype(a.dtype), precision, trans_b=True)  # @ (b_rows.size, block)ᵀ
 
     init = jnp.zeros((a_rows.size, b_rows.size), states.acc_dtype(a_ref.dtype))
     return sum_over_tiles(depth // block, tile, init)
@@ -129,7 +129,7 @@ def dot_nn_tiled(a_ref, a_rows, b_ref, depth: int, block: int, precision) -> jax
 
     def tile(t):
         inner = pl.ds(tile_start(t, block), block)
-        a = a_ref[a_rows, inner]  # (len(a_rows), block)
+        a = a_ref[a_rows, inner]  # (a_rows.size, block)
         return dot(a, b_ref[inner, :].astype(a.dtype), precision)  # @ (block, b cols)
 
     init = jnp.zeros((a_rows.size, b_ref.shape[1]), states.acc_dtype(a_ref.dtype))
