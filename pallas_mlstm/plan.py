@@ -55,21 +55,40 @@ def validate_bool(name: str, value, allow_none: bool = False) -> bool | None:
     return bool(value)
 
 
-def validate_eps(eps, name: str = "eps") -> float:
-    """`eps` as a float: a finite non-negative real scalar (Python, NumPy or concrete JAX scalars)."""
-    if isinstance(eps, jax.core.Tracer):
+def _finite_real(name: str, value, rule: str) -> float:
+    """`value` as a float: a finite real scalar (Python, NumPy or concrete JAX); ValueError saying `rule` if not."""
+    if isinstance(value, jax.core.Tracer):
         raise ValueError(f"{name} must be a concrete number, not a traced value: pass a Python float.")
-    value = np.asarray(eps) if hasattr(eps, "dtype") or isinstance(eps, numbers.Number) else None
+    array = np.asarray(value) if hasattr(value, "dtype") or isinstance(value, numbers.Number) else None
     if (
-        value is None
-        or value.shape != ()
-        or value.dtype.kind not in "fiu"
-        or isinstance(eps, (bool, np.bool_))
-        or not math.isfinite(float(value))
-        or float(value) < 0
+        array is None
+        or array.shape != ()
+        or array.dtype.kind not in "fiu"
+        or isinstance(value, (bool, np.bool_))
+        or not math.isfinite(float(array))
     ):
-        raise ValueError(f"{name} must be a non-negative finite float (e.g. 1e-6); got {eps!r}.")
-    return float(value)
+        raise ValueError(f"{name} must be {rule}; got {value!r}.")
+    return float(array)
+
+
+def validate_eps(eps) -> float:
+    """`eps` as a float: a finite non-negative real scalar."""
+    rule = "a non-negative finite float (e.g. 1e-6)"
+    value = _finite_real("eps", eps, rule)
+    if value < 0:
+        raise ValueError(f"eps must be {rule}; got {eps!r}.")
+    return value
+
+
+def validate_qk_scale(qk_scale) -> float | None:
+    """`qk_scale` as a float: None (DHQK^-1/2) or a positive finite real scalar."""
+    if qk_scale is None:
+        return None
+    rule = "None (DHQK**-0.5) or a positive finite float"
+    value = _finite_real("qk_scale", qk_scale, rule)
+    if value <= 0:
+        raise ValueError(f"qk_scale must be {rule}; got {qk_scale!r}.")
+    return value
 
 
 def _static_int(name: str, value) -> int:

@@ -25,24 +25,38 @@ from pallas_mlstm.plan import (
     validate_bool,
     validate_chunk_size,
     validate_gate_options,
+    validate_qk_scale,
 )
 from pallas_mlstm.registry import get_backend
 from pallas_mlstm.states import States
-from pallas_mlstm.validation import validate_autocast_dtype, validate_mlstm_inputs
+from pallas_mlstm.validation import (
+    UPSTREAM_INPUT_NAMES,
+    validate_autocast_dtype,
+    validate_float_dtype,
+    validate_mlstm_inputs,
+    validate_operand_dtypes,
+    validate_optional_arrays,
+)
 
 
-def _upstream_plan(shape, cell: Cell, chunk_sizes, launch: dict, backend, qk_scale, allow_tf32, states_dtype) -> Plan:
-    """The plan of one `mlstm_chunkwise_fw` / `_bw` call on q of `shape`: chunk_sizes = (inter, intra), `launch`
-    upstream's flat launch fields."""
-    chosen = get_backend(backend)
+def _upstream_plan(inputs: Inputs, initial: States, cell: Cell, chunk_sizes, launch: dict, options: dict) -> Plan:
+    """The plan of one `mlstm_chunkwise_fw` / `_bw` call, after checking its inputs and initial states:
+    chunk_sizes = (inter, intra), `launch` upstream's flat launch fields, `options` backend, qk_scale, allow_tf32
+    and states_dtype."""
+    validate_mlstm_inputs(*inputs, *initial, names=UPSTREAM_INPUT_NAMES)
+    validate_operand_dtypes(inputs.q, inputs.k, inputs.v, UPSTREAM_INPUT_NAMES)
+    if not cell.tracks_max_state and initial.m is not None:
+        raise ValueError("scaM_initial is not a state of the sigmoid input gate: its states are (C, n); drop it.")
+    chosen = get_backend(options["backend"])
+    states_dtype = validate_float_dtype("states_dtype", options["states_dtype"], allow_none=True)
     return Plan(
         chosen,
         cell,
-        make_upstream_chunking(chosen, shape[2], *chunk_sizes),
+        make_upstream_chunking(chosen, inputs.q.shape[2], *chunk_sizes),
         launches_for(chosen, {name: value for name, value in launch.items() if value is not None}, {}),
-        states_dtype=None if states_dtype is None else jnp.dtype(states_dtype).name,
-        qk_scale=qk_scale,
-        allow_tf32=validate_bool("allow_tf32", allow_tf32),
+        states_dtype=None if states_dtype is None else states_dtype.name,
+        qk_scale=validate_qk_scale(options["qk_scale"]),
+        allow_tf32=validate_bool("allow_tf32", options["allow_tf32"]),
     )
 
 
@@ -97,19 +111,14 @@ def mlstm_chunkwise_fw(
         num_stages_intra=num_stages_intra,
         num_stages_inter=num_stages_inter,
     )
+    inputs, initial = Inputs(matQ, matK, matV, vecI, vecF), States(matC_initial, vecN_initial, scaM_initial)
+    options = dict(backend=backend, qk_scale=qk_scale, allow_tf32=allow_tf32, states_dtype=states_dtype)
     plan = _upstream_plan(
-        matQ.shape,
-        make_cell(input_gate, normalize, eps),
-        (chunk_size_inter, chunk_size_intra),
-        launch,
-        backend,
-        qk_scale,
-        allow_tf32,
-        states_dtype,
+        inputs, initial, make_cell(input_gate, normalize, eps), (chunk_size_inter, chunk_size_intra), launch, options
     )
-    h, saved, last = forward(
-        plan, Inputs(matQ, matK, matV, vecI, vecF), States(matC_initial, vecN_initial, scaM_initial), output_dtype
-    )
+    return_last_states = validate_bool("return_last_states", return_last_states)
+    return_all_states = validate_bool("return_all_states", return_all_states)
+    h, saved, last = forward(plan, inputs, initial, validate_float_dtype("output_dtype", output_dtype))
     last_states = tuple(last) if return_last_states else None
     all_states = tuple(saved.chunk_states) if return_all_states else None
     return h, saved.n_out, saved.m_out, last_states, all_states
@@ -174,23 +183,28 @@ def mlstm_chunkwise_bw(
         num_stages_intra=num_stages_intra,
         num_stages_inter=num_stages_inter,
     )
+    inputs, initial = Inputs(matQ, matK, matV, vecI, vecF), States(matC_initial, vecN_initial, scaM_initial)
+    options = dict(backend=backend, qk_scale=qk_scale, allow_tf32=allow_tf32, states_dtype=states_dtype)
     plan = _upstream_plan(
-        matQ.shape,
-        make_cell(input_gate, normalize, eps),
-        (chunk_size_inter, chunk_size_intra),
-        launch,
-        backend,
-        qk_scale,
-        allow_tf32,
-        states_dtype,
+        inputs, initial, make_cell(input_gate, normalize, eps), (chunk_size_inter, chunk_size_intra), launch, options
+    )
+    batch, heads, seq_len, dhqk = matQ.shape
+    dhhv = matV.shape[3]
+    validate_optional_arrays(
+        ("matDeltaH", matDeltaH, (batch, heads, seq_len, dhhv)),
+        ("vecN_out", vecN_out, (batch, heads, seq_len)),
+        ("vecM_out", vecM_out, (batch, heads, seq_len)),
+        ("matDeltaC_last", matDeltaC_last, (batch, heads, dhqk, dhhv)),
+        ("vecDeltaN_last", vecDeltaN_last, (batch, heads, dhqk)),
+        ("scaM_last_frame", scaM_last_frame, (batch, heads)),
     )
     given = (
         None if matC_all is None or vecN_all is None or scaM_all is None else ChunkStates(matC_all, vecN_all, scaM_all)
     )
     d_inputs, d_initial = backward(
         plan,
-        Inputs(matQ, matK, matV, vecI, vecF),
-        States(matC_initial, vecN_initial, scaM_initial),
+        inputs,
+        initial,
         ForwardOutputs(given, vecN_out, vecM_out),
         matDeltaH,
         States(matDeltaC_last, vecDeltaN_last),

@@ -24,42 +24,53 @@ def _check_float(name, x):
         )
 
 
-def validate_mlstm_inputs(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None):
-    """Checks ranks, shapes and dtypes of the mLSTM inputs; returns (B, NH, S, DHQK, DHHV)."""
-    for name, x in (("q", q), ("k", k), ("v", v), ("i", i), ("f", f)):
+MLSTM_INPUT_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
+# upstream's `mlstm_chunkwise_fw` / `_bw` names for the same arrays
+UPSTREAM_INPUT_NAMES = ("matQ", "matK", "matV", "vecI", "vecF", "matC_initial", "vecN_initial", "scaM_initial")
+
+
+def validate_mlstm_inputs(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, *, names=MLSTM_INPUT_NAMES):
+    """Checks ranks, shapes and dtypes of the mLSTM inputs, naming them as `names` does; returns (B, NH, S, DHQK,
+    DHHV)."""
+    nq, nk, nv, ni, nf, nc, nn, nm = names
+    for name, x in ((nq, q), (nk, k), (nv, v), (ni, i), (nf, f)):
         _check_float(name, x)
     if len(_shape_of(q)) != 4:
-        raise ValueError(f"q must have rank 4, (B, NH, S, DHQK); got shape {_shape_of(q)}.")
+        raise ValueError(f"{nq} must have rank 4, (B, NH, S, DHQK); got shape {_shape_of(q)}.")
     batch, heads, seq_len, dhqk = _shape_of(q)
     if _shape_of(k) != _shape_of(q):
-        raise ValueError(f"k must have the shape of q, {_shape_of(q)}; got {_shape_of(k)}.")
+        raise ValueError(f"{nk} must have the shape of {nq}, {_shape_of(q)}; got {_shape_of(k)}.")
     if len(_shape_of(v)) != 4 or _shape_of(v)[:3] != (batch, heads, seq_len):
         raise ValueError(
-            f"v must have shape (B, NH, S, DHHV) = ({batch}, {heads}, {seq_len}, DHHV); got {_shape_of(v)}."
+            f"{nv} must have shape (B, NH, S, DHHV) = ({batch}, {heads}, {seq_len}, DHHV); got {_shape_of(v)}."
         )
     dhhv = _shape_of(v)[3]
     if 0 in (seq_len, dhqk, dhhv):  # an empty batch or head axis is fine: the outputs are empty too
         raise ValueError(
-            f"q and v must have at least one step (S) and one element per head (DHQK, DHHV); got q {_shape_of(q)}, "
-            f"v {_shape_of(v)}."
+            f"{nq} and {nv} must have at least one step (S) and one element per head (DHQK, DHHV); got {nq} "
+            f"{_shape_of(q)}, {nv} {_shape_of(v)}."
         )
-    for name, gate in (("i", i), ("f", f)):
+    for name, gate in ((ni, i), (nf, f)):
         if _shape_of(gate) != (batch, heads, seq_len):
             raise ValueError(f"{name} must have shape (B, NH, S) = {(batch, heads, seq_len)}; got {_shape_of(gate)}.")
-    expected_states = (
-        ("c_initial", c_initial, (batch, heads, dhqk, dhhv)),
-        ("n_initial", n_initial, (batch, heads, dhqk)),
-        ("m_initial", m_initial, (batch, heads)),
+    validate_optional_arrays(
+        (nc, c_initial, (batch, heads, dhqk, dhhv)),
+        (nn, n_initial, (batch, heads, dhqk)),
+        (nm, m_initial, (batch, heads)),
     )
-    for name, state, shape in expected_states:
-        if state is None:
-            continue
-        _check_float(name, state)
-        if _shape_of(state) != shape:
-            raise ValueError(f"{name} must have shape {shape} (from q and v); got {_shape_of(state)}.")
     if (n_initial is not None or m_initial is not None) and c_initial is None:
-        raise ValueError("n_initial / m_initial were given without c_initial: pass c_initial too, or none of them.")
+        raise ValueError(f"{nn} / {nm} were given without {nc}: pass {nc} too, or none of them.")
     return batch, heads, seq_len, dhqk, dhhv
+
+
+def validate_optional_arrays(*expected) -> None:
+    """Checks each (name, array or None, shape) of `expected`: a given array is floating-point, of that shape."""
+    for name, x, shape in expected:
+        if x is None:
+            continue
+        _check_float(name, x)
+        if _shape_of(x) != shape:
+            raise ValueError(f"{name} must have shape {shape} (from q and v); got {_shape_of(x)}.")
 
 
 def validate_segment_ids(segment_ids, batch: int, seq_len: int) -> None:
@@ -74,16 +85,32 @@ def validate_segment_ids(segment_ids, batch: int, seq_len: int) -> None:
         )
 
 
-def validate_operand_dtypes(q, k, v) -> None:
+def validate_operand_dtypes(q, k, v, names=MLSTM_INPUT_NAMES) -> None:
     """Checks that q, k and v (the matmul operands) share a dtype."""
     if v.dtype != q.dtype or k.dtype != q.dtype:
         raise ValueError(
-            f"q, k and v must share a dtype (got {q.dtype}, {k.dtype}, {v.dtype}); cast them to one "
-            "(mlstm_chunkwise also takes autocast_kernel_dtype)."
+            f"{names[0]}, {names[1]} and {names[2]} must share a dtype (got {q.dtype}, {k.dtype}, {v.dtype}); cast "
+            "them to one (mlstm_chunkwise also takes autocast_kernel_dtype)."
         )
 
 
 _AUTOCAST_DTYPES = ("float16", "bfloat16", "float32")
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def validate_float_dtype(name: str, dtype, allow_none: bool = False):
+    """`dtype` (an output or state-buffer dtype) as a NumPy dtype: float16, bfloat16, float32 or float64; None
+    passes where `allow_none`."""
+    if dtype is None and allow_none:
+        return None
+    try:
+        checked = None if dtype is None else jnp.dtype(dtype)
+    except TypeError:
+        checked = None
+    if checked is None or checked.name not in _FLOAT_DTYPES:
+        choices = "float16, bfloat16, float32, float64" + (" or None" if allow_none else "")
+        raise ValueError(f"{name} must be a floating-point dtype ({choices}); got {dtype!r}.")
+    return checked
 
 
 def validate_autocast_dtype(dtype):

@@ -241,6 +241,75 @@ def test_fw_and_reference_validate_too():
         reference.mlstm_recurrent(q[0], k, v, i, f)
 
 
+# make(q, k, v, i, f, c, n, m) -> (args, kwargs) of a call of upstream's mlstm_chunkwise_fw and of _bw (with
+# matDeltaH); its arrays and options follow the op's rules, named as upstream names them
+BAD_UPSTREAM_CALLS = {
+    "matK shape": (lambda q, k, *a: ((q, k[:, :, :32], *a[:3]), {}), "matK must have the shape of matQ"),
+    "matC_initial shape": (lambda q, k, v, i, f, c, n, m: ((q, k, v, i, f, c[..., :3], n, m), {}), "matC_initial must"),
+    "vecN_initial alone": (lambda q, k, v, i, f, c, n, m: ((q, k, v, i, f, None, n), {}), "without matC_initial"),
+    "mixed dtypes": (lambda q, k, *a: ((q, k.astype(jnp.bfloat16), *a[:3]), {}), "matQ, matK and matV must share"),
+    "integer vecF": (lambda q, k, v, i, f, *_: ((q, k, v, i, f.astype(jnp.int32)), {}), "vecF must be a floating"),
+    "states_dtype": (lambda *a: (a[:5], dict(states_dtype=jnp.int8)), "states_dtype must be a floating-point dtype"),
+    **{
+        f"qk_scale={value!r}": (
+            lambda *a, value=value: (a[:5], dict(qk_scale=value)),
+            r"qk_scale must be None \(DHQK\*\*-0.5\) or a positive finite float",
+        )
+        for value in (-1.0, 0.0, float("nan"), "a", jnp.ones(2))
+    },
+    "allow_tf32": (lambda *a: (a[:5], dict(allow_tf32="no")), r"allow_tf32 must be a bool"),
+    "scaM_initial with sigmoid": (
+        lambda *a: (a, dict(input_gate="sigmoid")),
+        "scaM_initial is not a state of the sigmoid input gate",
+    ),
+}
+# the forward's own options, then the backward's own arrays
+BAD_UPSTREAM_FW_OPTIONS = {
+    "output_dtype": (dict(output_dtype=jnp.int32), "output_dtype must be a floating-point dtype"),
+    "return_last_states": (dict(return_last_states="no"), r"return_last_states must be a bool"),
+    "return_all_states": (dict(return_all_states=1), r"return_all_states must be a bool"),
+}
+BAD_UPSTREAM_BW_ARRAYS = {
+    "matDeltaH": lambda dh, q: dh[:, :, :32],
+    "vecN_out": lambda dh, q: q[..., 0, :],
+    "vecM_out": lambda dh, q: q[..., 0].astype(jnp.int32),
+    "matDeltaC_last": lambda dh, q: dh,
+    "vecDeltaN_last": lambda dh, q: q[..., 0],
+    "scaM_last_frame": lambda dh, q: q[..., 0],
+}
+
+
+@pytest.mark.parametrize("direction", ["fw", "bw"])
+@pytest.mark.parametrize("case", BAD_UPSTREAM_CALLS)
+def test_upstream_fw_and_bw_refuse_bad_inputs_naming_them(case, direction):
+    make_call, message = BAD_UPSTREAM_CALLS[case]
+    q, *rest = _good_inputs()
+    args, kwargs = make_call(q, *rest)
+    kwargs = dict(chunk_size_intra=16, backend="xla", **kwargs)
+    if direction == "bw":
+        kwargs["matDeltaH"] = jnp.ones(q.shape[:3] + (rest[1].shape[-1],), q.dtype)
+    function = pallas_mlstm.mlstm_chunkwise_fw if direction == "fw" else pallas_mlstm.mlstm_chunkwise_bw
+    with pytest.raises(ValueError, match=message):
+        function(*args, **kwargs)
+
+
+@pytest.mark.parametrize("case", BAD_UPSTREAM_FW_OPTIONS)
+def test_upstream_fw_refuses_bad_output_options(case):
+    options, message = BAD_UPSTREAM_FW_OPTIONS[case]
+    q, k, v, i, f, *_ = _good_inputs()
+    with pytest.raises(ValueError, match=message):
+        pallas_mlstm.mlstm_chunkwise_fw(q, k, v, i, f, chunk_size_intra=16, backend="xla", **options)
+
+
+@pytest.mark.parametrize("name", BAD_UPSTREAM_BW_ARRAYS)
+def test_upstream_bw_refuses_bad_gradient_and_output_arrays(name):
+    q, k, v, i, f, *_ = _good_inputs()
+    dh = jnp.ones(v.shape, v.dtype)
+    arrays = {"matDeltaH": dh, name: BAD_UPSTREAM_BW_ARRAYS[name](dh, q)}
+    with pytest.raises(ValueError, match=f"{name} must"):
+        pallas_mlstm.mlstm_chunkwise_bw(q, k, v, i, f, chunk_size_intra=16, backend="xla", **arrays)
+
+
 # make(q, k, v, i, f, c, n, m) of one token -> (args, kwargs) of a call of mlstm_recurrent_step
 BAD_STEPS = {
     "q rank": (lambda q, k, v, i, f, c, n, m: ((q[:, :, None], k, v, i, f, c, n, m), {}), "q must have shape"),
