@@ -61,20 +61,20 @@ def mlstm_chunkwise(
     q, k, v are cast to `autocast_kernel_dtype` when given (matmul operands); gates i, f and the initial states are
     cast to float32 (float64 when q is float64), whatever their dtype. `backend`: one of `pallas_mlstm.BACKENDS`
     ("triton" on a GPU, "mosaic" on a Hopper GPU, "interpret" / "mosaic_interpret" on the CPU, "xla" anywhere), or
-    None for triton on GPU and xla otherwise (with a tuned config's `kernel_backends`, e.g. a kernel in Mosaic
-    GPU on a Hopper card where `tune` found it faster). `config` defaults to
-    the tuned config of the card and shape (`pallas_mlstm.plan.resolve_config`). `chunk_size` overrides
-    `config.chunk_size`; without either, `pallas_mlstm.plan.padding_chunk_size`, halved until it divides a sequence
-    shard where S is split over Explicit mesh axes; a chunk longer than S rounded up to
-    a power of 2 is clamped to that (it would only add padding). Any S >= 1: S is padded up to a multiple of the
-    chunk size with steps that neither write nor decay the state (ĩ = −∞, f̃ = +∞), so h, the last states and all
-    gradients are those of the S steps given. `segment_ids` (B, S), an int array, packs documents: wherever the id
-    changes the state is reset before that token (f̃ = −∞ there), so each document sees only itself; an initial
-    state reaches the first document only, and the last states are the last document's. Returns h (B, NH, S, DHHV)
-    in q's dtype, or `(h, (c_last, n_last, m_last))` with `return_last_states`. Gradients hold the normaliser and
-    the max state constant (exact for the head-normalised outputs of an mLSTM block; docs/numerics.md); first-order
-    reverse mode only (jax.grad, jax.vjp), no jax.jvp / jax.jacfwd or second derivatives. A NaN in k or v at step t
-    makes h NaN from the start of t's chunk on, not from t (a chunk is one matmul; the recurrent step: from t).
+    None for triton on GPU and xla otherwise (with a tuned config's `kernel_backends`, e.g. a kernel in Mosaic GPU on
+    a Hopper card where `tune` found it faster). `config` defaults to the tuned config of the card and shape
+    (`pallas_mlstm.plan.resolve_config`). `chunk_size` overrides `config.chunk_size`; without either,
+    `pallas_mlstm.plan.padding_chunk_size`; where S is split over Explicit mesh axes and `chunk_size` is not given,
+    the config's or the default chunk is halved until it divides a sequence shard; a chunk longer than S rounded up to
+    a power of 2 is clamped to that (it would only add padding). Any S >= 1: S is padded up to a multiple of the chunk
+    size with steps that neither write nor decay the state (ĩ = −∞, f̃ = +∞), so h, the last states and all gradients
+    are those of the S steps given. `segment_ids` (B, S), an int array, packs documents: wherever the id changes the
+    state is reset before that token (f̃ = −∞ there), so each document sees only itself; an initial state reaches the
+    first document only, and the last states are the last document's. Returns h (B, NH, S, DHHV) in q's dtype, or `(h,
+    (c_last, n_last, m_last))` with `return_last_states`. Gradients hold the normaliser and the max state constant
+    (exact for the head-normalised outputs of an mLSTM block; docs/numerics.md); first-order reverse mode only
+    (jax.grad, jax.vjp), no jax.jvp / jax.jacfwd or second derivatives. A NaN in k or v at step t makes h NaN from the
+    start of t's chunk on, not from t (a chunk is one matmul; the recurrent step: from t).
 
     `input_gate` picks the cell: "exponential" (mLSTMexp, the xLSTM default: input gate e^ĩ, states (C, n, m) with
     the max state m) or "sigmoid" (mLSTMsig of the TFLA paper: input gate σ(ĩ), states (C, n), bounded, no max

@@ -14,21 +14,15 @@ import os
 import pathlib
 from collections.abc import Callable
 
+from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS
+
+# The launch rules of upstream's flat fields, which are Triton launches (pallas_triton.launch.TritonLaunch shares them)
+NUM_WARPS = (1, 2, 4, 8, 16, 32)
+MIN_TILE = 16  # Triton's dot needs every side >= 16
 _TILE_FIELDS = ("siz_b_L_parallel", "siz_b_L_loop", "siz_b_DH_parallel", "siz_b_DH_loop")
 _WARP_FIELDS = ("num_warps_intra", "num_warps_inter")
 _STAGE_FIELDS = ("num_stages_intra", "num_stages_inter")
-_NUM_WARPS = (1, 2, 4, 8, 16, 32)
 _ENTRY_FIELDS = ("kernels", "kernel_backends")  # per-kernel mappings, not launch fields
-_MIN_TILE = 16  # Triton's dot needs every side >= 16 (pallas_triton.common.MIN_TILE)
-# The kernels a per-kernel launch entry may name (pallas_mlstm.kernel_call.CHUNKWISE_KERNELS).
-_KERNELS = (
-    "recurrent_fw_C",
-    "parallel_fw_Hintra",
-    "recurrent_bw_dC",
-    "parallel_bw_dQ",
-    "parallel_bw_dK",
-    "parallel_bw_dV",
-)
 
 
 def _is_power_of_2(value: int) -> bool:
@@ -88,10 +82,10 @@ class ChunkwiseConfig:
             object.__setattr__(self, field.name, value)  # NumPy integers -> int, so configs hash and dump alike
             if field.name == "chunk_size" and not _is_power_of_2(value):
                 raise ValueError(f"{name} must be a power of 2 >= 1 (e.g. 64, 128); got {value}.")
-            if field.name in _TILE_FIELDS and not (value >= _MIN_TILE and _is_power_of_2(value)):
-                raise ValueError(f"{name} must be a power of 2 >= {_MIN_TILE} (e.g. 32, 64, 128); got {value}.")
-            if field.name in _WARP_FIELDS and value not in _NUM_WARPS:
-                raise ValueError(f"{name} must be one of {', '.join(map(str, _NUM_WARPS))}; got {value}.")
+            if field.name in _TILE_FIELDS and not (value >= MIN_TILE and _is_power_of_2(value)):
+                raise ValueError(f"{name} must be a power of 2 >= {MIN_TILE} (e.g. 32, 64, 128); got {value}.")
+            if field.name in _WARP_FIELDS and value not in NUM_WARPS:
+                raise ValueError(f"{name} must be one of {', '.join(map(str, NUM_WARPS))}; got {value}.")
             if field.name in _STAGE_FIELDS and value < 1:
                 raise ValueError(f"{name} must be an int >= 1; got {value}.")
 
@@ -122,8 +116,10 @@ def _kernel_entries(kernels) -> tuple:
     items = kernels.items() if isinstance(kernels, dict) else kernels
     entries = []
     for kernel, fields in items:
-        if kernel not in _KERNELS:
-            raise ValueError(f"ChunkwiseConfig.kernels names an unknown kernel {kernel!r}: use one of {_KERNELS}.")
+        if kernel not in CHUNKWISE_KERNELS:
+            raise ValueError(
+                f"ChunkwiseConfig.kernels names an unknown kernel {kernel!r}: use one of {CHUNKWISE_KERNELS}."
+            )
         if dataclasses.is_dataclass(fields):
             fields = dataclasses.asdict(fields)
         fields = dict(fields)
@@ -147,9 +143,9 @@ def _kernel_backend_entries(kernel_backends) -> tuple:
         raise ValueError(f"ChunkwiseConfig.kernel_backends names a kernel twice: {kernels}.")
     entries = []
     for kernel, backend in items:
-        if kernel not in _KERNELS:
+        if kernel not in CHUNKWISE_KERNELS:
             raise ValueError(
-                f"ChunkwiseConfig.kernel_backends names an unknown kernel {kernel!r}: use one of {_KERNELS}."
+                f"ChunkwiseConfig.kernel_backends names an unknown kernel {kernel!r}: use one of {CHUNKWISE_KERNELS}."
             )
         if not isinstance(backend, str):
             raise ValueError(

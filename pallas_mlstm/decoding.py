@@ -65,12 +65,12 @@ def mlstm_recurrent_step(
     jax.lax.scan / flax nn.scan over a stack of layers.
     """
     cell = make_cell(input_gate, normalize, eps)
-    if input_gate == "exponential" and m is None:
+    if cell.tracks_max_state and m is None:
         raise ValueError(
             "m (the max state, (B, NH) or (B, NH, 1)) is required with the exponential input gate: "
             "pass the m that mlstm_chunkwise(..., return_last_states=True) or the previous step returned."
         )
-    if input_gate == "sigmoid" and m is not None:
+    if not cell.tracks_max_state and m is not None:
         raise ValueError("m is not a state of the sigmoid input gate: its states are (c, n); drop m.")
     chosen = get_backend(backend)
     shape = lambda x: tuple(getattr(x, "shape", ()))
@@ -101,6 +101,6 @@ def mlstm_recurrent_step(
         chunk_size=1, eps=cell.eps, input_gate=cell.input_gate, normalize=cell.normalize, interpret=chosen.interpret
     )  # one step: a chunk of 1
     h, (c, n, m) = _differentiable_step(chosen.kernels.recurrent_step, call, q, k, v, i, f, *states)
-    if input_gate == "sigmoid":
+    if not cell.tracks_max_state:
         return h, (c, n)
     return h, (c, n, m.reshape(m_shape))

@@ -75,12 +75,6 @@ def chunkwise_log_gates(vecI: jax.Array, vecF: jax.Array, chunk_size: int, input
     return vecB, vecA
 
 
-def compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk_size, return_vecB_only=False, *, input_gate="exponential"):
-    """Transitional alias of `chunkwise_log_gates` for the kernels; the public helper is pallas_mlstm.upstream's."""
-    vecB, vecA = chunkwise_log_gates(vecI, vecF, chunk_size, input_gate)
-    return vecB if return_vecB_only else (vecB, vecA)
-
-
 def compute_chunkwise_reset_gates(
     vecF: jax.Array, chunk_size: int, reset_dtype: jnp.dtype = jnp.int32
 ) -> tuple[jax.Array, jax.Array]:

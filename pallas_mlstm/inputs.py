@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 
-def _axes(entry) -> tuple[str, ...]:
+def spec_axes(entry) -> tuple[str, ...]:
     """The mesh axes one PartitionSpec entry names."""
     if entry is None:
         return ()
@@ -22,7 +22,7 @@ def explicit_sharding(x: jax.Array) -> NamedSharding | None:
     if mesh is None or mesh.empty:
         return None
     explicit = {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Explicit}
-    if not any(set(_axes(entry)) & explicit for entry in sharding.spec):
+    if not any(set(spec_axes(entry)) & explicit for entry in sharding.spec):
         return None
     return sharding
 
@@ -35,7 +35,7 @@ def sequence_shards(x: jax.Array) -> int:
         return 1
     sizes = dict(sharding.mesh.shape)
     count = 1
-    for axis in _axes(sharding.spec[2]):
+    for axis in spec_axes(sharding.spec[2]):
         count *= sizes[axis]
     return count
 

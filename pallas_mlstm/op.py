@@ -87,18 +87,10 @@ def chunkwise_backward(plan: Plan, residuals: Residuals, cotangents, last_frame=
     return _first_order_backward(plan, residuals, cotangents, last_frame)
 
 
-def _vjp_forward(plan: Plan, inputs: Inputs, initial: States):
-    return chunkwise_forward(plan, inputs, initial)
-
-
-def _vjp_backward(plan: Plan, residuals: Residuals, cotangents):
-    return chunkwise_backward(plan, residuals, cotangents)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def run_chunkwise(plan: Plan, inputs: Inputs, initial: States):
     """The differentiable chunkwise mLSTM for validated inputs under `plan`."""
     return chunkwise_forward(plan, inputs, initial)[0]
 
 
-run_chunkwise.defvjp(first_order_only(_vjp_forward), _vjp_backward)
+run_chunkwise.defvjp(first_order_only(chunkwise_forward), chunkwise_backward)

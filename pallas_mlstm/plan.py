@@ -1,8 +1,9 @@
 """One call's plan: every non-array choice of a chunkwise mLSTM call, resolved and validated in one place.
 
-`make_plan` checks the options of `mlstm_chunkwise` and of upstream's `mlstm_chunkwise_fw` / `_bw` (ValueErrors
-that name the argument and the fix) and returns a frozen, hashable `Plan`: the cell, the chunking, the
-backend and a launch config per kernel. Everything below the API takes the plan and checks nothing again.
+The rules here check the options of `mlstm_chunkwise` (pallas_mlstm/api.py) and of upstream's `mlstm_chunkwise_fw`
+/ `_bw` (pallas_mlstm/upstream.py), ValueErrors that name the argument and the fix; each entry point builds from them
+a frozen, hashable `Plan`: the cell, the chunking, the backend and a launch config per kernel. Everything below the
+entry points takes the plan and checks nothing again.
 The defaults of the chunk size (`padding_chunk_size`, `default_chunk_size`) and of the segment length
 (`default_segment_len`) are owned here.
 """
@@ -22,6 +23,7 @@ import numpy as np
 from pallas_mlstm.backend import Backend
 from pallas_mlstm.config import ChunkwiseConfig, like_cards_configs, tuned_config
 from pallas_mlstm.device import DeviceProperties, device_properties
+from pallas_mlstm.gates import tracks_max_state
 from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS, KernelCall
 
 INPUT_GATES = ("exponential", "sigmoid")
@@ -214,9 +216,8 @@ class Cell:
 
     @property
     def tracks_max_state(self) -> bool:
-        """Whether the kernels track the max state m. The sigmoid gate's log weights are all <= 0, so its
-        states are bounded and need no stabiliser: m stays at its initial value (0 when none is given)."""
-        return self.input_gate == "exponential"
+        """Whether the kernels track the max state m (`pallas_mlstm.gates.tracks_max_state`)."""
+        return tracks_max_state(self.input_gate)
 
     @property
     def denominator_eps(self) -> float:
@@ -239,7 +240,8 @@ class Chunking:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Every non-array choice of one call, validated (`make_plan`): hashable, a static of jit and custom_vjp."""
+    """Every non-array choice of one call, validated by the entry point that builds it with this module's rules:
+    hashable, a static of jit and custom_vjp."""
 
     backend: Backend
     cell: Cell
@@ -360,8 +362,9 @@ def make_chunking(
 ) -> tuple[Chunking, int]:
     """`mlstm_chunkwise`'s chunking and the length S is padded to: `chunk_size`, else the config's, else
     `padding_chunk_size`; clamped to S rounded up to a power of 2 (a longer chunk would only pad). With S split
-    into `sequence_shards` pieces (known when tracing) and no chunk_size given, the default is halved until it
-    divides a piece (a sequence shard is never padded), while it stays at least the backend's smallest chunk."""
+    into `sequence_shards` pieces (known when tracing) and no `chunk_size` argument, the config's chunk (tuned or
+    given) or the default is halved until it divides a piece (a sequence shard is never padded), while it stays at
+    least the backend's smallest chunk; a `chunk_size` argument is kept as given."""
     given = chunk_size
     chunk_size = config.chunk_size if chunk_size is None else chunk_size
     if chunk_size is None:

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_mlstm import context_parallel
 from pallas_mlstm.chunkwise import Inputs
-from pallas_mlstm.inputs import explicit_sharding
+from pallas_mlstm.inputs import explicit_sharding, spec_axes
 from pallas_mlstm.op import Residuals, chunkwise_backward, chunkwise_forward, first_order_only, run_chunkwise
 from pallas_mlstm.plan import Plan
 from pallas_mlstm.segments import segment_len_of
@@ -60,18 +60,12 @@ class _Placement:
         return P(*lead, *(None,) * (rank - len(lead)))
 
 
-def _axes(entry) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _placement(plan: Plan, spec, axis_sizes: dict[str, int], q_shape, explicit: bool) -> _Placement:
     """The placement that q's sharding asks for; ValueError when the shapes do not split evenly, or when chunk
     states are to be kept on a sequence shard of Auto mesh axes (`explicit` False): their global shape would
     depend on the shard count, which is unknown when the program is traced."""
     spec = tuple(spec) + (None,) * (3 - len(tuple(spec)))
-    batch, heads, seq = (_axes(spec[dim]) for dim in range(3))
+    batch, heads, seq = (spec_axes(spec[dim]) for dim in range(3))
     shards = [math.prod(axis_sizes[a] for a in axes) for axes in (batch, heads, seq)]
     for dim, (name, count) in enumerate(zip(("batch B", "heads NH", "sequence S"), shards)):
         if q_shape[dim] % count:
@@ -182,7 +176,7 @@ def _bwd_body(plan: Plan, present, placement, *arrays):
     if m_last is not None:
         frame = jnp.where(me == placement.seq_shards - 1, m_last.astype(frame.dtype), frame)
     start_gradient = context_parallel.shard_start_state_gradient(
-        q, f, n_out, m_out, dh, q.shape[-1] ** -0.5, plan.cell.denominator_eps
+        q, f, n_out, m_out, dh, plan.call("parallel_bw_dQ").scale_for(q.shape[-1]), plan.cell.denominator_eps
     )
     d_end = context_parallel.outgoing_state_gradients(
         placement.seq,

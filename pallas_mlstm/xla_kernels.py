@@ -31,7 +31,7 @@ from pallas_mlstm.gates import (
     chunk_log_forget,
     chunk_max_state,
     chunked,
-    compute_chunkwise_log_gates_vecB_vecA,
+    chunkwise_log_gates,
     compute_chunkwise_reset_gates,
     compute_chunkwise_vecB,
     compute_chunkwise_vecM,
@@ -79,7 +79,7 @@ def recurrent_fw_C(call: KernelCall, matK, matV, vecF, vecI, matC_initial, vecN_
     dhhv = matV.shape[-1]
     chunk_size = call.chunk_size * call.save_states_every_nth_chunk
     dtype = acc_dtype(matK.dtype)
-    _, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk_size, input_gate=call.input_gate)
+    _, vecA = chunkwise_log_gates(vecI, vecF, chunk_size, call.input_gate)
     tracks_max = tracks_max_state(call.input_gate)
     scaG = jnp.sum(chunk_log_forget(vecF, chunk_size), axis=-1)  # (B, NH, NC)
 

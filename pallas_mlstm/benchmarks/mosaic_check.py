@@ -416,6 +416,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
+    """Runs the checks and timings the flags ask for (`--help` lists them)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the rows to this JSON file")
     parser.add_argument("--calls", type=int, default=20, help="calls per launcher and round, back to back")
@@ -450,9 +451,11 @@ def main(argv=None) -> None:
     for flag in ("calls", "rounds"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1; got {getattr(args, flag)}")
-    unknown_ops = [mode for mode in filter(None, args.ops.split(",")) if mode not in OP_MODES]
-    if unknown_ops:
-        parser.error(f"--ops takes {', '.join(OP_MODES)}; got {', '.join(unknown_ops)}")
+    named = (("ops", OP_MODES), ("kernels", KERNELS), ("shapes", SHAPES), ("cases", CASES), ("cells", CELLS))
+    for flag, known in named:
+        unknown = [name for name in filter(None, getattr(args, flag).split(",")) if name not in known]
+        if unknown:
+            parser.error(f"--{flag} takes {', '.join(known)}; got {', '.join(unknown)}")
     chunk_names = {"default": None, **{str(chunk): chunk for chunk in mosaic_common.CHUNK_SIZES}}
     op_chunks = [item.strip() for item in args.op_chunks.split(",")]
     if not all(item in chunk_names for item in op_chunks):

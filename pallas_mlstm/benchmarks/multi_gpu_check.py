@@ -264,6 +264,7 @@ def longest_sequence(devices, backend: str = "triton") -> list[dict]:
 
 
 def main() -> None:
+    """Runs the multi-GPU checks and timings the flags ask for (`--help` lists them)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip_timing", action="store_true", help="skip the timing")
     parser.add_argument("--skip_length", action="store_true", help="skip the longest-sequence search")

@@ -45,7 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_mlstm.device import device_properties
-from pallas_mlstm.gates import chunk_max_states, compute_chunkwise_log_gates_vecB_vecA, tracks_max_state
+from pallas_mlstm.gates import chunk_max_states, chunkwise_log_gates, tracks_max_state
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common
 from pallas_mlstm.mosaic_gpu.common import ROWS
@@ -262,7 +262,7 @@ def _kernel(
 def _step_gates(call: KernelCall, vecF, vecI, scaM_initial, chunk: int, step_rows: int):
     """`ring_gates` of e^{a − m_k} and the chunks' decays d_k, and the m states (B, NH, NC+1)."""
     dtype = jnp.float32
-    vecB, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk, input_gate=call.input_gate)
+    vecB, vecA = chunkwise_log_gates(vecI, vecF, chunk, call.input_gate)
     vecA, scaG = vecA.astype(dtype), vecB[..., -1].astype(dtype)  # (B, NH, NC, L), (B, NH, NC)
     m_initial = jnp.zeros(scaG.shape[:2], dtype) if scaM_initial is None else scaM_initial.astype(dtype)
     if tracks_max_state(call.input_gate):

@@ -10,8 +10,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
-NUM_WARPS = (1, 2, 4, 8, 16, 32)
-MIN_TILE = 16  # Triton's dot needs every side >= 16
+from pallas_mlstm.config import MIN_TILE, NUM_WARPS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ from jax.experimental import pallas as pl
 
 from pallas_mlstm import plan  # plan.validate_*, looked up at call time: plan may import this package
 from pallas_mlstm.device import device_properties
-from pallas_mlstm.gates import MIN_LOG_SCALE, compute_chunkwise_log_gates_vecB_vecA, tracks_max_state
+from pallas_mlstm.gates import MIN_LOG_SCALE, chunkwise_log_gates, tracks_max_state
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.pallas_triton import common, launch_defaults
 from pallas_mlstm.pallas_triton.launch import TritonLaunch
@@ -105,7 +105,7 @@ def recurrent_fw_C(call: KernelCall, matK, matV, vecF, vecI, matC_initial, vecN_
     c_dtype = state_dtype if call.states_dtype is None else jnp.dtype(call.states_dtype)
     writes_last = c_dtype != state_dtype
 
-    vecB, vecA = compute_chunkwise_log_gates_vecB_vecA(vecI, vecF, chunk_size, input_gate=call.input_gate)
+    vecB, vecA = chunkwise_log_gates(vecI, vecF, chunk_size, call.input_gate)
     k = common.pad_axis(matK.reshape(bnh, seq_len, dhqk), 2, dhqk_p)
     v = common.pad_axis(matV.reshape(bnh, seq_len, dhhv), 2, dhhv_p)
     inputs = [k, v, vecA.reshape(bnh, num_chunks, chunk_size), vecB[..., -1].reshape(bnh, num_chunks)]
