@@ -28,6 +28,11 @@ class DeviceProperties:
     core_count: int | None = None  # streaming multiprocessors
 
     @property
+    def capability_text(self) -> str | None:
+        """The compute capability as the tuned configs write it ("9.0"), None off a CUDA GPU."""
+        return None if self.compute_capability is None else "{}.{}".format(*self.compute_capability)
+
+    @property
     def shared_memory_kib(self) -> int | None:
         """Shared memory per thread block in KiB (None off a CUDA GPU)."""
         if self.compute_capability is None:

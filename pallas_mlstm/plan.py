@@ -210,9 +210,9 @@ class Cell:
     """The recurrent cell: its input gate ("exponential": mLSTMexp, states (C, n, m); "sigmoid": mLSTMsig,
     states (C, n)), whether h is normalised, and the denominator's eps."""
 
-    input_gate: str = "exponential"
-    normalize: bool = True
-    eps: float = 1e-6
+    input_gate: str
+    normalize: bool
+    eps: float
 
     @property
     def tracks_max_state(self) -> bool:
@@ -327,7 +327,7 @@ def tuned_config_for(
         seq_len,
         dhqk,
         dhhv,
-        compute_capability=_capability(properties),
+        compute_capability=properties.capability_text,
         core_count=properties.core_count,
         usable=usable,
     )
@@ -341,14 +341,9 @@ def like_cards_configs_for(properties: DeviceProperties, seq_len, dhqk, dhhv) ->
         seq_len,
         dhqk,
         dhhv,
-        compute_capability=_capability(properties),
+        compute_capability=properties.capability_text,
         core_count=properties.core_count,
     )
-
-
-def _capability(properties: DeviceProperties) -> str | None:
-    """The card's compute capability as the tuned files write it ("9.0"), None if unknown."""
-    return None if properties.compute_capability is None else "{}.{}".format(*properties.compute_capability)
 
 
 def make_chunking(

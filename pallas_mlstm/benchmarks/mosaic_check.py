@@ -45,12 +45,11 @@ from pallas_mlstm import accuracy, pallas_triton, xla_kernels
 from pallas_mlstm.benchmarks import impls, runner, timing
 from pallas_mlstm.benchmarks.kernel_times import kernel_cases
 from pallas_mlstm.benchmarks.shapes import SHAPES, Shape
-from pallas_mlstm.config import tuned_config
 from pallas_mlstm.device import device_properties
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common as mosaic_common
 from pallas_mlstm.mosaic_gpu import parallel_bw, parallel_bw_sliced, parallel_fw, recurrent_fw
-from pallas_mlstm.plan import default_chunk_size
+from pallas_mlstm.plan import default_chunk_size, tuned_config_for
 
 CELLS = {"exponential": ("exponential", True), "sigmoid": ("sigmoid", True), "sigmoid-unnormalised": ("sigmoid", False)}
 # (B, NH, S, DHQK, DHHV, chunk): one warpgroup; 7B widths; two warpgroups, two query and two DHHV tiles; padded DHQK.
@@ -197,10 +196,7 @@ def _tiles(dhqk: int, dhhv: int, chunk: int, dtype, kernel: str = "parallel_fw_H
 def _timed_chunk(shape: Shape, kernel: str) -> tuple[int, dict]:
     """The card's tuned chunk size for this shape and the Triton launch of `kernel` tuned with it (none tuned: the
     default chunk and the kernel's default launch)."""
-    props = device_properties()
-    capability = None if props.compute_capability is None else ".".join(map(str, props.compute_capability))
-    dims = shape.dims()
-    config = tuned_config(props.device_kind, **dims, compute_capability=capability, core_count=props.core_count)
+    config = tuned_config_for(device_properties(), *shape.dims().values())
     if config is None or config.chunk_size is None:
         return default_chunk_size(shape.S), {}
     return config.chunk_size, config.kernel_launches().get(kernel, {})

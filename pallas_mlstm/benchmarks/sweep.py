@@ -388,7 +388,7 @@ def card_properties() -> dict | None:
     properties = device_properties()
     if properties.compute_capability is None or properties.core_count is None:
         return None
-    return {"compute_capability": "{}.{}".format(*properties.compute_capability), "core_count": properties.core_count}
+    return {"compute_capability": properties.capability_text, "core_count": properties.core_count}
 
 
 def write_tuned_entry(path: str, device_kind: str, key: str, entry: dict, card: dict | None = None) -> None:
