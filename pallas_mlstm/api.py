@@ -11,7 +11,15 @@ from pallas_mlstm.chunkwise import Inputs
 from pallas_mlstm.config import ChunkwiseConfig
 from pallas_mlstm.inputs import pad_steps, reset_at_document_starts, sequence_shards
 from pallas_mlstm.op import HIGHER_ORDER_MESSAGE
-from pallas_mlstm.plan import Plan, launches_for, make_cell, make_chunking, resolve_config, validate_bool
+from pallas_mlstm.plan import (
+    Plan,
+    launches_for,
+    make_cell,
+    make_chunking,
+    resolve_config,
+    validate_bool,
+    validate_max_state,
+)
 from pallas_mlstm.registry import get_backend, runs_tuned_kernels, with_kernel_backends
 from pallas_mlstm.sharding import run_partitioned
 from pallas_mlstm.states import States, acc_dtype, state_buffer_dtype
@@ -98,12 +106,7 @@ def mlstm_chunkwise(
     """
     batch, heads, seq_len, dhqk, dhhv = validate_mlstm_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
     cell = make_cell(input_gate, normalize, eps)
-    if not cell.tracks_max_state and m_initial is not None:
-        raise ValueError(
-            "m_initial is not a state of the sigmoid input gate: its states are (C, n), bounded and "
-            "unstabilised; drop m_initial (fold e^m into c_initial and n_initial if it came from "
-            "an exponential-gate run)."
-        )
+    validate_max_state(cell, m_initial, "m_initial")
     chosen = get_backend(backend)
     out_dtype = q.dtype
     if validate_autocast_dtype(autocast_kernel_dtype) is not None:

@@ -8,19 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_mlstm.kernel_call import KernelCall
-from pallas_mlstm.plan import make_cell
+from pallas_mlstm.plan import make_cell, validate_max_state
 from pallas_mlstm.registry import get_backend, registered
-from pallas_mlstm.validation import validate_operand_dtypes
-
-
-def _gate(name: str, x, batch: int, heads: int):
-    """A gate or m state given as (B, NH) or upstream's (B, NH, 1), as (B, NH)."""
-    shape = tuple(getattr(x, "shape", ()))
-    if shape not in ((batch, heads), (batch, heads, 1)):
-        raise ValueError(f"{name} must have shape (B, NH) = {(batch, heads)} or (B, NH, 1); got {shape}.")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating-point array; got dtype {x.dtype}.")
-    return x.reshape(batch, heads)
+from pallas_mlstm.validation import validate_step_gate, validate_step_inputs
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -65,37 +55,13 @@ def mlstm_recurrent_step(
     jax.lax.scan / flax nn.scan over a stack of layers.
     """
     cell = make_cell(input_gate, normalize, eps)
-    if cell.tracks_max_state and m is None:
-        raise ValueError(
-            "m (the max state, (B, NH) or (B, NH, 1)) is required with the exponential input gate: "
-            "pass the m that mlstm_chunkwise(..., return_last_states=True) or the previous step returned."
-        )
-    if not cell.tracks_max_state and m is not None:
-        raise ValueError("m is not a state of the sigmoid input gate: its states are (c, n); drop m.")
+    validate_max_state(cell, m, "m", required=True)
     chosen = get_backend(backend)
-    shape = lambda x: tuple(getattr(x, "shape", ()))
-    if len(shape(q)) != 3:
-        raise ValueError(f"q must have shape (B, NH, DHQK) for one token; got {shape(q)}.")
-    batch, heads, dhqk = shape(q)
-    if shape(k) != shape(q):
-        raise ValueError(f"k must have the shape of q, {shape(q)}; got {shape(k)}.")
-    if len(shape(v)) != 3 or shape(v)[:2] != (batch, heads):
-        raise ValueError(f"v must have shape (B, NH, DHHV) = ({batch}, {heads}, DHHV); got {shape(v)}.")
-    dhhv = shape(v)[2]
-    for name, x, expected in (("c", c, (batch, heads, dhqk, dhhv)), ("n", n, (batch, heads, dhqk))):
-        if shape(x) != expected:
-            raise ValueError(
-                f"{name} must have shape {expected} (from q and v); got {shape(x)}: pass the states "
-                "mlstm_chunkwise(..., return_last_states=True) or the previous step returned."
-            )
-    for name, x in (("q", q), ("k", k), ("v", v), ("c", c), ("n", n)):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{name} must be a floating-point array; got dtype {x.dtype}.")
-    validate_operand_dtypes(q, k, v)
+    batch, heads, _, _ = validate_step_inputs(q, k, v, c, n)
     if m is None:  # the sigmoid gate: its kernels keep m at 0
         m = jnp.zeros((batch, heads), jnp.float32)
-    m_shape = shape(m)
-    i, f, m = (_gate(name, x, batch, heads) for name, x in (("i", i), ("f", f), ("m", m)))
+    m_shape = tuple(getattr(m, "shape", ()))
+    i, f, m = (validate_step_gate(name, x, batch, heads) for name, x in (("i", i), ("f", f), ("m", m)))
     states = tuple(x.astype(jnp.float32) for x in (c, n, m))
     call = KernelCall(
         chunk_size=1, eps=cell.eps, input_gate=cell.input_gate, normalize=cell.normalize, interpret=chosen.interpret

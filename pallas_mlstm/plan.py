@@ -282,6 +282,21 @@ def launches_for(backend: Backend, flat: dict, per_kernel: dict) -> tuple[tuple[
     return tuple((kernel, backend.launch(kernel, flat, per_kernel.get(kernel))) for kernel in CHUNKWISE_KERNELS)
 
 
+def validate_max_state(cell: Cell, m, name: str, required: bool = False) -> None:
+    """The max state `m` (named `name`) against the cell: never with the sigmoid gate, whose states are (C, n);
+    given where `required` with the exponential gate (a decoding step continues from it)."""
+    if not cell.tracks_max_state and m is not None:
+        raise ValueError(
+            f"{name} is not a state of the sigmoid input gate: its states are (C, n), bounded and unstabilised; drop "
+            f"{name} (fold e^m into the C and n states if it came from an exponential-gate run)."
+        )
+    if required and cell.tracks_max_state and m is None:
+        raise ValueError(
+            f"{name} (the max state, (B, NH) or (B, NH, 1)) is required with the exponential input gate: pass the m "
+            "that mlstm_chunkwise(..., return_last_states=True) or the previous step returned."
+        )
+
+
 def make_cell(input_gate, normalize, eps) -> Cell:
     """The validated cell options."""
     validate_gate_options(input_gate, normalize)

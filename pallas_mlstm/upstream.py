@@ -25,6 +25,7 @@ from pallas_mlstm.plan import (
     validate_bool,
     validate_chunk_size,
     validate_gate_options,
+    validate_max_state,
     validate_qk_scale,
 )
 from pallas_mlstm.registry import get_backend
@@ -45,8 +46,7 @@ def _upstream_plan(inputs: Inputs, initial: States, cell: Cell, chunk_sizes, lau
     and states_dtype."""
     validate_mlstm_inputs(*inputs, *initial, names=UPSTREAM_INPUT_NAMES)
     validate_operand_dtypes(inputs.q, inputs.k, inputs.v, UPSTREAM_INPUT_NAMES)
-    if not cell.tracks_max_state and initial.m is not None:
-        raise ValueError("scaM_initial is not a state of the sigmoid input gate: its states are (C, n); drop it.")
+    validate_max_state(cell, initial.m, "scaM_initial")
     chosen = get_backend(options["backend"])
     states_dtype = validate_float_dtype("states_dtype", options["states_dtype"], allow_none=True)
     return Plan(

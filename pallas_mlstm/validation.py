@@ -73,6 +73,37 @@ def validate_optional_arrays(*expected) -> None:
             raise ValueError(f"{name} must have shape {shape} (from q and v); got {_shape_of(x)}.")
 
 
+def validate_step_inputs(q, k, v, c, n) -> tuple[int, int, int, int]:
+    """Checks the shapes and dtypes of one decoding step's token (q, k (B, NH, DHQK), v (B, NH, DHHV)) and states
+    (c (B, NH, DHQK, DHHV), n (B, NH, DHQK)); returns (B, NH, DHQK, DHHV)."""
+    if len(_shape_of(q)) != 3:
+        raise ValueError(f"q must have shape (B, NH, DHQK) for one token; got {_shape_of(q)}.")
+    batch, heads, dhqk = _shape_of(q)
+    if _shape_of(k) != _shape_of(q):
+        raise ValueError(f"k must have the shape of q, {_shape_of(q)}; got {_shape_of(k)}.")
+    if len(_shape_of(v)) != 3 or _shape_of(v)[:2] != (batch, heads):
+        raise ValueError(f"v must have shape (B, NH, DHHV) = ({batch}, {heads}, DHHV); got {_shape_of(v)}.")
+    dhhv = _shape_of(v)[2]
+    for name, x, expected in (("c", c, (batch, heads, dhqk, dhhv)), ("n", n, (batch, heads, dhqk))):
+        if _shape_of(x) != expected:
+            raise ValueError(
+                f"{name} must have shape {expected} (from q and v); got {_shape_of(x)}: pass the states "
+                "mlstm_chunkwise(..., return_last_states=True) or the previous step returned."
+            )
+    for name, x in (("q", q), ("k", k), ("v", v), ("c", c), ("n", n)):
+        _check_float(name, x)
+    validate_operand_dtypes(q, k, v)
+    return batch, heads, dhqk, dhhv
+
+
+def validate_step_gate(name: str, x, batch: int, heads: int):
+    """A step's gate or m state, given as (B, NH) or upstream's (B, NH, 1), as (B, NH)."""
+    if _shape_of(x) not in ((batch, heads), (batch, heads, 1)):
+        raise ValueError(f"{name} must have shape (B, NH) = {(batch, heads)} or (B, NH, 1); got {_shape_of(x)}.")
+    _check_float(name, x)
+    return x.reshape(batch, heads)
+
+
 def validate_segment_ids(segment_ids, batch: int, seq_len: int) -> None:
     """Checks that segment_ids is an integer array of shape (B, S)."""
     dtype = getattr(segment_ids, "dtype", None)
