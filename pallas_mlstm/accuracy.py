@@ -28,33 +28,43 @@ from absl import app
 # mlstm_chunkwise vs the float64 recurrent oracle (kernel gradient semantics), run on exactly the kernels'
 # input values, per (backend, dtype of q, k, v): (h and last states, every gradient). tests/test_api.py;
 # the float32 row also bounds tests/test_resets.py's infinite gates against the float64 unstabilised cell.
-ORACLE_TOLERANCE = {
-    ("xla", "float32"): (1e-5, 1e-5),
-    ("interpret", "float32"): (1e-5, 1e-5),
-    ("triton", "float32"): (1e-4, 1e-4),
-    ("triton", "bfloat16"): (1e-2, 2e-2),
-    ("triton", "float16"): (1e-2, 2e-2),
-    # the mosaic backends: the bounds of the backend they extend (pallas_mlstm.mosaic_gpu)
-    ("mosaic_interpret", "float32"): (1e-5, 1e-5),
-    ("mosaic", "float32"): (1e-4, 1e-4),
-    ("mosaic", "bfloat16"): (1e-2, 2e-2),
-    ("mosaic", "float16"): (1e-2, 2e-2),
-}
+# The mosaic backends take the bounds of the Pallas backend they stand beside (pallas_mlstm.mosaic_gpu).
+_SAME_BOUNDS_AS = {"mosaic": "triton", "mosaic_interpret": "interpret"}
+
+
+def _with_mosaic_rows(bounds: dict) -> dict:
+    """`bounds` (keyed by (backend, dtype)) with a row for each mosaic backend and dtype its peer has."""
+    extra = {
+        (mosaic, dtype): bounds[peer, dtype]
+        for mosaic, peer in _SAME_BOUNDS_AS.items()
+        for b, dtype in bounds
+        if b == peer
+    }
+    return {**bounds, **extra}
+
+
+ORACLE_TOLERANCE = _with_mosaic_rows(
+    {
+        ("xla", "float32"): (1e-5, 1e-5),
+        ("interpret", "float32"): (1e-5, 1e-5),
+        ("triton", "float32"): (1e-4, 1e-4),
+        ("triton", "bfloat16"): (1e-2, 2e-2),
+        ("triton", "float16"): (1e-2, 2e-2),
+    }
+)
 # `python -m pallas_mlstm check` vs the same oracle, per input dtype whatever the backend: (h, worst gradient);
 # the loosest backend's bound of ORACLE_TOLERANCE (triton's). Its keys are the dtypes `check` accepts.
-CHECK_TOLERANCE = {"float32": (1e-4, 1e-4), "bfloat16": (1e-2, 2e-2), "float16": (1e-2, 2e-2)}
+CHECK_TOLERANCE = {dtype: ORACLE_TOLERANCE["triton", dtype] for dtype in ("float32", "bfloat16", "float16")}
 # Each Pallas kernel vs its jnp twin (the xla backend's kernel) on identical inputs, per (backend, dtype):
 # every output. tests/test_kernels.py.
-KERNEL_TWIN_TOLERANCE = {
-    ("interpret", "float32"): 1e-5,
-    ("triton", "float32"): 1e-4,
-    ("triton", "bfloat16"): 1e-2,
-    ("triton", "float16"): 1e-2,
-    ("mosaic_interpret", "float32"): 1e-5,
-    ("mosaic", "float32"): 1e-4,
-    ("mosaic", "bfloat16"): 1e-2,
-    ("mosaic", "float16"): 1e-2,
-}
+KERNEL_TWIN_TOLERANCE = _with_mosaic_rows(
+    {
+        ("interpret", "float32"): 1e-5,
+        ("triton", "float32"): 1e-4,
+        ("triton", "bfloat16"): 1e-2,
+        ("triton", "float16"): 1e-2,
+    }
+)
 # triton on bfloat16 q, k, v vs the xla backend on the same values in float32, at the benchmark shapes:
 # (h, each gradient). tests/test_gpu.py.
 GPU_SHAPES_TOLERANCE = (1e-2, 2e-2)
