@@ -29,7 +29,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_mlstm.gates import MIN_LOG_SCALE, log_input_gate, tracks_max_state
+from pallas_mlstm.gates import (
+    MIN_LOG_SCALE,
+    chunk_log_forget,
+    chunkwise_log_gates,
+    compute_chunkwise_vecB,
+    tracks_max_state,
+)
 from pallas_mlstm.states import acc_dtype
 
 
@@ -57,19 +63,14 @@ def _weighted_outer_sum(a, weights, b):
     )
 
 
-def _log_forget(vecF):
-    return jax.nn.log_sigmoid(vecF.astype(acc_dtype(vecF.dtype)))  # (B, NH, L), −∞ at hard resets
-
-
 def shard_end_state(matK, matV, vecI, vecF, input_gate: str):
     """The end state of a shard's steps from a zero state: (C (B, NH, DHQK, DHHV), n (B, NH, DHQK), m (B, NH)),
     stabilised as the kernels' states are (the true state is C·e^m), and the shard's total log decay g (B, NH).
     With the sigmoid input gate, ĩ above is log σ(ĩ) (`log_input_gate`)."""
-    log_f = _log_forget(vecF)
-    # Σ_{u>t} log σ(f̃_u), summed from the end (never a difference of cumulative sums: −∞ at resets)
-    log_f_after = jnp.concatenate([log_f[..., 1:], jnp.zeros_like(log_f[..., :1])], axis=-1)
-    log_i = log_input_gate(vecI, input_gate).astype(log_f.dtype)
-    log_weight = jnp.cumsum(log_f_after[..., ::-1], axis=-1)[..., ::-1] + log_i  # (B, NH, L)
+    shard_len = vecF.shape[-1]  # the shard as one chunk: its in-chunk gates are the shard's
+    # Σ_{u>t} log σ(f̃_u) + ĩ_t, summed from the end (never a difference of cumulative sums: −∞ at resets)
+    log_weight = chunkwise_log_gates(vecI, vecF, shard_len, input_gate)[1][:, :, 0]  # (B, NH, L)
+    log_f = chunk_log_forget(vecF, shard_len)[:, :, 0]  # (B, NH, L), −∞ at hard resets
     scaM = jnp.maximum(jnp.max(log_weight, axis=-1), MIN_LOG_SCALE)  # (B, NH)
     weights = jnp.exp(log_weight - scaM[..., None])  # (B, NH, L), <= 1
     matC, vecN = _weighted_outer_sum(matK, weights, matV)  # (B, NH, DHQK, DHHV), (B, NH, DHQK)
@@ -80,7 +81,7 @@ def shard_start_state_gradient(matQ, vecF, vecN_out, vecM_out, matDeltaH, qk_sca
     """The gradient of a shard's start state C from its own outputs' cotangent dH alone: (dC (B, NH, DHQK, DHHV),
     its log scale ν (B, NH): the true gradient is dC·e^ν). vecN_out / vecM_out: the forward's den and m (B, NH, L)."""
     dtype = acc_dtype(matQ.dtype)
-    reach = jnp.cumsum(_log_forget(vecF), axis=-1)  # Σ_{u<=t} log σ(f̃_u), (B, NH, L)
+    reach = compute_chunkwise_vecB(vecF, vecF.shape[-1])[:, :, 0]  # Σ_{u<=t} log σ(f̃_u), (B, NH, L)
     # log of the true-scale weight s e^{reach − m} / (den + eps): den carries e^{−m}, so this stays O(reach)
     log_weight = reach - vecM_out.astype(dtype) - jnp.log(vecN_out.astype(dtype) + eps)  # (B, NH, L)
     scaNu = jnp.maximum(jnp.max(log_weight, axis=-1), MIN_LOG_SCALE)  # (B, NH)
