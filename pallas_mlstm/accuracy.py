@@ -147,6 +147,8 @@ def _error_terms(xp, actual, expected):
 
 
 _device_error_terms = jax.jit(functools.partial(_error_terms, jnp))  # call under enable_x64 (float64)
+# The random forget gates' mean pre-activation: σ(3) ≈ 0.95, a memory of about 20 steps, never zeros.
+FORGET_GATE_SHIFT = 3.0
 
 
 def mlstm_inputs(
@@ -160,7 +162,7 @@ def mlstm_inputs(
     *,
     with_initial=False,
     igate_shift=0.0,
-    fgate_shift=3.0,
+    fgate_shift=FORGET_GATE_SHIFT,
     gate_scale=1.0,
     per_array=False,
 ):

@@ -22,10 +22,11 @@ MIN_TILE = 16  # Triton's dot needs every side >= 16
 _TILE_FIELDS = ("siz_b_L_parallel", "siz_b_L_loop", "siz_b_DH_parallel", "siz_b_DH_loop")
 _WARP_FIELDS = ("num_warps_intra", "num_warps_inter")
 _STAGE_FIELDS = ("num_stages_intra", "num_stages_inter")
-_ENTRY_FIELDS = ("kernels", "kernel_backends")  # per-kernel mappings, not launch fields
+ENTRY_FIELDS = ("kernels", "kernel_backends")  # per-kernel mappings, not launch fields
 
 
-def _is_power_of_2(value: int) -> bool:
+def is_power_of_2(value: int) -> bool:
+    """Whether the int `value` is 1, 2, 4, 8, ..."""
     return value >= 1 and not value & (value - 1)
 
 
@@ -73,16 +74,16 @@ class ChunkwiseConfig:
         object.__setattr__(self, "kernel_backends", _kernel_backend_entries(self.kernel_backends))
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if value is None or field.name in _ENTRY_FIELDS:
+            if value is None or field.name in ENTRY_FIELDS:
                 continue
             name = f"ChunkwiseConfig.{field.name}"
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"{name} must be an int or None; got {value!r} ({type(value).__name__}).")
             value = int(value)
             object.__setattr__(self, field.name, value)  # NumPy integers -> int, so configs hash and dump alike
-            if field.name == "chunk_size" and not _is_power_of_2(value):
+            if field.name == "chunk_size" and not is_power_of_2(value):
                 raise ValueError(f"{name} must be a power of 2 >= 1 (e.g. 64, 128); got {value}.")
-            if field.name in _TILE_FIELDS and not (value >= MIN_TILE and _is_power_of_2(value)):
+            if field.name in _TILE_FIELDS and not (value >= MIN_TILE and is_power_of_2(value)):
                 raise ValueError(f"{name} must be a power of 2 >= {MIN_TILE} (e.g. 32, 64, 128); got {value}.")
             if field.name in _WARP_FIELDS and value not in NUM_WARPS:
                 raise ValueError(f"{name} must be one of {', '.join(map(str, NUM_WARPS))}; got {value}.")
@@ -94,7 +95,7 @@ class ChunkwiseConfig:
         return tuple(
             (field.name, getattr(self, field.name))
             for field in dataclasses.fields(self)
-            if field.name not in ("chunk_size", *_ENTRY_FIELDS) and getattr(self, field.name) is not None
+            if field.name not in ("chunk_size", *ENTRY_FIELDS) and getattr(self, field.name) is not None
         )
 
     def kernel_launches(self) -> dict[str, dict]:

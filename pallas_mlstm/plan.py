@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_mlstm.backend import Backend
-from pallas_mlstm.config import ChunkwiseConfig, like_cards_configs, tuned_config
+from pallas_mlstm.config import ChunkwiseConfig, is_power_of_2, like_cards_configs, tuned_config
 from pallas_mlstm.device import DeviceProperties, device_properties
 from pallas_mlstm.gates import tracks_max_state
 from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS, KernelCall
@@ -108,7 +108,7 @@ def validate_chunk_size(chunk_size, seq_len, *, name="chunk_size", minimum=1) ->
     """Checks that chunk_size (an int, NumPy integers too) is a power of 2, at least `minimum`, and divides
     seq_len (unless seq_len is None); returns it as a Python int."""
     chunk_size = _static_int(name, chunk_size)
-    if chunk_size & (chunk_size - 1):
+    if not is_power_of_2(chunk_size):
         raise ValueError(f"{name} must be a power of 2 (e.g. 64, 128, 256); got {chunk_size}.")
     if chunk_size < minimum:
         raise ValueError(f"{name} must be at least {minimum} for this backend; got {chunk_size}.")

@@ -110,9 +110,14 @@ def require_jax_triton_nvidia_backend() -> None:
     raise RuntimeError(f"jax-triton found no usable Triton NVIDIA backend here: {cause}")
 
 
-def _tfla_jax_triton_forward(chunk_size):
-    # Triton 3.6's LLVM aborts (SLPVectorizer assertion) on these kernels unless this is set before import.
+def disable_llvm_opt() -> None:
+    """Sets DISABLE_LLVM_OPT=1, before the upstream Triton kernels are imported: Triton 3.6's LLVM aborts
+    (SLPVectorizer assertion) on them otherwise."""
     os.environ["DISABLE_LLVM_OPT"] = "1"
+
+
+def _tfla_jax_triton_forward(chunk_size):
+    disable_llvm_opt()
     require_jax_triton_nvidia_backend()
     from mlstm_kernels.jax.chunkwise.triton_xl_chunk import mlstm_chunkwise__xl_chunk
 
@@ -122,7 +127,7 @@ def _tfla_jax_triton_forward(chunk_size):
 
 
 def _tfla_siging_jax_triton_forward(chunk_size):
-    os.environ["DISABLE_LLVM_OPT"] = "1"  # as for _tfla_jax_triton_forward
+    disable_llvm_opt()
     require_jax_triton_nvidia_backend()
     from mlstm_kernels.jax.chunkwise.triton_xl_chunk_siging import mlstm_siging_chunkwise__xl_chunk
 

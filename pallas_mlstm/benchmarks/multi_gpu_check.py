@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_mlstm
 from pallas_mlstm import accuracy
+from pallas_mlstm.benchmarks.shapes import SHAPES
 from pallas_mlstm.benchmarks.timing import median_ms, pipelined_ms
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning)
@@ -112,12 +113,15 @@ def check_correctness(devices, backend: str = "triton") -> list[dict]:
     return rows
 
 
-TIMED_SHAPES = {
-    "7b": dict(batch=8, heads=8, seq_len=8192, dhqk=256, dhhv=512, calls=20),
-    "long-256k": dict(batch=1, heads=8, seq_len=262144, dhqk=256, dhhv=512, calls=5),
-}
+def _timed(name: str, calls: int) -> dict:
+    shape = SHAPES[name]
+    return dict(batch=shape.B, heads=shape.NH, seq_len=shape.S, dhqk=shape.DHQK, dhhv=shape.DHHV, calls=calls)
+
+
+TIMED_SHAPES = {"7b": _timed("7b", 20), "long-256k": _timed("long-256k", 5)}
 LENGTH_STEP = 65536  # the longest-S search runs over multiples of this
-LENGTH_HEADS, LENGTH_DHQK, LENGTH_DHHV = 8, 256, 512
+# the longest-S search's heads: long-256k's
+LENGTH_HEADS, LENGTH_DHQK, LENGTH_DHHV = (getattr(SHAPES["long-256k"], dim) for dim in ("NH", "DHQK", "DHHV"))
 
 
 def _functions(backend: str):
@@ -145,7 +149,7 @@ def _random_inputs(batch, heads, seq_len, dhqk, dhhv, sharding, seed=0):
         return [
             *arrays,
             jax.random.normal(keys[3], structs[3].shape),
-            3.0 + jax.random.normal(keys[4], structs[4].shape),
+            accuracy.FORGET_GATE_SHIFT + jax.random.normal(keys[4], structs[4].shape),
         ]
 
     return jax.jit(draw, out_shardings=[x.sharding for x in structs])()

@@ -39,6 +39,7 @@ from pallas_mlstm.benchmarks.shapes import (
     SHAPES as NAMED_SHAPES,
 )
 from pallas_mlstm.benchmarks.timing import median_ms
+from pallas_mlstm.config import is_power_of_2
 
 MODES = ("fw", "fwbw")
 DEFAULT_CHUNK = "default"  # --chunk_sizes token: the library's own choice (peers: their default, 128)
@@ -244,7 +245,7 @@ def _chunk_requests(tokens: list[str]) -> list[int | None]:
     for token in tokens:
         if token == DEFAULT_CHUNK:
             requests.append(None)
-        elif token.isdigit() and int(token) > 0 and not int(token) & (int(token) - 1):
+        elif token.isdigit() and is_power_of_2(int(token)):
             requests.append(int(token))
         else:
             raise app.UsageError(f"--chunk_sizes takes powers of 2 (e.g. 64,128) or {DEFAULT_CHUNK!r}; got {token!r}.")

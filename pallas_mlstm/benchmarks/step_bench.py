@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import shlex
 import sys
 
@@ -22,12 +21,14 @@ from absl import app, flags
 
 import pallas_mlstm
 from pallas_mlstm import accuracy, registry
+from pallas_mlstm.benchmarks import impls
+from pallas_mlstm.benchmarks.shapes import SHAPES
 from pallas_mlstm.benchmarks.timing import median_ms
 
 _BATCHES = flags.DEFINE_list("step_batches", ["1", "8", "64"], "Batch sizes: positive integers.")
 _CALLS = flags.DEFINE_integer("step_calls", 100, "Timed calls per step function (median kept).", lower_bound=1)
 _JSON = flags.DEFINE_string("step_json", None, "Write the records to this JSON file.")
-NH, DHQK, DHHV = 8, 256, 512
+NH, DHQK, DHHV = (getattr(SHAPES["7b"], dim) for dim in ("NH", "DHQK", "DHHV"))  # the 7b widths
 
 
 def _inputs(batch: int):
@@ -46,7 +47,7 @@ def _steps():
     """name -> step function (q, k, v, i, f, c, n, m) -> (h, (c, n, m)); peers only where installed."""
     steps = {"triton": lambda *a: pallas_mlstm.mlstm_recurrent_step(*a, backend="triton")}
     try:
-        os.environ.setdefault("DISABLE_LLVM_OPT", "1")  # Triton 3.6's LLVM aborts on the upstream kernels otherwise
+        impls.disable_llvm_opt()
         from mlstm_kernels.jax.recurrent.native_step import mlstm_recurrent_step__native
         from mlstm_kernels.jax.recurrent.triton_step import mlstm_recurrent_step__triton
 

@@ -59,6 +59,7 @@ from pallas_mlstm import accuracy, registry
 from pallas_mlstm.benchmarks import impls, kernel_times, runner, timing
 from pallas_mlstm.benchmarks.shapes import Shape, cpu_shape_warning, resolve_shapes
 from pallas_mlstm.config import (
+    ENTRY_FIELDS,
     TUNED_CONFIGS_ENV,
     ChunkwiseConfig,
     shape_class,
@@ -209,7 +210,7 @@ def describe(config: ChunkwiseConfig) -> str:
     values = [
         (field.name, getattr(config, field.name))
         for field in dataclasses.fields(config)
-        if field.name not in ("kernels", "kernel_backends") and getattr(config, field.name) is not None
+        if field.name not in ENTRY_FIELDS and getattr(config, field.name) is not None
     ]
     values += [(kernel, dict(fields)) for kernel, fields in config.kernels]
     values += [(f"{kernel}.backend", backend) for kernel, backend in config.kernel_backends]

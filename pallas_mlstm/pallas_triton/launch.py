@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
-from pallas_mlstm.config import MIN_TILE, NUM_WARPS
+from pallas_mlstm.config import MIN_TILE, NUM_WARPS, is_power_of_2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +39,7 @@ class TritonLaunch:
                 raise ValueError(f"{name} must be an int or None; got {value!r} ({type(value).__name__}).")
             value = int(value)
             object.__setattr__(self, field.name, value)
-            if field.name.startswith("siz_b_") and not (value >= MIN_TILE and not value & (value - 1)):
+            if field.name.startswith("siz_b_") and not (value >= MIN_TILE and is_power_of_2(value)):
                 raise ValueError(f"{name} must be a power of 2 >= {MIN_TILE} (e.g. 32, 64, 128); got {value}.")
             if field.name == "num_warps" and value not in NUM_WARPS:
                 raise ValueError(f"{name} must be one of {', '.join(map(str, NUM_WARPS))}; got {value}.")
