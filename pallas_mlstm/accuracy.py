@@ -40,7 +40,7 @@ def _with_mosaic_rows(bounds: dict) -> dict:
         for b, dtype in bounds
         if b == peer
     }
-    return {**bounds, **extra}
+    return {**extra, **bounds}
 
 
 ORACLE_TOLERANCE = _with_mosaic_rows(

@@ -97,7 +97,7 @@ def mlstm_chunkwise_fw(
     otherwise), `allow_tf32` and `states_dtype` (None: float32; bfloat16 stores the C states of
     all_states in the dtype the kernels' matmuls round them to, last_states stay float32), and the cell:
     `input_gate` "exponential" (mLSTMexp, upstream's) or "sigmoid" (mLSTMsig: σ(ĩ) as input gate, m not tracked,
-    every m state is the initial one), with `normalize` (sigmoid only: False returns h = q̄·C, eps unused).
+    every m state 0, scaM_initial refused), with `normalize` (sigmoid only: False returns h = q̄·C, eps unused).
     chunk_size_intra defaults to the largest power of 2 <= 128 dividing S, chunk_size_inter to
     chunk_size_intra; launch fields left None take each kernel's measured default.
     """
@@ -197,6 +197,7 @@ def mlstm_chunkwise_bw(
         ("matDeltaC_last", matDeltaC_last, (batch, heads, dhqk, dhhv)),
         ("vecDeltaN_last", vecDeltaN_last, (batch, heads, dhqk)),
         ("scaM_last_frame", scaM_last_frame, (batch, heads)),
+        source="matQ and matV",
     )
     given = (
         None if matC_all is None or vecN_all is None or scaM_all is None else ChunkStates(matC_all, vecN_all, scaM_all)

@@ -57,20 +57,22 @@ def validate_mlstm_inputs(q, k, v, i, f, c_initial=None, n_initial=None, m_initi
         (nc, c_initial, (batch, heads, dhqk, dhhv)),
         (nn, n_initial, (batch, heads, dhqk)),
         (nm, m_initial, (batch, heads)),
+        source=f"{nq} and {nv}",
     )
     if (n_initial is not None or m_initial is not None) and c_initial is None:
         raise ValueError(f"{nn} / {nm} were given without {nc}: pass {nc} too, or none of them.")
     return batch, heads, seq_len, dhqk, dhhv
 
 
-def validate_optional_arrays(*expected) -> None:
-    """Checks each (name, array or None, shape) of `expected`: a given array is floating-point, of that shape."""
+def validate_optional_arrays(*expected, source: str = "q and v") -> None:
+    """Checks each (name, array or None, shape) of `expected`: a given array is floating-point, of that shape
+    (taken from the arrays `source` names)."""
     for name, x, shape in expected:
         if x is None:
             continue
         _check_float(name, x)
         if _shape_of(x) != shape:
-            raise ValueError(f"{name} must have shape {shape} (from q and v); got {_shape_of(x)}.")
+            raise ValueError(f"{name} must have shape {shape} (from {source}); got {_shape_of(x)}.")
 
 
 def validate_step_inputs(q, k, v, c, n) -> tuple[int, int, int, int]:

@@ -293,6 +293,15 @@ def test_upstream_fw_and_bw_refuse_bad_inputs_naming_them(case, direction):
         function(*args, **kwargs)
 
 
+def test_upstream_fw_takes_qk_scale_as_any_positive_real_scalar():
+    q, k, v, i, f, *_ = _good_inputs()
+    run = lambda scale: pallas_mlstm.mlstm_chunkwise_fw(q, k, v, i, f, qk_scale=scale, chunk_size_intra=16)[0]
+    h = run(0.3)
+    for scale in (np.float32(0.3), np.float64(0.3), jnp.float32(0.3)):
+        np.testing.assert_array_equal(run(scale), h)
+    assert not np.allclose(run(None), h)  # the scale is applied: None is DHQK^-1/2 = 0.25 here
+
+
 @pytest.mark.parametrize("case", BAD_UPSTREAM_FW_OPTIONS)
 def test_upstream_fw_refuses_bad_output_options(case):
     options, message = BAD_UPSTREAM_FW_OPTIONS[case]

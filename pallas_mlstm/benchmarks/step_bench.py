@@ -36,7 +36,7 @@ def _inputs(batch: int):
     q, k = (jax.random.normal(key, (batch, NH, DHQK), jnp.bfloat16) for key in keys[:2])
     v = jax.random.normal(keys[2], (batch, NH, DHHV), jnp.bfloat16)
     i = jax.random.normal(keys[3], (batch, NH, 1), jnp.float32)
-    f = 3.0 + jax.random.normal(keys[4], (batch, NH, 1), jnp.float32)
+    f = accuracy.FORGET_GATE_SHIFT + jax.random.normal(keys[4], (batch, NH, 1), jnp.float32)
     c = jax.random.normal(keys[5], (batch, NH, DHQK, DHHV), jnp.float32)
     n = jax.random.normal(keys[6], (batch, NH, DHQK), jnp.float32)
     m = jnp.zeros((batch, NH, 1), jnp.float32)
