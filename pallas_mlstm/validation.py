@@ -106,6 +106,72 @@ def validate_step_gate(name: str, x, batch: int, heads: int):
     return x.reshape(batch, heads)
 
 
+# The shapes of the six chunkwise kernels' arrays, by upstream's argument names (NC chunks of L steps; the states'
+# NC counts the chunks they are saved at).
+_KERNEL_ARRAY_SHAPES = {
+    **dict.fromkeys(("matQ", "matK"), ("B", "NH", "S", "DHQK")),
+    **dict.fromkeys(("matV", "matDeltaH"), ("B", "NH", "S", "DHHV")),
+    **dict.fromkeys(("vecI", "vecF", "vecN_out", "vecM_out", "vecM_combine"), ("B", "NH", "S")),
+    **dict.fromkeys(("vecA", "vecB", "vecR"), ("B", "NH", "NC", "L")),
+    **dict.fromkeys(("matC_all", "matC_states", "matDeltaC_states"), ("B", "NH", "(NC+1)·DHQK", "DHHV")),
+    "vecN_all": ("B", "NH", "(NC+1)·DHQK"),
+    **dict.fromkeys(("scaM_all", "scaM_inter"), ("B", "NH", "NC+1")),
+    **dict.fromkeys(("matC_initial", "matDeltaC_last"), ("B", "NH", "DHQK", "DHHV")),
+    "vecN_initial": ("B", "NH", "DHQK"),
+    "scaMinter_initial": ("B", "NH"),
+}
+
+
+def _kernel_dims(arrays: dict) -> tuple[str, dict]:
+    """The source names and dims (B, NH, S, DHQK from matQ, else matK; DHHV from matV, else matDeltaH) of one
+    chunkwise kernel's `arrays`, those two arrays checked."""
+    qk_name = "matQ" if "matQ" in arrays else "matK"
+    hv_name = "matV" if "matV" in arrays else "matDeltaH"
+    for name in (qk_name, hv_name):
+        _check_float(name, arrays[name])
+    qk, hv = _shape_of(arrays[qk_name]), _shape_of(arrays[hv_name])
+    if len(qk) != 4:
+        raise ValueError(f"{qk_name} must have rank 4, (B, NH, S, DHQK); got shape {qk}.")
+    if len(hv) != 4 or hv[:3] != qk[:3]:
+        lead = ", ".join(map(str, qk[:3]))
+        raise ValueError(f"{hv_name} must have shape (B, NH, S, DHHV) = ({lead}, DHHV); got {hv}.")
+    return f"{qk_name} and {hv_name}", dict(zip(("B", "NH", "S", "DHQK"), qk), DHHV=hv[3])
+
+
+def kernel_seq_len(arrays: dict) -> int:
+    """S of one chunkwise kernel's `arrays` {upstream's argument name: array or None}, after checking the two arrays
+    it takes the dims from (matQ or matK, matV or matDeltaH)."""
+    return _kernel_dims(arrays)[1]["S"]
+
+
+def validate_kernel_arrays(arrays: dict, chunk_size: int, save_states_every_nth_chunk: int = 1) -> None:
+    """Checks one chunkwise kernel's `arrays` {upstream's argument name: array or None} against one another, for a
+    checked chunk size: the dims from `kernel_seq_len`'s two arrays, L = `chunk_size`, the states' NC from chunks
+    of chunk_size · save_states_every_nth_chunk steps. vecR is an integer array, the others floating-point."""
+    source, dims = _kernel_dims(arrays)
+    nc = dims["S"] // (chunk_size * save_states_every_nth_chunk)
+    dims.update(L=chunk_size, NC=dims["S"] // chunk_size)
+    dims.update({"NC+1": nc + 1, "(NC+1)·DHQK": (nc + 1) * dims["DHQK"]})
+    for name, x in arrays.items():
+        if x is None:
+            continue
+        if name == "vecR":
+            if not jnp.issubdtype(getattr(x, "dtype", jnp.float32), jnp.integer):
+                raise ValueError(
+                    f"vecR must be an integer array (from compute_chunkwise_reset_gates); got dtype "
+                    f"{getattr(x, 'dtype', type(x).__name__)}."
+                )
+        else:
+            _check_float(name, x)
+        pattern = _KERNEL_ARRAY_SHAPES[name]
+        expected = tuple(dims[dim] for dim in pattern)
+        if _shape_of(x) != expected:
+            raise ValueError(
+                f"{name} must have shape ({', '.join(pattern)}) = {expected} (from {source} and the chunk size); "
+                f"got {_shape_of(x)}."
+            )
+
+
 def validate_segment_ids(segment_ids, batch: int, seq_len: int) -> None:
     """Checks that segment_ids is an integer array of shape (B, S)."""
     dtype = getattr(segment_ids, "dtype", None)

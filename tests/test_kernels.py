@@ -241,6 +241,42 @@ def test_kernel_rejects_bad_tiles():
         _call("parallel_fw_Hintra", pallas_mlstm, x, 8, {}, dict(interpret=True))
 
 
+# kernel -> (a change of the case arrays, a phrase of the ValueError it gets); each adapter checks its arrays
+# against one another before launching (pallas_mlstm.validation.validate_kernel_arrays)
+BAD_KERNEL_ARRAYS = {
+    "recurrent_fw_C: integer matK": ("recurrent_fw_C", lambda x: dict(x, k=x["k"].astype(jnp.int32)), "matK must be"),
+    "recurrent_fw_C: matV steps": ("recurrent_fw_C", lambda x: dict(x, v=x["v"][:, :, :16]), "matV must have shape"),
+    "recurrent_fw_C: matC_initial": ("recurrent_fw_C", lambda x: dict(x, c0=x["c0"][..., :3]), "matC_initial must"),
+    "parallel_fw_Hintra: vecF": ("parallel_fw_Hintra", lambda x: dict(x, f=x["f"][..., :5]), "vecF must have shape"),
+    "parallel_fw_Hintra: matC_all of other chunks": (
+        "parallel_fw_Hintra",
+        lambda x: dict(x, states=(x["states"][0][:, :, 8:], *x["states"][1:])),
+        r"matC_all must have shape \(B, NH, \(NC\+1\)·DHQK, DHHV\)",
+    ),
+    "recurrent_bw_dC: vecN_out": ("recurrent_bw_dC", lambda x: dict(x, n_out=x["n_out"][..., None]), "vecN_out must"),
+    "parallel_bw_dV: vecA": ("parallel_bw_dV", lambda x: dict(x, vec_a=x["vec_a"][..., :8]), "vecA must have shape"),
+    "parallel_bw_dK: matDeltaC_states": (
+        "parallel_bw_dK",
+        lambda x: dict(x, dc_states=x["dc_states"].astype(jnp.int8)),
+        "matDeltaC_states must be a floating",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_KERNEL_ARRAYS)
+def test_kernel_refuses_arrays_that_do_not_fit_together(case):
+    kernel, change, message = BAD_KERNEL_ARRAYS[case]
+    x = change(_case_arrays("L32-d24x40-padded", jnp.float32))
+    with pytest.raises(ValueError, match=message):
+        _call(kernel, pallas_mlstm, x, 32, {}, dict(interpret=True))
+
+
+def test_kernel_refuses_float_reset_positions():
+    x = _case_arrays("L32-d24x40-padded", jnp.float32)
+    with pytest.raises(ValueError, match="vecR must be an integer array"):
+        _call("parallel_bw_dQ", pallas_mlstm, x, 32, {}, dict(interpret=True, vecR=x["vec_b"]))
+
+
 def _narrow_backends():
     return ["xla", *_pallas_backends()]
 

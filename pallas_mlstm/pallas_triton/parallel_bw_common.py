@@ -19,6 +19,7 @@ from pallas_mlstm.gates import log_input_gate
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.pallas_triton import common, launch_defaults
 from pallas_mlstm.pallas_triton.launch import TritonLaunch
+from pallas_mlstm.validation import kernel_seq_len, validate_kernel_arrays
 
 # The four tiles of a parallel kernel (launch_defaults.ParallelTiles' siz_b_<tile>): query rows, key rows, and the
 # two head dims. A kernel's grid tiles one L and one head dim (its output tile); its body walks the other two.
@@ -268,9 +269,28 @@ def launch(spec: BwKernel, call: KernelCall, arrays: BwArrays):
     return grad, jnp.sum(outs[1], axis=0).reshape(layout.batch, layout.heads, layout.seq_len)
 
 
+# The arrays of the three upstream-signature parallel backward functions, in their order (vecR, last, apart).
+BW_ARRAY_NAMES = (
+    "matQ",
+    "matK",
+    "matV",
+    "vecI",
+    "vecA",
+    "vecB",
+    "matC_all",
+    "vecN_all",
+    "scaM_all",
+    "vecN_out",
+    "vecM_out",
+    "matDeltaH",
+    "matDeltaC_states",
+    "vecR",
+)
+
+
 def checked_call(
     spec: BwKernel,
-    seq_len: int,
+    arrays: tuple,
     launch_fields: dict,
     *,
     chunk_size,
@@ -282,9 +302,10 @@ def checked_call(
     interpret: bool,
 ) -> KernelCall:
     """The `KernelCall` of an upstream-signature parallel backward function, after checking (in this order) its
-    chunk size (a power of 2 >= 16 dividing seq_len), its input gate, its launch (`TritonLaunch(**launch_fields)`)
-    and that a compiled launch has a GPU."""
-    plan.validate_chunk_size(chunk_size, seq_len, minimum=common.MIN_TILE)
+    `arrays` (BW_ARRAY_NAMES), its chunk size (a power of 2 >= 16 dividing S), its input gate, its launch
+    (`TritonLaunch(**launch_fields)`) and that a compiled launch has a GPU."""
+    named = dict(zip(BW_ARRAY_NAMES, arrays))
+    validate_kernel_arrays(named, plan.validate_chunk_size(chunk_size, kernel_seq_len(named), minimum=common.MIN_TILE))
     plan.validate_gate_options(input_gate)
     return KernelCall(
         chunk_size=chunk_size,

@@ -153,9 +153,10 @@ def mlstm_chunkwise__parallel_bw_dV(
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    arrays = (matQ, matK, matV, vecI, vecA, vecB, matC_all, vecN_all, scaM_all, vecN_out, vecM_out, matDeltaH)
     call = parallel_bw_common.checked_call(
         DV,
-        matQ.shape[2],
+        (*arrays, matDeltaC_states, vecR),
         launch,
         chunk_size=chunk_size,
         qk_scale=qk_scale,

@@ -16,6 +16,7 @@ from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.pallas_triton import common, launch_defaults
 from pallas_mlstm.pallas_triton.launch import TritonLaunch
 from pallas_mlstm.states import acc_dtype
+from pallas_mlstm.validation import kernel_seq_len, validate_kernel_arrays
 
 NAME = "mlstm_chunkwise__parallel_fw_Hintra"  # the pallas_call's name, as upstream's kernel function
 
@@ -221,7 +222,10 @@ def mlstm_chunkwise__parallel_fw_Hintra(
     elements, else 4); num_stages None: launch_defaults.parallel_num_stages (2; 1 on cards with less shared
     memory than Hopper's, which also cap the head-dim tiles at 128: launch_defaults.parallel_tiles).
     """
-    plan.validate_chunk_size(chunk_size, matQ.shape[2], minimum=common.MIN_TILE)
+    arrays = dict(matQ=matQ, matK=matK, matV=matV, vecI=vecI, vecF=vecF, matC_all=matC_all, vecN_all=vecN_all)
+    arrays.update(scaM_all=scaM_all)
+    chunk_size = plan.validate_chunk_size(chunk_size, kernel_seq_len(arrays), minimum=common.MIN_TILE)
+    validate_kernel_arrays(arrays, chunk_size)
     plan.validate_gate_options(input_gate, normalize)
     call = KernelCall(
         chunk_size=chunk_size,

@@ -16,6 +16,7 @@ from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.pallas_triton import common, launch_defaults
 from pallas_mlstm.pallas_triton.launch import TritonLaunch
 from pallas_mlstm.states import acc_dtype, join_states
+from pallas_mlstm.validation import kernel_seq_len, validate_kernel_arrays
 
 NAME = "mlstm_chunkwise__recurrent_bw_dC"  # the pallas_call's name, as upstream's kernel function
 
@@ -211,7 +212,12 @@ def mlstm_chunkwise__recurrent_bw_dC(
     launch_defaults.recurrent_dhhv_tile (128 while the grid keeps 3 programs per SM, else 64); both
     clamped to their head dim. num_warps / num_stages None: launch_defaults.RECURRENT_BW_DC (4 / 1).
     """
-    plan.validate_chunk_size(chunk_size * save_states_every_nth_chunk, matQ.shape[2], minimum=common.MIN_TILE)
+    arrays = dict(matQ=matQ, vecF=vecF, scaM_inter=scaM_inter, vecM_combine=vecM_combine, matDeltaH=matDeltaH)
+    arrays.update(vecN_out=vecN_out, matDeltaC_last=matDeltaC_last, matC_states=matC_states)
+    states_chunk = plan.validate_chunk_size(
+        chunk_size * save_states_every_nth_chunk, kernel_seq_len(arrays), minimum=common.MIN_TILE
+    )
+    validate_kernel_arrays(arrays, states_chunk // save_states_every_nth_chunk, save_states_every_nth_chunk)
     call = KernelCall(
         chunk_size=chunk_size,
         save_states_every_nth_chunk=save_states_every_nth_chunk,
