@@ -25,6 +25,7 @@ from pallas_mlstm.config import ChunkwiseConfig, is_power_of_2, like_cards_confi
 from pallas_mlstm.device import DeviceProperties, device_properties
 from pallas_mlstm.gates import tracks_max_state
 from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS, KernelCall
+from pallas_mlstm.validation import validate_float_dtype
 
 INPUT_GATES = ("exponential", "sigmoid")
 # Largest chunk `default_chunk_size` and `padding_chunk_size` pick.
@@ -91,6 +92,19 @@ def validate_qk_scale(qk_scale) -> float | None:
     if value <= 0:
         raise ValueError(f"qk_scale must be {rule}; got {qk_scale!r}.")
     return value
+
+
+def checked_kernel_options(**options) -> dict:
+    """The options of an upstream-signature function (any of qk_scale, eps, output_dtype, states_dtype, allow_tf32),
+    each checked by its rule, as the `KernelCall` and `Plan` fields of those names take them."""
+    rules = {
+        "qk_scale": validate_qk_scale,
+        "eps": validate_eps,
+        "output_dtype": lambda value: validate_float_dtype("output_dtype", value),
+        "states_dtype": lambda value: None if value is None else validate_float_dtype("states_dtype", value).name,
+        "allow_tf32": lambda value: validate_bool("allow_tf32", value),
+    }
+    return {name: rules[name](value) for name, value in options.items()}
 
 
 def _static_int(name: str, value) -> int:

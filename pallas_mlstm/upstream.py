@@ -19,6 +19,7 @@ from pallas_mlstm.gates import chunkwise_log_gates
 from pallas_mlstm.plan import (
     Cell,
     Plan,
+    checked_kernel_options,
     launches_for,
     make_cell,
     make_upstream_chunking,
@@ -26,7 +27,6 @@ from pallas_mlstm.plan import (
     validate_chunk_size,
     validate_gate_options,
     validate_max_state,
-    validate_qk_scale,
 )
 from pallas_mlstm.registry import get_backend
 from pallas_mlstm.states import States
@@ -47,16 +47,13 @@ def _upstream_plan(inputs: Inputs, initial: States, cell: Cell, chunk_sizes, lau
     validate_mlstm_inputs(*inputs, *initial, names=UPSTREAM_INPUT_NAMES)
     validate_operand_dtypes(inputs.q, inputs.k, inputs.v, UPSTREAM_INPUT_NAMES)
     validate_max_state(cell, initial.m, "scaM_initial")
-    chosen = get_backend(options["backend"])
-    states_dtype = validate_float_dtype("states_dtype", options["states_dtype"], allow_none=True)
+    chosen = get_backend(options.pop("backend"))
     return Plan(
         chosen,
         cell,
         make_upstream_chunking(chosen, inputs.q.shape[2], *chunk_sizes),
         launches_for(chosen, {name: value for name, value in launch.items() if value is not None}, {}),
-        states_dtype=None if states_dtype is None else states_dtype.name,
-        qk_scale=validate_qk_scale(options["qk_scale"]),
-        allow_tf32=validate_bool("allow_tf32", options["allow_tf32"]),
+        **checked_kernel_options(**options),
     )
 
 

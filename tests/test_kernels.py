@@ -271,6 +271,23 @@ def test_kernel_refuses_arrays_that_do_not_fit_together(case):
         _call(kernel, pallas_mlstm, x, 32, {}, dict(interpret=True))
 
 
+BAD_KERNEL_OPTIONS = {
+    "parallel_fw_Hintra: qk_scale": ("parallel_fw_Hintra", dict(qk_scale=-1.0), "qk_scale must be None"),
+    "parallel_fw_Hintra: output_dtype": ("parallel_fw_Hintra", dict(output_dtype=jnp.int32), "output_dtype must be"),
+    "recurrent_fw_C: states_dtype": ("recurrent_fw_C", dict(states_dtype=jnp.int8), "states_dtype must be"),
+    "recurrent_bw_dC: qk_scale": ("recurrent_bw_dC", dict(qk_scale="s"), "qk_scale must be None"),
+    "parallel_bw_dV: allow_tf32": ("parallel_bw_dV", dict(allow_tf32="yes"), "allow_tf32 must be a bool"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_KERNEL_OPTIONS)
+def test_kernel_refuses_bad_options(case):
+    kernel, options, message = BAD_KERNEL_OPTIONS[case]
+    x = _case_arrays("L32-d24x40-padded", jnp.float32)
+    with pytest.raises(ValueError, match=message):
+        _call(kernel, pallas_mlstm, x, 32, {}, dict(interpret=True, **options))
+
+
 def test_kernel_refuses_float_reset_positions():
     x = _case_arrays("L32-d24x40-padded", jnp.float32)
     with pytest.raises(ValueError, match="vecR must be an integer array"):

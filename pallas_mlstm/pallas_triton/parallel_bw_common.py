@@ -309,11 +309,8 @@ def checked_call(
     plan.validate_gate_options(input_gate)
     return KernelCall(
         chunk_size=chunk_size,
-        qk_scale=qk_scale,
-        eps=eps,
         input_gate=input_gate,
-        output_dtype=output_dtype,
         launch=TritonLaunch(**launch_fields),
-        allow_tf32=allow_tf32,
+        **plan.checked_kernel_options(qk_scale=qk_scale, eps=eps, output_dtype=output_dtype, allow_tf32=allow_tf32),
         interpret=common.checked_interpret(interpret, spec.name),
     )

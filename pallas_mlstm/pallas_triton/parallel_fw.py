@@ -229,11 +229,8 @@ def mlstm_chunkwise__parallel_fw_Hintra(
     plan.validate_gate_options(input_gate, normalize)
     call = KernelCall(
         chunk_size=chunk_size,
-        qk_scale=qk_scale,
-        eps=eps,
         input_gate=input_gate,
         normalize=normalize,
-        output_dtype=output_dtype,
         launch=TritonLaunch(
             siz_b_LQ=siz_b_LQ,
             siz_b_LKV=siz_b_LKV,
@@ -242,7 +239,7 @@ def mlstm_chunkwise__parallel_fw_Hintra(
             num_warps=num_warps,
             num_stages=num_stages,
         ),
-        allow_tf32=allow_tf32,
         interpret=common.checked_interpret(interpret, NAME),
+        **plan.checked_kernel_options(qk_scale=qk_scale, eps=eps, output_dtype=output_dtype, allow_tf32=allow_tf32),
     )
     return parallel_fw_Hintra(call, matQ, matK, matV, vecI, vecF, matC_all, vecN_all, scaM_all)

@@ -221,11 +221,8 @@ def mlstm_chunkwise__recurrent_bw_dC(
     call = KernelCall(
         chunk_size=chunk_size,
         save_states_every_nth_chunk=save_states_every_nth_chunk,
-        qk_scale=qk_scale,
-        eps=eps,
-        states_dtype=None if states_dtype is None else jnp.dtype(states_dtype).name,
         launch=TritonLaunch(siz_b_DHQK=siz_b_DHQK, siz_b_DHHV=siz_b_DHHV, num_warps=num_warps, num_stages=num_stages),
-        allow_tf32=allow_tf32,
         interpret=common.checked_interpret(interpret, NAME),
+        **plan.checked_kernel_options(qk_scale=qk_scale, eps=eps, states_dtype=states_dtype, allow_tf32=allow_tf32),
     )
     return recurrent_bw_dC(call, matQ, vecF, scaM_inter, vecM_combine, matDeltaH, vecN_out, matDeltaC_last, matC_states)

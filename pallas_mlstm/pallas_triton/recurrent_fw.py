@@ -219,10 +219,9 @@ def mlstm_chunkwise__recurrent_fw_C(
     call = KernelCall(
         chunk_size=chunk_size,
         save_states_every_nth_chunk=save_states_every_nth_chunk,
-        states_dtype=None if states_dtype is None else jnp.dtype(states_dtype).name,
         input_gate=input_gate,
         launch=TritonLaunch(siz_b_DHQK=siz_b_DHQK, siz_b_DHHV=siz_b_DHHV, num_warps=num_warps, num_stages=num_stages),
-        allow_tf32=allow_tf32,
         interpret=common.checked_interpret(interpret, NAME),
+        **plan.checked_kernel_options(states_dtype=states_dtype, allow_tf32=allow_tf32),
     )
     return recurrent_fw_C(call, matK, matV, vecF, vecI, matC_initial, vecN_initial, scaMinter_initial)
