@@ -3,6 +3,7 @@
 process per implementation; kernel_times and tune run `python -m pallas_mlstm`'s main in this process (its flags
 restored after), which shares this process's compiled programs."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -21,7 +22,7 @@ import pallas_mlstm
 import pallas_mlstm.__main__ as cli
 import pallas_mlstm.check  # noqa: F401  (every command's flags exist before flagsaver saves them)
 import pallas_mlstm.config  # noqa: F401
-from pallas_mlstm import mosaic_gpu
+from pallas_mlstm import mosaic_gpu, registry
 from pallas_mlstm.accuracy import BENCH_TOLERANCE
 from pallas_mlstm.benchmarks import impls, kernel_times, mosaic_check, runner, step_bench, sweep, timing  # noqa: F401
 from pallas_mlstm.benchmarks.shapes import Shape, resolve_shapes
@@ -96,14 +97,24 @@ def _run_command(*arguments) -> None:
 def _kernel_times(tmp_path, *flags):
     """Runs `python -m pallas_mlstm kernel_times` in interpret mode at the tiny shape; returns its rows."""
     rows_path = tmp_path / "rows.json"
-    flags = ("--kernel_interpret", "--kernel_shapes=tiny", "--kernel_chunk=32", "--kernel_calls=1", *flags)
+    flags = ("--kernel_backend=interpret", "--kernel_shapes=tiny", "--kernel_chunk=32", "--kernel_calls=1", *flags)
     _run_command("kernel_times", *flags, f"--kernel_json={rows_path}")
     with open(rows_path) as file:
         return json.load(file)
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="CPU smoke run of the per-kernel timer (interpret)")
-def test_kernel_times_rows(tmp_path):
+def test_kernel_times_rows(tmp_path, monkeypatch):
+    """A row per kernel of the backend's KernelSet, and one for its single launch of dK and dQ where it has one
+    (here the interpreter's set given one that runs its two launchers), with the FLOPs of both."""
+    interpret = registry.registered("interpret")
+    kernels = interpret.kernels
+    both = lambda dk_call, dq_call, *arrays: (  # noqa: E731
+        kernels.parallel_bw_dK(dk_call, *arrays),
+        kernels.parallel_bw_dQ(dq_call, *arrays),
+    )
+    one_launch = dataclasses.replace(interpret, kernels=dataclasses.replace(kernels, parallel_bw_dK_dQ=both))
+    monkeypatch.setitem(registry._BY_NAME, "interpret", one_launch)
     rows = _kernel_times(tmp_path)
     assert [row["kernel"] for row in rows] == [
         "gates (vecB, vecA)",
@@ -113,8 +124,11 @@ def test_kernel_times_rows(tmp_path):
         "parallel_bw_dQ",
         "parallel_bw_dK",
         "parallel_bw_dV",
+        "parallel_bw_dK_dQ",
     ]
-    assert all(row["ms"] > 0 and row["gbytes"] > 0 for row in rows)
+    assert all(row["ms"] > 0 and row["gbytes"] > 0 and row["backend"] == "interpret" for row in rows)
+    by_name = {row["kernel"]: row for row in rows}
+    assert by_name["parallel_bw_dK_dQ"]["tflop"] == 2 * by_name["parallel_bw_dK"]["tflop"] > 0
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="CPU smoke run of the per-kernel launch sweep (interpret)")

@@ -194,7 +194,14 @@ def test_subcommand_help_lists_its_flags_for_users(request, run_main, command, w
         ),
         (["step_bench", "--step_batches=1,x"], "--step_batches must be positive integers"),
         pytest.param(
-            ["kernel_times"], "on a CPU, --kernel_interpret --kernel_shapes=tiny smoke-tests it", marks=ON_CPU
+            ["kernel_times"],
+            "--kernel_backend=triton: backend='triton' needs an NVIDIA GPU, and JAX's default backend here is 'cpu'",
+            marks=ON_CPU,
+        ),
+        (["kernel_times", "--kernel_backend=cuda"], "--kernel_backend must be one of triton, interpret, xla, mosaic"),
+        (
+            ["kernel_times", "--kernel_backend=xla", "--kernel_sweep"],
+            "--kernel_sweep tries Triton launches, which backend xla's kernels do not take",
         ),
         (["kernel_times", "--kernel_shapes=huge"], "--kernel_shapes: unknown shape 'huge'"),
         (["kernel_times", "--kernel_chunk=8"], "--kernel_chunk must be at least 16"),

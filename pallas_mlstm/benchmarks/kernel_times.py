@@ -1,14 +1,18 @@
-"""Per-kernel time, work and traffic of the triton backend (where the time goes), and per-kernel launch sweeps.
+"""Per-kernel time, work and traffic of a backend's kernels (where the time goes), and per-kernel launch sweeps.
 
-    python -m pallas_mlstm kernel_times --kernel_shapes=7b --kernel_chunk=128
+    python -m pallas_mlstm kernel_times --kernel_shapes=7b
+    python -m pallas_mlstm kernel_times --kernel_shapes=7b --kernel_backend=mosaic
     python -m pallas_mlstm kernel_times --kernel_shapes=7b --kernel_chunk=256 \
         --kernel_sweep --kernel_names=parallel_bw_dQ,parallel_bw_dK
 
-For each of the six kernels (and the gate preprocessing): median ms, the matmul FLOPs it must do (causal
-tiles counted half), the bytes of its inputs and outputs (each moved once at least), and what those give
-per second. With --kernel_sweep, each named kernel is timed alone at every launch of LAUNCH_CANDIDATES
-(the kernels' own defaults first), its first output compared with the defaults'. NVIDIA GPU only (bf16 inputs as
-in the bench); --kernel_interpret --kernel_shapes=tiny smoke-tests on a CPU.
+For the gate preprocessing, each of the six kernels and, where the backend has one, its single launch of dK and
+dQ: median ms, the matmul FLOPs it must do (causal tiles counted half), the bytes of its inputs and outputs (each
+moved once at least), and what those give per second. The kernels run as `mlstm_chunkwise(...,
+backend=--kernel_backend)` runs them in bf16 on this card: at its chunk size and launches (the card's tuned entry
+for the shape, else the defaults; --kernel_chunk another chunk: the kernels' default launches), each jitted and
+timed alone. With --kernel_sweep, each named Triton kernel is timed alone at every launch of LAUNCH_CANDIDATES (the
+kernels' own defaults first), its first output compared with the defaults'. A GPU (mosaic: Hopper);
+--kernel_backend=interpret --kernel_shapes=tiny smoke-tests on a CPU.
 """
 
 from __future__ import annotations
@@ -17,31 +21,45 @@ import dataclasses
 import functools
 import json
 import sys
-import types
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-import pallas_mlstm
-from pallas_mlstm import accuracy, pallas_triton, registry
+from pallas_mlstm import accuracy, registry
 from pallas_mlstm.benchmarks.shapes import cpu_shape_warning, resolve_shapes
 from pallas_mlstm.benchmarks.timing import median_ms
-from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS
-from pallas_mlstm.plan import validate_chunk_size
+from pallas_mlstm.config import ChunkwiseConfig
+from pallas_mlstm.gates import chunkwise_log_gates, compute_chunkwise_reset_gates
+from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS, KernelCall
+from pallas_mlstm.pallas_triton.launch import TritonLaunch
+from pallas_mlstm.plan import default_chunk_size, resolve_config, validate_chunk_size
 from pallas_mlstm.states import state_buffer_dtype
 
+GATES = "gates (vecB, vecA)"  # XLA's gate preprocessing, timed first
+PARALLEL_BACKWARD = ("parallel_bw_dQ", "parallel_bw_dK", "parallel_bw_dV")
+ONE_LAUNCH = "parallel_bw_dK_dQ"  # dK and dQ in one launch, where the backend's KernelSet has one
+TIMED_KERNELS = (*CHUNKWISE_KERNELS, ONE_LAUNCH)
+
 _SHAPES = flags.DEFINE_list("kernel_shapes", ["7b"], "Named shapes (pallas_mlstm/benchmarks/shapes.py).")
-_CHUNK = flags.DEFINE_integer("kernel_chunk", 128, "Chunk size: a power of 2, at least 16.")
+_BACKEND = flags.DEFINE_string(
+    "kernel_backend",
+    "triton",
+    "Whose kernels: a registered backend (triton; mosaic, Hopper only; xla; interpret or mosaic_interpret, their "
+    "interpreters on the CPU: a smoke test whose times mean nothing).",
+)
+_CHUNK = flags.DEFINE_integer(
+    "kernel_chunk",
+    None,
+    "Chunk size, a power of 2 of at least 16 (default: the one mlstm_chunkwise takes on this card for the shape).",
+)
 _CALLS = flags.DEFINE_integer("kernel_calls", 20, "Timed calls per kernel (median kept).", lower_bound=1)
 _JSON = flags.DEFINE_string("kernel_json", None, "Write the rows to this JSON file.")
-_INTERPRET = flags.DEFINE_bool(
-    "kernel_interpret", False, "Run the Pallas interpreter (CPU smoke test; times mean nothing)."
-)
 _SWEEP = flags.DEFINE_bool("kernel_sweep", False, "Time each kernel at every launch of LAUNCH_CANDIDATES.")
 _NAMES = flags.DEFINE_list(
-    "kernel_names", None, f"Kernels to time, any of {','.join(CHUNKWISE_KERNELS)} (default: all)."
+    "kernel_names", None, f"Kernels to time, any of {','.join(TIMED_KERNELS)} (default: all of the backend's)."
 )
 
 # Launches the sweep tries per kernel, each a dict of the kernel's keyword arguments ({}: its defaults).
@@ -87,78 +105,113 @@ LAUNCH_CANDIDATES = {
 
 @dataclasses.dataclass(frozen=True)
 class KernelCase:
-    """One kernel at one shape: `make(launch)` jits it with those launch keyword arguments."""
+    """One kernel of one backend at one shape: `call(launch)` is its `KernelCall` with a Triton launch override
+    (a dict of `TritonLaunch` fields over the config's, None: the config's), `run(call, *args)` its launcher,
+    `make(launch)` the two jitted; `flops`: the matmul work it must do."""
 
     name: str
-    make: Callable[[dict], Callable]
+    call: Callable[[dict | None], KernelCall]
+    run: Callable[..., Any]
     args: tuple
     flops: float
+
+    def make(self, launch: dict | None) -> Callable:
+        """The launcher jitted on `args` with `launch` (see `call`)."""
+        call = self.call(launch)
+        return jax.jit(lambda *args: self.run(call, *args))
 
 
 def _nbytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def kernel_cases(shape, chunk: int, interpret: bool = False) -> list[KernelCase]:
-    """The gate preprocessing and the six kernels, on inputs chained through the kernels themselves."""
+def card_chunk_and_config(shape, backend: str) -> tuple[int, ChunkwiseConfig | None]:
+    """The chunk size and config `mlstm_chunkwise(..., backend=backend)` takes for `shape` in bf16 on this card:
+    its tuned entry (None where none applies) and that entry's chunk, else the default chunk."""
+    chosen = registry.registered(backend)
+    usable = functools.partial(registry.runs_tuned_kernels, chosen)
+    config = resolve_config(chosen, None, tuple(shape.dims().values()), jnp.bfloat16, usable=usable)
+    if config == ChunkwiseConfig():
+        config = None
+    if config is None or config.chunk_size is None:
+        return default_chunk_size(shape.S, chosen.min_chunk), config
+    return config.chunk_size, config
+
+
+def kernel_cases(shape, chunk: int, backend: str = "triton", config: ChunkwiseConfig | None = None) -> list[KernelCase]:
+    """The gate preprocessing and the six kernels of `backend` (and its one launch of dK and dQ, where it has
+    one), bf16 with 16-bit state buffers as `mlstm_chunkwise` runs them, on inputs chained through the kernels
+    themselves; Triton launches from `config`'s fields (None: the kernels' defaults)."""
+    chosen = registry.registered(backend)
+    kernels = chosen.kernels
     B, NH, S, DK, DV = shape.B, shape.NH, shape.S, shape.DHQK, shape.DHHV
     key = jax.random.PRNGKey(0)
     q, k, v, i, f, *_ = accuracy.mlstm_inputs(key, B, NH, S, DK, DV, jnp.bfloat16)
     dh = jax.random.normal(jax.random.fold_in(key, 1), (B, NH, S, DV), jnp.bfloat16)
-    p = types.SimpleNamespace(
-        **{
-            name: functools.partial(getattr(pallas_triton, f"mlstm_chunkwise__{name}"), interpret=interpret)
-            for name in CHUNKWISE_KERNELS
-        }
-    )
-    gates = lambda launch: jax.jit(lambda i, f: pallas_mlstm.compute_chunkwise_log_gates_vecB_vecA(i, f, chunk))
-    narrow = dict(states_dtype=state_buffer_dtype(q.dtype))  # the state buffers of the production path
-    fw_c = lambda launch: jax.jit(lambda k, v, i, f: p.recurrent_fw_C(k, v, f, i, chunk_size=chunk, **narrow, **launch))
-    fw_h = lambda launch: jax.jit(
-        lambda *a: p.parallel_fw_Hintra(*a, chunk_size=chunk, output_dtype=jnp.bfloat16, **launch)
-    )
-    states = fw_c({})(k, v, i, f)[:3]
-    _, n_out, m_out = fw_h({})(q, k, v, i, f, *states)
-    bw_c = (
-        lambda launch: jax.jit(  # arguments: q, f, m states, vecM_out, dH, vecN_out, then the C states
-            lambda *a: p.recurrent_bw_dC(*a[:-1], chunk_size=chunk, matC_states=a[-1], **narrow, **launch)
-        )
-    )
-    bw_c_args = (q, f, states[2], m_out, dh, n_out, states[0])
-    dc_states = bw_c({})(*bw_c_args)[0]
-    vec_b, vec_a = gates({})(i, f)
-    bw_args = (q, k, v, i, vec_a, vec_b, *states, n_out, m_out, dh, dc_states)
-
-    def parallel_bw(name):
-        rows = dict(return_row_dots=True) if name != "dV" else {}
-        fn = getattr(p, f"parallel_bw_{name}")
-        return lambda launch: jax.jit(lambda *a: fn(*a, chunk_size=chunk, output_dtype=jnp.bfloat16, **rows, **launch))
-
+    flat = {} if config is None else dict(config.launch_items())
+    tuned = {} if config is None else config.kernel_launches()
     tokens, half_chunk = B * NH * S, chunk / 2  # causal: on average half a chunk of keys per query
     inter = 2 * tokens * DK * DV  # one (L x DK) x (DK x DV)-sized product per chunk and token
     intra = 2 * tokens * half_chunk * (DK + DV)
-    return [
-        KernelCase("gates (vecB, vecA)", gates, (i, f), 0),
-        KernelCase("recurrent_fw_C", fw_c, (k, v, i, f), inter),
-        KernelCase("parallel_fw_Hintra", fw_h, (q, k, v, i, f, *states), inter + intra),
-        KernelCase("recurrent_bw_dC", bw_c, bw_c_args, inter),
-        *(KernelCase(f"parallel_bw_{name}", parallel_bw(name), bw_args, inter + intra) for name in ("dQ", "dK", "dV")),
+
+    def call_of(name: str, **fields) -> Callable[[dict | None], KernelCall]:
+        def call(launch: dict | None) -> KernelCall:
+            override = {**tuned.get(name, {}), **(launch or {})}
+            return KernelCall(
+                chunk_size=chunk,
+                states_dtype=state_buffer_dtype(q.dtype),  # the state buffers of the production path
+                launch=chosen.launch(name, flat, override or None),
+                interpret=chosen.interpret,
+                **fields,
+            )
+
+        return call
+
+    def case(name: str, args: tuple, flops: float, **fields) -> KernelCase:
+        return KernelCase(name, call_of(name, **fields), getattr(kernels, name), args, flops)
+
+    def outputs(item: KernelCase):
+        return item.make(None)(*item.args)
+
+    states_case = case("recurrent_fw_C", (k, v, f, i, None, None, None), inter)
+    states = outputs(states_case)[:3]  # C, n, m at every chunk boundary
+    h_case = case("parallel_fw_Hintra", (q, k, v, i, f, *states), inter + intra, output_dtype=jnp.bfloat16)
+    _, n_out, m_out = outputs(h_case)
+    dc_case = case("recurrent_bw_dC", (q, f, states[2], m_out, dh, n_out, None, states[0]), inter)
+    dc_states = outputs(dc_case)[0]
+    _, vec_a = chunkwise_log_gates(i, f, chunk)
+    vec_b, vec_r = compute_chunkwise_reset_gates(f, chunk)
+    bw_args = (q, k, v, i, (vec_a, vec_b, vec_r), tuple(states), n_out, m_out, dh, dc_states)
+    gates = lambda _, i, f: (chunkwise_log_gates(i, f, chunk), compute_chunkwise_reset_gates(f, chunk))
+    cases = [
+        KernelCase(GATES, lambda launch: None, gates, (i, f), 0),
+        states_case,
+        h_case,
+        dc_case,
+        *(case(name, bw_args, inter + intra, output_dtype=jnp.bfloat16) for name in PARALLEL_BACKWARD),
     ]
+    if kernels.parallel_bw_dK_dQ is not None:
+        dk_call, dq_call = (call_of(name, output_dtype=jnp.bfloat16) for name in ("parallel_bw_dK", "parallel_bw_dQ"))
+        pair = lambda launch: (dk_call(launch), dq_call(launch))  # noqa: E731
+        run = lambda calls, *args: kernels.dK_and_dQ(*calls, *args)  # noqa: E731
+        cases.append(KernelCase(ONE_LAUNCH, pair, run, bw_args, 2 * (inter + intra)))
+    return cases
 
 
-def kernel_rows(shape, chunk: int, calls: int, interpret: bool = False, names=None) -> list[dict]:
-    """Times each kernel at its default launch."""
+def kernel_rows(shape, chunk: int, calls: int, backend: str = "triton", config=None, names=None) -> list[dict]:
+    """Times each kernel of `backend` at its launch from `config` (None: the kernels' defaults)."""
     rows = []
-    for case in kernel_cases(shape, chunk, interpret):
+    for case in kernel_cases(shape, chunk, backend, config):
         if names and case.name not in names:
             continue
-        fn = case.make({})
+        fn = case.make(None)
         ms = median_ms(fn, [case.args], calls)
         # arguments + outputs: an upper bound on what an ideal kernel moves (some arguments go unread)
         rows.append(
             dict(
                 shape=shape.name,
                 chunk=chunk,
+                backend=backend,
                 kernel=case.name,
                 ms=ms,
                 tflop=case.flops / 1e12,
@@ -170,10 +223,11 @@ def kernel_rows(shape, chunk: int, calls: int, interpret: bool = False, names=No
     return rows
 
 
-def sweep_rows(shape, chunk: int, calls: int, interpret: bool = False, names=None) -> list[dict]:
-    """Times each kernel at every launch of LAUNCH_CANDIDATES; a launch that fails to compile gets its error."""
+def sweep_rows(shape, chunk: int, calls: int, backend: str = "triton", names=None) -> list[dict]:
+    """Times each kernel at every launch of LAUNCH_CANDIDATES (over the kernels' defaults); a launch that fails to
+    compile gets its error."""
     rows = []
-    for case in kernel_cases(shape, chunk, interpret):
+    for case in kernel_cases(shape, chunk, backend):
         if case.name not in LAUNCH_CANDIDATES or (names and case.name not in names):
             continue
         expected = None
@@ -181,6 +235,7 @@ def sweep_rows(shape, chunk: int, calls: int, interpret: bool = False, names=Non
             row = dict(
                 shape=shape.name,
                 chunk=chunk,
+                backend=backend,
                 kernel=case.name,
                 launch=launch,
                 card=jax.devices()[0].device_kind,
@@ -211,35 +266,52 @@ def main(argv) -> None:
         shapes = resolve_shapes(_SHAPES.value)
     except ValueError as error:
         raise app.UsageError(f"--kernel_shapes: {error}") from None
-    try:
-        validate_chunk_size(_CHUNK.value, None, name="--kernel_chunk", minimum=registry.registered("triton").min_chunk)
-    except ValueError as error:
-        raise app.UsageError(error) from None
-    unknown = sorted(set(_NAMES.value or ()) - set(CHUNKWISE_KERNELS))
-    if unknown:
-        raise app.UsageError(f"--kernel_names entries must be among {','.join(CHUNKWISE_KERNELS)}; got {unknown}.")
-    if not _INTERPRET.value and not registry.registered("triton").available():
+    if _BACKEND.value not in registry.BACKENDS:
+        raise app.UsageError(f"--kernel_backend must be one of {', '.join(registry.BACKENDS)}; got {_BACKEND.value!r}.")
+    backend = registry.registered(_BACKEND.value)
+    if _CHUNK.value is not None:
+        try:
+            validate_chunk_size(_CHUNK.value, None, name="--kernel_chunk", minimum=backend.min_chunk)
+        except ValueError as error:
+            raise app.UsageError(error) from None
+    if _SWEEP.value and backend.launch_type is not TritonLaunch:
         raise app.UsageError(
-            "kernel_times times the triton kernels on an NVIDIA GPU, and JAX's platform here is "
-            f"{jax.default_backend()}; on a CPU, --kernel_interpret --kernel_shapes=tiny smoke-tests it."
+            f"--kernel_sweep tries Triton launches, which backend {backend.name}'s kernels do not take: use "
+            "--kernel_backend=triton (or interpret on a CPU)."
         )
+    unknown = sorted(set(_NAMES.value or ()) - set(TIMED_KERNELS))
+    if unknown:
+        raise app.UsageError(f"--kernel_names entries must be among {','.join(TIMED_KERNELS)}; got {unknown}.")
+    try:
+        registry.get_backend(backend.name)  # runs here
+    except ValueError as error:
+        raise app.UsageError(
+            f"--kernel_backend={backend.name}: {error} On a CPU, --kernel_backend=interpret --kernel_shapes=tiny "
+            "smoke-tests kernel_times."
+        ) from None
     if jax.default_backend() != "gpu":
         warning = cpu_shape_warning(shapes, "--kernel_shapes")
         if warning:
             print(warning, flush=True)
     rows = []
     for shape in shapes:
+        chunk, config = card_chunk_and_config(shape, backend.name)
+        if _CHUNK.value not in (None, chunk):  # another chunk than the card's: the kernels' default launches
+            chunk, config = _CHUNK.value, None
         if _SWEEP.value:
-            rows += sweep_rows(shape, _CHUNK.value, _CALLS.value, _INTERPRET.value, _NAMES.value)
+            rows += sweep_rows(shape, chunk, _CALLS.value, backend.name, _NAMES.value)
         else:
-            rows += kernel_rows(shape, _CHUNK.value, _CALLS.value, _INTERPRET.value, _NAMES.value)
+            rows += kernel_rows(shape, chunk, _CALLS.value, backend.name, config, _NAMES.value)
     if not _SWEEP.value:
-        print(f"{'shape':<12} {'kernel':<20} {'ms':>8} {'TFLOP':>7} {'TFLOP/s':>8} {'GB in+out':>10} {'GB/s':>7}")
+        print(
+            f"{'shape':<12} {'backend':<16} {'chunk':>5} {'kernel':<20} {'ms':>8} {'TFLOP':>7} {'TFLOP/s':>8} "
+            f"{'GB in+out':>10} {'GB/s':>7}"
+        )
         for row in rows:
             rate = row["tflop"] / row["ms"] * 1e3 if row["tflop"] else 0.0
             print(
-                f"{row['shape']:<12} {row['kernel']:<20} {row['ms']:>8.3f} {row['tflop']:>7.3f} {rate:>8.1f} "
-                f"{row['gbytes']:>10.2f} {row['gbytes'] / row['ms'] * 1e3:>7.0f}"
+                f"{row['shape']:<12} {row['backend']:<16} {row['chunk']:>5} {row['kernel']:<20} {row['ms']:>8.3f} "
+                f"{row['tflop']:>7.3f} {rate:>8.1f} {row['gbytes']:>10.2f} {row['gbytes'] / row['ms'] * 1e3:>7.0f}"
             )
     if _JSON.value:
         with open(_JSON.value, "w") as handle:

@@ -43,13 +43,11 @@ import jax.numpy as jnp
 
 from pallas_mlstm import accuracy, pallas_triton, xla_kernels
 from pallas_mlstm.benchmarks import impls, runner, timing
-from pallas_mlstm.benchmarks.kernel_times import kernel_cases
-from pallas_mlstm.benchmarks.shapes import SHAPES, Shape
-from pallas_mlstm.device import device_properties
+from pallas_mlstm.benchmarks.kernel_times import card_chunk_and_config, kernel_cases
+from pallas_mlstm.benchmarks.shapes import SHAPES
 from pallas_mlstm.kernel_call import KernelCall
 from pallas_mlstm.mosaic_gpu import common as mosaic_common
 from pallas_mlstm.mosaic_gpu import parallel_bw, parallel_bw_sliced, parallel_fw, recurrent_fw
-from pallas_mlstm.plan import default_chunk_size, tuned_config_for
 
 CELLS = {"exponential": ("exponential", True), "sigmoid": ("sigmoid", True), "sigmoid-unnormalised": ("sigmoid", False)}
 # (B, NH, S, DHQK, DHHV, chunk): one warpgroup; 7B widths; two warpgroups, two query and two DHHV tiles; padded DHQK.
@@ -84,28 +82,12 @@ def _max_rel_err(outputs, expected) -> float:
     return max(accuracy.rel_err(a, b) for a, b in zip(outputs, expected))
 
 
-def _mosaic(call: KernelCall, modules=None):
-    """The Mosaic GPU H launcher on kernel_times' arguments (`modules`: the kernel modules, this revision's if
-    None)."""
+def _mosaic(kernel: str, call: KernelCall, modules=None):
+    """The Mosaic GPU launcher of `kernel`, jitted on the backend's arguments (`modules`: the kernel modules, this
+    revision's if None)."""
     modules = current_modules() if modules is None else modules
-    return jax.jit(lambda *a: modules["parallel_fw"].parallel_fw_Hintra(call, *a))
-
-
-def _mosaic_backward(module: str, kernel: str):
-    """A Mosaic GPU backward launcher (from the kernel modules and a KernelCall) on kernel_times' upstream-order
-    arguments (q, k, v, i, vecA, vecB, C, n, m states, vecN_out, vecM_out, dH, dC states)."""
-
-    def bind(call: KernelCall, modules):
-        launcher = getattr(modules[module], kernel)
-
-        def launch(*args):
-            q, k, v, i, vec_a, vec_b, *states, n_out, m_out, dh, dc_states = args
-            gates = (vec_a, vec_b, None)
-            return launcher(call, q, k, v, i, gates, tuple(states), n_out, m_out, dh, dc_states)
-
-        return jax.jit(launch)
-
-    return bind
+    launcher = getattr(modules[KERNELS[kernel][0]], kernel)
+    return jax.jit(lambda *args: launcher(call, *args))
 
 
 def _sliced_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]):
@@ -114,33 +96,19 @@ def _sliced_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]):
     return count, mosaic_common.Tiles(warpgroups=tiles.warpgroups, block_v=block, stages=tiles.stages)
 
 
-def _mosaic_states(call: KernelCall, modules):
-    """The Mosaic GPU states launcher on kernel_times' arguments (k, v, i, f), with its bf16 state buffers."""
-    call = dataclasses.replace(call, states_dtype="bfloat16")
-    return jax.jit(lambda k, v, i, f: modules["recurrent_fw"].recurrent_fw_C(call, k, v, f, i, None, None, None))
-
-
-def _mosaic_states_backward(call: KernelCall, modules):
-    """The Mosaic GPU states backward launcher on kernel_times' arguments (q, f, m states, vecM_out, dH, vecN_out,
-    C states), with its bf16 state buffers."""
-    call = dataclasses.replace(call, states_dtype="bfloat16")
-    backward = modules["recurrent_bw"].recurrent_bw_dC
-    return jax.jit(lambda q, f, m, m_out, dh, n_out, c: backward(call, q, f, m, m_out, dh, n_out, None, c))
-
-
 def _states_tiles(chunk: int, dhqk: int, dhhv: int, parts: tuple[int, ...]):
     return recurrent_fw.kernel_tiles(dhqk, dhhv, parts, 2, recurrent_fw.compute_warpgroups(dhqk), chunk)
 
 
-# The timed kernels: their Mosaic GPU launcher (from a KernelCall and the kernel modules, on kernel_times'
-# arguments) and tile choice.
+# The timed kernels: the module of pallas_mlstm.mosaic_gpu that holds each one's Mosaic GPU launcher, and its tile
+# choice.
 KERNELS = {
-    "recurrent_fw_C": (_mosaic_states, _states_tiles),
-    "recurrent_bw_dC": (_mosaic_states_backward, _states_tiles),
-    "parallel_fw_Hintra": (_mosaic, parallel_fw.kernel_tiles),
-    "parallel_bw_dV": (_mosaic_backward("parallel_bw", "parallel_bw_dV"), parallel_bw.kernel_tiles),
-    "parallel_bw_dK": (_mosaic_backward("parallel_bw_sliced", "parallel_bw_dK"), _sliced_tiles),
-    "parallel_bw_dQ": (_mosaic_backward("parallel_bw_sliced", "parallel_bw_dQ"), _sliced_tiles),
+    "recurrent_fw_C": ("recurrent_fw", _states_tiles),
+    "recurrent_bw_dC": ("recurrent_bw", _states_tiles),
+    "parallel_fw_Hintra": ("parallel_fw", parallel_fw.kernel_tiles),
+    "parallel_bw_dV": ("parallel_bw", parallel_bw.kernel_tiles),
+    "parallel_bw_dK": ("parallel_bw_sliced", _sliced_tiles),
+    "parallel_bw_dQ": ("parallel_bw_sliced", _sliced_tiles),
 }
 # pallas_mlstm.mosaic_gpu's kernel modules, each after those it imports
 KERNEL_MODULES = ("common", "parallel_fw", "parallel_bw", "parallel_bw_sliced", "recurrent_fw", "recurrent_bw")
@@ -193,15 +161,6 @@ def _tiles(dhqk: int, dhhv: int, chunk: int, dtype, kernel: str = "parallel_fw_H
     return f"P={count} warpgroups={tiles.warpgroups} block_v={tiles.block_v} stages={tiles.stages}{states}"
 
 
-def _timed_chunk(shape: Shape, kernel: str) -> tuple[int, dict]:
-    """The card's tuned chunk size for this shape and the Triton launch of `kernel` tuned with it (none tuned: the
-    default chunk and the kernel's default launch)."""
-    config = tuned_config_for(device_properties(), *shape.dims().values())
-    if config is None or config.chunk_size is None:
-        return default_chunk_size(shape.S), {}
-    return config.chunk_size, config.kernel_launches().get(kernel, {})
-
-
 def timing_row(
     shape_name: str, kernel: str, calls: int, rounds: int, baseline=None, interpret=False, profile=False
 ) -> dict:
@@ -211,20 +170,21 @@ def timing_row(
     shape = SHAPES[shape_name]
     row = dict(step="timing", case=shape_name, kernel=kernel, dtype="bfloat16", rounds=rounds, calls=calls)
     try:
-        chunk, launch = _timed_chunk(shape, kernel)
+        chunk, config = card_chunk_and_config(shape, "mosaic")
         tiles = _tiles(shape.DHQK, shape.DHHV, chunk, jnp.bfloat16, kernel)
+        triton = "interpret" if interpret else "triton"
+        case = next(c for c in kernel_cases(shape, chunk, triton, config) if c.name == kernel)
+        call = case.call(None)  # Triton's tuned launch, which the Mosaic GPU kernels ignore
+        launch = {key: value for key, value in dataclasses.asdict(call.launch).items() if value is not None}
         row.update(chunk=chunk, triton_launch=launch, mosaic_tiles=tiles)
-        case = next(c for c in kernel_cases(shape, chunk, interpret) if c.name == kernel)
     except Exception as error:
         row["error"] = _error_text(error)
         traceback.print_exc()
         return row
     row["tflop"] = case.flops / 1e12
-    call = KernelCall(chunk_size=chunk, eps=EPS, output_dtype=jnp.bfloat16, interpret=interpret)
-    make_mosaic = KERNELS[kernel][0]
-    launchers = {"triton": lambda: case.make(launch), "mosaic": lambda: make_mosaic(call, current_modules())}
+    launchers = {"triton": lambda: case.make(None), "mosaic": lambda: _mosaic(kernel, call)}
     if baseline is not None:
-        launchers["baseline"] = lambda: make_mosaic(call, baseline)
+        launchers["baseline"] = lambda: _mosaic(kernel, call, baseline)
     compiled = _compile(launchers, case.args, row)
     times = _interleaved_times(compiled, case.args, calls, rounds, row)
     if times is None:
@@ -363,7 +323,7 @@ def correctness_row(case: str, dtype, cell: str, interpret: bool = False) -> dic
         call = KernelCall(
             chunk_size=shape[-1], eps=EPS, input_gate=input_gate, normalize=normalize, interpret=interpret
         )
-        mosaic = _mosaic(call)(*args)
+        mosaic = _mosaic("parallel_fw_Hintra", call)(*args)
         twin = jax.jit(lambda *a: xla_kernels.parallel_fw_Hintra(call, *a))(*args)
     except Exception as error:
         row["error"] = _error_text(error)
