@@ -220,7 +220,23 @@ def kernel_rows(shape, chunk: int, calls: int, backend: str = "triton", config=N
                 jax_version=jax.__version__,
             )
         )
+        print(table_line(rows[-1]), flush=True)
     return rows
+
+
+TABLE_HEADER = (
+    f"{'shape':<12} {'backend':<16} {'chunk':>5} {'kernel':<20} {'ms':>8} {'TFLOP':>7} {'TFLOP/s':>8} "
+    f"{'GB in+out':>10} {'GB/s':>7}"
+)
+
+
+def table_line(row: dict) -> str:
+    """One `kernel_rows` row as a line of the printed table (TABLE_HEADER names its columns)."""
+    rate = row["tflop"] / row["ms"] * 1e3 if row["tflop"] else 0.0
+    return (
+        f"{row['shape']:<12} {row['backend']:<16} {row['chunk']:>5} {row['kernel']:<20} {row['ms']:>8.3f} "
+        f"{row['tflop']:>7.3f} {rate:>8.1f} {row['gbytes']:>10.2f} {row['gbytes'] / row['ms'] * 1e3:>7.0f}"
+    )
 
 
 def sweep_rows(shape, chunk: int, calls: int, backend: str = "triton", names=None) -> list[dict]:
@@ -293,6 +309,8 @@ def main(argv) -> None:
         warning = cpu_shape_warning(shapes, "--kernel_shapes")
         if warning:
             print(warning, flush=True)
+    if not _SWEEP.value:
+        print(TABLE_HEADER, flush=True)
     rows = []
     for shape in shapes:
         chunk, config = card_chunk_and_config(shape, backend.name)
@@ -302,20 +320,9 @@ def main(argv) -> None:
             rows += sweep_rows(shape, chunk, _CALLS.value, backend.name, _NAMES.value)
         else:
             rows += kernel_rows(shape, chunk, _CALLS.value, backend.name, config, _NAMES.value)
-    if not _SWEEP.value:
-        print(
-            f"{'shape':<12} {'backend':<16} {'chunk':>5} {'kernel':<20} {'ms':>8} {'TFLOP':>7} {'TFLOP/s':>8} "
-            f"{'GB in+out':>10} {'GB/s':>7}"
-        )
-        for row in rows:
-            rate = row["tflop"] / row["ms"] * 1e3 if row["tflop"] else 0.0
-            print(
-                f"{row['shape']:<12} {row['backend']:<16} {row['chunk']:>5} {row['kernel']:<20} {row['ms']:>8.3f} "
-                f"{row['tflop']:>7.3f} {rate:>8.1f} {row['gbytes']:>10.2f} {row['gbytes'] / row['ms'] * 1e3:>7.0f}"
-            )
-    if _JSON.value:
-        with open(_JSON.value, "w") as handle:
-            json.dump(rows, handle, indent=1)
+        if _JSON.value:  # after each shape, so that a run cut short keeps what it timed
+            with open(_JSON.value, "w") as handle:
+                json.dump(rows, handle, indent=1)
 
 
 if __name__ == "__main__":
