@@ -205,7 +205,24 @@ def test_subcommand_help_lists_its_flags_for_users(request, run_main, command, w
         ),
         (["kernel_times", "--kernel_shapes=huge"], "--kernel_shapes: unknown shape 'huge'"),
         (["kernel_times", "--kernel_chunk=8"], "--kernel_chunk must be at least 16"),
-        (["kernel_times", "--kernel_names=dQ"], "--kernel_names entries must be among recurrent_fw_C,"),
+        (["kernel_times", "--kernel_names=dQ"], "--kernel_names: backend triton times recurrent_fw_C,"),
+        (
+            ["kernel_times", "--kernel_names=dK_and_dQ"],
+            "--kernel_names: backend triton times recurrent_fw_C,parallel_fw_Hintra,recurrent_bw_dC,parallel_bw_dQ,"
+            "parallel_bw_dK,parallel_bw_dV; got ['dK_and_dQ']",
+        ),
+        (
+            ["kernel_times", "--kernel_sweep", "--kernel_names=dK_and_dQ"],
+            "--kernel_names: --kernel_sweep sweeps recurrent_fw_C,",
+        ),
+        (
+            ["kernel_times", "--kernel_backend=mosaic", "--kernel_sweep"],
+            "--kernel_sweep tries Triton launches, which backend mosaic's kernels do not take",
+        ),
+        (
+            ["kernel_times", "--kernel_backend=xla", "--kernel_shapes=tiny", "--kernel_chunk=512"],
+            "--kernel_chunk=512 does not divide tiny's S = 256",
+        ),
     ],
 )
 def test_bad_request_prints_one_line_and_exits_2(run_main, arguments, expected):

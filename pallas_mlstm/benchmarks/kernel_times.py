@@ -2,17 +2,18 @@
 
     python -m pallas_mlstm kernel_times --kernel_shapes=7b
     python -m pallas_mlstm kernel_times --kernel_shapes=7b --kernel_backend=mosaic
-    python -m pallas_mlstm kernel_times --kernel_shapes=7b --kernel_chunk=256 \
+    python -m pallas_mlstm kernel_times --kernel_shapes=7b --kernel_chunk=256 \\
         --kernel_sweep --kernel_names=parallel_bw_dQ,parallel_bw_dK
 
-For the gate preprocessing, each of the six kernels and, where the backend has one, its single launch of dK and
-dQ: median ms, the matmul FLOPs it must do (causal tiles counted half), the bytes of its inputs and outputs (each
-moved once at least), and what those give per second. The kernels run as `mlstm_chunkwise(...,
-backend=--kernel_backend)` runs them in bf16 on this card: at its chunk size and launches (the card's tuned entry
-for the shape, else the defaults; --kernel_chunk another chunk: the kernels' default launches), each jitted and
-timed alone. With --kernel_sweep, each named Triton kernel is timed alone at every launch of LAUNCH_CANDIDATES (the
-kernels' own defaults first), its first output compared with the defaults'. A GPU (mosaic: Hopper);
---kernel_backend=interpret --kernel_shapes=tiny smoke-tests on a CPU.
+For the gate preprocessing, each of the six kernels and, where the backend has a call of both, dK and dQ together
+(`KernelSet.dK_and_dQ`: Mosaic GPU's one launch): median ms, the matmul FLOPs it must do (causal tiles counted
+half), the bytes of its inputs and outputs (each moved once at least), and what those give per second. The
+kernels run as `mlstm_chunkwise(..., backend=--kernel_backend)` runs them in bf16 on this card: at its chunk size
+and launches (the card's tuned entry for the shape, else the defaults; --kernel_chunk another chunk: the kernels'
+default launches), each jitted and timed alone. With --kernel_sweep, each named Triton kernel is timed alone at
+every launch of LAUNCH_CANDIDATES (the kernels' own defaults first), its first output compared with the
+defaults'. A GPU for triton and mosaic (Hopper); on a CPU, --kernel_backend=interpret (or xla)
+--kernel_shapes=tiny smoke-tests it.
 """
 
 from __future__ import annotations
@@ -28,20 +29,19 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from pallas_mlstm import accuracy, registry
+from pallas_mlstm import accuracy, pallas_triton, registry
 from pallas_mlstm.benchmarks.shapes import cpu_shape_warning, resolve_shapes
 from pallas_mlstm.benchmarks.timing import median_ms
 from pallas_mlstm.config import ChunkwiseConfig
 from pallas_mlstm.gates import chunkwise_log_gates, compute_chunkwise_reset_gates
 from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS, KernelCall
-from pallas_mlstm.pallas_triton.launch import TritonLaunch
-from pallas_mlstm.plan import default_chunk_size, resolve_config, validate_chunk_size
+from pallas_mlstm.plan import make_chunking, resolve_config, validate_chunk_size
 from pallas_mlstm.states import state_buffer_dtype
 
-GATES = "gates (vecB, vecA)"  # XLA's gate preprocessing, timed first
+GATES = "gates (vecA, vecB, vecR)"  # XLA's gate preprocessing of the parallel backward kernels, timed first
 PARALLEL_BACKWARD = ("parallel_bw_dQ", "parallel_bw_dK", "parallel_bw_dV")
-ONE_LAUNCH = "parallel_bw_dK_dQ"  # dK and dQ in one launch, where the backend's KernelSet has one
-TIMED_KERNELS = (*CHUNKWISE_KERNELS, ONE_LAUNCH)
+BOTH_GRADIENTS = "dK_and_dQ"  # KernelSet.dK_and_dQ, where the set has a launch of both (Mosaic GPU's: one launch
+# where no head dim is padded, else two)
 
 _SHAPES = flags.DEFINE_list("kernel_shapes", ["7b"], "Named shapes (pallas_mlstm/benchmarks/shapes.py).")
 _BACKEND = flags.DEFINE_string(
@@ -59,10 +59,12 @@ _CALLS = flags.DEFINE_integer("kernel_calls", 20, "Timed calls per kernel (media
 _JSON = flags.DEFINE_string("kernel_json", None, "Write the rows to this JSON file.")
 _SWEEP = flags.DEFINE_bool("kernel_sweep", False, "Time each kernel at every launch of LAUNCH_CANDIDATES.")
 _NAMES = flags.DEFINE_list(
-    "kernel_names", None, f"Kernels to time, any of {','.join(TIMED_KERNELS)} (default: all of the backend's)."
+    "kernel_names",
+    None,
+    f"Kernels to time, any of {','.join(CHUNKWISE_KERNELS)} or {BOTH_GRADIENTS} (default: all the backend has).",
 )
 
-# Launches the sweep tries per kernel, each a dict of the kernel's keyword arguments ({}: its defaults).
+# Launches the sweep tries per kernel, each a dict of `TritonLaunch` fields ({}: the kernel's defaults).
 # Parallel kernels: output-row tile, loop tile, head-dim tiles, warps, stages around the defaults.
 _PARALLEL_VARIANTS = (
     {},
@@ -127,19 +129,16 @@ def _nbytes(tree) -> int:
 
 def card_chunk_and_config(shape, backend: str) -> tuple[int, ChunkwiseConfig | None]:
     """The chunk size and config `mlstm_chunkwise(..., backend=backend)` takes for `shape` in bf16 on this card:
-    its tuned entry (None where none applies) and that entry's chunk, else the default chunk."""
+    its tuned entry (None where none applies) and the chunk it plans with that entry (`plan.make_chunking`)."""
     chosen = registry.registered(backend)
     usable = functools.partial(registry.runs_tuned_kernels, chosen)
     config = resolve_config(chosen, None, tuple(shape.dims().values()), jnp.bfloat16, usable=usable)
-    if config == ChunkwiseConfig():
-        config = None
-    if config is None or config.chunk_size is None:
-        return default_chunk_size(shape.S, chosen.min_chunk), config
-    return config.chunk_size, config
+    chunking, _ = make_chunking(chosen, config, None, shape.S, None, None)
+    return chunking.chunk_size, (None if config == ChunkwiseConfig() else config)
 
 
 def kernel_cases(shape, chunk: int, backend: str = "triton", config: ChunkwiseConfig | None = None) -> list[KernelCase]:
-    """The gate preprocessing and the six kernels of `backend` (and its one launch of dK and dQ, where it has
+    """The gate preprocessing and the six kernels of `backend` (and its call of dK and dQ together, where it has
     one), bf16 with 16-bit state buffers as `mlstm_chunkwise` runs them, on inputs chained through the kernels
     themselves; Triton launches from `config`'s fields (None: the kernels' defaults)."""
     chosen = registry.registered(backend)
@@ -182,7 +181,7 @@ def kernel_cases(shape, chunk: int, backend: str = "triton", config: ChunkwiseCo
     _, vec_a = chunkwise_log_gates(i, f, chunk)
     vec_b, vec_r = compute_chunkwise_reset_gates(f, chunk)
     bw_args = (q, k, v, i, (vec_a, vec_b, vec_r), tuple(states), n_out, m_out, dh, dc_states)
-    gates = lambda _, i, f: (chunkwise_log_gates(i, f, chunk), compute_chunkwise_reset_gates(f, chunk))
+    gates = lambda _, i, f: (chunkwise_log_gates(i, f, chunk)[1], *compute_chunkwise_reset_gates(f, chunk))
     cases = [
         KernelCase(GATES, lambda launch: None, gates, (i, f), 0),
         states_case,
@@ -194,7 +193,7 @@ def kernel_cases(shape, chunk: int, backend: str = "triton", config: ChunkwiseCo
         dk_call, dq_call = (call_of(name, output_dtype=jnp.bfloat16) for name in ("parallel_bw_dK", "parallel_bw_dQ"))
         pair = lambda launch: (dk_call(launch), dq_call(launch))  # noqa: E731
         run = lambda calls, *args: kernels.dK_and_dQ(*calls, *args)  # noqa: E731
-        cases.append(KernelCase(ONE_LAUNCH, pair, run, bw_args, 2 * (inter + intra)))
+        cases.append(KernelCase(BOTH_GRADIENTS, pair, run, bw_args, 2 * (inter + intra)))
     return cases
 
 
@@ -212,6 +211,7 @@ def kernel_rows(shape, chunk: int, calls: int, backend: str = "triton", config=N
                 shape=shape.name,
                 chunk=chunk,
                 backend=backend,
+                tuned=config is not None,  # launches from the card's tuned entry, else the kernels' defaults
                 kernel=case.name,
                 ms=ms,
                 tflop=case.flops / 1e12,
@@ -274,6 +274,12 @@ def sweep_rows(shape, chunk: int, calls: int, backend: str = "triton", names=Non
     return rows
 
 
+def timed_kernels(backend) -> tuple[str, ...]:
+    """The kernels `kernel_rows` times for `backend` (a registered `Backend`), by name."""
+    both = (BOTH_GRADIENTS,) if backend.kernels.parallel_bw_dK_dQ is not None else ()
+    return (*CHUNKWISE_KERNELS, *both)
+
+
 def main(argv) -> None:
     """The `kernel_times` subcommand: time each kernel (or sweep its launches) at each shape; print; write JSON."""
     if len(argv) > 1:
@@ -290,14 +296,16 @@ def main(argv) -> None:
             validate_chunk_size(_CHUNK.value, None, name="--kernel_chunk", minimum=backend.min_chunk)
         except ValueError as error:
             raise app.UsageError(error) from None
-    if _SWEEP.value and backend.launch_type is not TritonLaunch:
+    if _SWEEP.value and backend.kernels is not pallas_triton.KERNELS:
         raise app.UsageError(
             f"--kernel_sweep tries Triton launches, which backend {backend.name}'s kernels do not take: use "
             "--kernel_backend=triton (or interpret on a CPU)."
         )
-    unknown = sorted(set(_NAMES.value or ()) - set(TIMED_KERNELS))
+    timed = tuple(LAUNCH_CANDIDATES) if _SWEEP.value else timed_kernels(backend)
+    unknown = sorted(set(_NAMES.value or ()) - set(timed))
     if unknown:
-        raise app.UsageError(f"--kernel_names entries must be among {','.join(TIMED_KERNELS)}; got {unknown}.")
+        what = "--kernel_sweep sweeps" if _SWEEP.value else f"backend {backend.name} times"
+        raise app.UsageError(f"--kernel_names: {what} {','.join(timed)}; got {unknown}.")
     try:
         registry.get_backend(backend.name)  # runs here
     except ValueError as error:
@@ -305,6 +313,14 @@ def main(argv) -> None:
             f"--kernel_backend={backend.name}: {error} On a CPU, --kernel_backend=interpret --kernel_shapes=tiny "
             "smoke-tests kernel_times."
         ) from None
+    planned = []  # (shape, chunk, config)
+    for shape in shapes:
+        chunk, config = card_chunk_and_config(shape, backend.name)
+        if _CHUNK.value not in (None, chunk):  # another chunk than the card's: the kernels' default launches
+            chunk, config = _CHUNK.value, None
+        if shape.S % chunk:
+            raise app.UsageError(f"--kernel_chunk={chunk} does not divide {shape.name}'s S = {shape.S}.")
+        planned.append((shape, chunk, config))
     if jax.default_backend() != "gpu":
         warning = cpu_shape_warning(shapes, "--kernel_shapes")
         if warning:
@@ -312,10 +328,7 @@ def main(argv) -> None:
     if not _SWEEP.value:
         print(TABLE_HEADER, flush=True)
     rows = []
-    for shape in shapes:
-        chunk, config = card_chunk_and_config(shape, backend.name)
-        if _CHUNK.value not in (None, chunk):  # another chunk than the card's: the kernels' default launches
-            chunk, config = _CHUNK.value, None
+    for shape, chunk, config in planned:
         if _SWEEP.value:
             rows += sweep_rows(shape, chunk, _CALLS.value, backend.name, _NAMES.value)
         else:
