@@ -23,7 +23,7 @@ import pallas_mlstm.__main__ as cli
 import pallas_mlstm.check  # noqa: F401  (every command's flags exist before flagsaver saves them)
 import pallas_mlstm.config  # noqa: F401
 from pallas_mlstm import mosaic_gpu, registry
-from pallas_mlstm.accuracy import BENCH_TOLERANCE
+from pallas_mlstm.accuracy import BENCH_TOLERANCE, rel_err
 from pallas_mlstm.benchmarks import impls, kernel_times, mosaic_check, runner, step_bench, sweep, timing  # noqa: F401
 from pallas_mlstm.benchmarks.shapes import Shape, resolve_shapes
 from pallas_mlstm.config import ChunkwiseConfig, shape_class
@@ -129,6 +129,22 @@ def test_kernel_times_rows(tmp_path, monkeypatch):
     assert all(row["ms"] > 0 and row["gbytes"] > 0 and row["backend"] == "interpret" for row in rows)
     by_name = {row["kernel"]: row for row in rows}
     assert by_name["dK_and_dQ"]["tflop"] == 2 * by_name["parallel_bw_dK"]["tflop"] > 0
+
+
+def test_kernel_times_chains_the_kernels_as_the_op_does():
+    """The backward kernels' cases, run on the arrays kernel_times chains through the forward kernels, give the
+    op's gradients of q, k and v for the cotangent dh that the cases use (xla backend, bf16 kernels)."""
+    shape = resolve_shapes(["tiny"])[0]
+    cases = {case.name: case for case in kernel_times.kernel_cases(shape, 64, "xla")}
+    q, k, v, i, _, _, _, _, dh, _ = cases["parallel_bw_dV"].args
+    f = cases["recurrent_fw_C"].args[2]
+    op = lambda q, k, v: pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, chunk_size=64, backend="xla", eps=0.0)  # noqa: E731
+    _, pullback = jax.vjp(op, q, k, v)
+    expected = dict(zip(("parallel_bw_dQ", "parallel_bw_dK", "parallel_bw_dV"), pullback(dh)))
+    for name, gradient in expected.items():
+        case = cases[name]
+        output = jax.tree.leaves(case.make(None)(*case.args))[0]
+        assert output.shape == gradient.shape and rel_err(output, gradient) < 1e-2, name
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="CPU smoke run of the per-kernel launch sweep (interpret)")
