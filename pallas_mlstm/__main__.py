@@ -31,7 +31,7 @@ SUBCOMMANDS = {
     "kernel_times": (
         "pallas_mlstm.benchmarks.kernel_times",
         "main",
-        "time each triton kernel of the chunkwise forward and backward (NVIDIA GPU)",
+        "time each kernel of a backend's chunkwise forward and backward (NVIDIA GPU; interpreted on a CPU)",
     ),
 }
 TRACEBACK = flags.DEFINE_bool("traceback", False, "On a failure, print its Python traceback before the one line.")
