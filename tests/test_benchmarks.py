@@ -40,6 +40,7 @@ RECORD_FIELDS = {
     "chunk_size",
     "mode",
     "median_ms",
+    "back_to_back_ms",
     "peak_bytes",
     "rel_err",
     "card",
@@ -80,9 +81,37 @@ def test_bench_records_and_disclaimer(bench_run):
     for record in records:
         assert RECORD_FIELDS <= set(record)
         assert (record["shape"], record["B"], record["NH"], record["S"]) == ("tiny", 1, 2, 256)
-        assert record["median_ms"] > 0 and record["rel_err"] < BENCH_TOLERANCE
+        assert record["median_ms"] > 0 and record["back_to_back_ms"] > 0 and record["rel_err"] < BENCH_TOLERANCE
         assert record["card"] == "cpu" and record["command"].startswith("python -m pallas_mlstm bench")
-    assert "median ms" in stdout and "xla" in stdout  # the table
+    assert "median ms" in stdout and "back to back ms" in stdout and "xla" in stdout  # the table
+
+
+def test_back_to_back_rounds_rotate_the_argument_sets_and_hold_each_rounds_outputs():
+    """timing.back_to_back_ms: `calls` calls in rounds of `per_round` (at least one round), each after a warm-up
+    call, rotating the argument sets; one round's outputs are held together, never more."""
+    calls_seen, live = [], set()
+    held = []
+
+    class Output:
+        def __init__(self, name):
+            self.name = name
+            live.add(name)
+
+        def __del__(self):
+            live.discard(self.name)
+
+    def function(name):
+        calls_seen.append(name)
+        held.append(len(live))
+        return Output(f"{name}{len(calls_seen)}")
+
+    assert timing.back_to_back_ms(function, [("a",), ("b",), ("c",)], calls=7, per_round=3) > 0
+    # two rounds of 3 (7 // 3), each a warm-up call on its first set, then the round; the sets rotate by call
+    assert calls_seen == ["a", "a", "b", "c", "a", "a", "b", "c"]
+    assert max(held) <= 3
+    calls_seen.clear()
+    timing.back_to_back_ms(function, [("a",)], calls=2, per_round=10)  # fewer calls than a round: one round of 2
+    assert calls_seen == ["a", "a", "a"]
 
 
 def _run_command(*arguments) -> None:

@@ -10,7 +10,7 @@ For the gate preprocessing, each of the six kernels and, where the backend has a
 half), the bytes of its inputs and outputs (each moved once at least), and what those give per second. The
 kernels run as `mlstm_chunkwise(..., backend=--kernel_backend)` runs them in bf16 on this card: at its chunk size
 and launches (the card's tuned entry for the shape, else the defaults; --kernel_chunk another chunk: the kernels'
-default launches), each jitted and timed alone, its calls issued back to back (`back_to_back_ms`). With
+default launches), each jitted and timed alone, its calls issued back to back (`timing.back_to_back_ms`). With
 --kernel_sweep, each named Triton kernel is timed so at every launch of LAUNCH_CANDIDATES (the kernels' own
 defaults first), its first output compared with the defaults'. A GPU for triton and mosaic (Hopper); on a CPU,
 --kernel_backend=interpret (or xla) --kernel_shapes=tiny smoke-tests it.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import statistics
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +31,7 @@ from absl import app, flags
 
 from pallas_mlstm import accuracy, pallas_triton, registry
 from pallas_mlstm.benchmarks.shapes import cpu_shape_warning, resolve_shapes
-from pallas_mlstm.benchmarks.timing import pipelined_ms
+from pallas_mlstm.benchmarks.timing import back_to_back_ms
 from pallas_mlstm.config import ChunkwiseConfig
 from pallas_mlstm.gates import chunkwise_log_gates, compute_chunkwise_reset_gates
 from pallas_mlstm.kernel_call import CHUNKWISE_KERNELS, KernelCall
@@ -201,13 +200,6 @@ def kernel_cases(shape, chunk: int, backend: str = "triton", config: ChunkwiseCo
     return cases
 
 
-def back_to_back_ms(fn, args, calls: int, rounds: int = ROUNDS) -> float:
-    """The median over `rounds` of `fn`'s time per call, `calls` calls issued back to back (`pipelined_ms`): a
-    kernel's time inside a larger program. A call waited for alone would add the host's dispatch and the wait,
-    0.1-0.7 ms on an H100, as much as a kernel at 7b (results/h100-timing-method-check.json)."""
-    return statistics.median(pipelined_ms(fn, args, calls) for _ in range(rounds))
-
-
 def kernel_rows(shape, chunk: int, calls: int, backend: str = "triton", config=None, names=None) -> list[dict]:
     """Times each kernel of `backend` at its launch from `config` (None: the kernels' defaults)."""
     rows = []
@@ -215,7 +207,7 @@ def kernel_rows(shape, chunk: int, calls: int, backend: str = "triton", config=N
         if names and case.name not in names:
             continue
         fn = case.make(None)
-        ms = back_to_back_ms(fn, case.args, calls)
+        ms = back_to_back_ms(fn, [case.args], ROUNDS * calls, per_round=calls)
         # arguments + outputs: an upper bound on what an ideal kernel moves (some arguments go unread)
         rows.append(
             dict(
@@ -273,7 +265,7 @@ def sweep_rows(shape, chunk: int, calls: int, backend: str = "triton", names=Non
                 out = jax.tree.leaves(fn(*case.args))[0]  # (B, NH, ...) first output
                 expected = out if expected is None else expected
                 row["rel_diff"] = accuracy.rel_err(out, expected)
-                row["ms"] = back_to_back_ms(fn, case.args, calls)
+                row["ms"] = back_to_back_ms(fn, [case.args], ROUNDS * calls, per_round=calls)
             except Exception as error:  # e.g. Triton out of shared memory
                 row["error"] = f"{type(error).__name__}: {str(error)[:160]}"
             rows.append(row)

@@ -11,6 +11,10 @@ import time
 
 import jax
 
+# Calls per round of `back_to_back_ms`: enough to hide one call's dispatch behind the last; their outputs are held
+# until the round ends (at the 7b shape's forward + backward, 10 x 1.6 GB of gradients).
+BACK_TO_BACK_ROUND = 10
+
 
 def median_ms(function, argument_sets, calls: int) -> float:
     """Median wall time in ms of `calls` calls (each to jax.block_until_ready), rotating argument sets.
@@ -28,15 +32,32 @@ def median_ms(function, argument_sets, calls: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def pipelined_ms(function, arguments, calls: int) -> float:
-    """Wall time in ms per call of `calls` calls issued back to back (JAX dispatches asynchronously) and waited for
-    once at the end, after a warm-up call: the time per step of a loop that does not wait on each step, without
-    the per-call dispatch latency that `median_ms` includes."""
-    jax.block_until_ready(function(*arguments))
+def _round_ms(function, argument_list) -> float:
+    """Wall time in ms per call of one call per item of `argument_list`, issued back to back (JAX dispatches
+    asynchronously; the outputs are held) and waited for once at the end, after a warm-up call."""
+    jax.block_until_ready(function(*argument_list[0]))
     start = time.perf_counter()
-    outputs = [function(*arguments) for _ in range(calls)]
-    jax.block_until_ready(outputs)
-    return 1e3 * (time.perf_counter() - start) / calls
+    jax.block_until_ready([function(*arguments) for arguments in argument_list])
+    return 1e3 * (time.perf_counter() - start) / len(argument_list)
+
+
+def pipelined_ms(function, arguments, calls: int) -> float:
+    """Wall time in ms per call of `calls` calls issued back to back and waited for once at the end, after a
+    warm-up call: the time per step of a loop that does not wait on each step, without the per-call dispatch
+    latency that `median_ms` includes."""
+    return _round_ms(function, [arguments] * calls)
+
+
+def back_to_back_ms(function, argument_sets, calls: int, per_round: int = BACK_TO_BACK_ROUND) -> float:
+    """The median over rounds of `pipelined_ms`'s time per call, `per_round` calls a round rotating between the
+    argument sets: a training loop's time per step, without the host's dispatch and wait that each call of
+    `median_ms` pays (results/h100-timing-method-check.json). `calls` calls in all, at least one round."""
+    per_round = min(per_round, calls)
+    rounds = max(1, calls // per_round)
+    times = []
+    for first in range(0, rounds * per_round, per_round):
+        times.append(_round_ms(function, [argument_sets[(first + c) % len(argument_sets)] for c in range(per_round)]))
+    return statistics.median(times)
 
 
 def device_kernel_ms(function, arguments, calls: int) -> dict[str, float] | None:
