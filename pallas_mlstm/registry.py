@@ -109,7 +109,7 @@ def _cannot_stand_in(base: Backend, other: Backend) -> str | None:
     if other.launch_type is not base.launch_type:
         return f"backend {other.name!r} takes other launch configs than backend {base.name!r}"
     if other.interpret != base.interpret:
-        compiled = lambda backend: "interpreted" if backend.interpret else "compiled"  # noqa: E731
+        compiled = lambda backend: "interpreted" if backend.interpret else "compiled"
         return f"backend {other.name!r} is {compiled(other)}, backend {base.name!r} {compiled(base)}"
     return None
 

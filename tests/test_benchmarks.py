@@ -138,7 +138,7 @@ def test_kernel_times_rows(tmp_path, monkeypatch):
     (here the interpreter's set given one that runs its two launchers), with the FLOPs of both."""
     interpret = registry.registered("interpret")
     kernels = interpret.kernels
-    both = lambda dk_call, dq_call, *arrays: (  # noqa: E731
+    both = lambda dk_call, dq_call, *arrays: (
         kernels.parallel_bw_dK(dk_call, *arrays),
         kernels.parallel_bw_dQ(dq_call, *arrays),
     )
@@ -167,7 +167,7 @@ def test_kernel_times_chains_the_kernels_as_the_op_does():
     cases = {case.name: case for case in kernel_times.kernel_cases(shape, 64, "xla")}
     q, k, v, i, _, _, _, _, dh, _ = cases["parallel_bw_dV"].args
     f = cases["recurrent_fw_C"].args[2]
-    op = lambda q, k, v: pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, chunk_size=64, backend="xla", eps=0.0)  # noqa: E731
+    op = lambda q, k, v: pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, chunk_size=64, backend="xla", eps=0.0)
     _, pullback = jax.vjp(op, q, k, v)
     expected = dict(zip(("parallel_bw_dQ", "parallel_bw_dK", "parallel_bw_dV"), pullback(dh)))
     for name, gradient in expected.items():
@@ -263,9 +263,9 @@ def test_tune_keeps_no_candidate_that_needs_more_memory(monkeypatch):
     (TEMP_MEMORY_SLACK above it), the second just that much (kept), the third is faster still and within the slack
     of the second but not of the start (not kept: the slack counts from the start). Timings and memory stand in for
     measurements, so the search runs without compiling."""
-    milliseconds = lambda config: {64: 1.0, 128: 1.5, 256: 1.2}.get(config.chunk_size, 3.0)  # noqa: E731
+    milliseconds = lambda config: {64: 1.0, 128: 1.5, 256: 1.2}.get(config.chunk_size, 3.0)
     allowed = int(1000 * (1 + sweep.TEMP_MEMORY_SLACK))
-    memory = lambda config: {64: allowed + 1, 128: allowed, 256: allowed + 10}.get(config.chunk_size, 1000)  # noqa: E731
+    memory = lambda config: {64: allowed + 1, 128: allowed, 256: allowed + 10}.get(config.chunk_size, 1000)
     entry = _tune_without_compiling(monkeypatch, milliseconds, memory=memory)
     assert entry["config"]["chunk_size"] == 128 and entry["complete"]
     assert entry["fwbw_ms"] == 1.5 and entry["default_fwbw_ms"] == 3.0
@@ -276,14 +276,14 @@ def test_tune_keeps_no_candidate_that_needs_more_memory(monkeypatch):
 def test_tune_times_each_program_once(monkeypatch):
     """Candidates whose programs equal one already timed (here: every config of a chunk size, as with every kernel in
     Mosaic GPU, which ignores the Triton tiles) are not timed again: the start and one config per chunk size."""
-    milliseconds = lambda config: 3.0 - (config.chunk_size or 0) / 128  # noqa: E731
+    milliseconds = lambda config: 3.0 - (config.chunk_size or 0) / 128
     timed = []
 
     def evaluate(config, *arguments):
         timed.append(config.chunk_size)
         return milliseconds(config), (None,), config
 
-    chunk = lambda config: config.chunk_size  # noqa: E731
+    chunk = lambda config: config.chunk_size
     entry = _tune_without_compiling(monkeypatch, milliseconds, evaluate, program_key=chunk)
     assert timed == [None, *sweep.CHUNK_SIZES] and entry["configs_timed"] == len(timed)  # the start: heuristics
     assert entry["config"]["chunk_size"] == 256 and entry["complete"]
@@ -292,7 +292,7 @@ def test_tune_times_each_program_once(monkeypatch):
 def test_tune_tries_the_entries_of_like_cards_first(monkeypatch):
     """The entries tuned on other cards of this card's compute capability are the first candidates after the start,
     each timed whole; the later stages do not time them again."""
-    milliseconds = lambda config: 3.0 - (config.chunk_size or 0) / 128  # noqa: E731
+    milliseconds = lambda config: 3.0 - (config.chunk_size or 0) / 128
     timed = []
 
     def evaluate(config, *arguments):
@@ -300,7 +300,7 @@ def test_tune_tries_the_entries_of_like_cards_first(monkeypatch):
         return milliseconds(config), (None,), config
 
     like_cards = [ChunkwiseConfig(chunk_size=256), ChunkwiseConfig(chunk_size=64)]
-    chunk = lambda config: config.chunk_size  # noqa: E731
+    chunk = lambda config: config.chunk_size
     entry = _tune_without_compiling(monkeypatch, milliseconds, evaluate, program_key=chunk, like_cards=like_cards)
     assert timed == [None, 256, 64, 128]  # the start, the two like cards' entries, then the chunk stage's new one
     assert entry["config"]["chunk_size"] == 256 and entry["complete"]
@@ -309,7 +309,7 @@ def test_tune_tries_the_entries_of_like_cards_first(monkeypatch):
 def test_tune_skips_a_candidate_that_fails_to_trace(monkeypatch, capsys):
     """A candidate whose tracing raises (as a config a kernel refuses does) is skipped with its error, like one that
     fails to compile; the search goes on and the others are timed."""
-    milliseconds = lambda config: 3.0 - (config.chunk_size or 0) / 128  # noqa: E731
+    milliseconds = lambda config: 3.0 - (config.chunk_size or 0) / 128
 
     def program_key(config):
         if config.chunk_size == 256:

@@ -344,7 +344,7 @@ def test_untuned_card_borrows_a_tuned_card_of_its_compute_capability(tmp_path):
     assert tuned_config("Card D", *shape, path=path, compute_capability="8.0", core_count=84).chunk_size == 32
     assert tuned_config("Card D", *shape, path=path, compute_capability="8.9", core_count=128) is None
     # an entry the caller cannot use is passed over as if absent: Card B's own, then its nearest peer's
-    not_128 = lambda config: config.chunk_size != 128  # noqa: E731
+    not_128 = lambda config: config.chunk_size != 128
     assert tuned_config("Card B", *shape, path=path, usable=not_128) is None  # exact names only
     assert tuned_config("Card B", *shape, path=path, compute_capability="9.0", core_count=114, usable=not_128) == (
         ChunkwiseConfig(chunk_size=64)
@@ -355,7 +355,7 @@ def test_like_cards_configs_are_the_other_cards_of_the_compute_capability(tmp_pa
     """tune's first candidates: the entries of the other cards of this card's compute capability, nearest in SM count
     first; none for an unknown capability, and none whose chunk size does not divide S."""
     path = tmp_path / "tuned.json"
-    entry = lambda chunk: {"config": {"chunk_size": chunk}}  # noqa: E731
+    entry = lambda chunk: {"config": {"chunk_size": chunk}}
     configs = {
         "Card A": entry(64),
         "Card B": entry(128),
@@ -377,7 +377,7 @@ def test_like_cards_configs_are_the_other_cards_of_the_compute_capability(tmp_pa
     )
     monkeypatch.setattr(config_module, "PACKAGED_TUNED_CONFIGS_PATH", path)
     monkeypatch.setattr(config_module, "user_tuned_configs_path", lambda: tmp_path / "absent.json")
-    like = lambda kind, capability, count=None: [  # noqa: E731
+    like = lambda kind, capability, count=None: [
         config.chunk_size
         for config in like_cards_configs(kind, 8192, 256, 512, compute_capability=capability, core_count=count)
     ]

@@ -331,7 +331,7 @@ def test_last_resets_in_the_kernels_dtype_equal_the_int32_ones():
     # H's launcher makes them in that dtype: no int32 array converted on the way
     dims = mosaic_common.launch_dims(None, (2, 3, 4 * chunk, 64), 64, chunk)
     call = KernelCall(chunk_size=chunk)
-    make_gates = lambda f, i, m: parallel_fw._kernel_gates(call, i, f, m, dims)  # noqa: E731
+    make_gates = lambda f, i, m: parallel_fw._kernel_gates(call, i, f, m, dims)
     jaxpr = jax.make_jaxpr(make_gates)(f, f, jnp.zeros((2, 3, 5)))
     gates, _ = jax.eval_shape(make_gates, f, f, jnp.zeros((2, 3, 5)))
     assert gates.resets.dtype == mosaic_common.RESETS_DTYPE

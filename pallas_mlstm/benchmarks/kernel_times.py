@@ -194,8 +194,8 @@ def kernel_cases(shape, chunk: int, backend: str = "triton", config: ChunkwiseCo
     ]
     if kernels.parallel_bw_dK_dQ is not None:
         dk_call, dq_call = (call_of(name, output_dtype=jnp.bfloat16) for name in ("parallel_bw_dK", "parallel_bw_dQ"))
-        pair = lambda launch: (dk_call(launch), dq_call(launch))  # noqa: E731
-        run = lambda calls, *args: kernels.dK_and_dQ(*calls, *args)  # noqa: E731
+        pair = lambda launch: (dk_call(launch), dq_call(launch))
+        run = lambda calls, *args: kernels.dK_and_dQ(*calls, *args)
         cases.append(KernelCase(BOTH_GRADIENTS, pair, run, bw_args, 2 * (inter + intra)))
     return cases
 

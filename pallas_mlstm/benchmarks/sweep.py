@@ -219,7 +219,7 @@ def describe(config: ChunkwiseConfig) -> str:
 
 def _callables(config: ChunkwiseConfig, backend: str) -> impls.TimedCallables:
     """The jitted forward and forward+backward of `mlstm_chunkwise` under `config` (bf16 kernel operands)."""
-    forward = lambda q, k, v, i, f: pallas_mlstm.mlstm_chunkwise(  # noqa: E731
+    forward = lambda q, k, v, i, f: pallas_mlstm.mlstm_chunkwise(
         q, k, v, i, f, backend=backend, config=config, autocast_kernel_dtype=jnp.bfloat16
     )
     return impls.timed_callables(forward, 5)
@@ -311,7 +311,7 @@ def tune_shape(shape: Shape, backend: str, calls: int, deadline: float) -> dict 
     properties = device_properties()
     start = tuned_config_for(properties, *shape.dims().values()) or ChunkwiseConfig()
     like_cards = like_cards_configs_for(properties, shape.S, shape.DHQK, shape.DHHV)
-    probe = lambda q, k, v, i, f: pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, backend=backend)  # noqa: E731
+    probe = lambda q, k, v, i, f: pallas_mlstm.mlstm_chunkwise(q, k, v, i, f, backend=backend)
     weights = runner.make_weights(probe, input_sets[0])
     argument_sets = [(weights, *inputs) for inputs in input_sets]
     start_ms, expected, start_fwbw = _evaluate(start, backend, input_sets, weights, None, calls)
