@@ -86,32 +86,39 @@ def test_bench_records_and_disclaimer(bench_run):
     assert "median ms" in stdout and "back to back ms" in stdout and "xla" in stdout  # the table
 
 
-def test_back_to_back_rounds_rotate_the_argument_sets_and_hold_each_rounds_outputs():
-    """timing.back_to_back_ms: `calls` calls in rounds of `per_round` (at least one round), each after a warm-up
-    call, rotating the argument sets; one round's outputs are held together, never more."""
-    calls_seen, live = [], set()
-    held = []
+def test_back_to_back_rounds_rotate_the_sets_and_bound_the_outputs_alive(monkeypatch):
+    """timing.back_to_back_ms: calls // per_round rounds (at least one), each after IN_FLIGHT + 1 untimed calls on
+    its first set, the sets rotating by call; when a call is issued at most IN_FLIGHT earlier outputs are alive
+    (the host waits for a call once IN_FLIGHT are queued behind it); the median of the rounds' times per call."""
+    seconds = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}  # each call's duration on a fake clock
+    clock, seen, alive, most_alive = [0.0], [], set(), [0]
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
     class Output:
         def __init__(self, name):
             self.name = name
-            live.add(name)
+            alive.add(name)
 
         def __del__(self):
-            live.discard(self.name)
+            alive.discard(self.name)
+
+        def block_until_ready(self):
+            return self
 
     def function(name):
-        calls_seen.append(name)
-        held.append(len(live))
-        return Output(f"{name}{len(calls_seen)}")
+        most_alive[0] = max(most_alive[0], len(alive))
+        seen.append(name)
+        clock[0] += seconds[name]
+        return Output(len(seen))
 
-    assert timing.back_to_back_ms(function, [("a",), ("b",), ("c",)], calls=7, per_round=3) > 0
-    # two rounds of 3 (7 // 3), each a warm-up call on its first set, then the round; the sets rotate by call
-    assert calls_seen == ["a", "a", "b", "c", "a", "a", "b", "c"]
-    assert max(held) <= 3
-    calls_seen.clear()
-    timing.back_to_back_ms(function, [("a",)], calls=2, per_round=10)  # fewer calls than a round: one round of 2
-    assert calls_seen == ["a", "a", "a"]
+    sets = [(name,) for name in "abcd"]
+    ms = timing.back_to_back_ms(function, sets, calls=9, per_round=4)
+    assert seen == ["a"] * 3 + ["a", "b", "c", "d"] + ["a"] * 3 + ["a", "b", "c", "d"]  # two rounds of 4, warmed up
+    assert ms == pytest.approx(1e3 * (1 + 2 + 3 + 4) / 4)  # both rounds' time per call (their median)
+    assert most_alive[0] == timing.IN_FLIGHT
+    seen.clear()
+    timing.back_to_back_ms(function, sets, calls=2, per_round=10)  # fewer calls than a round: one round of 2
+    assert seen == ["a"] * 3 + ["a", "b"]
 
 
 def _run_command(*arguments) -> None:

@@ -3,7 +3,8 @@
 Each (shape, implementation, chunk size) runs in a fresh worker process (`--isolate`, the default), so that
 its `peak_bytes_in_use` is its own: JAX cannot reset the peak. A worker makes one input set, runs every mode
 once (compiling it) and reads the peak, checks the forward output against the float32 reference, then times
-the median of `--calls` calls per mode, rotating between NUM_INPUT_SETS input sets. A run that fails or is refused
+the median of `--calls` calls per mode, each waited for, and the time per call of the same calls issued back to
+back (`timing.back_to_back_ms`), rotating between NUM_INPUT_SETS input sets. A run that fails or is refused
 by the check is one FAILED / REFUSED line (its traceback too under --traceback); the bench then ends with one line
 on stderr and exit code 1, as it does when nothing was timed.
 """
@@ -77,8 +78,8 @@ PLOT_PATH = flags.DEFINE_string("plot", None, "Write the runtime-vs-S plot of th
 CALLS = flags.DEFINE_integer(
     "calls",
     100,
-    "Timed calls per (implementation, shape, mode); the median is kept (20 calls left medians of "
-    "~2 ms calls up to 15% apart between runs on an H200).",
+    "Timed calls per (implementation, shape, mode), each waited for, the median kept (20 calls left medians of "
+    "~2 ms calls up to 15% apart between runs on an H200); then as many issued back to back, in rounds of 10.",
     lower_bound=1,
 )
 ISOLATE = flags.DEFINE_bool(
@@ -364,7 +365,16 @@ def format_table(records: list[dict]) -> str:
         reference = best.get((r["shape"], r["mode"], timer))
         return f"{r[timer]:.3f}", "-" if reference is None else f"{r[timer] / reference:.2f}"
 
-    header = ("shape", "impl", "chunk", "mode", "median ms", f"/ best {baseline}", "back to back ms", "/ best")
+    header = (
+        "shape",
+        "impl",
+        "chunk",
+        "mode",
+        "median ms",
+        f"/ best {baseline}",
+        "back to back ms",
+        f"/ best {baseline}",
+    )
     header += ("peak GiB", "rel err")
     rows = [header]
     for r in records:

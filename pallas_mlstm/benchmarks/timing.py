@@ -11,9 +11,12 @@ import time
 
 import jax
 
-# Calls per round of `back_to_back_ms`: enough to hide one call's dispatch behind the last; their outputs are held
-# until the round ends (at the 7b shape's forward + backward, 10 x 1.6 GB of gradients).
+# Calls per round of `back_to_back_ms`, each round's median time per call one sample.
 BACK_TO_BACK_ROUND = 10
+# Calls issued back to back that may run ahead of the one the host waits for: enough that the GPU never waits for
+# the host's dispatch (0.1-0.7 ms a call of the op on an H100) where a call takes longer than that, while at most
+# IN_FLIGHT + 1 calls' outputs are alive (at 7b's forward + backward 1 GiB each).
+IN_FLIGHT = 2
 
 
 def median_ms(function, argument_sets, calls: int) -> float:
@@ -33,25 +36,32 @@ def median_ms(function, argument_sets, calls: int) -> float:
 
 
 def _round_ms(function, argument_list) -> float:
-    """Wall time in ms per call of one call per item of `argument_list`, issued back to back (JAX dispatches
-    asynchronously; the outputs are held) and waited for once at the end, after a warm-up call."""
-    jax.block_until_ready(function(*argument_list[0]))
+    """Wall time in ms per call of one call per item of `argument_list`, issued back to back: the host waits for a
+    call only once IN_FLIGHT later calls are queued behind it, and for the last ones at the end. After IN_FLIGHT +
+    1 untimed calls on the first item (compiling, and growing the allocator to the calls' memory)."""
+    jax.block_until_ready([function(*argument_list[0]) for _ in range(IN_FLIGHT + 1)])
+    pending = collections.deque()
     start = time.perf_counter()
-    jax.block_until_ready([function(*arguments) for arguments in argument_list])
-    return 1e3 * (time.perf_counter() - start) / len(argument_list)
+    for arguments in argument_list:
+        pending.append(function(*arguments))
+        if len(pending) > IN_FLIGHT:
+            jax.block_until_ready(pending.popleft())
+    jax.block_until_ready(list(pending))  # a list: block_until_ready passes over a deque
+    elapsed = time.perf_counter() - start
+    return 1e3 * elapsed / len(argument_list)
 
 
 def pipelined_ms(function, arguments, calls: int) -> float:
-    """Wall time in ms per call of `calls` calls issued back to back and waited for once at the end, after a
-    warm-up call: the time per step of a loop that does not wait on each step, without the per-call dispatch
-    latency that `median_ms` includes."""
+    """Wall time in ms per call of `calls` calls issued back to back (`_round_ms`): the time per step of a loop that
+    does not wait on each step, without the per-call dispatch latency that `median_ms` includes."""
     return _round_ms(function, [arguments] * calls)
 
 
 def back_to_back_ms(function, argument_sets, calls: int, per_round: int = BACK_TO_BACK_ROUND) -> float:
-    """The median over rounds of `pipelined_ms`'s time per call, `per_round` calls a round rotating between the
-    argument sets: a training loop's time per step, without the host's dispatch and wait that each call of
-    `median_ms` pays (results/h100-timing-method-check.json). `calls` calls in all, at least one round."""
+    """The median over rounds of the time per call of `per_round` calls issued back to back (`_round_ms`),
+    rotating between the argument sets: a training loop's time per step, without the host's dispatch and wait
+    that each call of `median_ms` pays (results/h100-timing-method-check.json). calls // per_round rounds, at least
+    one (of `calls` calls where they are fewer than `per_round`)."""
     per_round = min(per_round, calls)
     rounds = max(1, calls // per_round)
     times = []
