@@ -261,7 +261,7 @@ def _tune_without_compiling(
     monkeypatch.setattr(sweep, "_evaluate", evaluate)
     monkeypatch.setattr(sweep, "_program_key", lambda config, *arguments: (program_key or (lambda c: c))(config))
     monkeypatch.setattr(sweep, "_temp_bytes", lambda fwbw, arguments: (memory or (lambda c: 1000))(fwbw))
-    monkeypatch.setattr(sweep.timing, "median_ms", lambda fwbw, argument_sets, calls: milliseconds(fwbw))
+    monkeypatch.setattr(sweep.timing, "back_to_back_ms", lambda fwbw, argument_sets, calls: milliseconds(fwbw))
     return sweep.tune_shape(resolve_shapes(["tiny"])[0], "interpret", 2, deadline=float("inf"))
 
 
