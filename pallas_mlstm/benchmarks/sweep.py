@@ -30,8 +30,8 @@ before its time counts, and a candidate whose programs equal those of a config a
 every kernel in Mosaic GPU, for one, the Triton tiles change nothing) is not timed again. The score is the
 forward+backward time per call of `--calls` calls issued back to back (`fwbw_ms`), or more where the start takes
 under MIN_TIMED_MS / calls a call (small shapes); a faster candidate that needs more than TEMP_MEMORY_SLACK above
-the start's temporary device memory (XLA's memory analysis of the compiled forward+backward) is not kept, so a tuned entry trades at most that much memory for
-speed. The winner and the start are timed once more at the end, and the winner goes, with both times (`fwbw_ms`,
+the start's temporary device memory (XLA's memory analysis of the compiled forward+backward) is not kept, so a
+tuned entry trades at most that much memory for speed. The winner and the start are timed once more at the end, and the winner goes, with both times (`fwbw_ms`,
 `default_fwbw_ms`: the start's), to `--configs_out` (by default the user's file,
 `pallas_mlstm.config.user_tuned_configs_path`, which `tuned_config` reads over the packaged configs) under the
 card's `device_kind` and `pallas_mlstm.config.shape_class`.
