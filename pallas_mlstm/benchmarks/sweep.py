@@ -22,19 +22,18 @@ Then one stage per kernel tries that kernel's own launches (`kernel_times.LAUNCH
 per-kernel entries (`ChunkwiseConfig.kernels`), since the kernels differ in their best tiles; a kernel that
 another backend runs by then keeps its launch (the other backend picks its own tiles).
 
-The search starts from the config `mlstm_chunkwise` runs on this card today (its tuned entry, a tuned card's of the
-same compute capability, or else ChunkwiseConfig(), the heuristics), so that a search the time budget ends early
-still cannot store worse than that. The start's forward output must pass the bench's check against the float32
-reference; every other candidate's output and gradients must agree with the start's within the bench's tolerance
-before its time counts, and a candidate whose programs equal those of a config already timed (`_program_key`: with
-every kernel in Mosaic GPU, for one, the Triton tiles change nothing) is not timed again. The score is the
-forward+backward time per call of `--calls` calls issued back to back (`fwbw_ms`), or more where the start takes
-under MIN_TIMED_MS / calls a call (small shapes); a faster candidate that needs more than TEMP_MEMORY_SLACK above
-the start's temporary device memory (XLA's memory analysis of the compiled forward+backward) is not kept, so a
-tuned entry trades at most that much memory for speed. The winner and the start are timed once more at the end, and the winner goes, with both times (`fwbw_ms`,
-`default_fwbw_ms`: the start's), to `--configs_out` (by default the user's file,
-`pallas_mlstm.config.user_tuned_configs_path`, which `tuned_config` reads over the packaged configs) under the
-card's `device_kind` and `pallas_mlstm.config.shape_class`.
+The search starts from the config `mlstm_chunkwise` runs on this card today (its tuned entry, a tuned card's of the same
+compute capability, or else ChunkwiseConfig(), the heuristics), so that a search the time budget ends early still cannot
+store worse than that. The start's forward output must pass the bench's check against the float32 reference; every other
+candidate's output and gradients must agree with the start's within the bench's tolerance before its time counts, and a
+candidate whose programs equal those of a config already timed (`_program_key`: with every kernel in Mosaic GPU, for
+one, the Triton tiles change nothing) is not timed again. The score is the forward+backward time per call of `--calls`
+calls issued back to back (`fwbw_ms`), or more where the start takes under MIN_TIMED_MS / calls a call (small shapes); a
+faster candidate that needs more than TEMP_MEMORY_SLACK above the start's temporary device memory (XLA's memory analysis
+of the compiled forward+backward) is not kept, so a tuned entry trades at most that much memory for speed. The winner
+and the start are timed once more at the end, and the winner goes, with both times (`fwbw_ms`, `default_fwbw_ms`: the
+start's), to `--configs_out` (by default the user's file, `pallas_mlstm.config.user_tuned_configs_path`, which
+`tuned_config` reads over the packaged configs) under the card's `device_kind` and `pallas_mlstm.config.shape_class`.
 """
 
 from __future__ import annotations
