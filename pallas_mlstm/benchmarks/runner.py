@@ -79,7 +79,8 @@ CALLS = flags.DEFINE_integer(
     "calls",
     100,
     "Timed calls per (implementation, shape, mode), each waited for, the median kept (20 calls left medians of "
-    "~2 ms calls up to 15% apart between runs on an H200); then as many issued back to back, in rounds of 10.",
+    "~2 ms calls up to 15% apart between runs on an H200); then as many issued back to back, in rounds of 10. "
+    "tune times each candidate by the calls back to back only.",
     lower_bound=1,
 )
 ISOLATE = flags.DEFINE_bool(
