@@ -14,6 +14,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from absl.testing import flagsaver
 from jax.experimental import pallas as pl
@@ -162,7 +163,7 @@ def test_kernel_times_rows(tmp_path, monkeypatch):
         "parallel_bw_dV",
         "dK_and_dQ",
     ]
-    assert all(row["ms"] > 0 and row["gbytes"] > 0 and row["backend"] == "interpret" for row in rows)
+    assert all(row["ms"] > 0 and row["gbytes"] > 0 and row["backend"] == "interpret" and row["date"] for row in rows)
     by_name = {row["kernel"]: row for row in rows}
     assert by_name["dK_and_dQ"]["tflop"] == 2 * by_name["parallel_bw_dK"]["tflop"] > 0
 
@@ -181,6 +182,34 @@ def test_kernel_times_chains_the_kernels_as_the_op_does():
         case = cases[name]
         output = jax.tree.leaves(case.make(None)(*case.args))[0]
         assert output.shape == gradient.shape and rel_err(output, gradient) < 1e-2, name
+
+
+@pytest.mark.parametrize("backend", ["xla", "interpret"])
+def test_kernel_times_counts_the_arrays_each_kernel_reads(backend):
+    """A case's `read` (the bytes its GB/s counts) holds what the kernel reads: with every other argument NaN its
+    outputs are unchanged, and with any of the large arrays of `read` (q, k, v, dh and the states: the head dims
+    last) NaN they change."""
+    shape = resolve_shapes(["tiny"])[0]
+    poison = lambda x: jnp.full_like(x, jnp.nan)
+    for case in kernel_times.kernel_cases(shape, 64, backend):
+        if case.read is None:
+            continue
+        run = case.make(None)
+        expected = jax.tree.leaves(run(*case.args))
+        read = {id(x) for x in jax.tree.leaves(case.read)}
+        unread_poisoned = jax.tree.map(lambda x: x if id(x) in read else poison(x), case.args)
+        assert any(id(x) not in read for x in jax.tree.leaves(case.args)), case.name
+        for got, want in zip(jax.tree.leaves(run(*unread_poisoned)), expected):
+            np.testing.assert_array_equal(got, want, err_msg=case.name)
+        for array in jax.tree.leaves(case.read):
+            if array.shape[-1] not in (shape.DHQK, shape.DHHV) or array.shape[-1] == 64:  # gates: (..., chunk 64)
+                continue
+            poisoned = jax.tree.map(lambda x: poison(x) if x is array else x, case.args)
+            outputs = jax.tree.leaves(run(*poisoned))
+            assert any(not np.array_equal(g, w, equal_nan=True) for g, w in zip(outputs, expected)), (
+                case.name,
+                array.shape,
+            )
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="CPU smoke run of the per-kernel launch sweep (interpret)")

@@ -7,11 +7,11 @@
 
 For the gate preprocessing, each of the six kernels and, where the backend has a call of both, dK and dQ together
 (`KernelSet.dK_and_dQ`: Mosaic GPU's one launch): ms per call, the matmul FLOPs it must do (causal tiles counted
-half), the bytes of its inputs and outputs (each moved once at least), and what those give per second. The
-kernels run as `mlstm_chunkwise(..., backend=--kernel_backend)` runs them in bf16 on this card: at its chunk size
-and launches (the card's tuned entry for the shape, else the defaults; --kernel_chunk another chunk: the kernels'
-default launches), each jitted and timed alone, its calls issued back to back (`timing.back_to_back_ms`). With
---kernel_sweep, each named Triton kernel is timed so at every launch of LAUNCH_CANDIDATES (the kernels' own
+half), the bytes of the inputs it reads and of its outputs (each moved once at least), and what those give per
+second. The kernels run as `mlstm_chunkwise(..., backend=--kernel_backend)` runs them in bf16 on this card: at its
+chunk size and launches (the card's tuned entry for the shape, else the defaults; --kernel_chunk another chunk: the
+kernels' default launches), each jitted and timed alone, its calls issued back to back (`timing.back_to_back_ms`).
+With --kernel_sweep, each named Triton kernel is timed so at every launch of LAUNCH_CANDIDATES (the kernels' own
 defaults first), its first output compared with the defaults'. A GPU for triton and mosaic (Hopper); on a CPU,
 --kernel_backend=interpret (or xla) --kernel_shapes=tiny smoke-tests it.
 """
@@ -19,8 +19,10 @@ defaults first), its first output compared with the defaults'. A GPU for triton 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -112,13 +114,15 @@ LAUNCH_CANDIDATES = {
 class KernelCase:
     """One kernel of one backend at one shape: `call(launch)` is its `KernelCall` with a Triton launch override
     (a dict of `TritonLaunch` fields over the config's, None: the config's), `run(call, *args)` its launcher,
-    `make(launch)` the two jitted; `flops`: the matmul work it must do."""
+    `make(launch)` the two jitted; `flops`: the matmul work it must do; `read`: the arguments it reads (None: all of
+    `args`; the parallel backward kernels each take the same arguments and leave some unread)."""
 
     name: str
     call: Callable[[dict | None], KernelCall]
     run: Callable[..., Any]
     args: tuple
     flops: float
+    read: tuple | None = None
 
     def make(self, launch: dict | None) -> Callable:
         """The launcher jitted on `args` with `launch` (see `call`)."""
@@ -169,8 +173,8 @@ def kernel_cases(shape, chunk: int, backend: str = "triton", config: ChunkwiseCo
 
         return call
 
-    def case(name: str, args: tuple, flops: float, **fields) -> KernelCase:
-        return KernelCase(name, call_of(name, **fields), getattr(kernels, name), args, flops)
+    def case(name: str, args: tuple, flops: float, read: tuple | None = None, **fields) -> KernelCase:
+        return KernelCase(name, call_of(name, **fields), getattr(kernels, name), args, flops, read)
 
     def outputs(item: KernelCase):
         return item.make(None)(*item.args)
@@ -184,13 +188,19 @@ def kernel_cases(shape, chunk: int, backend: str = "triton", config: ChunkwiseCo
     _, vec_a = chunkwise_log_gates(i, f, chunk)
     vec_b, vec_r = compute_chunkwise_reset_gates(f, chunk)
     bw_args = (q, k, v, i, (vec_a, vec_b, vec_r), tuple(states), n_out, m_out, dh, dc_states)
+    m_only = (None, None, states[2])  # of the forward's states: the m states alone
+    bw_read = {  # the large arrays each leaves unread: dQ the dC states, dK the C states, dV V and the C states
+        "parallel_bw_dQ": (*bw_args[:-1], None),
+        "parallel_bw_dK": (*bw_args[:5], m_only, *bw_args[6:]),
+        "parallel_bw_dV": (q, k, None, i, bw_args[4], m_only, *bw_args[6:]),
+    }
     gates = lambda _, i, f: (chunkwise_log_gates(i, f, chunk)[1], *compute_chunkwise_reset_gates(f, chunk))
     cases = [
         KernelCase(GATES, lambda launch: None, gates, (i, f), 0),
         states_case,
         h_case,
         dc_case,
-        *(case(name, bw_args, inter + intra, output_dtype=jnp.bfloat16) for name in PARALLEL_BACKWARD),
+        *(case(name, bw_args, inter + intra, bw_read[name], output_dtype=jnp.bfloat16) for name in PARALLEL_BACKWARD),
     ]
     if kernels.parallel_bw_dK_dQ is not None:
         dk_call, dq_call = (call_of(name, output_dtype=jnp.bfloat16) for name in ("parallel_bw_dK", "parallel_bw_dQ"))
@@ -208,7 +218,7 @@ def kernel_rows(shape, chunk: int, calls: int, backend: str = "triton", config=N
             continue
         fn = case.make(None)
         ms = back_to_back_ms(fn, [case.args], ROUNDS * calls, per_round=calls)
-        # arguments + outputs: an upper bound on what an ideal kernel moves (some arguments go unread)
+        # what it reads + writes: each array moved once, the least an ideal kernel moves
         rows.append(
             dict(
                 shape=shape.name,
@@ -218,9 +228,11 @@ def kernel_rows(shape, chunk: int, calls: int, backend: str = "triton", config=N
                 kernel=case.name,
                 ms=ms,
                 tflop=case.flops / 1e12,
-                gbytes=(_nbytes(fn(*case.args)) + _nbytes(case.args)) / 1e9,
+                gbytes=(_nbytes(fn(*case.args)) + _nbytes(case.args if case.read is None else case.read)) / 1e9,
                 card=jax.devices()[0].device_kind,
                 jax_version=jax.__version__,
+                date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                command="python -m pallas_mlstm " + shlex.join(sys.argv[1:]),
             )
         )
         print(table_line(rows[-1]), flush=True)
