@@ -241,7 +241,7 @@ def kernel_rows(shape, chunk: int, calls: int, backend: str = "triton", config=N
 
 TABLE_HEADER = (
     f"{'shape':<12} {'backend':<16} {'chunk':>5} {'kernel':<20} {'ms':>8} {'TFLOP':>7} {'TFLOP/s':>8} "
-    f"{'GB in+out':>10} {'GB/s':>7}"
+    f"{'GB r+w':>10} {'GB/s':>7}"
 )
 
 
