@@ -189,7 +189,7 @@ def kernel_cases(shape, chunk: int, backend: str = "triton", config: ChunkwiseCo
     vec_b, vec_r = compute_chunkwise_reset_gates(f, chunk)
     bw_args = (q, k, v, i, (vec_a, vec_b, vec_r), tuple(states), n_out, m_out, dh, dc_states)
     m_only = (None, None, states[2])  # of the forward's states: the m states alone
-    bw_read = {  # the large arrays each leaves unread: dQ the dC states, dK the C states, dV V and the C states
+    bw_read = {  # the arguments each reads: dQ leaves the dC states unread, dK the C states, dV V and the C states
         "parallel_bw_dQ": (*bw_args[:-1], None),
         "parallel_bw_dK": (*bw_args[:5], m_only, *bw_args[6:]),
         "parallel_bw_dV": (q, k, None, i, bw_args[4], m_only, *bw_args[6:]),
