@@ -183,14 +183,20 @@ def user_tuned_configs_path() -> pathlib.Path:
 
 
 @functools.lru_cache(maxsize=8)
-def _read_tuned_file(path: str, modified_ns: int) -> tuple[dict[str, dict[str, ChunkwiseConfig]], dict[str, dict]]:
-    """(configs by device_kind and shape class, each tuned card's properties by device_kind)."""
+def _read_tuned_file(
+    path: str, modified_ns: int
+) -> tuple[dict[str, dict[str, list[ChunkwiseConfig]]], dict[str, dict]]:
+    """(each shape class's configs, best first, by device_kind and shape class; each tuned card's properties by
+    device_kind)."""
     del modified_ns  # in the cache key only, so that a rewritten file is read again
     try:
         with open(path) as file:
             data = json.load(file)
         configs = {
-            device_kind: {key: ChunkwiseConfig(**entry["config"]) for key, entry in entries.items()}
+            device_kind: {
+                key: [ChunkwiseConfig(**entry["config"]) for entry in entry_list(stored)]
+                for key, stored in entries.items()
+            }
             for device_kind, entries in data["configs"].items()
         }
         cards = {
@@ -205,15 +211,25 @@ def _read_tuned_file(path: str, modified_ns: int) -> tuple[dict[str, dict[str, C
         ) from error
 
 
-def _tuned_file(path: str | os.PathLike) -> tuple[dict[str, dict[str, ChunkwiseConfig]], dict[str, dict]]:
+def entry_list(stored) -> list:
+    """The entries stored for one card and shape class, best first: one entry object, or a list of them (a best
+    one that runs kernels of other backends, then one that runs the caller's backend alone: `tune` keeps one entry
+    per set of backends it names). ValueError for an empty list."""
+    entries = stored if isinstance(stored, list) else [stored]
+    if not entries:
+        raise ValueError("a shape class holds an empty list of entries")
+    return entries
+
+
+def _tuned_file(path: str | os.PathLike) -> tuple[dict[str, dict[str, list[ChunkwiseConfig]]], dict[str, dict]]:
     path = pathlib.Path(path)
     if not path.exists():
         return {}, {}
     return _read_tuned_file(str(path), path.stat().st_mtime_ns)
 
 
-def tuned_configs_in(path: str | os.PathLike) -> dict[str, dict[str, ChunkwiseConfig]]:
-    """The configs stored at `path` by device_kind and shape class ({} if no file is there).
+def tuned_configs_in(path: str | os.PathLike) -> dict[str, dict[str, list[ChunkwiseConfig]]]:
+    """The configs stored at `path` by device_kind and shape class, each class's best first ({} if no file is there).
 
     ValueError naming the file if it cannot be read or is not a tuned-configs JSON.
     """
@@ -238,8 +254,9 @@ def tuned_config(
     Looked up by `shape_class(S, DHQK, DHHV)` (B and NH do not enter it) in `path` alone if given, else in the
     packaged tuned_configs.json and then the user's file (`user_tuned_configs_path`), whose entries win. A card
     without an entry of its own, given its `compute_capability` (e.g. "9.0"), takes the entry of a tuned card
-    of the same compute capability, the one nearest in SM count (`core_count`). Entries for which `usable` is
-    False are passed over as if absent (a named backend skips entries tuned with other backends' kernels). None
+    of the same compute capability, the one nearest in SM count (`core_count`). A shape class may hold several
+    entries, best first; those for which `usable` is False are passed over as if absent (a named backend skips
+    entries tuned with other backends' kernels and takes the next, else another card's). None
     too when the config's chunk size does not divide S. ValueError if a file is there but malformed.
     """
     del B, NH  # not part of the shape class
@@ -269,16 +286,17 @@ def like_cards_configs(
 
 def _entries_by_card(key: str, path, usable) -> tuple[dict[str, ChunkwiseConfig], dict[str, dict]]:
     """({device_kind: its config for shape class `key`}, {device_kind: card properties}) from the file at `path`;
-    for path None, from the packaged file and then the user's, whose entries win. Entries `usable` rejects are left
-    out."""
+    for path None, from the packaged file and then the user's, whose entries win. Each card's config is the first
+    of the class's entries that `usable` takes (the first, for usable None)."""
     paths = [PACKAGED_TUNED_CONFIGS_PATH, user_tuned_configs_path()] if path is None else [path]
     by_card, cards = {}, {}
     for config_path in paths:
         configs, file_cards = _tuned_file(config_path)
         cards.update(file_cards)
         for kind, entries in configs.items():
-            if key in entries and (usable is None or usable(entries[key])):
-                by_card[kind] = entries[key]
+            taken = [config for config in entries.get(key, []) if usable is None or usable(config)]
+            if taken:
+                by_card[kind] = taken[0]
     return by_card, cards
 
 

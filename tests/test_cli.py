@@ -392,6 +392,24 @@ def test_tune_creates_the_folder_of_its_configs_file(tmp_path):
     assert tuned_config(*H200_7B, path=configs_path) == ChunkwiseConfig(chunk_size=64)
 
 
+def test_tune_keeps_one_entry_per_set_of_backends_best_first(tmp_path):
+    """write_tuned_entry puts the new entry first and keeps the class's entries that name other backends behind it
+    (Triton's own entry stays behind one that runs Mosaic GPU kernels); an entry naming the same backends is
+    replaced."""
+    path, key = tmp_path / "tuned.json", shape_class(8192, 256, 512)
+    entry = lambda chunk, **backends: {"config": {"chunk_size": chunk, "kernel_backends": backends}}
+    stored = lambda: json.loads(path.read_text())["configs"]["NVIDIA H200"][key]
+    sweep.write_tuned_entry(str(path), "NVIDIA H200", key, entry(64))
+    assert stored() == entry(64)  # one entry: an object, as before lists
+    sweep.write_tuned_entry(str(path), "NVIDIA H200", key, entry(256, parallel_fw_Hintra="mosaic"))
+    assert stored() == [entry(256, parallel_fw_Hintra="mosaic"), entry(64)]
+    sweep.write_tuned_entry(str(path), "NVIDIA H200", key, entry(128, recurrent_fw_C="mosaic"))
+    assert stored() == [entry(128, recurrent_fw_C="mosaic"), entry(64)]
+    sweep.write_tuned_entry(str(path), "NVIDIA H200", key, entry(32))
+    assert stored() == [entry(32), entry(128, recurrent_fw_C="mosaic")]
+    assert [config.chunk_size for config in config.tuned_configs_in(path)["NVIDIA H200"][key]] == [32, 128]
+
+
 def test_installed_wheel_ships_tuned_configs_and_no_reference_or_benchmark_results(tmp_path):
     """A non-editable `pip install .` into an empty target: pallas_mlstm with its tuned configs as data, no
     top-level `reference` package, no benchmark result files."""

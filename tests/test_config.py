@@ -5,6 +5,7 @@ read by card and shape class from the packaged file and the user's, and used by 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -25,7 +26,7 @@ from pallas_mlstm.pallas_triton.parallel_fw import mlstm_chunkwise__parallel_fw_
 from pallas_mlstm.pallas_triton.recurrent_bw import mlstm_chunkwise__recurrent_bw_dC
 from pallas_mlstm.pallas_triton.recurrent_fw import mlstm_chunkwise__recurrent_fw_C
 from pallas_mlstm.plan import default_chunk_size, resolve_config
-from pallas_mlstm.registry import registered
+from pallas_mlstm.registry import registered, runs_tuned_kernels
 
 TILE_FIELDS = ("siz_b_L_parallel", "siz_b_L_loop", "siz_b_DH_parallel", "siz_b_DH_loop")
 WARP_FIELDS = ("num_warps_intra", "num_warps_inter")
@@ -351,6 +352,33 @@ def test_untuned_card_borrows_a_tuned_card_of_its_compute_capability(tmp_path):
     )
 
 
+def test_a_named_backend_takes_the_first_entry_of_a_class_that_runs_its_kernels(tmp_path, monkeypatch):
+    """A shape class may hold entries best first: backend=None (usable None) takes the first; backend="triton"
+    passes over one that runs kernels in Mosaic GPU and takes the next; backend="mosaic" takes the first."""
+    monkeypatch.setenv(config_module.TUNED_CONFIGS_ENV, str(tmp_path / "none.json"))  # no user file
+    path = tmp_path / "tuned.json"
+    in_mosaic = {"chunk_size": 256, "kernel_backends": {"parallel_fw_Hintra": "mosaic", "recurrent_fw_C": "mosaic"}}
+    triton_alone = {"chunk_size": 128, "siz_b_L_parallel": 32}
+    key = shape_class(8192, 256, 512)
+    path.write_text(json.dumps({"configs": {"NVIDIA H200": {key: [{"config": in_mosaic}, {"config": triton_alone}]}}}))
+    assert tuned_config(*H200_7B, path=path) == ChunkwiseConfig(**in_mosaic)
+    for name, expected in (("triton", triton_alone), ("mosaic", in_mosaic)):
+        usable = functools.partial(runs_tuned_kernels, registered(name))
+        assert tuned_config(*H200_7B, path=path, usable=usable) == ChunkwiseConfig(**expected), name
+    only_mosaic = {"configs": {"NVIDIA H200": {key: [{"config": in_mosaic}]}}}
+    path.write_text(json.dumps(only_mosaic))
+    assert tuned_config(*H200_7B, path=path, usable=functools.partial(runs_tuned_kernels, registered("triton"))) is None
+    path.write_text(json.dumps({"configs": {"NVIDIA H200": {key: []}}}))
+    with pytest.raises(ValueError, match="empty list of entries"):
+        tuned_config(*H200_7B, path=path)
+    # the packaged file keeps a Triton-tuned entry for backend="triton" on both tuned Hopper cards at 7b
+    triton = functools.partial(runs_tuned_kernels, registered("triton"))
+    for card in ("NVIDIA H200", "NVIDIA H100 80GB HBM3"):
+        packaged = config_module.PACKAGED_TUNED_CONFIGS_PATH
+        taken = tuned_config(card, *H200_7B[1:], path=packaged, compute_capability="9.0", core_count=132, usable=triton)
+        assert taken is not None and taken.chunk_size is not None and not taken.kernel_backends, card
+
+
 def test_like_cards_configs_are_the_other_cards_of_the_compute_capability(tmp_path, monkeypatch):
     """tune's first candidates: the entries of the other cards of this card's compute capability, nearest in SM count
     first; none for an unknown capability, and none whose chunk size does not divide S."""
@@ -401,8 +429,11 @@ def test_default_config_on_an_untuned_hopper_card(tmp_path, monkeypatch):
     pcie = DeviceProperties("NVIDIA H100 PCIe", (9, 0), 114)
     borrowed = resolve_config(registered("triton"), None, (*q_shape, dhhv), jnp.bfloat16, pcie)
     assert borrowed in [
-        config_module.tuned_configs_in(config_module.PACKAGED_TUNED_CONFIGS_PATH)[kind]["dhqk256-dhhv512-long"]
+        stored
         for kind in tuned_cards
+        for stored in config_module.tuned_configs_in(config_module.PACKAGED_TUNED_CONFIGS_PATH)[kind][
+            "dhqk256-dhhv512-long"
+        ]
     ]
     assert (
         resolve_config(registered("triton"), None, (*q_shape, dhhv), jnp.bfloat16, "NVIDIA H100 PCIe")

@@ -61,6 +61,7 @@ from pallas_mlstm.config import (
     ENTRY_FIELDS,
     TUNED_CONFIGS_ENV,
     ChunkwiseConfig,
+    entry_list,
     shape_class,
     tuned_configs_in,
     user_tuned_configs_path,
@@ -400,15 +401,26 @@ def card_properties() -> dict | None:
 
 
 def write_tuned_entry(path: str, device_kind: str, key: str, entry: dict, card: dict | None = None) -> None:
-    """Stores `entry` under configs[device_kind][key] in the JSON at `path`, keeping the other entries, and the
-    card's properties (`card`: compute_capability, core_count) under cards[device_kind] when known."""
+    """Stores `entry` first under configs[device_kind][key] in the JSON at `path`, keeping the other classes' entries
+    and, after it, this class's entries that name another set of backends for single kernels (so an entry that runs
+    Triton's kernels alone stays behind one that runs Mosaic GPU's, for `backend="triton"`), and the card's
+    properties (`card`: compute_capability, core_count) under cards[device_kind] when known."""
     file = pathlib.Path(path)
     data = json.loads(file.read_text()) if file.is_file() else {"comment": CONFIGS_COMMENT, "configs": {}}
-    data["configs"].setdefault(device_kind, {})[key] = entry
+    entries = data["configs"].setdefault(device_kind, {})
+    kept = [
+        other for other in entry_list(entries.get(key, [entry])) if _backends_named(other) != _backends_named(entry)
+    ]
+    entries[key] = [entry, *kept] if kept else entry
     if card is not None:
         data.setdefault("cards", {})[device_kind] = card
     file.parent.mkdir(parents=True, exist_ok=True)
     file.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _backends_named(entry: dict) -> set[str]:
+    """The backends a stored entry names for single kernels (its config's `kernel_backends`)."""
+    return set(entry["config"].get("kernel_backends", {}).values())
 
 
 def main_tune(argv: list[str]) -> None:
